@@ -1,0 +1,69 @@
+// One distinct type per address space, as rust-vmm's vm-memory does. There is deliberately no
+// arithmetic between spaces: getting from one to another is a translation that can fail
+// (a memslot lookup for L1 GPA -> host offset, EPT12 or the PV map for L2 GPA -> L1 GPA).
+
+public let pageSize: UInt64 = 4096
+public let pageShift: UInt64 = 12
+
+/// Common behaviour of an address in one space. The associated values stay inside the space.
+public protocol AddressSpaceValue: Hashable, Comparable, Sendable, CustomStringConvertible {
+    var raw: UInt64 { get }
+    init(_ raw: UInt64)
+}
+
+extension AddressSpaceValue {
+    public static func < (a: Self, b: Self) -> Bool { a.raw < b.raw }
+    public var isPageAligned: Bool { raw & (pageSize - 1) == 0 }
+    public var pageBase: Self { Self(raw & ~(pageSize - 1)) }
+    public var offsetInPage: UInt64 { raw & (pageSize - 1) }
+    public var pageNumber: UInt64 { raw >> pageShift }
+    /// The address `bytes` further on, or nil when that would wrap past 2^64.
+    public func adding(_ bytes: UInt64) -> Self? {
+        let (sum, overflow) = raw.addingReportingOverflow(bytes)
+        return overflow ? nil : Self(sum)
+    }
+    /// Distance from `base` to self, within the same space; nil if self is below base.
+    public func offset(from base: Self) -> UInt64? { raw >= base.raw ? raw - base.raw : nil }
+}
+
+/// A guest-physical address as L1 sees its own memory.
+public struct L1GPA: AddressSpaceValue {
+    public let raw: UInt64
+    public init(_ raw: UInt64) { self.raw = raw }
+    public var description: String { "L1GPA(0x\(String(raw, radix: 16)))" }
+}
+
+/// A guest-physical address of the nested guest L2.
+public struct L2GPA: AddressSpaceValue {
+    public let raw: UInt64
+    public init(_ raw: UInt64) { self.raw = raw }
+    public var description: String { "L2GPA(0x\(String(raw, radix: 16)))" }
+}
+
+/// A byte offset into L0's "host physical" memory (the memfd every tier maps).
+public struct HostOffset: AddressSpaceValue {
+    public let raw: UInt64
+    public init(_ raw: UInt64) { self.raw = raw }
+    public var description: String { "Host(0x\(String(raw, radix: 16)))" }
+}
+
+/// A half-open range [start, start+length) inside one address space.
+public struct AddressRange<Space: AddressSpaceValue>: Hashable, Sendable, CustomStringConvertible {
+    public let start: Space
+    public let length: UInt64
+    /// nil when the range would wrap past 2^64.
+    public init?(start: Space, length: UInt64) {
+        guard start.adding(length) != nil else { return nil }
+        self.start = start
+        self.length = length
+    }
+    public var end: Space { Space(start.raw + length) }   // cannot overflow: checked at init
+    public func contains(_ a: Space) -> Bool { a >= start && a.raw - start.raw < length }
+    public func contains(_ r: AddressRange<Space>) -> Bool {
+        r.start >= start && r.end <= end
+    }
+    public func overlaps(_ r: AddressRange<Space>) -> Bool {
+        length > 0 && r.length > 0 && start < r.end && r.start < end
+    }
+    public var description: String { "[\(start), +0x\(String(length, radix: 16)))" }
+}

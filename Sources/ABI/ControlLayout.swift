@@ -1,0 +1,57 @@
+// Layout of the control memfd: L0's own memory that the tiers share for control, never part
+// of any guest's RAM. Every tier maps it; each only touches what its "hardware" would.
+//
+//   page 0                 header (magic, EPT02 generation)
+//   per vCPU i, 4 pages:   handoff word | L2<->L0 run page | L1<->L0 run page | shadow VMCS
+//   2 pages                VMREAD bitmap | VMWRITE bitmap   (VMCS shadowing, set by L0)
+//   EPT02                  one u64 per L2 page frame (L0 writes, L2's MMU reads)
+
+public struct ControlLayout: Sendable, Equatable {
+    public let vcpuCount: Int
+    /// L2 GPAs below this can be mapped (the EPT02 table covers them).
+    public let l2AddressLimit: UInt64
+
+    public init(vcpuCount: Int, l2AddressLimit: UInt64) {
+        self.vcpuCount = vcpuCount
+        self.l2AddressLimit = l2AddressLimit
+    }
+
+    public static let magic: UInt64 = 0x3130_4C5F_4D56_5000  // "\0PVM_L01"
+    public static let magicOffset: UInt64 = 0
+    /// Bumped by L0 whenever an EPT02 entry is removed or narrowed: L2's MMU drops its TLB.
+    public static let ept02GenerationOffset: UInt64 = 8
+
+    static let pagesPerVCPU: UInt64 = 4
+    public func vcpuBase(_ i: Int) -> UInt64 { pageSize * (1 + UInt64(i) * Self.pagesPerVCPU) }
+    public func handoff(_ i: Int) -> UInt64 { vcpuBase(i) }
+    public func l2RunPage(_ i: Int) -> UInt64 { vcpuBase(i) + pageSize }
+    public func l1RunPage(_ i: Int) -> UInt64 { vcpuBase(i) + 2 * pageSize }
+    public func shadowVMCS(_ i: Int) -> UInt64 { vcpuBase(i) + 3 * pageSize }
+    public var vmreadBitmap: UInt64 { vcpuBase(vcpuCount) }
+    public var vmwriteBitmap: UInt64 { vmreadBitmap + pageSize }
+    public var ept02: UInt64 { vmwriteBitmap + pageSize }
+    public var ept02Entries: UInt64 { l2AddressLimit >> pageShift }
+    public var totalSize: UInt64 { ept02 + ept02Entries * 8 }
+}
+
+/// The handoff page: whose turn it is on this vCPU, and who sleeps waiting for it.
+public enum HandoffLayout {
+    /// u32: the `Tier` raw value that may run, or `stopValue`.
+    public static let turn: UInt64 = 0
+    /// u32 per tier, each on its own cache line: nonzero while that tier sleeps in futex_wait.
+    public static func sleeping(_ t: Tier) -> UInt64 { 64 * (1 + UInt64(t.rawValue)) }
+    /// Turn value that tells every tier of this vCPU to stop.
+    public static let stopValue: UInt32 = 0xDEAD
+    /// u32: nonzero while L1's current VMCS has a shadow VMCS linked (vmcs01's VMCS link
+    /// pointer valid and "VMCS shadowing" on): L1's VMREAD/VMWRITE then consult the bitmaps.
+    public static let shadowVMCSActive: UInt64 = 0x200
+}
+
+/// An EPT02 entry as L2's MMU reads it: EPT R/W/X in bits 2:0, host page offset in 51:12.
+public enum EPT02Entry {
+    public static func make(host: HostOffset, permissions: UInt64) -> UInt64 {
+        (host.raw & EPT.addressMask) | (permissions & EPT.rwxMask)
+    }
+    public static func isPresent(_ e: UInt64) -> Bool { e & EPT.rwxMask != 0 }
+    public static func host(_ e: UInt64) -> HostOffset { HostOffset(e & EPT.addressMask) }
+}

@@ -1,0 +1,84 @@
+// The per-vCPU run page, in the spirit of `struct kvm_run`: one between L2 and L0, one between
+// L1 and L0, and (same layout) the PV exit page L1 registers for each L2 vCPU. Every slot is a
+// little-endian u64 at a fixed offset; the register file follows the slots.
+
+public enum RunPage {
+    public static let size: UInt64 = 4096
+
+    // --- exit side: written by the tier that exits (or by L0 when it delivers an exit) ---
+    /// Basic exit reason (EXIT_REASON_* from <asm/vmx.h>), bit 31 set for a failed VM entry.
+    public static let exitReason: UInt64 = 0x000
+    public static let exitQualification: UInt64 = 0x008
+    public static let guestPhysicalAddress: UInt64 = 0x010
+    public static let guestLinearAddress: UInt64 = 0x018
+    public static let instructionLength: UInt64 = 0x020
+    /// VMX_INSTRUCTION_INFO for VMREAD/VMWRITE/VMPTRLD... (which registers hold the operands).
+    public static let instructionInfo: UInt64 = 0x028
+    /// The 64-bit memory operand of VMXON/VMCLEAR/VMPTRLD/VMPTRST/INVEPT, already fetched.
+    public static let vmxOperand: UInt64 = 0x030
+    /// VM_EXIT_INTR_INFO for exception/NMI exits: bit 31 valid, bits 10:8 type, 7:0 vector.
+    public static let exitInterruptionInfo: UInt64 = 0x038
+
+    // --- entry side: written by L0 before it gives the tier its turn ---
+    /// Result of the tier's last VMX instruction: 0 VMsucceed, 1 VMfailInvalid, 2 VMfailValid.
+    public static let vmxResult: UInt64 = 0x040
+    /// For VMfailValid: the VM_INSTRUCTION_ERROR number.
+    public static let vmInstructionError: UInt64 = 0x048
+    /// Event to inject at the next entry: bit 31 valid, bits 10:8 type, bits 7:0 vector (VM_ENTRY_INTR_INFO).
+    public static let eventInjection: UInt64 = 0x050
+    public static let eventErrorCode: UInt64 = 0x058
+    /// L0 -> L1 on the nvmx path: 1 when L1 is entered through a VM exit of its L2 (VMLAUNCH /
+    /// VMRESUME "returned" at HOST_RIP), 0 when its VMX instruction simply completed.
+    public static let enteredByVMExit: UInt64 = 0x060
+
+    /// General-purpose registers, RIP and RFLAGS, 8 bytes each, in `Register` order.
+    public static let registers: UInt64 = 0x100
+    public static func offset(of r: Register) -> UInt64 { registers + UInt64(r.rawValue) * 8 }
+    public static let registersEnd: UInt64 = registers + UInt64(Register.allCases.count) * 8
+}
+
+/// The register file carried by a run page, in the order KVM's `struct kvm_regs` uses.
+public enum Register: Int, CaseIterable, Sendable {
+    case rax, rbx, rcx, rdx, rsi, rdi, rsp, rbp, r8, r9, r10, r11, r12, r13, r14, r15, rip, rflags
+}
+
+/// VMX_INSTRUCTION_INFO for VMREAD/VMWRITE with register operands (SDM Table 28-13):
+/// bit 10 = register operand, reg1 in bits 6:3 (value), reg2 in bits 31:28 (field encoding).
+public enum VMXInstructionInfo {
+    public static let registerOperand: UInt64 = 1 << 10
+    public static func make(valueRegister: Register, fieldRegister: Register) -> UInt64 {
+        registerOperand | UInt64(valueRegister.rawValue) << 3 | UInt64(fieldRegister.rawValue) << 28
+    }
+    public static func valueRegister(_ info: UInt64) -> Register? { Register(rawValue: Int((info >> 3) & 0xF)) }
+    public static func fieldRegister(_ info: UInt64) -> Register? { Register(rawValue: Int((info >> 28) & 0xF)) }
+}
+
+/// The ucall convention between a guest program and the harness, as in KVM selftests:
+/// the guest fills a `Ucall` block in its own memory and writes its guest-physical address
+/// to the ucall port (selftests' UCALL_PIO_PORT). L0 handles that port on every path.
+public enum Ucall {
+    public static let port: UInt16 = 0x1000
+    public static let commandOffset: UInt64 = 0
+    public static let argsOffset: UInt64 = 8
+    public static let argCount = 6
+    public static let messageOffset: UInt64 = 64
+    public static let messageCapacity = 192
+    public static let size: UInt64 = 256
+}
+
+/// Ucall commands; the first five are numbered as KVM selftests' `enum ucall_cmd`.
+/// `sync` stages the harness gives meaning to: the measurement window of a benchmark loop.
+public enum UcallStage {
+    public static let measureStart: UInt64 = 0x5354_4152   // "RATS"
+    public static let measureEnd: UInt64 = 0x454E_4421     // "!DNE"
+}
+
+public enum UcallCommand: UInt64, Sendable {
+    case none = 0
+    case sync = 1
+    case abort = 2
+    case printf = 3
+    case done = 4
+    /// Project-specific: a measurement the guest took (args: samples, min, p50, p99, max, total ns).
+    case report = 0x100
+}

@@ -1,0 +1,15 @@
+/// The three levels of the stack. The raw value is what the handoff word stores.
+public enum Tier: UInt32, Sendable, CaseIterable, CustomStringConvertible {
+    case l0 = 0, l1 = 1, l2 = 2
+    public var description: String { "L\(rawValue)" }
+}
+
+/// How L1 runs L2: the paravirtual ABI, or emulated nested VMX with or without VMCS shadowing.
+public enum NestingPath: String, Sendable, CaseIterable, Codable {
+    case pv
+    case nvmx
+    case nvmxNoShadow = "nvmx-noshadow"
+
+    public var usesVMX: Bool { self != .pv }
+    public var vmcsShadowing: Bool { self == .nvmx }
+}

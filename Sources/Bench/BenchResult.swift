@@ -1,0 +1,25 @@
+import ABI
+import L0
+
+/// One row of a benchmark: one test on one path, measured in one stack run.
+public struct BenchResult: Sendable {
+    public var test: String
+    public var path: NestingPath
+    public var iterations: UInt64
+    public var latency: LatencyReport
+    /// Transitions in the measurement window.
+    public var window: TransitionCounters
+
+    func perOp(_ n: UInt64) -> Double { iterations == 0 ? 0 : Double(n) / Double(iterations) }
+    public var l2ExitsPerOp: Double { perOp(window.totalL2Exits) }
+    public var l2EntriesPerOp: Double { perOp(window.l2Entries) }
+    public var l1EntriesPerOp: Double { perOp(window.l1Entries) }
+    public var l1ExitsPerOp: Double { perOp(window.totalL1Exits) }
+    public var deliveriesPerOp: Double { perOp(window.totalDeliveries) }
+    public var l1ExitsByReasonPerOp: [(ExitReason, Double)] {
+        TransitionCounters.byReason(window.l1Exits).sorted { $0.key < $1.key }.map { ($0.key, perOp($0.value)) }
+    }
+    public var l2ExitsByReasonPerOp: [(ExitReason, Double)] {
+        TransitionCounters.byReason(window.l2Exits).sorted { $0.key < $1.key }.map { ($0.key, perOp($0.value)) }
+    }
+}

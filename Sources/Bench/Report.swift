@@ -1,0 +1,71 @@
+import ABI
+import L0
+
+/// Turns results into the printed table and the JSON export.
+public enum Report {
+    static func pad(_ s: String, _ w: Int, right: Bool = false) -> String {
+        s.count >= w ? s : (right ? String(repeating: " ", count: w - s.count) + s : s + String(repeating: " ", count: w - s.count))
+    }
+    static func fmt(_ d: Double, _ digits: Int = 2) -> String {
+        let m = pow10(digits)
+        let v = (d * m).rounded() / m
+        var s = "\(v)"
+        if let dot = s.firstIndex(of: ".") {
+            let decimals = s.distance(from: dot, to: s.endIndex) - 1
+            if decimals < digits { s += String(repeating: "0", count: digits - decimals) }
+        } else { s += "." + String(repeating: "0", count: digits) }
+        return s
+    }
+    static func pow10(_ n: Int) -> Double { (0..<n).reduce(1.0) { r, _ in r * 10 } }
+
+    /// The table: per test and path, latency and transitions per operation for each tier.
+    public static func table(_ results: [BenchResult]) -> String {
+        let header = ["test", "path", "iters", "median ns", "p99 ns", "L2 exits", "L2 entries", "L1 entries", "L1 exits", "L1 exits by reason (per op)"]
+        let widths = [8, 14, 8, 10, 10, 9, 10, 10, 9, 0]
+        var out = zip(header, widths).map { pad($0, $1, right: $1 > 0 && $0 != "test" && $0 != "path") }.joined(separator: " ") + "\n"
+        for r in results {
+            let reasons = r.l1ExitsByReasonPerOp.map { "\($0.0.name)=\(fmt($0.1))" }.joined(separator: " ")
+            let cells = [r.test, r.path.rawValue, "\(r.iterations)", "\(r.latency.medianNanos)", "\(r.latency.p99Nanos)",
+                         fmt(r.l2ExitsPerOp), fmt(r.l2EntriesPerOp), fmt(r.l1EntriesPerOp), fmt(r.l1ExitsPerOp),
+                         reasons.isEmpty ? "-" : reasons]
+            out += zip(cells, widths).enumerated().map { i, cw in pad(cw.0, cw.1, right: i >= 2 && i < 9) }.joined(separator: " ") + "\n"
+        }
+        return out
+    }
+
+    /// Ratios between paths of the same test, from the same run: nvmx / pv and friends.
+    public static func ratios(_ results: [BenchResult]) -> String {
+        var out = ""
+        for test in Set(results.map(\.test)).sorted() {
+            let rows = results.filter { $0.test == test }
+            guard let pv = rows.first(where: { $0.path == .pv }), pv.latency.medianNanos > 0 else { continue }
+            for r in rows where r.path != .pv {
+                out += "\(test): \(r.path.rawValue) / pv = \(fmt(Double(r.latency.medianNanos) / Double(pv.latency.medianNanos))) x (median)\n"
+            }
+        }
+        return out
+    }
+
+    /// JSON in the documented shape: {"results":[{test, path, iterations, ns_per_op{median,p99},
+    /// per_op{l2_exits,l1_entries,l1_exits,l2_entries}, l1_exits_by_reason{...}}]}.
+    public static func json(_ results: [BenchResult]) -> String {
+        func obj(_ pairs: [(String, String)]) -> String {
+            "{" + pairs.map { "\"\($0.0)\":\($0.1)" }.joined(separator: ",") + "}"
+        }
+        func num(_ d: Double) -> String { fmt(d, 4) }
+        let rows = results.map { r in
+            obj([
+                ("test", "\"\(r.test)\""), ("path", "\"\(r.path.rawValue)\""), ("iterations", "\(r.iterations)"),
+                ("ns_per_op", obj([("median", "\(r.latency.medianNanos)"), ("p99", "\(r.latency.p99Nanos)"),
+                                   ("min", "\(r.latency.minNanos)"), ("max", "\(r.latency.maxNanos)"),
+                                   ("mean", num(Double(r.latency.totalNanos) / Double(max(r.iterations, 1))))])),
+                ("per_op", obj([("l2_exits", num(r.l2ExitsPerOp)), ("l1_entries", num(r.l1EntriesPerOp)),
+                                ("l1_exits", num(r.l1ExitsPerOp)), ("l2_entries", num(r.l2EntriesPerOp)),
+                                ("deliveries_to_l1", num(r.deliveriesPerOp))])),
+                ("l2_exits_by_reason", obj(r.l2ExitsByReasonPerOp.map { ($0.0.name, num($0.1)) })),
+                ("l1_exits_by_reason", obj(r.l1ExitsByReasonPerOp.map { ($0.0.name, num($0.1)) })),
+            ])
+        }
+        return "{\"results\":[\n" + rows.joined(separator: ",\n") + "\n]}\n"
+    }
+}

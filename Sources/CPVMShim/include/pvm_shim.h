@@ -1,0 +1,39 @@
+// The C view of the field's own headers, plus the few syscalls Swift's Glibc overlay lacks.
+// This file wraps; it never redefines: exit reasons, uAPI structs and KVM hypercall codes come
+// from linux-libc-dev exactly as installed.
+#ifndef PVM_SHIM_H
+#define PVM_SHIM_H
+
+#include <errno.h>
+#include <stdint.h>
+#include <sys/types.h>
+#include <linux/kvm.h>        // struct kvm_userspace_memory_region, kvm_cpuid_entry2, kvm_msr_entry, KVM_EXIT_*
+#include <linux/kvm_para.h>   // KVM_HC_*, KVM_ENOSYS / KVM_EINVAL / KVM_EFAULT / KVM_E2BIG / KVM_EPERM
+#include <asm/vmx.h>          // EXIT_REASON_*, VMX_EXIT_REASONS_FAILED_VMENTRY
+
+// futex(2) on a 32-bit word in shared memory (not process-private: the word is in a memfd).
+// Returns 0, or -errno (EAGAIN when *addr != expected, ETIMEDOUT on timeout).
+int pvm_futex_wait(uint32_t *addr, uint32_t expected, int64_t timeout_ns);
+// Wakes up to `count` waiters; returns how many were woken, or -errno.
+int pvm_futex_wake(uint32_t *addr, int count);
+
+// memfd_create(2) with MFD_CLOEXEC; returns the fd or -errno.
+int pvm_memfd_create(const char *name);
+
+// posix_spawn of `path` with `argv`, after dup2-ing each fds[i] onto 3+i in the child (so the
+// child finds its memfds at fixed numbers). Returns the pid, or -errno.
+pid_t pvm_spawn(const char *path, char *const argv[], const int *fds, int nfds);
+
+// prctl(PR_SET_PDEATHSIG, SIGKILL): this process dies with its parent. Returns 0 or -errno.
+int pvm_die_with_parent(void);
+// prctl(PR_SET_NAME): the name `ps -o comm` shows (at most 15 bytes).
+int pvm_set_process_name(const char *name);
+// sched_setaffinity to one CPU; returns 0 or -errno.
+int pvm_pin_to_cpu(int cpu);
+// The CPUs this process may run on, as a bitmask of the first 64 (0 on error).
+uint64_t pvm_allowed_cpus(void);
+
+// A compiler barrier plus a CPU pause hint for spin loops.
+static inline void pvm_cpu_relax(void) { __builtin_ia32_pause(); }
+
+#endif

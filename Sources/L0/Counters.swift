@@ -1,0 +1,63 @@
+import ABI
+
+/// Every transition of one vCPU, counted by L0 (every transition passes through L0), plus the
+/// work L0 does that hardware would do on a real nested path, for the cost model.
+public struct TransitionCounters: Equatable, Sendable {
+    static let reasonSlots = 80
+
+    /// L2 -> L0 exits, by basic exit reason.
+    public var l2Exits = [UInt64](repeating: 0, count: reasonSlots)
+    /// L1 -> L0 exits, by basic exit reason (VMCALL, VMREAD, VMWRITE, VMRESUME, ...).
+    public var l1Exits = [UInt64](repeating: 0, count: reasonSlots)
+    /// L2 exits L0 delivered to L1 (reflected on nvmx, PV exits on pv), by basic reason.
+    public var deliveries = [UInt64](repeating: 0, count: reasonSlots)
+    public var l1Entries: UInt64 = 0
+    public var l2Entries: UInt64 = 0
+    /// PV hypercalls L1 made, by number (a subset of l1Exits[VMCALL]).
+    public var hypercalls: [UInt64: UInt64] = [:]
+
+    // Work a real L0 would do on these paths.
+    public var vmcs12FieldReads: UInt64 = 0
+    public var vmcs12FieldWrites: UInt64 = 0
+    public var shadowVMCSFieldCopies: UInt64 = 0
+    public var vmcsSwitches: UInt64 = 0
+    public var ept12EntriesWalked: UInt64 = 0
+    public var ept02Fills: UInt64 = 0
+
+    public init() {}
+
+    @inline(__always) static func index(_ r: ExitReason) -> Int { min(Int(r.basic.rawValue), reasonSlots - 1) }
+    @inline(__always) public mutating func countL2Exit(_ r: ExitReason) { l2Exits[Self.index(r)] += 1 }
+    @inline(__always) public mutating func countL1Exit(_ r: ExitReason) { l1Exits[Self.index(r)] += 1 }
+    @inline(__always) public mutating func countDelivery(_ r: ExitReason) { deliveries[Self.index(r)] += 1 }
+
+    public var totalL2Exits: UInt64 { l2Exits.reduce(0, +) }
+    public var totalL1Exits: UInt64 { l1Exits.reduce(0, +) }
+    public var totalDeliveries: UInt64 { deliveries.reduce(0, +) }
+
+    public static func byReason(_ a: [UInt64]) -> [ExitReason: UInt64] {
+        var d: [ExitReason: UInt64] = [:]
+        for (i, n) in a.enumerated() where n > 0 { d[ExitReason(rawValue: UInt32(i))] = n }
+        return d
+    }
+
+    /// self - earlier, field by field: the transitions of a measurement window.
+    public func since(_ earlier: TransitionCounters) -> TransitionCounters {
+        var d = TransitionCounters()
+        for i in 0..<Self.reasonSlots {
+            d.l2Exits[i] = l2Exits[i] - earlier.l2Exits[i]
+            d.l1Exits[i] = l1Exits[i] - earlier.l1Exits[i]
+            d.deliveries[i] = deliveries[i] - earlier.deliveries[i]
+        }
+        d.l1Entries = l1Entries - earlier.l1Entries
+        d.l2Entries = l2Entries - earlier.l2Entries
+        for (k, v) in hypercalls { d.hypercalls[k] = v - (earlier.hypercalls[k] ?? 0) }
+        d.vmcs12FieldReads = vmcs12FieldReads - earlier.vmcs12FieldReads
+        d.vmcs12FieldWrites = vmcs12FieldWrites - earlier.vmcs12FieldWrites
+        d.shadowVMCSFieldCopies = shadowVMCSFieldCopies - earlier.shadowVMCSFieldCopies
+        d.vmcsSwitches = vmcsSwitches - earlier.vmcsSwitches
+        d.ept12EntriesWalked = ept12EntriesWalked - earlier.ept12EntriesWalked
+        d.ept02Fills = ept02Fills - earlier.ept02Fills
+        return d
+    }
+}

@@ -1,0 +1,72 @@
+import ABI
+
+/// Walks L1's EPT12 tables (real 4-level EPT in L1 memory) for one L2 GPA, as KVM's
+/// paging_tmpl.h walker does for nested EPT. Reads L1 memory only through memslots.
+public struct EPT12Walker: Sendable {
+    public let memory: L1MemoryAccess
+    public init(memory: L1MemoryAccess) { self.memory = memory }
+
+    public enum Result: Equatable, Sendable {
+        /// A leaf maps the GPA: the L1 GPA, the AND of R/W/X along the walk, the leaf's page size.
+        case mapped(L1GPA, permissions: UInt64, pageSize: UInt64)
+        /// An entry with R=W=X=0 (or a table L1 memory does not hold): permissions so far.
+        case notPresent(permissions: UInt64)
+        /// Reserved bits, a bad memory type, or write/execute-without-read (SDM 28.3.3.1).
+        case misconfigured(level: Int)
+    }
+
+    public struct Walk: Equatable, Sendable {
+        public var result: Result
+        public var entriesRead: Int
+    }
+
+    /// Bits 51:12 hold addresses; bits 63:52 are ignored (or SPP/suppress-#VE) in this model.
+    static let reservedLeaf4K: UInt64 = 0
+    static func largePageReserved(level: Int) -> UInt64 {
+        // Address bits below the page size, above bit 12, must be zero in a large leaf.
+        level == 2 ? 0x1F_F000 : 0x3FFF_F000
+    }
+
+    public func walk(eptp: UInt64, gpa: L2GPA) -> Walk {
+        var table = L1GPA(eptp & EPT.addressMask)
+        var perms = EPT.rwxMask
+        var read = 0
+        for level in stride(from: EPT.levels, through: 1, by: -1) {
+            let shift = UInt64(12 + 9 * (level - 1))
+            let index = (gpa.raw >> shift) & (EPT.entriesPerTable - 1)
+            guard let entryAddress = table.adding(index * 8),
+                  let entry = try? memory.load64(entryAddress) else {
+                return Walk(result: .notPresent(permissions: 0), entriesRead: read)
+            }
+            read += 1
+            let rwx = entry & EPT.rwxMask
+            if rwx == 0 { return Walk(result: .notPresent(permissions: 0), entriesRead: read) }
+            // Write-only or write+execute without read: misconfigured.
+            if rwx == EPT.write || rwx == EPT.write | EPT.execute {
+                return Walk(result: .misconfigured(level: level), entriesRead: read)
+            }
+            perms &= rwx
+            let isLeaf = level == 1 || ((level == 2 || level == 3) && entry & EPT.largePage != 0)
+            if level == 4 && entry & EPT.largePage != 0 {
+                return Walk(result: .misconfigured(level: level), entriesRead: read)
+            }
+            if isLeaf {
+                let memType = (entry & EPT.memoryTypeMask) >> EPT.memoryTypeShift
+                if memType == 2 || memType == 3 || memType == 7 {
+                    return Walk(result: .misconfigured(level: level), entriesRead: read)
+                }
+                let size: UInt64 = 1 << shift
+                if level > 1, entry & Self.largePageReserved(level: level) != 0 {
+                    return Walk(result: .misconfigured(level: level), entriesRead: read)
+                }
+                let base = entry & EPT.addressMask & ~(size - 1)
+                return Walk(result: .mapped(L1GPA(base | (gpa.raw & (size - 1))), permissions: perms, pageSize: size),
+                            entriesRead: read)
+            }
+            // Non-leaf: bits 7:3 are reserved.
+            if entry & 0xF8 != 0 { return Walk(result: .misconfigured(level: level), entriesRead: read) }
+            table = L1GPA(entry & EPT.addressMask)
+        }
+        return Walk(result: .notPresent(permissions: 0), entriesRead: read)   // unreachable: level 1 is a leaf
+    }
+}

@@ -1,0 +1,114 @@
+import ABI
+import Transport
+
+extension L0VCPU {
+    /// L2 exits on the nvmx paths: reflect to L1 what vmcs12 asks for; keep the rest.
+    func handleNestedL2Exit(_ exit: GuestExit) -> L2ExitOutcome {
+        guard let vmcs12 = nested.vmcs12 else { return .stop(.fatal("L2 exit with no current vmcs12")) }
+        if NestedExitRules.reflects(exit, vmcs12: vmcs12, l2: l2Run, l1Memory: l1Memory) {
+            nestedVMExit(exit)
+            return .deliverToL1
+        }
+        switch exit.reason {
+        case .eptViolation:
+            return handleNestedEPTViolation(exit, vmcs12)
+        case .ioInstruction:
+            return handleL0PortIO(exit)
+        case .hlt, .pause, .rdtsc, .rdtscp, .invlpg, .mwait, .monitor:
+            // L1 did not ask for these. HLT: L0 has no other work and an interrupt is "pending"
+            // at once, so L2 wakes immediately.
+            skipL2Instruction(exit)
+            return .resumeL2
+        default:
+            return .stop(.fatal("L2 exit \(exit.reason) kept by L0 has no handler"))
+        }
+    }
+
+    /// nested_vmx_vmexit: sync vmcs02 -> vmcs12, write the exit information, refresh the shadow
+    /// VMCS, load vmcs12's host state into L1 and hand L1 L2's GPRs.
+    func nestedVMExit(_ exit: GuestExit, syncGuestState: Bool = true) {
+        guard let v = nested.vmcs12 else { return }
+        var writes: UInt64 = 0
+        if syncGuestState {
+            v[.guestRIP] = l2Run[register: .rip]
+            v[.guestRSP] = l2Run[register: .rsp]
+            v[.guestRFLAGS] = l2Run[register: .rflags]
+            v[.guestInterruptibilityInfo] = 0
+            writes += 4
+        }
+        v[.vmExitReason] = UInt64(exit.reason.rawValue)
+        v[.exitQualification] = exit.qualification
+        v[.guestPhysicalAddress] = exit.guestPhysicalAddress
+        v[.guestLinearAddress] = exit.guestLinearAddress
+        v[.vmExitInstructionLen] = exit.instructionLength
+        v[.vmxInstructionInfo] = exit.instructionInfo
+        v[.vmExitIntrInfo] = exit.interruptionInfo
+        v[.idtVectoringInfoField] = 0
+        v[.vmEntryIntrInfoField] = v[.vmEntryIntrInfoField] & ~(1 << 31)   // SDM 27.2: valid bit cleared
+        writes += 9
+        counters.vmcs12FieldWrites += writes
+        if nested.shadowing { copyVMCS12ToShadow() }
+
+        // Load host state (SDM 27.5): L1 continues at HOST_RIP with HOST_RSP, RFLAGS = 0x2.
+        for r in Register.allCases where r != .rip && r != .rsp && r != .rflags {
+            l1Run[register: r] = l2Run[register: r]
+        }
+        l1Run[register: .rip] = v[.hostRIP]
+        l1Run[register: .rsp] = v[.hostRSP]
+        l1Run[register: .rflags] = 0x2
+        counters.vmcs12FieldReads += 2
+        // The decoded access size of a faulting load/store: what L1's instruction emulator would
+        // learn by fetching and decoding the instruction from L2 memory (no VMREAD involved).
+        l1Run[RunPage.instructionInfo] = exit.instructionInfo
+        l1Run[RunPage.enteredByVMExit] = 1
+        l1Run[RunPage.vmxResult] = 0
+        nested.guestMode = false
+        counters.vmcsSwitches += 1          // vmcs02 -> vmcs01
+        counters.countDelivery(exit.reason)
+    }
+
+    /// An L2 EPT violation on EPT02: walk L1's EPT12. No L1 mapping -> reflect (L1 fixes its
+    /// tables); a mapping -> install the EPT02 entry and retry L2 silently.
+    func handleNestedEPTViolation(_ exit: GuestExit, _ vmcs12: VMCSImage) -> L2ExitOutcome {
+        let gpa = L2GPA(exit.guestPhysicalAddress)
+        let access = exit.qualification & EPT.rwxMask
+        let walker = EPT12Walker(memory: l1Memory)
+        let walk = walker.walk(eptp: vmcs12[.eptPointer], gpa: gpa)
+        counters.ept12EntriesWalked += UInt64(walk.entriesRead)
+        switch walk.result {
+        case .misconfigured:
+            var e = exit
+            e.reason = .eptMisconfig
+            e.qualification = 0
+            nestedVMExit(e)
+            return .deliverToL1
+        case .notPresent(let perms):
+            var e = exit
+            e.qualification = (exit.qualification & ~(EPT.rwxMask << EPTViolationQualification.readableShift))
+                | perms << EPTViolationQualification.readableShift
+            nestedVMExit(e)
+            return .deliverToL1
+        case let .mapped(l1, perms, _):
+            guard access & ~perms == 0 else {
+                var e = exit
+                e.qualification = (exit.qualification & ~(EPT.rwxMask << EPTViolationQualification.readableShift))
+                    | perms << EPTViolationQualification.readableShift
+                nestedVMExit(e)
+                return .deliverToL1
+            }
+            guard let slot = l1Memory.memslots.slot(containing: l1),
+                  let host = try? l1Memory.memslots.translate(l1.pageBase, length: pageSize) else {
+                return .stop(.fatal("EPT12 maps \(gpa) to \(l1), which is outside L1's memory"))
+            }
+            let allowed = slot.flags & MemorySlot.readOnlyFlag != 0 ? perms & ~EPT.write : perms
+            guard access & ~allowed == 0 else {
+                return .stop(.fatal("L2 write to \(gpa) hits read-only L1 memslot \(slot.slot)"))
+            }
+            guard ept02.install(gpa.pageBase, host: host, permissions: allowed) else {
+                return .stop(.fatal("\(gpa) is beyond the L2 address limit of this L0"))
+            }
+            counters.ept02Fills += 1
+            return .resumeL2
+        }
+    }
+}

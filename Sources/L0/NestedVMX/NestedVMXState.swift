@@ -1,0 +1,57 @@
+import ABI
+import Transport
+
+/// What L0 keeps for L1's VMX operation on one vCPU (KVM: `struct nested_vmx`).
+public struct NestedVMXState: @unchecked Sendable {
+    /// VMCS shadowing on: shadowed VMREAD/VMWRITE from L1 do not exit.
+    public let shadowing: Bool
+    public let shadowVMCS: VMCSImage
+    let shadowActiveFlag: UInt64
+    let control: SharedRegion
+
+    public var vmxon = false
+    public var vmxonPointer: L1GPA?
+    /// The current VMCS pointer (VMPTRLD) and its vmcs12 page.
+    public var current: L1GPA?
+    public var vmcs12: VMCSImage?
+    /// L2 is active (between a successful VM entry and the next reflected exit).
+    public var guestMode = false
+    /// An exiting VMWRITE changed vmcs12: the next entry does the full vmcs02 rebuild.
+    public var vmcs12Dirty = true
+    /// The EPTP whose EPT12 the current EPT02 shadows.
+    public var shadowedEPTP: UInt64?
+
+    init(shadowing: Bool, control: SharedRegion, layout: ControlLayout, vcpu: Int) {
+        self.shadowing = shadowing
+        self.control = control
+        self.shadowVMCS = try! VMCSImage(region: control, base: layout.shadowVMCS(vcpu))  // fixed layout page
+        self.shadowActiveFlag = layout.handoff(vcpu) + HandoffLayout.shadowVMCSActive
+    }
+
+    /// Tells L1's CPU whether VMREAD/VMWRITE may use the shadow VMCS (vmcs01 link pointer valid).
+    func setShadowActive(_ on: Bool) {
+        control.unchecked(store: UInt32(on ? 1 : 0), at: shadowActiveFlag)
+    }
+
+    /// Fills the VMREAD/VMWRITE bitmaps as KVM does: all ones, then a clear bit for each
+    /// shadowed field (bit index = encoding bits 14:0). Read-only fields are VMREAD-only.
+    public static func initializeBitmaps(control: SharedRegion, layout: ControlLayout) throws {
+        try control.fill(0xFF, at: layout.vmreadBitmap, count: pageSize)
+        try control.fill(0xFF, at: layout.vmwriteBitmap, count: pageSize)
+        func clear(_ f: VMCSField, in bitmap: UInt64) throws {
+            let bit = UInt64(f.rawValue & 0x7FFF)
+            let at = bitmap + bit / 8
+            let byte: UInt8 = try control.load(at: at)
+            try control.store(byte & ~(1 << UInt8(bit % 8)), at: at)
+        }
+        for f in ShadowedFields.readOnly { try clear(f, in: layout.vmreadBitmap) }
+        for f in ShadowedFields.readWrite {
+            try clear(f, in: layout.vmreadBitmap)
+            try clear(f, in: layout.vmwriteBitmap)
+        }
+    }
+
+    /// The distinct 8-byte slots shadowed fields occupy (a 64-bit field's high access shares its slot).
+    static let shadowedReadWriteSlots: [VMCSField] = ShadowedFields.readWrite
+    static let shadowedAllSlots: [VMCSField] = (ShadowedFields.readOnly + ShadowedFields.readWrite).filter { !$0.isHighAccess }
+}

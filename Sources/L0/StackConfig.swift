@@ -1,0 +1,65 @@
+import ABI
+import Transport
+
+/// How to build one three-tier stack.
+public struct StackConfig: Sendable {
+    public var path: NestingPath
+    /// Size of L0's host memory memfd (sparse).
+    public var hostMemoryBytes: UInt64 = 1 << 30
+    /// L1's single memslot: its size and where in host memory it starts. The slot deliberately
+    /// does not start at host offset 0, so an L1 GPA used as a host offset would land elsewhere.
+    public var l1MemoryBytes: UInt64 = 512 << 20
+    public var l1HostOffset = HostOffset(256 << 20)
+    /// L2 GPAs below this are mappable (EPT02 covers them).
+    public var l2AddressLimit: UInt64 = 4 << 30
+    /// The guest program L2 runs, and its arguments.
+    public var program: String
+    public var programArguments: [UInt64] = []
+    /// The `pvm` executable that runs the child tiers (`pvm __tier ...`).
+    public var tierExecutable: String
+    public var placement: CPUPlacement = .automatic()
+    /// Give up (and stop the stack) if a run takes longer than this.
+    public var timeoutNanos: UInt64 = 600_000_000_000
+
+    public init(path: NestingPath, program: String, programArguments: [UInt64] = [], tierExecutable: String) {
+        self.path = path
+        self.program = program
+        self.programArguments = programArguments
+        self.tierExecutable = tierExecutable
+    }
+
+    public var l1Slot: MemorySlot {
+        MemorySlot(slot: 0, guestPhysAddr: L1GPA(0), memorySize: l1MemoryBytes, hostOffset: l1HostOffset)
+    }
+    public var layout: ControlLayout { ControlLayout(vcpuCount: 1, l2AddressLimit: l2AddressLimit) }
+}
+
+/// What a finished run leaves behind.
+public struct StackResult: Sendable {
+    public var stop: StopReason
+    public var counters: TransitionCounters
+    public var harness: Harness
+    public var l1Status: ExitStatus?
+    public var l2Status: ExitStatus?
+    public var wallNanos: UInt64
+
+    /// True when the guest program ran to `done` and both child tiers exited cleanly.
+    public var succeeded: Bool {
+        stop == .guestDone && (l1Status?.isSuccess ?? false) && (l2Status?.isSuccess ?? false)
+    }
+}
+
+/// Errors that stop a stack before it runs, each saying what to fix.
+public enum StackError: Error, CustomStringConvertible {
+    case hostMemory(TransportError)
+    case badConfig(String)
+    case spawn(Tier, TransportError)
+
+    public var description: String {
+        switch self {
+        case .hostMemory(let e): "cannot create L0's shared memory: \(e) (is memfd available and is there enough address space?)"
+        case .badConfig(let m): "invalid stack configuration: \(m)"
+        case let .spawn(t, e): "cannot start \(t) (\(TierProcess.name(of: t))): \(e)"
+        }
+    }
+}

@@ -1,0 +1,121 @@
+import ABI
+import Transport
+
+/// What L0 does after handling an L2 exit.
+public enum L2ExitOutcome: Equatable, Sendable {
+    /// L0 handled it (or retries after a silent fix-up): L2 runs again, L1 never knows.
+    case resumeL2
+    /// L1 must see it: reflected as a VM exit (nvmx) or written to the PV exit page (pv).
+    case deliverToL1
+    case stop(StopReason)
+}
+
+/// What L0 does after handling an L1 exit.
+public enum L1ExitOutcome: Equatable, Sendable {
+    /// Instruction emulated (or hypercall done): L1 continues.
+    case resumeL1
+    /// VMLAUNCH/VMRESUME or PV enter-L2 succeeded: L2 runs next.
+    case enterL2
+    case stop(StopReason)
+}
+
+/// One vCPU as L0 holds it: the two run pages, the memory L0 can reach, the per-path state and
+/// the counters. `handleL2Exit` / `handleL1Exit` are the per-tier exit handlers: each takes an
+/// exit value and returns an outcome, and neither knows about processes or handoffs.
+public final class L0VCPU {
+    public let id: Int
+    public let path: NestingPath
+    public var counters = TransitionCounters()
+    public let l2Run: RunPageView
+    public let l1Run: RunPageView
+    public var l1Memory: L1MemoryAccess
+    public let ept02: EPT02
+    public var pv: PVState
+    public var nested: NestedVMXState
+    public var harness = Harness()
+    /// Set when L1 asks for its L2 vCPU (PV create-vCPU or the first VMLAUNCH); the vCPU loop
+    /// starts the L2 process then.
+    public internal(set) var l2Requested = false
+
+    public init(id: Int, path: NestingPath, control: SharedRegion, layout: ControlLayout,
+                l1Memory: L1MemoryAccess) throws {
+        self.id = id
+        self.path = path
+        self.l2Run = try RunPageView(region: control, base: layout.l2RunPage(id))
+        self.l1Run = try RunPageView(region: control, base: layout.l1RunPage(id))
+        self.l1Memory = l1Memory
+        self.ept02 = EPT02(control: control, layout: layout)
+        self.pv = PVState()
+        self.nested = NestedVMXState(shadowing: path.vmcsShadowing, control: control, layout: layout, vcpu: id)
+    }
+
+    // MARK: L2 exits
+
+    /// Every L2 exit lands here first, as on hardware.
+    public func handleL2Exit(_ exit: GuestExit) -> L2ExitOutcome {
+        counters.countL2Exit(exit.reason)
+        switch path {
+        case .pv: return handlePVL2Exit(exit)
+        case .nvmx, .nvmxNoShadow: return handleNestedL2Exit(exit)
+        }
+    }
+
+    // MARK: L1 exits
+
+    public func handleL1Exit(_ exit: GuestExit) -> L1ExitOutcome {
+        counters.countL1Exit(exit.reason)
+        switch exit.reason {
+        case .vmcall:
+            return handleHypercall(exit)
+        case .vmxon, .vmxoff, .vmclear, .vmptrld, .vmptrst, .vmread, .vmwrite, .vmlaunch, .vmresume, .invept:
+            guard path.usesVMX else {
+                // No VMX for a PV L1 (CR4.VMXE stays clear): the instruction raises #UD.
+                injectIntoL1(vector: 6)
+                return .resumeL1
+            }
+            return handleVMXInstruction(exit)
+        default:
+            return .stop(.fatal("L1 exit \(exit.reason) is not emulated by this L0"))
+        }
+    }
+
+    /// The L2 side of an exit L0 handled itself: skip the instruction and resume.
+    @inline(__always)
+    func skipL2Instruction(_ exit: GuestExit) {
+        l2Run[register: .rip] &+= exit.instructionLength
+    }
+
+    @inline(__always)
+    func skipL1Instruction(_ exit: GuestExit) {
+        l1Run[register: .rip] &+= exit.instructionLength
+    }
+
+    /// Queues an exception for L1 at its next entry (VM_ENTRY_INTR_INFO format).
+    func injectIntoL1(vector: UInt8, errorCode: UInt64? = nil) {
+        let hardwareException: UInt64 = 3 << 8
+        let deliverErrorCode: UInt64 = errorCode != nil ? 1 << 11 : 0
+        l1Run[RunPage.eventInjection] = 1 << 31 | hardwareException | deliverErrorCode | UInt64(vector)
+        l1Run[RunPage.eventErrorCode] = errorCode ?? 0
+    }
+
+    // MARK: ports L0 itself serves (the ucall port and unclaimed ports)
+
+    /// Port I/O that reaches L0: on pv for ports L0 owns, on nvmx when L1 does not intercept.
+    func handleL0PortIO(_ exit: GuestExit) -> L2ExitOutcome {
+        let port = IOQualification.port(exit.qualification)
+        if port == Ucall.port {
+            let outcome = handleUcall(blockGPA: L2GPA(l2Run[register: .rdi]))
+            if case .stop = outcome { return outcome }
+            skipL2Instruction(exit)
+            return .resumeL2
+        }
+        // A port no device claims: reads float high, writes are dropped (as on a PC).
+        if IOQualification.isIn(exit.qualification) {
+            let size = IOQualification.size(exit.qualification)
+            let ones: UInt64 = size >= 8 ? ~0 : (1 << (UInt64(size) * 8)) - 1
+            l2Run[register: .rax] = (l2Run[register: .rax] & ~ones) | ones
+        }
+        skipL2Instruction(exit)
+        return .resumeL2
+    }
+}

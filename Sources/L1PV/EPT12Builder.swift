@@ -1,0 +1,50 @@
+import ABI
+
+/// Builds EPT12: real 4-level EPT tables in L1's memory, the way a KVM L1 builds the tables it
+/// points vmcs12's EPT_POINTER at. Table pages come from a pool in L1 memory.
+public struct EPT12Builder {
+    let memory: L1Memory
+    let poolEnd: L1GPA
+    var next: L1GPA
+    public let root: L1GPA
+    public private(set) var tablesAllocated = 0
+
+    public init(memory: L1Memory, pool: L1GPA, poolSize: UInt64) throws {
+        self.memory = memory
+        self.poolEnd = L1GPA(pool.raw + poolSize)
+        self.next = pool
+        self.root = pool
+        self.next = L1GPA(pool.raw + pageSize)
+        try memory.zero(root, length: pageSize)
+        tablesAllocated = 1
+    }
+
+    /// EPTP: write-back, 4-level walk.
+    public var eptp: UInt64 { root.raw | EPT.memoryTypeWB | EPT.eptpWalkLength4 }
+
+    mutating func allocateTable() throws -> L1GPA {
+        guard next < poolEnd else { throw L1Fault.outsideOwnMemory(next) }
+        let t = next
+        next = L1GPA(next.raw + pageSize)
+        try memory.zero(t, length: pageSize)
+        tablesAllocated += 1
+        return t
+    }
+
+    /// Maps one 4 KiB L2 page to an L1 page with `permissions` (EPT R/W/X), write-back.
+    public mutating func map(_ l2: L2GPA, to l1: L1GPA, permissions: UInt64 = EPT.rwxMask) throws {
+        var table = root
+        for level in stride(from: EPT.levels, to: 1, by: -1) {
+            let index = (l2.raw >> UInt64(12 + 9 * (level - 1))) & (EPT.entriesPerTable - 1)
+            let slot = L1GPA(table.raw + index * 8)
+            var entry = try memory.load64(slot)
+            if entry & EPT.rwxMask == 0 {
+                entry = try allocateTable().raw | EPT.rwxMask
+                try memory.store64(entry, slot)
+            }
+            table = L1GPA(entry & EPT.addressMask)
+        }
+        let leaf = L1GPA(table.raw + l2.pageNumber % EPT.entriesPerTable * 8)
+        try memory.store64(l1.pageBase.raw | permissions | EPT.memoryTypeWB << EPT.memoryTypeShift, leaf)
+    }
+}

@@ -1,0 +1,43 @@
+import ABI
+import Transport
+
+/// The devices L1 emulates for its L2 (its "QEMU"): a 16550-style serial console whose output
+/// the user sees, and unassigned memory that reads as all ones. Shared by both personalities.
+public struct L1Devices {
+    public static let serialBase: UInt16 = 0x3F8
+    public static let serialPorts: ClosedRange<UInt16> = 0x3F8...0x3FF
+    var line: [UInt8] = []
+    public private(set) var serialBytes: UInt64 = 0
+    public private(set) var unassignedAccesses: UInt64 = 0
+
+    public init() {}
+
+    public func owns(port: UInt16) -> Bool { Self.serialPorts.contains(port) }
+
+    /// Port I/O L1 owns: returns the value for an IN.
+    public mutating func portIO(port: UInt16, isIn: Bool, value: UInt64) -> UInt64 {
+        guard owns(port: port) else { return ~0 }
+        switch (port - Self.serialBase, isIn) {
+        case (0, false):                     // THR: transmit one byte
+            serialBytes += 1
+            let b = UInt8(truncatingIfNeeded: value)
+            if b == 0x0A {
+                writeOut("[L2 serial] " + String(decoding: line, as: UTF8.self) + "\n")
+                line.removeAll()
+            } else {
+                line.append(b)
+            }
+            return 0
+        case (5, true):                      // LSR: transmitter empty and holding register empty
+            return 0x60
+        default:
+            return 0
+        }
+    }
+
+    /// An L2 access to a GPA no memory backs: reads float high, writes are dropped.
+    public mutating func unassigned(isWrite: Bool, size: Int) -> UInt64 {
+        unassignedAccesses += 1
+        return isWrite ? 0 : (size >= 8 ? ~0 : (1 << (UInt64(size) * 8)) - 1)
+    }
+}

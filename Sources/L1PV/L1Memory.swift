@@ -1,0 +1,78 @@
+import ABI
+import Transport
+
+/// L1's own RAM as L1 addresses it: its memslot, mapped from the host memfd. L1 can reach only
+/// [slot base, +size); everything else throws.
+public struct L1Memory: Sendable {
+    public let slot: MemorySlot
+    public let host: HostMemory
+
+    public init(slot: MemorySlot, host: HostMemory) {
+        self.slot = slot
+        self.host = host
+    }
+
+    public func hostOffset(_ gpa: L1GPA, length: UInt64) throws -> HostOffset {
+        guard let off = gpa.offset(from: slot.guestPhysAddr), off <= slot.memorySize, length <= slot.memorySize - off else {
+            throw L1Fault.outsideOwnMemory(gpa)
+        }
+        return HostOffset(slot.hostOffset.raw + off)
+    }
+
+    public func load64(_ gpa: L1GPA) throws -> UInt64 { try host.load(at: hostOffset(gpa, length: 8)) }
+    public func store64(_ v: UInt64, _ gpa: L1GPA) throws { try host.store(v, at: hostOffset(gpa, length: 8)) }
+    public func store32(_ v: UInt32, _ gpa: L1GPA) throws { try host.store(v, at: hostOffset(gpa, length: 4)) }
+    public func store8(_ v: UInt8, _ gpa: L1GPA) throws { try host.store(v, at: hostOffset(gpa, length: 1)) }
+    public func load8(_ gpa: L1GPA) throws -> UInt8 { try host.load(at: hostOffset(gpa, length: 1)) }
+    public func zero(_ gpa: L1GPA, length: UInt64) throws { try host.fill(0, at: hostOffset(gpa, length: length), count: length) }
+    public func runPage(_ gpa: L1GPA) throws -> RunPageView { try host.runPage(at: hostOffset(gpa, length: RunPage.size)) }
+    public func vmcs(_ gpa: L1GPA) throws -> VMCSImage {
+        try VMCSImage(region: host.region, base: hostOffset(gpa, length: VMCS12Layout.size).raw)
+    }
+}
+
+/// Why L1 gave up.
+public enum L1Fault: Error, CustomStringConvertible {
+    case outsideOwnMemory(L1GPA)
+    case undefinedOpcode(String)
+    case vmxFailure(String, VMXInstructionResult)
+    case hypercallFailed(PVHypercall, HypercallError)
+    case unexpectedExit(ExitReason, String)
+
+    public var description: String {
+        switch self {
+        case .outsideOwnMemory(let g): "\(g) is outside L1's memory"
+        case .undefinedOpcode(let i): "#UD on \(i)"
+        case let .vmxFailure(i, r): "\(i) failed: \(r)"
+        case let .hypercallFailed(h, e): "hypercall \(h) failed with \(e)"
+        case let .unexpectedExit(r, why): "unexpected L2 exit \(r): \(why)"
+        }
+    }
+}
+
+/// How L1 lays out its own memory (L1's choice; nothing in the ABI depends on it).
+public enum L1MemoryPlan {
+    public static let vmxonRegion = L1GPA(0x0010_0000)
+    public static let vmcs12 = L1GPA(0x0010_1000)
+    public static let pvExitPage = L1GPA(0x0010_2000)
+    public static let ioBitmapA = L1GPA(0x0010_3000)
+    public static let ioBitmapB = L1GPA(0x0010_4000)
+    public static let msrBitmap = L1GPA(0x0010_5000)
+    /// Bulk hypercall arguments (the CPUID table).
+    public static let argumentArea = L1GPA(0x0011_0000)
+    public static let argumentAreaSize: UInt64 = 64 << 10
+    /// Pages for EPT12 tables (nvmx).
+    public static let ept12Pool = L1GPA(0x0100_0000)
+    public static let ept12PoolSize: UInt64 = 16 << 20
+    /// L2's RAM: L2 GPA [0, l2RAMSize) is backed by L1 GPA [l2RAMBacking, +l2RAMSize).
+    public static let l2RAMBacking = L1GPA(0x1000_0000)
+    public static let l2RAMSize: UInt64 = 128 << 20
+    /// L2's entry point and stack (values only: L2's code is the guest program).
+    public static let l2EntryRIP: UInt64 = 0x10_0000
+    public static let l2StackTop: UInt64 = 0x80_0000
+
+    /// The L1 GPA backing an L2 GPA, if it is inside L2's RAM.
+    public static func backing(of gpa: L2GPA) -> L1GPA? {
+        gpa.raw < l2RAMSize ? l2RAMBacking.adding(gpa.raw) : nil
+    }
+}

@@ -1,0 +1,180 @@
+import ABI
+import Transport
+
+/// L1 as KVM runs an L2 on VMX: VMXON, a vmcs12 set up with VMWRITEs, EPT12 tables, VMLAUNCH,
+/// and for each VM exit the VMREADs and VMWRITEs KVM's handlers do, with KVM's register-cache
+/// laziness (nested-vmx-facts 1.4): VM_EXIT_REASON and IDT_VECTORING_INFO_FIELD on every exit;
+/// everything else only when a handler needs it; GUEST_RIP / GUEST_RSP written back only if dirty.
+public final class NestedVMXHypervisor {
+    let cpu: L1CPU
+    let memory: L1Memory
+    var devices = L1Devices()
+    var ept12: EPT12Builder
+    /// L2's GPRs, saved at each VM exit and loaded before each entry (KVM: vcpu->arch.regs).
+    var guestRegisters = [UInt64](repeating: 0, count: Register.allCases.count)
+    /// KVM's register cache for RIP and RSP: nil until read this exit; dirty once written.
+    var cachedRIP: UInt64?
+    var ripDirty = false
+
+    public init(cpu: L1CPU, memory: L1Memory) throws {
+        self.cpu = cpu
+        self.memory = memory
+        self.ept12 = try EPT12Builder(memory: memory, pool: L1MemoryPlan.ept12Pool, poolSize: L1MemoryPlan.ept12PoolSize)
+    }
+
+    func check(_ what: String, _ r: VMXInstructionResult) throws {
+        guard r == .succeed else { throw L1Fault.vmxFailure(what, r) }
+    }
+
+    public func run() throws -> Never {
+        try setUpVMX()
+        var launch = true
+        while true {
+            switch try cpu.enter(launch: launch, guestRegisters: &guestRegisters) {
+            case .failed(let r):
+                throw L1Fault.vmxFailure(launch ? "VMLAUNCH" : "VMRESUME", r)
+            case .vmExit:
+                launch = false
+                try handleExit()
+                try writeBackDirtyRegisters()
+            }
+        }
+    }
+
+    // MARK: setup (KVM: vmx_vcpu_setup + nested setup of L2's VMCS)
+
+    func setUpVMX() throws {
+        try memory.zero(L1MemoryPlan.vmxonRegion, length: pageSize)
+        try memory.store32(VMCS12Layout.revisionID, L1MemoryPlan.vmxonRegion)
+        try memory.zero(L1MemoryPlan.vmcs12, length: pageSize)
+        try memory.store32(VMCS12Layout.revisionID, L1MemoryPlan.vmcs12)
+        try check("VMXON", cpu.vmxon(L1MemoryPlan.vmxonRegion))
+        try check("VMCLEAR", cpu.vmclear(L1MemoryPlan.vmcs12))
+        try check("VMPTRLD", cpu.vmptrld(L1MemoryPlan.vmcs12))
+
+        // I/O bitmaps: intercept the serial console only. MSR bitmap: intercept everything
+        // except the MSRs KVM passes through (FS/GS base, KERNEL_GS_BASE).
+        try memory.zero(L1MemoryPlan.ioBitmapA, length: pageSize)
+        try memory.zero(L1MemoryPlan.ioBitmapB, length: pageSize)
+        for port in L1Devices.serialPorts {
+            let byte = L1GPA(L1MemoryPlan.ioBitmapA.raw + UInt64(port) / 8)
+            try memory.store8(try memory.load8(byte) | 1 << UInt8(port % 8), byte)
+        }
+        for i in stride(from: UInt64(0), to: pageSize, by: 8) {
+            try memory.store64(~0, L1GPA(L1MemoryPlan.msrBitmap.raw + i))
+        }
+        for msr: UInt32 in [0xC000_0100, 0xC000_0101, 0xC000_0102] {
+            for base: UInt64 in [0x400, 0xC00] {
+                let bit = UInt64(msr - 0xC000_0000)
+                let byte = L1GPA(L1MemoryPlan.msrBitmap.raw + base + bit / 8)
+                try memory.store8(try memory.load8(byte) & ~(1 << UInt8(bit % 8)), byte)
+            }
+        }
+
+        // EPT12 for all of L2's RAM, 4 KiB pages.
+        var off: UInt64 = 0
+        while off < L1MemoryPlan.l2RAMSize {
+            try ept12.map(L2GPA(off), to: L1GPA(L1MemoryPlan.l2RAMBacking.raw + off))
+            off += pageSize
+        }
+
+        let cr0: UInt64 = 0x8005_0033, cr4: UInt64 = 0x0000_2020, efer: UInt64 = 0x500
+        let fields: [(VMCSField, UInt64)] = [
+            (.pinBasedVMExecControl, PinBased.externalInterruptExiting | PinBased.nmiExiting),
+            (.cpuBasedVMExecControl, CPUBased.hltExiting | CPUBased.useIOBitmaps | CPUBased.useMSRBitmaps
+                | CPUBased.activateSecondaryControls),
+            (.secondaryVMExecControl, SecondaryExec.enableEPT | SecondaryExec.enableVPID | SecondaryExec.rdtscp),
+            (.exceptionBitmap, 1 << 1 | 1 << 6 | 1 << 17 | 1 << 18),
+            (.ioBitmapA, L1MemoryPlan.ioBitmapA.raw), (.ioBitmapB, L1MemoryPlan.ioBitmapB.raw),
+            (.msrBitmap, L1MemoryPlan.msrBitmap.raw),
+            (.eptPointer, ept12.eptp), (.virtualProcessorID, 1), (.vmcsLinkPointer, ~0),
+            (.vmEntryControls, VMEntryControl.ia32eModeGuest | VMEntryControl.loadIA32EFER),
+            (.vmExitControls, VMExitControl.hostAddressSpaceSize | VMExitControl.ackInterruptOnExit | VMExitControl.loadIA32EFER),
+            (.cr0GuestHostMask, 0xFFFF_FFFF_FFFF_FFF7), (.cr0ReadShadow, cr0),
+            (.cr4GuestHostMask, 0xFFFF_FFFF_FFFF_FFFF), (.cr4ReadShadow, cr4),
+            (.guestCR0, cr0), (.guestCR3, 0), (.guestCR4, cr4), (.guestIA32EFER, efer),
+            (.guestCSSelector, 0x10), (.guestCSARBytes, 0xA09B), (.guestSSSelector, 0x18), (.guestSSARBytes, 0xC093),
+            (.guestRIP, L1MemoryPlan.l2EntryRIP), (.guestRSP, L1MemoryPlan.l2StackTop), (.guestRFLAGS, 0x2),
+            (.guestActivityState, 0), (.guestInterruptibilityInfo, 0),
+            (.hostCR0, cr0), (.hostCR3, 0x1000), (.hostCR4, cr4 | 1 << 13), (.hostIA32EFER, efer),
+            (.hostCSSelector, 0x10), (.hostSSSelector, 0x18), (.hostTRSelector, 0x40),
+            (.hostRIP, 0xFFFF_FFFF_8100_0000), (.hostRSP, 0xFFFF_C900_0000_0000),
+        ]
+        for (f, v) in fields { try check("VMWRITE \(f)", cpu.vmwrite(f, v)) }
+        guestRegisters = [UInt64](repeating: 0, count: Register.allCases.count)
+    }
+
+    // MARK: exit handling (KVM: vmx_handle_exit and the per-reason handlers)
+
+    func readRIP() throws -> UInt64 {
+        if let r = cachedRIP { return r }
+        let r = try cpu.vmread(.guestRIP)
+        cachedRIP = r
+        return r
+    }
+
+    /// skip_emulated_instruction: RIP += VM_EXIT_INSTRUCTION_LEN, and drop STI/MOV-SS blocking.
+    func skipInstruction() throws {
+        let rip = try readRIP()
+        let len = try cpu.vmread(.vmExitInstructionLen)
+        let interruptibility = try cpu.vmread(.guestInterruptibilityInfo)
+        if interruptibility & 3 != 0 {
+            try check("VMWRITE", cpu.vmwrite(.guestInterruptibilityInfo, interruptibility & ~3))
+        }
+        cachedRIP = rip &+ len
+        ripDirty = true
+    }
+
+    func writeBackDirtyRegisters() throws {
+        if ripDirty, let rip = cachedRIP { try check("VMWRITE GUEST_RIP", cpu.vmwrite(.guestRIP, rip)) }
+        ripDirty = false
+        cachedRIP = nil
+    }
+
+    func handleExit() throws {
+        let reason = ExitReason(rawValue: UInt32(truncatingIfNeeded: try cpu.vmread(.vmExitReason)))
+        _ = try cpu.vmread(.idtVectoringInfoField)     // vmx_complete_interrupts, every exit
+        switch reason {
+        case .cpuid:
+            let (a, b, c, d) = L2CPUIDTable.table.lookup(function: UInt32(truncatingIfNeeded: guestRegisters[Register.rax.rawValue]),
+                                                         index: UInt32(truncatingIfNeeded: guestRegisters[Register.rcx.rawValue]))
+            guestRegisters[Register.rax.rawValue] = UInt64(a)
+            guestRegisters[Register.rbx.rawValue] = UInt64(b)
+            guestRegisters[Register.rcx.rawValue] = UInt64(c)
+            guestRegisters[Register.rdx.rawValue] = UInt64(d)
+            try skipInstruction()
+        case .ioInstruction:
+            let q = try cpu.vmread(.exitQualification)
+            let isIn = IOQualification.isIn(q)
+            let v = devices.portIO(port: IOQualification.port(q), isIn: isIn, value: guestRegisters[Register.rax.rawValue])
+            if isIn { guestRegisters[Register.rax.rawValue] = v }
+            try skipInstruction()
+        case .eptViolation:
+            let q = try cpu.vmread(.exitQualification)
+            let gpa = L2GPA(try cpu.vmread(.guestPhysicalAddress))
+            guard L1MemoryPlan.backing(of: gpa) == nil else {
+                throw L1Fault.unexpectedExit(reason, "EPT violation at \(gpa), which EPT12 maps")
+            }
+            // No memslot in L1 for this GPA: MMIO to nothing. The emulator fetches and decodes
+            // the instruction (GUEST_RIP, CS access rights) and completes it.
+            _ = try readRIP()
+            _ = try cpu.vmread(.guestCSARBytes)
+            let write = q & EPTViolationQualification.dataWrite != 0
+            let v = devices.unassigned(isWrite: write, size: Int(cpu.run[RunPage.instructionInfo]))
+            if !write { guestRegisters[Register.rax.rawValue] = v }
+            try skipInstruction()
+        case .eptMisconfig:
+            throw L1Fault.unexpectedExit(reason, "EPT12 is misconfigured at \(L2GPA(try cpu.vmread(.guestPhysicalAddress)))")
+        case .hlt:
+            try skipInstruction()
+        case .msrRead:
+            guestRegisters[Register.rax.rawValue] = 0
+            guestRegisters[Register.rdx.rawValue] = 0
+            try skipInstruction()
+        case .msrWrite:
+            try skipInstruction()
+        default:
+            throw L1Fault.unexpectedExit(reason, "no handler in this L1")
+        }
+    }
+}

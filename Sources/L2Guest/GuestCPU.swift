@@ -1,0 +1,185 @@
+import ABI
+import Transport
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The result of CPUID.
+public struct CPUIDResult: Equatable, Sendable {
+    public var eax: UInt32, ebx: UInt32, ecx: UInt32, edx: UInt32
+}
+
+/// L2's CPU: what a guest program executes on. Sensitive instructions exit to L0 through the L2
+/// run page; loads and stores go straight to host memory through EPT02, and exit as an EPT
+/// violation where EPT02 has no (sufficient) entry. After every exit the CPU looks at RIP, as
+/// hardware resumes wherever the hypervisor left it: advanced past the instruction means it was
+/// emulated, unchanged means "execute it again" (e.g. after the page was mapped).
+public final class GuestCPU {
+    let run: RunPageView
+    let handoff: Handoff
+    let policy: WaitPolicy
+    let memory: HostMemory
+    let control: SharedRegion
+    let layout: ControlLayout
+    /// Where this guest keeps its ucall block (guest-physical, in its own RAM).
+    public var ucallBlock = L2GPA(0x1000)
+    var rip: UInt64 = 0
+
+    init(run: RunPageView, handoff: Handoff, policy: WaitPolicy, memory: HostMemory,
+         control: SharedRegion, layout: ControlLayout) {
+        self.run = run
+        self.handoff = handoff
+        self.policy = policy
+        self.memory = memory
+        self.control = control
+        self.layout = layout
+    }
+
+    /// Waits for the first entry and takes the RIP L0 entered with.
+    func waitForFirstEntry() {
+        waitForTurn()
+        rip = run[register: .rip]
+    }
+
+    func waitForTurn() {
+        switch handoff.wait(for: .l2, policy: policy) {
+        case .myTurn: return
+        case .stop: exit(0)           // L0 is shutting the stack down: leave quietly
+        case .peerGone: exit(1)
+        }
+    }
+
+    enum Resumption { case completed, retry }
+
+    /// One exit to L0 and back. The run page carries the exit; RIP tells what happened.
+    @inline(__always)
+    func vmexit(_ reason: ExitReason, length: UInt64, qualification: UInt64 = 0, gpa: UInt64 = 0, info: UInt64 = 0) -> Resumption {
+        run.exitReason = reason
+        run[RunPage.exitQualification] = qualification
+        run[RunPage.guestPhysicalAddress] = gpa
+        run[RunPage.instructionLength] = length
+        run[RunPage.instructionInfo] = info
+        run[register: .rip] = rip
+        handoff.pass(to: .l0)
+        waitForTurn()
+        let newRIP = run[register: .rip]
+        if run[RunPage.eventInjection] & (1 << 31) != 0 {
+            // No IDT in this guest model: an injected event is acknowledged and dropped.
+            run[RunPage.eventInjection] = 0
+        }
+        defer { rip = newRIP }
+        return newRIP == rip ? .retry : .completed
+    }
+
+    // MARK: instructions that always exit
+
+    public func cpuid(_ leaf: UInt32, _ subleaf: UInt32 = 0) -> CPUIDResult {
+        repeat {
+            run[register: .rax] = UInt64(leaf)
+            run[register: .rcx] = UInt64(subleaf)
+        } while vmexit(.cpuid, length: 2) == .retry
+        return CPUIDResult(eax: UInt32(truncatingIfNeeded: run[register: .rax]),
+                           ebx: UInt32(truncatingIfNeeded: run[register: .rbx]),
+                           ecx: UInt32(truncatingIfNeeded: run[register: .rcx]),
+                           edx: UInt32(truncatingIfNeeded: run[register: .rdx]))
+    }
+
+    public func rdmsr(_ msr: UInt32) -> UInt64 {
+        repeat { run[register: .rcx] = UInt64(msr) } while vmexit(.msrRead, length: 2) == .retry
+        return (run[register: .rdx] << 32) | (run[register: .rax] & 0xFFFF_FFFF)
+    }
+
+    public func wrmsr(_ msr: UInt32, _ value: UInt64) {
+        repeat {
+            run[register: .rcx] = UInt64(msr)
+            run[register: .rax] = value & 0xFFFF_FFFF
+            run[register: .rdx] = value >> 32
+        } while vmexit(.msrWrite, length: 2) == .retry
+    }
+
+    /// IN of `size` bytes (1, 2 or 4) from `port`.
+    public func inPort(_ port: UInt16, size: Int = 4) -> UInt64 {
+        repeat { run[register: .rdx] = UInt64(port) } while vmexit(.ioInstruction, length: size == 2 ? 2 : 1,
+            qualification: IOQualification.make(port: port, size: size, isIn: true)) == .retry
+        return run[register: .rax] & (size == 8 ? ~0 : (1 << (UInt64(size) * 8)) - 1)
+    }
+
+    public func outPort(_ port: UInt16, _ value: UInt64, size: Int = 4) {
+        repeat {
+            run[register: .rdx] = UInt64(port)
+            run[register: .rax] = value
+        } while vmexit(.ioInstruction, length: size == 2 ? 2 : 1,
+                       qualification: IOQualification.make(port: port, size: size, isIn: false)) == .retry
+    }
+
+    public func hlt() { while vmexit(.hlt, length: 1) == .retry {} }
+
+    /// VMCALL with KVM's convention: number in RAX, arguments in RBX, RCX, RDX, RSI; result in RAX.
+    public func vmcall(_ nr: UInt64, _ a0: UInt64 = 0, _ a1: UInt64 = 0, _ a2: UInt64 = 0, _ a3: UInt64 = 0) -> UInt64 {
+        repeat {
+            run[register: .rax] = nr; run[register: .rbx] = a0; run[register: .rcx] = a1
+            run[register: .rdx] = a2; run[register: .rsi] = a3
+        } while vmexit(.vmcall, length: 3) == .retry
+        return run[register: .rax]
+    }
+
+    /// The time-stamp counter as an unintercepted RDTSC would read it (ns, monotonic).
+    @inline(__always)
+    public func now() -> UInt64 { monotonicNanos() }
+
+    // MARK: memory
+
+    /// EPT02 says where an L2 page lives for this access, or nil (an EPT violation).
+    @inline(__always)
+    func translate(_ gpa: L2GPA, access: UInt64) -> HostOffset? {
+        let frame = gpa.pageNumber
+        guard frame < layout.ept02Entries else { return nil }
+        let e = control.unchecked(load: UInt64.self, at: layout.ept02 + frame * 8)
+        guard e & access == access, EPT02Entry.isPresent(e) else { return nil }
+        return HostOffset(EPT02Entry.host(e).raw | gpa.offsetInPage)
+    }
+
+    /// A naturally aligned load or store of 1, 2, 4 or 8 bytes (`mov` with RAX as the data
+    /// register). Exits as an EPT violation when unmapped; if the hypervisor emulates it (MMIO),
+    /// the loaded value comes back in RAX.
+    func access(_ gpa: L2GPA, size: Int, write: Bool, value: UInt64 = 0) -> UInt64 {
+        precondition(gpa.raw % UInt64(size) == 0, "guest access must be naturally aligned")
+        let mask: UInt64 = size == 8 ? ~0 : (1 << (UInt64(size) * 8)) - 1
+        while true {
+            if let host = translate(gpa, access: write ? EPT.write : EPT.read) {
+                do {
+                    if write {
+                        switch size {
+                        case 1: try memory.store(UInt8(truncatingIfNeeded: value), at: host)
+                        case 2: try memory.store(UInt16(truncatingIfNeeded: value), at: host)
+                        case 4: try memory.store(UInt32(truncatingIfNeeded: value), at: host)
+                        default: try memory.store(value, at: host)
+                        }
+                        return 0
+                    }
+                    switch size {
+                    case 1: return UInt64(try memory.load(UInt8.self, at: host))
+                    case 2: return UInt64(try memory.load(UInt16.self, at: host))
+                    case 4: return UInt64(try memory.load(UInt32.self, at: host))
+                    default: return try memory.load(UInt64.self, at: host)
+                    }
+                } catch {
+                    // EPT02 pointing outside host memory would be an L0 bug; never touch it.
+                    fatalError("L2 MMU: EPT02 entry for \(gpa) points outside host memory")
+                }
+            }
+            run[register: .rax] = write ? value & mask : 0
+            let q = write ? EPTViolationQualification.dataWrite : EPTViolationQualification.dataRead
+            if vmexit(.eptViolation, length: 3, qualification: q, gpa: gpa.raw, info: UInt64(size)) == .completed {
+                return write ? 0 : run[register: .rax] & mask
+            }
+        }
+    }
+
+    public func read64(_ gpa: L2GPA) -> UInt64 { access(gpa, size: 8, write: false) }
+    public func write64(_ gpa: L2GPA, _ v: UInt64) { _ = access(gpa, size: 8, write: true, value: v) }
+    public func read32(_ gpa: L2GPA) -> UInt32 { UInt32(truncatingIfNeeded: access(gpa, size: 4, write: false)) }
+    public func write32(_ gpa: L2GPA, _ v: UInt32) { _ = access(gpa, size: 4, write: true, value: UInt64(v)) }
+    public func read8(_ gpa: L2GPA) -> UInt8 { UInt8(truncatingIfNeeded: access(gpa, size: 1, write: false)) }
+    public func write8(_ gpa: L2GPA, _ v: UInt8) { _ = access(gpa, size: 1, write: true, value: UInt64(v)) }
+}

@@ -1,0 +1,146 @@
+import ABI
+import CPVMShim
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// How a tier process ended.
+public enum ExitStatus: Equatable, Sendable, CustomStringConvertible {
+    case exited(Int32)
+    case signaled(Int32)
+
+    public var isSuccess: Bool { self == .exited(0) }
+    public var description: String {
+        switch self {
+        case .exited(let c): "exit status \(c)"
+        case .signaled(let s): "killed by signal \(s) (\(String(cString: strsignal(s))))"
+        }
+    }
+}
+
+/// A tier process L0 started (L1 or L2). L0 reaps it; nobody else does.
+public final class ChildProcess: @unchecked Sendable {
+    public let tier: Tier
+    public let pid: pid_t
+    public private(set) var status: ExitStatus?
+
+    /// Starts `path` with `arguments`; `fds[i]` becomes descriptor 3+i in the child.
+    public init(tier: Tier, path: String, arguments: [String], fds: [Int32]) throws {
+        self.tier = tier
+        let argv = [path] + arguments
+        // strdup'd C strings live until posix_spawn returns; freed right after.
+        var cargs: [UnsafeMutablePointer<CChar>?] = argv.map { strdup($0) }
+        cargs.append(nil)
+        defer { for p in cargs { free(p) } }
+        let pid = fds.withUnsafeBufferPointer { f in
+            pvm_spawn(path, cargs, f.baseAddress, Int32(f.count))
+        }
+        guard pid > 0 else { throw TransportError.spawnFailed(path: path, errno: -pid) }
+        self.pid = pid
+    }
+
+    /// Non-blocking: the exit status if the process has ended (and reaps it), else nil.
+    @discardableResult
+    public func poll() -> ExitStatus? {
+        if let status { return status }
+        var raw: Int32 = 0
+        let r = waitpid(pid, &raw, WNOHANG)
+        if r == pid { status = Self.decode(raw) }
+        return status
+    }
+
+    public var isAlive: Bool { poll() == nil }
+
+    public func kill(_ signal: Int32 = SIGKILL) {
+        if poll() == nil { _ = Glibc.kill(pid, signal) }
+    }
+
+    /// Waits up to `timeoutNanos` for the process to end; nil if it is still running.
+    @discardableResult
+    public func wait(timeoutNanos: UInt64) -> ExitStatus? {
+        let deadline = monotonicNanos() + timeoutNanos
+        while poll() == nil {
+            if monotonicNanos() > deadline { return nil }
+            usleep(1000)
+        }
+        return status
+    }
+
+    /// Ends the process for certain: SIGKILL, then reap.
+    public func killAndReap() {
+        guard poll() == nil else { return }
+        kill(SIGKILL)
+        var raw: Int32 = 0
+        if waitpid(pid, &raw, 0) == pid { status = Self.decode(raw) }
+    }
+
+    static func decode(_ raw: Int32) -> ExitStatus {
+        // The WIFEXITED/WEXITSTATUS/WTERMSIG macros, which Swift cannot import.
+        let sig = raw & 0x7F
+        return sig == 0 ? .exited((raw >> 8) & 0xFF) : .signaled(sig)
+    }
+}
+
+/// What a tier process does first: take its name, die with its parent, take its CPU.
+public enum TierProcess {
+    /// The name `ps` shows for a tier: pvm-l0, pvm-l1, pvm-l2.
+    public static func name(of tier: Tier) -> String { "pvm-l\(tier.rawValue)" }
+
+    public static func setName(_ tier: Tier) {
+        _ = pvm_set_process_name(name(of: tier))
+    }
+
+    /// A child tier must not outlive L0: the kernel kills it when its parent dies. Returns false
+    /// if the parent is already gone (the race PR_SET_PDEATHSIG leaves open).
+    public static func dieWithParent(expectedParent: pid_t) -> Bool {
+        _ = pvm_die_with_parent()
+        return getppid() == expectedParent
+    }
+
+    public static var pid: pid_t { getpid() }
+}
+
+/// Where each tier runs. L0 is the hub every transition goes through, so it gets a core of its
+/// own and waits by spinning; L1 and L2 never run at the same time, so they share the other
+/// core and wait by yielding to each other. That keeps at most one pure spinner per core.
+public struct CPUPlacement: Sendable, Equatable {
+    public let l0CPU: Int?
+    public let guestCPU: Int?
+
+    public static let unpinned = CPUPlacement(l0CPU: nil, guestCPU: nil)
+
+    public init(l0CPU: Int?, guestCPU: Int?) {
+        self.l0CPU = l0CPU
+        self.guestCPU = guestCPU
+    }
+
+    /// Two distinct allowed CPUs if there are two; otherwise no pinning.
+    public static func automatic() -> CPUPlacement {
+        let mask = pvm_allowed_cpus()
+        let cpus = (0..<64).filter { mask & (1 << UInt64($0)) != 0 }
+        guard cpus.count >= 2 else { return .unpinned }
+        return CPUPlacement(l0CPU: cpus[0], guestCPU: cpus[1])
+    }
+
+    public var isPinned: Bool { l0CPU != nil && guestCPU != nil }
+
+    public func cpu(for tier: Tier) -> Int? { tier == .l0 ? l0CPU : guestCPU }
+
+    /// Pins the calling process as `tier`; false if the kernel refused.
+    @discardableResult
+    public func apply(as tier: Tier) -> Bool {
+        guard let c = cpu(for: tier) else { return true }
+        return pvm_pin_to_cpu(Int32(c)) == 0
+    }
+
+    /// The wait policy that goes with this placement.
+    public func waitPolicy(for tier: Tier) -> WaitPolicy {
+        if isPinned {
+            return tier == .l0
+                ? WaitPolicy(spin: .pause, spinBudgetNanos: 2_000_000)
+                : WaitPolicy(spin: .yield, spinBudgetNanos: 2_000_000)
+        }
+        // One core or unknown: everybody yields, nobody holds the core.
+        return WaitPolicy(spin: .yield, spinBudgetNanos: 1_000_000)
+    }
+}

@@ -1,0 +1,119 @@
+import ABI
+import Atomics
+import CPVMShim
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// How a tier waits for its turn. Spinning is fast (~0.2 us a hop) but holds a core; sleeping
+/// in futex_wait costs ~14 us a hop on this machine kind. The stack never has more pure
+/// spinners than cores: `TransportPolicy` decides which tier spins and which yields.
+public struct WaitPolicy: Sendable, Equatable {
+    public enum Spin: Sendable, Equatable {
+        /// Busy-wait with PAUSE: only for a tier that has a core to itself.
+        case pause
+        /// sched_yield between checks: for tiers sharing a core with the one that runs.
+        case yield
+    }
+    public var spin: Spin
+    /// How long to spin before sleeping; an idle stack ends up asleep (near 0% CPU).
+    public var spinBudgetNanos: UInt64
+    /// How long one futex sleep lasts before the waiter checks on its peers.
+    public var sleepSliceNanos: Int64
+
+    public init(spin: Spin, spinBudgetNanos: UInt64, sleepSliceNanos: Int64 = 50_000_000) {
+        self.spin = spin
+        self.spinBudgetNanos = spinBudgetNanos
+        self.sleepSliceNanos = sleepSliceNanos
+    }
+}
+
+/// The outcome of waiting for a turn.
+public enum WaitOutcome: Equatable, Sendable {
+    case myTurn
+    case stop
+    /// `isPeerAlive` said no while this tier slept.
+    case peerGone
+}
+
+/// The handoff word of one vCPU: whose turn it is. Only the tier named there runs; it passes
+/// control by storing the next tier and, if that tier sleeps, waking it. The store/load pairs
+/// are sequentially consistent (Dekker-style) so a wake-up is never lost.
+public struct Handoff: @unchecked Sendable {
+    let region: SharedRegion
+    let turn: UnsafeAtomic<UInt32>
+    let sleeping: [UnsafeAtomic<UInt32>]
+    let turnAddress: UnsafeMutablePointer<UInt32>
+
+    public init(region: SharedRegion, base: UInt64) {
+        self.region = region
+        self.turnAddress = region.word32(at: base + HandoffLayout.turn)
+        // The words are u32s in the shared mapping, 4-byte aligned, accessed only atomically.
+        self.turn = UnsafeAtomic(at: UnsafeMutableRawPointer(turnAddress)
+            .assumingMemoryBound(to: UInt32.AtomicRepresentation.self))
+        self.sleeping = Tier.allCases.map { t in
+            UnsafeAtomic(at: UnsafeMutableRawPointer(region.word32(at: base + HandoffLayout.sleeping(t)))
+                .assumingMemoryBound(to: UInt32.AtomicRepresentation.self))
+        }
+    }
+
+    /// Who holds the turn now (a `Tier` raw value, or HandoffLayout.stopValue).
+    public var current: UInt32 { turn.load(ordering: .acquiring) }
+
+    /// Gives the turn to `tier` and wakes it if it sleeps.
+    @inline(__always)
+    public func pass(to tier: Tier) {
+        turn.store(tier.rawValue, ordering: .sequentiallyConsistent)
+        if sleeping[Int(tier.rawValue)].load(ordering: .sequentiallyConsistent) != 0 {
+            _ = pvm_futex_wake(turnAddress, Int32.max)
+        }
+    }
+
+    /// Tells every tier of this vCPU to stop, waking all sleepers.
+    public func stop() {
+        turn.store(HandoffLayout.stopValue, ordering: .sequentiallyConsistent)
+        _ = pvm_futex_wake(turnAddress, Int32.max)
+    }
+
+    /// Waits until it is `me`'s turn (or stop). `isPeerAlive` is asked after each sleep slice,
+    /// so a tier waiting on a dead peer notices instead of hanging.
+    public func wait(for me: Tier, policy: WaitPolicy, isPeerAlive: () -> Bool = { true }) -> WaitOutcome {
+        let mine = me.rawValue
+        var v = turn.load(ordering: .acquiring)
+        if v == mine { return .myTurn }
+        if v == HandoffLayout.stopValue { return .stop }
+
+        // Spin phase: check the clock only every 64 rounds.
+        let start = monotonicNanos()
+        var rounds: UInt32 = 0
+        while true {
+            switch policy.spin {
+            case .pause: pvm_cpu_relax()
+            case .yield: sched_yield()
+            }
+            v = turn.load(ordering: .acquiring)
+            if v == mine { return .myTurn }
+            if v == HandoffLayout.stopValue { return .stop }
+            rounds &+= 1
+            if rounds & 63 == 0, monotonicNanos() &- start > policy.spinBudgetNanos { break }
+        }
+
+        // Sleep phase.
+        let flag = sleeping[Int(mine)]
+        while true {
+            flag.store(1, ordering: .sequentiallyConsistent)
+            v = turn.load(ordering: .sequentiallyConsistent)
+            if v != mine && v != HandoffLayout.stopValue {
+                let r = pvm_futex_wait(turnAddress, v, policy.sleepSliceNanos)
+                if r == -ETIMEDOUT, !isPeerAlive() {
+                    flag.store(0, ordering: .sequentiallyConsistent)
+                    return .peerGone
+                }
+            }
+            flag.store(0, ordering: .sequentiallyConsistent)
+            v = turn.load(ordering: .acquiring)
+            if v == mine { return .myTurn }
+            if v == HandoffLayout.stopValue { return .stop }
+        }
+    }
+}

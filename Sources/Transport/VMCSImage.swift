@@ -1,0 +1,60 @@
+import ABI
+
+/// A VMCS in memory, accessed by field encoding: vmcs12 (in L1 memory) or the shadow VMCS
+/// (L0's control memory). Both use `VMCS12Layout`; the page is known to be inside its region.
+public struct VMCSImage: @unchecked Sendable {
+    public let region: SharedRegion
+    public let base: UInt64
+
+    public init(region: SharedRegion, base: UInt64) throws {
+        try region.check(base, VMCS12Layout.size)
+        self.region = region
+        self.base = base
+    }
+
+    /// The field's value (width-masked), or nil if vmcs12 does not support the field.
+    @inline(__always)
+    public func read(_ f: VMCSField) -> UInt64? {
+        guard let (offset, high) = VMCS12Layout.slot(of: f) else { return nil }
+        let raw = region.unchecked(load: UInt64.self, at: base + offset)
+        return high ? raw >> 32 : raw & f.valueMask
+    }
+
+    /// Reads a field the caller knows is supported (a `VMCSField` constant from the layout).
+    @inline(__always)
+    public subscript(f: VMCSField) -> UInt64 {
+        get { read(f) ?? 0 }
+        nonmutating set { _ = write(f, newValue) }
+    }
+
+    /// Stores the field (width-masked; a high access replaces bits 63:32). False if unsupported.
+    @discardableResult
+    @inline(__always)
+    public func write(_ f: VMCSField, _ value: UInt64) -> Bool {
+        guard let (offset, high) = VMCS12Layout.slot(of: f) else { return false }
+        let at = base + offset
+        if high {
+            let old = region.unchecked(load: UInt64.self, at: at)
+            region.unchecked(store: (old & 0xFFFF_FFFF) | (value << 32), at: at)
+        } else {
+            region.unchecked(store: value & f.valueMask, at: at)
+        }
+        return true
+    }
+
+    public var revisionID: UInt32 {
+        get { region.unchecked(load: UInt32.self, at: base + VMCS12Layout.revisionOffset) }
+        nonmutating set { region.unchecked(store: newValue, at: base + VMCS12Layout.revisionOffset) }
+    }
+    public var launched: Bool {
+        get { region.unchecked(load: UInt32.self, at: base + VMCS12Layout.launchStateOffset) != 0 }
+        nonmutating set { region.unchecked(store: UInt32(newValue ? 1 : 0), at: base + VMCS12Layout.launchStateOffset) }
+    }
+
+    /// Copies one field's whole 8-byte slot to another image (shadow <-> vmcs12).
+    @inline(__always)
+    public func copySlot(_ f: VMCSField, to other: VMCSImage) {
+        guard let (offset, _) = VMCS12Layout.slot(of: f) else { return }
+        other.region.unchecked(store: region.unchecked(load: UInt64.self, at: base + offset), at: other.base + offset)
+    }
+}
