@@ -44,7 +44,7 @@ public enum HandoffLayout {
     public static let stopValue: UInt32 = 0xDEAD
     /// u32: nonzero while L1's current VMCS has a shadow VMCS linked (vmcs01's VMCS link
     /// pointer valid and "VMCS shadowing" on): L1's VMREAD/VMWRITE then consult the bitmaps.
-    public static let shadowVMCSActive: UInt64 = 0x200
+    public static let shadowVMCSActive: UInt64 = 0x100
 }
 
 /// An EPT02 entry as L2's MMU reads it: EPT R/W/X in bits 2:0, host page offset in 51:12.

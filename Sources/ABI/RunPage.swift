@@ -34,12 +34,18 @@ public enum RunPage {
     /// General-purpose registers, RIP and RFLAGS, 8 bytes each, in `Register` order.
     public static let registers: UInt64 = 0x100
     public static func offset(of r: Register) -> UInt64 { registers + UInt64(r.rawValue) * 8 }
-    public static let registersEnd: UInt64 = registers + UInt64(Register.allCases.count) * 8
+    public static let registersEnd: UInt64 = registers + UInt64(Register.count) * 8
 }
 
 /// The register file carried by a run page, in the order KVM's `struct kvm_regs` uses.
 public enum Register: Int, CaseIterable, Sendable {
     case rax, rbx, rcx, rdx, rsi, rdi, rsp, rbp, r8, r9, r10, r11, r12, r13, r14, r15, rip, rflags
+
+    public static let count = 18
+    /// The registers no VMCS holds (every GPR but RSP): what hardware leaves in the CPU across
+    /// a VM exit and software saves and restores. In `Register` order.
+    public static let gprsOutsideVMCS: [Register] = [.rax, .rbx, .rcx, .rdx, .rsi, .rdi, .rbp,
+                                                     .r8, .r9, .r10, .r11, .r12, .r13, .r14, .r15]
 }
 
 /// VMX_INSTRUCTION_INFO for VMREAD/VMWRITE with register operands (SDM Table 28-13):

@@ -13,23 +13,26 @@ public enum VMCS12Layout {
     /// Every field takes 8 bytes, in `VMCSField.supported` order.
     public static let fieldStride: UInt64 = 8
 
-    private static let offsets: [VMCSField: UInt64] = {
-        var d: [VMCSField: UInt64] = [:]
-        for (i, (f, _)) in VMCSField.supported.enumerated() {
-            d[f] = firstFieldOffset + UInt64(i) * fieldStride
-        }
-        return d
+    /// Slot index + 1 for every encoding below 0x8000 (0: unsupported). A flat table, because
+    /// L0 looks fields up on every nested exit and entry.
+    private static let slotTable: [UInt16] = {
+        var t = [UInt16](repeating: 0, count: 0x8000)
+        for (i, (f, _)) in VMCSField.supported.enumerated() { t[Int(f.rawValue)] = UInt16(i + 1) }
+        return t
     }()
 
     /// Byte offset of a field's 8-byte slot in vmcs12, and whether the access is the high half
     /// of a 64-bit field. nil: the field is not supported (VMfailValid 12).
+    @inline(__always)
     public static func slot(of field: VMCSField) -> (offset: UInt64, high: Bool)? {
-        if field.isHighAccess, field.width == .bits64,
-           let o = offsets[VMCSField(rawValue: field.rawValue & ~1)] {
-            return (o, true)
+        guard field.rawValue < 0x8000 else { return nil }
+        let direct = slotTable[Int(field.rawValue)]
+        if direct != 0 { return (firstFieldOffset + UInt64(direct - 1) * fieldStride, false) }
+        if field.isHighAccess, field.width == .bits64 {
+            let low = slotTable[Int(field.rawValue & ~1)]
+            if low != 0 { return (firstFieldOffset + UInt64(low - 1) * fieldStride, true) }
         }
-        guard let o = offsets[field] else { return nil }
-        return (o, false)
+        return nil
     }
 }
 

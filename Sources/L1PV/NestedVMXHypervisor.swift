@@ -11,7 +11,7 @@ public final class NestedVMXHypervisor {
     var devices = L1Devices()
     var ept12: EPT12Builder
     /// L2's GPRs, saved at each VM exit and loaded before each entry (KVM: vcpu->arch.regs).
-    var guestRegisters = [UInt64](repeating: 0, count: Register.allCases.count)
+    var guestRegisters = [UInt64](repeating: 0, count: Register.count)
     /// KVM's register cache for RIP and RSP: nil until read this exit; dirty once written.
     var cachedRIP: UInt64?
     var ripDirty = false
@@ -101,7 +101,7 @@ public final class NestedVMXHypervisor {
             (.hostRIP, 0xFFFF_FFFF_8100_0000), (.hostRSP, 0xFFFF_C900_0000_0000),
         ]
         for (f, v) in fields { try check("VMWRITE \(f)", cpu.vmwrite(f, v)) }
-        guestRegisters = [UInt64](repeating: 0, count: Register.allCases.count)
+        guestRegisters = [UInt64](repeating: 0, count: Register.count)
     }
 
     // MARK: exit handling (KVM: vmx_handle_exit and the per-reason handlers)

@@ -51,10 +51,12 @@ public struct VMCSImage: @unchecked Sendable {
         nonmutating set { region.unchecked(store: UInt32(newValue ? 1 : 0), at: base + VMCS12Layout.launchStateOffset) }
     }
 
-    /// Copies one field's whole 8-byte slot to another image (shadow <-> vmcs12).
+    /// Copies whole 8-byte slots (offsets from `VMCS12Layout.slot`) to another image:
+    /// shadow VMCS <-> vmcs12.
     @inline(__always)
-    public func copySlot(_ f: VMCSField, to other: VMCSImage) {
-        guard let (offset, _) = VMCS12Layout.slot(of: f) else { return }
-        other.region.unchecked(store: region.unchecked(load: UInt64.self, at: base + offset), at: other.base + offset)
+    public func copySlots(_ offsets: [UInt64], to other: VMCSImage) {
+        for offset in offsets {
+            other.region.unchecked(store: region.unchecked(load: UInt64.self, at: base + offset), at: other.base + offset)
+        }
     }
 }

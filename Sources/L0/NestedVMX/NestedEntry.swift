@@ -103,7 +103,7 @@ extension L0VCPU {
             ept02.removeAll()
             nested.shadowedEPTP = eptp
         }
-        for r in Register.allCases where r != .rip && r != .rsp && r != .rflags {
+        for r in Register.gprsOutsideVMCS {
             l2Run[register: r] = l1Run[register: r]
         }
         l2Run[register: .rip] = v[.guestRIP]

@@ -50,7 +50,7 @@ extension L0VCPU {
         if nested.shadowing { copyVMCS12ToShadow() }
 
         // Load host state (SDM 27.5): L1 continues at HOST_RIP with HOST_RSP, RFLAGS = 0x2.
-        for r in Register.allCases where r != .rip && r != .rsp && r != .rflags {
+        for r in Register.gprsOutsideVMCS {
             l1Run[register: r] = l2Run[register: r]
         }
         l1Run[register: .rip] = v[.hostRIP]

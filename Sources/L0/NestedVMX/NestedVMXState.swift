@@ -51,7 +51,9 @@ public struct NestedVMXState: @unchecked Sendable {
         }
     }
 
-    /// The distinct 8-byte slots shadowed fields occupy (a 64-bit field's high access shares its slot).
-    static let shadowedReadWriteSlots: [VMCSField] = ShadowedFields.readWrite
-    static let shadowedAllSlots: [VMCSField] = (ShadowedFields.readOnly + ShadowedFields.readWrite).filter { !$0.isHighAccess }
+    /// Byte offsets of the 8-byte slots shadowed fields occupy (a 64-bit field's high access
+    /// shares its slot), computed once: the copies run on every nested exit and entry.
+    static let shadowedReadWriteOffsets: [UInt64] = ShadowedFields.readWrite.compactMap { VMCS12Layout.slot(of: $0)?.offset }
+    static let shadowedAllOffsets: [UInt64] = (ShadowedFields.readOnly + ShadowedFields.readWrite)
+        .filter { !$0.isHighAccess }.compactMap { VMCS12Layout.slot(of: $0)?.offset }
 }

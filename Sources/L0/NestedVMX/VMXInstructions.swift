@@ -155,13 +155,13 @@ extension L0VCPU {
 
     func copyShadowToVMCS12() {
         guard let vmcs12 = nested.vmcs12 else { return }
-        for f in NestedVMXState.shadowedReadWriteSlots { nested.shadowVMCS.copySlot(f, to: vmcs12) }
-        counters.shadowVMCSFieldCopies += UInt64(NestedVMXState.shadowedReadWriteSlots.count)
+        nested.shadowVMCS.copySlots(NestedVMXState.shadowedReadWriteOffsets, to: vmcs12)
+        counters.shadowVMCSFieldCopies += UInt64(NestedVMXState.shadowedReadWriteOffsets.count)
     }
 
     func copyVMCS12ToShadow() {
         guard let vmcs12 = nested.vmcs12 else { return }
-        for f in NestedVMXState.shadowedAllSlots { vmcs12.copySlot(f, to: nested.shadowVMCS) }
-        counters.shadowVMCSFieldCopies += UInt64(NestedVMXState.shadowedAllSlots.count)
+        vmcs12.copySlots(NestedVMXState.shadowedAllOffsets, to: nested.shadowVMCS)
+        counters.shadowVMCSFieldCopies += UInt64(NestedVMXState.shadowedAllOffsets.count)
     }
 }
