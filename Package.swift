@@ -41,13 +41,13 @@ let package = Package(
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         .testTarget(name: "ABITests", dependencies: [
-            "ABI", .product(name: "PropertyBased", package: "swift-property-based"),
+            "ABI", "Transport", .product(name: "PropertyBased", package: "swift-property-based"),
         ]),
         .testTarget(name: "L0Tests", dependencies: [
             "ABI", "Transport", "L0", "L1PV",
             .product(name: "PropertyBased", package: "swift-property-based"),
         ]),
         // Launches the three real processes: depends on the executable so `swift test` builds it.
-        .testTarget(name: "StackTests", dependencies: ["ABI", "L0", "Bench", "pvm"]),
+        .testTarget(name: "StackTests", dependencies: ["ABI", "Transport", "L0", "L1PV", "Bench", "pvm"]),
     ]
 )

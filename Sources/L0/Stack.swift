@@ -122,9 +122,20 @@ public final class L0Stack {
         }
     }
 
+    /// Handoffs between liveness checks while L0 is busy. A tier that dies while the others
+    /// ping-pong without it (L1 during a PV CPUID loop) is noticed within this many exits; a
+    /// sleeping L0 checks on every futex timeout anyway. One check is two waitpid(WNOHANG).
+    static let livenessCheckInterval: UInt64 = 1024
+    var handoffsSinceCheck: UInt64 = 0
+
     /// nil when it is L0's turn; otherwise why the stack must stop.
     @inline(__always)
     func waitForTurn(_ policy: WaitPolicy, _ alive: () -> Bool) -> StopReason? {
+        handoffsSinceCheck &+= 1
+        if handoffsSinceCheck >= Self.livenessCheckInterval {
+            handoffsSinceCheck = 0
+            if let (t, s) = deadTier() { return .tierDied(t, s) }
+        }
         switch handoff.wait(for: .l0, policy: policy, isPeerAlive: alive) {
         case .myTurn: return nil
         case .stop: return .fatal("handoff word says stop, but only L0 may stop the stack")

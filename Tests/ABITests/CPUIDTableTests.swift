@@ -1,0 +1,22 @@
+import ABI
+import Testing
+
+@Suite struct CPUIDTableTests {
+    let table = CPUIDTable([
+        CPUIDEntry(function: 0, eax: 7, ebx: 1, ecx: 2, edx: 3),
+        CPUIDEntry(function: 7, index: 0, flags: CPUIDEntry.significantIndex, eax: 70, ebx: 0, ecx: 0, edx: 0),
+        CPUIDEntry(function: 7, index: 1, flags: CPUIDEntry.significantIndex, eax: 71, ebx: 0, ecx: 0, edx: 0),
+        CPUIDEntry(function: 1, eax: 10, ebx: 11, ecx: 12, edx: 13),
+    ])
+
+    @Test func indexMattersOnlyWhenTheEntrySaysSo() {
+        #expect(table.lookup(function: 7, index: 1).0 == 71)
+        #expect(table.lookup(function: 1, index: 5) == (10, 11, 12, 13))
+        #expect(table.lookup(function: 7, index: 2) == (0, 0, 0, 0))
+    }
+
+    @Test func basicLeafAboveTheMaximumAnswersLikeTheMaximumLeaf() {
+        #expect(table.lookup(function: 9, index: 0).0 == 70)
+        #expect(table.lookup(function: 0x8000_0005, index: 0) == (0, 0, 0, 0))
+    }
+}

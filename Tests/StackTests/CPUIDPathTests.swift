@@ -1,0 +1,53 @@
+import ABI
+import Bench
+import L0
+import L1PV
+import L2Guest
+import Testing
+
+/// The foundation's promises about one L2 CPUID, checked through three real processes.
+@Suite(.serialized) struct CPUIDPathTests {
+    @Test func pvCPUIDIsAnsweredByL0WithoutEnteringL1() throws {
+        let r = try bench(.pv)
+        #expect(r.l2ExitsPerOp == 1.0)
+        #expect(r.l2EntriesPerOp == 1.0)
+        #expect(r.l1EntriesPerOp == 0.0)
+        #expect(r.l1ExitsPerOp == 0.0)
+        #expect(perOp(r, r.l2ExitsByReasonPerOp) == ["CPUID": 1.0])
+    }
+
+    @Test func nvmxCPUIDWithShadowingCostsOneL1RoundTripAndNoVMREADExits() throws {
+        let r = try bench(.nvmx)
+        #expect(r.l2ExitsPerOp == 1.0)
+        #expect(r.l2EntriesPerOp == 1.0)
+        #expect(r.l1EntriesPerOp == 1.0)
+        #expect(r.l1ExitsPerOp == 1.0)
+        #expect(r.deliveriesPerOp == 1.0)
+        #expect(perOp(r, r.l1ExitsByReasonPerOp) == ["VMRESUME": 1.0])
+    }
+
+    /// KVM's CPUID path in L1 (nested-vmx-facts 1.4): VMREAD VM_EXIT_REASON and
+    /// IDT_VECTORING_INFO_FIELD on every exit; GUEST_RIP, VM_EXIT_INSTRUCTION_LEN and
+    /// GUEST_INTERRUPTIBILITY_INFO to skip the instruction; VMWRITE GUEST_RIP before VMRESUME.
+    @Test func nvmxWithoutShadowingAddsExactlyTheHandlersVMREADsAndVMWRITEs() throws {
+        let r = try bench(.nvmxNoShadow)
+        #expect(r.l2ExitsPerOp == 1.0)
+        #expect(perOp(r, r.l1ExitsByReasonPerOp) == ["VMREAD": 5.0, "VMWRITE": 1.0, "VMRESUME": 1.0])
+        #expect(r.l1EntriesPerOp == 7.0)
+        #expect(r.deliveriesPerOp == 1.0)
+    }
+
+    @Test func guestSeesTheSameCPUIDValuesOnEveryPathAndTheyAreL1sTable() throws {
+        var answers: [NestingPath: [[UInt64]]] = [:]
+        for path in NestingPath.allCases {
+            let (result, _) = try runStack(path, program: "cpuid-values")
+            #expect(result.succeeded, "\(path): \(result.stop)")
+            answers[path] = result.harness.syncs
+        }
+        let expected = GuestPrograms.cpuidValuesLeaves.map { f, i -> [UInt64] in
+            let (a, b, c, d) = L2CPUIDTable.table.lookup(function: f, index: i)
+            return [UInt64(f), UInt64(i), UInt64(a), UInt64(b), UInt64(c), UInt64(d)]
+        }
+        for path in NestingPath.allCases { #expect(answers[path] == expected, "\(path)") }
+    }
+}

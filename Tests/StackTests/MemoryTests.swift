@@ -1,0 +1,26 @@
+import ABI
+import L0
+import L1PV
+import L2Guest
+import Testing
+
+@Suite(.serialized) struct MemoryTests {
+    @Test(arguments: NestingPath.allCases)
+    func guestStoreIsVisibleToL1AtTheL1GPAItMapsTo(path: NestingPath) throws {
+        let gpa = L2GPA(0x20_0000), pattern: UInt64 = 0x0BAD_CAFE_1234_5678 ^ UInt64(path.rawValue.count)
+        let (result, stack) = try runStack(path, program: "memory-probe", args: [gpa.raw, pattern])
+        #expect(result.succeeded, "\(result.stop)")
+        let l1gpa = L1MemoryPlan.backing(of: gpa)!
+        #expect(try stack.vcpu.l1Memory.load64(l1gpa) == pattern)
+        #expect(result.harness.syncs.first == [gpa.raw, pattern, 0, 0, 0, 0])
+    }
+
+    @Test(arguments: NestingPath.allCases)
+    func accessOutsideAnythingL1MappedIsAnExitL1SeesNotACrash(path: NestingPath) throws {
+        let (result, _) = try runStack(path, program: "memory-probe")
+        #expect(result.succeeded, "\(result.stop)")
+        // The unmapped read was delivered to L1, which completed it as unassigned memory.
+        #expect(result.counters.deliveries[Int(ExitReason.eptViolation.rawValue)] == 1)
+        #expect(result.harness.syncs.last == [unmappedProbeGPA.raw, ~0, 0, 0, 0, 0])
+    }
+}
