@@ -1,4 +1,5 @@
 import ABI
+import Foundation
 import L0
 
 /// Turns results into the printed table and the JSON export.
@@ -46,26 +47,35 @@ public enum Report {
         return out
     }
 
-    /// JSON in the documented shape: {"results":[{test, path, iterations, ns_per_op{median,p99},
-    /// per_op{l2_exits,l1_entries,l1_exits,l2_entries}, l1_exits_by_reason{...}}]}.
-    public static func json(_ results: [BenchResult]) -> String {
-        func obj(_ pairs: [(String, String)]) -> String {
-            "{" + pairs.map { "\"\($0.0)\":\($0.1)" }.joined(separator: ",") + "}"
-        }
-        func num(_ d: Double) -> String { fmt(d, 4) }
+    /// One exported row; field names are the JSON keys.
+    struct Row: Encodable {
+        struct Latency: Encodable { var median, p99, min, max: UInt64; var mean: Double }
+        struct PerOp: Encodable { var l2_exits, l1_entries, l1_exits, l2_entries, deliveries_to_l1: Double }
+        var test: String
+        var path: String
+        var iterations: UInt64
+        var ns_per_op: Latency
+        var per_op: PerOp
+        var l2_exits_by_reason: [String: Double]
+        var l1_exits_by_reason: [String: Double]
+    }
+    struct Document: Encodable { var results: [Row] }
+
+    /// JSON in the documented shape: {"results":[{test, path, iterations, ns_per_op{median,p99,...},
+    /// per_op{l2_exits,l1_entries,l1_exits,l2_entries,...}, l1_exits_by_reason{...}}]}.
+    /// per_op values are averages per guest operation over the measurement window.
+    public static func json(_ results: [BenchResult]) throws -> String {
         let rows = results.map { r in
-            obj([
-                ("test", "\"\(r.test)\""), ("path", "\"\(r.path.rawValue)\""), ("iterations", "\(r.iterations)"),
-                ("ns_per_op", obj([("median", "\(r.latency.medianNanos)"), ("p99", "\(r.latency.p99Nanos)"),
-                                   ("min", "\(r.latency.minNanos)"), ("max", "\(r.latency.maxNanos)"),
-                                   ("mean", num(Double(r.latency.totalNanos) / Double(max(r.iterations, 1))))])),
-                ("per_op", obj([("l2_exits", num(r.l2ExitsPerOp)), ("l1_entries", num(r.l1EntriesPerOp)),
-                                ("l1_exits", num(r.l1ExitsPerOp)), ("l2_entries", num(r.l2EntriesPerOp)),
-                                ("deliveries_to_l1", num(r.deliveriesPerOp))])),
-                ("l2_exits_by_reason", obj(r.l2ExitsByReasonPerOp.map { ($0.0.name, num($0.1)) })),
-                ("l1_exits_by_reason", obj(r.l1ExitsByReasonPerOp.map { ($0.0.name, num($0.1)) })),
-            ])
+            Row(test: r.test, path: r.path.rawValue, iterations: r.iterations,
+                ns_per_op: .init(median: r.latency.medianNanos, p99: r.latency.p99Nanos, min: r.latency.minNanos,
+                                 max: r.latency.maxNanos, mean: Double(r.latency.totalNanos) / Double(max(r.iterations, 1))),
+                per_op: .init(l2_exits: r.l2ExitsPerOp, l1_entries: r.l1EntriesPerOp, l1_exits: r.l1ExitsPerOp,
+                              l2_entries: r.l2EntriesPerOp, deliveries_to_l1: r.deliveriesPerOp),
+                l2_exits_by_reason: Dictionary(uniqueKeysWithValues: r.l2ExitsByReasonPerOp.map { ($0.0.name, $0.1) }),
+                l1_exits_by_reason: Dictionary(uniqueKeysWithValues: r.l1ExitsByReasonPerOp.map { ($0.0.name, $0.1) }))
         }
-        return "{\"results\":[\n" + rows.joined(separator: ",\n") + "\n]}\n"
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+        return String(decoding: try encoder.encode(Document(results: rows)), as: UTF8.self) + "\n"
     }
 }

@@ -4,6 +4,7 @@ import Bench
 import L0
 import L1PV
 import L2Guest
+import Foundation
 import Transport
 #if canImport(Glibc)
 import Glibc
@@ -45,13 +46,16 @@ extension PVM {
         @Option(name: .long, help: "Comma-separated paths: pv, nvmx, nvmx-noshadow.")
         var path: String = NestingPath.allCases.map(\.rawValue).joined(separator: ",")
         @Option(name: .long, help: "Measured iterations per test and path.")
-        var iterations: UInt64 = 20_000
+        var iterations: UInt64 = 50_000
         @Option(name: .long, help: "Unmeasured iterations first (default: a tenth of --iterations).")
         var warmup: UInt64?
         @Option(name: .long, help: "Also write the results as JSON to this file.")
         var json: String?
 
         func run() throws {
+            #if DEBUG
+            printError("warning: this is a debug build; time it with `swift run -c release pvm bench`")
+            #endif
             let paths = try parsePaths(path)
             let tests = try test.map { name -> [BenchTest] in
                 guard let t = BenchTests.named(name) else { throw ValidationError("\(BenchError.unknownTest(name))") }
@@ -69,10 +73,10 @@ extension PVM {
             let ratios = Report.ratios(results)
             if !ratios.isEmpty { print("\n" + ratios, terminator: "") }
             if let json {
-                let text = Report.json(results)
-                guard let f = fopen(json, "w") else { throw ValidationError("cannot write \(json): \(String(cString: strerror(errno)))") }
-                fputs(text, f)
-                fclose(f)
+                let text = try Report.json(results)
+                do { try text.write(toFile: json, atomically: true, encoding: .utf8) } catch {
+                    throw ValidationError("cannot write \(json): \(error.localizedDescription)")
+                }
             }
         }
     }
