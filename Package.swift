@@ -43,6 +43,7 @@ let package = Package(
         .testTarget(name: "ABITests", dependencies: [
             "ABI", "Transport", .product(name: "PropertyBased", package: "swift-property-based"),
         ]),
+        .testTarget(name: "TransportTests", dependencies: ["ABI", "Transport"]),
         .testTarget(name: "L0Tests", dependencies: [
             "ABI", "Transport", "L0", "L1PV",
             .product(name: "PropertyBased", package: "swift-property-based"),

@@ -33,6 +33,9 @@ public final class L0VCPU {
     public var pv: PVState
     public var nested: NestedVMXState
     public var harness = Harness()
+    /// MSRs L0 serves for L2 itself: on nvmx those L1's MSR bitmap passes through (hardware
+    /// would access the real MSR; L0 keeps its value per vCPU). Unset MSRs read as 0.
+    public var l0MSRs: [UInt32: UInt64] = [:]
     /// Set when L1 asks for its L2 vCPU (PV create-vCPU or the first VMLAUNCH); the vCPU loop
     /// starts the L2 process then.
     public internal(set) var l2Requested = false
@@ -96,6 +99,20 @@ public final class L0VCPU {
         let deliverErrorCode: UInt64 = errorCode != nil ? 1 << 11 : 0
         l1Run[RunPage.eventInjection] = 1 << 31 | hardwareException | deliverErrorCode | UInt64(vector)
         l1Run[RunPage.eventErrorCode] = errorCode ?? 0
+    }
+
+    /// RDMSR/WRMSR that reach L0 and stay there: ECX index, EDX:EAX value.
+    func handleL0MSR(_ exit: GuestExit) -> L2ExitOutcome {
+        let msr = UInt32(truncatingIfNeeded: l2Run[register: .rcx])
+        if exit.reason == .msrWrite {
+            l0MSRs[msr] = (l2Run[register: .rdx] << 32) | (l2Run[register: .rax] & 0xFFFF_FFFF)
+        } else {
+            let v = l0MSRs[msr] ?? 0
+            l2Run[register: .rax] = v & 0xFFFF_FFFF
+            l2Run[register: .rdx] = v >> 32
+        }
+        skipL2Instruction(exit)
+        return .resumeL2
     }
 
     // MARK: ports L0 itself serves (the ucall port and unclaimed ports)

@@ -9,6 +9,8 @@ public struct L1Devices {
     var line: [UInt8] = []
     public private(set) var serialBytes: UInt64 = 0
     public private(set) var unassignedAccesses: UInt64 = 0
+    /// L2's MSRs as L1 emulates them (unset ones read as 0).
+    var msrs: [UInt32: UInt64] = [:]
 
     public init() {}
 
@@ -34,6 +36,12 @@ public struct L1Devices {
             return 0
         }
     }
+
+    public func rdmsr(_ msr: UInt32) -> UInt64 { msrs[msr] ?? 0 }
+    public mutating func wrmsr(_ msr: UInt32, _ value: UInt64) { msrs[msr] = value }
+
+    /// L2's VMCALL, answered as KVM answers a hypercall it does not implement.
+    public func hypercall(_ nr: UInt64) -> UInt64 { HypercallError.noSys.returnValue }
 
     /// An L2 access to a GPA no memory backs: reads float high, writes are dropped.
     public mutating func unassigned(isWrite: Bool, size: Int) -> UInt64 {

@@ -168,10 +168,16 @@ public final class NestedVMXHypervisor {
         case .hlt:
             try skipInstruction()
         case .msrRead:
-            guestRegisters[Register.rax.rawValue] = 0
-            guestRegisters[Register.rdx.rawValue] = 0
+            let v = devices.rdmsr(UInt32(truncatingIfNeeded: guestRegisters[Register.rcx.rawValue]))
+            guestRegisters[Register.rax.rawValue] = v & 0xFFFF_FFFF
+            guestRegisters[Register.rdx.rawValue] = v >> 32
             try skipInstruction()
         case .msrWrite:
+            devices.wrmsr(UInt32(truncatingIfNeeded: guestRegisters[Register.rcx.rawValue]),
+                          guestRegisters[Register.rdx.rawValue] << 32 | guestRegisters[Register.rax.rawValue] & 0xFFFF_FFFF)
+            try skipInstruction()
+        case .vmcall:
+            guestRegisters[Register.rax.rawValue] = devices.hypercall(guestRegisters[Register.rax.rawValue])
             try skipInstruction()
         default:
             throw L1Fault.unexpectedExit(reason, "no handler in this L1")

@@ -66,10 +66,18 @@ public final class PVHypervisor {
             page[register: .rax] = UInt64(a); page[register: .rbx] = UInt64(b)
             page[register: .rcx] = UInt64(c); page[register: .rdx] = UInt64(d)
             skip()
-        case .hlt, .msrWrite:
+        case .hlt:
             skip()
         case .msrRead:
-            page[register: .rax] = 0; page[register: .rdx] = 0
+            let v = devices.rdmsr(UInt32(truncatingIfNeeded: page[register: .rcx]))
+            page[register: .rax] = v & 0xFFFF_FFFF; page[register: .rdx] = v >> 32
+            skip()
+        case .msrWrite:
+            devices.wrmsr(UInt32(truncatingIfNeeded: page[register: .rcx]),
+                          page[register: .rdx] << 32 | page[register: .rax] & 0xFFFF_FFFF)
+            skip()
+        case .vmcall:
+            page[register: .rax] = devices.hypercall(page[register: .rax])
             skip()
         default:
             throw L1Fault.unexpectedExit(reason, "the PV L1 has no handler")

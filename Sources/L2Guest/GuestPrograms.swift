@@ -13,7 +13,7 @@ public struct GuestProgram: Sendable {
 public let unmappedProbeGPA = L2GPA(0x8000_0000)
 
 public enum GuestPrograms {
-    public static let all: [GuestProgram] = [cpuidBench, cpuidValues, memoryProbe, cpuidForever]
+    public static let all: [GuestProgram] = [cpuidBench, cpuidValues, memoryProbe, instructionTour, cpuidForever]
 
     public static func named(_ name: String) -> GuestProgram? { all.first { $0.name == name } }
 
@@ -67,6 +67,23 @@ public enum GuestPrograms {
         cpu.sync(gpa.raw, back)
         let floating = cpu.read64(unmappedProbeGPA)
         cpu.sync(unmappedProbeGPA.raw, floating)
+        cpu.done()
+    }
+
+    /// Every sensitive instruction the guest CPU has, once, with its result in a sync:
+    /// an MSR L1 intercepts and one it passes through (nvmx), the serial console (L1's device),
+    /// a port nobody claims, HLT, and a VMCALL L1 does not implement.
+    public static let instructionTour = GuestProgram(name: "instruction-tour", summary: "rdmsr/wrmsr/in/out/hlt/vmcall once each") { cpu, _ in
+        let tscAdjust: UInt32 = 0x3B, kernelGSBase: UInt32 = 0xC000_0102
+        cpu.wrmsr(tscAdjust, 0x1234_5678_9ABC)
+        cpu.sync(UInt64(tscAdjust), cpu.rdmsr(tscAdjust))
+        cpu.wrmsr(kernelGSBase, 0xFFFF_8880_0000_1000)
+        cpu.sync(UInt64(kernelGSBase), cpu.rdmsr(kernelGSBase))
+        for byte in "hello from L2\n".utf8 { cpu.outPort(0x3F8, UInt64(byte), size: 1) }
+        cpu.sync(0x3FD, cpu.inPort(0x3FD, size: 1))          // serial LSR: transmitter empty
+        cpu.sync(0x80, cpu.inPort(0x80, size: 4))            // nobody's port: all ones
+        cpu.hlt()
+        cpu.sync(0xF4, cpu.vmcall(0x1234))                   // unknown hypercall
         cpu.done()
     }
 

@@ -51,3 +51,33 @@ import Testing
         for path in NestingPath.allCases { #expect(answers[path] == expected, "\(path)") }
     }
 }
+
+@Suite(.serialized) struct InstructionTourTests {
+    @Test func everySensitiveInstructionGivesTheGuestTheSameResultOnEveryPath() throws {
+        var answers: [NestingPath: [[UInt64]]] = [:]
+        for path in NestingPath.allCases {
+            let (result, _) = try runStack(path, program: "instruction-tour")
+            #expect(result.succeeded, "\(path): \(result.stop)")
+            answers[path] = result.harness.syncs
+        }
+        let expected: [[UInt64]] = [
+            [0x3B, 0x1234_5678_9ABC, 0, 0, 0, 0],
+            [0xC000_0102, 0xFFFF_8880_0000_1000, 0, 0, 0, 0],
+            [0x3FD, 0x60, 0, 0, 0, 0],
+            [0x80, 0xFFFF_FFFF, 0, 0, 0, 0],
+            [0xF4, HypercallError.noSys.returnValue, 0, 0, 0, 0],
+        ]
+        for path in NestingPath.allCases { #expect(answers[path] == expected, "\(path)") }
+    }
+
+    @Test func nvmxKeepsWhatL1PassesThroughAndReflectsWhatItIntercepts() throws {
+        let (result, _) = try runStack(.nvmx, program: "instruction-tour")
+        let delivered = TransitionCounters.byReason(result.counters.deliveries)
+        // TSC_ADJUST is intercepted by L1's MSR bitmap; KERNEL_GS_BASE passes through to L0.
+        #expect(delivered[.msrWrite] == 1 && delivered[.msrRead] == 1)
+        #expect(TransitionCounters.byReason(result.counters.l2Exits)[.msrRead] == 2)
+        #expect(delivered[.hlt] == 1 && delivered[.vmcall] == 1)
+        // 14 serial bytes + the LSR read reach L1; port 0x80 and the ucalls stay in L0.
+        #expect(delivered[.ioInstruction] == 15)
+    }
+}

@@ -14,6 +14,8 @@ extension L0VCPU {
             return handleNestedEPTViolation(exit, vmcs12)
         case .ioInstruction:
             return handleL0PortIO(exit)
+        case .msrRead, .msrWrite:
+            return handleL0MSR(exit)
         case .hlt, .pause, .rdtsc, .rdtscp, .invlpg, .mwait, .monitor:
             // L1 did not ask for these. HLT: L0 has no other work and an interrupt is "pending"
             // at once, so L2 wakes immediately.

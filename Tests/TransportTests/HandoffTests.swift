@@ -1,0 +1,85 @@
+import ABI
+import Foundation
+import Testing
+import Transport
+
+/// CPU time this thread has used, in ns.
+func threadCPUNanos() -> UInt64 {
+    var ts = timespec()
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts)
+    return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
+}
+
+final class ResultBox<T>: @unchecked Sendable {
+    var value: T?
+    let done = DispatchSemaphore(value: 0)
+}
+
+/// Runs `body` on its own thread and returns its result once it finishes.
+func onThread<T: Sendable>(_ body: @escaping @Sendable () -> T) -> () -> T {
+    let box = ResultBox<T>()
+    Thread { box.value = body(); box.done.signal() }.start()
+    return { box.done.wait(); return box.value! }
+}
+
+@Suite struct HandoffTests {
+    let region: SharedRegion
+    let handoff: Handoff
+    init() throws {
+        region = try SharedRegion(create: "handoff-test", size: pageSize)
+        handoff = Handoff(region: region, base: 0)
+    }
+
+    @Test func aWaiterWithNothingToDoSleepsInsteadOfSpinning() {
+        let h = handoff
+        let policy = WaitPolicy(spin: .pause, spinBudgetNanos: 2_000_000, sleepSliceNanos: 50_000_000)
+        let result = onThread { () -> (WaitOutcome, UInt64) in
+            let cpu0 = threadCPUNanos()
+            let outcome = h.wait(for: .l2, policy: policy)
+            return (outcome, threadCPUNanos() - cpu0)
+        }
+        usleep(400_000)                  // the stack is idle for 0.4 s
+        h.pass(to: .l2)
+        let (outcome, cpu) = result()
+        #expect(outcome == .myTurn)
+        // A spinner would have burnt ~400 ms; a sleeper burns its 2 ms budget and a few wake-ups.
+        #expect(cpu < 60_000_000, "waiter used \(cpu / 1_000_000) ms of CPU in 400 ms")
+    }
+
+    @Test func aSleepingWaiterNoticesThatItsPeerIsGone() {
+        let h = handoff
+        let policy = WaitPolicy(spin: .yield, spinBudgetNanos: 100_000, sleepSliceNanos: 10_000_000)
+        let outcome = onThread { h.wait(for: .l1, policy: policy, isPeerAlive: { false }) }()
+        #expect(outcome == .peerGone)
+    }
+
+    @Test func stopReachesEveryWaiter() {
+        let h = handoff
+        let policy = WaitPolicy(spin: .yield, spinBudgetNanos: 100_000)
+        let w1 = onThread { h.wait(for: .l1, policy: policy) }
+        let w2 = onThread { h.wait(for: .l2, policy: policy) }
+        usleep(50_000)
+        h.stop()
+        #expect(w1() == .stop && w2() == .stop)
+    }
+
+    @Test func turnsAlternateWithoutLosingAWakeUp() {
+        let h = handoff
+        let policy = WaitPolicy(spin: .yield, spinBudgetNanos: 1_000)   // sleep almost at once
+        let rounds = 2_000
+        let peer = onThread { () -> Int in
+            var n = 0
+            for _ in 0..<rounds {
+                guard h.wait(for: .l2, policy: policy) == .myTurn else { break }
+                n += 1
+                h.pass(to: .l0)
+            }
+            return n
+        }
+        for _ in 0..<rounds {
+            h.pass(to: .l2)
+            #expect(h.wait(for: .l0, policy: policy) == .myTurn)
+        }
+        #expect(peer() == rounds)
+    }
+}
