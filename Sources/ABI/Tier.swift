@@ -13,3 +13,11 @@ public enum NestingPath: String, Sendable, CaseIterable, Codable {
     public var usesVMX: Bool { self != .pv }
     public var vmcsShadowing: Bool { self == .nvmx }
 }
+
+/// How the PV L1 maps L2's memory: all at start, one map hypercall per page on first touch, or a
+/// batch hypercall for a window of pages around each first touch.
+public enum PVMapMode: String, Sendable, CaseIterable {
+    case eager
+    case perPage = "per-page"
+    case batch
+}

@@ -4,7 +4,8 @@ import L0
 /// One row of a benchmark: one test on one path, measured in one stack run.
 public struct BenchResult: Sendable {
     public var test: String
-    public var path: NestingPath
+    public var variant: BenchVariant
+    public var path: NestingPath { variant.path }
     public var iterations: UInt64
     public var latency: LatencyReport
     /// Transitions in the measurement window.
@@ -16,6 +17,7 @@ public struct BenchResult: Sendable {
     public var l1EntriesPerOp: Double { perOp(window.l1Entries) }
     public var l1ExitsPerOp: Double { perOp(window.totalL1Exits) }
     public var deliveriesPerOp: Double { perOp(window.totalDeliveries) }
+    public var hypercallsPerOp: Double { perOp(window.hypercalls.values.reduce(0, +)) }
     public var l1ExitsByReasonPerOp: [(ExitReason, Double)] {
         TransitionCounters.byReason(window.l1Exits).sorted { $0.key < $1.key }.map { ($0.key, perOp($0.value)) }
     }

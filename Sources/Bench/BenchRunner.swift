@@ -1,36 +1,56 @@
 import ABI
 import L0
+import L2Guest
 import Transport
 
-/// A benchmark test: a guest program that measures one small operation per iteration.
-public struct BenchTest: Sendable {
-    public let name: String
-    public let program: String
-    public let summary: String
-}
+/// One configuration of the stack a test runs on: a path, and on pv the features L1 enables
+/// and how it maps L2's memory.
+public struct BenchVariant: Sendable, Equatable {
+    public var path: NestingPath
+    public var pvFeatures: PVFeatures = .all
+    public var pvMapMode: PVMapMode = .eager
 
-public enum BenchTests {
-    public static let all: [BenchTest] = [
-        BenchTest(name: "cpuid", program: "cpuid", summary: "CPUID leaf 0 (vmexit.c cpuid)"),
-    ]
-    public static func named(_ n: String) -> BenchTest? { all.first { $0.name == n } }
+    public init(path: NestingPath, pvFeatures: PVFeatures = .all, pvMapMode: PVMapMode = .eager) {
+        self.path = path
+        self.pvFeatures = pvFeatures
+        self.pvMapMode = pvMapMode
+    }
+
+    /// `pv`, `pv[-direct-cpuid]`, `pv(per-page)`, `nvmx`...
+    public var label: String {
+        guard path == .pv else { return path.rawValue }
+        var s = "pv"
+        if pvFeatures != .all {
+            let off = PVFeatures.names.filter { !pvFeatures.contains($0.1) }.map { "-" + $0.0 }
+            s += pvFeatures.isEmpty ? "[none]" : "[" + off.joined(separator: ",") + "]"
+        }
+        if pvMapMode != .eager { s += "(\(pvMapMode.rawValue))" }
+        return s
+    }
+
+    /// The pv rows of an ablation: every feature, each one switched off, none.
+    public static func ablation(mapMode: PVMapMode = .eager) -> [BenchVariant] {
+        [BenchVariant(path: .pv, pvMapMode: mapMode)]
+            + PVFeatures.names.map { BenchVariant(path: .pv, pvFeatures: PVFeatures.all.subtracting($0.1), pvMapMode: mapMode) }
+            + [BenchVariant(path: .pv, pvFeatures: [], pvMapMode: mapMode)]
+    }
 }
 
 public enum BenchError: Error, CustomStringConvertible {
     case unknownTest(String)
-    case runFailed(test: String, path: NestingPath, StopReason)
-    case noMeasurement(test: String, path: NestingPath)
+    case runFailed(test: String, variant: String, StopReason)
+    case noMeasurement(test: String, variant: String)
 
     public var description: String {
         switch self {
-        case .unknownTest(let t): "unknown test '\(t)' (known: \(BenchTests.all.map(\.name).joined(separator: ", ")))"
-        case let .runFailed(t, p, r): "\(t) on \(p.rawValue) did not finish: \(r)"
-        case let .noMeasurement(t, p): "\(t) on \(p.rawValue) reported no measurement window"
+        case .unknownTest(let t): "unknown test '\(t)' (known: \(BenchOperations.all.map(\.name).joined(separator: ", ")))"
+        case let .runFailed(t, v, r): "\(t) on \(v) did not finish: \(r)"
+        case let .noMeasurement(t, v): "\(t) on \(v) reported no measurement window"
         }
     }
 }
 
-/// Runs each (test, path) in a fresh three-tier stack and collects the guest's latency report
+/// Runs each (test, variant) in a fresh three-tier stack and collects the guest's latency report
 /// and L0's transition counts for the measurement window.
 public struct BenchRunner: Sendable {
     public var tierExecutable: String
@@ -44,16 +64,36 @@ public struct BenchRunner: Sendable {
         self.warmup = warmup
     }
 
-    public func run(test: BenchTest, path: NestingPath) throws -> BenchResult {
-        var config = StackConfig(path: path, program: test.program, programArguments: [iterations, warmup],
-                                 tierExecutable: tierExecutable)
+    /// Iterations and warm-up for a test, within what the test can do (a first touch needs a
+    /// fresh page each time).
+    public func budget(for op: BenchOperation) -> (iterations: UInt64, warmup: UInt64) {
+        guard let limit = op.iterationLimit else { return (iterations, warmup) }
+        let n = min(iterations, limit)
+        return (n, min(warmup, limit - n))
+    }
+
+    public func run(_ test: String, on variant: BenchVariant) throws -> BenchResult {
+        guard let op = BenchOperations.named(test) else { throw BenchError.unknownTest(test) }
+        let (n, w) = budget(for: op)
+        var config = StackConfig(path: variant.path, program: op.name, programArguments: [n, w], tierExecutable: tierExecutable)
         config.placement = placement
-        let stack = try L0Stack(config: config)
-        let result = try stack.run()
-        guard result.succeeded else { throw BenchError.runFailed(test: test.name, path: path, result.stop) }
+        config.pvFeatures = variant.pvFeatures
+        config.pvMapMode = variant.pvMapMode
+        let result = try L0Stack(config: config).run()
+        guard result.succeeded else { throw BenchError.runFailed(test: test, variant: variant.label, result.stop) }
         guard let window = result.harness.windows.first, let latency = result.harness.reports.first else {
-            throw BenchError.noMeasurement(test: test.name, path: path)
+            throw BenchError.noMeasurement(test: test, variant: variant.label)
         }
-        return BenchResult(test: test.name, path: path, iterations: latency.samples, latency: latency, window: window)
+        return BenchResult(test: test, variant: variant, iterations: latency.samples, latency: latency, window: window)
+    }
+
+    /// The variants a test runs on by default: every path; first touch also with each PV map mode.
+    public static func defaultVariants(for test: String, paths: [NestingPath]) -> [BenchVariant] {
+        paths.flatMap { p -> [BenchVariant] in
+            if p == .pv && test == "ept_first_touch" {
+                return PVMapMode.allCases.map { BenchVariant(path: .pv, pvMapMode: $0) }
+            }
+            return [BenchVariant(path: p)]
+        }
     }
 }

@@ -21,15 +21,17 @@ public enum Report {
 
     /// The table: per test and path, latency and transitions per operation for each tier.
     public static func table(_ results: [BenchResult]) -> String {
-        let header = ["test", "path", "iters", "median ns", "p99 ns", "L2 exits", "L2 entries", "L1 entries", "L1 exits", "L1 exits by reason (per op)"]
-        let widths = [8, 14, 8, 10, 10, 9, 10, 10, 9, 0]
+        let header = ["test", "path", "iters", "median ns", "p99 ns", "L2 exits", "L2 entries", "L1 entries", "L1 exits", "hcalls", "L1 exits by reason (per op)"]
+        let testWidth = max(8, results.map(\.test.count).max() ?? 0)
+        let pathWidth = max(14, results.map(\.variant.label.count).max() ?? 0)
+        let widths = [testWidth, pathWidth, 8, 10, 10, 9, 10, 10, 9, 7, 0]
         var out = zip(header, widths).map { pad($0, $1, right: $1 > 0 && $0 != "test" && $0 != "path") }.joined(separator: " ") + "\n"
         for r in results {
             let reasons = r.l1ExitsByReasonPerOp.map { "\($0.0.name)=\(fmt($0.1))" }.joined(separator: " ")
-            let cells = [r.test, r.path.rawValue, "\(r.iterations)", "\(r.latency.medianNanos)", "\(r.latency.p99Nanos)",
+            let cells = [r.test, r.variant.label, "\(r.iterations)", "\(r.latency.medianNanos)", "\(r.latency.p99Nanos)",
                          fmt(r.l2ExitsPerOp), fmt(r.l2EntriesPerOp), fmt(r.l1EntriesPerOp), fmt(r.l1ExitsPerOp),
-                         reasons.isEmpty ? "-" : reasons]
-            out += zip(cells, widths).enumerated().map { i, cw in pad(cw.0, cw.1, right: i >= 2 && i < 9) }.joined(separator: " ") + "\n"
+                         fmt(r.hypercallsPerOp), reasons.isEmpty ? "-" : reasons]
+            out += zip(cells, widths).enumerated().map { i, cw in pad(cw.0, cw.1, right: i >= 2 && i < 10) }.joined(separator: " ") + "\n"
         }
         return out
     }
@@ -37,11 +39,13 @@ public enum Report {
     /// Ratios between paths of the same test, from the same run: nvmx / pv and friends.
     public static func ratios(_ results: [BenchResult]) -> String {
         var out = ""
-        for test in Set(results.map(\.test)).sorted() {
+        var tests: [String] = []
+        for r in results where !tests.contains(r.test) { tests.append(r.test) }
+        for test in tests {
             let rows = results.filter { $0.test == test }
-            guard let pv = rows.first(where: { $0.path == .pv }), pv.latency.medianNanos > 0 else { continue }
-            for r in rows where r.path != .pv {
-                out += "\(test): \(r.path.rawValue) / pv = \(fmt(Double(r.latency.medianNanos) / Double(pv.latency.medianNanos))) x (median)\n"
+            guard let pv = rows.first(where: { $0.variant == BenchVariant(path: .pv) }), pv.latency.medianNanos > 0 else { continue }
+            for r in rows where r.variant != pv.variant {
+                out += "\(test): \(r.variant.label) / pv = \(fmt(Double(r.latency.medianNanos) / Double(pv.latency.medianNanos))) x (median)\n"
             }
         }
         return out
@@ -50,9 +54,12 @@ public enum Report {
     /// One exported row; field names are the JSON keys.
     struct Row: Encodable {
         struct Latency: Encodable { var median, p99, min, max: UInt64; var mean: Double }
-        struct PerOp: Encodable { var l2_exits, l1_entries, l1_exits, l2_entries, deliveries_to_l1: Double }
+        struct PerOp: Encodable { var l2_exits, l1_entries, l1_exits, l2_entries, deliveries_to_l1, hypercalls: Double }
         var test: String
         var path: String
+        var variant: String
+        var pv_features: String?
+        var pv_map: String?
         var iterations: UInt64
         var ns_per_op: Latency
         var per_op: PerOp
@@ -66,11 +73,13 @@ public enum Report {
     /// per_op values are averages per guest operation over the measurement window.
     public static func json(_ results: [BenchResult]) throws -> String {
         let rows = results.map { r in
-            Row(test: r.test, path: r.path.rawValue, iterations: r.iterations,
+            Row(test: r.test, path: r.path.rawValue, variant: r.variant.label,
+                pv_features: r.path == .pv ? r.variant.pvFeatures.description : nil,
+                pv_map: r.path == .pv ? r.variant.pvMapMode.rawValue : nil, iterations: r.iterations,
                 ns_per_op: .init(median: r.latency.medianNanos, p99: r.latency.p99Nanos, min: r.latency.minNanos,
                                  max: r.latency.maxNanos, mean: Double(r.latency.totalNanos) / Double(max(r.iterations, 1))),
                 per_op: .init(l2_exits: r.l2ExitsPerOp, l1_entries: r.l1EntriesPerOp, l1_exits: r.l1ExitsPerOp,
-                              l2_entries: r.l2EntriesPerOp, deliveries_to_l1: r.deliveriesPerOp),
+                              l2_entries: r.l2EntriesPerOp, deliveries_to_l1: r.deliveriesPerOp, hypercalls: r.hypercallsPerOp),
                 l2_exits_by_reason: Dictionary(uniqueKeysWithValues: r.l2ExitsByReasonPerOp.map { ($0.0.name, $0.1) }),
                 l1_exits_by_reason: Dictionary(uniqueKeysWithValues: r.l1ExitsByReasonPerOp.map { ($0.0.name, $0.1) }))
         }

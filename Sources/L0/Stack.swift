@@ -43,12 +43,15 @@ public final class L0Stack {
         handoff = Handoff(region: control, base: layout.handoff(0))
         vcpu = try L0VCPU(id: 0, path: config.path, control: control, layout: layout,
                           l1Memory: L1MemoryAccess(memslots: slots, host: HostMemory(region: hostMemory)))
+        vcpu.pv.offered = config.pvOffered
     }
 
     func launch(_ tier: Tier) throws -> ChildProcess {
-        let spec = TierLaunch(tier: tier, parent: getpid(), path: config.path, vcpu: 0, layout: config.layout,
+        var spec = TierLaunch(tier: tier, parent: getpid(), path: config.path, vcpu: 0, layout: config.layout,
                               l1Slot: config.l1Slot, cpu: config.placement.cpu(for: tier),
                               program: config.program, programArguments: config.programArguments)
+        spec.pvFeatures = config.pvFeatures
+        spec.pvMapMode = config.pvMapMode
         do {
             return try ChildProcess(tier: tier, path: config.tierExecutable, arguments: ["__tier", spec.encoded],
                                     fds: [control.fd, hostMemory.fd])

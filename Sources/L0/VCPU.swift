@@ -36,6 +36,8 @@ public final class L0VCPU {
     /// MSRs L0 serves for L2 itself: on nvmx those L1's MSR bitmap passes through (hardware
     /// would access the real MSR; L0 keeps its value per vCPU). Unset MSRs read as 0.
     public var l0MSRs: [UInt32: UInt64] = [:]
+    /// Devices L0 runs on ports (its in-kernel devices): fixed on nvmx, registered by L1 on pv.
+    public var l0Devices: L0Devices
     /// Set when L1 asks for its L2 vCPU (PV create-vCPU or the first VMLAUNCH); the vCPU loop
     /// starts the L2 process then.
     public internal(set) var l2Requested = false
@@ -49,6 +51,7 @@ public final class L0VCPU {
         self.l1Memory = l1Memory
         self.ept02 = EPT02(control: control, layout: layout)
         self.pv = PVState()
+        self.l0Devices = path.usesVMX ? .platformDefault : L0Devices()
         self.nested = NestedVMXState(shadowing: path.vmcsShadowing, control: control, layout: layout, vcpu: id)
     }
 
@@ -94,11 +97,15 @@ public final class L0VCPU {
     }
 
     /// Queues an exception for L1 at its next entry (VM_ENTRY_INTR_INFO format).
-    func injectIntoL1(vector: UInt8, errorCode: UInt64? = nil) {
+    func injectIntoL1(vector: UInt8, errorCode: UInt64? = nil) { Self.inject(into: l1Run, vector: vector, errorCode: errorCode) }
+    /// Queues an exception for L2; RIP stays on the faulting instruction.
+    func injectIntoL2(vector: UInt8, errorCode: UInt64? = nil) { Self.inject(into: l2Run, vector: vector, errorCode: errorCode) }
+
+    static func inject(into page: RunPageView, vector: UInt8, errorCode: UInt64?) {
         let hardwareException: UInt64 = 3 << 8
         let deliverErrorCode: UInt64 = errorCode != nil ? 1 << 11 : 0
-        l1Run[RunPage.eventInjection] = 1 << 31 | hardwareException | deliverErrorCode | UInt64(vector)
-        l1Run[RunPage.eventErrorCode] = errorCode ?? 0
+        page[RunPage.eventInjection] = 1 << 31 | hardwareException | deliverErrorCode | UInt64(vector)
+        page[RunPage.eventErrorCode] = errorCode ?? 0
     }
 
     /// RDMSR/WRMSR that reach L0 and stay there: ECX index, EDX:EAX value.
@@ -126,11 +133,14 @@ public final class L0VCPU {
             skipL2Instruction(exit)
             return .resumeL2
         }
-        // A port no device claims: reads float high, writes are dropped (as on a PC).
+        // An L0 device, or a port no device claims: reads float high, writes are dropped (as on a PC).
+        let size = IOQualification.size(exit.qualification)
+        let mask: UInt64 = size >= 8 ? ~0 : (1 << (UInt64(size) * 8)) - 1
         if IOQualification.isIn(exit.qualification) {
-            let size = IOQualification.size(exit.qualification)
-            let ones: UInt64 = size >= 8 ? ~0 : (1 << (UInt64(size) * 8)) - 1
-            l2Run[register: .rax] = (l2Run[register: .rax] & ~ones) | ones
+            let v = l0Devices.read(port: port) ?? ~0
+            l2Run[register: .rax] = (l2Run[register: .rax] & ~mask) | (v & mask)
+        } else {
+            l0Devices.write(port: port, value: l2Run[register: .rax] & mask)
         }
         skipL2Instruction(exit)
         return .resumeL2

@@ -14,11 +14,20 @@ public struct L1Devices {
 
     public init() {}
 
-    public func owns(port: UInt16) -> Bool { Self.serialPorts.contains(port) }
+    /// A device in L1's device model (its "QEMU"): a 32-bit latch, vmexit.c's inl_from_qemu port.
+    public static let qemuPorts: ClosedRange<UInt16> = 0x1234...0x1237
+    var qemuLatch: UInt64 = 0
+
+    public func owns(port: UInt16) -> Bool { Self.serialPorts.contains(port) || Self.qemuPorts.contains(port) }
 
     /// Port I/O L1 owns: returns the value for an IN.
     public mutating func portIO(port: UInt16, isIn: Bool, value: UInt64) -> UInt64 {
         guard owns(port: port) else { return ~0 }
+        if Self.qemuPorts.contains(port) {
+            if isIn { return qemuLatch }
+            qemuLatch = value
+            return 0
+        }
         switch (port - Self.serialBase, isIn) {
         case (0, false):                     // THR: transmit one byte
             serialBytes += 1

@@ -18,7 +18,7 @@ public enum L1Main {
                                 policy: placement.waitPolicy(for: .l1))
             cpu.waitForFirstEntry()
             switch launch.path {
-            case .pv: try PVHypervisor(cpu: cpu, memory: memory).run()
+            case .pv: try PVHypervisor(cpu: cpu, memory: memory, features: launch.pvFeatures, mapMode: launch.pvMapMode).run()
             case .nvmx, .nvmxNoShadow: try NestedVMXHypervisor(cpu: cpu, memory: memory).run()
             }
         } catch {

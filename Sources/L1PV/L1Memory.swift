@@ -37,6 +37,7 @@ public enum L1Fault: Error, CustomStringConvertible {
     case undefinedOpcode(String)
     case vmxFailure(String, VMXInstructionResult)
     case hypercallFailed(PVHypercall, HypercallError)
+    case abiMismatch(l1: PVABIVersion, l0: PVABIVersion)
     case unexpectedExit(ExitReason, String)
 
     public var description: String {
@@ -45,6 +46,7 @@ public enum L1Fault: Error, CustomStringConvertible {
         case .undefinedOpcode(let i): "#UD on \(i)"
         case let .vmxFailure(i, r): "\(i) failed: \(r)"
         case let .hypercallFailed(h, e): "hypercall \(h) failed with \(e)"
+        case let .abiMismatch(l1, l0): "PV ABI version mismatch: this L1 speaks \(l1), L0 speaks \(l0)"
         case let .unexpectedExit(r, why): "unexpected L2 exit \(r): \(why)"
         }
     }
@@ -58,6 +60,8 @@ public enum L1MemoryPlan {
     public static let ioBitmapA = L1GPA(0x0010_3000)
     public static let ioBitmapB = L1GPA(0x0010_4000)
     public static let msrBitmap = L1GPA(0x0010_5000)
+    /// The PV argument page (registered at negotiate).
+    public static let pvArgumentPage = L1GPA(0x0010_6000)
     /// Bulk hypercall arguments (the CPUID table).
     public static let argumentArea = L1GPA(0x0011_0000)
     public static let argumentAreaSize: UInt64 = 64 << 10
@@ -67,6 +71,23 @@ public enum L1MemoryPlan {
     /// L2's RAM: L2 GPA [0, l2RAMSize) is backed by L1 GPA [l2RAMBacking, +l2RAMSize).
     public static let l2RAMBacking = L1GPA(0x1000_0000)
     public static let l2RAMSize: UInt64 = 128 << 20
+    /// Pages L1 maps with fewer rights, to show permission faults: read+execute, read+write.
+    public static let l2ReadOnlyPage = L2GPA(0x30_0000)
+    public static let l2NoExecutePage = L2GPA(0x31_0000)
+    /// The rights L1 first gives an L2 page.
+    public static func initialPermissions(of gpa: L2GPA) -> UInt64 {
+        switch gpa.pageBase {
+        case l2ReadOnlyPage: EPT.read | EPT.execute
+        case l2NoExecutePage: EPT.read | EPT.write
+        default: EPT.rwxMask
+        }
+    }
+    /// The MSRs L1 sets policies for, and the port it hands L0 (pv) / leaves to L0 (nvmx).
+    public static let tscAdjustMSR: UInt32 = 0x3B
+    public static let miscEnableMSR: UInt32 = 0x1A0
+    /// An MSR no CPU has: L1 asks L0 to answer it with #GP.
+    public static let bogusMSR: UInt32 = 0x4B56_4DFF
+
     /// L2's entry point and stack (values only: L2's code is the guest program).
     public static let l2EntryRIP: UInt64 = 0x10_0000
     public static let l2StackTop: UInt64 = 0x80_0000

@@ -56,7 +56,7 @@ public final class NestedVMXHypervisor {
         // except the MSRs KVM passes through (FS/GS base, KERNEL_GS_BASE).
         try memory.zero(L1MemoryPlan.ioBitmapA, length: pageSize)
         try memory.zero(L1MemoryPlan.ioBitmapB, length: pageSize)
-        for port in L1Devices.serialPorts {
+        for port in Array(L1Devices.serialPorts) + Array(L1Devices.qemuPorts) {
             let byte = L1GPA(L1MemoryPlan.ioBitmapA.raw + UInt64(port) / 8)
             try memory.store8(try memory.load8(byte) | 1 << UInt8(port % 8), byte)
         }
@@ -74,7 +74,8 @@ public final class NestedVMXHypervisor {
         // EPT12 for all of L2's RAM, 4 KiB pages.
         var off: UInt64 = 0
         while off < L1MemoryPlan.l2RAMSize {
-            try ept12.map(L2GPA(off), to: L1GPA(L1MemoryPlan.l2RAMBacking.raw + off))
+            try ept12.map(L2GPA(off), to: L1GPA(L1MemoryPlan.l2RAMBacking.raw + off),
+                          permissions: L1MemoryPlan.initialPermissions(of: L2GPA(off)))
             off += pageSize
         }
 
@@ -152,8 +153,13 @@ public final class NestedVMXHypervisor {
         case .eptViolation:
             let q = try cpu.vmread(.exitQualification)
             let gpa = L2GPA(try cpu.vmread(.guestPhysicalAddress))
-            guard L1MemoryPlan.backing(of: gpa) == nil else {
-                throw L1Fault.unexpectedExit(reason, "EPT violation at \(gpa), which EPT12 maps")
+            if let l1 = L1MemoryPlan.backing(of: gpa) {
+                // EPT12 maps it with fewer rights than the access: grant them (copy-on-write
+                // style), then INVEPT so L0 drops the stale shadow, and let L2 retry.
+                let allowed = (q >> EPTViolationQualification.readableShift) & EPT.rwxMask
+                try ept12.map(gpa.pageBase, to: l1.pageBase, permissions: allowed | (q & EPT.rwxMask))
+                try check("INVEPT", cpu.invept(type: 1, eptp: ept12.eptp))
+                return
             }
             // No memslot in L1 for this GPA: MMIO to nothing. The emulator fetches and decodes
             // the instruction (GUEST_RIP, CS access rights) and completes it.

@@ -1,23 +1,36 @@
 import ABI
 import Transport
 
-/// L1 as a PV hypervisor: no VMCS, no EPT tables. It registers L2's CPUID with L0, maps L2's RAM
-/// by hypercall (its own record of the map is `L1MemoryPlan`'s fixed layout), and runs L2 with
-/// the enter-L2 hypercall, handling the exits L0 delivers in the PV exit page.
+/// L1 as a PV hypervisor: no VMCS, no EPT tables. It negotiates the ABI, registers what L0 may
+/// handle directly (CPUID table, MSR policies, ports), maps L2's memory by hypercall (keeping its
+/// own `L2MemoryMap`), and runs L2 with enter-L2, handling the exits L0 delivers in the PV exit page.
 public final class PVHypervisor {
     let cpu: L1CPU
     let memory: L1Memory
+    let wanted: PVFeatures
+    let mapMode: PVMapMode
+    var enabled: PVFeatures = []
     var devices = L1Devices()
+    public private(set) var map = L2MemoryMap()
+    public private(set) var permissionFaults = 0
+    /// Pages mapped around each first touch in batch mode.
+    static let faultAroundPages: UInt64 = 64
 
-    public init(cpu: L1CPU, memory: L1Memory) {
+    public init(cpu: L1CPU, memory: L1Memory, features: PVFeatures = .all, mapMode: PVMapMode = .eager) {
         self.cpu = cpu
         self.memory = memory
+        self.wanted = features
+        self.mapMode = mapMode
     }
 
     public func run() throws -> Never {
-        try registerCPUID()
-        // All of L2's RAM in one mapping, read/write/execute.
-        try cpu.hypercall(.mapGPARange, 0, L1MemoryPlan.l2RAMBacking.raw, L1MemoryPlan.l2RAMSize, PVMapFlags.rwx)
+        try negotiate()
+        if enabled.contains(.directCPUID) { try registerCPUID() }
+        if enabled.contains(.directMSR) { try registerMSRPolicies() }
+        if enabled.contains(.l0Ports) {
+            try cpu.hypercall(.registerL0Ports, UInt64(L0PortsPlan.kernelPort), 2, PVL0Device.latch.rawValue)
+        }
+        if mapMode == .eager { try mapAllOfL2RAM() }
         try memory.zero(L1MemoryPlan.pvExitPage, length: RunPage.size)
         try cpu.hypercall(.createVCPU, L1MemoryPlan.pvExitPage.raw)
         let page = try memory.runPage(L1MemoryPlan.pvExitPage)
@@ -30,7 +43,17 @@ public final class PVHypervisor {
         }
     }
 
-    /// Writes the table as `kvm_cpuid_entry2[]` into the argument area and registers it.
+    /// Version check and feature negotiation: enable what L1 wants and L0 offers.
+    func negotiate() throws {
+        let l0 = PVABIVersion(packed: try cpu.hypercall(.getVersion))
+        guard l0.major == PVABIVersion.current.major else { throw L1Fault.abiMismatch(l1: .current, l0: l0) }
+        let offered = PVFeatures(rawValue: try cpu.hypercall(.getFeatures))
+        enabled = wanted.intersection(offered)
+        try memory.zero(L1MemoryPlan.pvArgumentPage, length: PVArgumentPage.size)
+        try cpu.hypercall(.negotiate, PVABIVersion.current.packed, enabled.rawValue, L1MemoryPlan.pvArgumentPage.raw)
+    }
+
+    /// Writes the table as `kvm_cpuid_entry2[]` into the argument page and registers it.
     func registerCPUID() throws {
         let entries = L2CPUIDTable.entries
         for (i, e) in entries.enumerated() {
@@ -43,6 +66,85 @@ public final class PVHypervisor {
         try cpu.hypercall(.setCPUID, L1MemoryPlan.argumentArea.raw, UInt64(entries.count))
     }
 
+    /// TSC_ADJUST: L0 emulates it (every bit writable). MISC_ENABLE: L1 keeps it. A bogus MSR: #GP.
+    func registerMSRPolicies() throws {
+        let policies: [(UInt32, PVMSRAction, UInt64, UInt64)] = [
+            (L1MemoryPlan.tscAdjustMSR, .emulate, 0, ~0),
+            (L1MemoryPlan.miscEnableMSR, .passToL1, 0, 0),
+            (L1MemoryPlan.bogusMSR, .injectGP, 0, 0),
+        ]
+        let page = L1MemoryPlan.pvArgumentPage.raw
+        for (i, (msr, action, value, mask)) in policies.enumerated() {
+            let base = page + UInt64(i) * PVMSRPolicyEntry.size
+            try memory.store64(UInt64(msr) | UInt64(action.rawValue) << 32, L1GPA(base + PVMSRPolicyEntry.index))
+            try memory.store64(value, L1GPA(base + PVMSRPolicyEntry.value))
+            try memory.store64(mask, L1GPA(base + PVMSRPolicyEntry.writableMask))
+        }
+        try cpu.hypercall(.setMSRPolicy, UInt64(policies.count))
+    }
+
+    // MARK: mapping
+
+    /// Maps L2 GPA [start, +pages) with each page's initial rights, as few ranges as possible.
+    func ranges(from start: L2GPA, pages: UInt64) -> [L2MemoryMap.Range] {
+        var out: [L2MemoryMap.Range] = []
+        for p in 0..<pages {
+            let gpa = L2GPA(start.raw + p * pageSize)
+            guard let l1 = L1MemoryPlan.backing(of: gpa), map.lookup(gpa) == nil else { continue }
+            let perms = L1MemoryPlan.initialPermissions(of: gpa)
+            if var last = out.last, last.permissions == perms, last.l2.raw + last.length == gpa.raw {
+                last.length += pageSize
+                out[out.count - 1] = last
+            } else {
+                out.append(.init(l2: gpa, length: pageSize, l1: l1, permissions: perms))
+            }
+        }
+        return out
+    }
+
+    func mapAllOfL2RAM() throws {
+        try install(ranges(from: L2GPA(0), pages: L1MemoryPlan.l2RAMSize / pageSize), flags: 0)
+    }
+
+    /// Sends ranges to L0: one batch hypercall when the feature is on, else one call per range.
+    func install(_ rs: [L2MemoryMap.Range], flags: UInt64) throws {
+        guard !rs.isEmpty else { return }
+        if enabled.contains(.batchMap) && rs.count > 1 {
+            for chunk in stride(from: 0, to: rs.count, by: Int(PVMapBatchEntry.maxPerCall)) {
+                let part = rs[chunk..<min(chunk + Int(PVMapBatchEntry.maxPerCall), rs.count)]
+                for (i, r) in part.enumerated() {
+                    let base = L1MemoryPlan.pvArgumentPage.raw + UInt64(i) * PVMapBatchEntry.size
+                    try memory.store64(r.l2.raw, L1GPA(base + PVMapBatchEntry.l2GPA))
+                    try memory.store64(r.l1.raw, L1GPA(base + PVMapBatchEntry.l1GPA))
+                    try memory.store64(r.length, L1GPA(base + PVMapBatchEntry.length))
+                    try memory.store64(r.permissions | flags, L1GPA(base + PVMapBatchEntry.flags))
+                }
+                try cpu.hypercall(.mapGPABatch, UInt64(part.count))
+            }
+        } else {
+            for r in rs { try cpu.hypercall(.mapGPARange, r.l2.raw, r.l1.raw, r.length, r.permissions | flags) }
+        }
+        for r in rs { map.record(r) }
+    }
+
+    /// First touch of an unmapped page of L2's RAM: map it (per-page) or its window (batch),
+    /// one batch entry per page, as a hypervisor whose backing is not contiguous would.
+    func mapOnFirstTouch(_ gpa: L2GPA) throws {
+        switch mapMode {
+        case .eager, .perPage:
+            try install(ranges(from: gpa.pageBase, pages: 1), flags: 0)
+        case .batch:
+            let window = Self.faultAroundPages * pageSize
+            let start = L2GPA(gpa.raw / window * window)
+            let pages = (0..<Self.faultAroundPages).compactMap { p -> L2MemoryMap.Range? in
+                ranges(from: L2GPA(start.raw + p * pageSize), pages: 1).first
+            }
+            try install(pages, flags: 0)
+        }
+    }
+
+    // MARK: exits
+
     /// One exit L0 delivered. L1 edits L2's registers in the PV exit page.
     func handleExit(_ page: RunPageView) throws {
         let reason = page.exitReason
@@ -54,13 +156,27 @@ public final class PVHypervisor {
             if IOQualification.isIn(q) { page[register: .rax] = v }
             skip()
         case .eptViolation:
-            // Nothing of L2's RAM is unmapped, so this is memory L1 never gave L2: unassigned.
-            let write = page[RunPage.exitQualification] & EPTViolationQualification.dataWrite != 0
-            let v = devices.unassigned(isWrite: write, size: Int(page[RunPage.instructionInfo]))
-            if !write { page[register: .rax] = v }
-            skip()
+            let gpa = L2GPA(page[RunPage.guestPhysicalAddress])
+            let q = page[RunPage.exitQualification]
+            let access = q & EPT.rwxMask, allowed = (q >> EPTViolationQualification.readableShift) & EPT.rwxMask
+            guard let l1 = L1MemoryPlan.backing(of: gpa) else {
+                // Memory L1 never gave L2: unassigned, the access completes without memory.
+                let write = access & EPTViolationQualification.dataWrite != 0
+                let v = devices.unassigned(isWrite: write, size: Int(page[RunPage.instructionInfo]))
+                if !write { page[register: .rax] = v }
+                skip()
+                return
+            }
+            if allowed == 0 {
+                try mapOnFirstTouch(gpa)            // not mapped yet: map, and L2 retries
+            } else {
+                // A permission fault: L1 grants the access (copy-on-write style) and L2 retries.
+                permissionFaults += 1
+                let r = L2MemoryMap.Range(l2: gpa.pageBase, length: pageSize, l1: l1.pageBase, permissions: allowed | access)
+                try install([r], flags: PVMapFlags.replace)
+            }
         case .cpuid:
-            // Only reached if L0 does not emulate CPUID directly.
+            // Only reached when L0 does not emulate CPUID directly.
             let (a, b, c, d) = L2CPUIDTable.table.lookup(function: UInt32(truncatingIfNeeded: page[register: .rax]),
                                                          index: UInt32(truncatingIfNeeded: page[register: .rcx]))
             page[register: .rax] = UInt64(a); page[register: .rbx] = UInt64(b)
@@ -83,4 +199,9 @@ public final class PVHypervisor {
             throw L1Fault.unexpectedExit(reason, "the PV L1 has no handler")
         }
     }
+}
+
+/// Ports L1 leaves to L0's devices.
+public enum L0PortsPlan {
+    public static let kernelPort: UInt16 = 0x4D0
 }

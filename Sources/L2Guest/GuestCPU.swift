@@ -49,7 +49,7 @@ public final class GuestCPU {
         }
     }
 
-    enum Resumption { case completed, retry }
+    enum Resumption: Equatable { case completed, retry, fault(UInt8) }
 
     /// One exit to L0 and back. The run page carries the exit; RIP tells what happened.
     @inline(__always)
@@ -63,9 +63,12 @@ public final class GuestCPU {
         handoff.pass(to: .l0)
         waitForTurn()
         let newRIP = run[register: .rip]
-        if run[RunPage.eventInjection] & (1 << 31) != 0 {
-            // No IDT in this guest model: an injected event is acknowledged and dropped.
+        let event = run[RunPage.eventInjection]
+        if event & (1 << 31) != 0 {
+            // No IDT in this guest model: an injected exception becomes the instruction's fault,
+            // which the program sees (as selftests' rdmsr_safe does); other events are dropped.
             run[RunPage.eventInjection] = 0
+            if (event >> 8) & 7 == 3 { return .fault(UInt8(truncatingIfNeeded: event)) }
         }
         defer { rip = newRIP }
         return newRIP == rip ? .retry : .completed
@@ -84,17 +87,40 @@ public final class GuestCPU {
                            edx: UInt32(truncatingIfNeeded: run[register: .rdx]))
     }
 
-    public func rdmsr(_ msr: UInt32) -> UInt64 {
-        repeat { run[register: .rcx] = UInt64(msr) } while vmexit(.msrRead, length: 2) == .retry
-        return (run[register: .rdx] << 32) | (run[register: .rax] & 0xFFFF_FFFF)
+    /// RDMSR; the vector if it faulted (selftests' rdmsr_safe).
+    public func rdmsrSafe(_ msr: UInt32) -> (value: UInt64, fault: UInt8?) {
+        var r: Resumption
+        repeat {
+            run[register: .rcx] = UInt64(msr)
+            r = vmexit(.msrRead, length: 2)
+        } while r == .retry
+        if case .fault(let v) = r { return (0, v) }
+        return ((run[register: .rdx] << 32) | (run[register: .rax] & 0xFFFF_FFFF), nil)
     }
 
-    public func wrmsr(_ msr: UInt32, _ value: UInt64) {
+    /// WRMSR; the vector if it faulted (selftests' wrmsr_safe).
+    @discardableResult
+    public func wrmsrSafe(_ msr: UInt32, _ value: UInt64) -> UInt8? {
+        var r: Resumption
         repeat {
             run[register: .rcx] = UInt64(msr)
             run[register: .rax] = value & 0xFFFF_FFFF
             run[register: .rdx] = value >> 32
-        } while vmexit(.msrWrite, length: 2) == .retry
+            r = vmexit(.msrWrite, length: 2)
+        } while r == .retry
+        if case .fault(let v) = r { return v }
+        return nil
+    }
+
+    public func rdmsr(_ msr: UInt32) -> UInt64 {
+        let (v, fault) = rdmsrSafe(msr)
+        guestAssert(fault == nil, "RDMSR 0x\(String(msr, radix: 16)) faulted with vector \(fault ?? 0)")
+        return v
+    }
+
+    public func wrmsr(_ msr: UInt32, _ value: UInt64) {
+        let fault = wrmsrSafe(msr, value)
+        guestAssert(fault == nil, "WRMSR 0x\(String(msr, radix: 16)) faulted with vector \(fault ?? 0)")
     }
 
     /// IN of `size` bytes (1, 2 or 4) from `port`.
@@ -139,6 +165,18 @@ public final class GuestCPU {
         return HostOffset(EPT02Entry.host(e).raw | gpa.offsetInPage)
     }
 
+    /// Fetches one instruction byte at `gpa` (a jump there): needs execute permission.
+    public func fetch(_ gpa: L2GPA) -> UInt8 {
+        while true {
+            if let host = translate(gpa, access: EPT.execute), let b: UInt8 = try? memory.load(at: host) { return b }
+            run[register: .rax] = 0
+            if vmexit(.eptViolation, length: 1, qualification: EPTViolationQualification.instructionFetch,
+                      gpa: gpa.raw, info: 1) == .completed {
+                return UInt8(truncatingIfNeeded: run[register: .rax])
+            }
+        }
+    }
+
     /// A naturally aligned load or store of 1, 2, 4 or 8 bytes (`mov` with RAX as the data
     /// register). Exits as an EPT violation when unmapped; if the hypervisor emulates it (MMIO),
     /// the loaded value comes back in RAX.
@@ -170,8 +208,12 @@ public final class GuestCPU {
             }
             run[register: .rax] = write ? value & mask : 0
             let q = write ? EPTViolationQualification.dataWrite : EPTViolationQualification.dataRead
-            if vmexit(.eptViolation, length: 3, qualification: q, gpa: gpa.raw, info: UInt64(size)) == .completed {
-                return write ? 0 : run[register: .rax] & mask
+            switch vmexit(.eptViolation, length: 3, qualification: q, gpa: gpa.raw, info: UInt64(size)) {
+            case .completed: return write ? 0 : run[register: .rax] & mask
+            case .retry: continue
+            case .fault(let v):
+                guestAssert(false, "access to \(gpa) faulted with vector \(v)")
+                return 0
             }
         }
     }

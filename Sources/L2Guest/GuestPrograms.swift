@@ -13,22 +13,28 @@ public struct GuestProgram: Sendable {
 public let unmappedProbeGPA = L2GPA(0x8000_0000)
 
 public enum GuestPrograms {
-    public static let all: [GuestProgram] = [cpuidBench, cpuidValues, memoryProbe, instructionTour, cpuidForever]
+    public static let all: [GuestProgram] = [cpuidValues, memoryProbe, instructionTour, permissionProbe, msrPolicyProbe, cpuidForever]
+        + BenchOperations.all.map { op in
+            GuestProgram(name: op.name, summary: op.summary) { cpu, args in
+                measureLoop(cpu, args) { i in op.body(cpu, i) }
+                cpu.done()
+            }
+        }
 
     public static func named(_ name: String) -> GuestProgram? { all.first { $0.name == name } }
 
     /// Times one operation per iteration between two syncs that bracket the measurement window.
     /// args: [iterations, warmup].
-    static func measureLoop(_ cpu: GuestCPU, _ args: [UInt64], _ op: () -> Void) {
+    static func measureLoop(_ cpu: GuestCPU, _ args: [UInt64], _ op: (UInt64) -> Void) {
         let iterations = args.count > 0 ? args[0] : 10_000
         let warmup = args.count > 1 ? args[1] : iterations / 10
-        for _ in 0..<warmup { op() }
+        for i in 0..<warmup { op(i) }
         var h = Histogram<UInt64>(highestTrackableValue: 60_000_000_000, numberOfSignificantValueDigits: .three)
         var total: UInt64 = 0
         cpu.sync(UcallStage.measureStart, iterations)
-        for _ in 0..<iterations {
+        for i in warmup..<(warmup + iterations) {
             let t0 = cpu.now()
-            op()
+            op(i)
             let dt = cpu.now() &- t0
             h.record(dt)
             total &+= dt
@@ -36,12 +42,6 @@ public enum GuestPrograms {
         cpu.sync(UcallStage.measureEnd, iterations)
         cpu.report(samples: iterations, min: h.min, median: h.valueAtPercentile(50), p99: h.valueAtPercentile(99),
                    max: h.max, total: total)
-    }
-
-    /// vmexit.c's `cpuid` test: CPUID leaf 0 in a loop.
-    public static let cpuidBench = GuestProgram(name: "cpuid", summary: "CPUID.0 per iteration (vmexit.c cpuid)") { cpu, args in
-        measureLoop(cpu, args) { _ = cpu.cpuid(0, 0) }
-        cpu.done()
     }
 
     /// Reports what CPUID returns for a set of leaves (one sync per leaf: function, index, a, b, c, d).
@@ -84,6 +84,28 @@ public enum GuestPrograms {
         cpu.sync(0x80, cpu.inPort(0x80, size: 4))            // nobody's port: all ones
         cpu.hlt()
         cpu.sync(0xF4, cpu.vmcall(0x1234))                   // unknown hypercall
+        cpu.done()
+    }
+
+    /// Writes a page L1 mapped read-only and fetches from one it mapped non-executable: each is
+    /// a permission fault delivered to L1, which grants the access and lets L2 retry.
+    public static let permissionProbe = GuestProgram(name: "permission-probe", summary: "write a read-only page, execute a no-execute page") { cpu, _ in
+        let ro = L2GPA(0x30_0000), nx = L2GPA(0x31_0000)
+        cpu.write64(ro, 0xFEED)
+        cpu.sync(ro.raw, cpu.read64(ro))
+        cpu.write8(nx, 0xC3)
+        cpu.sync(nx.raw, UInt64(cpu.fetch(nx)))
+        cpu.done()
+    }
+
+    /// The MSR policies of the PV L1: TSC_ADJUST (L0 emulates), MISC_ENABLE (L1 keeps), and an
+    /// MSR no CPU has (#GP). One sync each: msr, value, fault vector or 0xFF.
+    public static let msrPolicyProbe = GuestProgram(name: "msr-policy-probe", summary: "an L0-emulated, an L1-handled and a #GP MSR") { cpu, _ in
+        for msr: UInt32 in [0x3B, 0x1A0, 0x4B56_4DFF] {
+            let w = cpu.wrmsrSafe(msr, 0xABCD)
+            let (v, r) = cpu.rdmsrSafe(msr)
+            cpu.sync(UInt64(msr), v, UInt64(w ?? 0xFF), UInt64(r ?? 0xFF))
+        }
         cpu.done()
     }
 

@@ -13,6 +13,9 @@ public struct TierLaunch: Equatable, Sendable {
     /// L2 only: the guest program and its arguments.
     public var program: String
     public var programArguments: [UInt64]
+    /// L1 (pv): the PV features to enable, and how to map L2's memory.
+    public var pvFeatures: PVFeatures = .all
+    public var pvMapMode: PVMapMode = .eager
 
     public static let controlFD: Int32 = 3
     public static let hostMemoryFD: Int32 = 4
@@ -37,6 +40,8 @@ public struct TierLaunch: Equatable, Sendable {
             ("size", "\(l1Slot.memorySize)"), ("host", "\(l1Slot.hostOffset.raw)"),
             ("program", program), ("args", programArguments.map(String.init).joined(separator: ":")),
         ]
+        kv.append(("pvfeatures", "\(pvFeatures.rawValue)"))
+        kv.append(("pvmap", pvMapMode.rawValue))
         if let cpu { kv.append(("cpu", "\(cpu)")) }
         return kv.map { "\($0.0)=\($0.1)" }.joined(separator: ",")
     }
@@ -64,6 +69,9 @@ public struct TierLaunch: Equatable, Sendable {
                                  hostOffset: HostOffset(try num("host")))
         self.cpu = d["cpu"].flatMap { Int($0) }
         self.program = d["program"] ?? ""
+        self.pvFeatures = PVFeatures(rawValue: (try? num("pvfeatures")) ?? PVFeatures.all.rawValue)
+        guard let mode = PVMapMode(rawValue: d["pvmap"] ?? PVMapMode.eager.rawValue) else { throw BadSpec(spec: spec) }
+        self.pvMapMode = mode
         let a = d["args"] ?? ""
         self.programArguments = try a.isEmpty ? [] : a.split(separator: ":").map {
             guard let v = UInt64($0) else { throw BadSpec(spec: spec) }

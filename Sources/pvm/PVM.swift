@@ -39,9 +39,10 @@ func parsePaths(_ list: String) throws -> [NestingPath] {
 extension PVM {
     struct Bench: ParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "Run benchmark tests on each path and print ns/op and transitions per tier.")
+            abstract: "Run benchmark tests on each path and print ns/op and transitions per tier.",
+            discussion: "Tests: " + BenchOperations.all.map(\.name).joined(separator: ", "))
 
-        @Option(name: .long, help: "Test to run (default: all). Known: \(BenchTests.all.map(\.name).joined(separator: ", ")).")
+        @Option(name: .long, help: "Test to run (default: all).")
         var test: String?
         @Option(name: .long, help: "Comma-separated paths: pv, nvmx, nvmx-noshadow.")
         var path: String = NestingPath.allCases.map(\.rawValue).joined(separator: ",")
@@ -49,6 +50,12 @@ extension PVM {
         var iterations: UInt64 = 50_000
         @Option(name: .long, help: "Unmeasured iterations first (default: a tenth of --iterations).")
         var warmup: UInt64?
+        @Option(name: .long, help: "PV features L1 enables: 'all', 'none', a list ('direct-cpuid,batch-map') or removals ('-direct-cpuid,-direct-msr'). Known: \(PVFeatures.names.map(\.0).joined(separator: ", ")).")
+        var pvFeatures: String = "all"
+        @Option(name: .long, help: "How the PV L1 maps L2 memory: eager, per-page, batch (default: eager; ept_first_touch runs all three).")
+        var pvMap: String?
+        @Flag(name: .long, help: "On pv, one row per feature set: all, each feature off, none.")
+        var ablation = false
         @Option(name: .long, help: "Also write the results as JSON to this file.")
         var json: String?
 
@@ -57,16 +64,29 @@ extension PVM {
             printError("warning: this is a debug build; time it with `swift run -c release pvm bench`")
             #endif
             let paths = try parsePaths(path)
-            let tests = try test.map { name -> [BenchTest] in
-                guard let t = BenchTests.named(name) else { throw ValidationError("\(BenchError.unknownTest(name))") }
-                return [t]
-            } ?? BenchTests.all
+            let tests = try test.map { name -> [String] in
+                guard BenchOperations.named(name) != nil else { throw ValidationError("\(BenchError.unknownTest(name))") }
+                return [name]
+            } ?? BenchOperations.all.map(\.name)
+            let features = try PVM.parseFeatures(pvFeatures)
+            let mode = try pvMap.map { m -> PVMapMode in
+                guard let v = PVMapMode(rawValue: m) else { throw ValidationError("unknown --pv-map '\(m)'") }
+                return v
+            }
             let runner = BenchRunner(tierExecutable: selfExecutable(), iterations: iterations, warmup: warmup ?? iterations / 10)
             var results: [BenchResult] = []
             for t in tests {
-                for p in paths {
-                    printError("running \(t.name) on \(p.rawValue) (\(iterations) iterations)...")
-                    results.append(try runner.run(test: t, path: p))
+                var variants = BenchRunner.defaultVariants(for: t, paths: paths)
+                if let mode { variants = variants.map { $0.path == .pv ? BenchVariant(path: .pv, pvMapMode: mode) : $0 } }
+                variants = variants.map { v in var v = v; if v.path == .pv { v.pvFeatures = features }; return v }
+                if ablation && paths.contains(.pv) {
+                    variants = BenchVariant.ablation(mapMode: mode ?? .eager) + variants.filter { $0.path != .pv }
+                }
+                var seen: [BenchVariant] = []
+                for v in variants where !seen.contains(v) {
+                    seen.append(v)
+                    printError("running \(t) on \(v.label)...")
+                    results.append(try runner.run(t, on: v))
                 }
             }
             print(Report.table(results), terminator: "")
@@ -79,6 +99,26 @@ extension PVM {
                 }
             }
         }
+    }
+
+    /// 'all', 'none', 'a,b' (exactly these) or '-a,-b' (all but these).
+    static func parseFeatures(_ s: String) throws -> PVFeatures {
+        if s == "all" { return .all }
+        if s == "none" { return [] }
+        let parts = s.split(separator: ",").map(String.init)
+        let removing = parts.allSatisfy { $0.hasPrefix("-") }
+        guard removing || parts.allSatisfy({ !$0.hasPrefix("-") }) else {
+            throw ValidationError("--pv-features: either list features or list removals ('-name'), not both")
+        }
+        var set: PVFeatures = removing ? .all : []
+        for p in parts {
+            let name = removing ? String(p.dropFirst()) : p
+            guard let f = PVFeatures.names.first(where: { $0.0 == name })?.1 else {
+                throw ValidationError("unknown PV feature '\(name)' (known: \(PVFeatures.names.map(\.0).joined(separator: ", ")))")
+            }
+            if removing { set.remove(f) } else { set.insert(f) }
+        }
+        return set
     }
 
     struct Launch: ParsableCommand {

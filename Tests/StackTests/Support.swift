@@ -18,9 +18,12 @@ func runStack(_ path: NestingPath, program: String, args: [UInt64] = []) throws 
     return (try stack.run(), stack)
 }
 
-func bench(_ path: NestingPath, iterations: UInt64 = 2_000) throws -> BenchResult {
-    try BenchRunner(tierExecutable: PVMBinary.path, iterations: iterations, warmup: 100)
-        .run(test: BenchTests.named("cpuid")!, path: path)
+func bench(_ path: NestingPath, test: String = "cpuid", iterations: UInt64 = 2_000, warmup: UInt64 = 100) throws -> BenchResult {
+    try bench(BenchVariant(path: path), test: test, iterations: iterations, warmup: warmup)
+}
+
+func bench(_ variant: BenchVariant, test: String, iterations: UInt64 = 2_000, warmup: UInt64 = 100) throws -> BenchResult {
+    try BenchRunner(tierExecutable: PVMBinary.path, iterations: iterations, warmup: warmup).run(test, on: variant)
 }
 
 /// Processes whose parent is `pid`, with their `comm` names.

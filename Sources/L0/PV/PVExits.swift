@@ -7,15 +7,55 @@ extension L0VCPU {
     func handlePVL2Exit(_ exit: GuestExit) -> L2ExitOutcome {
         switch exit.reason {
         case .cpuid:
-            guard let table = pv.cpuid else { return deliverPVExit(exit) }
+            guard pv.enabled.contains(.directCPUID), let table = pv.cpuid else { return deliverPVExit(exit) }
             emulateCPUID(table)
             skipL2Instruction(exit)
             return .resumeL2
-        case .ioInstruction where IOQualification.port(exit.qualification) == Ucall.port:
-            return handleL0PortIO(exit)
+        case .msrRead, .msrWrite:
+            let msr = UInt32(truncatingIfNeeded: l2Run[register: .rcx])
+            guard pv.enabled.contains(.directMSR), let policy = pv.msrPolicy[msr] else { return deliverPVExit(exit) }
+            switch policy.action {
+            case .emulate: return emulatePolicyMSR(exit, msr: msr, writableMask: policy.writableMask)
+            case .injectGP:
+                injectIntoL2(vector: 13, errorCode: 0)
+                return .resumeL2
+            case .passToL1: return deliverPVExit(exit)
+            }
+        case .ioInstruction:
+            let port = IOQualification.port(exit.qualification)
+            if port == Ucall.port || (pv.enabled.contains(.l0Ports) && l0Devices.owns(port)) { return handleL0PortIO(exit) }
+            return deliverPVExit(exit)
+        case .eptViolation:
+            // Tell L1 what the current mapping allows (bits 3-5), so a permission fault and a
+            // missing mapping look different.
+            var e = exit
+            let perms = EPT02Entry.isPresent(ept02.entry(L2GPA(exit.guestPhysicalAddress)))
+                ? ept02.entry(L2GPA(exit.guestPhysicalAddress)) & EPT.rwxMask : 0
+            e.qualification = (exit.qualification & EPT.rwxMask) | perms << EPTViolationQualification.readableShift
+            e.write(to: l2Run)
+            return deliverPVExit(e)
         default:
             return deliverPVExit(exit)
         }
+    }
+
+    /// An MSR L0 emulates under L1's policy: reads return L0's value; a write may change only
+    /// writable bits (anything else is #GP, as KVM does for reserved bits).
+    func emulatePolicyMSR(_ exit: GuestExit, msr: UInt32, writableMask: UInt64) -> L2ExitOutcome {
+        let old = l0MSRs[msr] ?? 0
+        if exit.reason == .msrWrite {
+            let new = (l2Run[register: .rdx] << 32) | (l2Run[register: .rax] & 0xFFFF_FFFF)
+            guard (new ^ old) & ~writableMask == 0 else {
+                injectIntoL2(vector: 13, errorCode: 0)
+                return .resumeL2
+            }
+            l0MSRs[msr] = new
+        } else {
+            l2Run[register: .rax] = old & 0xFFFF_FFFF
+            l2Run[register: .rdx] = old >> 32
+        }
+        skipL2Instruction(exit)
+        return .resumeL2
     }
 
     @inline(__always)
@@ -37,112 +77,5 @@ extension L0VCPU {
         counters.countDelivery(exit.reason)
         l1Run[register: .rax] = 0
         return .deliverToL1
-    }
-
-    // MARK: hypercalls
-
-    func handleHypercall(_ exit: GuestExit) -> L1ExitOutcome {
-        let nr = l1Run[register: .rax]
-        counters.hypercalls[nr, default: 0] += 1
-        skipL1Instruction(exit)
-        guard path == .pv, let call = PVHypercall(rawValue: nr) else {
-            l1Run[register: .rax] = HypercallError.noSys.returnValue
-            return .resumeL1
-        }
-        let a0 = l1Run[register: .rbx], a1 = l1Run[register: .rcx]
-        let a2 = l1Run[register: .rdx], a3 = l1Run[register: .rsi]
-        let result: Result<UInt64, HypercallError>
-        switch call {
-        case .setCPUID: result = hcSetCPUID(gpa: L1GPA(a0), count: a1)
-        case .mapGPARange: result = hcMap(l2: L2GPA(a0), l1: L1GPA(a1), length: a2, flags: a3)
-        case .unmapGPARange: result = hcUnmap(l2: L2GPA(a0), length: a1)
-        case .createVCPU: result = hcCreateVCPU(exitPage: L1GPA(a0))
-        case .enterL2:
-            if case .failure(let e) = hcEnterL2() {
-                l1Run[register: .rax] = e.returnValue
-                return .resumeL1
-            }
-            return .enterL2
-        }
-        switch result {
-        case .success(let v): l1Run[register: .rax] = v
-        case .failure(let e): l1Run[register: .rax] = e.returnValue
-        }
-        return .resumeL1
-    }
-
-    func hcSetCPUID(gpa: L1GPA, count: UInt64) -> Result<UInt64, HypercallError> {
-        guard count <= PVState.maxCPUIDEntries else { return .failure(.tooBig) }
-        var entries: [CPUIDEntry] = []
-        for i in 0..<count {
-            guard let base = gpa.adding(i * CPUIDEntry.byteSize),
-                  let host = try? l1Memory.memslots.translate(base, length: CPUIDEntry.byteSize),
-                  let bytes = try? l1Memory.host.readBytes(at: host, count: Int(CPUIDEntry.byteSize))
-            else { return .failure(.fault) }
-            let words = CPUIDEntry.wordOffsets.map { o in
-                UInt32(bytes[Int(o)]) | UInt32(bytes[Int(o) + 1]) << 8 | UInt32(bytes[Int(o) + 2]) << 16 | UInt32(bytes[Int(o) + 3]) << 24
-            }
-            entries.append(CPUIDEntry(words: words))
-        }
-        pv.cpuid = CPUIDTable(entries)
-        return .success(0)
-    }
-
-    /// Validates and installs one L2 -> L1 range. Nothing changes unless everything is valid.
-    func hcMap(l2: L2GPA, l1: L1GPA, length: UInt64, flags: UInt64) -> Result<UInt64, HypercallError> {
-        guard flags & ~PVMapFlags.known == 0, flags & PVMapFlags.rwx != 0 else { return .failure(.invalid) }
-        guard l2.isPageAligned, l1.isPageAligned, length > 0, length % pageSize == 0 else { return .failure(.invalid) }
-        guard let l2Range = AddressRange(start: l2, length: length), AddressRange(start: l1, length: length) != nil
-        else { return .failure(.invalid) }
-        guard l2Range.end.raw <= ept02.addressLimit else { return .failure(.invalid) }
-        guard pv.map.overlapping(l2Range).isEmpty else { return .failure(.invalid) }
-        // Translate every page first: the range may span memslots, and must lie inside them.
-        var hosts: [HostOffset] = []
-        hosts.reserveCapacity(Int(length / pageSize))
-        var off: UInt64 = 0
-        while off < length {
-            guard let h = try? l1Memory.memslots.translate(L1GPA(l1.raw + off), length: pageSize) else {
-                return .failure(.fault)
-            }
-            hosts.append(h)
-            off += pageSize
-        }
-        for (i, h) in hosts.enumerated() {
-            ept02.install(L2GPA(l2.raw + UInt64(i) * pageSize), host: h, permissions: flags & PVMapFlags.rwx)
-        }
-        counters.ept02Fills += UInt64(hosts.count)
-        pv.map.insert(PVMapping(l2: l2Range, l1: l1, permissions: flags & PVMapFlags.rwx))
-        return .success(0)
-    }
-
-    /// Removes a range; takes effect (EPT02 cleared, L2's TLB generation bumped) before returning.
-    func hcUnmap(l2: L2GPA, length: UInt64) -> Result<UInt64, HypercallError> {
-        guard l2.isPageAligned, length > 0, length % pageSize == 0,
-              let r = AddressRange(start: l2, length: length) else { return .failure(.invalid) }
-        guard !pv.map.overlapping(r).isEmpty else { return .failure(.invalid) }
-        pv.map.remove(r)
-        ept02.remove(l2, length: length)
-        return .success(0)
-    }
-
-    func hcCreateVCPU(exitPage: L1GPA) -> Result<UInt64, HypercallError> {
-        guard !pv.vcpuCreated else { return .failure(.invalid) }
-        guard exitPage.isPageAligned else { return .failure(.invalid) }
-        guard (try? l1Memory.memslots.translate(exitPage, length: RunPage.size)) != nil else { return .failure(.fault) }
-        pv.exitPageGPA = exitPage
-        l2Requested = true
-        return .success(UInt64(id))
-    }
-
-    /// Loads L2's registers (and any event L1 injects) from the PV exit page.
-    func hcEnterL2() -> Result<Void, HypercallError> {
-        guard let gpa = pv.exitPageGPA,
-              let page = try? l1Memory.host.runPage(at: l1Memory.memslots.translate(gpa, length: RunPage.size))
-        else { return .failure(.invalid) }
-        for r in Register.allCases { l2Run[register: r] = page[register: r] }
-        l2Run[RunPage.eventInjection] = page[RunPage.eventInjection]
-        l2Run[RunPage.eventErrorCode] = page[RunPage.eventErrorCode]
-        page[RunPage.eventInjection] = 0
-        return .success(())
     }
 }

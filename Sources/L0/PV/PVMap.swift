@@ -13,23 +13,58 @@ public struct PVMapping: Equatable, Sendable {
     }
 }
 
-/// L0's record of the PV map: non-overlapping L2 ranges, sorted by start. L0 never reads L1's
+/// L0's record of the PV map: non-overlapping L2 ranges, sorted by start, adjacent compatible
+/// ranges merged (so mapping a region page by page still costs one entry). L0 never reads L1's
 /// page tables on this path; this (and the EPT02 it installs from it) is all there is.
 public struct PVMap: Sendable, Equatable {
     public private(set) var mappings: [PVMapping] = []
     public init() {}
 
+    /// Index of the first mapping that ends after `gpa` (binary search).
+    func firstEndingAfter(_ gpa: L2GPA) -> Int {
+        var lo = 0, hi = mappings.count
+        while lo < hi {
+            let mid = (lo + hi) / 2
+            if mappings[mid].l2.end <= gpa { lo = mid + 1 } else { hi = mid }
+        }
+        return lo
+    }
+
     public func overlapping(_ r: AddressRange<L2GPA>) -> [PVMapping] {
-        mappings.filter { $0.l2.overlaps(r) }
+        var out: [PVMapping] = []
+        var i = firstEndingAfter(r.start)
+        while i < mappings.count, mappings[i].l2.start < r.end {
+            if mappings[i].l2.overlaps(r) { out.append(mappings[i]) }
+            i += 1
+        }
+        return out
     }
 
     public func lookup(_ gpa: L2GPA) -> PVMapping? {
-        mappings.first { $0.l2.contains(gpa) }
+        let i = firstEndingAfter(gpa)
+        return i < mappings.count && mappings[i].l2.contains(gpa) ? mappings[i] : nil
     }
 
-    /// Inserts a mapping known not to overlap any other.
+    /// `b` continues `a` in both address spaces with the same rights.
+    static func continues(_ a: PVMapping, _ b: PVMapping) -> Bool {
+        a.l2.end == b.l2.start && a.permissions == b.permissions && a.l1.adding(a.l2.length) == b.l1
+    }
+
+    /// Inserts a mapping known not to overlap any other, merging with its neighbours.
     mutating func insert(_ m: PVMapping) {
-        let i = mappings.firstIndex { $0.l2.start > m.l2.start } ?? mappings.count
+        var m = m
+        var i = firstEndingAfter(m.l2.start)
+        if i > 0, Self.continues(mappings[i - 1], m) {
+            let prev = mappings.remove(at: i - 1)
+            m = PVMapping(l2: AddressRange(start: prev.l2.start, length: prev.l2.length + m.l2.length)!, l1: prev.l1,
+                          permissions: m.permissions)
+            i -= 1
+        }
+        if i < mappings.count, Self.continues(m, mappings[i]) {
+            let next = mappings.remove(at: i)
+            m = PVMapping(l2: AddressRange(start: m.l2.start, length: m.l2.length + next.l2.length)!, l1: m.l1,
+                          permissions: m.permissions)
+        }
         mappings.insert(m, at: i)
     }
 
@@ -37,29 +72,47 @@ public struct PVMap: Sendable, Equatable {
     /// Returns the number of bytes that were mapped.
     @discardableResult
     mutating func remove(_ r: AddressRange<L2GPA>) -> UInt64 {
-        var kept: [PVMapping] = []
+        let first = firstEndingAfter(r.start)
+        var last = first
+        while last < mappings.count, mappings[last].l2.start < r.end { last += 1 }
+        guard first < last else { return 0 }
+        var replacement: [PVMapping] = []
         var removed: UInt64 = 0
-        for m in mappings {
-            guard m.l2.overlaps(r) else { kept.append(m); continue }
+        for m in mappings[first..<last] {
             let cutStart = max(m.l2.start, r.start), cutEnd = min(m.l2.end, r.end)
             removed += cutEnd.raw - cutStart.raw
             if m.l2.start < cutStart {
-                kept.append(PVMapping(l2: AddressRange(start: m.l2.start, length: cutStart.raw - m.l2.start.raw)!,
-                                      l1: m.l1, permissions: m.permissions))
+                replacement.append(PVMapping(l2: AddressRange(start: m.l2.start, length: cutStart.raw - m.l2.start.raw)!,
+                                             l1: m.l1, permissions: m.permissions))
             }
             if cutEnd < m.l2.end {
-                kept.append(PVMapping(l2: AddressRange(start: cutEnd, length: m.l2.end.raw - cutEnd.raw)!,
-                                      l1: m.l1Address(for: cutEnd)!, permissions: m.permissions))
+                replacement.append(PVMapping(l2: AddressRange(start: cutEnd, length: m.l2.end.raw - cutEnd.raw)!,
+                                             l1: m.l1Address(for: cutEnd)!, permissions: m.permissions))
             }
         }
-        mappings = kept.sorted { $0.l2.start < $1.l2.start }
+        mappings.replaceSubrange(first..<last, with: replacement)
         return removed
     }
 }
 
+/// An MSR policy L1 registered for its L2.
+public struct MSRPolicy: Equatable, Sendable {
+    public var action: PVMSRAction
+    public var writableMask: UInt64
+}
+
 /// Per-vCPU (and for this prototype, per-VM) PV state L0 keeps.
 public struct PVState: Sendable {
+    /// What this L0 offers (a stack option, so a test can offer less).
+    public var offered: PVFeatures = .all
+    /// Set by a successful `negotiate`: the features L1 enabled and its argument page.
+    public var negotiated = false
+    public var enabled: PVFeatures = []
+    public var argumentPage: L1GPA?
+    /// The last refused negotiation, in words (naming both versions on a major mismatch).
+    public var refusal: String?
     public var cpuid: CPUIDTable?
+    public var msrPolicy: [UInt32: MSRPolicy] = [:]
     public var map = PVMap()
     /// The PV exit page L1 registered with create-vCPU: where L2 exits L1 must see are written.
     public var exitPageGPA: L1GPA?

@@ -1,0 +1,49 @@
+import ABI
+
+/// The benchmark table, in the shape of kvm-unit-tests' x86/vmexit.c: a name and one small
+/// operation; the name is vmexit.c's where the meaning matches. `i` is the iteration number.
+public struct BenchOperation: Sendable {
+    public let name: String
+    public let summary: String
+    /// At most this many iterations (and no warm-up) when every iteration must be new work.
+    public let iterationLimit: UInt64?
+    public let body: @Sendable (GuestCPU, UInt64) -> Void
+}
+
+public enum BenchOperations {
+    /// Fresh pages for ept_first_touch: L2 RAM from 16 MiB up (below is the programs' own).
+    static let firstTouchBase: UInt64 = 16 << 20
+    static let firstTouchPages: UInt64 = (128 << 20) / pageSize - firstTouchBase / pageSize
+
+    public static let all: [BenchOperation] = [
+        BenchOperation(name: "cpuid", summary: "CPUID leaf 0 (vmexit.c cpuid)", iterationLimit: nil) { cpu, _ in
+            _ = cpu.cpuid(0, 0)
+        },
+        BenchOperation(name: "rd_tsc_adjust_msr", summary: "RDMSR IA32_TSC_ADJUST: L0 emulates it on pv, L1 on nvmx", iterationLimit: nil) { cpu, _ in
+            _ = cpu.rdmsr(0x3B)
+        },
+        BenchOperation(name: "wr_tsc_adjust_msr", summary: "WRMSR IA32_TSC_ADJUST", iterationLimit: nil) { cpu, i in
+            cpu.wrmsr(0x3B, i)
+        },
+        BenchOperation(name: "rd_misc_enable_msr", summary: "RDMSR IA32_MISC_ENABLE: L1 handles it on every path", iterationLimit: nil) { cpu, _ in
+            _ = cpu.rdmsr(0x1A0)
+        },
+        BenchOperation(name: "wr_misc_enable_msr", summary: "WRMSR IA32_MISC_ENABLE", iterationLimit: nil) { cpu, i in
+            cpu.wrmsr(0x1A0, i)
+        },
+        BenchOperation(name: "inl_from_kernel", summary: "IN from port 0x4d0, an L0 device", iterationLimit: nil) { cpu, _ in
+            _ = cpu.inPort(0x4D0, size: 4)
+        },
+        BenchOperation(name: "outl_to_kernel", summary: "OUT to port 0x4d0, an L0 device", iterationLimit: nil) { cpu, i in
+            cpu.outPort(0x4D0, i, size: 4)
+        },
+        BenchOperation(name: "inl_from_qemu", summary: "IN from port 0x1234, a device of L1's device model", iterationLimit: nil) { cpu, _ in
+            _ = cpu.inPort(0x1234, size: 4)
+        },
+        BenchOperation(name: "ept_first_touch", summary: "first write to a new L2 page", iterationLimit: firstTouchPages) { cpu, i in
+            cpu.write64(L2GPA(firstTouchBase + i * pageSize), i)
+        },
+    ]
+
+    public static func named(_ n: String) -> BenchOperation? { all.first { $0.name == n } }
+}
