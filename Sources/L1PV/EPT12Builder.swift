@@ -31,6 +31,18 @@ public struct EPT12Builder {
         return t
     }
 
+    /// Clears the 4 KiB leaf for `l2`, if its tables exist.
+    public mutating func unmap(_ l2: L2GPA) throws {
+        var table = root
+        for level in stride(from: EPT.levels, to: 1, by: -1) {
+            let index = (l2.raw >> UInt64(12 + 9 * (level - 1))) & (EPT.entriesPerTable - 1)
+            let entry = try memory.load64(L1GPA(table.raw + index * 8))
+            guard entry & EPT.rwxMask != 0 else { return }
+            table = L1GPA(entry & EPT.addressMask)
+        }
+        try memory.store64(0, L1GPA(table.raw + l2.pageNumber % EPT.entriesPerTable * 8))
+    }
+
     /// Maps one 4 KiB L2 page to an L1 page with `permissions` (EPT R/W/X), write-back.
     public mutating func map(_ l2: L2GPA, to l1: L1GPA, permissions: UInt64 = EPT.rwxMask) throws {
         var table = root

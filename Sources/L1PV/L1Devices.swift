@@ -49,8 +49,10 @@ public struct L1Devices {
     public func rdmsr(_ msr: UInt32) -> UInt64 { msrs[msr] ?? 0 }
     public mutating func wrmsr(_ msr: UInt32, _ value: UInt64) { msrs[msr] = value }
 
-    /// L2's VMCALL, answered as KVM answers a hypercall it does not implement.
-    public func hypercall(_ nr: UInt64) -> UInt64 { HypercallError.noSys.returnValue }
+    /// L2 GPA pages L2 gave back (ballooned): L1 will not map them again.
+    public private(set) var ballooned: Set<UInt64> = []
+    public mutating func balloon(_ gpa: L2GPA) { ballooned.insert(gpa.pageNumber) }
+    public func isBallooned(_ gpa: L2GPA) -> Bool { ballooned.contains(gpa.pageNumber) }
 
     /// An L2 access to a GPA no memory backs: reads float high, writes are dropped.
     public mutating func unassigned(isWrite: Bool, size: Int) -> UInt64 {

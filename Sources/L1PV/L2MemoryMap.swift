@@ -28,6 +28,17 @@ public struct L2MemoryMap: Sendable {
         return i < ranges.count && ranges[i].contains(gpa) ? ranges[i] : nil
     }
 
+    /// Forgets [gpa, +length).
+    public mutating func remove(_ gpa: L2GPA, length: UInt64) {
+        guard let i = ranges.firstIndex(where: { $0.contains(gpa) }) else { return }
+        let m = ranges.remove(at: i)
+        var pieces: [Range] = []
+        if m.l2 < gpa { pieces.append(Range(l2: m.l2, length: gpa.raw - m.l2.raw, l1: m.l1, permissions: m.permissions)) }
+        let end = gpa.raw + length, mEnd = m.l2.raw + m.length
+        if end < mEnd { pieces.append(Range(l2: L2GPA(end), length: mEnd - end, l1: L1GPA(m.l1.raw + (end - m.l2.raw)), permissions: m.permissions)) }
+        ranges.insert(contentsOf: pieces, at: i)
+    }
+
     static func continues(_ a: Range, _ b: Range) -> Bool {
         a.l2.raw + a.length == b.l2.raw && a.l1.raw + a.length == b.l1.raw && a.permissions == b.permissions
     }

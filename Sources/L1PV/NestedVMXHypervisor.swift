@@ -153,7 +153,7 @@ public final class NestedVMXHypervisor {
         case .eptViolation:
             let q = try cpu.vmread(.exitQualification)
             let gpa = L2GPA(try cpu.vmread(.guestPhysicalAddress))
-            if let l1 = L1MemoryPlan.backing(of: gpa) {
+            if let l1 = L1MemoryPlan.backing(of: gpa), !devices.isBallooned(gpa) {
                 // EPT12 maps it with fewer rights than the access: grant them (copy-on-write
                 // style), then INVEPT so L0 drops the stale shadow, and let L2 retry.
                 let allowed = (q >> EPTViolationQualification.readableShift) & EPT.rwxMask
@@ -183,10 +183,28 @@ public final class NestedVMXHypervisor {
                           guestRegisters[Register.rdx.rawValue] << 32 | guestRegisters[Register.rax.rawValue] & 0xFFFF_FFFF)
             try skipInstruction()
         case .vmcall:
-            guestRegisters[Register.rax.rawValue] = devices.hypercall(guestRegisters[Register.rax.rawValue])
+            guestRegisters[Register.rax.rawValue] = try l2Hypercall(guestRegisters[Register.rax.rawValue],
+                                                                   guestRegisters[Register.rbx.rawValue])
             try skipInstruction()
         default:
             throw L1Fault.unexpectedExit(reason, "no handler in this L1")
+        }
+    }
+}
+
+extension NestedVMXHypervisor {
+    /// L2's hypercalls to L1. Ballooning clears the EPT12 leaf and INVEPTs, so L0 drops the
+    /// EPT02 entry before L2 runs again.
+    func l2Hypercall(_ nr: UInt64, _ arg: UInt64) throws -> UInt64 {
+        guard let call = L2Hypercall(rawValue: nr) else { return HypercallError.noSys.returnValue }
+        switch call {
+        case .balloonPage:
+            let gpa = L2GPA(arg).pageBase
+            guard L1MemoryPlan.backing(of: gpa) != nil else { return HypercallError.invalid.returnValue }
+            try ept12.unmap(gpa)
+            try check("INVEPT", cpu.invept(type: 1, eptp: ept12.eptp))
+            devices.balloon(gpa)
+            return 0
         }
     }
 }

@@ -159,7 +159,7 @@ public final class PVHypervisor {
             let gpa = L2GPA(page[RunPage.guestPhysicalAddress])
             let q = page[RunPage.exitQualification]
             let access = q & EPT.rwxMask, allowed = (q >> EPTViolationQualification.readableShift) & EPT.rwxMask
-            guard let l1 = L1MemoryPlan.backing(of: gpa) else {
+            guard let l1 = L1MemoryPlan.backing(of: gpa), !devices.isBallooned(gpa) else {
                 // Memory L1 never gave L2: unassigned, the access completes without memory.
                 let write = access & EPTViolationQualification.dataWrite != 0
                 let v = devices.unassigned(isWrite: write, size: Int(page[RunPage.instructionInfo]))
@@ -193,10 +193,28 @@ public final class PVHypervisor {
                           page[register: .rdx] << 32 | page[register: .rax] & 0xFFFF_FFFF)
             skip()
         case .vmcall:
-            page[register: .rax] = devices.hypercall(page[register: .rax])
+            page[register: .rax] = try l2Hypercall(page[register: .rax], page[register: .rbx])
             skip()
         default:
             throw L1Fault.unexpectedExit(reason, "the PV L1 has no handler")
+        }
+    }
+}
+
+extension PVHypervisor {
+    /// L2's hypercalls to L1. Ballooning unmaps the page at L0 before L2 runs again.
+    func l2Hypercall(_ nr: UInt64, _ arg: UInt64) throws -> UInt64 {
+        guard let call = L2Hypercall(rawValue: nr) else { return HypercallError.noSys.returnValue }
+        switch call {
+        case .balloonPage:
+            let gpa = L2GPA(arg).pageBase
+            guard L1MemoryPlan.backing(of: gpa) != nil else { return HypercallError.invalid.returnValue }
+            if map.lookup(gpa) != nil {
+                try cpu.hypercall(.unmapGPARange, gpa.raw, pageSize)
+                map.remove(gpa, length: pageSize)
+            }
+            devices.balloon(gpa)
+            return 0
         }
     }
 }

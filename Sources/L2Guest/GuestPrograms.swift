@@ -13,7 +13,7 @@ public struct GuestProgram: Sendable {
 public let unmappedProbeGPA = L2GPA(0x8000_0000)
 
 public enum GuestPrograms {
-    public static let all: [GuestProgram] = [cpuidValues, memoryProbe, instructionTour, permissionProbe, msrPolicyProbe, cpuidForever]
+    public static let all: [GuestProgram] = [cpuidValues, memoryProbe, instructionTour, permissionProbe, msrPolicyProbe, balloonProbe, cpuidForever]
         + BenchOperations.all.map { op in
             GuestProgram(name: op.name, summary: op.summary) { cpu, args in
                 measureLoop(cpu, args) { i in op.body(cpu, i) }
@@ -106,6 +106,18 @@ public enum GuestPrograms {
             let (v, r) = cpu.rdmsrSafe(msr)
             cpu.sync(UInt64(msr), v, UInt64(w ?? 0xFF), UInt64(r ?? 0xFF))
         }
+        cpu.done()
+    }
+
+    /// Isolation: write a pattern to a page, give the page back to L1 (L2 hypercall), read it
+    /// again. args: [gpa, pattern]. syncs: before (gpa, value), hypercall result, after (gpa, value).
+    public static let balloonProbe = GuestProgram(name: "balloon-probe", summary: "read a page after L1 took it away") { cpu, args in
+        let gpa = L2GPA(args.count > 0 ? args[0] : 0x40_0000)
+        let pattern = args.count > 1 ? args[1] : 0x5EC2_E7DA_7A00_0001
+        cpu.write64(gpa, pattern)
+        cpu.sync(gpa.raw, cpu.read64(gpa))
+        cpu.sync(cpu.vmcall(0x4C32_0001, gpa.raw))
+        cpu.sync(gpa.raw, cpu.read64(gpa))
         cpu.done()
     }
 
