@@ -133,14 +133,21 @@ extension PVM {
         var args: [UInt64] = []
         @Option(name: .long, help: "Host memory in MiB (a sparse memfd).")
         var hostMemoryMiB: UInt64 = 1024
+        @Option(name: .long, help: "PV features L1 enables (as for `pvm bench`).")
+        var pvFeatures: String = "all"
+        @Option(name: .long, help: "How the PV L1 maps L2 memory: eager, per-page, batch.")
+        var pvMap: String = "eager"
 
         func run() throws {
             guard let p = NestingPath(rawValue: path) else { throw ValidationError("unknown path '\(path)'") }
+            guard let mode = PVMapMode(rawValue: pvMap) else { throw ValidationError("unknown --pv-map '\(pvMap)'") }
             guard GuestPrograms.named(program) != nil else {
                 throw ValidationError("unknown guest program '\(program)' (see `pvm programs`)")
             }
             var config = StackConfig(path: p, program: program, programArguments: args, tierExecutable: selfExecutable())
             config.hostMemoryBytes = hostMemoryMiB << 20
+            config.pvFeatures = try PVM.parseFeatures(pvFeatures)
+            config.pvMapMode = mode
             let result = try L0Stack(config: config).run()
             for line in result.harness.prints { print("[L2] \(line)") }
             for s in result.harness.syncs { print("sync " + s.map { "0x" + String($0, radix: 16) }.joined(separator: " ")) }
