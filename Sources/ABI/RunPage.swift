@@ -30,6 +30,8 @@ public enum RunPage {
     /// L0 -> L1 on the nvmx path: 1 when L1 is entered through a VM exit of its L2 (VMLAUNCH /
     /// VMRESUME "returned" at HOST_RIP), 0 when its VMX instruction simply completed.
     public static let enteredByVMExit: UInt64 = 0x060
+    /// VM_EXIT_INTR_ERROR_CODE: the error code of the exception that caused the exit.
+    public static let exitInterruptionErrorCode: UInt64 = 0x068
 
     /// General-purpose registers, RIP and RFLAGS, 8 bytes each, in `Register` order.
     public static let registers: UInt64 = 0x100
@@ -42,6 +44,29 @@ public enum Register: Int, CaseIterable, Sendable {
     case rax, rbx, rcx, rdx, rsi, rdi, rsp, rbp, r8, r9, r10, r11, r12, r13, r14, r15, rip, rflags
 
     public static let count = 18
+
+    /// The SDM's register numbering (exit qualifications, VMX_INSTRUCTION_INFO): RAX 0, RCX 1,
+    /// RDX 2, RBX 3, RSP 4, RBP 5, RSI 6, RDI 7, R8-R15 8-15. Not kvm_regs order.
+    public init?(sdmNumber n: UInt64) {
+        let order: [Register] = [.rax, .rcx, .rdx, .rbx, .rsp, .rbp, .rsi, .rdi,
+                                 .r8, .r9, .r10, .r11, .r12, .r13, .r14, .r15]
+        guard n < 16 else { return nil }
+        self = order[Int(n)]
+    }
+    public var sdmNumber: UInt64 {
+        switch self {
+        case .rax: 0
+        case .rcx: 1
+        case .rdx: 2
+        case .rbx: 3
+        case .rsp: 4
+        case .rbp: 5
+        case .rsi: 6
+        case .rdi: 7
+        case .rip, .rflags: 0xFF
+        default: UInt64(rawValue)   // r8-r15: 8-15 in both orders
+        }
+    }
     /// The registers no VMCS holds (every GPR but RSP): what hardware leaves in the CPU across
     /// a VM exit and software saves and restores. In `Register` order.
     public static let gprsOutsideVMCS: [Register] = [.rax, .rbx, .rcx, .rdx, .rsi, .rdi, .rbp,
@@ -49,14 +74,17 @@ public enum Register: Int, CaseIterable, Sendable {
 }
 
 /// VMX_INSTRUCTION_INFO for VMREAD/VMWRITE with register operands (SDM Table 28-13):
-/// bit 10 = register operand, reg1 in bits 6:3 (value), reg2 in bits 31:28 (field encoding).
+/// bit 10 = register operand, reg1 in bits 6:3 (value), reg2 in bits 31:28 (field encoding),
+/// registers in the SDM's numbering. INVEPT/INVVPID name their type register in bits 31:28 too.
 public enum VMXInstructionInfo {
     public static let registerOperand: UInt64 = 1 << 10
     public static func make(valueRegister: Register, fieldRegister: Register) -> UInt64 {
-        registerOperand | UInt64(valueRegister.rawValue) << 3 | UInt64(fieldRegister.rawValue) << 28
+        registerOperand | valueRegister.sdmNumber << 3 | fieldRegister.sdmNumber << 28
     }
-    public static func valueRegister(_ info: UInt64) -> Register? { Register(rawValue: Int((info >> 3) & 0xF)) }
-    public static func fieldRegister(_ info: UInt64) -> Register? { Register(rawValue: Int((info >> 28) & 0xF)) }
+    public static func make(typeRegister: Register) -> UInt64 { typeRegister.sdmNumber << 28 }
+    public static func valueRegister(_ info: UInt64) -> Register? { Register(sdmNumber: (info >> 3) & 0xF) }
+    public static func fieldRegister(_ info: UInt64) -> Register? { Register(sdmNumber: (info >> 28) & 0xF) }
+    public static func typeRegister(_ info: UInt64) -> Register? { Register(sdmNumber: (info >> 28) & 0xF) }
 }
 
 /// The ucall convention between a guest program and the harness, as in KVM selftests:

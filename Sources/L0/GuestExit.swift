@@ -13,11 +13,14 @@ public struct GuestExit: Equatable, Sendable {
     /// Memory operand of a VMX instruction (VMXON/VMPTRLD/VMCLEAR/INVEPT), already fetched.
     public var vmxOperand: UInt64 = 0
     public var interruptionInfo: UInt64 = 0
+    public var interruptionErrorCode: UInt64 = 0
 
     public init(reason: ExitReason, qualification: UInt64 = 0, guestPhysicalAddress: UInt64 = 0,
                 guestLinearAddress: UInt64 = 0, instructionLength: UInt64 = 0,
-                instructionInfo: UInt64 = 0, vmxOperand: UInt64 = 0, interruptionInfo: UInt64 = 0) {
+                instructionInfo: UInt64 = 0, vmxOperand: UInt64 = 0, interruptionInfo: UInt64 = 0,
+                interruptionErrorCode: UInt64 = 0) {
         self.interruptionInfo = interruptionInfo
+        self.interruptionErrorCode = interruptionErrorCode
         self.reason = reason
         self.qualification = qualification
         self.guestPhysicalAddress = guestPhysicalAddress
@@ -36,6 +39,7 @@ public struct GuestExit: Equatable, Sendable {
         self.instructionInfo = page[RunPage.instructionInfo]
         self.vmxOperand = page[RunPage.vmxOperand]
         self.interruptionInfo = page[RunPage.exitInterruptionInfo]
+        self.interruptionErrorCode = page[RunPage.exitInterruptionErrorCode]
     }
 
     public func write(to page: RunPageView) {
@@ -47,6 +51,7 @@ public struct GuestExit: Equatable, Sendable {
         page[RunPage.instructionInfo] = instructionInfo
         page[RunPage.vmxOperand] = vmxOperand
         page[RunPage.exitInterruptionInfo] = interruptionInfo
+        page[RunPage.exitInterruptionErrorCode] = interruptionErrorCode
     }
 }
 

@@ -107,7 +107,7 @@ public final class L1CPU {
     }
     public func invept(type: UInt64, eptp: UInt64) throws -> VMXInstructionResult {
         run[register: .rax] = type
-        try vmexit(.invept, length: 5, operand: eptp); return lastResult
+        try vmexit(.invept, length: 5, operand: eptp, info: VMXInstructionInfo.make(typeRegister: .rax)); return lastResult
     }
 
     @inline(__always)

@@ -80,7 +80,7 @@ import Testing
             ("vmxOperand", [RunPage.vmxOperand, 8]), ("exitInterruptionInfo", [RunPage.exitInterruptionInfo, 8]),
             ("vmxResult", [RunPage.vmxResult, 8]), ("vmInstructionError", [RunPage.vmInstructionError, 8]),
             ("eventInjection", [RunPage.eventInjection, 8]), ("eventErrorCode", [RunPage.eventErrorCode, 8]),
-            ("enteredByVMExit", [RunPage.enteredByVMExit, 8]),
+            ("enteredByVMExit", [RunPage.enteredByVMExit, 8]), ("exitInterruptionErrorCode", [RunPage.exitInterruptionErrorCode, 8]),
             ("registers", [RunPage.registers, RunPage.registersEnd - RunPage.registers]),
         ])
     }

@@ -17,6 +17,20 @@ import Testing
 
     @Test func basicLeafAboveTheMaximumAnswersLikeTheMaximumLeaf() {
         #expect(table.lookup(function: 9, index: 0).0 == 70)
-        #expect(table.lookup(function: 0x8000_0005, index: 0) == (0, 0, 0, 0))
+        // No extended class at all: out of range too (KVM's get_out_of_range_cpuid_entry).
+        #expect(table.lookup(function: 0x8000_0005, index: 0).0 == 70)
+    }
+
+    @Test func aMissingLeafInsideItsClassReadsZeros() {
+        let t = CPUIDTable(table.entries + [CPUIDEntry(function: 0x8000_0000, eax: 0x8000_0008, ebx: 0, ecx: 0, edx: 0)])
+        #expect(t.lookup(function: 0x8000_0005, index: 0) == (0, 0, 0, 0))
+        #expect(t.lookup(function: 0x8000_0009, index: 0).0 == 70)
+        #expect(table.lookup(function: 3, index: 0) == (0, 0, 0, 0))       // basic, within max 7
+    }
+
+    @Test func amdVendorsReadZerosOutOfRange() {
+        let amd = CPUIDTable([CPUIDEntry(function: 0, eax: 1, ebx: 0x6874_7541, ecx: 0x444D_4163, edx: 0x6974_6E65),
+                              CPUIDEntry(function: 1, eax: 5, ebx: 0, ecx: 0, edx: 0)])
+        #expect(amd.lookup(function: 9, index: 0) == (0, 0, 0, 0))
     }
 }

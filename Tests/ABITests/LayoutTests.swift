@@ -7,7 +7,7 @@ import Testing
                                RunPage.guestLinearAddress, RunPage.instructionLength, RunPage.instructionInfo,
                                RunPage.vmxOperand, RunPage.exitInterruptionInfo, RunPage.vmxResult,
                                RunPage.vmInstructionError, RunPage.eventInjection, RunPage.eventErrorCode,
-                               RunPage.enteredByVMExit]
+                               RunPage.enteredByVMExit, RunPage.exitInterruptionErrorCode]
         #expect(Set(slots).count == slots.count)
         for s in slots { #expect(s % 8 == 0 && s + 8 <= RunPage.registers) }
         #expect(RunPage.registersEnd <= RunPage.size)

@@ -215,7 +215,7 @@ import Transport
         for (number, register) in sdmNumbering {
             for r in Register.allCases { f.l2Run[register: r] = Plan.cr0PG }   // no owned bit changes
             f.l2Run[register: register] = 0                                     // ...except in the named register
-            withKnownIssue("crAccessReflects decodes bits 11:8 as Register(rawValue:), kvm_regs order") {
+            do {
                 #expect(reflects(.crAccess, qualification: Self.movToCR(0, gpr: number)), "GPR \(number) = \(register)")
             }
         }

@@ -23,9 +23,8 @@ extension L0VCPU {
         if let e = checkHostState(vmcs12) { return .failed(.failValid(e)) }
         if !guestStateIsValid(vmcs12) {
             // SDM 26.8: the entry fails after the instruction "succeeded"; L1 sees a VM exit.
-            vmcs12.launched = vmcs12.launched || launch
-            nestedVMExit(GuestExit(reason: ExitReason(rawValue: ExitReason.invalidState.rawValue | ExitReason.failedVMEntryFlag)),
-                         syncGuestState: false)
+            // The VMCS stays clear (launch state changes only on a successful entry).
+            nestedEntryFailureExit(reason: ExitReason(rawValue: ExitReason.invalidState.rawValue | ExitReason.failedVMEntryFlag))
             return .entryFailureExit
         }
 
@@ -44,14 +43,8 @@ extension L0VCPU {
         let secondary = cpu & CPUBased.activateSecondaryControls != 0 ? v[.secondaryVMExecControl] : 0
         counters.vmcs12FieldReads += 2
         guard secondary & SecondaryExec.enableEPT != 0 else { return .entryInvalidControlField }
-        let eptp = v[.eptPointer]
         counters.vmcs12FieldReads += 1
-        let memType = eptp & 7
-        guard memType == EPT.memoryTypeUC || memType == EPT.memoryTypeWB,
-              eptp & (7 << 3) == EPT.eptpWalkLength4,
-              eptp & 0xF80 == 0,
-              (try? l1Memory.memslots.translate(L1GPA(eptp & EPT.addressMask), length: pageSize)) != nil
-        else { return .entryInvalidControlField }
+        guard eptpIsValid(v[.eptPointer]) else { return .entryInvalidControlField }
         func bitmapValid(_ f: VMCSField) -> Bool {
             let a = L1GPA(v[f])
             counters.vmcs12FieldReads += 1
@@ -62,6 +55,16 @@ extension L0VCPU {
         }
         if cpu & CPUBased.useMSRBitmaps != 0, !bitmapValid(.msrBitmap) { return .entryInvalidControlField }
         return nil
+    }
+
+    /// SDM 26.2.1.1's EPTP rules: memory type UC or WB, 4-level walk, reserved bits 11:7 clear,
+    /// and (this L0's rule) a root inside L1's memory.
+    func eptpIsValid(_ eptp: UInt64) -> Bool {
+        let memType = eptp & 7
+        return (memType == EPT.memoryTypeUC || memType == EPT.memoryTypeWB)
+            && eptp & (7 << 3) == EPT.eptpWalkLength4
+            && eptp & 0xF80 == 0
+            && (try? l1Memory.memslots.translate(L1GPA(eptp & EPT.addressMask), length: pageSize)) != nil
     }
 
     /// SDM 26.2.2, the checks a 64-bit host needs.

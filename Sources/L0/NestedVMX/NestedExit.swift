@@ -26,18 +26,38 @@ extension L0VCPU {
         }
     }
 
+    /// A VM entry that failed its guest-state checks (SDM 26.8, KVM's nested_vmx_entry_failure):
+    /// only VM_EXIT_REASON and EXIT_QUALIFICATION change, L2 never ran so its state is not
+    /// synced, L1's GPRs stay as they were, and L1 continues at HOST_RIP.
+    func nestedEntryFailureExit(reason: ExitReason, qualification: UInt64 = 0) {
+        guard let v = nested.vmcs12 else { return }
+        v[.vmExitReason] = UInt64(reason.rawValue)
+        v[.exitQualification] = qualification
+        counters.vmcs12FieldWrites += 2
+        if nested.shadowing { copyVMCS12ToShadow() }
+        loadHostState(v)
+    }
+
+    /// SDM 27.5: L1 continues at HOST_RIP with HOST_RSP and RFLAGS = 0x2.
+    func loadHostState(_ v: VMCSImage) {
+        l1Run[register: .rip] = v[.hostRIP]
+        l1Run[register: .rsp] = v[.hostRSP]
+        l1Run[register: .rflags] = 0x2
+        counters.vmcs12FieldReads += 2
+        l1Run[RunPage.enteredByVMExit] = 1
+        l1Run[RunPage.vmxResult] = 0
+    }
+
     /// nested_vmx_vmexit: sync vmcs02 -> vmcs12, write the exit information, refresh the shadow
     /// VMCS, load vmcs12's host state into L1 and hand L1 L2's GPRs.
-    func nestedVMExit(_ exit: GuestExit, syncGuestState: Bool = true) {
+    func nestedVMExit(_ exit: GuestExit) {
         guard let v = nested.vmcs12 else { return }
         var writes: UInt64 = 0
-        if syncGuestState {
-            v[.guestRIP] = l2Run[register: .rip]
-            v[.guestRSP] = l2Run[register: .rsp]
-            v[.guestRFLAGS] = l2Run[register: .rflags]
-            v[.guestInterruptibilityInfo] = 0
-            writes += 4
-        }
+        v[.guestRIP] = l2Run[register: .rip]
+        v[.guestRSP] = l2Run[register: .rsp]
+        v[.guestRFLAGS] = l2Run[register: .rflags]
+        v[.guestInterruptibilityInfo] = 0
+        writes += 4
         v[.vmExitReason] = UInt64(exit.reason.rawValue)
         v[.exitQualification] = exit.qualification
         v[.guestPhysicalAddress] = exit.guestPhysicalAddress
@@ -45,25 +65,21 @@ extension L0VCPU {
         v[.vmExitInstructionLen] = exit.instructionLength
         v[.vmxInstructionInfo] = exit.instructionInfo
         v[.vmExitIntrInfo] = exit.interruptionInfo
+        v[.vmExitIntrErrorCode] = exit.interruptionErrorCode
         v[.idtVectoringInfoField] = 0
         v[.vmEntryIntrInfoField] = v[.vmEntryIntrInfoField] & ~(1 << 31)   // SDM 27.2: valid bit cleared
-        writes += 9
+        writes += 10
         counters.vmcs12FieldWrites += writes
         if nested.shadowing { copyVMCS12ToShadow() }
 
-        // Load host state (SDM 27.5): L1 continues at HOST_RIP with HOST_RSP, RFLAGS = 0x2.
+        // L2's GPRs stay in the CPU across the exit: L1 finds them in its registers.
         for r in Register.gprsOutsideVMCS {
             l1Run[register: r] = l2Run[register: r]
         }
-        l1Run[register: .rip] = v[.hostRIP]
-        l1Run[register: .rsp] = v[.hostRSP]
-        l1Run[register: .rflags] = 0x2
-        counters.vmcs12FieldReads += 2
+        loadHostState(v)
         // The decoded access size of a faulting load/store: what L1's instruction emulator would
         // learn by fetching and decoding the instruction from L2 memory (no VMREAD involved).
         l1Run[RunPage.instructionInfo] = exit.instructionInfo
-        l1Run[RunPage.enteredByVMExit] = 1
-        l1Run[RunPage.vmxResult] = 0
         nested.guestMode = false
         counters.vmcsSwitches += 1          // vmcs02 -> vmcs01
         counters.countDelivery(exit.reason)

@@ -28,8 +28,13 @@ public enum NestedExitRules {
         case .msrRead, .msrWrite:
             return msrReflects(UInt32(truncatingIfNeeded: l2[register: .rcx]), write: exit.reason == .msrWrite, cpu, v, l1Memory)
         case .exceptionNMI:
-            let vector = exit.interruptionInfo & 0xFF
-            return v[.exceptionBitmap] & (1 << vector) != 0
+            let vector = exit.interruptionInfo & 0xFF, type = (exit.interruptionInfo >> 8) & 7
+            if type == 2 { return v[.pinBasedVMExecControl] & PinBased.nmiExiting != 0 }   // NMI
+            let bitmapSays = v[.exceptionBitmap] & (1 << vector) != 0
+            guard vector == 14 else { return bitmapSays }
+            // #PF (SDM 25.2): bit 14 decides when PFEC & MASK == MATCH, its inverse otherwise.
+            let matches = exit.interruptionErrorCode & v[.pageFaultErrorCodeMask] == v[.pageFaultErrorCodeMatch]
+            return matches ? bitmapSays : !bitmapSays
         default:
             return true
         }
@@ -69,7 +74,7 @@ public enum NestedExitRules {
     /// would differ from its read shadow; CR3/CR8 by their load/store exiting controls.
     static func crAccessReflects(_ q: UInt64, _ v: VMCSImage, _ l2: RunPageView) -> Bool {
         let cr = q & 0xF, type = (q >> 4) & 3
-        let reg = Register(rawValue: Int((q >> 8) & 0xF)) ?? .rax
+        let reg = Register(sdmNumber: (q >> 8) & 0xF) ?? .rax
         let cpu = v[.cpuBasedVMExecControl]
         switch (cr, type) {
         case (0, 0):

@@ -21,7 +21,9 @@ extension L0VCPU {
             result = .succeed
         case .vmread: result = vmread(exit)
         case .vmwrite: result = vmwrite(exit)
-        case .invept: result = invept(type: l1Run[register: .rax], eptp: exit.vmxOperand)
+        case .invept:
+            let typeRegister = VMXInstructionInfo.typeRegister(exit.instructionInfo) ?? .rax
+            result = invept(type: l1Run[register: typeRegister], eptp: exit.vmxOperand)
         case .vmlaunch, .vmresume:
             switch nestedVMEntry(launch: exit.reason == .vmlaunch) {
             case .entered: return .enterL2
@@ -117,7 +119,10 @@ extension L0VCPU {
         guard let vmcs12 = nested.vmcs12 else { return .failInvalid }
         guard let fieldReg = VMXInstructionInfo.fieldRegister(exit.instructionInfo),
               let valueReg = VMXInstructionInfo.valueRegister(exit.instructionInfo) else { return vmfail(.unsupportedVMCSComponent) }
-        let field = VMCSField(rawValue: UInt32(truncatingIfNeeded: l1Run[register: fieldReg]))
+        // KVM: any bit above 14 of the 64-bit register (not only of its low half) is unsupported.
+        let raw = l1Run[register: fieldReg]
+        guard raw >> 15 == 0 else { return vmfail(.unsupportedVMCSComponent) }
+        let field = VMCSField(rawValue: UInt32(raw))
         guard field.isWellFormed, let v = vmcs12.read(field) else { return vmfail(.unsupportedVMCSComponent) }
         counters.vmcs12FieldReads += 1
         l1Run[register: valueReg] = v
@@ -128,7 +133,9 @@ extension L0VCPU {
         guard let vmcs12 = nested.vmcs12 else { return .failInvalid }
         guard let fieldReg = VMXInstructionInfo.fieldRegister(exit.instructionInfo),
               let valueReg = VMXInstructionInfo.valueRegister(exit.instructionInfo) else { return vmfail(.unsupportedVMCSComponent) }
-        let field = VMCSField(rawValue: UInt32(truncatingIfNeeded: l1Run[register: fieldReg]))
+        let raw = l1Run[register: fieldReg]
+        guard raw >> 15 == 0 else { return vmfail(.unsupportedVMCSComponent) }
+        let field = VMCSField(rawValue: UInt32(raw))
         guard field.isWellFormed, VMCS12Layout.slot(of: field) != nil else { return vmfail(.unsupportedVMCSComponent) }
         if field.isReadOnly { return vmfail(.vmwriteReadOnlyComponent) }
         vmcs12.write(field, l1Run[register: valueReg])
@@ -138,11 +145,13 @@ extension L0VCPU {
         return .succeed
     }
 
-    /// INVEPT: type 1 single-context (this EPTP), 2 global. Drops the EPT02 shadow it names.
+    /// INVEPT: type 1 single-context (the EPTP's root, bits 51:12), 2 global. Drops the EPT02
+    /// shadow it names. A single-context EPTP VM entry would refuse is an invalid operand.
     func invept(type: UInt64, eptp: UInt64) -> VMXInstructionResult {
         switch type {
         case 1:
-            if nested.shadowedEPTP == eptp { ept02.removeAll() }
+            guard eptpIsValid(eptp) else { return vmfail(.invalidOperandToINVEPTOrINVVPID) }
+            if let shadowed = nested.shadowedEPTP, shadowed & EPT.addressMask == eptp & EPT.addressMask { ept02.removeAll() }
         case 2:
             ept02.removeAll()
         default:

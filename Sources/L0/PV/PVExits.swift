@@ -32,7 +32,6 @@ extension L0VCPU {
             let perms = EPT02Entry.isPresent(ept02.entry(L2GPA(exit.guestPhysicalAddress)))
                 ? ept02.entry(L2GPA(exit.guestPhysicalAddress)) & EPT.rwxMask : 0
             e.qualification = (exit.qualification & EPT.rwxMask) | perms << EPTViolationQualification.readableShift
-            e.write(to: l2Run)
             return deliverPVExit(e)
         default:
             return deliverPVExit(exit)
@@ -73,7 +72,8 @@ extension L0VCPU {
         guard let gpa = pv.exitPageGPA,
               let page = try? l1Memory.host.runPage(at: l1Memory.memslots.translate(gpa, length: RunPage.size))
         else { return .stop(.fatal("L2 exit \(exit.reason) with no PV exit page registered")) }
-        l2Run.copy(to: page)
+        l2Run.copy(to: page)        // L2's registers (and the raw exit)...
+        exit.write(to: page)        // ...then the exit as L0 reports it
         counters.countDelivery(exit.reason)
         l1Run[register: .rax] = 0
         return .deliverToL1

@@ -114,6 +114,8 @@ extension L0VCPU {
     /// Every rule of `mapGPARange`, without changing anything.
     func validateMapping(l2: L2GPA, l1: L1GPA, length: UInt64, flags: UInt64) -> Result<ValidatedMapping, HypercallError> {
         guard flags & ~PVMapFlags.known == 0, flags & PVMapFlags.rwx != 0 else { return .failure(.invalid) }
+        // Write without read is an EPT misconfiguration (SDM 28.3.3.1): refuse it.
+        guard flags & PVMapFlags.write == 0 || flags & PVMapFlags.read != 0 else { return .failure(.invalid) }
         guard l2.isPageAligned, l1.isPageAligned, length > 0, length % pageSize == 0 else { return .failure(.invalid) }
         guard let l2Range = AddressRange(start: l2, length: length), AddressRange(start: l1, length: length) != nil
         else { return .failure(.invalid) }
