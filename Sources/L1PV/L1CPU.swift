@@ -146,14 +146,14 @@ public final class L1CPU {
 
     /// VMLAUNCH / VMRESUME with L2's GPRs loaded from `guestRegisters` (KVM loads them from its
     /// vcpu struct right before the instruction); on a VM exit, L2's GPRs are saved back there.
-    public func enter(launch: Bool, guestRegisters: inout [UInt64]) throws -> VMEntryOutcome {
+    public func enter(launch: Bool, guestRegisters: inout SavedGuestRegisters) throws -> VMEntryOutcome {
         for r in Register.gprsOutsideVMCS {
-            run[register: r] = guestRegisters[r.rawValue]
+            run[register: r] = guestRegisters[r]
         }
         try vmexit(launch ? .vmlaunch : .vmresume, length: 3)
         guard run[RunPage.enteredByVMExit] != 0 else { return .failed(lastResult) }
         for r in Register.gprsOutsideVMCS {
-            guestRegisters[r.rawValue] = run[register: r]
+            guestRegisters[r] = run[register: r]
         }
         return .vmExit
     }

@@ -1,8 +1,32 @@
 import ABI
 import Transport
 
+/// L2's registers as an L1 personality holds them: the PV exit page, or KVM's saved copy.
+public protocol GuestRegisterFile {
+    subscript(_ r: Register) -> UInt64 { get set }
+}
+
+extension RunPageView: GuestRegisterFile {
+    public subscript(_ r: Register) -> UInt64 {
+        get { self[register: r] }
+        set { self[register: r] = newValue }
+    }
+}
+
+/// KVM's vcpu->arch.regs: L2's registers saved at a VM exit and loaded before the next entry.
+public struct SavedGuestRegisters: GuestRegisterFile {
+    public var values = [UInt64](repeating: 0, count: Register.count)
+    public init() {}
+    public subscript(_ r: Register) -> UInt64 {
+        get { values[r.rawValue] }
+        set { values[r.rawValue] = newValue }
+    }
+}
+
 /// The devices L1 emulates for its L2 (its "QEMU"): a 16550-style serial console whose output
-/// the user sees, and unassigned memory that reads as all ones. Shared by both personalities.
+/// the user sees, a latch at port 0x1234, L2's MSRs, and unassigned memory that reads as all
+/// ones; plus the instructions both personalities complete the same way. Only how L1 gets the
+/// exit and skips the instruction differs between them.
 public struct L1Devices {
     public static let serialBase: UInt16 = 0x3F8
     public static let serialPorts: ClosedRange<UInt16> = 0x3F8...0x3FF
@@ -53,6 +77,57 @@ public struct L1Devices {
     public private(set) var ballooned: Set<UInt64> = []
     public mutating func balloon(_ gpa: L2GPA) { ballooned.insert(gpa.pageNumber) }
     public func isBallooned(_ gpa: L2GPA) -> Bool { ballooned.contains(gpa.pageNumber) }
+
+    /// Emulates an exit both personalities handle alike, leaving the result in `regs`; false if
+    /// `reason` is not one of them. The caller skips the instruction.
+    public mutating func emulate(_ reason: ExitReason, qualification q: UInt64, accessSize: Int,
+                                 _ regs: inout some GuestRegisterFile) -> Bool {
+        switch reason {
+        case .ioInstruction:
+            let v = portIO(port: IOQualification.port(q), isIn: IOQualification.isIn(q), value: regs[.rax])
+            if IOQualification.isIn(q) { regs[.rax] = v }
+        case .msrRead:
+            let v = rdmsr(UInt32(truncatingIfNeeded: regs[.rcx]))
+            regs[.rax] = v & 0xFFFF_FFFF
+            regs[.rdx] = v >> 32
+        case .msrWrite:
+            wrmsr(UInt32(truncatingIfNeeded: regs[.rcx]), regs[.rdx] << 32 | regs[.rax] & 0xFFFF_FFFF)
+        case .cpuid:
+            let (a, b, c, d) = L2CPUIDTable.table.lookup(function: UInt32(truncatingIfNeeded: regs[.rax]),
+                                                         index: UInt32(truncatingIfNeeded: regs[.rcx]))
+            regs[.rax] = UInt64(a); regs[.rbx] = UInt64(b); regs[.rcx] = UInt64(c); regs[.rdx] = UInt64(d)
+        case .hlt:
+            break
+        case .eptViolation:
+            // An access to memory L1 never gave L2 (the caller checked): unassigned.
+            let write = q & EPTViolationQualification.dataWrite != 0
+            let v = unassigned(isWrite: write, size: accessSize)
+            if !write { regs[.rax] = v }
+        default:
+            return false
+        }
+        return true
+    }
+
+    /// L2's VMCALL: RAX number, RBX argument, result in RAX. `unmap` takes a ballooned page
+    /// away from L2 the personality's way (hypercall, or EPT12 + INVEPT).
+    public mutating func l2Hypercall(_ regs: inout some GuestRegisterFile, unmap: (L2GPA) throws -> Void) rethrows {
+        guard let call = L2Hypercall(rawValue: regs[.rax]) else {
+            regs[.rax] = HypercallError.noSys.returnValue
+            return
+        }
+        switch call {
+        case .balloonPage:
+            let gpa = L2GPA(regs[.rbx]).pageBase
+            guard L1MemoryPlan.backing(of: gpa) != nil else {
+                regs[.rax] = HypercallError.invalid.returnValue
+                return
+            }
+            try unmap(gpa)
+            balloon(gpa)
+            regs[.rax] = 0
+        }
+    }
 
     /// An L2 access to a GPA no memory backs: reads float high, writes are dropped.
     public mutating func unassigned(isWrite: Bool, size: Int) -> UInt64 {

@@ -11,7 +11,7 @@ public final class NestedVMXHypervisor {
     var devices = L1Devices()
     var ept12: EPT12Builder
     /// L2's GPRs, saved at each VM exit and loaded before each entry (KVM: vcpu->arch.regs).
-    var guestRegisters = [UInt64](repeating: 0, count: Register.count)
+    var guestRegisters = SavedGuestRegisters()
     /// KVM's register cache for RIP and RSP: nil until read this exit; dirty once written.
     var cachedRIP: UInt64?
     var ripDirty = false
@@ -102,7 +102,7 @@ public final class NestedVMXHypervisor {
             (.hostRIP, 0xFFFF_FFFF_8100_0000), (.hostRSP, 0xFFFF_C900_0000_0000),
         ]
         for (f, v) in fields { try check("VMWRITE \(f)", cpu.vmwrite(f, v)) }
-        guestRegisters = [UInt64](repeating: 0, count: Register.count)
+        guestRegisters = SavedGuestRegisters()
     }
 
     // MARK: exit handling (KVM: vmx_handle_exit and the per-reason handlers)
@@ -136,20 +136,12 @@ public final class NestedVMXHypervisor {
         let reason = ExitReason(rawValue: UInt32(truncatingIfNeeded: try cpu.vmread(.vmExitReason)))
         _ = try cpu.vmread(.idtVectoringInfoField)     // vmx_complete_interrupts, every exit
         switch reason {
-        case .cpuid:
-            let (a, b, c, d) = L2CPUIDTable.table.lookup(function: UInt32(truncatingIfNeeded: guestRegisters[Register.rax.rawValue]),
-                                                         index: UInt32(truncatingIfNeeded: guestRegisters[Register.rcx.rawValue]))
-            guestRegisters[Register.rax.rawValue] = UInt64(a)
-            guestRegisters[Register.rbx.rawValue] = UInt64(b)
-            guestRegisters[Register.rcx.rawValue] = UInt64(c)
-            guestRegisters[Register.rdx.rawValue] = UInt64(d)
-            try skipInstruction()
+        case .cpuid, .hlt, .msrRead, .msrWrite:
+            // Handlers that need only GPRs (kvm_emulate_cpuid, kvm_emulate_halt, the MSR paths).
+            _ = devices.emulate(reason, qualification: 0, accessSize: 0, &guestRegisters)
         case .ioInstruction:
             let q = try cpu.vmread(.exitQualification)
-            let isIn = IOQualification.isIn(q)
-            let v = devices.portIO(port: IOQualification.port(q), isIn: isIn, value: guestRegisters[Register.rax.rawValue])
-            if isIn { guestRegisters[Register.rax.rawValue] = v }
-            try skipInstruction()
+            _ = devices.emulate(reason, qualification: q, accessSize: 0, &guestRegisters)
         case .eptViolation:
             let q = try cpu.vmread(.exitQualification)
             let gpa = L2GPA(try cpu.vmread(.guestPhysicalAddress))
@@ -165,46 +157,17 @@ public final class NestedVMXHypervisor {
             // the instruction (GUEST_RIP, CS access rights) and completes it.
             _ = try readRIP()
             _ = try cpu.vmread(.guestCSARBytes)
-            let write = q & EPTViolationQualification.dataWrite != 0
-            let v = devices.unassigned(isWrite: write, size: Int(cpu.run[RunPage.instructionInfo]))
-            if !write { guestRegisters[Register.rax.rawValue] = v }
-            try skipInstruction()
+            _ = devices.emulate(reason, qualification: q, accessSize: Int(cpu.run[RunPage.instructionInfo]), &guestRegisters)
         case .eptMisconfig:
             throw L1Fault.unexpectedExit(reason, "EPT12 is misconfigured at \(L2GPA(try cpu.vmread(.guestPhysicalAddress)))")
-        case .hlt:
-            try skipInstruction()
-        case .msrRead:
-            let v = devices.rdmsr(UInt32(truncatingIfNeeded: guestRegisters[Register.rcx.rawValue]))
-            guestRegisters[Register.rax.rawValue] = v & 0xFFFF_FFFF
-            guestRegisters[Register.rdx.rawValue] = v >> 32
-            try skipInstruction()
-        case .msrWrite:
-            devices.wrmsr(UInt32(truncatingIfNeeded: guestRegisters[Register.rcx.rawValue]),
-                          guestRegisters[Register.rdx.rawValue] << 32 | guestRegisters[Register.rax.rawValue] & 0xFFFF_FFFF)
-            try skipInstruction()
         case .vmcall:
-            guestRegisters[Register.rax.rawValue] = try l2Hypercall(guestRegisters[Register.rax.rawValue],
-                                                                   guestRegisters[Register.rbx.rawValue])
-            try skipInstruction()
+            try devices.l2Hypercall(&guestRegisters) { gpa in
+                try ept12.unmap(gpa)
+                try check("INVEPT", cpu.invept(type: 1, eptp: ept12.eptp))
+            }
         default:
             throw L1Fault.unexpectedExit(reason, "no handler in this L1")
         }
-    }
-}
-
-extension NestedVMXHypervisor {
-    /// L2's hypercalls to L1. Ballooning clears the EPT12 leaf and INVEPTs, so L0 drops the
-    /// EPT02 entry before L2 runs again.
-    func l2Hypercall(_ nr: UInt64, _ arg: UInt64) throws -> UInt64 {
-        guard let call = L2Hypercall(rawValue: nr) else { return HypercallError.noSys.returnValue }
-        switch call {
-        case .balloonPage:
-            let gpa = L2GPA(arg).pageBase
-            guard L1MemoryPlan.backing(of: gpa) != nil else { return HypercallError.invalid.returnValue }
-            try ept12.unmap(gpa)
-            try check("INVEPT", cpu.invept(type: 1, eptp: ept12.eptp))
-            devices.balloon(gpa)
-            return 0
-        }
+        try skipInstruction()
     }
 }

@@ -148,74 +148,34 @@ public final class PVHypervisor {
     /// One exit L0 delivered. L1 edits L2's registers in the PV exit page.
     func handleExit(_ page: RunPageView) throws {
         let reason = page.exitReason
-        let skip = { page[register: .rip] &+= page[RunPage.instructionLength] }
-        switch reason {
-        case .ioInstruction:
-            let q = page[RunPage.exitQualification]
-            let v = devices.portIO(port: IOQualification.port(q), isIn: IOQualification.isIn(q), value: page[register: .rax])
-            if IOQualification.isIn(q) { page[register: .rax] = v }
-            skip()
-        case .eptViolation:
+        let q = page[RunPage.exitQualification]
+        var regs = page
+        if reason == .eptViolation {
             let gpa = L2GPA(page[RunPage.guestPhysicalAddress])
-            let q = page[RunPage.exitQualification]
-            let access = q & EPT.rwxMask, allowed = (q >> EPTViolationQualification.readableShift) & EPT.rwxMask
-            guard let l1 = L1MemoryPlan.backing(of: gpa), !devices.isBallooned(gpa) else {
-                // Memory L1 never gave L2: unassigned, the access completes without memory.
-                let write = access & EPTViolationQualification.dataWrite != 0
-                let v = devices.unassigned(isWrite: write, size: Int(page[RunPage.instructionInfo]))
-                if !write { page[register: .rax] = v }
-                skip()
+            if let l1 = L1MemoryPlan.backing(of: gpa), !devices.isBallooned(gpa) {
+                let access = q & EPT.rwxMask, allowed = (q >> EPTViolationQualification.readableShift) & EPT.rwxMask
+                if allowed == 0 {
+                    try mapOnFirstTouch(gpa)            // not mapped yet: map, and L2 retries
+                } else {
+                    // A permission fault: L1 grants the access (copy-on-write style) and L2 retries.
+                    permissionFaults += 1
+                    let r = L2MemoryMap.Range(l2: gpa.pageBase, length: pageSize, l1: l1.pageBase, permissions: allowed | access)
+                    try install([r], flags: PVMapFlags.replace)
+                }
                 return
             }
-            if allowed == 0 {
-                try mapOnFirstTouch(gpa)            // not mapped yet: map, and L2 retries
-            } else {
-                // A permission fault: L1 grants the access (copy-on-write style) and L2 retries.
-                permissionFaults += 1
-                let r = L2MemoryMap.Range(l2: gpa.pageBase, length: pageSize, l1: l1.pageBase, permissions: allowed | access)
-                try install([r], flags: PVMapFlags.replace)
+        }
+        if reason == .vmcall {
+            try devices.l2Hypercall(&regs) { gpa in
+                if map.lookup(gpa) != nil {
+                    try cpu.hypercall(.unmapGPARange, gpa.raw, pageSize)
+                    map.remove(gpa, length: pageSize)
+                }
             }
-        case .cpuid:
-            // Only reached when L0 does not emulate CPUID directly.
-            let (a, b, c, d) = L2CPUIDTable.table.lookup(function: UInt32(truncatingIfNeeded: page[register: .rax]),
-                                                         index: UInt32(truncatingIfNeeded: page[register: .rcx]))
-            page[register: .rax] = UInt64(a); page[register: .rbx] = UInt64(b)
-            page[register: .rcx] = UInt64(c); page[register: .rdx] = UInt64(d)
-            skip()
-        case .hlt:
-            skip()
-        case .msrRead:
-            let v = devices.rdmsr(UInt32(truncatingIfNeeded: page[register: .rcx]))
-            page[register: .rax] = v & 0xFFFF_FFFF; page[register: .rdx] = v >> 32
-            skip()
-        case .msrWrite:
-            devices.wrmsr(UInt32(truncatingIfNeeded: page[register: .rcx]),
-                          page[register: .rdx] << 32 | page[register: .rax] & 0xFFFF_FFFF)
-            skip()
-        case .vmcall:
-            page[register: .rax] = try l2Hypercall(page[register: .rax], page[register: .rbx])
-            skip()
-        default:
+        } else if !devices.emulate(reason, qualification: q, accessSize: Int(page[RunPage.instructionInfo]), &regs) {
             throw L1Fault.unexpectedExit(reason, "the PV L1 has no handler")
         }
-    }
-}
-
-extension PVHypervisor {
-    /// L2's hypercalls to L1. Ballooning unmaps the page at L0 before L2 runs again.
-    func l2Hypercall(_ nr: UInt64, _ arg: UInt64) throws -> UInt64 {
-        guard let call = L2Hypercall(rawValue: nr) else { return HypercallError.noSys.returnValue }
-        switch call {
-        case .balloonPage:
-            let gpa = L2GPA(arg).pageBase
-            guard L1MemoryPlan.backing(of: gpa) != nil else { return HypercallError.invalid.returnValue }
-            if map.lookup(gpa) != nil {
-                try cpu.hypercall(.unmapGPARange, gpa.raw, pageSize)
-                map.remove(gpa, length: pageSize)
-            }
-            devices.balloon(gpa)
-            return 0
-        }
+        page[register: .rip] &+= page[RunPage.instructionLength]
     }
 }
 

@@ -115,34 +115,46 @@ extension L0VCPU {
         nested.vmcs12 = nil
     }
 
-    func vmread(_ exit: GuestExit) -> VMXInstructionResult {
-        guard let vmcs12 = nested.vmcs12 else { return .failInvalid }
+    /// VMREAD/VMWRITE's operands: the field (whole 64-bit register: KVM refuses any bit above
+    /// 14) and the value register. A VMfail result if they are unusable.
+    enum FieldOperands {
+        case usable(VMCSImage, VMCSField, valueRegister: Register)
+        case fail(VMXInstructionResult)
+    }
+
+    func fieldOperands(_ exit: GuestExit) -> FieldOperands {
+        guard let vmcs12 = nested.vmcs12 else { return .fail(.failInvalid) }
         guard let fieldReg = VMXInstructionInfo.fieldRegister(exit.instructionInfo),
-              let valueReg = VMXInstructionInfo.valueRegister(exit.instructionInfo) else { return vmfail(.unsupportedVMCSComponent) }
-        // KVM: any bit above 14 of the 64-bit register (not only of its low half) is unsupported.
+              let valueReg = VMXInstructionInfo.valueRegister(exit.instructionInfo) else { return .fail(vmfail(.unsupportedVMCSComponent)) }
         let raw = l1Run[register: fieldReg]
-        guard raw >> 15 == 0 else { return vmfail(.unsupportedVMCSComponent) }
-        let field = VMCSField(rawValue: UInt32(raw))
-        guard field.isWellFormed, let v = vmcs12.read(field) else { return vmfail(.unsupportedVMCSComponent) }
-        counters.vmcs12FieldReads += 1
-        l1Run[register: valueReg] = v
-        return .succeed
+        let field = VMCSField(rawValue: UInt32(truncatingIfNeeded: raw))
+        guard raw >> 15 == 0, field.isWellFormed, VMCS12Layout.slot(of: field) != nil else {
+            return .fail(vmfail(.unsupportedVMCSComponent))
+        }
+        return .usable(vmcs12, field, valueRegister: valueReg)
+    }
+
+    func vmread(_ exit: GuestExit) -> VMXInstructionResult {
+        switch fieldOperands(exit) {
+        case .fail(let r): return r
+        case let .usable(vmcs12, field, valueReg):
+            l1Run[register: valueReg] = vmcs12[field]
+            counters.vmcs12FieldReads += 1
+            return .succeed
+        }
     }
 
     func vmwrite(_ exit: GuestExit) -> VMXInstructionResult {
-        guard let vmcs12 = nested.vmcs12 else { return .failInvalid }
-        guard let fieldReg = VMXInstructionInfo.fieldRegister(exit.instructionInfo),
-              let valueReg = VMXInstructionInfo.valueRegister(exit.instructionInfo) else { return vmfail(.unsupportedVMCSComponent) }
-        let raw = l1Run[register: fieldReg]
-        guard raw >> 15 == 0 else { return vmfail(.unsupportedVMCSComponent) }
-        let field = VMCSField(rawValue: UInt32(raw))
-        guard field.isWellFormed, VMCS12Layout.slot(of: field) != nil else { return vmfail(.unsupportedVMCSComponent) }
-        if field.isReadOnly { return vmfail(.vmwriteReadOnlyComponent) }
-        vmcs12.write(field, l1Run[register: valueReg])
-        counters.vmcs12FieldWrites += 1
-        // KVM: a VMWRITE that exits dirties vmcs12, forcing the full vmcs02 rebuild.
-        nested.vmcs12Dirty = true
-        return .succeed
+        switch fieldOperands(exit) {
+        case .fail(let r): return r
+        case let .usable(vmcs12, field, valueReg):
+            if field.isReadOnly { return vmfail(.vmwriteReadOnlyComponent) }
+            vmcs12.write(field, l1Run[register: valueReg])
+            counters.vmcs12FieldWrites += 1
+            // KVM: a VMWRITE that exits dirties vmcs12, forcing the full vmcs02 rebuild.
+            nested.vmcs12Dirty = true
+            return .succeed
+        }
     }
 
     /// INVEPT: type 1 single-context (the EPTP's root, bits 51:12), 2 global. Drops the EPT02
