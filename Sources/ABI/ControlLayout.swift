@@ -2,7 +2,8 @@
 // of any guest's RAM. Every tier maps it; each only touches what its "hardware" would.
 //
 //   page 0                 header (magic, EPT02 generation)
-//   per vCPU i, 4 pages:   handoff word | L2<->L0 run page | L1<->L0 run page | shadow VMCS
+//   per vCPU i, 5 pages:   handoff word | L2<->L0 run page | L1<->L0 run page | shadow VMCS |
+//                          cached vmcs12 (L0's private copy when L1 uses an eVMCS)
 //   2 pages                VMREAD bitmap | VMWRITE bitmap   (VMCS shadowing, set by L0)
 //   EPT02                  one u64 per L2 page frame (L0 writes, L2's MMU reads)
 
@@ -21,12 +22,13 @@ public struct ControlLayout: Sendable, Equatable {
     /// Bumped by L0 whenever an EPT02 entry is removed or narrowed: L2's MMU drops its TLB.
     public static let ept02GenerationOffset: UInt64 = 8
 
-    static let pagesPerVCPU: UInt64 = 4
+    static let pagesPerVCPU: UInt64 = 5
     public func vcpuBase(_ i: Int) -> UInt64 { pageSize * (1 + UInt64(i) * Self.pagesPerVCPU) }
     public func handoff(_ i: Int) -> UInt64 { vcpuBase(i) }
     public func l2RunPage(_ i: Int) -> UInt64 { vcpuBase(i) + pageSize }
     public func l1RunPage(_ i: Int) -> UInt64 { vcpuBase(i) + 2 * pageSize }
     public func shadowVMCS(_ i: Int) -> UInt64 { vcpuBase(i) + 3 * pageSize }
+    public func cachedVMCS12(_ i: Int) -> UInt64 { vcpuBase(i) + 4 * pageSize }
     public var vmreadBitmap: UInt64 { vcpuBase(vcpuCount) }
     public var vmwriteBitmap: UInt64 { vmreadBitmap + pageSize }
     public var ept02: UInt64 { vmwriteBitmap + pageSize }

@@ -9,9 +9,12 @@ public enum NestingPath: String, Sendable, CaseIterable, Codable {
     case pv
     case nvmx
     case nvmxNoShadow = "nvmx-noshadow"
+    case nvmxEVMCS = "nvmx-evmcs"
 
     public var usesVMX: Bool { self != .pv }
     public var vmcsShadowing: Bool { self == .nvmx }
+    /// L1 uses an enlightened VMCS (Hyper-V eVMCS) instead of VMREAD/VMWRITE.
+    public var enlightenedVMCS: Bool { self == .nvmxEVMCS }
 }
 
 /// How the PV L1 maps L2's memory: all at start, one map hypercall per page on first touch, or a

@@ -20,6 +20,8 @@ public struct TransitionCounters: Equatable, Sendable {
     public var vmcs12FieldReads: UInt64 = 0
     public var vmcs12FieldWrites: UInt64 = 0
     public var shadowVMCSFieldCopies: UInt64 = 0
+    /// eVMCS <-> cached vmcs12 field copies (nvmx-evmcs).
+    public var evmcsFieldCopies: UInt64 = 0
     public var vmcsSwitches: UInt64 = 0
     public var ept12EntriesWalked: UInt64 = 0
     public var ept02Fills: UInt64 = 0
@@ -55,6 +57,7 @@ public struct TransitionCounters: Equatable, Sendable {
         d.vmcs12FieldReads = vmcs12FieldReads - earlier.vmcs12FieldReads
         d.vmcs12FieldWrites = vmcs12FieldWrites - earlier.vmcs12FieldWrites
         d.shadowVMCSFieldCopies = shadowVMCSFieldCopies - earlier.shadowVMCSFieldCopies
+        d.evmcsFieldCopies = evmcsFieldCopies - earlier.evmcsFieldCopies
         d.vmcsSwitches = vmcsSwitches - earlier.vmcsSwitches
         d.ept12EntriesWalked = ept12EntriesWalked - earlier.ept12EntriesWalked
         d.ept02Fills = ept02Fills - earlier.ept02Fills

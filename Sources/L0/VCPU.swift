@@ -36,6 +36,8 @@ public final class L0VCPU {
     /// MSRs L0 serves for L2 itself: on nvmx those L1's MSR bitmap passes through (hardware
     /// would access the real MSR; L0 keeps its value per vCPU). Unset MSRs read as 0.
     public var l0MSRs: [UInt32: UInt64] = [:]
+    /// L1's own MSRs (the VP assist page among them), kept by L0.
+    public var l1MSRs: [UInt32: UInt64] = [:]
     /// Devices L0 runs on ports (its in-kernel devices): fixed on nvmx, registered by L1 on pv.
     public var l0Devices: L0Devices
     /// Set when L1 asks for its L2 vCPU (PV create-vCPU or the first VMLAUNCH); the vCPU loop
@@ -62,7 +64,7 @@ public final class L0VCPU {
         counters.countL2Exit(exit.reason)
         switch path {
         case .pv: return handlePVL2Exit(exit)
-        case .nvmx, .nvmxNoShadow: return handleNestedL2Exit(exit)
+        case .nvmx, .nvmxNoShadow, .nvmxEVMCS: return handleNestedL2Exit(exit)
         }
     }
 
@@ -73,6 +75,8 @@ public final class L0VCPU {
         switch exit.reason {
         case .vmcall:
             return handleHypercall(exit)
+        case .msrRead, .msrWrite:
+            return handleL1MSR(exit)
         case .vmxon, .vmxoff, .vmclear, .vmptrld, .vmptrst, .vmread, .vmwrite, .vmlaunch, .vmresume, .invept:
             guard path.usesVMX else {
                 // No VMX for a PV L1 (CR4.VMXE stays clear): the instruction raises #UD.

@@ -23,6 +23,10 @@ public final class L1CPU {
     let layout: ControlLayout
     let shadow: VMCSImage
     let shadowActiveFlag: UInt64
+    /// With an enlightened VMCS, VMREAD/VMWRITE are plain accesses to it (no exit); a write
+    /// clears its field group's clean bit, as Hyper-V's evmcs_write does.
+    public private(set) var evmcs: VMCSImage?
+    public func useEnlightenedVMCS(_ image: VMCSImage) { evmcs = image }
     /// VMREAD/VMWRITE that the shadow VMCS served without an exit.
     public private(set) var shadowedReads: UInt64 = 0
     public private(set) var shadowedWrites: UInt64 = 0
@@ -119,8 +123,20 @@ public final class L1CPU {
 
     static let vmxInfo = VMXInstructionInfo.make(valueRegister: .rax, fieldRegister: .rdx)
 
-    /// VMREAD: from the shadow VMCS if the VMREAD bitmap bit is clear, else an exit.
+    /// WRMSR / RDMSR of one of L1's own MSRs: an exit to L0.
+    public func wrmsr(_ msr: UInt32, _ value: UInt64) throws {
+        run[register: .rcx] = UInt64(msr)
+        run[register: .rax] = value & 0xFFFF_FFFF
+        run[register: .rdx] = value >> 32
+        try vmexit(.msrWrite, length: 2)
+    }
+
+    /// VMREAD: from the eVMCS, or from the shadow VMCS if the VMREAD bitmap bit is clear, else an exit.
     public func vmread(_ f: VMCSField) throws -> UInt64 {
+        if let evmcs {
+            guard let v = evmcs.read(f) else { throw L1Fault.vmxFailure("VMREAD \(f)", .failValid(.unsupportedVMCSComponent)) }
+            return v
+        }
         if bitmapAllows(layout.vmreadBitmap, f), let v = shadow.read(f) {
             shadowedReads += 1
             return v
@@ -132,8 +148,16 @@ public final class L1CPU {
         return run[register: .rax]
     }
 
-    /// VMWRITE: to the shadow VMCS if the VMWRITE bitmap bit is clear, else an exit.
+    /// VMWRITE: to the eVMCS, or to the shadow VMCS if the VMWRITE bitmap bit is clear, else an exit.
     public func vmwrite(_ f: VMCSField, _ value: UInt64) throws -> VMXInstructionResult {
+        if let evmcs {
+            guard !f.isReadOnly, evmcs.write(f, value) else { return .failValid(.unsupportedVMCSComponent) }
+            if let g = EnlightenedVMCS.group(of: f) {
+                let at = evmcs.base + EnlightenedVMCS.cleanFieldsOffset
+                evmcs.region.unchecked(store: evmcs.region.unchecked(load: UInt32.self, at: at) & ~g.bit, at: at)
+            }
+            return .succeed
+        }
         if bitmapAllows(layout.vmwriteBitmap, f), shadow.write(f, value) {
             shadowedWrites += 1
             return .succeed

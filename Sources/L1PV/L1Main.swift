@@ -19,7 +19,7 @@ public enum L1Main {
             cpu.waitForFirstEntry()
             switch launch.path {
             case .pv: try PVHypervisor(cpu: cpu, memory: memory, features: launch.pvFeatures, mapMode: launch.pvMapMode).run()
-            case .nvmx, .nvmxNoShadow: try NestedVMXHypervisor(cpu: cpu, memory: memory).run()
+            case .nvmx, .nvmxNoShadow, .nvmxEVMCS: try NestedVMXHypervisor(cpu: cpu, memory: memory, enlightened: launch.path.enlightenedVMCS).run()
             }
         } catch {
             printError("pvm-l1: \(error)")

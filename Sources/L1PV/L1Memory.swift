@@ -68,6 +68,9 @@ public enum L1MemoryPlan {
     public static let ioBitmapA = L1GPA(0x0010_3000)
     public static let ioBitmapB = L1GPA(0x0010_4000)
     public static let msrBitmap = L1GPA(0x0010_5000)
+    /// The enlightened VMCS and the VP assist page naming it (nvmx-evmcs).
+    public static let evmcs = L1GPA(0x0010_7000)
+    public static let vpAssistPage = L1GPA(0x0010_8000)
     /// The PV argument page (registered at negotiate).
     public static let pvArgumentPage = L1GPA(0x0010_6000)
     /// Bulk hypercall arguments (the CPUID table).

@@ -16,9 +16,13 @@ public final class NestedVMXHypervisor {
     var cachedRIP: UInt64?
     var ripDirty = false
 
-    public init(cpu: L1CPU, memory: L1Memory) throws {
+    /// Use an enlightened VMCS (Hyper-V eVMCS) instead of VMCLEAR/VMPTRLD and VMREAD/VMWRITE.
+    let enlightened: Bool
+
+    public init(cpu: L1CPU, memory: L1Memory, enlightened: Bool = false) throws {
         self.cpu = cpu
         self.memory = memory
+        self.enlightened = enlightened
         self.ept12 = try EPT12Builder(memory: memory, pool: L1MemoryPlan.ept12Pool, poolSize: L1MemoryPlan.ept12PoolSize)
     }
 
@@ -46,11 +50,22 @@ public final class NestedVMXHypervisor {
     func setUpVMX() throws {
         try memory.zero(L1MemoryPlan.vmxonRegion, length: pageSize)
         try memory.store32(VMCS12Layout.revisionID, L1MemoryPlan.vmxonRegion)
-        try memory.zero(L1MemoryPlan.vmcs12, length: pageSize)
-        try memory.store32(VMCS12Layout.revisionID, L1MemoryPlan.vmcs12)
         try check("VMXON", cpu.vmxon(L1MemoryPlan.vmxonRegion))
-        try check("VMCLEAR", cpu.vmclear(L1MemoryPlan.vmcs12))
-        try check("VMPTRLD", cpu.vmptrld(L1MemoryPlan.vmcs12))
+        if enlightened {
+            // Hyper-V style: the eVMCS is named in the VP assist page, enabled by an MSR write.
+            try memory.zero(L1MemoryPlan.evmcs, length: pageSize)
+            try memory.store32(EnlightenedVMCS.revision, L1MemoryPlan.evmcs)
+            try memory.zero(L1MemoryPlan.vpAssistPage, length: pageSize)
+            try memory.store64(L1MemoryPlan.evmcs.raw, L1GPA(L1MemoryPlan.vpAssistPage.raw + VPAssistPage.currentNestedVMCS))
+            try memory.store8(1, L1GPA(L1MemoryPlan.vpAssistPage.raw + VPAssistPage.enlightenVMEntry))
+            try cpu.wrmsr(VPAssistPage.msr, L1MemoryPlan.vpAssistPage.raw | VPAssistPage.enable)
+            cpu.useEnlightenedVMCS(try memory.vmcs(L1MemoryPlan.evmcs))
+        } else {
+            try memory.zero(L1MemoryPlan.vmcs12, length: pageSize)
+            try memory.store32(VMCS12Layout.revisionID, L1MemoryPlan.vmcs12)
+            try check("VMCLEAR", cpu.vmclear(L1MemoryPlan.vmcs12))
+            try check("VMPTRLD", cpu.vmptrld(L1MemoryPlan.vmcs12))
+        }
 
         // I/O bitmaps: intercept the serial console only. MSR bitmap: intercept everything
         // except the MSRs KVM passes through (FS/GS base, KERNEL_GS_BASE).

@@ -37,6 +37,15 @@ import Testing
         #expect(r.deliveriesPerOp == 1.0)
     }
 
+    @Test func nvmxWithAnEnlightenedVMCSCostsTwoExitsAndNoVMREADOrVMWRITE() throws {
+        let r = try bench(.nvmxEVMCS)
+        #expect(r.l2ExitsPerOp == 1.0 && r.l1EntriesPerOp == 1.0)
+        #expect(perOp(r, r.l1ExitsByReasonPerOp) == ["VMRESUME": 1.0])
+        // Only the always-copied fields (RIP, RSP, RFLAGS) go eVMCS -> vmcs12 per entry, and the
+        // guest state plus exit information come back on each exit.
+        #expect(r.window.evmcsFieldCopies > 0 && r.window.shadowVMCSFieldCopies == 0)
+    }
+
     @Test func guestSeesTheSameCPUIDValuesOnEveryPathAndTheyAreL1sTable() throws {
         var answers: [NestingPath: [[UInt64]]] = [:]
         for path in NestingPath.allCases {

@@ -13,6 +13,7 @@ enum NestedEntryResult {
 extension L0VCPU {
     /// KVM's nested_vmx_run: checks in SDM order, then prepare_vmcs02 and enter L2.
     func nestedVMEntry(launch: Bool) -> NestedEntryResult {
+        if path.enlightenedVMCS, !loadEnlightenedVMCS() { return .failed(.failInvalid) }
         guard let vmcs12 = nested.vmcs12 else { return .failed(.failInvalid) }
         // L1's shadowed VMWRITEs since the last exit live in the shadow VMCS: fold them in.
         if nested.shadowing { copyShadowToVMCS12() }

@@ -35,6 +35,7 @@ extension L0VCPU {
         v[.exitQualification] = qualification
         counters.vmcs12FieldWrites += 2
         if nested.shadowing { copyVMCS12ToShadow() }
+        if path.enlightenedVMCS { writeBackEnlightenedVMCS() }
         loadHostState(v)
     }
 
@@ -71,6 +72,7 @@ extension L0VCPU {
         writes += 10
         counters.vmcs12FieldWrites += writes
         if nested.shadowing { copyVMCS12ToShadow() }
+        if path.enlightenedVMCS { writeBackEnlightenedVMCS() }
 
         // L2's GPRs stay in the CPU across the exit: L1 finds them in its registers.
         for r in Register.gprsOutsideVMCS {

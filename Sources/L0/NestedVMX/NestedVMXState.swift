@@ -20,11 +20,17 @@ public struct NestedVMXState: @unchecked Sendable {
     public var vmcs12Dirty = true
     /// The EPTP whose EPT12 the current EPT02 shadows.
     public var shadowedEPTP: UInt64?
+    /// Enlightened VMCS (nvmx-evmcs): L1's VP assist page, the eVMCS it names, and L0's own copy
+    /// of vmcs12 (in L0's memory) that entries and exits work on.
+    public var vpAssistPage: L1GPA?
+    public var evmcs: VMCSImage?
+    public let cachedVMCS12: VMCSImage
 
     init(shadowing: Bool, control: SharedRegion, layout: ControlLayout, vcpu: Int) {
         self.shadowing = shadowing
         self.control = control
         self.shadowVMCS = try! VMCSImage(region: control, base: layout.shadowVMCS(vcpu))  // fixed layout page
+        self.cachedVMCS12 = try! VMCSImage(region: control, base: layout.cachedVMCS12(vcpu))  // fixed layout page
         self.shadowActiveFlag = layout.handoff(vcpu) + HandoffLayout.shadowVMCSActive
     }
 
