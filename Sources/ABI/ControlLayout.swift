@@ -1,10 +1,12 @@
 // Layout of the control memfd: L0's own memory that the tiers share for control, never part
 // of any guest's RAM. Every tier maps it; each only touches what its "hardware" would.
 //
-//   page 0                 header (magic, EPT02 generation)
+//   page 0                 header (magic)
 //   per vCPU i, 5 pages:   handoff word | L2<->L0 run page | L1<->L0 run page | shadow VMCS |
 //                          cached vmcs12 (L0's private copy when L1 uses an eVMCS)
 //   2 pages                VMREAD bitmap | VMWRITE bitmap   (VMCS shadowing, set by L0)
+//   32 pages               L1 write-protect bitmap: one bit per L1 page below 4 GiB; a set bit
+//                          makes L1's stores to that page exit to L0 (EPT12 pages L0 shadows)
 //   EPT02                  one u64 per L2 page frame (L0 writes, L2's MMU reads)
 
 public struct ControlLayout: Sendable, Equatable {
@@ -19,8 +21,6 @@ public struct ControlLayout: Sendable, Equatable {
 
     public static let magic: UInt64 = 0x3130_4C5F_4D56_5000  // "\0PVM_L01"
     public static let magicOffset: UInt64 = 0
-    /// Bumped by L0 whenever an EPT02 entry is removed or narrowed: L2's MMU drops its TLB.
-    public static let ept02GenerationOffset: UInt64 = 8
 
     static let pagesPerVCPU: UInt64 = 5
     public func vcpuBase(_ i: Int) -> UInt64 { pageSize * (1 + UInt64(i) * Self.pagesPerVCPU) }
@@ -31,7 +31,10 @@ public struct ControlLayout: Sendable, Equatable {
     public func cachedVMCS12(_ i: Int) -> UInt64 { vcpuBase(i) + 4 * pageSize }
     public var vmreadBitmap: UInt64 { vcpuBase(vcpuCount) }
     public var vmwriteBitmap: UInt64 { vmreadBitmap + pageSize }
-    public var ept02: UInt64 { vmwriteBitmap + pageSize }
+    /// L1 GPAs below this can be write-protected (one bit per page).
+    public static let l1WriteProtectLimit: UInt64 = 4 << 30
+    public var l1WriteProtectBitmap: UInt64 { vmwriteBitmap + pageSize }
+    public var ept02: UInt64 { l1WriteProtectBitmap + Self.l1WriteProtectLimit / pageSize / 8 }
     public var ept02Entries: UInt64 { l2AddressLimit >> pageShift }
     public var totalSize: UInt64 { ept02 + ept02Entries * 8 }
 }

@@ -17,9 +17,10 @@ public enum NestingPath: String, Sendable, CaseIterable, Codable {
     public var enlightenedVMCS: Bool { self == .nvmxEVMCS }
 }
 
-/// How the PV L1 maps L2's memory: all at start, one map hypercall per page on first touch, or a
-/// batch hypercall for a window of pages around each first touch.
-public enum PVMapMode: String, Sendable, CaseIterable {
+/// How L1 maps L2's memory: all at start; one page at its first touch (a map hypercall on pv, an
+/// EPT12 entry on nvmx, as KVM's MMU does); or a window of 64 pages around each first touch (a
+/// batch hypercall, or 64 EPT12 entries and one INVEPT).
+public enum L2MapMode: String, Sendable, CaseIterable {
     case eager
     case perPage = "per-page"
     case batch

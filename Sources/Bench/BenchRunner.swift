@@ -3,36 +3,35 @@ import L0
 import L2Guest
 import Transport
 
-/// One configuration of the stack a test runs on: a path, and on pv the features L1 enables
-/// and how it maps L2's memory.
+/// One configuration of the stack a test runs on: a path, how L1 maps L2's memory, and on pv
+/// the features L1 enables.
 public struct BenchVariant: Sendable, Equatable {
     public var path: NestingPath
     public var pvFeatures: PVFeatures = .all
-    public var pvMapMode: PVMapMode = .eager
+    public var l2MapMode: L2MapMode = .eager
 
-    public init(path: NestingPath, pvFeatures: PVFeatures = .all, pvMapMode: PVMapMode = .eager) {
+    public init(path: NestingPath, pvFeatures: PVFeatures = .all, l2MapMode: L2MapMode = .eager) {
         self.path = path
         self.pvFeatures = pvFeatures
-        self.pvMapMode = pvMapMode
+        self.l2MapMode = l2MapMode
     }
 
-    /// `pv`, `pv[-direct-cpuid]`, `pv(per-page)`, `nvmx`...
+    /// `pv`, `pv[-direct-cpuid]`, `pv(per-page)`, `nvmx(batch)`...
     public var label: String {
-        guard path == .pv else { return path.rawValue }
-        var s = "pv"
-        if pvFeatures != .all {
+        var s = path.rawValue
+        if path == .pv && pvFeatures != .all {
             let off = PVFeatures.names.filter { !pvFeatures.contains($0.1) }.map { "-" + $0.0 }
             s += pvFeatures.isEmpty ? "[none]" : "[" + off.joined(separator: ",") + "]"
         }
-        if pvMapMode != .eager { s += "(\(pvMapMode.rawValue))" }
+        if l2MapMode != .eager { s += "(\(l2MapMode.rawValue))" }
         return s
     }
 
     /// The pv rows of an ablation: every feature, each one switched off, none.
-    public static func ablation(mapMode: PVMapMode = .eager) -> [BenchVariant] {
-        [BenchVariant(path: .pv, pvMapMode: mapMode)]
-            + PVFeatures.names.map { BenchVariant(path: .pv, pvFeatures: PVFeatures.all.subtracting($0.1), pvMapMode: mapMode) }
-            + [BenchVariant(path: .pv, pvFeatures: [], pvMapMode: mapMode)]
+    public static func ablation(mapMode: L2MapMode = .eager) -> [BenchVariant] {
+        [BenchVariant(path: .pv, l2MapMode: mapMode)]
+            + PVFeatures.names.map { BenchVariant(path: .pv, pvFeatures: PVFeatures.all.subtracting($0.1), l2MapMode: mapMode) }
+            + [BenchVariant(path: .pv, pvFeatures: [], l2MapMode: mapMode)]
     }
 }
 
@@ -78,7 +77,7 @@ public struct BenchRunner: Sendable {
         var config = StackConfig(path: variant.path, program: op.name, programArguments: [n, w], tierExecutable: tierExecutable)
         config.placement = placement
         config.pvFeatures = variant.pvFeatures
-        config.pvMapMode = variant.pvMapMode
+        config.l2MapMode = variant.l2MapMode
         let result = try L0Stack(config: config).run()
         guard result.succeeded else { throw BenchError.runFailed(test: test, variant: variant.label, result.stop) }
         guard let window = result.harness.windows.first, let latency = result.harness.reports.first else {
@@ -87,13 +86,10 @@ public struct BenchRunner: Sendable {
         return BenchResult(test: test, variant: variant, iterations: latency.samples, latency: latency, window: window)
     }
 
-    /// The variants a test runs on by default: every path; first touch also with each PV map mode.
+    /// The variants a test runs on by default: every path; first touch with each map mode.
     public static func defaultVariants(for test: String, paths: [NestingPath]) -> [BenchVariant] {
         paths.flatMap { p -> [BenchVariant] in
-            if p == .pv && test == "ept_first_touch" {
-                return PVMapMode.allCases.map { BenchVariant(path: .pv, pvMapMode: $0) }
-            }
-            return [BenchVariant(path: p)]
+            test == "ept_first_touch" ? L2MapMode.allCases.map { BenchVariant(path: p, l2MapMode: $0) } : [BenchVariant(path: p)]
         }
     }
 }

@@ -59,7 +59,7 @@ public enum Report {
         var path: String
         var variant: String
         var pv_features: String?
-        var pv_map: String?
+        var l2_map: String
         var iterations: UInt64
         var ns_per_op: Latency
         var per_op: PerOp
@@ -75,7 +75,7 @@ public enum Report {
         let rows = results.map { r in
             Row(test: r.test, path: r.path.rawValue, variant: r.variant.label,
                 pv_features: r.path == .pv ? r.variant.pvFeatures.description : nil,
-                pv_map: r.path == .pv ? r.variant.pvMapMode.rawValue : nil, iterations: r.iterations,
+                l2_map: r.variant.l2MapMode.rawValue, iterations: r.iterations,
                 ns_per_op: .init(median: r.latency.medianNanos, p99: r.latency.p99Nanos, min: r.latency.minNanos,
                                  max: r.latency.maxNanos, mean: Double(r.latency.totalNanos) / Double(max(r.iterations, 1))),
                 per_op: .init(l2_exits: r.l2ExitsPerOp, l1_entries: r.l1EntriesPerOp, l1_exits: r.l1ExitsPerOp,

@@ -25,6 +25,9 @@ public struct TransitionCounters: Equatable, Sendable {
     public var vmcsSwitches: UInt64 = 0
     public var ept12EntriesWalked: UInt64 = 0
     public var ept02Fills: UInt64 = 0
+    /// L1 stores to write-protected EPT12 pages L0 emulated, and leaf tables that went unsync.
+    public var ept12WriteTraps: UInt64 = 0
+    public var ept12Unsyncs: UInt64 = 0
 
     public init() {}
 
@@ -61,6 +64,8 @@ public struct TransitionCounters: Equatable, Sendable {
         d.vmcsSwitches = vmcsSwitches - earlier.vmcsSwitches
         d.ept12EntriesWalked = ept12EntriesWalked - earlier.ept12EntriesWalked
         d.ept02Fills = ept02Fills - earlier.ept02Fills
+        d.ept12WriteTraps = ept12WriteTraps - earlier.ept12WriteTraps
+        d.ept12Unsyncs = ept12Unsyncs - earlier.ept12Unsyncs
         return d
     }
 }

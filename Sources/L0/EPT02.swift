@@ -2,11 +2,14 @@ import ABI
 import Transport
 
 /// EPT02: the table L2's MMU uses, L2 GPA page -> host page + R/W/X. L0 alone writes it, from the
-/// PV map (pv path) or from EPT12 walks (nvmx path). Removing or narrowing an entry bumps the
-/// generation so L2's MMU drops cached translations before it runs again.
-public struct EPT02: @unchecked Sendable {
+/// PV map (pv path) or from EPT12 walks (nvmx path). L2's MMU reads it on every access, so a
+/// removed entry is gone before L2 runs again. L0 remembers which entries are present, so
+/// dropping everything costs what is there, not the size of the L2 address space.
+public final class EPT02: @unchecked Sendable {
     let control: SharedRegion
     let layout: ControlLayout
+    /// Frames with a present entry.
+    public private(set) var present: Set<UInt64> = []
 
     public init(control: SharedRegion, layout: ControlLayout) {
         self.control = control
@@ -37,13 +40,8 @@ public struct EPT02: @unchecked Sendable {
     @discardableResult
     public func install(_ gpa: L2GPA, host: HostOffset, permissions: UInt64) -> Bool {
         guard let s = slot(gpa) else { return false }
-        let old = control.unchecked(load: UInt64.self, at: s)
-        let new = EPT02Entry.make(host: host.pageBase, permissions: permissions)
-        control.unchecked(store: new, at: s)
-        // Replacing a live entry with another target or fewer rights must flush L2's TLB.
-        if EPT02Entry.isPresent(old), old != new, (old & ~new) != 0 || EPT02Entry.host(old) != EPT02Entry.host(new) {
-            bumpGeneration()
-        }
+        control.unchecked(store: EPT02Entry.make(host: host.pageBase, permissions: permissions), at: s)
+        present.insert(gpa.pageNumber)
         return true
     }
 
@@ -57,22 +55,17 @@ public struct EPT02: @unchecked Sendable {
             let s = layout.ept02 + (p >> pageShift) * 8
             if control.unchecked(load: UInt64.self, at: s) != 0 {
                 control.unchecked(store: UInt64(0), at: s)
+                present.remove(p >> pageShift)
                 removed += 1
             }
             p += pageSize
         }
-        if removed > 0 { bumpGeneration() }
         return removed
     }
 
-    /// Drops every entry (INVEPT global, or a fresh EPT02 root).
+    /// Drops every entry (INVEPT, or a fresh EPT02 root).
     public func removeAll() {
-        try? control.fill(0, at: layout.ept02, count: layout.ept02Entries * 8)
-        bumpGeneration()
-    }
-
-    public var generation: UInt64 { control.unchecked(load: UInt64.self, at: ControlLayout.ept02GenerationOffset) }
-    func bumpGeneration() {
-        control.unchecked(store: generation &+ 1, at: ControlLayout.ept02GenerationOffset)
+        for frame in present { control.unchecked(store: UInt64(0), at: layout.ept02 + frame * 8) }
+        present.removeAll(keepingCapacity: true)
     }
 }

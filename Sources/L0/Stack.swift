@@ -51,7 +51,7 @@ public final class L0Stack {
                               l1Slot: config.l1Slot, cpu: config.placement.cpu(for: tier),
                               program: config.program, programArguments: config.programArguments)
         spec.pvFeatures = config.pvFeatures
-        spec.pvMapMode = config.pvMapMode
+        spec.l2MapMode = config.l2MapMode
         do {
             return try ChildProcess(tier: tier, path: config.tierExecutable, arguments: ["__tier", spec.encoded],
                                     fds: [control.fd, hostMemory.fd])
@@ -119,8 +119,11 @@ public final class L0Stack {
                 }
             case .stopping(let reason):
                 shutdown()
+                var pids: [Tier: Int32] = [:]
+                for c in [l1, l2].compactMap({ $0 }) { pids[c.tier] = c.pid }
                 return StackResult(stop: reason, counters: vcpu.counters, harness: vcpu.harness,
-                                   l1Status: l1?.status, l2Status: l2?.status, wallNanos: monotonicNanos() - started)
+                                   l1Status: l1?.status, l2Status: l2?.status, tierPIDs: pids,
+                                   wallNanos: monotonicNanos() - started)
             }
         }
     }

@@ -23,7 +23,7 @@ public struct StackConfig: Sendable {
     /// pv only: the features L1 enables (L0 offers `pvOffered`), and how L1 maps L2's memory.
     public var pvFeatures: PVFeatures = .all
     public var pvOffered: PVFeatures = .all
-    public var pvMapMode: PVMapMode = .eager
+    public var l2MapMode: L2MapMode = .eager
 
     public init(path: NestingPath, program: String, programArguments: [UInt64] = [], tierExecutable: String) {
         self.path = path
@@ -45,6 +45,8 @@ public struct StackResult: Sendable {
     public var harness: Harness
     public var l1Status: ExitStatus?
     public var l2Status: ExitStatus?
+    /// The child tiers' process ids (reaped by the time the result exists).
+    public var tierPIDs: [Tier: Int32] = [:]
     public var wallNanos: UInt64
 
     /// True when the guest program ran to `done` and both child tiers exited cleanly.

@@ -77,6 +77,8 @@ public final class L0VCPU {
             return handleHypercall(exit)
         case .msrRead, .msrWrite:
             return handleL1MSR(exit)
+        case .eptViolation where path.usesVMX:
+            return handleL1WriteTrap(exit)
         case .vmxon, .vmxoff, .vmclear, .vmptrld, .vmptrst, .vmread, .vmwrite, .vmlaunch, .vmresume, .invept:
             guard path.usesVMX else {
                 // No VMX for a PV L1 (CR4.VMXE stays clear): the instruction raises #UD.

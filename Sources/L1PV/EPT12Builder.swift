@@ -31,16 +31,27 @@ public struct EPT12Builder {
         return t
     }
 
-    /// Clears the 4 KiB leaf for `l2`, if its tables exist.
-    public mutating func unmap(_ l2: L2GPA) throws {
+    /// The 4 KiB leaf slot for `l2`, if its tables exist.
+    func leafSlot(_ l2: L2GPA) throws -> L1GPA? {
         var table = root
         for level in stride(from: EPT.levels, to: 1, by: -1) {
             let index = (l2.raw >> UInt64(12 + 9 * (level - 1))) & (EPT.entriesPerTable - 1)
             let entry = try memory.load64(L1GPA(table.raw + index * 8))
-            guard entry & EPT.rwxMask != 0 else { return }
+            guard entry & EPT.rwxMask != 0 else { return nil }
             table = L1GPA(entry & EPT.addressMask)
         }
-        try memory.store64(0, L1GPA(table.raw + l2.pageNumber % EPT.entriesPerTable * 8))
+        return L1GPA(table.raw + l2.pageNumber % EPT.entriesPerTable * 8)
+    }
+
+    public func isMapped(_ l2: L2GPA) throws -> Bool {
+        guard let slot = try leafSlot(l2) else { return false }
+        return try memory.load64(slot) & EPT.rwxMask != 0
+    }
+
+    /// Clears the 4 KiB leaf for `l2`, if its tables exist.
+    public mutating func unmap(_ l2: L2GPA) throws {
+        guard let slot = try leafSlot(l2) else { return }
+        try memory.store64(0, slot)
     }
 
     /// Maps one 4 KiB L2 page to an L1 page with `permissions` (EPT R/W/X), write-back.

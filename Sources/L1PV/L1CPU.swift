@@ -15,7 +15,7 @@ public enum VMEntryOutcome: Equatable, Sendable {
 /// L1's CPU: VMCALL and the VMX instructions, each an exit to L0 through the L1 run page; with
 /// VMCS shadowing on, VMREAD/VMWRITE of shadowed fields go to the shadow VMCS without an exit,
 /// exactly when the VMREAD/VMWRITE bitmaps L0 set say so.
-public final class L1CPU {
+public final class L1CPU: L1StoreTrap {
     let run: RunPageView
     let handoff: Handoff
     let policy: WaitPolicy
@@ -122,6 +122,20 @@ public final class L1CPU {
     }
 
     static let vmxInfo = VMXInstructionInfo.make(valueRegister: .rax, fieldRegister: .rdx)
+
+    /// A store to a page L0 write-protected: L1's own EPT violation; L0 emulates the store.
+    public func trappedStore(_ value: UInt64, size: Int, at gpa: L1GPA) throws {
+        run[register: .rax] = value
+        run[RunPage.guestPhysicalAddress] = gpa.raw
+        run[RunPage.exitQualification] = EPTViolationQualification.dataWrite
+        try vmexit(.eptViolation, length: 3, info: UInt64(size))
+    }
+
+    public func isWriteProtected(_ gpa: L1GPA) -> Bool {
+        let page = gpa.pageNumber
+        guard page < ControlLayout.l1WriteProtectLimit / pageSize else { return false }
+        return control.unchecked(load: UInt8.self, at: layout.l1WriteProtectBitmap + page / 8) & (1 << UInt8(page % 8)) != 0
+    }
 
     /// WRMSR / RDMSR of one of L1's own MSRs: an exit to L0.
     public func wrmsr(_ msr: UInt32, _ value: UInt64) throws {

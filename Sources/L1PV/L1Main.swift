@@ -13,13 +13,14 @@ public enum L1Main {
         placement.apply(as: .l1)
         do {
             let control = try SharedRegion(adopt: TierLaunch.controlFD)
-            let memory = L1Memory(slot: launch.l1Slot, host: HostMemory(region: try SharedRegion(adopt: TierLaunch.hostMemoryFD)))
+            var memory = L1Memory(slot: launch.l1Slot, host: HostMemory(region: try SharedRegion(adopt: TierLaunch.hostMemoryFD)))
             let cpu = try L1CPU(control: control, layout: launch.layout, vcpu: launch.vcpu,
                                 policy: placement.waitPolicy(for: .l1))
+            memory.trap = cpu
             cpu.waitForFirstEntry()
             switch launch.path {
-            case .pv: try PVHypervisor(cpu: cpu, memory: memory, features: launch.pvFeatures, mapMode: launch.pvMapMode).run()
-            case .nvmx, .nvmxNoShadow, .nvmxEVMCS: try NestedVMXHypervisor(cpu: cpu, memory: memory, enlightened: launch.path.enlightenedVMCS).run()
+            case .pv: try PVHypervisor(cpu: cpu, memory: memory, features: launch.pvFeatures, mapMode: launch.l2MapMode).run()
+            case .nvmx, .nvmxNoShadow, .nvmxEVMCS: try NestedVMXHypervisor(cpu: cpu, memory: memory, enlightened: launch.path.enlightenedVMCS, mapMode: launch.l2MapMode).run()
             }
         } catch {
             printError("pvm-l1: \(error)")

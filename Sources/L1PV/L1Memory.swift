@@ -1,15 +1,25 @@
 import ABI
 import Transport
 
+/// Where L1's stores to write-protected pages go: its CPU, which exits to L0 (L1's own EPT
+/// violation) so L0 can emulate the store.
+public protocol L1StoreTrap: AnyObject {
+    func isWriteProtected(_ gpa: L1GPA) -> Bool
+    func trappedStore(_ value: UInt64, size: Int, at gpa: L1GPA) throws
+}
+
 /// L1's own RAM as L1 addresses it: its memslot, mapped from the host memfd. L1 can reach only
-/// [slot base, +size); everything else throws.
-public struct L1Memory: Sendable {
+/// [slot base, +size); everything else throws. Stores honour L0's write protection, as the
+/// hardware would through EPT01: a store to a protected page traps instead of landing.
+public struct L1Memory {
     public let slot: MemorySlot
     public let host: HostMemory
+    public var trap: (any L1StoreTrap)?
 
-    public init(slot: MemorySlot, host: HostMemory) {
+    public init(slot: MemorySlot, host: HostMemory, trap: (any L1StoreTrap)? = nil) {
         self.slot = slot
         self.host = host
+        self.trap = trap
     }
 
     public func hostOffset(_ gpa: L1GPA, length: UInt64) throws -> HostOffset {
@@ -20,11 +30,38 @@ public struct L1Memory: Sendable {
     }
 
     public func load64(_ gpa: L1GPA) throws -> UInt64 { try host.load(at: hostOffset(gpa, length: 8)) }
-    public func store64(_ v: UInt64, _ gpa: L1GPA) throws { try host.store(v, at: hostOffset(gpa, length: 8)) }
-    public func store32(_ v: UInt32, _ gpa: L1GPA) throws { try host.store(v, at: hostOffset(gpa, length: 4)) }
-    public func store8(_ v: UInt8, _ gpa: L1GPA) throws { try host.store(v, at: hostOffset(gpa, length: 1)) }
     public func load8(_ gpa: L1GPA) throws -> UInt8 { try host.load(at: hostOffset(gpa, length: 1)) }
-    public func zero(_ gpa: L1GPA, length: UInt64) throws { try host.fill(0, at: hostOffset(gpa, length: length), count: length) }
+
+    public func store64(_ v: UInt64, _ gpa: L1GPA) throws {
+        let at = try hostOffset(gpa, length: 8)
+        if let trap, trap.isWriteProtected(gpa) { return try trap.trappedStore(v, size: 8, at: gpa) }
+        try host.store(v, at: at)
+    }
+    public func store32(_ v: UInt32, _ gpa: L1GPA) throws {
+        let at = try hostOffset(gpa, length: 4)
+        if let trap, trap.isWriteProtected(gpa) { return try trap.trappedStore(UInt64(v), size: 4, at: gpa) }
+        try host.store(v, at: at)
+    }
+    public func store8(_ v: UInt8, _ gpa: L1GPA) throws {
+        let at = try hostOffset(gpa, length: 1)
+        if let trap, trap.isWriteProtected(gpa) { return try trap.trappedStore(UInt64(v), size: 1, at: gpa) }
+        try host.store(v, at: at)
+    }
+    public func zero(_ gpa: L1GPA, length: UInt64) throws {
+        let at = try hostOffset(gpa, length: length)
+        if let trap {
+            var p = gpa.pageBase.raw
+            while p < gpa.raw + length {
+                if trap.isWriteProtected(L1GPA(p)) {
+                    // A protected page: every store traps (rare: L1 reusing a shadowed table page).
+                    var o = max(p, gpa.raw)
+                    while o < min(p + pageSize, gpa.raw + length) { try trap.trappedStore(0, size: 8, at: L1GPA(o)); o += 8 }
+                }
+                p += pageSize
+            }
+        }
+        try host.fill(0, at: at, count: length)
+    }
     public func runPage(_ gpa: L1GPA) throws -> RunPageView { try host.runPage(at: hostOffset(gpa, length: RunPage.size)) }
     public func vmcs(_ gpa: L1GPA) throws -> VMCSImage {
         try VMCSImage(region: host.region, base: hostOffset(gpa, length: VMCS12Layout.size).raw)

@@ -19,10 +19,15 @@ public final class NestedVMXHypervisor {
     /// Use an enlightened VMCS (Hyper-V eVMCS) instead of VMCLEAR/VMPTRLD and VMREAD/VMWRITE.
     let enlightened: Bool
 
-    public init(cpu: L1CPU, memory: L1Memory, enlightened: Bool = false) throws {
+    /// When EPT12 entries are made: all at start, or at L2's first touch (KVM's TDP MMU faults
+    /// them in), one page or a 64-page window at a time.
+    let mapMode: L2MapMode
+
+    public init(cpu: L1CPU, memory: L1Memory, enlightened: Bool = false, mapMode: L2MapMode = .eager) throws {
         self.cpu = cpu
         self.memory = memory
         self.enlightened = enlightened
+        self.mapMode = mapMode
         self.ept12 = try EPT12Builder(memory: memory, pool: L1MemoryPlan.ept12Pool, poolSize: L1MemoryPlan.ept12PoolSize)
     }
 
@@ -86,13 +91,8 @@ public final class NestedVMXHypervisor {
             }
         }
 
-        // EPT12 for all of L2's RAM, 4 KiB pages.
-        var off: UInt64 = 0
-        while off < L1MemoryPlan.l2RAMSize {
-            try ept12.map(L2GPA(off), to: L1GPA(L1MemoryPlan.l2RAMBacking.raw + off),
-                          permissions: L1MemoryPlan.initialPermissions(of: L2GPA(off)))
-            off += pageSize
-        }
+        // EPT12 for all of L2's RAM, 4 KiB pages, unless it is made at first touch.
+        if mapMode == .eager { try mapEPT12(from: L2GPA(0), pages: L1MemoryPlan.l2RAMSize / pageSize) }
 
         let cr0: UInt64 = 0x8005_0033, cr4: UInt64 = 0x0000_2020, efer: UInt64 = 0x500
         let fields: [(VMCSField, UInt64)] = [
@@ -118,6 +118,16 @@ public final class NestedVMXHypervisor {
         ]
         for (f, v) in fields { try check("VMWRITE \(f)", cpu.vmwrite(f, v)) }
         guestRegisters = SavedGuestRegisters()
+    }
+
+    /// EPT12 entries for [start, +pages) of L2's RAM with each page's initial rights; pages
+    /// already mapped or given back are left alone.
+    func mapEPT12(from start: L2GPA, pages: UInt64) throws {
+        for p in 0..<pages {
+            let gpa = L2GPA(start.raw + p * pageSize)
+            guard let l1 = L1MemoryPlan.backing(of: gpa), !devices.isBallooned(gpa), try !ept12.isMapped(gpa) else { continue }
+            try ept12.map(gpa, to: l1, permissions: L1MemoryPlan.initialPermissions(of: gpa))
+        }
     }
 
     // MARK: exit handling (KVM: vmx_handle_exit and the per-reason handlers)
@@ -161,10 +171,17 @@ public final class NestedVMXHypervisor {
             let q = try cpu.vmread(.exitQualification)
             let gpa = L2GPA(try cpu.vmread(.guestPhysicalAddress))
             if let l1 = L1MemoryPlan.backing(of: gpa), !devices.isBallooned(gpa) {
-                // EPT12 maps it with fewer rights than the access: grant them (copy-on-write
-                // style), then INVEPT so L0 drops the stale shadow, and let L2 retry.
                 let allowed = (q >> EPTViolationQualification.readableShift) & EPT.rwxMask
-                try ept12.map(gpa.pageBase, to: l1.pageBase, permissions: allowed | (q & EPT.rwxMask))
+                if allowed == 0 {
+                    // First touch (KVM's TDP fault path): make the EPT12 entries, then INVEPT.
+                    let window: UInt64 = mapMode == .batch ? 64 : 1
+                    let start = L2GPA(gpa.pageNumber / window * window * pageSize)
+                    try mapEPT12(from: start, pages: window)
+                } else {
+                    // EPT12 maps it with fewer rights than the access: grant them (copy-on-write
+                    // style), then INVEPT so L0 drops the stale shadow, and let L2 retry.
+                    try ept12.map(gpa.pageBase, to: l1.pageBase, permissions: allowed | (q & EPT.rwxMask))
+                }
                 try check("INVEPT", cpu.invept(type: 1, eptp: ept12.eptp))
                 return
             }

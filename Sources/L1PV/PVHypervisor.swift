@@ -8,7 +8,7 @@ public final class PVHypervisor {
     let cpu: L1CPU
     let memory: L1Memory
     let wanted: PVFeatures
-    let mapMode: PVMapMode
+    let mapMode: L2MapMode
     var enabled: PVFeatures = []
     var devices = L1Devices()
     public private(set) var map = L2MemoryMap()
@@ -16,7 +16,7 @@ public final class PVHypervisor {
     /// Pages mapped around each first touch in batch mode.
     static let faultAroundPages: UInt64 = 64
 
-    public init(cpu: L1CPU, memory: L1Memory, features: PVFeatures = .all, mapMode: PVMapMode = .eager) {
+    public init(cpu: L1CPU, memory: L1Memory, features: PVFeatures = .all, mapMode: L2MapMode = .eager) {
         self.cpu = cpu
         self.memory = memory
         self.wanted = features

@@ -15,7 +15,7 @@ public struct TierLaunch: Equatable, Sendable {
     public var programArguments: [UInt64]
     /// L1 (pv): the PV features to enable, and how to map L2's memory.
     public var pvFeatures: PVFeatures = .all
-    public var pvMapMode: PVMapMode = .eager
+    public var l2MapMode: L2MapMode = .eager
 
     public static let controlFD: Int32 = 3
     public static let hostMemoryFD: Int32 = 4
@@ -41,7 +41,7 @@ public struct TierLaunch: Equatable, Sendable {
             ("program", program), ("args", programArguments.map(String.init).joined(separator: ":")),
         ]
         kv.append(("pvfeatures", "\(pvFeatures.rawValue)"))
-        kv.append(("pvmap", pvMapMode.rawValue))
+        kv.append(("l2map", l2MapMode.rawValue))
         if let cpu { kv.append(("cpu", "\(cpu)")) }
         return kv.map { "\($0.0)=\($0.1)" }.joined(separator: ",")
     }
@@ -70,8 +70,8 @@ public struct TierLaunch: Equatable, Sendable {
         self.cpu = d["cpu"].flatMap { Int($0) }
         self.program = d["program"] ?? ""
         self.pvFeatures = PVFeatures(rawValue: (try? num("pvfeatures")) ?? PVFeatures.all.rawValue)
-        guard let mode = PVMapMode(rawValue: d["pvmap"] ?? PVMapMode.eager.rawValue) else { throw BadSpec(spec: spec) }
-        self.pvMapMode = mode
+        guard let mode = L2MapMode(rawValue: d["l2map"] ?? L2MapMode.eager.rawValue) else { throw BadSpec(spec: spec) }
+        self.l2MapMode = mode
         let a = d["args"] ?? ""
         self.programArguments = try a.isEmpty ? [] : a.split(separator: ":").map {
             guard let v = UInt64($0) else { throw BadSpec(spec: spec) }

@@ -52,8 +52,8 @@ extension PVM {
         var warmup: UInt64?
         @Option(name: .long, help: "PV features L1 enables: 'all', 'none', a list ('direct-cpuid,batch-map') or removals ('-direct-cpuid,-direct-msr'). Known: \(PVFeatures.names.map(\.0).joined(separator: ", ")).")
         var pvFeatures: String = "all"
-        @Option(name: .long, help: "How the PV L1 maps L2 memory: eager, per-page, batch (default: eager; ept_first_touch runs all three).")
-        var pvMap: String?
+        @Option(name: .long, help: "How L1 maps L2 memory: eager, per-page, batch (default: eager; ept_first_touch runs all three).")
+        var l2Map: String?
         @Flag(name: .long, help: "On pv, one row per feature set: all, each feature off, none.")
         var ablation = false
         @Option(name: .long, help: "Also write the results as JSON to this file.")
@@ -69,15 +69,15 @@ extension PVM {
                 return [name]
             } ?? BenchOperations.all.map(\.name)
             let features = try PVM.parseFeatures(pvFeatures)
-            let mode = try pvMap.map { m -> PVMapMode in
-                guard let v = PVMapMode(rawValue: m) else { throw ValidationError("unknown --pv-map '\(m)'") }
+            let mode = try l2Map.map { m -> L2MapMode in
+                guard let v = L2MapMode(rawValue: m) else { throw ValidationError("unknown --l2-map '\(m)'") }
                 return v
             }
             let runner = BenchRunner(tierExecutable: selfExecutable(), iterations: iterations, warmup: warmup ?? iterations / 10)
             var results: [BenchResult] = []
             for t in tests {
                 var variants = BenchRunner.defaultVariants(for: t, paths: paths)
-                if let mode { variants = variants.map { $0.path == .pv ? BenchVariant(path: .pv, pvMapMode: mode) : $0 } }
+                if let mode { variants = variants.map { BenchVariant(path: $0.path, l2MapMode: mode) } }
                 variants = variants.map { v in var v = v; if v.path == .pv { v.pvFeatures = features }; return v }
                 if ablation && paths.contains(.pv) {
                     variants = BenchVariant.ablation(mapMode: mode ?? .eager) + variants.filter { $0.path != .pv }
@@ -135,19 +135,19 @@ extension PVM {
         var hostMemoryMiB: UInt64 = 1024
         @Option(name: .long, help: "PV features L1 enables (as for `pvm bench`).")
         var pvFeatures: String = "all"
-        @Option(name: .long, help: "How the PV L1 maps L2 memory: eager, per-page, batch.")
-        var pvMap: String = "eager"
+        @Option(name: .long, help: "How L1 maps L2 memory: eager, per-page, batch.")
+        var l2Map: String = "eager"
 
         func run() throws {
             guard let p = NestingPath(rawValue: path) else { throw ValidationError("unknown path '\(path)'") }
-            guard let mode = PVMapMode(rawValue: pvMap) else { throw ValidationError("unknown --pv-map '\(pvMap)'") }
+            guard let mode = L2MapMode(rawValue: l2Map) else { throw ValidationError("unknown --l2-map '\(l2Map)'") }
             guard GuestPrograms.named(program) != nil else {
                 throw ValidationError("unknown guest program '\(program)' (see `pvm programs`)")
             }
             var config = StackConfig(path: p, program: program, programArguments: args, tierExecutable: selfExecutable())
             config.hostMemoryBytes = hostMemoryMiB << 20
             config.pvFeatures = try PVM.parseFeatures(pvFeatures)
-            config.pvMapMode = mode
+            config.l2MapMode = mode
             let result = try L0Stack(config: config).run()
             for line in result.harness.prints { print("[L2] \(line)") }
             for s in result.harness.syncs { print("sync " + s.map { "0x" + String($0, radix: 16) }.joined(separator: " ")) }

@@ -77,9 +77,9 @@ final class Fixture {
     func vmcs(at gpa: L1GPA) throws -> VMCSImage { try VMCSImage(region: host, base: hostOffset(gpa).raw) }
     func runPage(at gpa: L1GPA) throws -> RunPageView { try RunPageView(region: host, base: hostOffset(gpa).raw) }
 
-    /// The whole EPT02 table and its generation: what an erroring hypercall must leave alone.
-    func ept02Snapshot() throws -> ([UInt8], UInt64) {
-        (try control.readBytes(at: layout.ept02, count: Int(layout.ept02Entries * 8)), vcpu.ept02.generation)
+    /// The whole EPT02 table and its present set: what an erroring hypercall must leave alone.
+    func ept02Snapshot() throws -> ([UInt8], Set<UInt64>) {
+        (try control.readBytes(at: layout.ept02, count: Int(layout.ept02Entries * 8)), vcpu.ept02.present)
     }
 
     // MARK: hypercalls (VMCALL from L1)

@@ -6,6 +6,7 @@ import L2Guest
 import Testing
 
 /// The foundation's promises about one L2 CPUID, checked through three real processes.
+extension StackTests {
 @Suite(.serialized) struct CPUIDPathTests {
     @Test func pvCPUIDIsAnsweredByL0WithoutEnteringL1() throws {
         let r = try bench(.pv)
@@ -60,7 +61,9 @@ import Testing
         for path in NestingPath.allCases { #expect(answers[path] == expected, "\(path)") }
     }
 }
+}
 
+extension StackTests {
 @Suite(.serialized) struct InstructionTourTests {
     @Test func everySensitiveInstructionGivesTheGuestTheSameResultOnEveryPath() throws {
         var answers: [NestingPath: [[UInt64]]] = [:]
@@ -89,4 +92,5 @@ import Testing
         // 14 serial bytes + the LSR read reach L1; port 0x80 and the ucalls stay in L0.
         #expect(delivered[.ioInstruction] == 15)
     }
+}
 }

@@ -5,6 +5,7 @@ import Testing
 import Transport
 
 /// Processes you start, you stop: the stack's life and death through the real `pvm` binary.
+extension StackTests {
 @Suite(.serialized) struct LifecycleTests {
     /// Starts `pvm launch` with a guest that never finishes and waits for its two child tiers.
     func launchEndlessStack(path: String) throws -> (Process, Pipe, l1: Int32, l2: Int32) {
@@ -63,12 +64,16 @@ import Transport
     @Test func aCompletedRunLeavesNoProcessesDescriptorsOrSharedMemory() throws {
         let shmBefore = Set((try? FileManager.default.contentsOfDirectory(atPath: "/dev/shm")) ?? [])
         let fdsBefore = openFileDescriptorCount()
+        var pids: [Int32] = []
         do {
             let (result, _) = try runStack(.nvmx, program: "cpuid-values")
             #expect(result.succeeded)
             #expect(result.l1Status == .exited(0) && result.l2Status == .exited(0))
+            pids = Array(result.tierPIDs.values)
         }
-        #expect(children(of: getpid()).filter { $0.name.hasPrefix("pvm-") }.isEmpty)
+        #expect(pids.count == 2)
+        // Reaped: not even a zombie is left (other suites' stacks may be running meanwhile).
+        #expect(pids.allSatisfy { !processExists($0) })
         #expect(openFileDescriptorCount() == fdsBefore)
         #expect(Set((try? FileManager.default.contentsOfDirectory(atPath: "/dev/shm")) ?? []) == shmBefore)
     }
@@ -115,4 +120,5 @@ import Transport
         #expect(message.contains("read back 18446744073709551615 after storing 7"), "\(message)")
         #expect(result.l1Status == .exited(0) && result.l2Status == .exited(0))
     }
+}
 }

@@ -4,6 +4,7 @@ import L1PV
 import L2Guest
 import Testing
 
+extension StackTests {
 @Suite(.serialized) struct MemoryTests {
     @Test(arguments: NestingPath.allCases)
     func guestStoreIsVisibleToL1AtTheL1GPAItMapsTo(path: NestingPath) throws {
@@ -23,4 +24,5 @@ import Testing
         #expect(result.counters.deliveries[Int(ExitReason.eptViolation.rawValue)] == 1)
         #expect(result.harness.syncs.last == [unmappedProbeGPA.raw, ~0, 0, 0, 0, 0])
     }
+}
 }

@@ -5,12 +5,13 @@ import L1PV
 import Testing
 
 /// PV ABI v1 through the three real processes.
+extension StackTests {
 @Suite(.serialized) struct PVABITests {
     func run(_ program: String, _ path: NestingPath = .pv, args: [UInt64] = [], features: PVFeatures = .all,
-             mapMode: PVMapMode = .eager) throws -> (StackResult, L0Stack) {
+             mapMode: L2MapMode = .eager) throws -> (StackResult, L0Stack) {
         var config = StackConfig(path: path, program: program, programArguments: args, tierExecutable: PVMBinary.path)
         config.pvFeatures = features
-        config.pvMapMode = mapMode
+        config.l2MapMode = mapMode
         let stack = try L0Stack(config: config)
         return (try stack.run(), stack)
     }
@@ -78,8 +79,8 @@ import Testing
     }
 
     @Test func firstTouchCostsTwoHypercallsPerPageUnbatchedAndAFractionBatched() throws {
-        let perPage = try bench(BenchVariant(path: .pv, pvMapMode: .perPage), test: "ept_first_touch", iterations: 256, warmup: 0)
-        let batch = try bench(BenchVariant(path: .pv, pvMapMode: .batch), test: "ept_first_touch", iterations: 256, warmup: 0)
+        let perPage = try bench(BenchVariant(path: .pv, l2MapMode: .perPage), test: "ept_first_touch", iterations: 256, warmup: 0)
+        let batch = try bench(BenchVariant(path: .pv, l2MapMode: .batch), test: "ept_first_touch", iterations: 256, warmup: 0)
         let eager = try bench(.pv, test: "ept_first_touch", iterations: 256, warmup: 0)
         #expect(perPage.hypercallsPerOp == 2.0)                   // map + enter-L2 again
         #expect(batch.hypercallsPerOp == 2.0 / 64.0)              // one batch per 64-page window
@@ -87,4 +88,5 @@ import Testing
         let nvmx = try bench(.nvmx, test: "ept_first_touch", iterations: 256, warmup: 0)
         #expect(nvmx.l2ExitsPerOp == 1.0 && nvmx.l1EntriesPerOp == 0 && nvmx.window.ept02Fills == 256)
     }
+}
 }

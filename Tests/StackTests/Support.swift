@@ -2,7 +2,12 @@ import ABI
 import Bench
 import Foundation
 import L0
+import Testing
 import Transport
+
+/// Every suite that launches real stacks runs under this one, one test at a time, so checks for
+/// leftover processes, descriptors and shared memory see only their own stack.
+@Suite(.serialized) enum StackTests {}
 
 /// The `pvm` executable `swift test` built next to this test binary: it runs the child tiers.
 enum PVMBinary {

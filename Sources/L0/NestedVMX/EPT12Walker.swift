@@ -18,6 +18,14 @@ public struct EPT12Walker: Sendable {
     public struct Walk: Equatable, Sendable {
         public var result: Result
         public var entriesRead: Int
+        /// The table pages the walk read from, root first, with their level (4 = PML4 ... 1).
+        public var tables: [L1GPA] = []
+
+        public init(result: Result, entriesRead: Int, tables: [L1GPA] = []) {
+            self.result = result
+            self.entriesRead = entriesRead
+            self.tables = tables
+        }
     }
 
     /// Bits 51:12 hold addresses; bits 63:52 are ignored (or SPP/suppress-#VE) in this model.
@@ -31,7 +39,9 @@ public struct EPT12Walker: Sendable {
         var table = L1GPA(eptp & EPT.addressMask)
         var perms = EPT.rwxMask
         var read = 0
+        var tables: [L1GPA] = []
         for level in stride(from: EPT.levels, through: 1, by: -1) {
+            tables.append(table)
             let shift = UInt64(12 + 9 * (level - 1))
             let index = (gpa.raw >> shift) & (EPT.entriesPerTable - 1)
             guard let entryAddress = table.adding(index * 8),
@@ -61,7 +71,7 @@ public struct EPT12Walker: Sendable {
                 }
                 let base = entry & EPT.addressMask & ~(size - 1)
                 return Walk(result: .mapped(L1GPA(base | (gpa.raw & (size - 1))), permissions: perms, pageSize: size),
-                            entriesRead: read)
+                            entriesRead: read, tables: tables)
             }
             // Non-leaf: bits 7:3 are reserved.
             if entry & 0xF8 != 0 { return Walk(result: .misconfigured(level: level), entriesRead: read) }

@@ -104,7 +104,7 @@ extension L0VCPU {
         }
         let eptp = v[.eptPointer]
         if nested.shadowedEPTP != eptp {
-            ept02.removeAll()
+            dropEPT02Shadows()
             nested.shadowedEPTP = eptp
         }
         for r in Register.gprsOutsideVMCS {

@@ -127,6 +127,7 @@ extension L0VCPU {
             guard ept02.install(gpa.pageBase, host: host, permissions: allowed) else {
                 return .stop(.fatal("\(gpa) is beyond the L2 address limit of this L0"))
             }
+            shadowWalk(walk, for: gpa)
             counters.ept02Fills += 1
             return .resumeL2
         }

@@ -23,6 +23,9 @@ public struct NestedVMXState: @unchecked Sendable {
     /// Enlightened VMCS (nvmx-evmcs): L1's VP assist page, the eVMCS it names, and L0's own copy
     /// of vmcs12 (in L0's memory) that entries and exits work on.
     public var vpAssistPage: L1GPA?
+    /// EPT12 pages shadowed into EPT02, and where their write-protect bits live.
+    public var shadows = EPT12ShadowTracker()
+    let writeProtectBitmap: UInt64
     public var evmcs: VMCSImage?
     public let cachedVMCS12: VMCSImage
 
@@ -32,6 +35,7 @@ public struct NestedVMXState: @unchecked Sendable {
         self.shadowVMCS = try! VMCSImage(region: control, base: layout.shadowVMCS(vcpu))  // fixed layout page
         self.cachedVMCS12 = try! VMCSImage(region: control, base: layout.cachedVMCS12(vcpu))  // fixed layout page
         self.shadowActiveFlag = layout.handoff(vcpu) + HandoffLayout.shadowVMCSActive
+        self.writeProtectBitmap = layout.l1WriteProtectBitmap
     }
 
     /// Tells L1's CPU whether VMREAD/VMWRITE may use the shadow VMCS (vmcs01 link pointer valid).

@@ -163,9 +163,9 @@ extension L0VCPU {
         switch type {
         case 1:
             guard eptpIsValid(eptp) else { return vmfail(.invalidOperandToINVEPTOrINVVPID) }
-            if let shadowed = nested.shadowedEPTP, shadowed & EPT.addressMask == eptp & EPT.addressMask { ept02.removeAll() }
+            if let shadowed = nested.shadowedEPTP, shadowed & EPT.addressMask == eptp & EPT.addressMask { dropEPT02Shadows() }
         case 2:
-            ept02.removeAll()
+            dropEPT02Shadows()
         default:
             return vmfail(.invalidOperandToINVEPTOrINVVPID)
         }
