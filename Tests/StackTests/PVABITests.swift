@@ -90,3 +90,21 @@ extension StackTests {
     }
 }
 }
+
+extension StackTests {
+@Suite(.serialized) struct NestedFirstTouchTests {
+    /// issue 4: the L2 exit, the reflected EPT violation, L1's (trapped) EPT12 write, INVEPT,
+    /// VMRESUME and the silent EPT02 fill, per page.
+    @Test func firstTouchOnNVMXShowsKVMsWholeChainPerPage() throws {
+        let r = try bench(BenchVariant(path: .nvmx, l2MapMode: .perPage), test: "ept_first_touch", iterations: 256, warmup: 0)
+        // Per page: the fault and its retry after INVEPT. Plus one: the last INVEPT freed every
+        // shadow, so writing the ucall block that ends the window refaults its page once.
+        #expect(r.window.totalL2Exits == 2 * 256 + 1)
+        #expect(r.deliveriesPerOp == 1.0)                        // the reflected EPT violation
+        #expect(perOp(r, r.l1ExitsByReasonPerOp) == ["EPT_VIOLATION": 1.0, "INVEPT": 1.0, "VMRESUME": 1.0])
+        #expect(r.window.ept02Fills == 256 + 1)                  // each page filled silently once, and the ucall page
+        #expect(r.window.ept12WriteTraps == 256)                 // L1's leaf write trapped each time
+        #expect(r.hypercallsPerOp == 0)
+    }
+}
+}

@@ -1,0 +1,76 @@
+import ABI
+import Testing
+import Transport
+@testable import L0
+
+/// L0 write-protects the EPT12 pages it shadows into EPT02 (KVM: shadow pages), lets 4 KiB leaf
+/// tables go unsync, zaps what depends on a non-leaf table L1 edits, and frees it all at INVEPT.
+@Suite struct EPT12WriteProtectionTests {
+    static let gpa: UInt64 = 0x20_0000
+
+    /// L2 running, EPT12 mapping `gpa`, and one silent fill done.
+    func filled() throws -> Fixture {
+        let f = try Fixture(.nvmx)
+        try f.launchL2()
+        try f.writeEPT12Path(gpa: Self.gpa, leafLevel: 1, leaf: Fixture.eptLeaf(Plan.l2Backing.raw))
+        let outcome = f.l2Exit(GuestExit(reason: .eptViolation, qualification: EPTViolationQualification.dataRead,
+                                         guestPhysicalAddress: Self.gpa, instructionLength: 3))
+        #expect(outcome == .resumeL2)
+        return f
+    }
+
+    func isProtected(_ f: Fixture, _ gpa: L1GPA) throws -> Bool {
+        let byte: UInt8 = try f.control.load(at: f.layout.l1WriteProtectBitmap + gpa.pageNumber / 8)
+        return byte & (1 << UInt8(gpa.pageNumber % 8)) != 0
+    }
+
+    /// L1's store to its own memory that trapped (the L1 CPU exits with EPT_VIOLATION).
+    func l1TrappedStore(_ f: Fixture, _ value: UInt64, at gpa: L1GPA) -> L1ExitOutcome {
+        f.l1Run[register: .rax] = value
+        return f.vcpu.handleL1Exit(GuestExit(reason: .eptViolation, qualification: EPTViolationQualification.dataWrite,
+                                             guestPhysicalAddress: gpa.raw, instructionLength: 3, instructionInfo: 8))
+    }
+
+    @Test func everyTableAFillWalkedIsWriteProtected() throws {
+        let f = try filled()
+        for t in Plan.ept12Tables { #expect(try isProtected(f, t), "\(t)") }
+        #expect(try !isProtected(f, Plan.l2Backing))
+        #expect(f.vcpu.nested.shadows.tables[Plan.ept12Tables[3].pageNumber]?.dependents == [Self.gpa >> 12])
+    }
+
+    @Test func aTrappedWriteToTheLeafTableLandsAndMakesItUnsyncWithoutZapping() throws {
+        let f = try filled()
+        let leafTable = Plan.ept12Tables[3]
+        let neighbour = L1GPA(leafTable.raw + (Fixture.eptIndex(Self.gpa, level: 1) + 1) * 8)
+        #expect(l1TrappedStore(f, Fixture.eptLeaf(Plan.l2Backing.raw + 0x1000), at: neighbour) == .resumeL1)
+        #expect(try f.vcpu.l1Memory.load64(neighbour) == Fixture.eptLeaf(Plan.l2Backing.raw + 0x1000))
+        #expect(try !isProtected(f, leafTable) && f.vcpu.nested.shadows.unsync.contains(leafTable.pageNumber))
+        #expect(f.vcpu.ept02.translate(L2GPA(Self.gpa)) != nil)               // nothing zapped
+        #expect(f.vcpu.counters.ept12WriteTraps == 1 && f.vcpu.counters.ept12Unsyncs == 1)
+    }
+
+    @Test func aTrappedWriteToANonLeafTableZapsWhatWasDerivedFromIt() throws {
+        let f = try filled()
+        let pdpt = Plan.ept12Tables[1]
+        #expect(l1TrappedStore(f, 0, at: L1GPA(pdpt.raw + Fixture.eptIndex(Self.gpa, level: 3) * 8)) == .resumeL1)
+        #expect(f.vcpu.ept02.translate(L2GPA(Self.gpa)) == nil)
+        #expect(try !isProtected(f, pdpt))
+        // L2 touches it again: the walk now finds nothing, so L1 sees the violation.
+        let again = f.l2Exit(GuestExit(reason: .eptViolation, qualification: EPTViolationQualification.dataRead,
+                                       guestPhysicalAddress: Self.gpa, instructionLength: 3))
+        #expect(again == .deliverToL1)
+    }
+
+    @Test func inveptFreesEveryShadowAndItsWriteProtection() throws {
+        let f = try filled()
+        f.l1Run[register: .rax] = 2
+        _ = f.vmx(.invept, operand: Plan.eptp, info: VMXInstructionInfo.make(typeRegister: .rax))
+        #expect(f.vcpu.ept02.present.isEmpty && f.vcpu.nested.shadows.tables.isEmpty)
+        for t in Plan.ept12Tables { #expect(try !isProtected(f, t)) }
+    }
+
+    @Test func aStoreThatTrapsOutsideL1MemoryStopsTheStackInsteadOfLanding() throws {
+        let f = try filled()
+        #expect(l1TrappedStore(f, 1, at: L1GPA(Plan.slotSize + 8)) == .stop(.fatal("L1 stored to \(L1GPA(Plan.slotSize + 8)), outside its memory")))
+    }
+}
