@@ -2,8 +2,10 @@
 // of any guest's RAM. Every tier maps it; each only touches what its "hardware" would.
 //
 //   page 0                 header (magic)
-//   per vCPU i, 5 pages:   handoff word | L2<->L0 run page | L1<->L0 run page | shadow VMCS |
-//                          cached vmcs12 (L0's private copy when L1 uses an eVMCS)
+//   per vCPU i, 7 pages:   handoff word | L2<->L0 run page | L1<->L0 run page | shadow VMCS |
+//                          cached vmcs12 (L0's private copy when L1 uses an eVMCS) |
+//                          L2's MSR bitmap (vmcs02's: L0 writes it, L2's CPU reads it) |
+//                          L2's pass-through MSR values (what the hardware MSRs hold for L2)
 //   2 pages                VMREAD bitmap | VMWRITE bitmap   (VMCS shadowing, set by L0)
 //   32 pages               L1 write-protect bitmap: one bit per L1 page below 4 GiB; a set bit
 //                          makes L1's stores to that page exit to L0 (EPT12 pages L0 shadows)
@@ -22,13 +24,15 @@ public struct ControlLayout: Sendable, Equatable {
     public static let magic: UInt64 = 0x3130_4C5F_4D56_5000  // "\0PVM_L01"
     public static let magicOffset: UInt64 = 0
 
-    static let pagesPerVCPU: UInt64 = 5
+    static let pagesPerVCPU: UInt64 = 7
     public func vcpuBase(_ i: Int) -> UInt64 { pageSize * (1 + UInt64(i) * Self.pagesPerVCPU) }
     public func handoff(_ i: Int) -> UInt64 { vcpuBase(i) }
     public func l2RunPage(_ i: Int) -> UInt64 { vcpuBase(i) + pageSize }
     public func l1RunPage(_ i: Int) -> UInt64 { vcpuBase(i) + 2 * pageSize }
     public func shadowVMCS(_ i: Int) -> UInt64 { vcpuBase(i) + 3 * pageSize }
     public func cachedVMCS12(_ i: Int) -> UInt64 { vcpuBase(i) + 4 * pageSize }
+    public func l2MSRBitmap(_ i: Int) -> UInt64 { vcpuBase(i) + 5 * pageSize }
+    public func l2MSRValues(_ i: Int) -> UInt64 { vcpuBase(i) + 6 * pageSize }
     public var vmreadBitmap: UInt64 { vcpuBase(vcpuCount) }
     public var vmwriteBitmap: UInt64 { vmreadBitmap + pageSize }
     /// L1 GPAs below this can be write-protected (one bit per page).
@@ -59,4 +63,27 @@ public enum EPT02Entry {
     }
     public static func isPresent(_ e: UInt64) -> Bool { e & EPT.rwxMask != 0 }
     public static func host(_ e: UInt64) -> HostOffset { HostOffset(e & EPT.addressMask) }
+}
+
+/// The MSRs L0 can let L2 access without an exit (KVM passes these through to its guests), and
+/// where their values live in the pass-through MSR page. L2 accesses one without exiting only
+/// where L2's MSR bitmap has the bit clear: on nvmx where L1's bitmap passes it through too, on
+/// pv where L1's MSR policy says `passthrough`.
+public enum PassthroughMSRs {
+    public static let all: [UInt32] = [0xC000_0100, 0xC000_0101, 0xC000_0102]   // FS_BASE, GS_BASE, KERNEL_GS_BASE
+    public static func slot(of msr: UInt32) -> UInt64? { all.firstIndex(of: msr).map { UInt64($0) * 8 } }
+}
+
+/// A VMX MSR bitmap (SDM 25.6.9): 4 KiB, read-low at 0x000, read-high 0x400, write-low 0x800,
+/// write-high 0xC00, covering MSRs 0..0x1FFF and 0xC0000000..0xC0001FFF. A set bit exits.
+public enum MSRBitmap {
+    /// Byte offset and bit of an MSR access in the bitmap; nil for MSRs outside both ranges.
+    public static func position(of msr: UInt32, write: Bool) -> (byte: UInt64, bit: UInt8)? {
+        var base: UInt64 = write ? 0x800 : 0
+        let index: UInt64
+        if msr <= 0x1FFF { index = UInt64(msr) }
+        else if msr >= 0xC000_0000 && msr <= 0xC000_1FFF { index = UInt64(msr - 0xC000_0000); base += 0x400 }
+        else { return nil }
+        return (base + index / 8, UInt8(index % 8))
+    }
 }

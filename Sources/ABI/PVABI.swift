@@ -138,6 +138,9 @@ public enum PVMSRAction: UInt32, Sendable {
     case passToL1 = 1
     /// L0 injects #GP(0) into L2.
     case injectGP = 2
+    /// L2 reads and writes the MSR without an exit (only MSRs in `PassthroughMSRs`); L0 keeps
+    /// its value with L2's state, and getMSRs/setMSRs reach it.
+    case passthrough = 3
 }
 
 /// `kvm_msr_entry` as <asm/kvm.h> lays it out (for getMSRs / setMSRs).

@@ -28,6 +28,8 @@ public struct TransitionCounters: Equatable, Sendable {
     /// L1 stores to write-protected EPT12 pages L0 emulated, and leaf tables that went unsync.
     public var ept12WriteTraps: UInt64 = 0
     public var ept12Unsyncs: UInt64 = 0
+    /// vmcs02 MSR bitmap merges (nested_vmx_prepare_msr_bitmap).
+    public var msrBitmapMerges: UInt64 = 0
 
     public init() {}
 
@@ -66,6 +68,7 @@ public struct TransitionCounters: Equatable, Sendable {
         d.ept02Fills = ept02Fills - earlier.ept02Fills
         d.ept12WriteTraps = ept12WriteTraps - earlier.ept12WriteTraps
         d.ept12Unsyncs = ept12Unsyncs - earlier.ept12Unsyncs
+        d.msrBitmapMerges = msrBitmapMerges - earlier.msrBitmapMerges
         return d
     }
 }

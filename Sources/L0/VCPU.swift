@@ -114,13 +114,15 @@ public final class L0VCPU {
         page[RunPage.eventErrorCode] = errorCode ?? 0
     }
 
-    /// RDMSR/WRMSR that reach L0 and stay there: ECX index, EDX:EAX value.
+    /// RDMSR/WRMSR that reach L0 and stay there: ECX index, EDX:EAX value. A pass-through-able
+    /// MSR lives where L2's direct accesses find it.
     func handleL0MSR(_ exit: GuestExit) -> L2ExitOutcome {
         let msr = UInt32(truncatingIfNeeded: l2Run[register: .rcx])
         if exit.reason == .msrWrite {
-            l0MSRs[msr] = (l2Run[register: .rdx] << 32) | (l2Run[register: .rax] & 0xFFFF_FFFF)
+            let v = (l2Run[register: .rdx] << 32) | (l2Run[register: .rax] & 0xFFFF_FFFF)
+            if PassthroughMSRs.slot(of: msr) != nil { setL2PassthroughMSR(msr, v) } else { l0MSRs[msr] = v }
         } else {
-            let v = l0MSRs[msr] ?? 0
+            let v = l2PassthroughMSR(msr) ?? l0MSRs[msr] ?? 0
             l2Run[register: .rax] = v & 0xFFFF_FFFF
             l2Run[register: .rdx] = v >> 32
         }

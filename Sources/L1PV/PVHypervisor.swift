@@ -66,13 +66,14 @@ public final class PVHypervisor {
         try cpu.hypercall(.setCPUID, L1MemoryPlan.argumentArea.raw, UInt64(entries.count))
     }
 
-    /// TSC_ADJUST: L0 emulates it (every bit writable). MISC_ENABLE: L1 keeps it. A bogus MSR: #GP.
+    /// TSC_ADJUST: L0 emulates it (every bit writable). MISC_ENABLE: L1 keeps it. A bogus MSR:
+    /// #GP. FS/GS/KERNEL_GS_BASE: L2 reaches them directly, as the KVM-like L1's MSR bitmap allows.
     func registerMSRPolicies() throws {
         let policies: [(UInt32, PVMSRAction, UInt64, UInt64)] = [
             (L1MemoryPlan.tscAdjustMSR, .emulate, 0, ~0),
             (L1MemoryPlan.miscEnableMSR, .passToL1, 0, 0),
             (L1MemoryPlan.bogusMSR, .injectGP, 0, 0),
-        ]
+        ] + PassthroughMSRs.all.map { ($0, .passthrough, 0, 0) }
         let page = L1MemoryPlan.pvArgumentPage.raw
         for (i, (msr, action, value, mask)) in policies.enumerated() {
             let base = page + UInt64(i) * PVMSRPolicyEntry.size

@@ -31,6 +31,12 @@ public enum BenchOperations {
         BenchOperation(name: "wr_misc_enable_msr", summary: "WRMSR IA32_MISC_ENABLE", iterationLimit: nil) { cpu, i in
             cpu.wrmsr(0x1A0, i)
         },
+        BenchOperation(name: "rd_kernel_gs_base", summary: "RDMSR KERNEL_GS_BASE: passed through to L2 when L0 and L1 allow it", iterationLimit: nil) { cpu, _ in
+            _ = cpu.rdmsr(0xC000_0102)
+        },
+        BenchOperation(name: "wr_kernel_gs_base", summary: "WRMSR KERNEL_GS_BASE", iterationLimit: nil) { cpu, i in
+            cpu.wrmsr(0xC000_0102, 0xFFFF_8880_0000_0000 | i << 12)
+        },
         BenchOperation(name: "inl_from_kernel", summary: "IN from port 0x4d0, an L0 device", iterationLimit: nil) { cpu, _ in
             _ = cpu.inPort(0x4D0, size: 4)
         },

@@ -21,12 +21,16 @@ public final class GuestCPU {
     let memory: HostMemory
     let control: SharedRegion
     let layout: ControlLayout
+    let msrBitmap: UInt64
+    let msrValues: UInt64
     /// Where this guest keeps its ucall block (guest-physical, in its own RAM).
     public var ucallBlock = L2GPA(0x1000)
     var rip: UInt64 = 0
 
     init(run: RunPageView, handoff: Handoff, policy: WaitPolicy, memory: HostMemory,
-         control: SharedRegion, layout: ControlLayout) {
+         control: SharedRegion, layout: ControlLayout, vcpu: Int) {
+        self.msrBitmap = layout.l2MSRBitmap(vcpu)
+        self.msrValues = layout.l2MSRValues(vcpu)
         self.run = run
         self.handoff = handoff
         self.policy = policy
@@ -87,8 +91,17 @@ public final class GuestCPU {
                            edx: UInt32(truncatingIfNeeded: run[register: .rdx]))
     }
 
+    /// Where L2's MSR bitmap lets the access through without an exit: the MSR's value slot.
+    @inline(__always)
+    func passthroughSlot(_ msr: UInt32, write: Bool) -> UInt64? {
+        guard let slot = PassthroughMSRs.slot(of: msr), let (byte, bit) = MSRBitmap.position(of: msr, write: write),
+              control.unchecked(load: UInt8.self, at: msrBitmap + byte) & (1 << bit) == 0 else { return nil }
+        return msrValues + slot
+    }
+
     /// RDMSR; the vector if it faulted (selftests' rdmsr_safe).
     public func rdmsrSafe(_ msr: UInt32) -> (value: UInt64, fault: UInt8?) {
+        if let at = passthroughSlot(msr, write: false) { return (control.unchecked(load: UInt64.self, at: at), nil) }
         var r: Resumption
         repeat {
             run[register: .rcx] = UInt64(msr)
@@ -101,6 +114,10 @@ public final class GuestCPU {
     /// WRMSR; the vector if it faulted (selftests' wrmsr_safe).
     @discardableResult
     public func wrmsrSafe(_ msr: UInt32, _ value: UInt64) -> UInt8? {
+        if let at = passthroughSlot(msr, write: true) {
+            control.unchecked(store: value, at: at)
+            return nil
+        }
         var r: Resumption
         repeat {
             run[register: .rcx] = UInt64(msr)

@@ -21,7 +21,7 @@ public enum L2Main {
             let cpu = GuestCPU(run: try RunPageView(region: control, base: launch.layout.l2RunPage(launch.vcpu)),
                                handoff: Handoff(region: control, base: launch.layout.handoff(launch.vcpu)),
                                policy: placement.waitPolicy(for: .l2), memory: memory,
-                               control: control, layout: launch.layout)
+                               control: control, layout: launch.layout, vcpu: launch.vcpu)
             cpu.waitForFirstEntry()
             program.body(cpu, launch.programArguments)
             cpu.done()

@@ -68,7 +68,7 @@ import Testing
         expectTable("`mapGPARange` flags", [("read", [PVMapFlags.read]), ("write", [PVMapFlags.write]),
                                             ("execute", [PVMapFlags.execute]), ("replace", [PVMapFlags.replace])])
         expectTable("MSR actions", [("emulate", [UInt64(PVMSRAction.emulate.rawValue)]), ("passToL1", [UInt64(PVMSRAction.passToL1.rawValue)]),
-                                    ("injectGP", [UInt64(PVMSRAction.injectGP.rawValue)])])
+                                    ("injectGP", [UInt64(PVMSRAction.injectGP.rawValue)]), ("passthrough", [UInt64(PVMSRAction.passthrough.rawValue)])])
         expectTable("L0 device kinds", [("latch", [PVL0Device.latch.rawValue])])
     }
 

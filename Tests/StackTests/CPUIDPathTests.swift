@@ -85,9 +85,11 @@ extension StackTests {
     @Test func nvmxKeepsWhatL1PassesThroughAndReflectsWhatItIntercepts() throws {
         let (result, _) = try runStack(.nvmx, program: "instruction-tour")
         let delivered = TransitionCounters.byReason(result.counters.deliveries)
-        // TSC_ADJUST is intercepted by L1's MSR bitmap; KERNEL_GS_BASE passes through to L0.
+        // TSC_ADJUST is intercepted by L1's MSR bitmap; KERNEL_GS_BASE passes through L0 and L1
+        // both, so the vmcs02 bitmap lets L2 reach it with no exit at all.
         #expect(delivered[.msrWrite] == 1 && delivered[.msrRead] == 1)
-        #expect(TransitionCounters.byReason(result.counters.l2Exits)[.msrRead] == 2)
+        #expect(TransitionCounters.byReason(result.counters.l2Exits)[.msrRead] == 1)
+        #expect(result.counters.msrBitmapMerges >= 1)
         #expect(delivered[.hlt] == 1 && delivered[.vmcall] == 1)
         // 14 serial bytes + the LSR read reach L1; port 0x80 and the ucalls stay in L0.
         #expect(delivered[.ioInstruction] == 15)

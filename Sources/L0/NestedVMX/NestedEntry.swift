@@ -98,8 +98,10 @@ extension L0VCPU {
     /// which no VMCS holds), a fresh EPT02 root if the EPTP changed, and any event to inject.
     func prepareVMCS02(_ v: VMCSImage) {
         if nested.vmcs12Dirty {
-            // prepare_vmcs02_rare: the fields that rarely change, re-read after an exiting VMWRITE.
+            // prepare_vmcs02_rare: the fields that rarely change, re-read after an exiting VMWRITE,
+            // and the MSR bitmap merge.
             counters.vmcs12FieldReads += 24
+            mergeL2MSRBitmap(v)
             nested.vmcs12Dirty = false
         }
         let eptp = v[.eptPointer]

@@ -58,16 +58,11 @@ public enum NestedExitRules {
     /// MSRs: no MSR bitmap -> always; else L1's bitmap bit (read-low 0x000, read-high 0x400,
     /// write-low 0x800, write-high 0xC00); MSRs outside both ranges always reflect.
     static func msrReflects(_ msr: UInt32, write: Bool, _ cpu: UInt64, _ v: VMCSImage, _ mem: L1MemoryAccess) -> Bool {
-        guard cpu & CPUBased.useMSRBitmaps != 0 else { return true }
-        var offset: UInt64 = write ? 0x800 : 0
-        let bit: UInt64
-        if msr <= 0x1FFF { bit = UInt64(msr) }
-        else if msr >= 0xC000_0000 && msr <= 0xC000_1FFF { bit = UInt64(msr - 0xC000_0000); offset += 0x400 }
-        else { return true }
-        guard let addr = L1GPA(v[.msrBitmap]).adding(offset + bit / 8),
+        guard cpu & CPUBased.useMSRBitmaps != 0, let (offset, bit) = MSRBitmap.position(of: msr, write: write) else { return true }
+        guard let addr = L1GPA(v[.msrBitmap]).adding(offset),
               let host = try? mem.memslots.translate(addr),
               let byte: UInt8 = try? mem.host.load(at: host) else { return true }
-        return byte & (1 << UInt8(bit % 8)) != 0
+        return byte & (1 << bit) != 0
     }
 
     /// CR access (SDM Table 28-3): MOV to CR0/CR4 reflects when a bit L1 owns (guest/host mask)

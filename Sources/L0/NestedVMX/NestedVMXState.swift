@@ -26,6 +26,9 @@ public struct NestedVMXState: @unchecked Sendable {
     /// EPT12 pages shadowed into EPT02, and where their write-protect bits live.
     public var shadows = EPT12ShadowTracker()
     let writeProtectBitmap: UInt64
+    /// L2's MSR bitmap and pass-through MSR values in control memory.
+    let l2MSRBitmap: UInt64
+    let l2MSRValues: UInt64
     public var evmcs: VMCSImage?
     public let cachedVMCS12: VMCSImage
 
@@ -36,6 +39,8 @@ public struct NestedVMXState: @unchecked Sendable {
         self.cachedVMCS12 = try! VMCSImage(region: control, base: layout.cachedVMCS12(vcpu))  // fixed layout page
         self.shadowActiveFlag = layout.handoff(vcpu) + HandoffLayout.shadowVMCSActive
         self.writeProtectBitmap = layout.l1WriteProtectBitmap
+        self.l2MSRBitmap = layout.l2MSRBitmap(vcpu)
+        self.l2MSRValues = layout.l2MSRValues(vcpu)
     }
 
     /// Tells L1's CPU whether VMREAD/VMWRITE may use the shadow VMCS (vmcs01 link pointer valid).
@@ -46,6 +51,8 @@ public struct NestedVMXState: @unchecked Sendable {
     /// Fills the VMREAD/VMWRITE bitmaps as KVM does: all ones, then a clear bit for each
     /// shadowed field (bit index = encoding bits 14:0). Read-only fields are VMREAD-only.
     public static func initializeBitmaps(control: SharedRegion, layout: ControlLayout) throws {
+        // L2's MSR bitmaps start intercepting everything.
+        for i in 0..<layout.vcpuCount { try control.fill(0xFF, at: layout.l2MSRBitmap(i), count: pageSize) }
         try control.fill(0xFF, at: layout.vmreadBitmap, count: pageSize)
         try control.fill(0xFF, at: layout.vmwriteBitmap, count: pageSize)
         func clear(_ f: VMCSField, in bitmap: UInt64) throws {

@@ -20,6 +20,7 @@ extension L0VCPU {
                 injectIntoL2(vector: 13, errorCode: 0)
                 return .resumeL2
             case .passToL1: return deliverPVExit(exit)
+            case .passthrough: return handleL0MSR(exit)   // only if L2 exits anyway (it should not)
             }
         case .ioInstruction:
             let port = IOQualification.port(exit.qualification)

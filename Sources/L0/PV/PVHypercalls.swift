@@ -191,11 +191,20 @@ extension L0VCPU {
             guard let head = argument(base + PVMSRPolicyEntry.index), let value = argument(base + PVMSRPolicyEntry.value),
                   let mask = argument(base + PVMSRPolicyEntry.writableMask) else { return .failure(.fault) }
             guard let action = PVMSRAction(rawValue: UInt32(truncatingIfNeeded: head >> 32)) else { return .failure(.invalid) }
-            parsed.append((UInt32(truncatingIfNeeded: head), MSRPolicy(action: action, writableMask: mask), value))
+            let msr = UInt32(truncatingIfNeeded: head)
+            if action == .passthrough && PassthroughMSRs.slot(of: msr) == nil { return .failure(.invalid) }
+            parsed.append((msr, MSRPolicy(action: action, writableMask: mask), value))
         }
         for (msr, policy, value) in parsed {
             pv.msrPolicy[msr] = policy
-            if policy.action == .emulate { l0MSRs[msr] = value } else { l0MSRs[msr] = nil }
+            let direct = policy.action == .passthrough
+            setL2Intercept(msr, write: false, !direct)
+            setL2Intercept(msr, write: true, !direct)
+            switch policy.action {
+            case .emulate: l0MSRs[msr] = value
+            case .passthrough: setL2PassthroughMSR(msr, value)
+            case .passToL1, .injectGP: l0MSRs[msr] = nil
+            }
         }
         return .success(0)
     }
@@ -208,8 +217,11 @@ extension L0VCPU {
             let base = i * KVMMSREntry.size
             guard let head = argument(base + KVMMSREntry.index) else { return .failure(.fault) }
             let msr = UInt32(truncatingIfNeeded: head)
-            guard pv.msrPolicy[msr]?.action == .emulate else { return .success(i) }
-            setArgument(base + KVMMSREntry.data, l0MSRs[msr] ?? 0)
+            switch pv.msrPolicy[msr]?.action {
+            case .emulate: setArgument(base + KVMMSREntry.data, l0MSRs[msr] ?? 0)
+            case .passthrough: setArgument(base + KVMMSREntry.data, l2PassthroughMSR(msr) ?? 0)
+            default: return .success(i)
+            }
         }
         return .success(count)
     }
@@ -221,8 +233,11 @@ extension L0VCPU {
             let base = i * KVMMSREntry.size
             guard let head = argument(base + KVMMSREntry.index), let data = argument(base + KVMMSREntry.data) else { return .failure(.fault) }
             let msr = UInt32(truncatingIfNeeded: head)
-            guard pv.msrPolicy[msr]?.action == .emulate else { return .success(i) }
-            l0MSRs[msr] = data
+            switch pv.msrPolicy[msr]?.action {
+            case .emulate: l0MSRs[msr] = data
+            case .passthrough: setL2PassthroughMSR(msr, data)
+            default: return .success(i)
+            }
         }
         return .success(count)
     }
