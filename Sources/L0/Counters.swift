@@ -28,6 +28,8 @@ public struct TransitionCounters: Equatable, Sendable {
     /// L1 stores to write-protected EPT12 pages L0 emulated, and leaf tables that went unsync.
     public var ept12WriteTraps: UInt64 = 0
     public var ept12Unsyncs: UInt64 = 0
+    /// L2 accesses that EPT12 sent to L1 GPAs nothing backs, completed by L0 as unassigned.
+    public var unbackedAccesses: UInt64 = 0
     /// vmcs02 MSR bitmap merges (nested_vmx_prepare_msr_bitmap).
     public var msrBitmapMerges: UInt64 = 0
 
@@ -69,6 +71,7 @@ public struct TransitionCounters: Equatable, Sendable {
         d.ept12WriteTraps = ept12WriteTraps - earlier.ept12WriteTraps
         d.ept12Unsyncs = ept12Unsyncs - earlier.ept12Unsyncs
         d.msrBitmapMerges = msrBitmapMerges - earlier.msrBitmapMerges
+        d.unbackedAccesses = unbackedAccesses - earlier.unbackedAccesses
         return d
     }
 }

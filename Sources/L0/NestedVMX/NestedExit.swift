@@ -87,6 +87,17 @@ extension L0VCPU {
         counters.countDelivery(exit.reason)
     }
 
+    /// An L2 access that reached no memory and no device: reads float high, writes are dropped.
+    func completeUnbackedAccess(_ exit: GuestExit) -> L2ExitOutcome {
+        if exit.qualification & EPTViolationQualification.dataWrite == 0 {
+            let size = max(1, min(8, exit.instructionInfo))
+            l2Run[register: .rax] = size >= 8 ? ~0 : (1 << (size * 8)) - 1
+        }
+        counters.unbackedAccesses += 1
+        skipL2Instruction(exit)
+        return .resumeL2
+    }
+
     /// An L2 EPT violation on EPT02: walk L1's EPT12. No L1 mapping -> reflect (L1 fixes its
     /// tables); a mapping -> install the EPT02 entry and retry L2 silently.
     func handleNestedEPTViolation(_ exit: GuestExit, _ vmcs12: VMCSImage) -> L2ExitOutcome {
@@ -118,7 +129,9 @@ extension L0VCPU {
             }
             guard let slot = l1Memory.memslots.slot(containing: l1),
                   let host = try? l1Memory.memslots.translate(l1.pageBase, length: pageSize) else {
-                return .stop(.fatal("EPT12 maps \(gpa) to \(l1), which is outside L1's memory"))
+                // EPT12 points at an L1 GPA no memslot backs: MMIO to nothing in L1's platform
+                // (KVM exits to L0's userspace, where no device answers). Complete it that way.
+                return completeUnbackedAccess(exit)
             }
             let allowed = slot.flags & MemorySlot.readOnlyFlag != 0 ? perms & ~EPT.write : perms
             guard access & ~allowed == 0 else {
