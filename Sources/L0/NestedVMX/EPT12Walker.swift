@@ -18,6 +18,8 @@ public struct EPT12Walker: Sendable {
     public struct Walk: Equatable, Sendable {
         public var result: Result
         public var entriesRead: Int
+        /// Entries whose accessed/dirty bits the walk set (EPTP A/D enabled, a mapped result).
+        public var adUpdates: Int = 0
         /// The table pages the walk read from, root first, with their level (4 = PML4 ... 1).
         public var tables: [L1GPA] = []
 
@@ -35,7 +37,29 @@ public struct EPT12Walker: Sendable {
         level == 2 ? 0x1F_F000 : 0x3FFF_F000
     }
 
-    public func walk(eptp: UInt64, gpa: L2GPA) -> Walk {
+    /// Walks for `gpa`. With A/D enabled in the EPTP (bit 6), a walk that maps sets the accessed
+    /// bit in every entry it used and, for a write, the dirty bit in the leaf (SDM 28.3.5), as the
+    /// CPU would in L1's tables.
+    public func walk(eptp: UInt64, gpa: L2GPA, write: Bool = false) -> Walk {
+        var w = walkOnly(eptp: eptp, gpa: gpa)
+        if eptp & EPT.eptpADEnable != 0, case .mapped = w.result { w.adUpdates = setAccessedDirty(gpa: gpa, tables: w.tables, write: write) }
+        return w
+    }
+
+    func setAccessedDirty(gpa: L2GPA, tables: [L1GPA], write: Bool) -> Int {
+        var updates = 0
+        for (i, table) in tables.enumerated() {
+            let level = EPT.levels - i
+            let at = L1GPA(table.raw + ((gpa.raw >> UInt64(12 + 9 * (level - 1))) & (EPT.entriesPerTable - 1)) * 8)
+            guard let e = try? memory.load64(at) else { continue }
+            let isLeaf = i == tables.count - 1
+            let new = e | EPT.accessed | (isLeaf && write ? EPT.dirty : 0)
+            if new != e, (try? memory.store64(new, at)) != nil { updates += 1 }
+        }
+        return updates
+    }
+
+    func walkOnly(eptp: UInt64, gpa: L2GPA) -> Walk {
         var table = L1GPA(eptp & EPT.addressMask)
         var perms = EPT.rwxMask
         var read = 0

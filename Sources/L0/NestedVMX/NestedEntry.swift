@@ -20,6 +20,7 @@ extension L0VCPU {
 
         if launch && vmcs12.launched { return .failed(.failValid(.vmlaunchNonClearVMCS)) }
         if !launch && !vmcs12.launched { return .failed(.failValid(.vmresumeNonLaunchedVMCS)) }
+        counters.consistencyChecks += 3          // controls, host state, guest state (SDM 26.2-26.3)
         if let e = checkControls(vmcs12) { return .failed(.failValid(e)) }
         if let e = checkHostState(vmcs12) { return .failed(.failValid(e)) }
         if !guestStateIsValid(vmcs12) {
@@ -101,6 +102,7 @@ extension L0VCPU {
             // prepare_vmcs02_rare: the fields that rarely change, re-read after an exiting VMWRITE,
             // and the MSR bitmap merge.
             counters.vmcs12FieldReads += 24
+            nested.vmcs02 = VMCS02Controls.merge(l1: v)
             mergeL2MSRBitmap(v)
             nested.vmcs12Dirty = false
         }

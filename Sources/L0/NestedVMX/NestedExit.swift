@@ -104,8 +104,9 @@ extension L0VCPU {
         let gpa = L2GPA(exit.guestPhysicalAddress)
         let access = exit.qualification & EPT.rwxMask
         let walker = EPT12Walker(memory: l1Memory)
-        let walk = walker.walk(eptp: vmcs12[.eptPointer], gpa: gpa)
+        let walk = walker.walk(eptp: vmcs12[.eptPointer], gpa: gpa, write: access & EPT.write != 0)
         counters.ept12EntriesWalked += UInt64(walk.entriesRead)
+        counters.ept12ADUpdates += UInt64(walk.adUpdates)
         switch walk.result {
         case .misconfigured:
             var e = exit

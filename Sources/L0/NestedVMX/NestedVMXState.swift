@@ -1,6 +1,34 @@
 import ABI
 import Transport
 
+/// The controls L0 runs L2 with (KVM's vmcs02), merged from vmcs12 and what L0 needs itself.
+public struct VMCS02Controls: Equatable, Sendable {
+    public var pinBased: UInt64 = 0
+    public var cpuBased: UInt64 = 0
+    public var secondary: UInt64 = 0
+    public var exceptionBitmap: UInt64 = 0
+
+    /// What L0 always wants while L2 runs, whatever L1 asks (KVM: external interrupts and NMIs
+    /// exit to L0; HLT, I/O and MSR accesses exit so L0 can run its devices and MSR policy;
+    /// #MC always; EPT on for EPT02).
+    public static let l0Required = VMCS02Controls(
+        pinBased: PinBased.externalInterruptExiting | PinBased.nmiExiting,
+        cpuBased: CPUBased.hltExiting | CPUBased.unconditionalIOExiting | CPUBased.useMSRBitmaps
+            | CPUBased.activateSecondaryControls,
+        secondary: SecondaryExec.enableEPT,
+        exceptionBitmap: 1 << 18)
+
+    /// prepare_vmcs02: execution controls ORed, exception bitmaps merged.
+    public static func merge(l1 v: VMCSImage) -> VMCS02Controls {
+        let cpu = v[.cpuBasedVMExecControl]
+        return VMCS02Controls(
+            pinBased: v[.pinBasedVMExecControl] | l0Required.pinBased,
+            cpuBased: cpu | l0Required.cpuBased,
+            secondary: (cpu & CPUBased.activateSecondaryControls != 0 ? v[.secondaryVMExecControl] : 0) | l0Required.secondary,
+            exceptionBitmap: v[.exceptionBitmap] | l0Required.exceptionBitmap)
+    }
+}
+
 /// What L0 keeps for L1's VMX operation on one vCPU (KVM: `struct nested_vmx`).
 public struct NestedVMXState: @unchecked Sendable {
     /// VMCS shadowing on: shadowed VMREAD/VMWRITE from L1 do not exit.
@@ -18,6 +46,8 @@ public struct NestedVMXState: @unchecked Sendable {
     public var guestMode = false
     /// An exiting VMWRITE changed vmcs12: the next entry does the full vmcs02 rebuild.
     public var vmcs12Dirty = true
+    /// The controls L2 runs with now (rebuilt with the rest of vmcs02 when vmcs12 changed).
+    public var vmcs02 = VMCS02Controls()
     /// The EPTP whose EPT12 the current EPT02 shadows.
     public var shadowedEPTP: UInt64?
     /// Enlightened VMCS (nvmx-evmcs): L1's VP assist page, the eVMCS it names, and L0's own copy
