@@ -44,7 +44,7 @@ extension PVM {
 
         @Option(name: .long, help: "Test to run (default: all).")
         var test: String?
-        @Option(name: .long, help: "Comma-separated paths: pv, nvmx, nvmx-noshadow.")
+        @Option(name: .long, help: "Comma-separated paths: pv, nvmx, nvmx-noshadow, nvmx-evmcs.")
         var path: String = NestingPath.allCases.map(\.rawValue).joined(separator: ",")
         @Option(name: .long, help: "Measured iterations per test and path.")
         var iterations: UInt64 = 50_000
@@ -125,7 +125,7 @@ extension PVM {
         static let configuration = CommandConfiguration(
             abstract: "Start the three-tier stack, run one guest program in L2, and print what happened.")
 
-        @Option(name: .long, help: "pv, nvmx or nvmx-noshadow.")
+        @Option(name: .long, help: "pv, nvmx, nvmx-noshadow or nvmx-evmcs.")
         var path: String = "pv"
         @Option(name: .long, help: "Guest program (see `pvm programs`).")
         var program: String = "cpuid-values"
