@@ -1,7 +1,7 @@
 // Layout of the control memfd: L0's own memory that the tiers share for control, never part
 // of any guest's RAM. Every tier maps it; each only touches what its "hardware" would.
 //
-//   page 0                 header (magic)
+//   page 0                 header (magic, EPT02 generation)
 //   per vCPU i, 7 pages:   handoff word | L2<->L0 run page | L1<->L0 run page | shadow VMCS |
 //                          cached vmcs12 (L0's private copy when L1 uses an eVMCS) |
 //                          L2's MSR bitmap (vmcs02's: L0 writes it, L2's CPU reads it) |
@@ -23,6 +23,9 @@ public struct ControlLayout: Sendable, Equatable {
 
     public static let magic: UInt64 = 0x3130_4C5F_4D56_5000  // "\0PVM_L01"
     public static let magicOffset: UInt64 = 0
+    /// u64: the EPT02 generation. An entry tagged with another generation is not present: a
+    /// memslot "fast zap" bumps it to invalidate every entry at once (KVM's mmu_valid_gen).
+    public static let ept02GenerationOffset: UInt64 = 8
 
     static let pagesPerVCPU: UInt64 = 7
     public func vcpuBase(_ i: Int) -> UInt64 { pageSize * (1 + UInt64(i) * Self.pagesPerVCPU) }
@@ -56,12 +59,18 @@ public enum HandoffLayout {
     public static let shadowVMCSActive: UInt64 = 0x100
 }
 
-/// An EPT02 entry as L2's MMU reads it: EPT R/W/X in bits 2:0, host page offset in 51:12.
+/// An EPT02 entry as L2's MMU reads it: EPT R/W/X in bits 2:0, host page offset in 51:12, and
+/// the generation it was made in, in bits 62:52 (bits EPT ignores). Present means R/W/X set and
+/// the current generation.
 public enum EPT02Entry {
-    public static func make(host: HostOffset, permissions: UInt64) -> UInt64 {
-        (host.raw & EPT.addressMask) | (permissions & EPT.rwxMask)
+    public static let generationShift: UInt64 = 52
+    public static let generationMask: UInt64 = 0x7FF
+    public static func make(host: HostOffset, permissions: UInt64, generation: UInt64) -> UInt64 {
+        (host.raw & EPT.addressMask) | (permissions & EPT.rwxMask) | (generation & generationMask) << generationShift
     }
-    public static func isPresent(_ e: UInt64) -> Bool { e & EPT.rwxMask != 0 }
+    public static func isPresent(_ e: UInt64, generation: UInt64) -> Bool {
+        e & EPT.rwxMask != 0 && (e >> generationShift) & generationMask == generation & generationMask
+    }
     public static func host(_ e: UInt64) -> HostOffset { HostOffset(e & EPT.addressMask) }
 }
 

@@ -3,6 +3,14 @@ import CPVMShim
 /// One slot of L1 memory, in the shape of `struct kvm_userspace_memory_region`: L1 GPAs
 /// [guestPhysAddr, +memorySize) are backed by host memory at `hostOffset` (the field KVM calls
 /// userspace_addr; here the "userspace" is the host memfd every tier maps).
+/// How deleting or moving a memslot drops the mappings derived from it (seeds/004).
+public enum MemslotZapPolicy: String, Sendable, CaseIterable {
+    /// Invalidate every mapping at once (a generation bump) and rebuild lazily as L2 touches memory.
+    case fast
+    /// Remove only the mappings of that slot (through a reverse map); the rest stay.
+    case targeted
+}
+
 public struct MemorySlot: Hashable, Sendable, CustomStringConvertible {
     public var slot: UInt32
     public var flags: UInt32
@@ -30,6 +38,10 @@ public struct MemorySlot: Hashable, Sendable, CustomStringConvertible {
 
     /// KVM_MEM_READONLY from <linux/kvm.h>.
     public static let readOnlyFlag = UInt32(KVM_MEM_READONLY)
+    /// This project's flag (not in <linux/kvm.h>): when the slot is deleted or moved, zap only
+    /// its own mappings instead of the VM's zap policy (seeds/004: a per-memslot choice).
+    public static let targetedZapFlag: UInt32 = 1 << 16
+    public static let knownFlags: UInt32 = readOnlyFlag | targetedZapFlag
 
     public var description: String {
         "slot \(slot): L1 GPA 0x\(String(guestPhysAddr.raw, radix: 16)) +0x\(String(memorySize, radix: 16)) -> host 0x\(String(hostOffset.raw, radix: 16))"

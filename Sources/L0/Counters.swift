@@ -30,6 +30,8 @@ public struct TransitionCounters: Equatable, Sendable {
     public var ept12Unsyncs: UInt64 = 0
     /// L2 accesses that EPT12 sent to L1 GPAs nothing backs, completed by L0 as unassigned.
     public var unbackedAccesses: UInt64 = 0
+    /// Memslot deletions (and moves) that zapped mappings.
+    public var memslotZaps: UInt64 = 0
     /// VM-entry consistency-check groups run (controls, host state, guest state).
     public var consistencyChecks: UInt64 = 0
     /// EPT12 entries whose accessed/dirty bits L0 set during a walk (EPTP A/D enabled).
@@ -77,6 +79,7 @@ public struct TransitionCounters: Equatable, Sendable {
         d.msrBitmapMerges = msrBitmapMerges - earlier.msrBitmapMerges
         d.unbackedAccesses = unbackedAccesses - earlier.unbackedAccesses
         d.consistencyChecks = consistencyChecks - earlier.consistencyChecks
+        d.memslotZaps = memslotZaps - earlier.memslotZaps
         d.ept12ADUpdates = ept12ADUpdates - earlier.ept12ADUpdates
         return d
     }

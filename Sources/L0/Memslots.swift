@@ -10,6 +10,8 @@ public enum MemoryError: Error, Equatable, CustomStringConvertible {
     case overlapsSlot(UInt32)
     case hostRangeOutside(HostOffset, length: UInt64, hostSize: UInt64)
     case duplicateSlot(UInt32)
+    case noSuchSlot(UInt32)
+    case unknownFlags(UInt32)
 
     public var description: String {
         switch self {
@@ -19,6 +21,8 @@ public enum MemoryError: Error, Equatable, CustomStringConvertible {
         case let .overlapsSlot(s): "overlaps memslot \(s)"
         case let .hostRangeOutside(o, l, size): "\(o) +0x\(String(l, radix: 16)) is outside host memory (\(size) bytes)"
         case let .duplicateSlot(s): "memslot \(s) already exists"
+        case let .noSuchSlot(s): "there is no memslot \(s)"
+        case let .unknownFlags(f): "unknown memslot flags 0x\(String(f, radix: 16))"
         }
     }
 }
@@ -32,6 +36,7 @@ public struct L1Memslots: Sendable {
     public init(hostSize: UInt64) { self.hostSize = hostSize }
 
     public mutating func add(_ s: MemorySlot) throws {
+        guard s.flags & ~MemorySlot.knownFlags == 0 else { throw MemoryError.unknownFlags(s.flags) }
         guard s.guestPhysAddr.isPageAligned else { throw MemoryError.misaligned(s.guestPhysAddr.raw) }
         guard s.memorySize % pageSize == 0, s.memorySize > 0 else { throw MemoryError.misaligned(s.memorySize) }
         guard s.hostOffset.isPageAligned else { throw MemoryError.misaligned(s.hostOffset.raw) }
@@ -48,6 +53,12 @@ public struct L1Memslots: Sendable {
             }
         }
         slots.append(s)
+    }
+
+    /// Removes a slot and returns it.
+    public mutating func delete(_ id: UInt32) throws -> MemorySlot {
+        guard let i = slots.firstIndex(where: { $0.slot == id }) else { throw MemoryError.noSuchSlot(id) }
+        return slots.remove(at: i)
     }
 
     /// Host offset of `gpa`, provided [gpa, gpa+length) lies inside one slot.

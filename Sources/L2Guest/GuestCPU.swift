@@ -178,7 +178,8 @@ public final class GuestCPU {
         let frame = gpa.pageNumber
         guard frame < layout.ept02Entries else { return nil }
         let e = control.unchecked(load: UInt64.self, at: layout.ept02 + frame * 8)
-        guard e & access == access, EPT02Entry.isPresent(e) else { return nil }
+        let generation = control.unchecked(load: UInt64.self, at: ControlLayout.ept02GenerationOffset)
+        guard e & access == access, EPT02Entry.isPresent(e, generation: generation) else { return nil }
         return HostOffset(EPT02Entry.host(e).raw | gpa.offsetInPage)
     }
 

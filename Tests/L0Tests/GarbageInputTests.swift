@@ -49,7 +49,7 @@ import Transport
             switch outcome {
             case .resumeL2:
                 let e = f.vcpu.ept02.entry(L2GPA(gpa))
-                if EPT02Entry.isPresent(e) {
+                if EPT02Entry.isPresent(e, generation: f.vcpu.ept02.generation) {
                     let host = EPT02Entry.host(e).raw
                     #expect(host >= Plan.slotHost.raw && host + pageSize <= Plan.slotHost.raw + Plan.slotSize)
                 } else {

@@ -247,13 +247,13 @@ import Transport
                     let l1 = m.l1Address(for: gpa)!
                     let expected = try? f.vcpu.l1Memory.memslots.translate(l1, length: pageSize)
                     #expect(expected != nil, "map points outside L1 memory at \(gpa)")
-                    #expect(EPT02Entry.isPresent(entry) && EPT02Entry.host(entry) == expected && entry & EPT.rwxMask == m.permissions,
+                    #expect(EPT02Entry.isPresent(entry, generation: f.vcpu.ept02.generation) && EPT02Entry.host(entry) == expected && entry & EPT.rwxMask == m.permissions,
                             "EPT02 disagrees with the map at \(gpa)")
                     let host = EPT02Entry.host(entry).raw
                     #expect(host >= Plan.slotHost.raw && host + pageSize <= Plan.slotHost.raw + Plan.slotSize)
                     #expect(m.permissions & EPT.write == 0 || m.permissions & EPT.read != 0)
                 } else {
-                    #expect(!EPT02Entry.isPresent(entry), "EPT02 maps \(gpa), which the map does not")
+                    #expect(!EPT02Entry.isPresent(entry, generation: f.vcpu.ept02.generation), "EPT02 maps \(gpa), which the map does not")
                 }
             }
         }

@@ -123,7 +123,7 @@ struct ReferenceMap {
             let gpa = L2GPA(page * pageSize)
             let entry = f.vcpu.ept02.entry(gpa)
             guard entry != 0 || reference.pages[page] != nil else { continue }
-            guard EPT02Entry.isPresent(entry) else { return "\(gpa): entry 0x\(String(entry, radix: 16)) is not present" }
+            guard EPT02Entry.isPresent(entry, generation: f.vcpu.ept02.generation) else { return "\(gpa): entry 0x\(String(entry, radix: 16)) is not present" }
             let host = EPT02Entry.host(entry).raw
             guard host >= slotHost, host < slotHost + Plan.slotSize else {
                 return "\(gpa): EPT02 points at host 0x\(String(host, radix: 16)), outside L1's memslot"
@@ -149,7 +149,7 @@ struct ReferenceMap {
             var p = m.l2.start.raw / pageSize
             while p < m.l2.end.raw / pageSize {
                 if p >= windowEnd && !usedPages.contains(p) { p += 1; continue }
-                if !EPT02Entry.isPresent(f.vcpu.ept02.entry(L2GPA(p * pageSize))) {
+                if !EPT02Entry.isPresent(f.vcpu.ept02.entry(L2GPA(p * pageSize)), generation: f.vcpu.ept02.generation) {
                     return "L2GPA(0x\(String(p * pageSize, radix: 16))) is mapped but has no EPT02 entry"
                 }
                 p += 1

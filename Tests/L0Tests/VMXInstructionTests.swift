@@ -451,7 +451,7 @@ import Transport
         try f.launchL2()
         #expect(f.l2CPUID(function: 0) == .deliverToL1)
         let gpa = L2GPA(0x30_0000)
-        f.vcpu.ept02.install(gpa, host: f.hostOffset(Plan.l2Backing), permissions: EPT.rwxMask)
+        f.vcpu.ept02.install(gpa, host: f.hostOffset(Plan.l2Backing), permissions: EPT.rwxMask, memslot: 0)
         f.l1Run[register: .rax] = 1
         f.vmx(.invept, operand: Plan.eptp ^ 0x1000)       // another EPTP: nothing to drop
         #expect(f.vmxResult == .succeed)
@@ -463,8 +463,8 @@ import Transport
         #expect(f.vcpu.ept02.translate(gpa) == nil)
         #expect(f.vcpu.ept02.present.isEmpty)
 
-        f.vcpu.ept02.install(gpa, host: f.hostOffset(Plan.l2Backing), permissions: EPT.rwxMask)
-        f.vcpu.ept02.install(L2GPA(Plan.l2Limit - pageSize), host: f.hostOffset(Plan.l2Backing), permissions: EPT.read)
+        f.vcpu.ept02.install(gpa, host: f.hostOffset(Plan.l2Backing), permissions: EPT.rwxMask, memslot: 0)
+        f.vcpu.ept02.install(L2GPA(Plan.l2Limit - pageSize), host: f.hostOffset(Plan.l2Backing), permissions: EPT.read, memslot: 0)
         f.l1Run[register: .rax] = 2
         f.vmx(.invept, operand: 0)
         #expect(f.vmxResult == .succeed)
@@ -480,7 +480,7 @@ import Transport
         #expect(f.l2CPUID(function: 0) == .deliverToL1)
         let gpa = L2GPA(0x30_0000)
         for variant in [Plan.eptp | EPT.eptpADEnable, Plan.ept12Root.raw | EPT.memoryTypeUC | EPT.eptpWalkLength4] {
-            f.vcpu.ept02.install(gpa, host: f.hostOffset(Plan.l2Backing), permissions: EPT.rwxMask)
+            f.vcpu.ept02.install(gpa, host: f.hostOffset(Plan.l2Backing), permissions: EPT.rwxMask, memslot: 0)
             f.l1Run[register: .rax] = 1
             f.vmx(.invept, operand: variant)
             #expect(f.vmxResult == .succeed)

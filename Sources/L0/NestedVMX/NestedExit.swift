@@ -136,9 +136,10 @@ extension L0VCPU {
             }
             let allowed = slot.flags & MemorySlot.readOnlyFlag != 0 ? perms & ~EPT.write : perms
             guard access & ~allowed == 0 else {
-                return .stop(.fatal("L2 write to \(gpa) hits read-only L1 memslot \(slot.slot)"))
+                // A write to read-only L1 memory (a ROM): the write is dropped, as MMIO to a ROM.
+                return completeUnbackedAccess(exit)
             }
-            guard ept02.install(gpa.pageBase, host: host, permissions: allowed) else {
+            guard ept02.install(gpa.pageBase, host: host, permissions: allowed, memslot: slot.slot) else {
                 return .stop(.fatal("\(gpa) is beyond the L2 address limit of this L0"))
             }
             shadowWalk(walk, for: gpa)

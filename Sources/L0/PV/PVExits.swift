@@ -27,11 +27,11 @@ extension L0VCPU {
             if port == Ucall.port || (pv.enabled.contains(.l0Ports) && l0Devices.owns(port)) { return handleL0PortIO(exit) }
             return deliverPVExit(exit)
         case .eptViolation:
+            if refillFromPVMap(exit) { return .resumeL2 }     // lazily rebuilt after a fast zap
             // Tell L1 what the current mapping allows (bits 3-5), so a permission fault and a
             // missing mapping look different.
             var e = exit
-            let perms = EPT02Entry.isPresent(ept02.entry(L2GPA(exit.guestPhysicalAddress)))
-                ? ept02.entry(L2GPA(exit.guestPhysicalAddress)) & EPT.rwxMask : 0
+            let perms = ept02.permissions(L2GPA(exit.guestPhysicalAddress))
             e.qualification = (exit.qualification & EPT.rwxMask) | perms << EPTViolationQualification.readableShift
             return deliverPVExit(e)
         default:

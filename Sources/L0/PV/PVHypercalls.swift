@@ -107,7 +107,7 @@ extension L0VCPU {
     /// A mapping that passed validation: where each page goes in host memory.
     struct ValidatedMapping {
         var mapping: PVMapping
-        var hosts: [HostOffset]
+        var hosts: [(host: HostOffset, memslot: UInt32)]
         var replace: Bool
     }
 
@@ -123,14 +123,16 @@ extension L0VCPU {
         let replace = flags & PVMapFlags.replace != 0
         guard replace || pv.map.overlapping(l2Range).isEmpty else { return .failure(.invalid) }
         // Translate every page first: the range may span memslots, and must lie inside them.
-        var hosts: [HostOffset] = []
+        var hosts: [(host: HostOffset, memslot: UInt32)] = []
         hosts.reserveCapacity(Int(length / pageSize))
         var off: UInt64 = 0
         while off < length {
-            guard let h = try? l1Memory.memslots.translate(L1GPA(l1.raw + off), length: pageSize) else {
-                return .failure(.fault)
-            }
-            hosts.append(h)
+            let gpa = L1GPA(l1.raw + off)
+            guard let h = try? l1Memory.memslots.translate(gpa, length: pageSize),
+                  let slot = l1Memory.memslots.slot(containing: gpa) else { return .failure(.fault) }
+            // Writable L2 mappings of read-only L1 memory are refused (KVM_MEM_READONLY).
+            if flags & PVMapFlags.write != 0, slot.flags & MemorySlot.readOnlyFlag != 0 { return .failure(.permission) }
+            hosts.append((h, slot.slot))
             off += pageSize
         }
         return .success(ValidatedMapping(mapping: PVMapping(l2: l2Range, l1: l1, permissions: flags & PVMapFlags.rwx),
@@ -140,7 +142,8 @@ extension L0VCPU {
     func apply(_ v: ValidatedMapping) {
         if v.replace { pv.map.remove(v.mapping.l2) }
         for (i, h) in v.hosts.enumerated() {
-            ept02.install(L2GPA(v.mapping.l2.start.raw + UInt64(i) * pageSize), host: h, permissions: v.mapping.permissions)
+            ept02.install(L2GPA(v.mapping.l2.start.raw + UInt64(i) * pageSize), host: h.host, permissions: v.mapping.permissions,
+                          memslot: h.memslot)
         }
         counters.ept02Fills += UInt64(v.hosts.count)
         pv.map.insert(v.mapping)
