@@ -115,8 +115,9 @@ public final class EPT02: @unchecked Sendable {
             try? control.fill(0, at: layout.ept02, count: layout.ept02Entries * 8)
         }
         control.unchecked(store: next, at: ControlLayout.ept02GenerationOffset)
-        present.removeAll(keepingCapacity: true)
-        reverseMap.removeAll(keepingCapacity: true)
-        slotOfFrame.removeAll(keepingCapacity: true)
+        // Fresh containers: freeing the old ones does not visit their elements.
+        present = []
+        reverseMap = [:]
+        slotOfFrame = [:]
     }
 }

@@ -42,6 +42,8 @@ extension PVM {
             abstract: "Run benchmark tests on each path and print ns/op and transitions per tier.",
             discussion: "Tests: " + BenchOperations.all.map(\.name).joined(separator: ", "))
 
+        @Option(name: .long, help: "exits (the per-instruction tests, default) or memslot (zap policies).")
+        var suite: String = "exits"
         @Option(name: .long, help: "Test to run (default: all).")
         var test: String?
         @Option(name: .long, help: "Comma-separated paths: pv, nvmx, nvmx-noshadow, nvmx-evmcs.")
@@ -63,6 +65,15 @@ extension PVM {
             #if DEBUG
             printError("warning: this is a debug build; time it with `swift run -c release pvm bench`")
             #endif
+            switch suite {
+            case "exits": break
+            case "memslot":
+                printError("running the memslot suite (in-process: L0's zap work on real memfds)...")
+                print(MemslotSuite.table(try MemslotSuite.run()), terminator: "")
+                return
+            default:
+                throw ValidationError("unknown --suite '\(suite)' (known: exits, memslot)")
+            }
             let paths = try parsePaths(path)
             let tests = try test.map { name -> [String] in
                 guard BenchOperations.named(name) != nil else { throw ValidationError("\(BenchError.unknownTest(name))") }
