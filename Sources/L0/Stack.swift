@@ -11,7 +11,8 @@ import Glibc
 ///      turn, sees it and exits 0;
 ///   2. reap L2 (SIGKILL after a grace period if it does not go);
 ///   3. reap L1 the same way;
-///   4. drop the mappings and close both memfds. They are anonymous memfds, so nothing was ever
+///   4. destroy L1's VM in L0's host model and unload it (virtualization disabled on its CPUs);
+///   5. drop the mappings and close both memfds. They are anonymous memfds, so nothing was ever
 ///      in /dev/shm or on disk, and a killed L0 leaves nothing either (children die with it
 ///      through PR_SET_PDEATHSIG).
 public final class L0Stack {
@@ -22,6 +23,9 @@ public final class L0Stack {
     public let vcpu: L0VCPU
     var l1: ChildProcess?
     var l2: ChildProcess?
+    /// The host L0 models, and L1's VM in it.
+    public let host: L0Host
+    public let vm: VMHandle
 
     public init(config: StackConfig) throws {
         guard config.l1HostOffset.isPageAligned,
@@ -38,12 +42,20 @@ public final class L0Stack {
         } catch let e as TransportError {
             throw StackError.hostMemory(e)
         }
+        do {
+            host = try L0Host(cpuCount: config.cpuCount, enableVirtAtLoad: config.enableVirtAtLoad,
+                              oneTimeSetup: config.oneTimeSetup)
+            vm = try host.createVM(type: config.vmType)
+        } catch {
+            throw StackError.host(error)
+        }
         var slots = L1Memslots(hostSize: config.hostMemoryBytes)
         do { try slots.add(config.l1Slot) } catch { throw StackError.badConfig("\(error)") }
         handoff = Handoff(region: control, base: layout.handoff(0))
         vcpu = try L0VCPU(id: 0, path: config.path, control: control, layout: layout,
                           l1Memory: L1MemoryAccess(memslots: slots, host: HostMemory(region: hostMemory)))
         vcpu.pv.offered = config.pvOffered
+        vcpu.vm = vm
     }
 
     func launch(_ tier: Tier) throws -> ChildProcess {
@@ -123,7 +135,7 @@ public final class L0Stack {
                 for c in [l1, l2].compactMap({ $0 }) { pids[c.tier] = c.pid }
                 return StackResult(stop: reason, counters: vcpu.counters, harness: vcpu.harness,
                                    l1Status: l1?.status, l2Status: l2?.status, tierPIDs: pids,
-                                   wallNanos: monotonicNanos() - started)
+                                   pvRefusal: vcpu.pv.refusal, wallNanos: monotonicNanos() - started)
             }
         }
     }
@@ -157,5 +169,7 @@ public final class L0Stack {
         for child in [l2, l1].compactMap({ $0 }) {
             if child.wait(timeoutNanos: 2_000_000_000) == nil { child.killAndReap() }
         }
+        try? host.destroyVM(vm)
+        try? host.unload()
     }
 }

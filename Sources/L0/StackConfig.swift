@@ -24,6 +24,11 @@ public struct StackConfig: Sendable {
     public var pvFeatures: PVFeatures = .all
     public var pvOffered: PVFeatures = .all
     public var l2MapMode: L2MapMode = .eager
+    /// The host L0 models and the VM L1 runs in (seeds/000-004).
+    public var vmType: VMType = .default
+    public var enableVirtAtLoad = true
+    public var oneTimeSetup: OneTimeSetupPolicy = .off
+    public var cpuCount = L0Host.machineCPUCount
 
     public init(path: NestingPath, program: String, programArguments: [UInt64] = [], tierExecutable: String) {
         self.path = path
@@ -47,6 +52,8 @@ public struct StackResult: Sendable {
     public var l2Status: ExitStatus?
     /// The child tiers' process ids (reaped by the time the result exists).
     public var tierPIDs: [Tier: Int32] = [:]
+    /// Why L0 refused L1's PV request, if it did (a version mismatch, a protected-state L1...).
+    public var pvRefusal: String?
     public var wallNanos: UInt64
 
     /// True when the guest program ran to `done` and both child tiers exited cleanly.
@@ -60,12 +67,14 @@ public enum StackError: Error, CustomStringConvertible {
     case hostMemory(TransportError)
     case badConfig(String)
     case spawn(Tier, TransportError)
+    case host(HostError)
 
     public var description: String {
         switch self {
         case .hostMemory(let e): "cannot create L0's shared memory: \(e) (is memfd available and is there enough address space?)"
         case .badConfig(let m): "invalid stack configuration: \(m)"
         case let .spawn(t, e): "cannot start \(t) (\(TierProcess.name(of: t))): \(e)"
+        case .host(let e): "L0's host refused: \(e)"
         }
     }
 }

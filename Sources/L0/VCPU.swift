@@ -38,6 +38,8 @@ public final class L0VCPU {
     public var l0MSRs: [UInt32: UInt64] = [:]
     /// L1's own MSRs (the VP assist page among them), kept by L0.
     public var l1MSRs: [UInt32: UInt64] = [:]
+    /// L1's VM: its type and capability booleans (the PV path needs one without protected state).
+    public var vm = VMHandle(id: 0, type: .default)
     /// How deleting or moving one of L1's memslots drops derived mappings (KVM's default: fast).
     public var memslotZapPolicy: MemslotZapPolicy = .fast
     /// Devices L0 runs on ports (its in-kernel devices): fixed on nvmx, registered by L1 on pv.

@@ -42,7 +42,7 @@ extension PVM {
             abstract: "Run benchmark tests on each path and print ns/op and transitions per tier.",
             discussion: "Tests: " + BenchOperations.all.map(\.name).joined(separator: ", "))
 
-        @Option(name: .long, help: "exits (the per-instruction tests, default) or memslot (zap policies).")
+        @Option(name: .long, help: "exits (the per-instruction tests, default), memslot (zap policies) or host (virtualization enabling, one-time setup).")
         var suite: String = "exits"
         @Option(name: .long, help: "Test to run (default: all).")
         var test: String?
@@ -71,8 +71,12 @@ extension PVM {
                 printError("running the memslot suite (in-process: L0's zap work on real memfds)...")
                 print(MemslotSuite.table(try MemslotSuite.run()), terminator: "")
                 return
+            case "host":
+                printError("running the host suite (fresh L0 hosts, enabling and setup costs spent for real)...")
+                print(try HostSuite.run(iterations: 7), terminator: "")
+                return
             default:
-                throw ValidationError("unknown --suite '\(suite)' (known: exits, memslot)")
+                throw ValidationError("unknown --suite '\(suite)' (known: exits, memslot, host)")
             }
             let paths = try parsePaths(path)
             let tests = try test.map { name -> [String] in
@@ -148,6 +152,12 @@ extension PVM {
         var pvFeatures: String = "all"
         @Option(name: .long, help: "How L1 maps L2 memory: eager, per-page, batch.")
         var l2Map: String = "eager"
+        @Option(name: .long, help: "L1's VM type: \(VMType.allCases.map(\.name).joined(separator: ", ")).")
+        var vmType: String = "default"
+        @Option(name: .long, help: "One-time setup (TDX-module-like): off, at-load, on-first-protected-vm.")
+        var oneTimeSetup: String = "off"
+        @Flag(name: .long, inversion: .prefixedNo, help: "Enable virtualization on every CPU when L0 loads (KVM's default) rather than at the first VM.")
+        var enableVirtAtLoad = true
 
         func run() throws {
             guard let p = NestingPath(rawValue: path) else { throw ValidationError("unknown path '\(path)'") }
@@ -159,9 +169,18 @@ extension PVM {
             config.hostMemoryBytes = hostMemoryMiB << 20
             config.pvFeatures = try PVM.parseFeatures(pvFeatures)
             config.l2MapMode = mode
+            guard let type = VMType.allCases.first(where: { $0.name == vmType }) else {
+                throw ValidationError("unknown --vm-type '\(vmType)' (known: \(VMType.allCases.map(\.name).joined(separator: ", ")))")
+            }
+            let setups: [String: OneTimeSetupPolicy] = ["off": .off, "at-load": .atLoad, "on-first-protected-vm": .onFirstProtectedVM]
+            guard let setup = setups[oneTimeSetup] else { throw ValidationError("unknown --one-time-setup '\(oneTimeSetup)'") }
+            config.vmType = type
+            config.oneTimeSetup = setup
+            config.enableVirtAtLoad = enableVirtAtLoad
             let result = try L0Stack(config: config).run()
             for line in result.harness.prints { print("[L2] \(line)") }
             for s in result.harness.syncs { print("sync " + s.map { "0x" + String($0, radix: 16) }.joined(separator: " ")) }
+            if let refusal = result.pvRefusal { print("L0 refused L1's PV request: \(refusal)") }
             print("stopped: \(result.stop)")
             print("L1 \(result.l1Status.map { "\($0)" } ?? "not started"), L2 \(result.l2Status.map { "\($0)" } ?? "not started")")
             let c = result.counters

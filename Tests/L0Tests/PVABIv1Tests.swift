@@ -259,3 +259,19 @@ import Transport
         }
     }
 }
+
+@Suite struct PVProtectedStateTests {
+    @Test func aPVNestedL2IsRefusedInsideAProtectedStateL1AndL0SaysWhy() throws {
+        let f = try Fixture(.pv)
+        f.vcpu.vm = VMHandle(id: 1, type: .tdx)
+        #expect(f.hypercall(.createVCPU, Plan.exitPage.raw).rax == HypercallError.permission.returnValue)
+        #expect(f.vcpu.pv.refusal?.contains("protected state") == true && f.vcpu.pv.refusal?.contains("TCB") == true)
+        #expect(!f.vcpu.pv.vcpuCreated && !f.vcpu.l2Requested)
+    }
+
+    @Test func privateMemoryAloneDoesNotStopPVNesting() throws {
+        let f = try Fixture(.pv)
+        f.vcpu.vm = VMHandle(id: 1, type: .swProtected)
+        #expect(f.hypercall(.createVCPU, Plan.exitPage.raw).rax == 0)
+    }
+}

@@ -122,3 +122,33 @@ extension StackTests {
     }
 }
 }
+
+extension StackTests {
+@Suite(.serialized) struct HostIntegrationTests {
+    @Test func aPVNestedGuestInAProtectedStateL1IsRefusedAndTheRunSaysWhy() throws {
+        var config = StackConfig(path: .pv, program: "cpuid-values", tierExecutable: PVMBinary.path)
+        config.vmType = .tdx
+        config.oneTimeSetup = .onFirstProtectedVM
+        let result = try L0Stack(config: config).run()
+        #expect(result.pvRefusal?.contains("cannot leave the TCB") == true, "\(String(describing: result.pvRefusal))")
+        #expect(result.stop == .tierDied(.l1, .exited(3)))
+        #expect(result.l2Status == nil)                        // L2 was never started
+    }
+
+    @Test func aVMTypeTheHostDoesNotOfferIsAClearErrorBeforeAnythingStarts() {
+        var config = StackConfig(path: .pv, program: "cpuid-values", tierExecutable: PVMBinary.path)
+        config.vmType = .tdx                                    // needs the one-time setup, which is off
+        #expect(throws: StackError.self) { _ = try L0Stack(config: config) }
+    }
+
+    @Test func withVirtualizationEnabledOnDemandTheStackRunsAndLeavesItOff() throws {
+        var config = StackConfig(path: .nvmx, program: "cpuid-values", tierExecutable: PVMBinary.path)
+        config.enableVirtAtLoad = false
+        let stack = try L0Stack(config: config)
+        #expect(stack.host.usageCount == 1 && stack.host.enabledCPUs.count == config.cpuCount)
+        let result = try stack.run()
+        #expect(result.succeeded)
+        #expect(stack.host.enabledCPUs.isEmpty)
+    }
+}
+}

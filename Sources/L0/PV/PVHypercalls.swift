@@ -255,6 +255,10 @@ extension L0VCPU {
     }
 
     func hcCreateVCPU(exitPage: L1GPA) -> Result<UInt64, HypercallError> {
+        do { try vm.checkMayRunPVNestedGuest() } catch {
+            pv.refusal = "\(error)"
+            return .failure(.permission)
+        }
         guard !pv.vcpuCreated else { return .failure(.invalid) }
         guard exitPage.isPageAligned else { return .failure(.invalid) }
         guard (try? l1Memory.memslots.translate(exitPage, length: RunPage.size)) != nil else { return .failure(.fault) }
