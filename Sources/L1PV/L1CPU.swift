@@ -17,8 +17,7 @@ public enum VMEntryOutcome: Equatable, Sendable {
 /// exactly when the VMREAD/VMWRITE bitmaps L0 set say so.
 public final class L1CPU: L1StoreTrap {
     let run: RunPageView
-    let handoff: Handoff
-    let policy: WaitPolicy
+    let session: TierSession
     let control: SharedRegion
     let layout: ControlLayout
     let shadow: VMCSImage
@@ -31,25 +30,17 @@ public final class L1CPU: L1StoreTrap {
     public private(set) var shadowedReads: UInt64 = 0
     public private(set) var shadowedWrites: UInt64 = 0
 
-    public init(control: SharedRegion, layout: ControlLayout, vcpu: Int, policy: WaitPolicy) throws {
-        self.run = try RunPageView(region: control, base: layout.l1RunPage(vcpu))
-        self.handoff = Handoff(region: control, base: layout.handoff(vcpu))
-        self.policy = policy
+    public init(session: TierSession) throws {
+        let control = session.control, layout = session.launch.layout, vcpu = session.launch.vcpu
+        self.session = session
+        self.run = try session.runPage()
         self.control = control
         self.layout = layout
         self.shadow = try VMCSImage(region: control, base: layout.shadowVMCS(vcpu))
         self.shadowActiveFlag = layout.handoff(vcpu) + HandoffLayout.shadowVMCSActive
     }
 
-    public func waitForFirstEntry() { waitForTurn() }
-
-    func waitForTurn() {
-        switch handoff.wait(for: .l1, policy: policy) {
-        case .myTurn: return
-        case .stop: exit(0)
-        case .peerGone: exit(1)
-        }
-    }
+    public func waitForFirstEntry() { session.waitForTurn() }
 
     /// Exits to L0 and waits to be entered again. Throws if L0 injected #UD.
     func vmexit(_ reason: ExitReason, length: UInt64, operand: UInt64 = 0, info: UInt64 = 0) throws {
@@ -57,8 +48,7 @@ public final class L1CPU: L1StoreTrap {
         run[RunPage.instructionLength] = length
         run[RunPage.vmxOperand] = operand
         run[RunPage.instructionInfo] = info
-        handoff.pass(to: .l0)
-        waitForTurn()
+        session.exitToL0()
         let event = run[RunPage.eventInjection]
         if event & (1 << 31) != 0 {
             run[RunPage.eventInjection] = 0

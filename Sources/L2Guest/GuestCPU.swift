@@ -16,8 +16,7 @@ public struct CPUIDResult: Equatable, Sendable {
 /// emulated, unchanged means "execute it again" (e.g. after the page was mapped).
 public final class GuestCPU {
     let run: RunPageView
-    let handoff: Handoff
-    let policy: WaitPolicy
+    let session: TierSession
     let memory: HostMemory
     let control: SharedRegion
     let layout: ControlLayout
@@ -27,30 +26,20 @@ public final class GuestCPU {
     public var ucallBlock = L2GPA(0x1000)
     var rip: UInt64 = 0
 
-    init(run: RunPageView, handoff: Handoff, policy: WaitPolicy, memory: HostMemory,
-         control: SharedRegion, layout: ControlLayout, vcpu: Int) {
-        self.msrBitmap = layout.l2MSRBitmap(vcpu)
-        self.msrValues = layout.l2MSRValues(vcpu)
-        self.run = run
-        self.handoff = handoff
-        self.policy = policy
-        self.memory = memory
-        self.control = control
-        self.layout = layout
+    init(session: TierSession) throws {
+        self.session = session
+        self.run = try session.runPage()
+        self.memory = HostMemory(region: session.hostMemory)
+        self.control = session.control
+        self.layout = session.launch.layout
+        self.msrBitmap = layout.l2MSRBitmap(session.launch.vcpu)
+        self.msrValues = layout.l2MSRValues(session.launch.vcpu)
     }
 
     /// Waits for the first entry and takes the RIP L0 entered with.
     func waitForFirstEntry() {
-        waitForTurn()
+        session.waitForTurn()
         rip = run[register: .rip]
-    }
-
-    func waitForTurn() {
-        switch handoff.wait(for: .l2, policy: policy) {
-        case .myTurn: return
-        case .stop: exit(0)           // L0 is shutting the stack down: leave quietly
-        case .peerGone: exit(1)
-        }
     }
 
     enum Resumption: Equatable { case completed, retry, fault(UInt8) }
@@ -64,8 +53,7 @@ public final class GuestCPU {
         run[RunPage.instructionLength] = length
         run[RunPage.instructionInfo] = info
         run[register: .rip] = rip
-        handoff.pass(to: .l0)
-        waitForTurn()
+        session.exitToL0()
         let newRIP = run[register: .rip]
         let event = run[RunPage.eventInjection]
         if event & (1 << 31) != 0 {

@@ -1,0 +1,52 @@
+import ABI
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// What a child tier (L1 or L2) does first and holds while it runs: its process identity, the
+/// two memfds L0 handed it, and its end of the vCPU's handoff. Shared by both child tiers.
+public struct TierSession: @unchecked Sendable {
+    public let tier: Tier
+    public let launch: TierLaunch
+    public let control: SharedRegion
+    public let hostMemory: SharedRegion
+    public let handoff: Handoff
+    public let policy: WaitPolicy
+
+    /// Takes the tier's name, dies with L0, pins itself, maps the memfds. Exits the process if
+    /// its parent is already gone; throws if the memfds cannot be mapped.
+    public init(_ tier: Tier, _ launch: TierLaunch) throws {
+        TierProcess.setName(tier)
+        guard TierProcess.dieWithParent(expectedParent: launch.parent) else { exit(1) }
+        let placement = CPUPlacement(l0CPU: nil, guestCPU: launch.cpu)
+        placement.apply(as: tier)
+        self.tier = tier
+        self.launch = launch
+        self.control = try SharedRegion(adopt: TierLaunch.controlFD)
+        self.hostMemory = try SharedRegion(adopt: TierLaunch.hostMemoryFD)
+        self.handoff = Handoff(region: control, base: launch.layout.handoff(launch.vcpu))
+        self.policy = placement.waitPolicy(for: tier)
+    }
+
+    /// This vCPU's run page between this tier and L0.
+    public func runPage() throws -> RunPageView {
+        try RunPageView(region: control, base: tier == .l1 ? launch.layout.l1RunPage(launch.vcpu) : launch.layout.l2RunPage(launch.vcpu))
+    }
+
+    /// Waits until L0 gives this tier the turn. When L0 stops the stack, the tier exits 0 here;
+    /// if L0 is gone, 1 (PR_SET_PDEATHSIG normally gets there first).
+    public func waitForTurn() {
+        switch handoff.wait(for: tier, policy: policy) {
+        case .myTurn: return
+        case .stop: exit(0)
+        case .peerGone: exit(1)
+        }
+    }
+
+    /// The tier's exit: hand the turn to L0 (the run page already says why) and wait to be entered.
+    @inline(__always)
+    public func exitToL0() {
+        handoff.pass(to: .l0)
+        waitForTurn()
+    }
+}
