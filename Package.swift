@@ -35,7 +35,7 @@ let package = Package(
             "ABI", "Transport",
             .product(name: "Histogram", package: "hdrhistogram-swift"),
         ]),
-        .target(name: "Bench", dependencies: ["ABI", "L0", "L2Guest"]),
+        .target(name: "Bench", dependencies: ["ABI", "L0", "L2Guest"], resources: [.copy("Profiles")]),
         .executableTarget(name: "pvm", dependencies: [
             "ABI", "Transport", "L0", "L1PV", "L2Guest", "Bench",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),

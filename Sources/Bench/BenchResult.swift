@@ -11,6 +11,14 @@ public struct BenchResult: Sendable {
     /// Transitions in the measurement window.
     public var window: TransitionCounters
 
+    public init(test: String, variant: BenchVariant, iterations: UInt64, latency: LatencyReport, window: TransitionCounters) {
+        self.test = test
+        self.variant = variant
+        self.iterations = iterations
+        self.latency = latency
+        self.window = window
+    }
+
     func perOp(_ n: UInt64) -> Double { iterations == 0 ? 0 : Double(n) / Double(iterations) }
     public var l2ExitsPerOp: Double { perOp(window.totalL2Exits) }
     public var l2EntriesPerOp: Double { perOp(window.l2Entries) }

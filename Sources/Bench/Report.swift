@@ -8,6 +8,7 @@ public enum Report {
         s.count >= w ? s : (right ? String(repeating: " ", count: w - s.count) + s : s + String(repeating: " ", count: w - s.count))
     }
     static func fmt(_ d: Double, _ digits: Int = 2) -> String {
+        if digits == 0 { return d.isFinite ? String(Int(d.rounded())) : "\(d)" }
         let m = pow10(digits)
         let v = (d * m).rounded() / m
         var s = "\(v)"
@@ -20,18 +21,19 @@ public enum Report {
     static func pow10(_ n: Int) -> Double { (0..<n).reduce(1.0) { r, _ in r * 10 } }
 
     /// The table: per test and path, latency and transitions per operation for each tier.
-    public static func table(_ results: [BenchResult]) -> String {
-        let header = ["test", "path", "iters", "median ns", "p99 ns", "L2 exits", "L2 entries", "L1 entries", "L1 exits", "hcalls", "L1 exits by reason (per op)"]
+    public static func table(_ results: [BenchResult], profile: CostProfile? = nil) -> String {
+        let header = ["test", "path", "iters", "median ns", "p99 ns", "model cyc", "L2 exits", "L2 entries", "L1 entries", "L1 exits", "hcalls", "L1 exits by reason (per op)"]
         let testWidth = max(8, results.map(\.test.count).max() ?? 0)
         let pathWidth = max(14, results.map(\.variant.label.count).max() ?? 0)
-        let widths = [testWidth, pathWidth, 8, 10, 10, 9, 10, 10, 9, 7, 0]
+        let widths = [testWidth, pathWidth, 8, 10, 10, 10, 9, 10, 10, 9, 7, 0]
         var out = zip(header, widths).map { pad($0, $1, right: $1 > 0 && $0 != "test" && $0 != "path") }.joined(separator: " ") + "\n"
         for r in results {
             let reasons = r.l1ExitsByReasonPerOp.map { "\($0.0.name)=\(fmt($0.1))" }.joined(separator: " ")
-            let cells = [r.test, r.variant.label, "\(r.iterations)", "\(r.latency.medianNanos)", "\(r.latency.p99Nanos)",
+            let model = profile.map { fmt(CostModel.cyclesPerOp(r, $0), 0) } ?? "-"
+            let cells = [r.test, r.variant.label, "\(r.iterations)", "\(r.latency.medianNanos)", "\(r.latency.p99Nanos)", model,
                          fmt(r.l2ExitsPerOp), fmt(r.l2EntriesPerOp), fmt(r.l1EntriesPerOp), fmt(r.l1ExitsPerOp),
                          fmt(r.hypercallsPerOp), reasons.isEmpty ? "-" : reasons]
-            out += zip(cells, widths).enumerated().map { i, cw in pad(cw.0, cw.1, right: i >= 2 && i < 10) }.joined(separator: " ") + "\n"
+            out += zip(cells, widths).enumerated().map { i, cw in pad(cw.0, cw.1, right: i >= 2 && i < 11) }.joined(separator: " ") + "\n"
         }
         return out
     }
@@ -63,6 +65,7 @@ public enum Report {
         var iterations: UInt64
         var ns_per_op: Latency
         var per_op: PerOp
+        var model_cycles_per_op: Double?
         var l2_exits_by_reason: [String: Double]
         var l1_exits_by_reason: [String: Double]
     }
@@ -71,7 +74,7 @@ public enum Report {
     /// JSON in the documented shape: {"results":[{test, path, iterations, ns_per_op{median,p99,...},
     /// per_op{l2_exits,l1_entries,l1_exits,l2_entries,...}, l1_exits_by_reason{...}}]}.
     /// per_op values are averages per guest operation over the measurement window.
-    public static func json(_ results: [BenchResult]) throws -> String {
+    public static func json(_ results: [BenchResult], profile: CostProfile? = nil) throws -> String {
         let rows = results.map { r in
             Row(test: r.test, path: r.path.rawValue, variant: r.variant.label,
                 pv_features: r.path == .pv ? r.variant.pvFeatures.description : nil,
@@ -80,6 +83,7 @@ public enum Report {
                                  max: r.latency.maxNanos, mean: Double(r.latency.totalNanos) / Double(max(r.iterations, 1))),
                 per_op: .init(l2_exits: r.l2ExitsPerOp, l1_entries: r.l1EntriesPerOp, l1_exits: r.l1ExitsPerOp,
                               l2_entries: r.l2EntriesPerOp, deliveries_to_l1: r.deliveriesPerOp, hypercalls: r.hypercallsPerOp),
+                model_cycles_per_op: profile.map { CostModel.cyclesPerOp(r, $0) },
                 l2_exits_by_reason: Dictionary(uniqueKeysWithValues: r.l2ExitsByReasonPerOp.map { ($0.0.name, $0.1) }),
                 l1_exits_by_reason: Dictionary(uniqueKeysWithValues: r.l1ExitsByReasonPerOp.map { ($0.0.name, $0.1) }))
         }

@@ -9,6 +9,15 @@ public struct LatencyReport: Equatable, Sendable, Codable {
     public var p99Nanos: UInt64
     public var maxNanos: UInt64
     public var totalNanos: UInt64
+
+    public init(samples: UInt64, minNanos: UInt64, medianNanos: UInt64, p99Nanos: UInt64, maxNanos: UInt64, totalNanos: UInt64) {
+        self.samples = samples
+        self.minNanos = minNanos
+        self.medianNanos = medianNanos
+        self.p99Nanos = p99Nanos
+        self.maxNanos = maxNanos
+        self.totalNanos = totalNanos
+    }
 }
 
 /// What the guest program told the harness through ucalls, and the transition counts of each

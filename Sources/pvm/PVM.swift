@@ -16,7 +16,7 @@ struct PVM: ParsableCommand {
         commandName: "pvm",
         abstract: "A paravirtual nested hypervisor prototype: L0, L1 and L2 as three processes.",
         discussion: "Measures what an L2 instruction costs under the PV ABI and under emulated nested VMX.",
-        subcommands: [Bench.self, Launch.self, Programs.self, Tier.self],
+        subcommands: [Bench.self, Launch.self, Model.self, Programs.self, Tier.self],
         defaultSubcommand: Bench.self)
 }
 
@@ -60,6 +60,8 @@ extension PVM {
         var ablation = false
         @Option(name: .long, help: "Also write the results as JSON to this file.")
         var json: String?
+        @Option(name: .long, help: "Cost profile for the modelled-cycles column (default: the shipped published-figures profile).")
+        var profile: String?
 
         func run() throws {
             #if DEBUG
@@ -104,11 +106,12 @@ extension PVM {
                     results.append(try runner.run(t, on: v))
                 }
             }
-            print(Report.table(results), terminator: "")
+            let costs = try profile.map(CostProfile.load(path:)) ?? CostModel.defaultProfile()
+            print(Report.table(results, profile: costs), terminator: "")
             let ratios = Report.ratios(results)
             if !ratios.isEmpty { print("\n" + ratios, terminator: "") }
             if let json {
-                let text = try Report.json(results)
+                let text = try Report.json(results, profile: costs)
                 do { try text.write(toFile: json, atomically: true, encoding: .utf8) } catch {
                     throw ValidationError("cannot write \(json): \(error.localizedDescription)")
                 }
@@ -189,6 +192,37 @@ extension PVM {
             print("delivered to L1: " + TransitionCounters.byReason(c.deliveries).sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: " "))
             print("entries: L1=\(c.l1Entries) L2=\(c.l2Entries)")
             if !result.succeeded { throw ExitCode(1) }
+        }
+    }
+
+    struct Model: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "The cost model: modelled cycles per operation from counted events and a profile's prices.",
+            subcommands: [Explain.self])
+
+        struct Explain: ParsableCommand {
+            static let configuration = CommandConfiguration(
+                abstract: "Run TEST on a path and print its cost breakdown: event, count per op, unit price, subtotal.")
+            @Argument(help: "A benchmark test (see `pvm bench --help`).")
+            var test: String
+            @Option(name: .long, help: "pv, nvmx, nvmx-noshadow or nvmx-evmcs.")
+            var path: String = "nvmx"
+            @Option(name: .long, help: "How L1 maps L2 memory: eager, per-page, batch.")
+            var l2Map: String = "eager"
+            @Option(name: .long, help: "A cost profile file (default: the shipped published-figures profile).")
+            var profile: String?
+            @Option(name: .long, help: "Iterations to count over.")
+            var iterations: UInt64 = 2_000
+
+            func run() throws {
+                guard let p = NestingPath(rawValue: path) else { throw ValidationError("unknown path '\(path)'") }
+                guard let mode = L2MapMode(rawValue: l2Map) else { throw ValidationError("unknown --l2-map '\(l2Map)'") }
+                guard BenchOperations.named(test) != nil else { throw ValidationError("\(BenchError.unknownTest(test))") }
+                let costs = try profile.map(CostProfile.load(path:)) ?? CostModel.defaultProfile()
+                let runner = BenchRunner(tierExecutable: selfExecutable(), iterations: iterations, warmup: iterations / 10)
+                let result = try runner.run(test, on: BenchVariant(path: p, l2MapMode: mode))
+                print(CostModel.explain(result, costs), terminator: "")
+            }
         }
     }
 

@@ -1,0 +1,84 @@
+import ABI
+import Bench
+import Foundation
+import L0
+import Testing
+
+/// The cost model's arithmetic on fixed counters, and profile files good and bad.
+@Suite struct CostModelTests {
+    static let profile = CostProfile(name: "t", description: "test", ghz: 2.0, prices: Dictionary(uniqueKeysWithValues:
+        CostProfile.Event.allCases.enumerated().map { ($0.element.rawValue, CostProfile.Price(cycles: Double(10 * ($0.offset + 1)), source: "test")) }))
+
+    func result(_ w: TransitionCounters, iterations: UInt64) -> BenchResult {
+        BenchResult(test: "t", variant: BenchVariant(path: .nvmx), iterations: iterations,
+                    latency: LatencyReport(samples: iterations, minNanos: 0, medianNanos: 0, p99Nanos: 0, maxNanos: 0, totalNanos: 0),
+                    window: w)
+    }
+
+    @Test func modelledCyclesAreCountsPerOperationTimesUnitPrices() {
+        var w = TransitionCounters()
+        for _ in 0..<4 { w.countL2Exit(.cpuid) }                 // 2 per op
+        for _ in 0..<2 { w.countDelivery(.cpuid) }               // 1 per op
+        for _ in 0..<2 { w.countL1Exit(.vmresume) }              // 1 per op
+        for _ in 0..<6 { w.countL1Exit(.vmread) }                // 3 per op
+        w.vmcsSwitches = 4
+        w.vmcs12FieldReads = 10; w.shadowVMCSFieldCopies = 10    // 10 per op
+        let p = Self.profile
+        let r = result(w, iterations: 2)
+        let expected = 2 * p.cycles(.exitRoundTrip)              // L2 world switches
+            + 1 * p.cycles(.l0SimpleExit)                        // one of the two L2 exits stayed in L0
+            + 1 * p.cycles(.l1ExitHandling)
+            + 4 * p.cycles(.exitRoundTrip)                       // L1 world switches (VMRESUME + 3 VMREADs)
+            + 3 * p.cycles(.l0VMXInstruction)
+            + 1 * p.cycles(.l0SimpleExit)                        // VMRESUME emulation
+            + 2 * p.cycles(.vmcsSwitch)
+            + 10 * p.cycles(.vmcsFieldAccess)
+        #expect(CostModel.cyclesPerOp(r, p) == expected)
+        let text = CostModel.explain(r, p)
+        #expect(text.contains("VMREAD/VMWRITE emulated by L0") && text.contains("total"))
+        #expect(!text.contains("EPT02 entries filled"))         // events not counted are not listed
+    }
+
+    @Test func theShippedProfileIsPublishedFiguresAndGivesSingleLevelCPUIDItsFigure() throws {
+        let p = try CostModel.defaultProfile()
+        #expect(p.cycles(.exitRoundTrip) + p.cycles(.l0SimpleExit) == 1100)   // kvm-unit-tests cpuid
+        #expect(p.prices.values.allSatisfy { !$0.source.isEmpty })
+        var w = TransitionCounters()
+        w.countL2Exit(.cpuid)
+        #expect(CostModel.cyclesPerOp(result(w, iterations: 1), p) == 1100)
+    }
+
+    func decode(_ json: String) throws -> CostProfile { try CostProfile.decode(Data(json.utf8), file: "x.json") }
+
+    @Test func badProfilesNameTheFileAndTheKey() throws {
+        let good = String(decoding: try Self.profile.encoded(), as: UTF8.self)
+        #expect(try decode(good) == Self.profile)
+        #expect(throws: CostProfile.LoadError.missingPrice(file: "x.json", key: "ept02_fill")) {
+            try decode(good.replacingOccurrences(of: "\"ept02_fill\"", with: "\"ept02_fills\""))
+                .prices["ept02_fill"]
+        }
+        do {
+            _ = try decode(#"{"name":"n","description":"d","ghz":2,"prices":{}}"#)
+            Issue.record("empty prices accepted")
+        } catch let e as CostProfile.LoadError {
+            #expect("\(e)".hasPrefix("x.json: no price for"))
+        }
+        var unknown = Self.profile
+        unknown.prices["warp_drive"] = .init(cycles: 1, source: "s")
+        #expect(throws: CostProfile.LoadError.unknownPrice(file: "x.json", key: "warp_drive")) {
+            try decode(String(decoding: try unknown.encoded(), as: UTF8.self))
+        }
+        var negative = Self.profile
+        negative.prices["vmcs_switch"] = .init(cycles: -1, source: "s")
+        #expect(throws: CostProfile.LoadError.self) { try decode(String(decoding: try negative.encoded(), as: UTF8.self)) }
+        var unsourced = Self.profile
+        unsourced.prices["vmcs_switch"] = .init(cycles: 1, source: " ")
+        #expect(throws: CostProfile.LoadError.badPrice(file: "x.json", key: "vmcs_switch", reason: "every price needs a source")) {
+            try decode(String(decoding: try unsourced.encoded(), as: UTF8.self))
+        }
+        #expect(throws: CostProfile.LoadError.self) { try decode("not json") }
+        #expect(throws: CostProfile.LoadError.unreadable(file: "/nonexistent.json", reason: "no such file, or not readable")) {
+            try CostProfile.load(path: "/nonexistent.json")
+        }
+    }
+}
