@@ -55,6 +55,9 @@ public struct BenchRunner: Sendable {
     public var tierExecutable: String
     public var iterations: UInt64
     public var warmup: UInt64
+    /// With a value, `iterations` is a ceiling and the guest doubles the count until a run lasts
+    /// this long (vmexit.c's way); tests that need fresh work per iteration keep a fixed count.
+    public var minNanos: UInt64?
     public var placement: CPUPlacement = .automatic()
 
     public init(tierExecutable: String, iterations: UInt64, warmup: UInt64) {
@@ -74,7 +77,8 @@ public struct BenchRunner: Sendable {
     public func run(_ test: String, on variant: BenchVariant) throws -> BenchResult {
         guard let op = BenchOperations.named(test) else { throw BenchError.unknownTest(test) }
         let (n, w) = budget(for: op)
-        var config = StackConfig(path: variant.path, program: op.name, programArguments: [n, w], tierExecutable: tierExecutable)
+        let doubling = op.iterationLimit == nil ? (minNanos ?? 0) : 0
+        var config = StackConfig(path: variant.path, program: op.name, programArguments: [n, w, doubling], tierExecutable: tierExecutable)
         config.placement = placement
         config.pvFeatures = variant.pvFeatures
         config.l2MapMode = variant.l2MapMode

@@ -53,6 +53,32 @@ public enum Report {
         return out
     }
 
+    /// kvm-unit-tests' vmexit.flat shape: `NAME VALUE` per test, one block per path. VALUE is the
+    /// median in ns (this emulation's time is wall time, not TSC cycles; the model's cycles are
+    /// in the table and the JSON).
+    public static func vmexitFormat(_ results: [BenchResult]) -> String {
+        var out = ""
+        var labels: [String] = []
+        for r in results where !labels.contains(r.variant.label) { labels.append(r.variant.label) }
+        for label in labels {
+            out += "# \(label) (median ns per iteration)\n"
+            for r in results where r.variant.label == label { out += "\(r.test) \(r.latency.medianNanos)\n" }
+        }
+        return out
+    }
+
+    /// CSV with a header row, one row per result.
+    public static func csv(_ results: [BenchResult], profile: CostProfile?) -> String {
+        var out = "test,path,variant,iterations,median_ns,p99_ns,model_cycles,l2_exits,l2_entries,l1_entries,l1_exits,hypercalls\n"
+        for r in results {
+            let model = profile.map { fmt(CostModel.cyclesPerOp(r, $0), 1) } ?? ""
+            out += [r.test, r.path.rawValue, r.variant.label, "\(r.iterations)", "\(r.latency.medianNanos)", "\(r.latency.p99Nanos)",
+                    model, fmt(r.l2ExitsPerOp, 4), fmt(r.l2EntriesPerOp, 4), fmt(r.l1EntriesPerOp, 4), fmt(r.l1ExitsPerOp, 4),
+                    fmt(r.hypercallsPerOp, 4)].joined(separator: ",") + "\n"
+        }
+        return out
+    }
+
     /// One exported row; field names are the JSON keys.
     struct Row: Encodable {
         struct Latency: Encodable { var median, p99, min, max: UInt64; var mean: Double }

@@ -24,15 +24,32 @@ public enum GuestPrograms {
     public static func named(_ name: String) -> GuestProgram? { all.first { $0.name == name } }
 
     /// Times one operation per iteration between two syncs that bracket the measurement window.
-    /// args: [iterations, warmup].
+    /// args: [iterations, warmup, minNanos]. With minNanos > 0, `iterations` is a ceiling: as
+    /// vmexit.c does, the count doubles from 32 until one run lasts minNanos; that count is then
+    /// measured again inside the window.
     static func measureLoop(_ cpu: GuestCPU, _ args: [UInt64], _ op: (UInt64) -> Void) {
-        let iterations = args.count > 0 ? args[0] : 10_000
-        let warmup = args.count > 1 ? args[1] : iterations / 10
+        let ceiling = args.count > 0 ? args[0] : 10_000
+        let warmup = args.count > 1 ? args[1] : ceiling / 10
+        let minNanos = args.count > 2 ? args[2] : 0
         for i in 0..<warmup { op(i) }
+        var next = warmup                 // the next iteration number (first touch needs fresh ones)
+        var iterations = ceiling
+        if minNanos > 0 {
+            var n: UInt64 = min(32, ceiling)
+            while true {
+                let t0 = cpu.now()
+                for i in next..<(next + n) { op(i) }
+                next += n
+                if cpu.now() &- t0 >= minNanos || n >= ceiling { break }
+                n = min(n * 2, ceiling)
+            }
+            iterations = n
+        }
+        let first = next
         var h = Histogram<UInt64>(highestTrackableValue: 60_000_000_000, numberOfSignificantValueDigits: .three)
         var total: UInt64 = 0
         cpu.sync(UcallStage.measureStart, iterations)
-        for i in warmup..<(warmup + iterations) {
+        for i in first..<(first + iterations) {
             let t0 = cpu.now()
             op(i)
             let dt = cpu.now() &- t0

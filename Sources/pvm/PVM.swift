@@ -48,8 +48,14 @@ extension PVM {
         var test: String?
         @Option(name: .long, help: "Comma-separated paths: pv, nvmx, nvmx-noshadow, nvmx-evmcs.")
         var path: String = NestingPath.allCases.map(\.rawValue).joined(separator: ",")
-        @Option(name: .long, help: "Measured iterations per test and path.")
-        var iterations: UInt64 = 50_000
+        @Option(name: .long, help: "Iterations per test and path: a fixed count with --min-time-ms 0, else the ceiling for doubling.")
+        var iterations: UInt64 = 1_000_000
+        @Option(name: .long, help: "Double the iteration count until one run lasts this long (vmexit.c's way); 0 = use --iterations as is.")
+        var minTimeMs: UInt64 = 100
+        @Option(name: .long, help: "table (default) or vmexit (NAME VALUE lines, as vmexit.flat prints).")
+        var format: String = "table"
+        @Option(name: .long, help: "Also write the results as CSV to this file.")
+        var csv: String?
         @Option(name: .long, help: "Unmeasured iterations first (default: a tenth of --iterations).")
         var warmup: UInt64?
         @Option(name: .long, help: "PV features L1 enables: 'all', 'none', a list ('direct-cpuid,batch-map') or removals ('-direct-cpuid,-direct-msr'). Known: \(PVFeatures.names.map(\.0).joined(separator: ", ")).")
@@ -90,8 +96,12 @@ extension PVM {
                 guard let v = L2MapMode(rawValue: m) else { throw ValidationError("unknown --l2-map '\(m)'") }
                 return v
             }
-            let runner = BenchRunner(tierExecutable: selfExecutable(), iterations: iterations, warmup: warmup ?? iterations / 10)
+            guard format == "table" || format == "vmexit" else { throw ValidationError("unknown --format '\(format)' (table, vmexit)") }
+            var runner = BenchRunner(tierExecutable: selfExecutable(), iterations: iterations,
+                                     warmup: warmup ?? (minTimeMs > 0 ? 1_000 : iterations / 10))
+            runner.minNanos = minTimeMs > 0 ? minTimeMs * 1_000_000 : nil
             var results: [BenchResult] = []
+            var plan: [(String, BenchVariant)] = []
             for t in tests {
                 var variants = BenchRunner.defaultVariants(for: t, paths: paths)
                 if let mode { variants = variants.map { BenchVariant(path: $0.path, l2MapMode: mode) } }
@@ -102,14 +112,26 @@ extension PVM {
                 var seen: [BenchVariant] = []
                 for v in variants where !seen.contains(v) {
                     seen.append(v)
-                    printError("running \(t) on \(v.label)...")
-                    results.append(try runner.run(t, on: v))
+                    plan.append((t, v))
                 }
             }
+            for (i, (t, v)) in plan.enumerated() {
+                printError("[\(i + 1)/\(plan.count)] \(t) on \(v.label)")
+                results.append(try runner.run(t, on: v))
+            }
             let costs = try profile.map(CostProfile.load(path:)) ?? CostModel.defaultProfile()
-            print(Report.table(results, profile: costs), terminator: "")
-            let ratios = Report.ratios(results)
-            if !ratios.isEmpty { print("\n" + ratios, terminator: "") }
+            if format == "vmexit" {
+                print(Report.vmexitFormat(results), terminator: "")
+            } else {
+                print(Report.table(results, profile: costs), terminator: "")
+                let ratios = Report.ratios(results)
+                if !ratios.isEmpty { print("\n" + ratios, terminator: "") }
+            }
+            if let csv {
+                do { try Report.csv(results, profile: costs).write(toFile: csv, atomically: true, encoding: .utf8) } catch {
+                    throw ValidationError("cannot write \(csv): \(error.localizedDescription)")
+                }
+            }
             if let json {
                 let text = try Report.json(results, profile: costs)
                 do { try text.write(toFile: json, atomically: true, encoding: .utf8) } catch {

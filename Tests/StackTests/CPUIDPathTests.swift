@@ -96,3 +96,19 @@ extension StackTests {
     }
 }
 }
+
+extension StackTests {
+@Suite(.serialized) struct IterationDoublingTests {
+    @Test func iterationsDoubleUntilARunLastsLongEnoughAndThatCountIsMeasured() throws {
+        var runner = BenchRunner(tierExecutable: PVMBinary.path, iterations: 1 << 20, warmup: 10)
+        runner.minNanos = 2_000_000
+        let r = try runner.run("cpuid", on: BenchVariant(path: .pv))
+        #expect(r.iterations >= 32 && r.iterations & (r.iterations - 1) == 0, "\(r.iterations) is not a power of two")
+        #expect(r.latency.totalNanos >= 1_000_000)               // the measured run lasted about as long
+        #expect(r.window.totalL2Exits == r.iterations)            // and the window counted exactly it
+        let text = Report.vmexitFormat([r])
+        #expect(text == "# pv (median ns per iteration)\ncpuid \(r.latency.medianNanos)\n")
+        #expect(Report.csv([r], profile: nil).hasPrefix("test,path,variant,iterations"))
+    }
+}
+}
