@@ -42,6 +42,11 @@ public struct L1Devices {
     public static let qemuPorts: ClosedRange<UInt16> = 0x1234...0x1237
     var qemuLatch: UInt64 = 0
 
+    /// A device in L1's device model at an MMIO address of L2's (vmexit.c's "pci-mem" kind): a
+    /// 32-bit latch, reached by an access that no memory backs.
+    public static let mmioDevice: ClosedRange<UInt64> = 0xFEB0_0000...0xFEB0_0FFF
+    var mmioLatch: UInt64 = 0
+
     public func owns(port: UInt16) -> Bool { Self.serialPorts.contains(port) || Self.qemuPorts.contains(port) }
 
     /// Port I/O L1 owns: returns the value for an IN.
@@ -80,7 +85,7 @@ public struct L1Devices {
 
     /// Emulates an exit both personalities handle alike, leaving the result in `regs`; false if
     /// `reason` is not one of them. The caller skips the instruction.
-    public mutating func emulate(_ reason: ExitReason, qualification q: UInt64, accessSize: Int,
+    public mutating func emulate(_ reason: ExitReason, qualification q: UInt64, accessSize: Int, gpa: UInt64 = 0,
                                  _ regs: inout some GuestRegisterFile) -> Bool {
         switch reason {
         case .ioInstruction:
@@ -99,10 +104,15 @@ public struct L1Devices {
         case .hlt:
             break
         case .eptViolation:
-            // An access to memory L1 never gave L2 (the caller checked): unassigned.
+            // An access to memory L1 never gave L2 (the caller checked): its MMIO device, or
+            // unassigned.
             let write = q & EPTViolationQualification.dataWrite != 0
-            let v = unassigned(isWrite: write, size: accessSize)
-            if !write { regs[.rax] = v }
+            if Self.mmioDevice.contains(gpa) {
+                if write { mmioLatch = regs[.rax] } else { regs[.rax] = mmioLatch }
+            } else {
+                let v = unassigned(isWrite: write, size: accessSize)
+                if !write { regs[.rax] = v }
+            }
         default:
             return false
         }

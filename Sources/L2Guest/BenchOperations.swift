@@ -19,6 +19,15 @@ public enum BenchOperations {
         BenchOperation(name: "cpuid", summary: "CPUID leaf 0 (vmexit.c cpuid)", iterationLimit: nil) { cpu, _ in
             _ = cpu.cpuid(0, 0)
         },
+        BenchOperation(name: "vmcall", summary: "VMCALL with a number L1 does not implement (vmexit.c vmcall)", iterationLimit: nil) { cpu, _ in
+            _ = cpu.vmcall(0x1234)
+        },
+        BenchOperation(name: "hlt", summary: "HLT; L1 resumes it at once, as if an interrupt were pending", iterationLimit: nil) { cpu, _ in
+            cpu.hlt()
+        },
+        BenchOperation(name: "mmio", summary: "32-bit read of a device in L1's device model at 0xFEB00000", iterationLimit: nil) { cpu, _ in
+            _ = cpu.read32(L2GPA(0xFEB0_0000))
+        },
         BenchOperation(name: "rd_tsc_adjust_msr", summary: "RDMSR IA32_TSC_ADJUST: L0 emulates it on pv, L1 on nvmx", iterationLimit: nil) { cpu, _ in
             _ = cpu.rdmsr(0x3B)
         },
