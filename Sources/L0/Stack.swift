@@ -85,6 +85,7 @@ public final class L0Stack {
 
     public func run() throws -> StackResult {
         let started = monotonicNanos()
+        var log: TransitionLog? = config.recordTransitions ? TransitionLog() : nil
         TierProcess.setName(.l0)
         config.placement.apply(as: .l0)
         let policy = config.placement.waitPolicy(for: .l0)
@@ -92,6 +93,7 @@ public final class L0Stack {
 
         l1 = try launch(.l1)
         vcpu.counters.l1Entries += 1
+        log?.started(at: monotonicNanos())
         handoff.pass(to: .l1)
         var state = State.runningL1
         let deadline = started + config.timeoutNanos
@@ -101,7 +103,11 @@ public final class L0Stack {
             switch state {
             case .runningL1:
                 if let stop = waitForTurn(policy, alive) { state = .stopping(stop); continue }
-                let outcome = vcpu.handleL1Exit(GuestExit(from: vcpu.l1Run))
+                let exit = GuestExit(from: vcpu.l1Run)
+                let received = log == nil ? 0 : monotonicNanos()
+                log?.guestExited(.l1, reason: exit.reason, at: received)
+                let outcome = vcpu.handleL1Exit(exit)
+                defer { log?.l0Handed(from: .l1, reason: exit.reason, received: received, at: monotonicNanos()) }
                 if vcpu.l2Requested, l2 == nil {
                     do { l2 = try launch(.l2) } catch { state = .stopping(.fatal("\(error)")); continue }
                 }
@@ -118,7 +124,11 @@ public final class L0Stack {
                 }
             case .runningL2:
                 if let stop = waitForTurn(policy, alive) { state = .stopping(stop); continue }
-                switch vcpu.handleL2Exit(GuestExit(from: vcpu.l2Run)) {
+                let exit = GuestExit(from: vcpu.l2Run)
+                let received = log == nil ? 0 : monotonicNanos()
+                log?.guestExited(.l2, reason: exit.reason, at: received)
+                defer { log?.l0Handed(from: .l2, reason: exit.reason, received: received, at: monotonicNanos()) }
+                switch vcpu.handleL2Exit(exit) {
                 case .resumeL2:
                     vcpu.counters.l2Entries += 1
                     handoff.pass(to: .l2)
@@ -135,7 +145,7 @@ public final class L0Stack {
                 for c in [l1, l2].compactMap({ $0 }) { pids[c.tier] = c.pid }
                 return StackResult(stop: reason, counters: vcpu.counters, harness: vcpu.harness,
                                    l1Status: l1?.status, l2Status: l2?.status, tierPIDs: pids,
-                                   pvRefusal: vcpu.pv.refusal, wallNanos: monotonicNanos() - started)
+                                   pvRefusal: vcpu.pv.refusal, log: log, wallNanos: monotonicNanos() - started)
             }
         }
     }

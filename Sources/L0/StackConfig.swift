@@ -29,6 +29,8 @@ public struct StackConfig: Sendable {
     public var enableVirtAtLoad = true
     public var oneTimeSetup: OneTimeSetupPolicy = .off
     public var cpuCount = L0Host.machineCPUCount
+    /// Record every run span (for `pvm stat` / `pvm trace`).
+    public var recordTransitions = false
 
     public init(path: NestingPath, program: String, programArguments: [UInt64] = [], tierExecutable: String) {
         self.path = path
@@ -54,6 +56,8 @@ public struct StackResult: Sendable {
     public var tierPIDs: [Tier: Int32] = [:]
     /// Why L0 refused L1's PV request, if it did (a version mismatch, a protected-state L1...).
     public var pvRefusal: String?
+    /// Every run span, when `recordTransitions` was on.
+    public var log: TransitionLog?
     public var wallNanos: UInt64
 
     /// True when the guest program ran to `done` and both child tiers exited cleanly.

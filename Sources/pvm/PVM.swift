@@ -16,7 +16,7 @@ struct PVM: ParsableCommand {
         commandName: "pvm",
         abstract: "A paravirtual nested hypervisor prototype: L0, L1 and L2 as three processes.",
         discussion: "Measures what an L2 instruction costs under the PV ABI and under emulated nested VMX.",
-        subcommands: [Bench.self, Launch.self, Model.self, Programs.self, Tier.self],
+        subcommands: [Bench.self, Launch.self, Model.self, Stat.self, Trace.self, Programs.self, Tier.self],
         defaultSubcommand: Bench.self)
 }
 
@@ -245,6 +245,51 @@ extension PVM {
                 let result = try runner.run(test, on: BenchVariant(path: p, l2MapMode: mode))
                 print(CostModel.explain(result, costs), terminator: "")
             }
+        }
+    }
+
+    /// Options shared by `stat` and `trace`: one test on one path, recorded.
+    struct RecordedRun: ParsableArguments {
+        @Argument(help: "A benchmark test (default cpuid).")
+        var test: String = "cpuid"
+        @Option(name: .long, help: "pv, nvmx, nvmx-noshadow or nvmx-evmcs.")
+        var path: String = "nvmx"
+        @Option(name: .long, help: "Iterations to record.")
+        var iterations: UInt64 = 200
+
+        func record() throws -> TransitionLog {
+            guard let p = NestingPath(rawValue: path) else { throw ValidationError("unknown path '\(path)'") }
+            guard BenchOperations.named(test) != nil else { throw ValidationError("\(BenchError.unknownTest(test))") }
+            var config = StackConfig(path: p, program: test, programArguments: [iterations, 0, 0], tierExecutable: selfExecutable())
+            config.recordTransitions = true
+            let result = try L0Stack(config: config).run()
+            guard result.succeeded, let log = result.log else { throw ValidationError("the run did not finish: \(result.stop)") }
+            return log
+        }
+    }
+
+    struct Stat: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Run a test and report L0's exit handling per tier and reason, like `perf kvm stat report`.")
+        @OptionGroup var recorded: RecordedRun
+        func run() throws {
+            print(ExitStats.report(ExitStats.rows(try recorded.record())), terminator: "")
+        }
+    }
+
+    struct Trace: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Run a test and write a Chrome/Perfetto trace: one track per tier, every run span and exit.")
+        @OptionGroup var recorded: RecordedRun
+        @Option(name: .long, help: "The trace file to write (open it in ui.perfetto.dev).")
+        var out: String
+        func run() throws {
+            let log = try recorded.record()
+            let data = try ChromeTrace.json(log, title: "\(recorded.test) on \(recorded.path)")
+            guard FileManager.default.createFile(atPath: out, contents: data) else {
+                throw ValidationError("cannot write \(out)")
+            }
+            print("wrote \(log.spans.count) spans to \(out)")
         }
     }
 
