@@ -56,6 +56,8 @@ extension PVM {
         var format: String = "table"
         @Option(name: .long, help: "Also write the results as CSV to this file.")
         var csv: String?
+        @Option(name: .long, help: "Also draw the results as an SVG bar chart (log scale, split by tier) to this file.")
+        var svg: String?
         @Option(name: .long, help: "Unmeasured iterations first (default: a tenth of --iterations).")
         var warmup: UInt64?
         @Option(name: .long, help: "PV features L1 enables: 'all', 'none', a list ('direct-cpuid,batch-map') or removals ('-direct-cpuid,-direct-msr'). Known: \(PVFeatures.names.map(\.0).joined(separator: ", ")).")
@@ -130,6 +132,11 @@ extension PVM {
             if let csv {
                 do { try Report.csv(results, profile: costs).write(toFile: csv, atomically: true, encoding: .utf8) } catch {
                     throw ValidationError("cannot write \(csv): \(error.localizedDescription)")
+                }
+            }
+            if let svg {
+                do { try SVGChart.render(results, profile: costs).write(toFile: svg, atomically: true, encoding: .utf8) } catch {
+                    throw ValidationError("cannot write \(svg): \(error.localizedDescription)")
                 }
             }
             if let json {

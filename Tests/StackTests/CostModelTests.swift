@@ -1,6 +1,9 @@
 import ABI
 import Bench
 import Foundation
+#if canImport(FoundationXML)
+import FoundationXML
+#endif
 import L0
 import Testing
 
@@ -80,5 +83,20 @@ import Testing
         #expect(throws: CostProfile.LoadError.unreadable(file: "/nonexistent.json", reason: "no such file, or not readable")) {
             try CostProfile.load(path: "/nonexistent.json")
         }
+    }
+}
+
+@Suite struct SVGChartTests {
+    @Test func theChartIsWellFormedSVGWithABarAndALabelPerResult() throws {
+        var w = TransitionCounters()
+        w.countL2Exit(.cpuid); w.countDelivery(.cpuid); w.countL1Exit(.vmresume)
+        let r = BenchResult(test: "cpuid", variant: BenchVariant(path: .nvmx), iterations: 1,
+                            latency: LatencyReport(samples: 1, minNanos: 1, medianNanos: 3600, p99Nanos: 1, maxNanos: 1, totalNanos: 1),
+                            window: w)
+        let svg = SVGChart.render([r, r], profile: try CostModel.defaultProfile())
+        let parser = XMLParser(data: Data(svg.utf8))
+        #expect(parser.parse(), "not well-formed: \(String(describing: parser.parserError))")
+        #expect(svg.components(separatedBy: "2200 cyc, 3600 ns").count == 3)
+        #expect(svg.contains("L1 work") && svg.contains("world switches"))
     }
 }
