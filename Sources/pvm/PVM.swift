@@ -16,7 +16,7 @@ struct PVM: ParsableCommand {
         commandName: "pvm",
         abstract: "A paravirtual nested hypervisor prototype: L0, L1 and L2 as three processes.",
         discussion: "Measures what an L2 instruction costs under the PV ABI and under emulated nested VMX.",
-        subcommands: [Bench.self, Launch.self, Model.self, Stat.self, Trace.self, Programs.self, Tier.self],
+        subcommands: [Bench.self, Launch.self, Model.self, Stat.self, Trace.self, Calibrate.self, Programs.self, Tier.self],
         defaultSubcommand: Bench.self)
 }
 
@@ -297,6 +297,36 @@ extension PVM {
                 throw ValidationError("cannot write \(out)")
             }
             print("wrote \(log.spans.count) spans to \(out)")
+        }
+    }
+
+    struct Calibrate: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Measure this host's one-level exit costs through /dev/kvm and write a cost profile from them.")
+        @Option(name: .long, help: "Where to write the profile (use it with --profile).")
+        var out: String = "calibrated-profile.json"
+        @Option(name: .long, help: "The KVM device.")
+        var device: String = "/dev/kvm"
+        @Option(name: .long, help: "Exits per run.")
+        var iterations: Int = 20_000
+        @Option(name: .long, help: "Runs per kind of exit (the median is kept).")
+        var runs: Int = 5
+
+        func run() throws {
+            let result: CalibrationResult
+            do {
+                result = try Calibration.run(devicePath: device, iterations: iterations, runs: runs)
+            } catch {
+                // No /dev/kvm, no permission, no virtualization: say so and end cleanly.
+                printError("pvm calibrate: \(error)")
+                throw ExitCode(2)
+            }
+            print(result.summary)
+            let profile = try result.profile()
+            guard FileManager.default.createFile(atPath: out, contents: try profile.encoded()) else {
+                throw ValidationError("cannot write \(out)")
+            }
+            print("wrote \(out): use it with `pvm bench --profile \(out)` or `pvm model explain TEST --profile \(out)`")
         }
     }
 

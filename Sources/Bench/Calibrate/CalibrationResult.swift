@@ -1,0 +1,110 @@
+import Foundation
+
+/// The kinds of one-level exit `pvm calibrate` times through /dev/kvm, in the order it runs them.
+public enum CalibrationExitKind: String, CaseIterable, Codable, Sendable {
+    /// CPUID in a loop: KVM emulates it in the kernel; userspace never sees it.
+    case cpuid
+    /// VMCALL/VMMCALL with an unknown hypercall number: KVM answers -KVM_ENOSYS in the kernel.
+    case hypercall
+    /// OUT to a port nobody in the kernel claims: KVM_EXIT_IO to userspace, which resumes at once.
+    case io
+    /// RDMSR of an MSR the filter denies: KVM_EXIT_X86_RDMSR to userspace, which answers it.
+    case msr
+    /// HLT with no in-kernel irqchip: KVM_EXIT_HLT to userspace, which resumes at once. (With
+    /// KVM_CREATE_IRQCHIP, HLT would block the vCPU until an interrupt: nothing to time.)
+    case hlt
+
+    /// Whether each exit of this kind comes back to this process (a userspace round trip).
+    public var exitsToUserspace: Bool {
+        switch self {
+        case .cpuid, .hypercall: false
+        case .io, .msr, .hlt: true
+        }
+    }
+
+    public var label: String {
+        switch self {
+        case .cpuid: "in-kernel CPUID exit"
+        case .hypercall: "in-kernel hypercall"
+        case .io: "userspace I/O exit"
+        case .msr: "userspace RDMSR exit"
+        case .hlt: "userspace HLT exit"
+        }
+    }
+}
+
+/// One run: N iterations of the exiting instruction, timed by the guest and by this process.
+public struct CalibrationRun: Codable, Equatable, Sendable {
+    /// Guest TSC ticks between the RDTSCs around the loop.
+    public var guestCycles: UInt64
+    /// CLOCK_MONOTONIC nanoseconds from the first KVM_RUN to the guest's "done" exit.
+    public var wallNanos: UInt64
+    /// Exits that reached userspace during the loop (the "done" exit not counted).
+    public var userspaceExits: UInt64
+
+    public init(guestCycles: UInt64, wallNanos: UInt64, userspaceExits: UInt64) {
+        self.guestCycles = guestCycles; self.wallNanos = wallNanos; self.userspaceExits = userspaceExits
+    }
+}
+
+/// The cost of one exit of one kind: medians over the runs.
+public struct ExitCost: Codable, Equatable, Sendable {
+    public var kind: CalibrationExitKind
+    public var iterations: Int
+    public var runs: [CalibrationRun]
+    /// Median over the runs of guest TSC cycles per iteration (the exit round trip plus the
+    /// instruction and two loop instructions, which cost a few cycles).
+    public var cyclesPerExit: Double
+    /// Median over the runs of userspace wall time per iteration.
+    public var nanosPerExit: Double
+
+    public init(kind: CalibrationExitKind, iterations: Int, runs: [CalibrationRun], cyclesPerExit: Double, nanosPerExit: Double) {
+        self.kind = kind; self.iterations = iterations; self.runs = runs
+        self.cyclesPerExit = cyclesPerExit; self.nanosPerExit = nanosPerExit
+    }
+}
+
+/// Everything `pvm calibrate` measured: what each exit kind costs on this host, one level deep.
+public struct CalibrationResult: Codable, Equatable, Sendable {
+    public var devicePath: String
+    public var iterations: Int
+    public var runsPerKind: Int
+    /// The guest's TSC rate: guest cycles over wall time, median over every run.
+    public var tscGHz: Double
+    /// The CPU vendor KVM reports (CPUID leaf 0), which picked VMCALL or VMMCALL.
+    public var vendor: String
+    /// Measured kinds, in `CalibrationExitKind.allCases` order.
+    public var exits: [ExitCost]
+    /// Kinds that could not be measured on this host, with why (e.g. no userspace MSR exits).
+    public var notMeasured: [String: String]
+
+    public init(devicePath: String, iterations: Int, runsPerKind: Int, tscGHz: Double, vendor: String,
+                exits: [ExitCost], notMeasured: [String: String]) {
+        self.devicePath = devicePath; self.iterations = iterations; self.runsPerKind = runsPerKind
+        self.tscGHz = tscGHz; self.vendor = vendor; self.exits = exits; self.notMeasured = notMeasured
+    }
+
+    public subscript(kind: CalibrationExitKind) -> ExitCost? { exits.first { $0.kind == kind } }
+
+    /// Guest cycles converted to nanoseconds at the measured TSC rate.
+    public func nanos(cycles: Double) -> Double { cycles / tscGHz }
+
+    /// A table for a person: one line per kind, ns (wall), cycles (guest TSC) and their ns.
+    public var summary: String {
+        var lines = ["exit                      iterations  runs   wall ns/exit  guest cycles/exit  (= ns at \(calibrationFormat(tscGHz, 3)) GHz)"]
+        for e in exits {
+            lines.append(pad(e.kind.label, 26) + lpad("\(e.iterations)", 10) + lpad("\(e.runs.count)", 6)
+                         + lpad(calibrationFormat(e.nanosPerExit, 0), 15) + lpad(calibrationFormat(e.cyclesPerExit, 0), 19)
+                         + lpad(calibrationFormat(nanos(cycles: e.cyclesPerExit), 0), 20))
+        }
+        for (k, why) in notMeasured.sorted(by: { $0.key < $1.key }) { lines.append("\(k): not measured: \(why)") }
+        lines.append("TSC \(calibrationFormat(tscGHz, 3)) GHz (guest TSC cycles / wall time); vendor \(vendor); device \(devicePath)")
+        return lines.joined(separator: "\n")
+    }
+}
+
+/// Fixed-point formatting for the summary and the profile's source strings.
+func calibrationFormat(_ x: Double, _ decimals: Int) -> String { String(format: "%.\(decimals)f", x) }
+
+private func pad(_ s: String, _ n: Int) -> String { s + String(repeating: " ", count: max(0, n - s.count)) }
+private func lpad(_ s: String, _ n: Int) -> String { String(repeating: " ", count: max(0, n - s.count)) + s }
