@@ -27,6 +27,13 @@ func selfExecutable() -> String {
     return n > 0 ? String(decoding: buf[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self) : CommandLine.arguments[0]
 }
 
+/// Writes an output file the user asked for, or fails with a message naming it.
+func writeOutput(_ data: Data, to path: String) throws {
+    guard FileManager.default.createFile(atPath: path, contents: data) else {
+        throw ValidationError("cannot write \(path): \(String(cString: strerror(errno)))")
+    }
+}
+
 func parsePaths(_ list: String) throws -> [NestingPath] {
     try list.split(separator: ",").map {
         guard let p = NestingPath(rawValue: String($0)) else {
@@ -129,22 +136,9 @@ extension PVM {
                 let ratios = Report.ratios(results)
                 if !ratios.isEmpty { print("\n" + ratios, terminator: "") }
             }
-            if let csv {
-                do { try Report.csv(results, profile: costs).write(toFile: csv, atomically: true, encoding: .utf8) } catch {
-                    throw ValidationError("cannot write \(csv): \(error.localizedDescription)")
-                }
-            }
-            if let svg {
-                do { try SVGChart.render(results, profile: costs).write(toFile: svg, atomically: true, encoding: .utf8) } catch {
-                    throw ValidationError("cannot write \(svg): \(error.localizedDescription)")
-                }
-            }
-            if let json {
-                let text = try Report.json(results, profile: costs)
-                do { try text.write(toFile: json, atomically: true, encoding: .utf8) } catch {
-                    throw ValidationError("cannot write \(json): \(error.localizedDescription)")
-                }
-            }
+            if let csv { try writeOutput(Data(Report.csv(results, profile: costs).utf8), to: csv) }
+            if let svg { try writeOutput(Data(SVGChart.render(results, profile: costs).utf8), to: svg) }
+            if let json { try writeOutput(Data(try Report.json(results, profile: costs).utf8), to: json) }
         }
     }
 
@@ -292,10 +286,7 @@ extension PVM {
         var out: String
         func run() throws {
             let log = try recorded.record()
-            let data = try ChromeTrace.json(log, title: "\(recorded.test) on \(recorded.path)")
-            guard FileManager.default.createFile(atPath: out, contents: data) else {
-                throw ValidationError("cannot write \(out)")
-            }
+            try writeOutput(try ChromeTrace.json(log, title: "\(recorded.test) on \(recorded.path)"), to: out)
             print("wrote \(log.spans.count) spans to \(out)")
         }
     }
@@ -322,10 +313,7 @@ extension PVM {
                 throw ExitCode(2)
             }
             print(result.summary)
-            let profile = try result.profile()
-            guard FileManager.default.createFile(atPath: out, contents: try profile.encoded()) else {
-                throw ValidationError("cannot write \(out)")
-            }
+            try writeOutput(try result.profile().encoded(), to: out)
             print("wrote \(out): use it with `pvm bench --profile \(out)` or `pvm model explain TEST --profile \(out)`")
         }
     }
