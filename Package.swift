@@ -6,6 +6,8 @@ import PackageDescription
 //   ABI        definitions only: address types, exit reasons, VMCS encodings, the PV ABI, page layouts
 //   Transport  every raw pointer and shared-memory access: memfd regions, run pages, the handoff word, processes
 //   L0         the host hypervisor: memslots, EPT02, exit handlers for L2 and L1, the vCPU state machine
+//   GuestDevices  the device model under the guest program (serial, latches, MSRs), shared by
+//                 both L1 personalities and by L0 on the one-level path
 //   L1PV       the guest hypervisor: a PV personality and a KVM-like nested-VMX personality
 //   L2Guest    the nested guest: a guest CPU and selftest-style guest programs
 //   Bench      runs stacks and turns their counters and latencies into tables and JSON
@@ -29,8 +31,9 @@ let package = Package(
             "ABI", "CPVMShim",
             .product(name: "Atomics", package: "swift-atomics"),
         ]),
-        .target(name: "L0", dependencies: ["ABI", "Transport"]),
-        .target(name: "L1PV", dependencies: ["ABI", "Transport"]),
+        .target(name: "GuestDevices", dependencies: ["ABI", "Transport"]),
+        .target(name: "L0", dependencies: ["ABI", "Transport", "GuestDevices"]),
+        .target(name: "L1PV", dependencies: ["ABI", "Transport", "GuestDevices"]),
         .target(name: "L2Guest", dependencies: [
             "ABI", "Transport",
             .product(name: "Histogram", package: "hdrhistogram-swift"),

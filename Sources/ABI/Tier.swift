@@ -4,14 +4,21 @@ public enum Tier: UInt32, Sendable, CaseIterable, CustomStringConvertible {
     public var description: String { "L\(rawValue)" }
 }
 
-/// How L1 runs L2: the paravirtual ABI, or emulated nested VMX with or without VMCS shadowing.
+/// How the guest program runs: one level deep directly on L0 (the baseline), or as L2 under an
+/// L1 that uses the paravirtual ABI or emulated nested VMX (shadowed, not, or enlightened).
 public enum NestingPath: String, Sendable, CaseIterable, Codable {
+    /// The guest program runs where L1 would, directly on L0: no L1 process (its exits are in the
+    /// L2 columns, and the L1 columns stay 0).
+    case single
     case pv
     case nvmx
     case nvmxNoShadow = "nvmx-noshadow"
     case nvmxEVMCS = "nvmx-evmcs"
 
-    public var usesVMX: Bool { self != .pv }
+    public var usesVMX: Bool { self != .pv && self != .single }
+    public var isNested: Bool { self != .single }
+    /// The nested paths, for what only a nested stack has.
+    public static let nestedCases: [NestingPath] = allCases.filter(\.isNested)
     public var vmcsShadowing: Bool { self == .nvmx }
     /// L1 uses an enlightened VMCS (Hyper-V eVMCS) instead of VMREAD/VMWRITE.
     public var enlightenedVMCS: Bool { self == .nvmxEVMCS }

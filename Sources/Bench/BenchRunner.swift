@@ -93,7 +93,7 @@ public struct BenchRunner: Sendable {
     /// The variants a test runs on by default: every path; first touch with each map mode.
     public static func defaultVariants(for test: String, paths: [NestingPath]) -> [BenchVariant] {
         paths.flatMap { p -> [BenchVariant] in
-            test == "ept_first_touch" ? L2MapMode.allCases.map { BenchVariant(path: p, l2MapMode: $0) } : [BenchVariant(path: p)]
+            test == "ept_first_touch" && p.isNested ? L2MapMode.allCases.map { BenchVariant(path: p, l2MapMode: $0) } : [BenchVariant(path: p)]
         }
     }
 }

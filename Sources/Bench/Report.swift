@@ -38,16 +38,19 @@ public enum Report {
         return out
     }
 
-    /// Ratios between paths of the same test, from the same run: nvmx / pv and friends.
+    /// Ratios between paths of the same test, from the same run: each against the one-level
+    /// baseline (what nesting costs) and against pv (what the PV ABI saves).
     public static func ratios(_ results: [BenchResult]) -> String {
         var out = ""
         var tests: [String] = []
         for r in results where !tests.contains(r.test) { tests.append(r.test) }
         for test in tests {
             let rows = results.filter { $0.test == test }
-            guard let pv = rows.first(where: { $0.variant == BenchVariant(path: .pv) }), pv.latency.medianNanos > 0 else { continue }
-            for r in rows where r.variant != pv.variant {
-                out += "\(test): \(r.variant.label) / pv = \(fmt(Double(r.latency.medianNanos) / Double(pv.latency.medianNanos))) x (median)\n"
+            for base in [BenchVariant(path: .single), BenchVariant(path: .pv)] {
+                guard let b = rows.first(where: { $0.variant == base }), b.latency.medianNanos > 0 else { continue }
+                for r in rows where r.variant != b.variant && !(base.path == .pv && r.path == .single) {
+                    out += "\(test): \(r.variant.label) / \(base.label) = \(fmt(Double(r.latency.medianNanos) / Double(b.latency.medianNanos))) x (median)\n"
+                }
             }
         }
         return out

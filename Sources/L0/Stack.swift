@@ -91,11 +91,21 @@ public final class L0Stack {
         let policy = config.placement.waitPolicy(for: .l0)
         defer { shutdown() }
 
-        l1 = try launch(.l1)
-        vcpu.counters.l1Entries += 1
-        log?.started(at: monotonicNanos())
-        handoff.pass(to: .l1)
         var state = State.runningL1
+        if config.path == .single {
+            // One level: L0 is the guest's only hypervisor, so it starts the guest itself.
+            try vcpu.prepareSingleLevelGuest()
+            l2 = try launch(.l2)
+            vcpu.counters.l2Entries += 1
+            log?.started(at: monotonicNanos())
+            handoff.pass(to: .l2)
+            state = .runningL2
+        } else {
+            l1 = try launch(.l1)
+            vcpu.counters.l1Entries += 1
+            log?.started(at: monotonicNanos())
+            handoff.pass(to: .l1)
+        }
         let deadline = started + config.timeoutNanos
         let alive = { [unowned self] in self.deadTier() == nil && monotonicNanos() < deadline }
 

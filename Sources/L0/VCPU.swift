@@ -1,4 +1,5 @@
 import ABI
+import GuestDevices
 import Transport
 
 /// What L0 does after handling an L2 exit.
@@ -38,6 +39,8 @@ public final class L0VCPU {
     public var l0MSRs: [UInt32: UInt64] = [:]
     /// L1's own MSRs (the VP assist page among them), kept by L0.
     public var l1MSRs: [UInt32: UInt64] = [:]
+    /// The device model L0's userspace runs for a one-level guest (`single`).
+    public var guestDevices = L1Devices()
     /// L1's VM: its type and capability booleans (the PV path needs one without protected state).
     public var vm = VMHandle(id: 0, type: .default)
     /// How deleting or moving one of L1's memslots drops derived mappings (KVM's default: fast).
@@ -57,7 +60,7 @@ public final class L0VCPU {
         self.l1Memory = l1Memory
         self.ept02 = EPT02(control: control, layout: layout)
         self.pv = PVState()
-        self.l0Devices = path.usesVMX ? .platformDefault : L0Devices()
+        self.l0Devices = path == .pv ? L0Devices() : .platformDefault
         self.nested = NestedVMXState(shadowing: path.vmcsShadowing, control: control, layout: layout, vcpu: id)
     }
 
@@ -67,6 +70,7 @@ public final class L0VCPU {
     public func handleL2Exit(_ exit: GuestExit) -> L2ExitOutcome {
         counters.countL2Exit(exit.reason)
         switch path {
+        case .single: return handleSingleLevelExit(exit)
         case .pv: return handlePVL2Exit(exit)
         case .nvmx, .nvmxNoShadow, .nvmxEVMCS: return handleNestedL2Exit(exit)
         }

@@ -1,4 +1,5 @@
 import ABI
+import GuestDevices
 import Transport
 #if canImport(Glibc)
 import Glibc

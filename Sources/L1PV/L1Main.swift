@@ -1,4 +1,5 @@
 import ABI
+import GuestDevices
 import Transport
 #if canImport(Glibc)
 import Glibc
@@ -13,6 +14,7 @@ public enum L1Main {
             let memory = L1Memory(slot: launch.l1Slot, host: HostMemory(region: session.hostMemory), trap: cpu)
             cpu.waitForFirstEntry()
             switch launch.path {
+            case .single: throw L1Fault.unexpectedExit(.vmcall, "the one-level path has no L1")
             case .pv: try PVHypervisor(cpu: cpu, memory: memory, features: launch.pvFeatures, mapMode: launch.l2MapMode).run()
             case .nvmx, .nvmxNoShadow, .nvmxEVMCS:
                 try NestedVMXHypervisor(cpu: cpu, memory: memory, enlightened: launch.path.enlightenedVMCS,

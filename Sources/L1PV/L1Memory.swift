@@ -68,14 +68,6 @@ public struct L1Memory {
     }
 }
 
-/// The hypercalls L2 can make to its L1 (VMCALL from L2, number in RAX, argument in RBX).
-/// Anything else gets -KVM_ENOSYS, as from KVM.
-public enum L2Hypercall: UInt64 {
-    /// Give the page at RBX back to L1: L1 unmaps it and never maps it again. Returns 0, or
-    /// -KVM_EINVAL for a GPA outside L2's RAM.
-    case balloonPage = 0x4C32_0001
-}
-
 /// Why L1 gave up.
 public enum L1Fault: Error, CustomStringConvertible {
     case outsideOwnMemory(L1GPA)

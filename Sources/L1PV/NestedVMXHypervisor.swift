@@ -1,4 +1,5 @@
 import ABI
+import GuestDevices
 import Transport
 
 /// L1 as KVM runs an L2 on VMX: VMXON, a vmcs12 set up with VMWRITEs, EPT12 tables, VMLAUNCH,
@@ -193,7 +194,7 @@ public final class NestedVMXHypervisor {
         case .eptMisconfig:
             throw L1Fault.unexpectedExit(reason, "EPT12 is misconfigured at \(L2GPA(try cpu.vmread(.guestPhysicalAddress)))")
         case .vmcall:
-            try devices.l2Hypercall(&guestRegisters) { gpa in
+            try devices.l2Hypercall(&guestRegisters, isRAM: { L1MemoryPlan.backing(of: $0) != nil }) { gpa in
                 try ept12.unmap(gpa)
                 try check("INVEPT", cpu.invept(type: 1, eptp: ept12.eptp))
             }

@@ -1,4 +1,5 @@
 import ABI
+import GuestDevices
 import Transport
 
 /// L1 as a PV hypervisor: no VMCS, no EPT tables. It negotiates the ABI, registers what L0 may
@@ -55,7 +56,7 @@ public final class PVHypervisor {
 
     /// Writes the table as `kvm_cpuid_entry2[]` into the argument page and registers it.
     func registerCPUID() throws {
-        let entries = L2CPUIDTable.entries
+        let entries = GuestCPUIDTable.entries
         for (i, e) in entries.enumerated() {
             let base = L1MemoryPlan.argumentArea.raw + UInt64(i) * CPUIDEntry.byteSize
             try memory.zero(L1GPA(base), length: CPUIDEntry.byteSize)
@@ -167,7 +168,7 @@ public final class PVHypervisor {
             }
         }
         if reason == .vmcall {
-            try devices.l2Hypercall(&regs) { gpa in
+            try devices.l2Hypercall(&regs, isRAM: { L1MemoryPlan.backing(of: $0) != nil }) { gpa in
                 if map.lookup(gpa) != nil {
                     try cpu.hypercall(.unmapGPARange, gpa.raw, pageSize)
                     map.remove(gpa, length: pageSize)

@@ -8,6 +8,14 @@ import Testing
 /// The foundation's promises about one L2 CPUID, checked through three real processes.
 extension StackTests {
 @Suite(.serialized) struct CPUIDPathTests {
+    @Test func oneLevelCPUIDIsOneExitToL0AndThereIsNoL1() throws {
+        let r = try bench(.single)
+        #expect(r.l2ExitsPerOp == 1.0 && r.l2EntriesPerOp == 1.0)     // the guest's exits, in the L2 columns
+        #expect(r.l1EntriesPerOp == 0 && r.l1ExitsPerOp == 0 && r.deliveriesPerOp == 0)
+        let text = Report.ratios([r, try bench(.nvmx)])
+        #expect(text.contains("cpuid: nvmx / single = "))
+    }
+
     @Test func pvCPUIDIsAnsweredByL0WithoutEnteringL1() throws {
         let r = try bench(.pv)
         #expect(r.l2ExitsPerOp == 1.0)
@@ -55,7 +63,7 @@ extension StackTests {
             answers[path] = result.harness.syncs
         }
         let expected = GuestPrograms.cpuidValuesLeaves.map { f, i -> [UInt64] in
-            let (a, b, c, d) = L2CPUIDTable.table.lookup(function: f, index: i)
+            let (a, b, c, d) = GuestCPUIDTable.table.lookup(function: f, index: i)
             return [UInt64(f), UInt64(i), UInt64(a), UInt64(b), UInt64(c), UInt64(d)]
         }
         for path in NestingPath.allCases { #expect(answers[path] == expected, "\(path)") }

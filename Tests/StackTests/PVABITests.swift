@@ -16,7 +16,7 @@ extension StackTests {
         return (try stack.run(), stack)
     }
 
-    @Test(arguments: NestingPath.allCases)
+    @Test(arguments: NestingPath.nestedCases)
     func permissionFaultsReachL1WhichGrantsTheAccess(path: NestingPath) throws {
         let (r, _) = try run("permission-probe", path)
         #expect(r.succeeded, "\(r.stop)")

@@ -15,7 +15,7 @@ extension StackTests {
                 #expect(r.iterations == 64, "\(op.name) on \(v.label)")
                 // An operation either never exits, or every one of them reaches L0 at least once.
                 let passThrough = op.name.hasSuffix("kernel_gs_base")
-                let eagerTouch = op.name == "ept_first_touch" && v.path == .pv && v.l2MapMode != .perPage
+                let eagerTouch = op.name == "ept_first_touch" && (v.path == .single || (v.path == .pv && v.l2MapMode != .perPage))
                 if passThrough || eagerTouch {
                     #expect(r.l2ExitsPerOp < 0.1, "\(op.name) on \(v.label): \(r.l2ExitsPerOp) exits per op")
                 } else {

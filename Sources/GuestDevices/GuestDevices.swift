@@ -98,7 +98,7 @@ public struct L1Devices {
         case .msrWrite:
             wrmsr(UInt32(truncatingIfNeeded: regs[.rcx]), regs[.rdx] << 32 | regs[.rax] & 0xFFFF_FFFF)
         case .cpuid:
-            let (a, b, c, d) = L2CPUIDTable.table.lookup(function: UInt32(truncatingIfNeeded: regs[.rax]),
+            let (a, b, c, d) = GuestCPUIDTable.table.lookup(function: UInt32(truncatingIfNeeded: regs[.rax]),
                                                          index: UInt32(truncatingIfNeeded: regs[.rcx]))
             regs[.rax] = UInt64(a); regs[.rbx] = UInt64(b); regs[.rcx] = UInt64(c); regs[.rdx] = UInt64(d)
         case .hlt:
@@ -119,9 +119,11 @@ public struct L1Devices {
         return true
     }
 
-    /// L2's VMCALL: RAX number, RBX argument, result in RAX. `unmap` takes a ballooned page
-    /// away from L2 the personality's way (hypercall, or EPT12 + INVEPT).
-    public mutating func l2Hypercall(_ regs: inout some GuestRegisterFile, unmap: (L2GPA) throws -> Void) rethrows {
+    /// The guest's VMCALL: RAX number, RBX argument, result in RAX. `isRAM` says which pages the
+    /// guest has; `unmap` takes a ballooned page away the hypervisor's way (a PV hypercall, an
+    /// EPT12 edit + INVEPT, or L0's own EPT).
+    public mutating func l2Hypercall(_ regs: inout some GuestRegisterFile, isRAM: (L2GPA) -> Bool,
+                                     unmap: (L2GPA) throws -> Void) rethrows {
         guard let call = L2Hypercall(rawValue: regs[.rax]) else {
             regs[.rax] = HypercallError.noSys.returnValue
             return
@@ -129,7 +131,7 @@ public struct L1Devices {
         switch call {
         case .balloonPage:
             let gpa = L2GPA(regs[.rbx]).pageBase
-            guard L1MemoryPlan.backing(of: gpa) != nil else {
+            guard isRAM(gpa) else {
                 regs[.rax] = HypercallError.invalid.returnValue
                 return
             }

@@ -1,8 +1,9 @@
 import ABI
 
-/// The CPUID L1 gives its L2, in `kvm_cpuid_entry2` form. The PV L1 registers it with L0; the
-/// nested-VMX L1 emulates CPUID from it itself. Same entries, same lookup rule, same answers.
-public enum L2CPUIDTable {
+/// The CPUID the guest program sees, in `kvm_cpuid_entry2` form, whoever answers: the PV L1
+/// registers it with L0; the nested-VMX L1 emulates CPUID from it itself; on the one-level path
+/// L0 answers from it. Same entries, same lookup rule, same answers on every path.
+public enum GuestCPUIDTable {
     static func fourCC(_ s: String) -> UInt32 {
         s.utf8.prefix(4).enumerated().reduce(0) { $0 | UInt32($1.element) << (8 * UInt32($1.offset)) }
     }
@@ -25,4 +26,13 @@ public enum L2CPUIDTable {
     ]
 
     public static let table = CPUIDTable(entries)
+}
+
+/// The hypercalls a guest program makes to the hypervisor right below it (its L1 when nested,
+/// L0 on the one-level path): VMCALL, number in RAX, argument in RBX. Anything else gets
+/// -KVM_ENOSYS, as from KVM.
+public enum L2Hypercall: UInt64, Sendable {
+    /// Give the page at RBX back: it is unmapped and never mapped again. Returns 0, or
+    /// -KVM_EINVAL for a GPA outside the guest's RAM.
+    case balloonPage = 0x4C32_0001
 }
