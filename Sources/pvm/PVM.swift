@@ -53,7 +53,7 @@ extension PVM {
         var suite: String = "exits"
         @Option(name: .long, help: "Test to run (default: all).")
         var test: String?
-        @Option(name: .long, help: "Comma-separated paths: pv, nvmx, nvmx-noshadow, nvmx-evmcs.")
+        @Option(name: .long, help: "Comma-separated paths: single, pv, nvmx, nvmx-noshadow, nvmx-evmcs.")
         var path: String = NestingPath.allCases.map(\.rawValue).joined(separator: ",")
         @Option(name: .long, help: "Iterations per test and path: a fixed count with --min-time-ms 0, else the ceiling for doubling.")
         var iterations: UInt64 = 1_000_000
@@ -166,7 +166,7 @@ extension PVM {
         static let configuration = CommandConfiguration(
             abstract: "Start the three-tier stack, run one guest program in L2, and print what happened.")
 
-        @Option(name: .long, help: "pv, nvmx, nvmx-noshadow or nvmx-evmcs.")
+        @Option(name: .long, help: "single, pv, nvmx, nvmx-noshadow or nvmx-evmcs.")
         var path: String = "pv"
         @Option(name: .long, help: "Guest program (see `pvm programs`).")
         var program: String = "cpuid-values"
@@ -228,7 +228,7 @@ extension PVM {
                 abstract: "Run TEST on a path and print its cost breakdown: event, count per op, unit price, subtotal.")
             @Argument(help: "A benchmark test (see `pvm bench --help`).")
             var test: String
-            @Option(name: .long, help: "pv, nvmx, nvmx-noshadow or nvmx-evmcs.")
+            @Option(name: .long, help: "single, pv, nvmx, nvmx-noshadow or nvmx-evmcs.")
             var path: String = "nvmx"
             @Option(name: .long, help: "How L1 maps L2 memory: eager, per-page, batch.")
             var l2Map: String = "eager"
@@ -253,7 +253,7 @@ extension PVM {
     struct RecordedRun: ParsableArguments {
         @Argument(help: "A benchmark test (default cpuid).")
         var test: String = "cpuid"
-        @Option(name: .long, help: "pv, nvmx, nvmx-noshadow or nvmx-evmcs.")
+        @Option(name: .long, help: "single, pv, nvmx, nvmx-noshadow or nvmx-evmcs.")
         var path: String = "nvmx"
         @Option(name: .long, help: "Iterations to record.")
         var iterations: UInt64 = 200
