@@ -31,8 +31,6 @@ public struct L1Devices {
     public static let serialBase: UInt16 = 0x3F8
     public static let serialPorts: ClosedRange<UInt16> = 0x3F8...0x3FF
     var line: [UInt8] = []
-    public private(set) var serialBytes: UInt64 = 0
-    public private(set) var unassignedAccesses: UInt64 = 0
     /// L2's MSRs as L1 emulates them (unset ones read as 0).
     var msrs: [UInt32: UInt64] = [:]
 
@@ -59,7 +57,6 @@ public struct L1Devices {
         }
         switch (port - Self.serialBase, isIn) {
         case (0, false):                     // THR: transmit one byte
-            serialBytes += 1
             let b = UInt8(truncatingIfNeeded: value)
             if b == 0x0A {
                 writeOut("[L2 serial] " + String(decoding: line, as: UTF8.self) + "\n")
@@ -142,8 +139,7 @@ public struct L1Devices {
     }
 
     /// An L2 access to a GPA no memory backs: reads float high, writes are dropped.
-    public mutating func unassigned(isWrite: Bool, size: Int) -> UInt64 {
-        unassignedAccesses += 1
+    public func unassigned(isWrite: Bool, size: Int) -> UInt64 {
         return isWrite ? 0 : (size >= 8 ? ~0 : (1 << (UInt64(size) * 8)) - 1)
     }
 }

@@ -26,6 +26,7 @@ public final class L0Stack {
     /// The host L0 models, and L1's VM in it.
     public let host: L0Host
     public let vm: VMHandle
+    var shutDown = false
 
     public init(config: StackConfig) throws {
         guard config.l1HostOffset.isPageAligned,
@@ -183,8 +184,10 @@ public final class L0Stack {
         }
     }
 
-    /// The shutdown order in the type's comment. Idempotent.
+    /// The shutdown order in the type's comment. Runs once; later calls do nothing.
     func shutdown() {
+        guard !shutDown else { return }
+        shutDown = true
         handoff.stop()
         for child in [l2, l1].compactMap({ $0 }) {
             if child.wait(timeoutNanos: 2_000_000_000) == nil { child.killAndReap() }

@@ -7,7 +7,6 @@ public struct EPT12Builder {
     let poolEnd: L1GPA
     var next: L1GPA
     public let root: L1GPA
-    public private(set) var tablesAllocated = 0
 
     public init(memory: L1Memory, pool: L1GPA, poolSize: UInt64) throws {
         self.memory = memory
@@ -16,7 +15,6 @@ public struct EPT12Builder {
         self.root = pool
         self.next = L1GPA(pool.raw + pageSize)
         try memory.zero(root, length: pageSize)
-        tablesAllocated = 1
     }
 
     /// EPTP: write-back, 4-level walk.
@@ -27,7 +25,6 @@ public struct EPT12Builder {
         let t = next
         next = L1GPA(next.raw + pageSize)
         try memory.zero(t, length: pageSize)
-        tablesAllocated += 1
         return t
     }
 

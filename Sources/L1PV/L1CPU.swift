@@ -27,9 +27,6 @@ public final class L1CPU: L1StoreTrap {
     /// clears its field group's clean bit, as Hyper-V's evmcs_write does.
     public private(set) var evmcs: VMCSImage?
     public func useEnlightenedVMCS(_ image: VMCSImage) { evmcs = image }
-    /// VMREAD/VMWRITE that the shadow VMCS served without an exit.
-    public private(set) var shadowedReads: UInt64 = 0
-    public private(set) var shadowedWrites: UInt64 = 0
 
     public init(session: TierSession) throws {
         let control = session.control, layout = session.launch.layout, vcpu = session.launch.vcpu
@@ -142,10 +139,7 @@ public final class L1CPU: L1StoreTrap {
             guard let v = evmcs.read(f) else { throw L1Fault.vmxFailure("VMREAD \(f)", .failValid(.unsupportedVMCSComponent)) }
             return v
         }
-        if bitmapAllows(layout.vmreadBitmap, f), let v = shadow.read(f) {
-            shadowedReads += 1
-            return v
-        }
+        if bitmapAllows(layout.vmreadBitmap, f), let v = shadow.read(f) { return v }
         run[register: .rdx] = UInt64(f.rawValue)
         try vmexit(.vmread, length: 3, info: Self.vmxInfo)
         let r = lastResult
@@ -163,10 +157,7 @@ public final class L1CPU: L1StoreTrap {
             }
             return .succeed
         }
-        if bitmapAllows(layout.vmwriteBitmap, f), shadow.write(f, value) {
-            shadowedWrites += 1
-            return .succeed
-        }
+        if bitmapAllows(layout.vmwriteBitmap, f), shadow.write(f, value) { return .succeed }
         run[register: .rdx] = UInt64(f.rawValue)
         run[register: .rax] = value
         try vmexit(.vmwrite, length: 3, info: Self.vmxInfo)

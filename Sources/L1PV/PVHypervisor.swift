@@ -13,7 +13,6 @@ public final class PVHypervisor {
     var enabled: PVFeatures = []
     var devices = L1Devices()
     public private(set) var map = L2MemoryMap()
-    public private(set) var permissionFaults = 0
     /// Pages mapped around each first touch in batch mode.
     static let faultAroundPages: UInt64 = 64
 
@@ -160,7 +159,6 @@ public final class PVHypervisor {
                     try mapOnFirstTouch(gpa)            // not mapped yet: map, and L2 retries
                 } else {
                     // A permission fault: L1 grants the access (copy-on-write style) and L2 retries.
-                    permissionFaults += 1
                     let r = L2MemoryMap.Range(l2: gpa.pageBase, length: pageSize, l1: l1.pageBase, permissions: allowed | access)
                     try install([r], flags: PVMapFlags.replace)
                 }

@@ -49,8 +49,6 @@ public final class ChildProcess: @unchecked Sendable {
         return status
     }
 
-    public var isAlive: Bool { poll() == nil }
-
     public func kill(_ signal: Int32 = SIGKILL) {
         if poll() == nil { _ = Glibc.kill(pid, signal) }
     }
@@ -97,7 +95,6 @@ public enum TierProcess {
         return getppid() == expectedParent
     }
 
-    public static var pid: pid_t { getpid() }
 }
 
 /// Where each tier runs. L0 is the hub every transition goes through, so it gets a core of its

@@ -57,9 +57,6 @@ public struct Handoff: @unchecked Sendable {
         }
     }
 
-    /// Who holds the turn now (a `Tier` raw value, or HandoffLayout.stopValue).
-    public var current: UInt32 { turn.load(ordering: .acquiring) }
-
     /// Gives the turn to `tier` and wakes it if it sleeps.
     @inline(__always)
     public func pass(to tier: Tier) {

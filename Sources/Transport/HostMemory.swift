@@ -8,9 +8,6 @@ public struct HostMemory: @unchecked Sendable {
 
     public var size: UInt64 { region.size }
 
-    public func contains(_ o: HostOffset, length: UInt64) -> Bool {
-        (try? region.check(o.raw, length)) != nil
-    }
     public func load<T: FixedWidthInteger>(_: T.Type = T.self, at o: HostOffset) throws -> T {
         try region.load(T.self, at: o.raw)
     }

@@ -32,9 +32,7 @@ public struct RunPageView: @unchecked Sendable {
 
     /// All registers, in `Register` order.
     public func loadRegisters() -> [UInt64] { Register.allCases.map { self[register: $0] } }
-    public func storeRegisters(_ values: [UInt64]) {
-        for (r, v) in zip(Register.allCases, values) { self[register: r] = v }
-    }
+
 
     /// Copies the exit-information and register area to another run page (any region).
     public func copy(to other: RunPageView) {
