@@ -24,6 +24,19 @@ extension AddressSpaceValue {
     }
     /// Distance from `base` to self, within the same space; nil if self is below base.
     public func offset(from base: Self) -> UInt64? { raw >= base.raw ? raw - base.raw : nil }
+    /// The first byte of page `n` of this space, or nil when no such page exists.
+    public init?(pageNumber n: UInt64) {
+        guard n <= UInt64.max >> pageShift else { return nil }
+        self.init(n << pageShift)
+    }
+    /// The address `bytes` further on, for offsets L0 or a layout computed itself (a page of
+    /// a range already checked, a field inside a page): wrapping past 2^64 is a bug and traps.
+    /// A guest-given offset goes through `adding`, which fails instead.
+    public static func + (a: Self, bytes: UInt64) -> Self {
+        let (sum, overflow) = a.raw.addingReportingOverflow(bytes)
+        precondition(!overflow, "\(a) + 0x\(String(bytes, radix: 16)) wraps past 2^64")
+        return Self(sum)
+    }
 }
 
 /// A guest-physical address as L1 sees its own memory.
@@ -47,6 +60,14 @@ public struct HostOffset: AddressSpaceValue {
     public var description: String { "Host(0x\(String(raw, radix: 16)))" }
 }
 
+/// A byte offset into the control memfd (`ControlLayout`): L0's own memory the tiers share for
+/// run pages, the handoff word, bitmaps and EPT02. Never a guest address.
+public struct ControlOffset: AddressSpaceValue {
+    public let raw: UInt64
+    public init(_ raw: UInt64) { self.raw = raw }
+    public var description: String { "Control(0x\(String(raw, radix: 16)))" }
+}
+
 /// A half-open range [start, start+length) inside one address space.
 public struct AddressRange<Space: AddressSpaceValue>: Hashable, Sendable, CustomStringConvertible {
     public let start: Space
@@ -66,4 +87,24 @@ public struct AddressRange<Space: AddressSpaceValue>: Hashable, Sendable, Custom
         length > 0 && r.length > 0 && start < r.end && r.start < end
     }
     public var description: String { "[\(start), +0x\(String(length, radix: 16)))" }
+
+    /// The part of self inside `r`, or nil when they do not overlap.
+    public func intersection(_ r: AddressRange<Space>) -> AddressRange<Space>? {
+        guard overlaps(r) else { return nil }
+        let s = Swift.max(start, r.start), e = Swift.min(end, r.end)
+        return AddressRange(start: s, length: e.raw - s.raw)
+    }
+
+    /// The start of every page the range touches, in order.
+    public var pages: [Space] {
+        guard length > 0 else { return [] }
+        var out: [Space] = []
+        var p = start.pageBase
+        while p < end {
+            out.append(p)
+            guard let next = p.adding(pageSize) else { break }
+            p = next
+        }
+        return out
+    }
 }

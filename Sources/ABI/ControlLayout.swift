@@ -22,28 +22,28 @@ public struct ControlLayout: Sendable, Equatable {
     }
 
     public static let magic: UInt64 = 0x3130_4C5F_4D56_5000  // "\0PVM_L01"
-    public static let magicOffset: UInt64 = 0
+    public static let magicOffset = ControlOffset(0)
     /// u64: the EPT02 generation. An entry tagged with another generation is not present: a
     /// memslot "fast zap" bumps it to invalidate every entry at once (KVM's mmu_valid_gen).
-    public static let ept02GenerationOffset: UInt64 = 8
+    public static let ept02GenerationOffset = ControlOffset(8)
 
     static let pagesPerVCPU: UInt64 = 7
-    public func vcpuBase(_ i: Int) -> UInt64 { pageSize * (1 + UInt64(i) * Self.pagesPerVCPU) }
-    public func handoff(_ i: Int) -> UInt64 { vcpuBase(i) }
-    public func l2RunPage(_ i: Int) -> UInt64 { vcpuBase(i) + pageSize }
-    public func l1RunPage(_ i: Int) -> UInt64 { vcpuBase(i) + 2 * pageSize }
-    public func shadowVMCS(_ i: Int) -> UInt64 { vcpuBase(i) + 3 * pageSize }
-    public func cachedVMCS12(_ i: Int) -> UInt64 { vcpuBase(i) + 4 * pageSize }
-    public func l2MSRBitmap(_ i: Int) -> UInt64 { vcpuBase(i) + 5 * pageSize }
-    public func l2MSRValues(_ i: Int) -> UInt64 { vcpuBase(i) + 6 * pageSize }
-    public var vmreadBitmap: UInt64 { vcpuBase(vcpuCount) }
-    public var vmwriteBitmap: UInt64 { vmreadBitmap + pageSize }
+    public func vcpuBase(_ i: Int) -> ControlOffset { ControlOffset(pageSize * (1 + UInt64(i) * Self.pagesPerVCPU)) }
+    public func handoff(_ i: Int) -> ControlOffset { vcpuBase(i) }
+    public func l2RunPage(_ i: Int) -> ControlOffset { vcpuBase(i) + pageSize }
+    public func l1RunPage(_ i: Int) -> ControlOffset { vcpuBase(i) + 2 * pageSize }
+    public func shadowVMCS(_ i: Int) -> ControlOffset { vcpuBase(i) + 3 * pageSize }
+    public func cachedVMCS12(_ i: Int) -> ControlOffset { vcpuBase(i) + 4 * pageSize }
+    public func l2MSRBitmap(_ i: Int) -> ControlOffset { vcpuBase(i) + 5 * pageSize }
+    public func l2MSRValues(_ i: Int) -> ControlOffset { vcpuBase(i) + 6 * pageSize }
+    public var vmreadBitmap: ControlOffset { vcpuBase(vcpuCount) }
+    public var vmwriteBitmap: ControlOffset { vmreadBitmap + pageSize }
     /// L1 GPAs below this can be write-protected (one bit per page).
     public static let l1WriteProtectLimit: UInt64 = 4 << 30
-    public var l1WriteProtectBitmap: UInt64 { vmwriteBitmap + pageSize }
-    public var ept02: UInt64 { l1WriteProtectBitmap + Self.l1WriteProtectLimit / pageSize / 8 }
+    public var l1WriteProtectBitmap: ControlOffset { vmwriteBitmap + pageSize }
+    public var ept02: ControlOffset { l1WriteProtectBitmap + Self.l1WriteProtectLimit / pageSize / 8 }
     public var ept02Entries: UInt64 { l2AddressLimit >> pageShift }
-    public var totalSize: UInt64 { ept02 + ept02Entries * 8 }
+    public var totalSize: UInt64 { (ept02 + ept02Entries * 8).raw }
 }
 
 /// The handoff page: whose turn it is on this vCPU, and who sleeps waiting for it.
@@ -80,7 +80,9 @@ public enum EPT02Entry {
 /// pv where L1's MSR policy says `passthrough`.
 public enum PassthroughMSRs {
     public static let all: [UInt32] = [0xC000_0100, 0xC000_0101, 0xC000_0102]   // FS_BASE, GS_BASE, KERNEL_GS_BASE
-    public static func slot(of msr: UInt32) -> UInt64? { all.firstIndex(of: msr).map { UInt64($0) * 8 } }
+    /// The MSR's slot in the pass-through value table, or nil when L0 never passes it through.
+    public static func index(of msr: UInt32) -> UInt64? { all.firstIndex(of: msr).map { UInt64($0) } }
+    public static func contains(_ msr: UInt32) -> Bool { all.contains(msr) }
 }
 
 /// A VMX MSR bitmap (SDM 25.6.9): 4 KiB, read-low at 0x000, read-high 0x400, write-low 0x800,

@@ -1,4 +1,3 @@
-import ABI
 
 /// The CPUID the guest program sees, in `kvm_cpuid_entry2` form, whoever answers: the PV L1
 /// registers it with L0; the nested-VMX L1 emulates CPUID from it itself; on the one-level path

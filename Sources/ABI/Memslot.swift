@@ -1,8 +1,5 @@
 import CPVMShim
 
-/// One slot of L1 memory, in the shape of `struct kvm_userspace_memory_region`: L1 GPAs
-/// [guestPhysAddr, +memorySize) are backed by host memory at `hostOffset` (the field KVM calls
-/// userspace_addr; here the "userspace" is the host memfd every tier maps).
 /// How deleting or moving a memslot drops the mappings derived from it (seeds/004).
 public enum MemslotZapPolicy: String, Sendable, CaseIterable {
     /// Invalidate every mapping at once (a generation bump) and rebuild lazily as L2 touches memory.
@@ -11,6 +8,9 @@ public enum MemslotZapPolicy: String, Sendable, CaseIterable {
     case targeted
 }
 
+/// One slot of L1 memory, in the shape of `struct kvm_userspace_memory_region`: L1 GPAs
+/// [guestPhysAddr, +memorySize) are backed by host memory at `hostOffset` (the field KVM calls
+/// userspace_addr; here the "userspace" is the host memfd every tier maps).
 public struct MemorySlot: Hashable, Sendable, CustomStringConvertible {
     public var slot: UInt32
     public var flags: UInt32
@@ -34,6 +34,11 @@ public struct MemorySlot: Hashable, Sendable, CustomStringConvertible {
     public var uapi: kvm_userspace_memory_region {
         kvm_userspace_memory_region(slot: slot, flags: flags, guest_phys_addr: guestPhysAddr.raw,
                                     memory_size: memorySize, userspace_addr: hostOffset.raw)
+    }
+
+    /// The L1 GPAs the slot covers (empty if its fields would wrap; `L1Memslots.add` refuses that).
+    public var guestRange: AddressRange<L1GPA> {
+        AddressRange(start: guestPhysAddr, length: memorySize) ?? AddressRange(start: guestPhysAddr, length: 0)!
     }
 
     /// KVM_MEM_READONLY from <linux/kvm.h>.

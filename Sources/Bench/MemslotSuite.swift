@@ -23,19 +23,20 @@ public enum MemslotSuite {
 
     /// One in-process PV vCPU with negotiated features and an exit page.
     final class Rig {
-        let control: SharedRegion
+        let control: ControlMemory
         let host: SharedRegion
         let vcpu: L0VCPU
         static let argumentPage = L1GPA(0x1000), exitPage = L1GPA(0x2000)
 
         init(hostBytes: UInt64, l2Limit: UInt64) throws {
             let layout = ControlLayout(vcpuCount: 1, l2AddressLimit: l2Limit)
-            control = try SharedRegion(create: "bench-control", size: layout.totalSize)
-            host = try SharedRegion(create: "bench-host", size: hostBytes)
-            try NestedVMXState.initializeBitmaps(control: control, layout: layout)
+            // In-process, nothing to share: private anonymous memory, no memfds.
+            control = ControlMemory(region: try SharedRegion(anonymous: layout.totalSize), layout: layout)
+            host = try SharedRegion(anonymous: hostBytes)
+            L0VCPU.initialize(control)
             var slots = L1Memslots(hostSize: hostBytes)
             try slots.add(MemorySlot(slot: 0, guestPhysAddr: L1GPA(0), memorySize: 1 << 30, hostOffset: HostOffset(0)))
-            vcpu = try L0VCPU(id: 0, path: .pv, control: control, layout: layout,
+            vcpu = L0VCPU(id: 0, path: .pv, control: control,
                               l1Memory: L1MemoryAccess(memslots: slots, host: HostMemory(region: host)))
             _ = hypercall(.negotiate, PVABIVersion.current.packed, PVFeatures.all.rawValue, Self.argumentPage.raw)
             _ = hypercall(.createVCPU, Self.exitPage.raw)
@@ -45,7 +46,7 @@ public enum MemslotSuite {
             vcpu.l1Run[register: .rax] = c.rawValue
             vcpu.l1Run[register: .rbx] = a; vcpu.l1Run[register: .rcx] = b
             vcpu.l1Run[register: .rdx] = d; vcpu.l1Run[register: .rsi] = e
-            _ = vcpu.handleL1Exit(GuestExit(reason: .vmcall, instructionLength: 3))
+            _ = vcpu.handleL1Exit(L1ExitInfo(reason: .vmcall, instructionLength: 3))
             return vcpu.l1Run[register: .rax]
         }
 
@@ -53,11 +54,11 @@ public enum MemslotSuite {
         func touch(_ l2: L2GPA, pages: UInt64) -> Int {
             var exits = 0
             for p in 0..<pages {
-                let gpa = L2GPA(l2.raw + p * pageSize)
+                let gpa = l2 + p * pageSize
                 if vcpu.ept02.translate(gpa) == nil {
                     exits += 1
-                    _ = vcpu.handleL2Exit(GuestExit(reason: .eptViolation, qualification: EPTViolationQualification.dataRead,
-                                                    guestPhysicalAddress: gpa.raw, instructionLength: 3, instructionInfo: 8))
+                    _ = vcpu.handleL2Exit(L2ExitInfo(reason: .eptViolation, qualification: EPTViolationQualification.dataRead,
+                                                     guestPhysicalAddress: gpa, instructionLength: 3, instructionInfo: 8))
                 }
             }
             return exits

@@ -13,6 +13,8 @@ extension RunPageView: GuestRegisterFile {
     }
 }
 
+extension RegisterFile: GuestRegisterFile {}
+
 /// KVM's vcpu->arch.regs: L2's registers saved at a VM exit and loaded before the next entry.
 public struct SavedGuestRegisters: GuestRegisterFile {
     public var values = [UInt64](repeating: 0, count: Register.count)
@@ -42,7 +44,7 @@ public struct L1Devices {
 
     /// A device in L1's device model at an MMIO address of L2's (vmexit.c's "pci-mem" kind): a
     /// 32-bit latch, reached by an access that no memory backs.
-    public static let mmioDevice: ClosedRange<UInt64> = 0xFEB0_0000...0xFEB0_0FFF
+    public static let mmioDevice = AddressRange(start: L2GPA(0xFEB0_0000), length: pageSize)!
     var mmioLatch: UInt64 = 0
 
     public func owns(port: UInt16) -> Bool { Self.serialPorts.contains(port) || Self.qemuPorts.contains(port) }
@@ -82,18 +84,16 @@ public struct L1Devices {
 
     /// Emulates an exit both personalities handle alike, leaving the result in `regs`; false if
     /// `reason` is not one of them. The caller skips the instruction.
-    public mutating func emulate(_ reason: ExitReason, qualification q: UInt64, accessSize: Int, gpa: UInt64 = 0,
+    public mutating func emulate(_ reason: ExitReason, qualification q: UInt64, accessSize: UInt64, gpa: L2GPA = L2GPA(0),
                                  _ regs: inout some GuestRegisterFile) -> Bool {
         switch reason {
         case .ioInstruction:
             let v = portIO(port: IOQualification.port(q), isIn: IOQualification.isIn(q), value: regs[.rax])
             if IOQualification.isIn(q) { regs[.rax] = v }
         case .msrRead:
-            let v = rdmsr(UInt32(truncatingIfNeeded: regs[.rcx]))
-            regs[.rax] = v & 0xFFFF_FFFF
-            regs[.rdx] = v >> 32
+            (regs[.rdx], regs[.rax]) = EDXEAX.split(rdmsr(UInt32(truncatingIfNeeded: regs[.rcx])))
         case .msrWrite:
-            wrmsr(UInt32(truncatingIfNeeded: regs[.rcx]), regs[.rdx] << 32 | regs[.rax] & 0xFFFF_FFFF)
+            wrmsr(UInt32(truncatingIfNeeded: regs[.rcx]), EDXEAX.combine(edx: regs[.rdx], eax: regs[.rax]))
         case .cpuid:
             let (a, b, c, d) = GuestCPUIDTable.table.lookup(function: UInt32(truncatingIfNeeded: regs[.rax]),
                                                          index: UInt32(truncatingIfNeeded: regs[.rcx]))
@@ -139,7 +139,7 @@ public struct L1Devices {
     }
 
     /// An L2 access to a GPA no memory backs: reads float high, writes are dropped.
-    public func unassigned(isWrite: Bool, size: Int) -> UInt64 {
-        return isWrite ? 0 : (size >= 8 ? ~0 : (1 << (UInt64(size) * 8)) - 1)
+    public func unassigned(isWrite: Bool, size: UInt64) -> UInt64 {
+        isWrite ? 0 : AccessSize.mask(size)
     }
 }

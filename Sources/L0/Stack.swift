@@ -17,7 +17,7 @@ import Glibc
 ///      through PR_SET_PDEATHSIG).
 public final class L0Stack {
     public let config: StackConfig
-    let control: SharedRegion
+    let control: ControlMemory
     let hostMemory: SharedRegion
     let handoff: Handoff
     public let vcpu: L0VCPU
@@ -36,10 +36,9 @@ public final class L0Stack {
         self.config = config
         let layout = config.layout
         do {
-            control = try SharedRegion(create: "pvm-control", size: layout.totalSize)
+            control = try ControlMemory.create(name: "pvm-control", layout: layout)
             hostMemory = try SharedRegion(create: "pvm-host-memory", size: config.hostMemoryBytes)
-            try control.store(ControlLayout.magic, at: ControlLayout.magicOffset)
-            try NestedVMXState.initializeBitmaps(control: control, layout: layout)
+            L0VCPU.initialize(control)
         } catch let e as TransportError {
             throw StackError.hostMemory(e)
         }
@@ -52,10 +51,10 @@ public final class L0Stack {
         }
         var slots = L1Memslots(hostSize: config.hostMemoryBytes)
         do { try slots.add(config.l1Slot) } catch { throw StackError.badConfig("\(error)") }
-        handoff = Handoff(region: control, base: layout.handoff(0))
-        vcpu = try L0VCPU(id: 0, path: config.path, control: control, layout: layout,
-                          l1Memory: L1MemoryAccess(memslots: slots, host: HostMemory(region: hostMemory)))
-        vcpu.pv.offered = config.pvOffered
+        handoff = control.handoff(vcpu: 0)
+        vcpu = L0VCPU(id: 0, path: config.path, control: control,
+                      l1Memory: L1MemoryAccess(memslots: slots, host: HostMemory(region: hostMemory)))
+        (vcpu.backend as? PVBackend)?.offered = config.pvOffered
         vcpu.vm = vm
     }
 
@@ -67,7 +66,7 @@ public final class L0Stack {
         spec.l2MapMode = config.l2MapMode
         do {
             return try ChildProcess(tier: tier, path: config.tierExecutable, arguments: ["__tier", spec.encoded],
-                                    fds: [control.fd, hostMemory.fd])
+                                    fds: [control.region.fd, hostMemory.fd])
         } catch let e as TransportError {
             throw StackError.spawn(tier, e)
         }
@@ -77,88 +76,6 @@ public final class L0Stack {
     func deadTier() -> (Tier, ExitStatus)? {
         for c in [l1, l2].compactMap({ $0 }) { if let s = c.poll() { return (c.tier, s) } }
         return nil
-    }
-
-    /// The vCPU state machine. Every arrow goes through L0: it waits for its turn, reads the run
-    /// page of the tier that exited, asks that tier's exit handler for an outcome, and passes the
-    /// turn on.
-    enum State { case runningL1, runningL2, stopping(StopReason) }
-
-    public func run() throws -> StackResult {
-        let started = monotonicNanos()
-        var log: TransitionLog? = config.recordTransitions ? TransitionLog() : nil
-        TierProcess.setName(.l0)
-        config.placement.apply(as: .l0)
-        let policy = config.placement.waitPolicy(for: .l0)
-        defer { shutdown() }
-
-        var state = State.runningL1
-        if config.path == .single {
-            // One level: L0 is the guest's only hypervisor, so it starts the guest itself.
-            try vcpu.prepareSingleLevelGuest()
-            l2 = try launch(.l2)
-            vcpu.counters.l2Entries += 1
-            log?.started(at: monotonicNanos())
-            handoff.pass(to: .l2)
-            state = .runningL2
-        } else {
-            l1 = try launch(.l1)
-            vcpu.counters.l1Entries += 1
-            log?.started(at: monotonicNanos())
-            handoff.pass(to: .l1)
-        }
-        let deadline = started + config.timeoutNanos
-        let alive = { [unowned self] in self.deadTier() == nil && monotonicNanos() < deadline }
-
-        while true {
-            switch state {
-            case .runningL1:
-                if let stop = waitForTurn(policy, alive) { state = .stopping(stop); continue }
-                let exit = GuestExit(from: vcpu.l1Run)
-                let received = log == nil ? 0 : monotonicNanos()
-                log?.guestExited(.l1, reason: exit.reason, at: received)
-                let outcome = vcpu.handleL1Exit(exit)
-                defer { log?.l0Handed(from: .l1, reason: exit.reason, received: received, at: monotonicNanos()) }
-                if vcpu.l2Requested, l2 == nil {
-                    do { l2 = try launch(.l2) } catch { state = .stopping(.fatal("\(error)")); continue }
-                }
-                switch outcome {
-                case .resumeL1:
-                    vcpu.counters.l1Entries += 1
-                    handoff.pass(to: .l1)
-                case .enterL2:
-                    vcpu.counters.l2Entries += 1
-                    handoff.pass(to: .l2)
-                    state = .runningL2
-                case .stop(let r):
-                    state = .stopping(r)
-                }
-            case .runningL2:
-                if let stop = waitForTurn(policy, alive) { state = .stopping(stop); continue }
-                let exit = GuestExit(from: vcpu.l2Run)
-                let received = log == nil ? 0 : monotonicNanos()
-                log?.guestExited(.l2, reason: exit.reason, at: received)
-                defer { log?.l0Handed(from: .l2, reason: exit.reason, received: received, at: monotonicNanos()) }
-                switch vcpu.handleL2Exit(exit) {
-                case .resumeL2:
-                    vcpu.counters.l2Entries += 1
-                    handoff.pass(to: .l2)
-                case .deliverToL1:
-                    vcpu.counters.l1Entries += 1
-                    handoff.pass(to: .l1)
-                    state = .runningL1
-                case .stop(let r):
-                    state = .stopping(r)
-                }
-            case .stopping(let reason):
-                shutdown()
-                var pids: [Tier: Int32] = [:]
-                for c in [l1, l2].compactMap({ $0 }) { pids[c.tier] = c.pid }
-                return StackResult(stop: reason, counters: vcpu.counters, harness: vcpu.harness,
-                                   l1Status: l1?.status, l2Status: l2?.status, tierPIDs: pids,
-                                   pvRefusal: vcpu.pv.refusal, log: log, wallNanos: monotonicNanos() - started)
-            }
-        }
     }
 
     /// Handoffs between liveness checks while L0 is busy. A tier that dies while the others
@@ -177,10 +94,10 @@ public final class L0Stack {
         }
         switch handoff.wait(for: .l0, policy: policy, isPeerAlive: alive) {
         case .myTurn: return nil
-        case .stop: return .fatal("handoff word says stop, but only L0 may stop the stack")
+        case .stop: return .fatal(.stopFromGuest)
         case .peerGone:
             if let (t, s) = deadTier() { return .tierDied(t, s) }
-            return .fatal("run exceeded its time limit of \(config.timeoutNanos / 1_000_000_000) s")
+            return .fatal(.timeLimit(seconds: config.timeoutNanos / 1_000_000_000))
         }
     }
 

@@ -55,7 +55,7 @@ public struct StackResult: Sendable {
     /// The child tiers' process ids (reaped by the time the result exists).
     public var tierPIDs: [Tier: Int32] = [:]
     /// Why L0 refused L1's PV request, if it did (a version mismatch, a protected-state L1...).
-    public var pvRefusal: String?
+    public var pvRefusal: PVRefusal?
     /// Every run span, when `recordTransitions` was on.
     public var log: TransitionLog?
     public var wallNanos: UInt64

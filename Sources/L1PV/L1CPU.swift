@@ -17,40 +17,35 @@ public enum VMEntryOutcome: Equatable, Sendable {
 /// VMCS shadowing on, VMREAD/VMWRITE of shadowed fields go to the shadow VMCS without an exit,
 /// exactly when the VMREAD/VMWRITE bitmaps L0 set say so.
 public final class L1CPU: L1StoreTrap {
-    let run: RunPageView
-    let session: TierSession
-    let control: SharedRegion
-    let layout: ControlLayout
+    let port: ExitPort
+    var run: RunPageView { port.run }
     let shadow: VMCSImage
-    let shadowActiveFlag: UInt64
+    let shadowActive: SharedFlag
+    let vmreadBitmap: BitmapView, vmwriteBitmap: BitmapView
+    let writeProtect: BitmapView
     /// With an enlightened VMCS, VMREAD/VMWRITE are plain accesses to it (no exit); a write
     /// clears its field group's clean bit, as Hyper-V's evmcs_write does.
     public private(set) var evmcs: VMCSImage?
     public func useEnlightenedVMCS(_ image: VMCSImage) { evmcs = image }
 
-    public init(session: TierSession) throws {
-        let control = session.control, layout = session.launch.layout, vcpu = session.launch.vcpu
-        self.session = session
-        self.run = try session.runPage()
-        self.control = control
-        self.layout = layout
-        self.shadow = try VMCSImage(region: control, base: layout.shadowVMCS(vcpu))
-        self.shadowActiveFlag = layout.handoff(vcpu) + HandoffLayout.shadowVMCSActive
+    public init(session: TierSession) {
+        let control = session.control, vcpu = session.launch.vcpu
+        self.port = ExitPort(session: session)
+        self.shadow = control.shadowVMCS(vcpu: vcpu)
+        self.shadowActive = control.shadowVMCSActive(vcpu: vcpu)
+        self.vmreadBitmap = control.vmreadBitmap
+        self.vmwriteBitmap = control.vmwriteBitmap
+        self.writeProtect = control.l1WriteProtect
     }
 
-    public func waitForFirstEntry() { session.waitForTurn() }
+    public func waitForFirstEntry() { port.waitForFirstEntry() }
 
     /// Exits to L0 and waits to be entered again. Throws if L0 injected #UD.
-    func vmexit(_ reason: ExitReason, length: UInt64, operand: UInt64 = 0, info: UInt64 = 0) throws {
-        run.exitReason = reason
-        run[RunPage.instructionLength] = length
-        run[RunPage.vmxOperand] = operand
-        run[RunPage.instructionInfo] = info
-        session.exitToL0()
-        let event = run[RunPage.eventInjection]
-        if event & (1 << 31) != 0 {
-            run[RunPage.eventInjection] = 0
-            if event & 0xFF == 6 { throw L1Fault.undefinedOpcode(reason.name) }
+    func vmexit(_ reason: ExitReason, length: UInt64, operand: UInt64 = 0, info: UInt64 = 0,
+                qualification: UInt64 = 0, gpa: L1GPA = L1GPA(0)) throws {
+        if let event = port.exit(reason, length: length, qualification: qualification, gpa: gpa, info: info, operand: operand),
+           event.vector == 6 {
+            throw L1Fault.undefinedOpcode(reason.name)
         }
     }
 
@@ -102,11 +97,12 @@ public final class L1CPU: L1StoreTrap {
         try vmexit(.invept, length: 5, operand: eptp, info: VMXInstructionInfo.make(typeRegister: .rax)); return lastResult
     }
 
+    /// VMCS shadowing lets this access through without an exit: a shadow VMCS is linked and the
+    /// field's bit is clear in the VMREAD/VMWRITE bitmap.
     @inline(__always)
-    func bitmapAllows(_ bitmap: UInt64, _ f: VMCSField) -> Bool {
-        guard control.unchecked(load: UInt32.self, at: shadowActiveFlag) != 0, f.rawValue <= 0x7FFF else { return false }
-        let byte = control.unchecked(load: UInt8.self, at: bitmap + UInt64(f.rawValue) / 8)
-        return byte & (1 << UInt8(f.rawValue % 8)) == 0
+    func bitmapAllows(_ bitmap: BitmapView, _ f: VMCSField) -> Bool {
+        guard shadowActive.isOn, f.rawValue <= 0x7FFF else { return false }
+        return !bitmap[UInt64(f.rawValue)]
     }
 
     static let vmxInfo = VMXInstructionInfo.make(valueRegister: .rax, fieldRegister: .rdx)
@@ -114,22 +110,18 @@ public final class L1CPU: L1StoreTrap {
     /// A store to a page L0 write-protected: L1's own EPT violation; L0 emulates the store.
     public func trappedStore(_ value: UInt64, size: Int, at gpa: L1GPA) throws {
         run[register: .rax] = value
-        run[RunPage.guestPhysicalAddress] = gpa.raw
-        run[RunPage.exitQualification] = EPTViolationQualification.dataWrite
-        try vmexit(.eptViolation, length: 3, info: UInt64(size))
+        try vmexit(.eptViolation, length: 3, info: UInt64(size), qualification: EPTViolationQualification.dataWrite, gpa: gpa)
     }
 
     public func isWriteProtected(_ gpa: L1GPA) -> Bool {
         let page = gpa.pageNumber
-        guard page < ControlLayout.l1WriteProtectLimit / pageSize else { return false }
-        return control.unchecked(load: UInt8.self, at: layout.l1WriteProtectBitmap + page / 8) & (1 << UInt8(page % 8)) != 0
+        return page < writeProtect.bitCount && writeProtect[page]
     }
 
     /// WRMSR / RDMSR of one of L1's own MSRs: an exit to L0.
     public func wrmsr(_ msr: UInt32, _ value: UInt64) throws {
         run[register: .rcx] = UInt64(msr)
-        run[register: .rax] = value & 0xFFFF_FFFF
-        run[register: .rdx] = value >> 32
+        (run[register: .rdx], run[register: .rax]) = EDXEAX.split(value)
         try vmexit(.msrWrite, length: 2)
     }
 
@@ -139,7 +131,7 @@ public final class L1CPU: L1StoreTrap {
             guard let v = evmcs.read(f) else { throw L1Fault.vmxFailure("VMREAD \(f)", .failValid(.unsupportedVMCSComponent)) }
             return v
         }
-        if bitmapAllows(layout.vmreadBitmap, f), let v = shadow.read(f) { return v }
+        if bitmapAllows(vmreadBitmap, f), let v = shadow.read(f) { return v }
         run[register: .rdx] = UInt64(f.rawValue)
         try vmexit(.vmread, length: 3, info: Self.vmxInfo)
         let r = lastResult
@@ -151,13 +143,10 @@ public final class L1CPU: L1StoreTrap {
     public func vmwrite(_ f: VMCSField, _ value: UInt64) throws -> VMXInstructionResult {
         if let evmcs {
             guard !f.isReadOnly, evmcs.write(f, value) else { return .failValid(.unsupportedVMCSComponent) }
-            if let g = EnlightenedVMCS.group(of: f) {
-                let at = evmcs.base + EnlightenedVMCS.cleanFieldsOffset
-                evmcs.region.unchecked(store: evmcs.region.unchecked(load: UInt32.self, at: at) & ~g.bit, at: at)
-            }
+            if let g = EnlightenedVMCS.group(of: f) { evmcs.evmcsCleanFields &= ~g.bit }
             return .succeed
         }
-        if bitmapAllows(layout.vmwriteBitmap, f), shadow.write(f, value) { return .succeed }
+        if bitmapAllows(vmwriteBitmap, f), shadow.write(f, value) { return .succeed }
         run[register: .rdx] = UInt64(f.rawValue)
         run[register: .rax] = value
         try vmexit(.vmwrite, length: 3, info: Self.vmxInfo)

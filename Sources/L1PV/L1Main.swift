@@ -10,8 +10,8 @@ public enum L1Main {
     public static func run(_ launch: TierLaunch) -> Never {
         do {
             let session = try TierSession(.l1, launch)
-            let cpu = try L1CPU(session: session)
-            let memory = L1Memory(slot: launch.l1Slot, host: HostMemory(region: session.hostMemory), trap: cpu)
+            let cpu = L1CPU(session: session)
+            let memory = L1Memory(slot: launch.l1Slot, host: session.hostMemory, trap: cpu)
             cpu.waitForFirstEntry()
             switch launch.path {
             case .single: throw L1Fault.unexpectedExit(.vmcall, "the one-level path has no L1")

@@ -64,7 +64,7 @@ public struct L1Memory {
     }
     public func runPage(_ gpa: L1GPA) throws -> RunPageView { try host.runPage(at: hostOffset(gpa, length: RunPage.size)) }
     public func vmcs(_ gpa: L1GPA) throws -> VMCSImage {
-        try VMCSImage(region: host.region, base: hostOffset(gpa, length: VMCS12Layout.size).raw)
+        try host.vmcs(at: hostOffset(gpa, length: VMCS12Layout.size))
     }
 }
 

@@ -190,7 +190,7 @@ public final class NestedVMXHypervisor {
             // the instruction (GUEST_RIP, CS access rights) and completes it.
             _ = try readRIP()
             _ = try cpu.vmread(.guestCSARBytes)
-            _ = devices.emulate(reason, qualification: q, accessSize: Int(cpu.run[RunPage.instructionInfo]), gpa: gpa.raw, &guestRegisters)
+            _ = devices.emulate(reason, qualification: q, accessSize: cpu.run[RunPage.instructionInfo], gpa: gpa, &guestRegisters)
         case .eptMisconfig:
             throw L1Fault.unexpectedExit(reason, "EPT12 is misconfigured at \(L2GPA(try cpu.vmread(.guestPhysicalAddress)))")
         case .vmcall:

@@ -172,8 +172,8 @@ public final class PVHypervisor {
                     map.remove(gpa, length: pageSize)
                 }
             }
-        } else if !devices.emulate(reason, qualification: q, accessSize: Int(page[RunPage.instructionInfo]),
-                                   gpa: page[RunPage.guestPhysicalAddress], &regs) {
+        } else if !devices.emulate(reason, qualification: q, accessSize: page[RunPage.instructionInfo],
+                                   gpa: L2GPA(page[RunPage.guestPhysicalAddress]), &regs) {
             throw L1Fault.unexpectedExit(reason, "the PV L1 has no handler")
         }
         page[register: .rip] &+= page[RunPage.instructionLength]

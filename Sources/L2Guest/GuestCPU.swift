@@ -15,30 +15,29 @@ public struct CPUIDResult: Equatable, Sendable {
 /// hardware resumes wherever the hypervisor left it: advanced past the instruction means it was
 /// emulated, unchanged means "execute it again" (e.g. after the page was mapped).
 public final class GuestCPU {
-    let run: RunPageView
-    let session: TierSession
+    let port: ExitPort
+    var run: RunPageView { port.run }
     let memory: HostMemory
-    let control: SharedRegion
-    let layout: ControlLayout
-    let msrBitmap: UInt64
-    let msrValues: UInt64
+    /// EPT02 as L0 writes it: this CPU's MMU.
+    let ept02: EPT02TableView
+    /// vmcs02's MSR bitmap and the pass-through MSR values it lets L2 reach without an exit.
+    let msrBitmap: MSRBitmapView
+    let passthroughMSRs: PassthroughMSRValues
     /// Where this guest keeps its ucall block (guest-physical, in its own RAM).
     public var ucallBlock = L2GPA(0x1000)
     var rip: UInt64 = 0
 
     init(session: TierSession) throws {
-        self.session = session
-        self.run = try session.runPage()
-        self.memory = HostMemory(region: session.hostMemory)
-        self.control = session.control
-        self.layout = session.launch.layout
-        self.msrBitmap = layout.l2MSRBitmap(session.launch.vcpu)
-        self.msrValues = layout.l2MSRValues(session.launch.vcpu)
+        self.port = ExitPort(session: session)
+        self.memory = session.hostMemory
+        self.ept02 = session.control.ept02
+        self.msrBitmap = session.control.l2MSRBitmap(vcpu: session.launch.vcpu)
+        self.passthroughMSRs = session.control.l2PassthroughMSRs(vcpu: session.launch.vcpu)
     }
 
     /// Waits for the first entry and takes the RIP L0 entered with.
     func waitForFirstEntry() {
-        session.waitForTurn()
+        port.waitForFirstEntry()
         rip = run[register: .rip]
     }
 
@@ -46,22 +45,13 @@ public final class GuestCPU {
 
     /// One exit to L0 and back. The run page carries the exit; RIP tells what happened.
     @inline(__always)
-    func vmexit(_ reason: ExitReason, length: UInt64, qualification: UInt64 = 0, gpa: UInt64 = 0, info: UInt64 = 0) -> Resumption {
-        run.exitReason = reason
-        run[RunPage.exitQualification] = qualification
-        run[RunPage.guestPhysicalAddress] = gpa
-        run[RunPage.instructionLength] = length
-        run[RunPage.instructionInfo] = info
+    func vmexit(_ reason: ExitReason, length: UInt64, qualification: UInt64 = 0, gpa: L2GPA = L2GPA(0), info: UInt64 = 0) -> Resumption {
         run[register: .rip] = rip
-        session.exitToL0()
+        let event = port.exit(reason, length: length, qualification: qualification, gpa: gpa, info: info)
         let newRIP = run[register: .rip]
-        let event = run[RunPage.eventInjection]
-        if event & (1 << 31) != 0 {
-            // No IDT in this guest model: an injected exception becomes the instruction's fault,
-            // which the program sees (as selftests' rdmsr_safe does); other events are dropped.
-            run[RunPage.eventInjection] = 0
-            if (event >> 8) & 7 == 3 { return .fault(UInt8(truncatingIfNeeded: event)) }
-        }
+        // No IDT in this guest model: an injected exception becomes the instruction's fault,
+        // which the program sees (as selftests' rdmsr_safe does); other events are dropped.
+        if let event, event.isHardwareException { return .fault(event.vector) }
         defer { rip = newRIP }
         return newRIP == rip ? .retry : .completed
     }
@@ -79,38 +69,35 @@ public final class GuestCPU {
                            edx: UInt32(truncatingIfNeeded: run[register: .rdx]))
     }
 
-    /// Where L2's MSR bitmap lets the access through without an exit: the MSR's value slot.
+    /// L2's MSR bitmap lets this access through without an exit (a pass-through MSR, bit clear).
     @inline(__always)
-    func passthroughSlot(_ msr: UInt32, write: Bool) -> UInt64? {
-        guard let slot = PassthroughMSRs.slot(of: msr), let (byte, bit) = MSRBitmap.position(of: msr, write: write),
-              control.unchecked(load: UInt8.self, at: msrBitmap + byte) & (1 << bit) == 0 else { return nil }
-        return msrValues + slot
+    func passesThrough(_ msr: UInt32, write: Bool) -> Bool {
+        PassthroughMSRs.contains(msr) && !msrBitmap.intercepts(msr, write: write)
     }
 
     /// RDMSR; the vector if it faulted (selftests' rdmsr_safe).
     public func rdmsrSafe(_ msr: UInt32) -> (value: UInt64, fault: UInt8?) {
-        if let at = passthroughSlot(msr, write: false) { return (control.unchecked(load: UInt64.self, at: at), nil) }
+        if passesThrough(msr, write: false), let v = passthroughMSRs[msr] { return (v, nil) }
         var r: Resumption
         repeat {
             run[register: .rcx] = UInt64(msr)
             r = vmexit(.msrRead, length: 2)
         } while r == .retry
         if case .fault(let v) = r { return (0, v) }
-        return ((run[register: .rdx] << 32) | (run[register: .rax] & 0xFFFF_FFFF), nil)
+        return (EDXEAX.combine(edx: run[register: .rdx], eax: run[register: .rax]), nil)
     }
 
     /// WRMSR; the vector if it faulted (selftests' wrmsr_safe).
     @discardableResult
     public func wrmsrSafe(_ msr: UInt32, _ value: UInt64) -> UInt8? {
-        if let at = passthroughSlot(msr, write: true) {
-            control.unchecked(store: value, at: at)
+        if passesThrough(msr, write: true) {
+            passthroughMSRs[msr] = value
             return nil
         }
         var r: Resumption
         repeat {
             run[register: .rcx] = UInt64(msr)
-            run[register: .rax] = value & 0xFFFF_FFFF
-            run[register: .rdx] = value >> 32
+            (run[register: .rdx], run[register: .rax]) = EDXEAX.split(value)
             r = vmexit(.msrWrite, length: 2)
         } while r == .retry
         if case .fault(let v) = r { return v }
@@ -132,7 +119,7 @@ public final class GuestCPU {
     public func inPort(_ port: UInt16, size: Int = 4) -> UInt64 {
         repeat { run[register: .rdx] = UInt64(port) } while vmexit(.ioInstruction, length: size == 2 ? 2 : 1,
             qualification: IOQualification.make(port: port, size: size, isIn: true)) == .retry
-        return run[register: .rax] & (size == 8 ? ~0 : (1 << (UInt64(size) * 8)) - 1)
+        return run[register: .rax] & AccessSize.mask(UInt64(size))
     }
 
     public func outPort(_ port: UInt16, _ value: UInt64, size: Int = 4) {
@@ -162,14 +149,7 @@ public final class GuestCPU {
 
     /// EPT02 says where an L2 page lives for this access, or nil (an EPT violation).
     @inline(__always)
-    func translate(_ gpa: L2GPA, access: UInt64) -> HostOffset? {
-        let frame = gpa.pageNumber
-        guard frame < layout.ept02Entries else { return nil }
-        let e = control.unchecked(load: UInt64.self, at: layout.ept02 + frame * 8)
-        let generation = control.unchecked(load: UInt64.self, at: ControlLayout.ept02GenerationOffset)
-        guard e & access == access, EPT02Entry.isPresent(e, generation: generation) else { return nil }
-        return HostOffset(EPT02Entry.host(e).raw | gpa.offsetInPage)
-    }
+    func translate(_ gpa: L2GPA, access: UInt64) -> HostOffset? { ept02.lookup(gpa, access: access) }
 
     /// Fetches one instruction byte at `gpa` (a jump there): needs execute permission.
     public func fetch(_ gpa: L2GPA) -> UInt8 {
@@ -177,7 +157,7 @@ public final class GuestCPU {
             if let host = translate(gpa, access: EPT.execute), let b: UInt8 = try? memory.load(at: host) { return b }
             run[register: .rax] = 0
             if vmexit(.eptViolation, length: 1, qualification: EPTViolationQualification.instructionFetch,
-                      gpa: gpa.raw, info: 1) == .completed {
+                      gpa: gpa, info: 1) == .completed {
                 return UInt8(truncatingIfNeeded: run[register: .rax])
             }
         }
@@ -188,7 +168,7 @@ public final class GuestCPU {
     /// the loaded value comes back in RAX.
     func access(_ gpa: L2GPA, size: Int, write: Bool, value: UInt64 = 0) -> UInt64 {
         precondition(gpa.raw % UInt64(size) == 0, "guest access must be naturally aligned")
-        let mask: UInt64 = size == 8 ? ~0 : (1 << (UInt64(size) * 8)) - 1
+        let mask = AccessSize.mask(UInt64(size))
         while true {
             if let host = translate(gpa, access: write ? EPT.write : EPT.read) {
                 do {
@@ -214,7 +194,7 @@ public final class GuestCPU {
             }
             run[register: .rax] = write ? value & mask : 0
             let q = write ? EPTViolationQualification.dataWrite : EPTViolationQualification.dataRead
-            switch vmexit(.eptViolation, length: 3, qualification: q, gpa: gpa.raw, info: UInt64(size)) {
+            switch vmexit(.eptViolation, length: 3, qualification: q, gpa: gpa, info: UInt64(size)) {
             case .completed: return write ? 0 : run[register: .rax] & mask
             case .retry: continue
             case .fault(let v):

@@ -45,14 +45,14 @@ public struct Handoff: @unchecked Sendable {
     let sleeping: [UnsafeAtomic<UInt32>]
     let turnAddress: UnsafeMutablePointer<UInt32>
 
-    public init(region: SharedRegion, base: UInt64) {
+    init(region: SharedRegion, base: ControlOffset) {
         self.region = region
-        self.turnAddress = region.word32(at: base + HandoffLayout.turn)
+        self.turnAddress = region.word32(at: (base + HandoffLayout.turn).raw)
         // The words are u32s in the shared mapping, 4-byte aligned, accessed only atomically.
         self.turn = UnsafeAtomic(at: UnsafeMutableRawPointer(turnAddress)
             .assumingMemoryBound(to: UInt32.AtomicRepresentation.self))
         self.sleeping = Tier.allCases.map { t in
-            UnsafeAtomic(at: UnsafeMutableRawPointer(region.word32(at: base + HandoffLayout.sleeping(t)))
+            UnsafeAtomic(at: UnsafeMutableRawPointer(region.word32(at: (base + HandoffLayout.sleeping(t)).raw))
                 .assumingMemoryBound(to: UInt32.AtomicRepresentation.self))
         }
     }

@@ -27,4 +27,8 @@ public struct HostMemory: @unchecked Sendable {
     public func runPage(at o: HostOffset) throws -> RunPageView {
         try RunPageView(region: region, base: o.raw)
     }
+    /// A VMCS-format page in host memory (vmcs12 or an eVMCS in L1's memory).
+    public func vmcs(at o: HostOffset) throws -> VMCSImage {
+        try VMCSImage(region: region, base: o.raw)
+    }
 }

@@ -28,7 +28,9 @@ public enum TransportError: Error, CustomStringConvertible, Equatable {
 /// left in /dev/shm when the stack ends, however it ends.
 ///
 /// Offsets are bytes from the start of the region. Checked accessors throw on a range outside
-/// the region; the `unchecked` ones are for fixed layout offsets known to be inside.
+/// the region. The `unchecked` ones are Transport's own, for the typed views (`RunPageView`,
+/// `VMCSImage`, `ControlMemory`'s tables) that checked their range when they were made; they
+/// still `precondition` the bounds, so a bug traps instead of touching another mapping.
 public final class SharedRegion: @unchecked Sendable {
     public let fd: Int32
     public let size: UInt64
@@ -46,6 +48,17 @@ public final class SharedRegion: @unchecked Sendable {
         }
         do { self.base = try Self.map(fd: fd, size: size) } catch { close(fd); throw error }
         self.fd = fd
+        self.size = size
+    }
+
+    /// Private anonymous memory of `size` bytes, no file behind it: for in-process handler tests
+    /// and tools that need L0's memory layout without sharing it with another process.
+    public init(anonymous size: UInt64) throws {
+        // MAP_PRIVATE | MAP_ANONYMOUS: no fd, nothing to clean up but the mapping.
+        let p = mmap(nil, Int(size), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+        guard let p, p != MAP_FAILED else { throw TransportError.mapFailed(bytes: size, errno: errno) }
+        self.base = p
+        self.fd = -1
         self.size = size
     }
 
@@ -68,7 +81,7 @@ public final class SharedRegion: @unchecked Sendable {
 
     deinit {
         munmap(base, Int(size))
-        close(fd)
+        if fd >= 0 { close(fd) }
     }
 
     @inline(__always)
@@ -118,18 +131,18 @@ public final class SharedRegion: @unchecked Sendable {
         memmove(base + Int(dst), base + Int(src), Int(count))
     }
 
-    // MARK: unchecked access (fixed layout offsets; still bounds-asserted in debug builds)
+    // MARK: unchecked access (Transport's views only: ranges checked when the view was made)
 
     @inline(__always)
-    public func unchecked<T: FixedWidthInteger>(load: T.Type, at offset: UInt64) -> T {
-        assert(offset + UInt64(MemoryLayout<T>.size) <= size)
+    func unchecked<T: FixedWidthInteger>(load: T.Type, at offset: UInt64) -> T {
+        precondition(offset <= size && UInt64(MemoryLayout<T>.size) <= size - offset, "load outside the shared region")
         // Little-endian host; unaligned-safe load from the shared mapping.
         return (base + Int(offset)).loadUnaligned(as: T.self)
     }
 
     @inline(__always)
-    public func unchecked<T: FixedWidthInteger>(store value: T, at offset: UInt64) {
-        assert(offset + UInt64(MemoryLayout<T>.size) <= size)
+    func unchecked<T: FixedWidthInteger>(store value: T, at offset: UInt64) {
+        precondition(offset <= size && UInt64(MemoryLayout<T>.size) <= size - offset, "store outside the shared region")
         // Unaligned-safe store into the shared mapping.
         (base + Int(offset)).storeBytes(of: value, as: T.self)
     }

@@ -8,8 +8,8 @@ import Glibc
 public struct TierSession: @unchecked Sendable {
     public let tier: Tier
     public let launch: TierLaunch
-    public let control: SharedRegion
-    public let hostMemory: SharedRegion
+    public let control: ControlMemory
+    public let hostMemory: HostMemory
     public let handoff: Handoff
     public let policy: WaitPolicy
 
@@ -22,16 +22,18 @@ public struct TierSession: @unchecked Sendable {
         placement.apply(as: tier)
         self.tier = tier
         self.launch = launch
-        self.control = try SharedRegion(adopt: TierLaunch.controlFD)
-        self.hostMemory = try SharedRegion(adopt: TierLaunch.hostMemoryFD)
-        self.handoff = Handoff(region: control, base: launch.layout.handoff(launch.vcpu))
+        let controlRegion = try SharedRegion(adopt: TierLaunch.controlFD)
+        guard controlRegion.size >= launch.layout.totalSize else {
+            throw TransportError.outOfBounds(offset: 0, length: launch.layout.totalSize, regionSize: controlRegion.size)
+        }
+        self.control = ControlMemory(region: controlRegion, layout: launch.layout)
+        self.hostMemory = HostMemory(region: try SharedRegion(adopt: TierLaunch.hostMemoryFD))
+        self.handoff = control.handoff(vcpu: launch.vcpu)
         self.policy = placement.waitPolicy(for: tier)
     }
 
     /// This vCPU's run page between this tier and L0.
-    public func runPage() throws -> RunPageView {
-        try RunPageView(region: control, base: tier == .l1 ? launch.layout.l1RunPage(launch.vcpu) : launch.layout.l2RunPage(launch.vcpu))
-    }
+    public func runPage() -> RunPageView { control.runPage(tier, vcpu: launch.vcpu) }
 
     /// Waits until L0 gives this tier the turn. When L0 stops the stack, the tier exits 0 here;
     /// if L0 is gone, 1 (PR_SET_PDEATHSIG normally gets there first).

@@ -1,16 +1,27 @@
 import ABI
 
-/// A VMCS in memory, accessed by field encoding: vmcs12 (in L1 memory) or the shadow VMCS
-/// (L0's control memory). Both use `VMCS12Layout`; the page is known to be inside its region.
+/// A VMCS in memory, accessed by field encoding: vmcs12 or an eVMCS (in L1 memory, through
+/// `HostMemory.vmcs`) or the shadow VMCS (`ControlMemory.shadowVMCS`). All use `VMCS12Layout`;
+/// the page is checked to lie inside its region when the view is made.
 public struct VMCSImage: @unchecked Sendable {
-    public let region: SharedRegion
-    public let base: UInt64
+    let region: SharedRegion
+    let base: UInt64
 
-    public init(region: SharedRegion, base: UInt64) throws {
+    init(region: SharedRegion, base: UInt64) throws {
         try region.check(base, VMCS12Layout.size)
         self.region = region
         self.base = base
     }
+
+    /// A page at a layout offset of control memory: a bad layout is a bug, so it traps.
+    init(fixed region: SharedRegion, base: UInt64) {
+        precondition((try? region.check(base, VMCS12Layout.size)) != nil, "VMCS page 0x\(String(base, radix: 16)) outside its region")
+        self.region = region
+        self.base = base
+    }
+
+    /// Same page of the same memory.
+    public func isSamePage(as other: VMCSImage) -> Bool { region === other.region && base == other.base }
 
     /// The field's value (width-masked), or nil if vmcs12 does not support the field.
     @inline(__always)
@@ -45,6 +56,11 @@ public struct VMCSImage: @unchecked Sendable {
     public var revisionID: UInt32 {
         get { region.unchecked(load: UInt32.self, at: base + VMCS12Layout.revisionOffset) }
         nonmutating set { region.unchecked(store: newValue, at: base + VMCS12Layout.revisionOffset) }
+    }
+    /// An eVMCS's clean-fields word (Hyper-V TLFS): a set bit = that field group unchanged.
+    public var evmcsCleanFields: UInt32 {
+        get { region.unchecked(load: UInt32.self, at: base + EnlightenedVMCS.cleanFieldsOffset) }
+        nonmutating set { region.unchecked(store: newValue, at: base + EnlightenedVMCS.cleanFieldsOffset) }
     }
     public var launched: Bool {
         get { region.unchecked(load: UInt32.self, at: base + VMCS12Layout.launchStateOffset) != 0 }

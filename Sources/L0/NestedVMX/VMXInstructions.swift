@@ -1,188 +1,190 @@
 import ABI
 import Transport
 
-extension L0VCPU {
-    /// Emulates one of L1's VMX instructions (KVM: handle_vmxon, handle_vmptrld, handle_vmread, ...).
-    func handleVMXInstruction(_ exit: GuestExit) -> L1ExitOutcome {
-        l1Run[RunPage.enteredByVMExit] = 0
-        if exit.reason != .vmxon, !nested.vmxon {
-            injectIntoL1(vector: 6)   // #UD outside VMX operation
-            return .resumeL1
+/// The L1-exit side of nested VMX: L1's VMX instructions (KVM: handle_vmxon, handle_vmptrld,
+/// handle_vmread, ...), its trapped stores to shadowed EPT12 pages, its MSRs. VMLAUNCH and
+/// VMRESUME continue in NestedEntry.swift.
+extension NestedVMXBackend {
+    public func handleL1Exit(_ exit: L1Exit, _ regs: inout RegisterFile, _ vcpu: L0VCPU) -> NextStep {
+        switch exit.kind {
+        case .vmx(let instruction):
+            return handleVMXInstruction(instruction, exit, &regs, vcpu)
+        case .hypercall(let nr, _):
+            return vcpu.refuseHypercall(nr, exit, &regs)
+        case let .msrWrite(msr, v) where msr == VPAssistPage.msr:
+            let next = vcpu.handleL1MSR(exit, &regs)
+            if vcpu.l1MSRs[msr] == v { vpAssistPage = v & VPAssistPage.enable != 0 ? L1GPA(v).pageBase : nil }
+            return next
+        case .msrRead, .msrWrite:
+            return vcpu.handleL1MSR(exit, &regs)
+        case let .protectedStore(gpa, size, value):
+            return handleProtectedStore(gpa, size: size, value: value, exit, &regs, vcpu)
+        case .other:
+            return .stop(.fatal(.unhandledL1Exit(exit.info.reason)))
         }
-        skipL1Instruction(exit)
+    }
+
+    func handleVMXInstruction(_ instruction: VMXInstruction, _ exit: L1Exit, _ regs: inout RegisterFile, _ vcpu: L0VCPU) -> NextStep {
+        vcpu.l1Run[RunPage.enteredByVMExit] = 0
+        if case .vmxon = instruction {} else if !vmxon {
+            vcpu.inject(into: .l1, vector: 6)   // #UD outside VMX operation
+            return .resume(.l1)
+        }
+        regs.skipInstruction(length: exit.info.instructionLength)
         let result: VMXInstructionResult
-        switch exit.reason {
-        case .vmxon: result = vmxon(L1GPA(exit.vmxOperand))
-        case .vmxoff: result = vmxoff()
-        case .vmclear: result = vmclear(L1GPA(exit.vmxOperand))
-        case .vmptrld: result = vmptrld(L1GPA(exit.vmxOperand))
+        switch instruction {
+        case .vmxon(let ptr): result = vmxon(ptr, vcpu)
+        case .vmxoff: result = vmxoff(vcpu)
+        case .vmclear(let ptr): result = vmclear(ptr, vcpu)
+        case .vmptrld(let ptr): result = vmptrld(ptr, vcpu)
         case .vmptrst:
-            l1Run[RunPage.vmxOperand] = nested.current?.raw ?? ~0
+            vcpu.l1Run[RunPage.vmxOperand] = current?.raw ?? ~0
             result = .succeed
-        case .vmread: result = vmread(exit)
-        case .vmwrite: result = vmwrite(exit)
-        case .invept:
-            let typeRegister = VMXInstructionInfo.typeRegister(exit.instructionInfo) ?? .rax
-            result = invept(type: l1Run[register: typeRegister], eptp: exit.vmxOperand)
+        case .vmread(let ops): result = vmread(ops, &regs, vcpu)
+        case let .vmwrite(ops, value): result = vmwrite(ops, value: value, vcpu)
+        case let .invept(type, eptp): result = invept(type: type, eptp: eptp, vcpu)
         case .vmlaunch, .vmresume:
-            switch nestedVMEntry(launch: exit.reason == .vmlaunch) {
+            switch nestedVMEntry(launch: instruction == .vmlaunch, &regs, vcpu) {
             case .entered: return .enterL2
             case .failed(let r): result = r
             case .entryFailureExit:
-                return .resumeL1   // L1 resumes at HOST_RIP with exit reason 33 | 0x80000000
+                return .resume(.l1)   // L1 resumes at HOST_RIP with exit reason 33 | 0x80000000
             }
-        default: return .stop(.fatal("\(exit.reason) is not a VMX instruction"))
         }
-        setVMXResult(result)
-        return .resumeL1
+        setVMXResult(result, vcpu)
+        return .resume(.l1)
     }
 
     /// VMsucceed / VMfailInvalid / VMfailValid (SDM 30.2), including VM_INSTRUCTION_ERROR.
-    func setVMXResult(_ r: VMXInstructionResult) {
+    func setVMXResult(_ r: VMXInstructionResult, _ vcpu: L0VCPU) {
         switch r {
         case .succeed:
-            l1Run[RunPage.vmxResult] = 0
+            vcpu.l1Run[RunPage.vmxResult] = 0
         case .failInvalid:
-            l1Run[RunPage.vmxResult] = 1
+            vcpu.l1Run[RunPage.vmxResult] = 1
         case .failValid(let e):
-            guard let vmcs12 = nested.vmcs12 else { l1Run[RunPage.vmxResult] = 1; return }
+            guard let vmcs12 else { vcpu.l1Run[RunPage.vmxResult] = 1; return }
             vmcs12[.vmInstructionError] = UInt64(e.rawValue)
-            counters.vmcs12FieldWrites += 1
-            l1Run[RunPage.vmxResult] = 2
-            l1Run[RunPage.vmInstructionError] = UInt64(e.rawValue)
+            vcpu.counters.vmcs12FieldWrites += 1
+            vcpu.l1Run[RunPage.vmxResult] = 2
+            vcpu.l1Run[RunPage.vmInstructionError] = UInt64(e.rawValue)
         }
     }
 
     /// VMfail with `e`: VMfailValid if there is a current VMCS, VMfailInvalid otherwise.
     func vmfail(_ e: VMInstructionError) -> VMXInstructionResult {
-        nested.vmcs12 == nil ? .failInvalid : .failValid(e)
+        vmcs12 == nil ? .failInvalid : .failValid(e)
     }
 
     /// A 4 KiB VMX region pointer inside L1 memory, or nil.
-    func vmxRegion(_ gpa: L1GPA) -> VMCSImage? {
-        guard gpa.isPageAligned, let host = try? l1Memory.memslots.translate(gpa, length: VMCS12Layout.size) else { return nil }
-        return try? VMCSImage(region: l1Memory.host.region, base: host.raw)
+    func vmxRegion(_ gpa: L1GPA, _ vcpu: L0VCPU) -> VMCSImage? {
+        guard gpa.isPageAligned else { return nil }
+        return try? vcpu.l1Memory.vmcs(at: gpa)
     }
 
-    func vmxon(_ ptr: L1GPA) -> VMXInstructionResult {
-        if nested.vmxon { return vmfail(.vmxonInVMXRoot) }
-        guard let region = vmxRegion(ptr), region.revisionID == VMCS12Layout.revisionID else { return .failInvalid }
-        nested.vmxon = true
-        nested.vmxonPointer = ptr
+    func vmxon(_ ptr: L1GPA, _ vcpu: L0VCPU) -> VMXInstructionResult {
+        if vmxon { return vmfail(.vmxonInVMXRoot) }
+        guard let region = vmxRegion(ptr, vcpu), region.revisionID == VMCS12Layout.revisionID else { return .failInvalid }
+        vmxon = true
+        vmxonPointer = ptr
         return .succeed
     }
 
-    func vmxoff() -> VMXInstructionResult {
-        releaseCurrentVMCS()
-        nested.vmxon = false
-        nested.vmxonPointer = nil
+    func vmxoff(_ vcpu: L0VCPU) -> VMXInstructionResult {
+        releaseCurrentVMCS(vcpu)
+        vmxon = false
+        vmxonPointer = nil
         return .succeed
     }
 
-    func vmclear(_ ptr: L1GPA) -> VMXInstructionResult {
-        guard let region = vmxRegion(ptr) else { return vmfail(.vmclearInvalidAddress) }
-        if ptr == nested.vmxonPointer { return vmfail(.vmclearVMXONPointer) }
-        if ptr == nested.current { releaseCurrentVMCS() }
+    func vmclear(_ ptr: L1GPA, _ vcpu: L0VCPU) -> VMXInstructionResult {
+        guard let region = vmxRegion(ptr, vcpu) else { return vmfail(.vmclearInvalidAddress) }
+        if ptr == vmxonPointer { return vmfail(.vmclearVMXONPointer) }
+        if ptr == current { releaseCurrentVMCS(vcpu) }
         region.launched = false
         return .succeed
     }
 
-    func vmptrld(_ ptr: L1GPA) -> VMXInstructionResult {
-        guard let region = vmxRegion(ptr) else { return vmfail(.vmptrldInvalidAddress) }
-        if ptr == nested.vmxonPointer { return vmfail(.vmptrldVMXONPointer) }
+    func vmptrld(_ ptr: L1GPA, _ vcpu: L0VCPU) -> VMXInstructionResult {
+        guard let region = vmxRegion(ptr, vcpu) else { return vmfail(.vmptrldInvalidAddress) }
+        if ptr == vmxonPointer { return vmfail(.vmptrldVMXONPointer) }
         guard region.revisionID == VMCS12Layout.revisionID else { return vmfail(.vmptrldIncorrectRevision) }
-        if ptr != nested.current {
-            releaseCurrentVMCS()
-            nested.current = ptr
-            nested.vmcs12 = region
-            nested.vmcs12Dirty = true
-            if nested.shadowing {
-                copyVMCS12ToShadow()
-                nested.setShadowActive(true)
+        if ptr != current {
+            releaseCurrentVMCS(vcpu)
+            current = ptr
+            vmcs12 = region
+            vmcs12Dirty = true
+            if shadowing {
+                copyVMCS12ToShadow(vcpu)
+                shadowActive.isOn = true
             }
         }
         return .succeed
     }
 
     /// The current VMCS goes away (VMCLEAR, VMPTRLD of another, VMXOFF): shadow -> vmcs12 first.
-    func releaseCurrentVMCS() {
-        guard nested.vmcs12 != nil else { return }
-        if nested.shadowing {
-            copyShadowToVMCS12()
-            nested.setShadowActive(false)
+    func releaseCurrentVMCS(_ vcpu: L0VCPU) {
+        guard vmcs12 != nil else { return }
+        if shadowing {
+            copyShadowToVMCS12(vcpu)
+            shadowActive.isOn = false
         }
-        nested.current = nil
-        nested.vmcs12 = nil
+        current = nil
+        vmcs12 = nil
     }
 
-    /// VMREAD/VMWRITE's operands: the field (whole 64-bit register: KVM refuses any bit above
-    /// 14) and the value register. A VMfail result if they are unusable.
+    /// VMREAD/VMWRITE's field: the whole 64-bit register (KVM refuses any bit above 14), a
+    /// well-formed encoding vmcs12 holds. A VMfail result if unusable.
     enum FieldOperands {
         case usable(VMCSImage, VMCSField, valueRegister: Register)
         case fail(VMXInstructionResult)
     }
 
-    func fieldOperands(_ exit: GuestExit) -> FieldOperands {
-        guard let vmcs12 = nested.vmcs12 else { return .fail(.failInvalid) }
-        guard let fieldReg = VMXInstructionInfo.fieldRegister(exit.instructionInfo),
-              let valueReg = VMXInstructionInfo.valueRegister(exit.instructionInfo) else { return .fail(vmfail(.unsupportedVMCSComponent)) }
-        let raw = l1Run[register: fieldReg]
-        let field = VMCSField(rawValue: UInt32(truncatingIfNeeded: raw))
-        guard raw >> 15 == 0, field.isWellFormed, VMCS12Layout.slot(of: field) != nil else {
+    func field(_ ops: VMCSFieldOperands?) -> FieldOperands {
+        guard let vmcs12 else { return .fail(.failInvalid) }
+        guard let ops else { return .fail(vmfail(.unsupportedVMCSComponent)) }
+        let field = VMCSField(rawValue: UInt32(truncatingIfNeeded: ops.field))
+        guard ops.field >> 15 == 0, field.isWellFormed, VMCS12Layout.slot(of: field) != nil else {
             return .fail(vmfail(.unsupportedVMCSComponent))
         }
-        return .usable(vmcs12, field, valueRegister: valueReg)
+        return .usable(vmcs12, field, valueRegister: ops.valueRegister)
     }
 
-    func vmread(_ exit: GuestExit) -> VMXInstructionResult {
-        switch fieldOperands(exit) {
+    func vmread(_ ops: VMCSFieldOperands?, _ regs: inout RegisterFile, _ vcpu: L0VCPU) -> VMXInstructionResult {
+        switch field(ops) {
         case .fail(let r): return r
-        case let .usable(vmcs12, field, valueReg):
-            l1Run[register: valueReg] = vmcs12[field]
-            counters.vmcs12FieldReads += 1
+        case let .usable(vmcs12, field, valueRegister):
+            regs[valueRegister] = vmcs12[field]
+            vcpu.counters.vmcs12FieldReads += 1
             return .succeed
         }
     }
 
-    func vmwrite(_ exit: GuestExit) -> VMXInstructionResult {
-        switch fieldOperands(exit) {
+    func vmwrite(_ ops: VMCSFieldOperands?, value: UInt64, _ vcpu: L0VCPU) -> VMXInstructionResult {
+        switch field(ops) {
         case .fail(let r): return r
-        case let .usable(vmcs12, field, valueReg):
+        case let .usable(vmcs12, field, _):
             if field.isReadOnly { return vmfail(.vmwriteReadOnlyComponent) }
-            vmcs12.write(field, l1Run[register: valueReg])
-            counters.vmcs12FieldWrites += 1
+            vmcs12.write(field, value)
+            vcpu.counters.vmcs12FieldWrites += 1
             // KVM: a VMWRITE that exits dirties vmcs12, forcing the full vmcs02 rebuild.
-            nested.vmcs12Dirty = true
+            vmcs12Dirty = true
             return .succeed
         }
     }
 
     /// INVEPT: type 1 single-context (the EPTP's root, bits 51:12), 2 global. Drops the EPT02
     /// shadow it names. A single-context EPTP VM entry would refuse is an invalid operand.
-    func invept(type: UInt64, eptp: UInt64) -> VMXInstructionResult {
+    func invept(type: UInt64, eptp: UInt64, _ vcpu: L0VCPU) -> VMXInstructionResult {
         switch type {
         case 1:
-            guard eptpIsValid(eptp) else { return vmfail(.invalidOperandToINVEPTOrINVVPID) }
-            if let shadowed = nested.shadowedEPTP, shadowed & EPT.addressMask == eptp & EPT.addressMask { dropEPT02Shadows() }
+            guard eptpIsValid(eptp, vcpu) else { return vmfail(.invalidOperandToINVEPTOrINVVPID) }
+            if let shadowed = shadowedEPTP, shadowed & EPT.addressMask == eptp & EPT.addressMask { dropEPT02Shadows(vcpu) }
         case 2:
-            dropEPT02Shadows()
+            dropEPT02Shadows(vcpu)
         default:
             return vmfail(.invalidOperandToINVEPTOrINVVPID)
         }
         return .succeed
-    }
-
-    // MARK: shadow VMCS synchronisation (KVM: copy_shadow_to_vmcs12 / copy_vmcs12_to_shadow)
-
-    func copyShadowToVMCS12() {
-        guard let vmcs12 = nested.vmcs12 else { return }
-        nested.shadowVMCS.copySlots(NestedVMXState.shadowedReadWriteOffsets, to: vmcs12)
-        counters.shadowVMCSFieldCopies += UInt64(NestedVMXState.shadowedReadWriteOffsets.count)
-    }
-
-    func copyVMCS12ToShadow() {
-        guard let vmcs12 = nested.vmcs12 else { return }
-        vmcs12.copySlots(NestedVMXState.shadowedAllOffsets, to: nested.shadowVMCS)
-        counters.shadowVMCSFieldCopies += UInt64(NestedVMXState.shadowedAllOffsets.count)
     }
 }

@@ -11,6 +11,13 @@ public struct PVMapping: Equatable, Sendable {
         guard let off = gpa.offset(from: l2.start), off < l2.length else { return nil }
         return l1.adding(off)
     }
+    /// The L1 memory the mapping points at (validated not to wrap when it was made).
+    public var l1Range: AddressRange<L1GPA> { AddressRange(start: l1, length: l2.length)! }
+    /// The L2 GPA that lands on `gpa`, if `gpa` is inside the mapping's L1 memory.
+    public func l2Address(for gpa: L1GPA) -> L2GPA? {
+        guard let off = gpa.offset(from: l1), off < l2.length else { return nil }
+        return l2.start.adding(off)
+    }
 }
 
 /// L0's record of the PV map: non-overlapping L2 ranges, sorted by start, adjacent compatible
@@ -99,26 +106,4 @@ public struct PVMap: Sendable, Equatable {
 public struct MSRPolicy: Equatable, Sendable {
     public var action: PVMSRAction
     public var writableMask: UInt64
-}
-
-/// Per-vCPU (and for this prototype, per-VM) PV state L0 keeps.
-public struct PVState: Sendable {
-    /// What this L0 offers (a stack option, so a test can offer less).
-    public var offered: PVFeatures = .all
-    /// Set by a successful `negotiate`: the features L1 enabled and its argument page.
-    public var negotiated = false
-    public var enabled: PVFeatures = []
-    public var argumentPage: L1GPA?
-    /// The last refused negotiation, in words (naming both versions on a major mismatch).
-    public var refusal: String?
-    public var cpuid: CPUIDTable?
-    public var msrPolicy: [UInt32: MSRPolicy] = [:]
-    public var map = PVMap()
-    /// The PV exit page L1 registered with create-vCPU: where L2 exits L1 must see are written.
-    public var exitPageGPA: L1GPA?
-    public var vcpuCreated: Bool { exitPageGPA != nil }
-    public init() {}
-
-    /// KVM_MAX_CPUID_ENTRIES.
-    public static let maxCPUIDEntries: UInt64 = 256
 }

@@ -66,7 +66,7 @@ public struct L1Memslots: Sendable {
     public func translate(_ gpa: L1GPA, length: UInt64 = 1) throws -> HostOffset {
         for s in slots {
             if let off = gpa.offset(from: s.guestPhysAddr), off < s.memorySize, length <= s.memorySize - off {
-                return HostOffset(s.hostOffset.raw + off)   // inside the slot: cannot overflow
+                return s.hostOffset + off   // inside the slot: cannot overflow
             }
         }
         throw MemoryError.outsideL1Memory(gpa, length: length)
@@ -86,6 +86,22 @@ public struct L1MemoryAccess: Sendable {
     public init(memslots: L1Memslots, host: HostMemory) {
         self.memslots = memslots
         self.host = host
+    }
+
+    /// A value of L1 memory at `gpa`, if all its bytes are inside one memslot.
+    public func load<T: FixedWidthInteger>(_ gpa: L1GPA, as _: T.Type = T.self) throws -> T {
+        try host.load(T.self, at: memslots.translate(gpa, length: UInt64(MemoryLayout<T>.size)))
+    }
+    public func store<T: FixedWidthInteger>(_ v: T, _ gpa: L1GPA) throws {
+        try host.store(v, at: memslots.translate(gpa, length: UInt64(MemoryLayout<T>.size)))
+    }
+    /// A VMCS-format page of L1 memory (vmcs12, an eVMCS), if the whole page is inside a memslot.
+    public func vmcs(at gpa: L1GPA) throws -> VMCSImage {
+        try host.vmcs(at: memslots.translate(gpa, length: VMCS12Layout.size))
+    }
+    /// A run-page-format page of L1 memory (the PV exit page).
+    public func runPage(at gpa: L1GPA) throws -> RunPageView {
+        try host.runPage(at: memslots.translate(gpa, length: RunPage.size))
     }
 
     public func load64(_ gpa: L1GPA) throws -> UInt64 {

@@ -34,20 +34,20 @@ public struct Harness: Sendable {
 extension L0VCPU {
     /// The ucall port: read the block the guest wrote at `blockGPA` (through EPT02, as the
     /// guest's own stores went) and act on it.
-    func handleUcall(blockGPA: L2GPA) -> L2ExitOutcome {
+    func handleUcall(blockGPA: L2GPA) -> NextStep {
         guard blockGPA.offsetInPage + Ucall.size <= pageSize,
               let host = ept02.translate(blockGPA, access: EPT.read) else {
-            return .stop(.fatal("ucall block at \(blockGPA) is not mapped for L2"))
+            return .stop(.fatal(.ucallUnmapped(blockGPA)))
         }
         let mem = l1Memory.host
-        guard let cmdRaw: UInt64 = try? mem.load(at: HostOffset(host.raw + Ucall.commandOffset)) else {
-            return .stop(.fatal("ucall block at \(blockGPA) unreadable"))
+        guard let cmdRaw: UInt64 = try? mem.load(at: host + Ucall.commandOffset) else {
+            return .stop(.fatal(.ucallUnmapped(blockGPA)))
         }
         let args: [UInt64] = (0..<Ucall.argCount).map { i in
-            (try? mem.load(UInt64.self, at: HostOffset(host.raw + Ucall.argsOffset + UInt64(i) * 8))) ?? 0
+            (try? mem.load(UInt64.self, at: host + Ucall.argsOffset + UInt64(i) * 8)) ?? 0
         }
         func message() -> String {
-            let bytes = (try? mem.readBytes(at: HostOffset(host.raw + Ucall.messageOffset), count: Ucall.messageCapacity)) ?? []
+            let bytes = (try? mem.readBytes(at: host + Ucall.messageOffset, count: Ucall.messageCapacity)) ?? []
             return String(decoding: bytes.prefix { $0 != 0 }, as: UTF8.self)
         }
         switch UcallCommand(rawValue: cmdRaw) {
@@ -63,20 +63,20 @@ extension L0VCPU {
                 harness.windows.append(end.since(start))
                 harness.windowStart = nil
             }
-            return .resumeL2
+            return .resume(.l2)
         case .report:
             harness.reports.append(LatencyReport(samples: args[0], minNanos: args[1], medianNanos: args[2],
                                                  p99Nanos: args[3], maxNanos: args[4], totalNanos: args[5]))
-            return .resumeL2
+            return .resume(.l2)
         case .printf:
             harness.prints.append(message())
-            return .resumeL2
+            return .resume(.l2)
         case .abort:
             return .stop(.guestAssert(message()))
         case .done:
             return .stop(.guestDone)
         case .some(.none), nil:
-            return .stop(.fatal("unknown ucall command \(cmdRaw) from L2"))
+            return .stop(.fatal(.unknownUcall(cmdRaw)))
         }
     }
 }

@@ -2,40 +2,32 @@ import ABI
 import Transport
 
 /// EPT02: the table L2's MMU uses, L2 GPA page -> host page + R/W/X. L0 alone writes it, from the
-/// PV map (pv path) or from EPT12 walks (nvmx path). L2's MMU reads it on every access, so a
-/// removed entry is gone before L2 runs again.
+/// PV map (pv path), from EPT12 walks (nvmx path) or up front (one level). L2's MMU reads it on
+/// every access (`EPT02TableView.lookup`, the one translation both tiers use), so a removed
+/// entry is gone before L2 runs again.
 ///
 /// L0 also keeps what KVM keeps beside its shadow tables: which entries are present (so dropping
 /// everything costs what is there), a reverse map from memslot to the L2 frames mapped into it
 /// (so deleting a slot can zap exactly its mappings), and a generation (so a "fast zap" can
 /// invalidate everything in O(1) and let the tables rebuild lazily).
 public final class EPT02: @unchecked Sendable {
-    let control: SharedRegion
-    let layout: ControlLayout
+    let table: EPT02TableView
     /// Frames with an entry of the current generation.
     public private(set) var present: Set<UInt64> = []
     /// memslot id -> L2 frames whose entry points into it.
     public private(set) var reverseMap: [UInt32: Set<UInt64>] = [:]
     var slotOfFrame: [UInt64: UInt32] = [:]
 
-    public init(control: SharedRegion, layout: ControlLayout) {
-        self.control = control
-        self.layout = layout
-    }
+    public init(_ table: EPT02TableView) { self.table = table }
 
-    public var addressLimit: UInt64 { layout.l2AddressLimit }
-    public var generation: UInt64 { control.unchecked(load: UInt64.self, at: ControlLayout.ept02GenerationOffset) }
+    /// L2 GPAs below this can be mapped.
+    public var addressLimit: L2GPA { L2GPA(table.entries.count << pageShift) }
+    public var generation: UInt64 { table.generation.value }
 
-    @inline(__always)
-    func slot(_ gpa: L2GPA) -> UInt64? {
-        let n = gpa.pageNumber
-        return n < layout.ept02Entries ? layout.ept02 + n * 8 : nil
-    }
-
-    /// The raw entry (whatever its generation).
+    /// The raw entry (whatever its generation); 0 beyond the table.
     public func entry(_ gpa: L2GPA) -> UInt64 {
-        guard let s = slot(gpa) else { return 0 }
-        return control.unchecked(load: UInt64.self, at: s)
+        let n = gpa.pageNumber
+        return n < table.entries.count ? table.entries[n] : 0
     }
 
     /// The entry's R/W/X if it is present in the current generation, else 0.
@@ -46,17 +38,15 @@ public final class EPT02: @unchecked Sendable {
 
     /// Host offset for an L2 GPA, if EPT02 maps it (this generation) with every right in `access`.
     public func translate(_ gpa: L2GPA, access: UInt64 = EPT.read) -> HostOffset? {
-        let e = entry(gpa)
-        guard EPT02Entry.isPresent(e, generation: generation), e & access == access else { return nil }
-        return HostOffset(EPT02Entry.host(e).raw | gpa.offsetInPage)
+        table.lookup(gpa, access: access)
     }
 
     /// Installs one page backed by memslot `memslot`. False if the GPA is beyond what EPT02 covers.
     @discardableResult
     public func install(_ gpa: L2GPA, host: HostOffset, permissions: UInt64, memslot: UInt32) -> Bool {
-        guard let s = slot(gpa) else { return false }
         let frame = gpa.pageNumber
-        control.unchecked(store: EPT02Entry.make(host: host.pageBase, permissions: permissions, generation: generation), at: s)
+        guard frame < table.entries.count else { return false }
+        table.entries[frame] = EPT02Entry.make(host: host.pageBase, permissions: permissions, generation: generation)
         present.insert(frame)
         if let old = slotOfFrame[frame], old != memslot { reverseMap[old]?.remove(frame) }
         slotOfFrame[frame] = memslot
@@ -65,30 +55,39 @@ public final class EPT02: @unchecked Sendable {
     }
 
     func clear(frame: UInt64) {
-        control.unchecked(store: UInt64(0), at: layout.ept02 + frame * 8)
+        table.entries[frame] = 0
         present.remove(frame)
         if let s = slotOfFrame.removeValue(forKey: frame) { reverseMap[s]?.remove(frame) }
     }
 
-    /// Removes the pages of [gpa, +length); returns how many were present.
+    /// Removes every page `range` touches (below the address limit); returns how many were present.
     @discardableResult
-    public func remove(_ gpa: L2GPA, length: UInt64) -> Int {
+    public func remove(_ range: AddressRange<L2GPA>) -> Int {
         var removed = 0
-        var p = gpa.pageBase.raw
-        let end = min(gpa.raw &+ length, layout.l2AddressLimit)
-        while p < end {
-            if control.unchecked(load: UInt64.self, at: layout.ept02 + (p >> pageShift) * 8) != 0 {
-                clear(frame: p >> pageShift)
+        var frame = range.start.pageNumber
+        let end = min(range.end, addressLimit).raw
+        while frame << pageShift < end {
+            if table.entries[frame] != 0 {
+                clear(frame: frame)
                 removed += 1
             }
-            p += pageSize
+            frame += 1
         }
         return removed
     }
 
+    /// Removes the page that holds `gpa`; returns 1 if it was present.
+    @discardableResult
+    public func remove(page gpa: L2GPA) -> Int {
+        let frame = gpa.pageNumber
+        guard frame < table.entries.count, table.entries[frame] != 0 else { return 0 }
+        clear(frame: frame)
+        return 1
+    }
+
     /// Drops every entry now (INVEPT, or a fresh EPT02 root): the cost is what is present.
     public func removeAll() {
-        for frame in present { control.unchecked(store: UInt64(0), at: layout.ept02 + frame * 8) }
+        for frame in present { table.entries[frame] = 0 }
         present.removeAll(keepingCapacity: true)
         reverseMap.removeAll(keepingCapacity: true)
         slotOfFrame.removeAll(keepingCapacity: true)
@@ -99,7 +98,7 @@ public final class EPT02: @unchecked Sendable {
     public func removeAll(inMemslot memslot: UInt32) -> Int {
         let frames = reverseMap.removeValue(forKey: memslot) ?? []
         for frame in frames {
-            control.unchecked(store: UInt64(0), at: layout.ept02 + frame * 8)
+            table.entries[frame] = 0
             present.remove(frame)
             slotOfFrame[frame] = nil
         }
@@ -111,10 +110,8 @@ public final class EPT02: @unchecked Sendable {
     /// entries could look current again, so the table is really cleared then.
     public func invalidateAllFast() {
         let next = generation &+ 1
-        if next & EPT02Entry.generationMask == 0 {
-            try? control.fill(0, at: layout.ept02, count: layout.ept02Entries * 8)
-        }
-        control.unchecked(store: next, at: ControlLayout.ept02GenerationOffset)
+        if next & EPT02Entry.generationMask == 0 { table.entries.zeroAll() }
+        table.generation.value = next
         // Fresh containers: freeing the old ones does not visit their elements.
         present = []
         reverseMap = [:]

@@ -1,0 +1,141 @@
+import ABI
+import GuestDevices
+import Transport
+
+/// One vCPU as L0 holds it: what every path shares (the run pages, L1's memory and memslots,
+/// EPT02, L2's MSR page, L0's devices, the counters and the harness) and the path's backend.
+/// `handleL2Exit` / `handleL1Exit` (VCPULoop.swift) decode an exit once and hand it to the
+/// backend; the services below are what backends share.
+public final class L0VCPU {
+    public let id: Int
+    public let path: NestingPath
+    public let control: ControlMemory
+    public var counters = TransitionCounters()
+    public let l2Run: RunPageView
+    public let l1Run: RunPageView
+    public var l1Memory: L1MemoryAccess
+    public let ept02: EPT02
+    public var harness = Harness()
+    /// vmcs02's MSR bitmap for L2 (a set bit exits) and the pass-through MSR values L2 reaches
+    /// without an exit.
+    public let l2MSRBitmap: MSRBitmapView
+    public let l2PassthroughMSRs: PassthroughMSRValues
+    /// MSRs L0 serves for L2 itself (by PV policy, or those L1's MSR bitmap passes on nvmx).
+    /// Unset MSRs read as 0.
+    public var l0MSRs: [UInt32: UInt64] = [:]
+    /// L1's own MSRs (the VP assist page among them), kept by L0.
+    public var l1MSRs: [UInt32: UInt64] = [:]
+    /// L1's VM: its type and capability booleans (the PV path needs one without protected state).
+    public var vm = VMHandle(id: 0, type: .default)
+    /// How deleting or moving one of L1's memslots drops derived mappings (KVM's default: fast).
+    public var memslotZapPolicy: MemslotZapPolicy = .fast
+    /// Devices L0 runs on ports (its in-kernel devices): fixed on nvmx, registered by L1 on pv.
+    public var l0Devices: L0Devices
+    /// The path's own state and handlers.
+    public private(set) var backend: (any NestingBackend)!
+
+    public init(id: Int, path: NestingPath, control: ControlMemory, l1Memory: L1MemoryAccess) {
+        self.id = id
+        self.path = path
+        self.control = control
+        self.l2Run = control.runPage(.l2, vcpu: id)
+        self.l1Run = control.runPage(.l1, vcpu: id)
+        self.l1Memory = l1Memory
+        self.ept02 = EPT02(control.ept02)
+        self.l2MSRBitmap = control.l2MSRBitmap(vcpu: id)
+        self.l2PassthroughMSRs = control.l2PassthroughMSRs(vcpu: id)
+        self.l0Devices = path == .pv ? L0Devices() : .platformDefault
+        self.backend = path.makeBackend(self)
+    }
+
+    /// Control memory's initial contents: L2's MSR bitmaps intercept everything.
+    public static func initialize(_ control: ControlMemory) {
+        for i in 0..<control.layout.vcpuCount { control.l2MSRBitmap(vcpu: i).bits.setAll(true) }
+        NestedVMXBackend.initializeFieldBitmaps(control)
+    }
+
+    // MARK: services every backend may use
+
+    /// Queues an exception for `tier` at its next entry (VM_ENTRY_INTR_INFO format); RIP stays.
+    func inject(into tier: Tier, vector: UInt8, errorCode: UInt64? = nil) {
+        let page = tier == .l1 ? l1Run : l2Run
+        let hardwareException: UInt64 = 3 << 8
+        let deliverErrorCode: UInt64 = errorCode != nil ? 1 << 11 : 0
+        page[RunPage.eventInjection] = 1 << 31 | hardwareException | deliverErrorCode | UInt64(vector)
+        page[RunPage.eventErrorCode] = errorCode ?? 0
+    }
+
+    /// Sets whether L2's access to `msr` exits (both directions when `write` is nil).
+    func setL2Intercept(_ msr: UInt32, write: Bool? = nil, _ intercept: Bool) {
+        for w in write.map({ [$0] }) ?? [false, true] { l2MSRBitmap.setIntercept(msr, write: w, intercept) }
+    }
+
+    /// RDMSR/WRMSR that reach L0 and stay there. A pass-through-able MSR lives where L2's direct
+    /// accesses find it.
+    func handleL0MSR(_ exit: L2Exit, _ regs: inout RegisterFile) -> NextStep {
+        switch exit.kind {
+        case let .msrWrite(msr, value):
+            if PassthroughMSRs.contains(msr) { l2PassthroughMSRs[msr] = value } else { l0MSRs[msr] = value }
+        case let .msrRead(msr):
+            regs.edxEax = l2PassthroughMSRs[msr] ?? l0MSRs[msr] ?? 0
+        default: break
+        }
+        regs.skipInstruction(length: exit.info.instructionLength)
+        return .resume(.l2)
+    }
+
+    /// Port I/O that reaches L0: the ucall port, an L0 device, or a port nobody claims (reads
+    /// float high, writes are dropped, as on a PC).
+    func handleL0PortIO(_ io: PortIO, _ exit: L2Exit, _ regs: inout RegisterFile) -> NextStep {
+        if io.port == Ucall.port {
+            let next = handleUcall(blockGPA: L2GPA(regs[.rdi]))
+            if case .stop = next { return next }
+        } else if io.isIn {
+            let v = l0Devices.read(port: io.port) ?? ~0
+            regs[.rax] = (regs[.rax] & ~io.mask) | (v & io.mask)
+        } else {
+            l0Devices.write(port: io.port, value: io.value)
+        }
+        regs.skipInstruction(length: exit.info.instructionLength)
+        return .resume(.l2)
+    }
+
+    /// An L2 access that reached no memory and no device: reads float high, writes are dropped.
+    func completeUnbackedAccess(_ exit: L2Exit, _ regs: inout RegisterFile) -> NextStep {
+        if exit.info.qualification & EPTViolationQualification.dataWrite == 0 {
+            regs[.rax] = AccessSize.mask(exit.info.instructionInfo)
+        }
+        counters.unbackedAccesses += 1
+        regs.skipInstruction(length: exit.info.instructionLength)
+        return .resume(.l2)
+    }
+
+    /// L1's RDMSR/WRMSR: L0 keeps L1's MSRs. The VP assist page MSR (how L1 names its eVMCS)
+    /// must name L1 memory when enabled, or L1 gets #GP.
+    func handleL1MSR(_ exit: L1Exit, _ regs: inout RegisterFile) -> NextStep {
+        regs.skipInstruction(length: exit.info.instructionLength)
+        switch exit.kind {
+        case let .msrWrite(msr, v):
+            if msr == VPAssistPage.msr, v & VPAssistPage.enable != 0,
+               (try? l1Memory.memslots.translate(L1GPA(v).pageBase, length: pageSize)) == nil {
+                inject(into: .l1, vector: 13, errorCode: 0)
+                return .resume(.l1)
+            }
+            l1MSRs[msr] = v
+        case let .msrRead(msr):
+            regs.edxEax = l1MSRs[msr] ?? 0
+        default: break
+        }
+        return .resume(.l1)
+    }
+
+    /// A VMCALL on a path with no hypercalls for L1: counted, and refused with -KVM_ENOSYS.
+    func refuseHypercall(_ nr: UInt64, _ exit: L1Exit, _ regs: inout RegisterFile) -> NextStep {
+        counters.hypercalls[nr, default: 0] += 1
+        regs.skipInstruction(length: exit.info.instructionLength)
+        regs[.rax] = HypercallError.noSys.returnValue
+        return .resume(.l1)
+    }
+
+    // MARK: memslots (KVM_SET_USER_MEMORY_REGION): MemslotChanges.swift
+}

@@ -1,0 +1,147 @@
+import ABI
+import Transport
+
+/// The controls L0 runs L2 with (KVM's vmcs02), merged from vmcs12 and what L0 needs itself.
+public struct VMCS02Controls: Equatable, Sendable {
+    public var pinBased: UInt64 = 0
+    public var cpuBased: UInt64 = 0
+    public var secondary: UInt64 = 0
+    public var exceptionBitmap: UInt64 = 0
+
+    /// What L0 always wants while L2 runs, whatever L1 asks (KVM: external interrupts and NMIs
+    /// exit to L0; HLT, I/O and MSR accesses exit so L0 can run its devices and MSR policy;
+    /// #MC always; EPT on for EPT02).
+    public static let l0Required = VMCS02Controls(
+        pinBased: PinBased.externalInterruptExiting | PinBased.nmiExiting,
+        cpuBased: CPUBased.hltExiting | CPUBased.unconditionalIOExiting | CPUBased.useMSRBitmaps
+            | CPUBased.activateSecondaryControls,
+        secondary: SecondaryExec.enableEPT,
+        exceptionBitmap: 1 << 18)
+
+    /// prepare_vmcs02: execution controls ORed, exception bitmaps merged.
+    public static func merge(l1 v: VMCSImage) -> VMCS02Controls {
+        let cpu = v[.cpuBasedVMExecControl]
+        return VMCS02Controls(
+            pinBased: v[.pinBasedVMExecControl] | l0Required.pinBased,
+            cpuBased: cpu | l0Required.cpuBased,
+            secondary: (cpu & CPUBased.activateSecondaryControls != 0 ? v[.secondaryVMExecControl] : 0) | l0Required.secondary,
+            exceptionBitmap: v[.exceptionBitmap] | l0Required.exceptionBitmap)
+    }
+}
+
+/// The emulated nested-VMX paths, as KVM runs a KVM guest hypervisor (KVM: `struct nested_vmx`
+/// and nested.c). This backend owns L1's VMX state: VMXON, the current vmcs12, the shadow VMCS
+/// or eVMCS, vmcs02's controls, and the EPT12 pages shadowed into EPT02.
+///
+/// Where each exit goes: L2 exits in NestedExits.swift (reflect to L1, or keep), L1 exits in
+/// VMXInstructions.swift, VM entry in NestedEntry.swift, EPT-on-EPT in NestedEPT.swift.
+public final class NestedVMXBackend: NestingBackend {
+    /// How vmcs12 reaches L0: VMCS shadowing (KVM's default), plain exiting VMREAD/VMWRITE, or
+    /// Hyper-V's enlightened VMCS.
+    public enum Variant: Sendable, Equatable {
+        case shadowing, noShadowing, enlightened
+        init?(_ path: NestingPath) {
+            switch path {
+            case .nvmx: self = .shadowing
+            case .nvmxNoShadow: self = .noShadowing
+            case .nvmxEVMCS: self = .enlightened
+            case .single, .pv: return nil
+            }
+        }
+    }
+    public let variant: Variant
+    /// VMCS shadowing on: shadowed VMREAD/VMWRITE from L1 do not exit.
+    public var shadowing: Bool { variant == .shadowing }
+    public let shadowVMCS: VMCSImage
+    /// L0's own copy of vmcs12 (in L0's memory) that entries and exits work on with an eVMCS.
+    public let cachedVMCS12: VMCSImage
+    /// vmcs01's link pointer is valid: L1's VMREAD/VMWRITE may use the shadow VMCS.
+    let shadowActive: SharedFlag
+    /// L1 pages whose stores exit to L0 (EPT12 tables L0 shadows).
+    let writeProtect: BitmapView
+
+    public internal(set) var vmxon = false
+    public internal(set) var vmxonPointer: L1GPA?
+    /// The current VMCS pointer (VMPTRLD) and its vmcs12 page.
+    public internal(set) var current: L1GPA?
+    public internal(set) var vmcs12: VMCSImage?
+    /// L2 is active (between a successful VM entry and the next reflected exit).
+    public internal(set) var guestMode = false
+    /// An exiting VMWRITE changed vmcs12: the next entry does the full vmcs02 rebuild.
+    public internal(set) var vmcs12Dirty = true
+    /// The controls L2 runs with now (rebuilt with the rest of vmcs02 when vmcs12 changed).
+    public internal(set) var vmcs02 = VMCS02Controls()
+    /// The EPTP whose EPT12 the current EPT02 shadows.
+    public internal(set) var shadowedEPTP: UInt64?
+    /// The VP assist page L1 enabled (nvmx-evmcs names its eVMCS there), and that eVMCS.
+    public internal(set) var vpAssistPage: L1GPA?
+    public internal(set) var evmcs: VMCSImage?
+    /// EPT12 pages shadowed into EPT02.
+    public internal(set) var shadows = EPT12ShadowTracker()
+    /// A VMLAUNCH succeeded once: L1 has an L2 vCPU.
+    public private(set) var hasL2VCPU = false
+
+    init(variant: Variant, control: ControlMemory, vcpu: Int) {
+        self.variant = variant
+        self.shadowVMCS = control.shadowVMCS(vcpu: vcpu)
+        self.cachedVMCS12 = control.cachedVMCS12(vcpu: vcpu)
+        self.shadowActive = control.shadowVMCSActive(vcpu: vcpu)
+        self.writeProtect = control.l1WriteProtect
+    }
+
+    public func start(_ vcpu: L0VCPU, l2: inout RegisterFile) throws -> NextStep { .resume(.l1) }
+
+    func launched() { hasL2VCPU = true }
+
+    /// Fills the VMREAD/VMWRITE bitmaps as KVM does: all ones, then a clear bit for each
+    /// shadowed field (bit index = encoding bits 14:0). Read-only fields are VMREAD-only.
+    static func initializeFieldBitmaps(_ control: ControlMemory) {
+        control.vmreadBitmap.setAll(true)
+        control.vmwriteBitmap.setAll(true)
+        for f in ShadowedFields.readOnly { control.vmreadBitmap[UInt64(f.rawValue & 0x7FFF)] = false }
+        for f in ShadowedFields.readWrite {
+            control.vmreadBitmap[UInt64(f.rawValue & 0x7FFF)] = false
+            control.vmwriteBitmap[UInt64(f.rawValue & 0x7FFF)] = false
+        }
+    }
+
+    /// Byte offsets of the 8-byte slots shadowed fields occupy (a 64-bit field's high access
+    /// shares its slot), computed once: the copies run on every nested exit and entry.
+    static let shadowedReadWriteOffsets: [UInt64] = ShadowedFields.readWrite.compactMap { VMCS12Layout.slot(of: $0)?.offset }
+    static let shadowedAllOffsets: [UInt64] = (ShadowedFields.readOnly + ShadowedFields.readWrite)
+        .filter { !$0.isHighAccess }.compactMap { VMCS12Layout.slot(of: $0)?.offset }
+
+    // MARK: shadow VMCS synchronisation (KVM: copy_shadow_to_vmcs12 / copy_vmcs12_to_shadow)
+
+    func copyShadowToVMCS12(_ vcpu: L0VCPU) {
+        guard let vmcs12 else { return }
+        shadowVMCS.copySlots(Self.shadowedReadWriteOffsets, to: vmcs12)
+        vcpu.counters.shadowVMCSFieldCopies += UInt64(Self.shadowedReadWriteOffsets.count)
+    }
+
+    func copyVMCS12ToShadow(_ vcpu: L0VCPU) {
+        guard let vmcs12 else { return }
+        vmcs12.copySlots(Self.shadowedAllOffsets, to: shadowVMCS)
+        vcpu.counters.shadowVMCSFieldCopies += UInt64(Self.shadowedAllOffsets.count)
+    }
+
+    // MARK: memslots
+
+    /// EPT12 tables that lived in deleted memory lose their shadows. After a fast zap every
+    /// shadow goes (EPT02 was invalidated as a whole); after a targeted one only those whose
+    /// table page was in the slot, with the EPT02 entries derived from them.
+    public func memoryRemoved(_ range: AddressRange<L1GPA>, slot: UInt32, fastZap: Bool, _ vcpu: L0VCPU) {
+        if fastZap {
+            for page in shadows.tables.keys { setWriteProtected(page, false) }
+            shadows = EPT12ShadowTracker()
+            return
+        }
+        for (page, shadow) in shadows.tables {
+            guard let base = L1GPA(pageNumber: page), range.contains(base) else { continue }
+            for dep in shadow.dependents { vcpu.ept02.remove(page: L2GPA(pageNumber: dep)!) }
+            shadows.tables[page] = nil
+            shadows.unsync.remove(page)
+            setWriteProtected(page, false)
+        }
+    }
+}

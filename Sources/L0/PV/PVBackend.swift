@@ -1,0 +1,161 @@
+import ABI
+import Transport
+
+/// The PV path (docs/abi.md): L1 runs L2 through hypercalls. This backend owns the PV state:
+/// what L0 offers and L1 negotiated, the CPUID table and MSR policies L1 registered, the PV map
+/// (L2 GPA -> L1 GPA) and the PV exit page. L0 emulates the hot L2 exits from what L1
+/// registered and delivers the rest to L1 through the exit page.
+public final class PVBackend: NestingBackend {
+    /// What this L0 offers (a stack option, so a test can offer less).
+    public var offered: PVFeatures = .all
+    /// Set by a successful `negotiate`: the features L1 enabled and its argument page.
+    public internal(set) var negotiated = false
+    public internal(set) var enabled: PVFeatures = []
+    public internal(set) var argumentPage: L1GPA?
+    /// The last refused negotiation or vCPU creation, as a value (naming both versions on a
+    /// major mismatch, the host's reason for a protected-state VM).
+    public internal(set) var refusal: PVRefusal?
+    public internal(set) var cpuid: CPUIDTable?
+    public internal(set) var msrPolicy: [UInt32: MSRPolicy] = [:]
+    public internal(set) var map = PVMap()
+    /// The PV exit page L1 registered with create-vCPU: where L2 exits L1 must see are written.
+    public internal(set) var exitPageGPA: L1GPA?
+    public var vcpuCreated: Bool { exitPageGPA != nil }
+    public var hasL2VCPU: Bool { vcpuCreated }
+
+    /// KVM_MAX_CPUID_ENTRIES.
+    public static let maxCPUIDEntries: UInt64 = 256
+
+    public init() {}
+
+    public func start(_ vcpu: L0VCPU, l2: inout RegisterFile) throws -> NextStep { .resume(.l1) }
+
+    // MARK: L2 exits
+
+    public func handleL2Exit(_ exit: L2Exit, _ regs: inout RegisterFile, _ vcpu: L0VCPU) -> NextStep {
+        switch exit.kind {
+        case let .cpuid(leaf, subleaf):
+            guard enabled.contains(.directCPUID), let table = cpuid else { return deliver(exit, regs, vcpu) }
+            let (a, b, c, d) = table.lookup(function: leaf, index: subleaf)
+            regs[.rax] = UInt64(a); regs[.rbx] = UInt64(b); regs[.rcx] = UInt64(c); regs[.rdx] = UInt64(d)
+            regs.skipInstruction(length: exit.info.instructionLength)
+            return .resume(.l2)
+        case .msrRead(let msr), .msrWrite(let msr, _):
+            guard enabled.contains(.directMSR), let policy = msrPolicy[msr] else { return deliver(exit, regs, vcpu) }
+            switch policy.action {
+            case .emulate: return emulatePolicyMSR(exit, msr: msr, writableMask: policy.writableMask, &regs, vcpu)
+            case .injectGP:
+                vcpu.inject(into: .l2, vector: 13, errorCode: 0)
+                return .resume(.l2)
+            case .passToL1: return deliver(exit, regs, vcpu)
+            case .passthrough: return vcpu.handleL0MSR(exit, &regs)   // only if L2 exits anyway (it should not)
+            }
+        case .io(let io):
+            if io.port == Ucall.port || (enabled.contains(.l0Ports) && vcpu.l0Devices.owns(io.port)) {
+                return vcpu.handleL0PortIO(io, exit, &regs)
+            }
+            return deliver(exit, regs, vcpu)
+        case let .eptViolation(gpa, access, _):
+            if refill(gpa, access: access, vcpu) { return .resume(.l2) }     // lazily rebuilt after a fast zap
+            // Tell L1 what the current mapping allows (bits 3-5), so a permission fault and a
+            // missing mapping look different.
+            var e = exit
+            e.info.qualification = access | vcpu.ept02.permissions(gpa) << EPTViolationQualification.readableShift
+            return deliver(e, regs, vcpu)
+        default:
+            return deliver(exit, regs, vcpu)
+        }
+    }
+
+    /// An MSR L0 emulates under L1's policy: reads return L0's value; a write may change only
+    /// writable bits (anything else is #GP, as KVM does for reserved bits).
+    func emulatePolicyMSR(_ exit: L2Exit, msr: UInt32, writableMask: UInt64, _ regs: inout RegisterFile, _ vcpu: L0VCPU) -> NextStep {
+        let old = vcpu.l0MSRs[msr] ?? 0
+        if case .msrWrite(_, let new) = exit.kind {
+            guard (new ^ old) & ~writableMask == 0 else {
+                vcpu.inject(into: .l2, vector: 13, errorCode: 0)
+                return .resume(.l2)
+            }
+            vcpu.l0MSRs[msr] = new
+        } else {
+            regs.edxEax = old
+        }
+        regs.skipInstruction(length: exit.info.instructionLength)
+        return .resume(.l2)
+    }
+
+    /// After a fast zap, PV mappings still stand: rebuild the EPT02 entry on first touch.
+    func refill(_ gpa: L2GPA, access: UInt64, _ vcpu: L0VCPU) -> Bool {
+        guard let m = map.lookup(gpa), access & ~m.permissions == 0,
+              let l1 = m.l1Address(for: gpa.pageBase),
+              let host = try? vcpu.l1Memory.memslots.translate(l1, length: pageSize),
+              let slot = vcpu.l1Memory.memslots.slot(containing: l1) else { return false }
+        vcpu.ept02.install(gpa.pageBase, host: host, permissions: m.permissions, memslot: slot.slot)
+        vcpu.counters.ept02Fills += 1
+        return true
+    }
+
+    /// Completes L1's pending enter-L2 hypercall with this exit in its PV exit page: L2's
+    /// registers, then the exit as L0 reports it. L1 resumes with RAX = 0.
+    func deliver(_ exit: L2Exit, _ regs: RegisterFile, _ vcpu: L0VCPU) -> NextStep {
+        guard let page = exitPage(vcpu) else { return .stop(.fatal(.noPVExitPage(exit.info.reason))) }
+        vcpu.l2Run.copy(to: page)      // the raw exit as L2 left it...
+        page.registers = regs          // ...L2's registers...
+        page.write(exit.info)          // ...and the exit as L0 reports it
+        vcpu.counters.countDelivery(exit.info.reason)
+        vcpu.l1Run[register: .rax] = 0
+        return .resume(.l1)
+    }
+
+    /// The registered exit page, if it is still inside L1's memory.
+    func exitPage(_ vcpu: L0VCPU) -> RunPageView? {
+        guard let gpa = exitPageGPA else { return nil }
+        return try? vcpu.l1Memory.runPage(at: gpa)
+    }
+
+    // MARK: L1 exits
+
+    public func handleL1Exit(_ exit: L1Exit, _ regs: inout RegisterFile, _ vcpu: L0VCPU) -> NextStep {
+        switch exit.kind {
+        case let .hypercall(nr, args):
+            return hypercall(nr, args, exit, &regs, vcpu)
+        case .msrRead, .msrWrite:
+            return vcpu.handleL1MSR(exit, &regs)
+        case .vmx:
+            // No VMX for a PV L1 (CR4.VMXE stays clear): the instruction raises #UD.
+            vcpu.inject(into: .l1, vector: 6)
+            return .resume(.l1)
+        default:
+            return .stop(.fatal(.unhandledL1Exit(exit.info.reason)))
+        }
+    }
+
+    // MARK: memslots
+
+    /// The PV map may no longer point into memory L1 does not have.
+    public func memoryRemoved(_ range: AddressRange<L1GPA>, slot: UInt32, fastZap: Bool, _ vcpu: L0VCPU) {
+        for m in map.mappings {
+            guard let gone = m.l1Range.intersection(range),
+                  let l2 = m.l2Address(for: gone.start) else { continue }
+            map.remove(AddressRange(start: l2, length: gone.length)!)
+        }
+    }
+}
+
+/// Why L0 refused a PV request, as a value (`StackResult.pvRefusal`, printed by `pvm launch`).
+public enum PVRefusal: Equatable, Sendable, CustomStringConvertible {
+    case majorVersion(l1: PVABIVersion, l0: PVABIVersion)
+    case unknownFeatures(UInt64)
+    case notOffered(PVFeatures)
+    /// The host will not run a PV-nested guest in this VM (a protected-state L1).
+    case host(HostError)
+
+    public var description: String {
+        switch self {
+        case let .majorVersion(l1, l0): "L1 speaks PV ABI \(l1), this L0 speaks \(l0): majors differ"
+        case .unknownFeatures(let bits): "unknown feature bits 0x\(String(bits, radix: 16))"
+        case .notOffered(let f): "features \(f) are not offered"
+        case .host(let e): "\(e)"
+        }
+    }
+}
