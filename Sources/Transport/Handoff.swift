@@ -45,7 +45,7 @@ public struct Handoff: @unchecked Sendable {
     let sleeping: [UnsafeAtomic<UInt32>]
     let turnAddress: UnsafeMutablePointer<UInt32>
 
-    init(region: SharedRegion, base: ControlOffset) {
+    public init(region: SharedRegion, base: ControlOffset) {
         self.region = region
         self.turnAddress = region.word32(at: (base + HandoffLayout.turn).raw)
         // The words are u32s in the shared mapping, 4-byte aligned, accessed only atomically.

@@ -21,9 +21,9 @@ import Testing
         let pages = [l.handoff(0), l.l2RunPage(0), l.l1RunPage(0), l.shadowVMCS(0),
                      l.handoff(1), l.l2RunPage(1), l.l1RunPage(1), l.shadowVMCS(1), l.vmreadBitmap, l.vmwriteBitmap]
         #expect(Set(pages).count == pages.count)
-        for p in pages { #expect(p % pageSize == 0 && p >= pageSize && p < l.ept02) }
+        for p in pages { #expect(p.isPageAligned && p.raw >= pageSize && p < l.ept02) }
         #expect(l.ept02Entries == (1 << 30) / pageSize)
-        #expect(l.totalSize == l.ept02 + l.ept02Entries * 8)
+        #expect(l.totalSize == (l.ept02 + l.ept02Entries * 8).raw)
     }
 
     @Test func handoffWordsSitOnSeparateCacheLines() {

@@ -13,38 +13,38 @@ import Transport
         let f = try Fixture(.nvmx)
         try f.launchL2()
         try f.writeEPT12Path(gpa: Self.gpa, leafLevel: 1, leaf: Fixture.eptLeaf(Plan.l2Backing.raw))
-        let outcome = f.l2Exit(GuestExit(reason: .eptViolation, qualification: EPTViolationQualification.dataRead,
-                                         guestPhysicalAddress: Self.gpa, instructionLength: 3))
-        #expect(outcome == .resumeL2)
+        let outcome = f.l2Exit(L2ExitInfo(reason: .eptViolation, qualification: EPTViolationQualification.dataRead,
+                                         guestPhysicalAddress: L2GPA(Self.gpa), instructionLength: 3))
+        #expect(outcome == .resume(.l2))
         return f
     }
 
     func isProtected(_ f: Fixture, _ gpa: L1GPA) throws -> Bool {
-        let byte: UInt8 = try f.control.load(at: f.layout.l1WriteProtectBitmap + gpa.pageNumber / 8)
+        let byte: UInt8 = try f.control.load(at: (f.layout.l1WriteProtectBitmap + gpa.pageNumber / 8).raw)
         return byte & (1 << UInt8(gpa.pageNumber % 8)) != 0
     }
 
     /// L1's store to its own memory that trapped (the L1 CPU exits with EPT_VIOLATION).
-    func l1TrappedStore(_ f: Fixture, _ value: UInt64, at gpa: L1GPA) -> L1ExitOutcome {
+    func l1TrappedStore(_ f: Fixture, _ value: UInt64, at gpa: L1GPA) -> NextStep {
         f.l1Run[register: .rax] = value
-        return f.vcpu.handleL1Exit(GuestExit(reason: .eptViolation, qualification: EPTViolationQualification.dataWrite,
-                                             guestPhysicalAddress: gpa.raw, instructionLength: 3, instructionInfo: 8))
+        return f.vcpu.handleL1Exit(L1ExitInfo(reason: .eptViolation, qualification: EPTViolationQualification.dataWrite,
+                                             guestPhysicalAddress: L1GPA(gpa.raw), instructionLength: 3, instructionInfo: 8))
     }
 
     @Test func everyTableAFillWalkedIsWriteProtected() throws {
         let f = try filled()
         for t in Plan.ept12Tables { #expect(try isProtected(f, t), "\(t)") }
         #expect(try !isProtected(f, Plan.l2Backing))
-        #expect(f.vcpu.nested.shadows.tables[Plan.ept12Tables[3].pageNumber]?.dependents == [Self.gpa >> 12])
+        #expect(f.nested.shadows.tables[Plan.ept12Tables[3].pageNumber]?.dependents == [Self.gpa >> 12])
     }
 
     @Test func aTrappedWriteToTheLeafTableLandsAndMakesItUnsyncWithoutZapping() throws {
         let f = try filled()
         let leafTable = Plan.ept12Tables[3]
         let neighbour = L1GPA(leafTable.raw + (Fixture.eptIndex(Self.gpa, level: 1) + 1) * 8)
-        #expect(l1TrappedStore(f, Fixture.eptLeaf(Plan.l2Backing.raw + 0x1000), at: neighbour) == .resumeL1)
+        #expect(l1TrappedStore(f, Fixture.eptLeaf(Plan.l2Backing.raw + 0x1000), at: neighbour) == .resume(.l1))
         #expect(try f.vcpu.l1Memory.load64(neighbour) == Fixture.eptLeaf(Plan.l2Backing.raw + 0x1000))
-        #expect(try !isProtected(f, leafTable) && f.vcpu.nested.shadows.unsync.contains(leafTable.pageNumber))
+        #expect(try !isProtected(f, leafTable) && f.nested.shadows.unsync.contains(leafTable.pageNumber))
         #expect(f.vcpu.ept02.translate(L2GPA(Self.gpa)) != nil)               // nothing zapped
         #expect(f.vcpu.counters.ept12WriteTraps == 1 && f.vcpu.counters.ept12Unsyncs == 1)
     }
@@ -52,25 +52,25 @@ import Transport
     @Test func aTrappedWriteToANonLeafTableZapsWhatWasDerivedFromIt() throws {
         let f = try filled()
         let pdpt = Plan.ept12Tables[1]
-        #expect(l1TrappedStore(f, 0, at: L1GPA(pdpt.raw + Fixture.eptIndex(Self.gpa, level: 3) * 8)) == .resumeL1)
+        #expect(l1TrappedStore(f, 0, at: L1GPA(pdpt.raw + Fixture.eptIndex(Self.gpa, level: 3) * 8)) == .resume(.l1))
         #expect(f.vcpu.ept02.translate(L2GPA(Self.gpa)) == nil)
         #expect(try !isProtected(f, pdpt))
         // L2 touches it again: the walk now finds nothing, so L1 sees the violation.
-        let again = f.l2Exit(GuestExit(reason: .eptViolation, qualification: EPTViolationQualification.dataRead,
-                                       guestPhysicalAddress: Self.gpa, instructionLength: 3))
-        #expect(again == .deliverToL1)
+        let again = f.l2Exit(L2ExitInfo(reason: .eptViolation, qualification: EPTViolationQualification.dataRead,
+                                       guestPhysicalAddress: L2GPA(Self.gpa), instructionLength: 3))
+        #expect(again == .resume(.l1))
     }
 
     @Test func inveptFreesEveryShadowAndItsWriteProtection() throws {
         let f = try filled()
         f.l1Run[register: .rax] = 2
         _ = f.vmx(.invept, operand: Plan.eptp, info: VMXInstructionInfo.make(typeRegister: .rax))
-        #expect(f.vcpu.ept02.present.isEmpty && f.vcpu.nested.shadows.tables.isEmpty)
+        #expect(f.vcpu.ept02.present.isEmpty && f.nested.shadows.tables.isEmpty)
         for t in Plan.ept12Tables { #expect(try !isProtected(f, t)) }
     }
 
     @Test func aStoreThatTrapsOutsideL1MemoryStopsTheStackInsteadOfLanding() throws {
         let f = try filled()
-        #expect(l1TrappedStore(f, 1, at: L1GPA(Plan.slotSize + 8)) == .stop(.fatal("L1 stored to \(L1GPA(Plan.slotSize + 8)), outside its memory")))
+        #expect(l1TrappedStore(f, 1, at: L1GPA(Plan.slotSize + 8)) == .stop(.fatal(.l1StoreOutsideMemory(L1GPA(Plan.slotSize + 8)))))
     }
 }

@@ -21,22 +21,22 @@ import Transport
             (.hostRIP, Plan.hostRIP), (.hostRSP, Plan.hostRSP), (.guestRFLAGS, 0x2), (.guestRIP, Plan.guestRIP),
         ]
         for (field, v) in fields { evmcs.write(field, v) }
-        evmcs.region.unchecked(store: UInt32(0), at: evmcs.base + EnlightenedVMCS.cleanFieldsOffset)
+        evmcs.evmcsCleanFields = 0
         try f.store64(Self.evmcsGPA.raw, L1GPA(Self.assistGPA.raw + VPAssistPage.currentNestedVMCS))
         try f.store8(1, L1GPA(Self.assistGPA.raw + VPAssistPage.enlightenVMEntry))
         f.l1Run[register: .rcx] = UInt64(VPAssistPage.msr)
         f.l1Run[register: .rax] = Self.assistGPA.raw | VPAssistPage.enable
         f.l1Run[register: .rdx] = 0
-        #expect(f.vcpu.handleL1Exit(GuestExit(reason: .msrWrite, instructionLength: 2)) == .resumeL1)
+        #expect(f.vcpu.handleL1Exit(L1ExitInfo(reason: .msrWrite, instructionLength: 2)) == .resume(.l1))
         return (f, evmcs)
     }
 
-    func cleanFields(_ e: VMCSImage) -> UInt32 { e.region.unchecked(load: UInt32.self, at: e.base + EnlightenedVMCS.cleanFieldsOffset) }
+    func cleanFields(_ e: VMCSImage) -> UInt32 { e.evmcsCleanFields }
 
     @Test func theFirstLaunchCopiesEveryGroupIntoL0sCachedVMCS12() throws {
         let (f, _) = try makeFixture()
         #expect(f.vmx(.vmlaunch) == .enterL2)
-        let cache = f.vcpu.nested.cachedVMCS12
+        let cache = f.nested.cachedVMCS12
         #expect(cache[.eptPointer] == Plan.eptp && cache[.hostRIP] == Plan.hostRIP && cache.launched)
         #expect(f.vcpu.counters.evmcsFieldCopies > 0)
         #expect(f.l2Run[register: .rip] == Plan.guestRIP)
@@ -45,31 +45,30 @@ import Transport
     @Test func aFieldInACleanGroupIsNotCopiedUntilL1ClearsTheBit() throws {
         let (f, evmcs) = try makeFixture()
         _ = f.vmx(.vmlaunch)
-        _ = f.l2Exit(GuestExit(reason: .cpuid, instructionLength: 2))
+        _ = f.l2Exit(L2ExitInfo(reason: .cpuid, instructionLength: 2))
         #expect(cleanFields(evmcs) == EnlightenedVMCS.allClean)                 // set on exit
         #expect(evmcs[.vmExitReason] == UInt64(ExitReason.cpuid.rawValue))     // exit info written back
         // L1 changes HOST_RSP but "forgets" to clear HOST_POINTER's clean bit: L0 keeps its copy.
         evmcs.write(.hostRSP, 0x99_0000)
         _ = f.vmx(.vmresume)
-        #expect(f.vcpu.nested.cachedVMCS12[.hostRSP] == Plan.hostRSP)
-        _ = f.l2Exit(GuestExit(reason: .cpuid, instructionLength: 2))
+        #expect(f.nested.cachedVMCS12[.hostRSP] == Plan.hostRSP)
+        _ = f.l2Exit(L2ExitInfo(reason: .cpuid, instructionLength: 2))
         // Now with the bit cleared, as L1's VMWRITE would: copied at the next entry.
         evmcs.write(.hostRSP, 0x99_0000)
-        let at = evmcs.base + EnlightenedVMCS.cleanFieldsOffset
-        evmcs.region.unchecked(store: cleanFields(evmcs) & ~EnlightenedVMCS.Group.hostPointer.bit, at: at)
+        evmcs.evmcsCleanFields = cleanFields(evmcs) & ~EnlightenedVMCS.Group.hostPointer.bit
         _ = f.vmx(.vmresume)
-        #expect(f.vcpu.nested.cachedVMCS12[.hostRSP] == 0x99_0000)
+        #expect(f.nested.cachedVMCS12[.hostRSP] == 0x99_0000)
     }
 
     @Test func guestRIPIsCopiedOnEveryEntryWhateverTheCleanBits() throws {
         let (f, evmcs) = try makeFixture()
         _ = f.vmx(.vmlaunch)
-        _ = f.l2Exit(GuestExit(reason: .cpuid, instructionLength: 2))
+        _ = f.l2Exit(L2ExitInfo(reason: .cpuid, instructionLength: 2))
         let before = f.vcpu.counters.evmcsFieldCopies
         evmcs.write(.guestRIP, 0x4242)                                          // group NONE
         #expect(f.vmx(.vmresume) == .enterL2)
         #expect(f.l2Run[register: .rip] == 0x4242)
-        #expect(f.vcpu.counters.evmcsFieldCopies - before == UInt64(L0VCPU.evmcsAlwaysCopiedOffsets.count))
+        #expect(f.vcpu.counters.evmcsFieldCopies - before == UInt64(NestedVMXBackend.evmcsAlwaysCopiedOffsets.count))
     }
 
     @Test func withoutAnEnlightenedEntryVMLAUNCHFailsInvalid() throws {
@@ -91,13 +90,13 @@ import Transport
         f.l1Run[register: .rcx] = UInt64(VPAssistPage.msr)
         f.l1Run[register: .rax] = (Plan.slotSize + pageSize) | VPAssistPage.enable
         f.l1Run[register: .rdx] = 0
-        _ = f.vcpu.handleL1Exit(GuestExit(reason: .msrWrite, instructionLength: 2))
-        #expect(f.l1Run[RunPage.eventInjection] & 0xFF == 13 && f.vcpu.nested.vpAssistPage == nil)
+        _ = f.vcpu.handleL1Exit(L1ExitInfo(reason: .msrWrite, instructionLength: 2))
+        #expect(f.l1Run[RunPage.eventInjection] & 0xFF == 13 && f.nested.vpAssistPage == nil)
     }
 
     @Test func everyWritableFieldHasACleanGroupOrIsAlwaysCopied() {
-        let grouped = L0VCPU.evmcsGroupOffsets.joined().count + L0VCPU.evmcsAlwaysCopiedOffsets.count
+        let grouped = NestedVMXBackend.evmcsGroupOffsets.joined().count + NestedVMXBackend.evmcsAlwaysCopiedOffsets.count
         #expect(grouped == VMCSField.supported.filter { !$0.0.isReadOnly }.count)
-        #expect(Set(L0VCPU.evmcsAlwaysCopiedOffsets) == Set([VMCSField.guestRIP, .guestRSP, .guestRFLAGS].compactMap { VMCS12Layout.slot(of: $0)?.offset }))
+        #expect(Set(NestedVMXBackend.evmcsAlwaysCopiedOffsets) == Set([VMCSField.guestRIP, .guestRSP, .guestRFLAGS].compactMap { VMCS12Layout.slot(of: $0)?.offset }))
     }
 }

@@ -35,25 +35,30 @@ enum Plan {
     static let cr0PE: UInt64 = 1, cr0PG: UInt64 = 1 << 31, cr4PAE: UInt64 = 1 << 5
 }
 
-/// One L0 vCPU built in-process over fresh control and host memfds.
+/// One L0 vCPU built in-process, as Firecracker's `run_emulation` tests build a vCPU: over
+/// private anonymous memory (no memfd, no other process), fed made-up exits.
 final class Fixture {
     let path: NestingPath
     let layout: ControlLayout
     let control: SharedRegion
     let host: SharedRegion
     let vcpu: L0VCPU
+    /// The path's backend, for the state a test inspects.
+    var pv: PVBackend { vcpu.backend as! PVBackend }
+    var nested: NestedVMXBackend { vcpu.backend as! NestedVMXBackend }
 
     /// On the pv path, `negotiate` (PV ABI v1) with these features first, unless nil.
     init(_ path: NestingPath, negotiating features: PVFeatures? = .all) throws {
         self.path = path
         layout = ControlLayout(vcpuCount: 1, l2AddressLimit: Plan.l2Limit)
-        control = try SharedRegion(create: "test-control", size: layout.totalSize)
-        host = try SharedRegion(create: "test-host", size: Plan.hostSize)
+        control = try SharedRegion(anonymous: layout.totalSize)
+        host = try SharedRegion(anonymous: Plan.hostSize)
         var slots = L1Memslots(hostSize: host.size)
         try slots.add(MemorySlot(slot: 0, guestPhysAddr: L1GPA(0), memorySize: Plan.slotSize, hostOffset: Plan.slotHost))
-        try NestedVMXState.initializeBitmaps(control: control, layout: layout)
-        vcpu = try L0VCPU(id: 0, path: path, control: control, layout: layout,
-                          l1Memory: L1MemoryAccess(memslots: slots, host: HostMemory(region: host)))
+        let controlMemory = ControlMemory(region: control, layout: layout)
+        L0VCPU.initialize(controlMemory)
+        vcpu = L0VCPU(id: 0, path: path, control: controlMemory,
+                      l1Memory: L1MemoryAccess(memslots: slots, host: HostMemory(region: host)))
         if path == .pv, let features {
             let r = negotiate(features)
             #expect(r == 0, "negotiate failed: \(String(describing: HypercallError.from(returnValue: r)))")
@@ -70,35 +75,35 @@ final class Fixture {
 
     // MARK: L1 memory
 
-    func hostOffset(_ gpa: L1GPA) -> HostOffset { HostOffset(Plan.slotHost.raw + gpa.raw) }
+    func hostOffset(_ gpa: L1GPA) -> HostOffset { Plan.slotHost + gpa.raw }
     func store64(_ v: UInt64, _ gpa: L1GPA) throws { try vcpu.l1Memory.store64(v, gpa) }
     func store32(_ v: UInt32, _ gpa: L1GPA) throws { try vcpu.l1Memory.store32(v, gpa) }
     func store8(_ v: UInt8, _ gpa: L1GPA) throws { try host.store(v, at: hostOffset(gpa).raw) }
-    func vmcs(at gpa: L1GPA) throws -> VMCSImage { try VMCSImage(region: host, base: hostOffset(gpa).raw) }
-    func runPage(at gpa: L1GPA) throws -> RunPageView { try RunPageView(region: host, base: hostOffset(gpa).raw) }
+    func vmcs(at gpa: L1GPA) throws -> VMCSImage { try HostMemory(region: host).vmcs(at: hostOffset(gpa)) }
+    func runPage(at gpa: L1GPA) throws -> RunPageView { try HostMemory(region: host).runPage(at: hostOffset(gpa)) }
 
     /// The whole EPT02 table and its present set: what an erroring hypercall must leave alone.
     func ept02Snapshot() throws -> ([UInt8], Set<UInt64>) {
-        (try control.readBytes(at: layout.ept02, count: Int(layout.ept02Entries * 8)), vcpu.ept02.present)
+        (try control.readBytes(at: layout.ept02.raw, count: Int(layout.ept02Entries * 8)), vcpu.ept02.present)
     }
 
     // MARK: hypercalls (VMCALL from L1)
 
     @discardableResult
     func hypercall(_ nr: UInt64, _ a0: UInt64 = 0, _ a1: UInt64 = 0, _ a2: UInt64 = 0, _ a3: UInt64 = 0)
-        -> (outcome: L1ExitOutcome, rax: UInt64) {
+        -> (outcome: NextStep, rax: UInt64) {
         l1Run[register: .rax] = nr
         l1Run[register: .rbx] = a0
         l1Run[register: .rcx] = a1
         l1Run[register: .rdx] = a2
         l1Run[register: .rsi] = a3
-        let outcome = vcpu.handleL1Exit(GuestExit(reason: .vmcall, instructionLength: 3))
+        let outcome = vcpu.handleL1Exit(L1ExitInfo(reason: .vmcall, instructionLength: 3))
         return (outcome, l1Run[register: .rax])
     }
 
     @discardableResult
     func hypercall(_ call: PVHypercall, _ a0: UInt64 = 0, _ a1: UInt64 = 0, _ a2: UInt64 = 0, _ a3: UInt64 = 0)
-        -> (outcome: L1ExitOutcome, rax: UInt64) {
+        -> (outcome: NextStep, rax: UInt64) {
         hypercall(call.rawValue, a0, a1, a2, a3)
     }
 
@@ -114,9 +119,9 @@ final class Fixture {
     /// Writes `entries` as `kvm_cpuid_entry2[]` at `gpa`.
     func writeCPUIDEntries(_ entries: [CPUIDEntry], at gpa: L1GPA) throws {
         for (i, e) in entries.enumerated() {
-            let base = gpa.raw + UInt64(i) * CPUIDEntry.byteSize
+            let base = gpa + UInt64(i) * CPUIDEntry.byteSize
             for (offset, word) in zip(CPUIDEntry.wordOffsets, e.words) {
-                try store32(word, L1GPA(base + offset))
+                try store32(word, base + offset)
             }
         }
     }
@@ -124,26 +129,23 @@ final class Fixture {
     // MARK: L2 exits
 
     /// An L2 exit as the stack delivers it: the exit is in L2's run page and handed to L0.
-    func l2Exit(_ exit: GuestExit) -> L2ExitOutcome {
-        exit.write(to: l2Run)
-        return vcpu.handleL2Exit(exit)
-    }
+    func l2Exit(_ exit: L2ExitInfo) -> NextStep { vcpu.handleL2Exit(exit) }
 
     /// An L2 exit followed by the entry the stack's loop would count (resume L2 or enter L1).
-    func l2ExitCountingEntries(_ exit: GuestExit) -> L2ExitOutcome {
+    func l2ExitCountingEntries(_ exit: L2ExitInfo) -> NextStep {
         let outcome = l2Exit(exit)
         switch outcome {
-        case .resumeL2: vcpu.counters.l2Entries += 1
-        case .deliverToL1: vcpu.counters.l1Entries += 1
+        case .resume(.l2), .enterL2: vcpu.counters.l2Entries += 1
+        case .resume: vcpu.counters.l1Entries += 1
         case .stop: break
         }
         return outcome
     }
 
-    func l2CPUID(function: UInt64, index: UInt64 = 0, length: UInt64 = 2) -> L2ExitOutcome {
+    func l2CPUID(function: UInt64, index: UInt64 = 0, length: UInt64 = 2) -> NextStep {
         l2Run[register: .rax] = function
         l2Run[register: .rcx] = index
-        return l2Exit(GuestExit(reason: .cpuid, instructionLength: length))
+        return l2Exit(L2ExitInfo(reason: .cpuid, instructionLength: length))
     }
 
     var l2CPUIDResult: [UInt64] { [l2Run[register: .rax], l2Run[register: .rbx], l2Run[register: .rcx], l2Run[register: .rdx]] }
@@ -155,14 +157,14 @@ final class Fixture {
     /// Runs one VMX instruction; the VMX result slot is preset to a sentinel so a test can tell
     /// whether L0 wrote it.
     @discardableResult
-    func vmx(_ reason: ExitReason, operand: UInt64 = 0, length: UInt64 = 3, info: UInt64 = 0) -> L1ExitOutcome {
+    func vmx(_ reason: ExitReason, operand: UInt64 = 0, length: UInt64 = 3, info: UInt64 = 0) -> NextStep {
         l1Run[RunPage.vmxResult] = Self.sentinel
         l1Run[RunPage.vmInstructionError] = 0
-        return vcpu.handleL1Exit(GuestExit(reason: reason, instructionLength: length, instructionInfo: info, vmxOperand: operand))
+        return vcpu.handleL1Exit(L1ExitInfo(reason: reason, instructionLength: length, instructionInfo: info, vmxOperand: operand))
     }
 
     @discardableResult
-    func vmx(_ reason: ExitReason, _ operand: L1GPA) -> L1ExitOutcome { vmx(reason, operand: operand.raw) }
+    func vmx(_ reason: ExitReason, _ operand: L1GPA) -> NextStep { vmx(reason, operand: operand.raw) }
 
     /// The outcome of the last VMX instruction as L1 sees it, or nil if L0 did not set one.
     var vmxResult: VMXInstructionResult? {
@@ -177,14 +179,14 @@ final class Fixture {
     static let vmxInfo = VMXInstructionInfo.make(valueRegister: .rax, fieldRegister: .rdx)
 
     @discardableResult
-    func vmwrite(_ field: UInt64, _ value: UInt64) -> L1ExitOutcome {
+    func vmwrite(_ field: UInt64, _ value: UInt64) -> NextStep {
         l1Run[register: .rdx] = field
         l1Run[register: .rax] = value
         return vmx(.vmwrite, info: Self.vmxInfo)
     }
 
     @discardableResult
-    func vmwrite(_ field: VMCSField, _ value: UInt64) -> L1ExitOutcome { vmwrite(UInt64(field.rawValue), value) }
+    func vmwrite(_ field: VMCSField, _ value: UInt64) -> NextStep { vmwrite(UInt64(field.rawValue), value) }
 
     /// VMREAD into RAX; returns RAX (preset to a marker so an untouched register shows).
     func vmread(_ field: UInt64) -> UInt64 {
@@ -243,15 +245,15 @@ final class Fixture {
         let v = try loadValidVMCS12()
         let outcome = vmx(.vmlaunch)
         #expect(outcome == .enterL2)
-        #expect(vcpu.nested.guestMode)
+        #expect(self.nested.guestMode)
         return v
     }
 
     /// A field change L1 makes after VMPTRLD: a shadowed read-write field goes to the shadow
     /// VMCS (the VMWRITE does not exit on nvmx); anything else is an exiting VMWRITE.
     func l1SetField(_ field: VMCSField, _ value: UInt64) {
-        if vcpu.nested.shadowing, ShadowedFields.readWrite.contains(field) {
-            vcpu.nested.shadowVMCS[field] = value
+        if self.nested.shadowing, ShadowedFields.readWrite.contains(field) {
+            self.nested.shadowVMCS[field] = value
         } else {
             vmwrite(field, value)
             #expect(vmxResult == .succeed)

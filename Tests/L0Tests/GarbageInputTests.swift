@@ -13,7 +13,7 @@ import Transport
             guard let f = try? Fixture(.nvmx) else { Issue.record("fixture"); return }
             guard (try? f.loadValidVMCS12()) != nil else { Issue.record("vmcs12"); return }
             // Overwrite random fields of vmcs12 (through L0's view of L1 memory) with garbage.
-            guard let v = f.vcpu.nested.vmcs12 else { return }
+            guard let v = f.nested.vmcs12 else { return }
             for (i, w) in words.enumerated() {
                 let (field, _) = VMCSField.supported[(Int(w % 1000) + i * 7) % VMCSField.supported.count]
                 v.write(field, w)
@@ -23,10 +23,12 @@ import Transport
             case .enterL2:
                 // Entered: EPT02 starts empty and the entry is one a real CPU could make.
                 #expect(f.vcpu.ept02.present.isEmpty)
-            case .resumeL1:
+            case .resume(.l1):
                 #expect([0, 1, 2].contains(f.l1Run[RunPage.vmxResult]) || f.l1Run[RunPage.enteredByVMExit] == 1)
             case .stop(let r):
                 Issue.record("garbage vmcs12 stopped the stack: \(r)")
+            case .resume:
+                Issue.record("a VM entry must enter L2 or return to L1, not \(outcome)")
             }
         }
     }
@@ -44,10 +46,10 @@ import Transport
                 let value = (i < 3 && e & 1 == 0) ? (Plan.ept12Tables[i + 1].raw | (e & 0x7) | 1) : e
                 try? f.store64(value, L1GPA(table.raw + Fixture.eptIndex(gpa, level: level) * 8))
             }
-            let outcome = f.l2Exit(GuestExit(reason: .eptViolation, qualification: EPTViolationQualification.dataRead,
-                                             guestPhysicalAddress: gpa, instructionLength: 3))
+            let outcome = f.l2Exit(L2ExitInfo(reason: .eptViolation, qualification: EPTViolationQualification.dataRead,
+                                             guestPhysicalAddress: L2GPA(gpa), instructionLength: 3))
             switch outcome {
-            case .resumeL2:
+            case .resume(.l2):
                 let e = f.vcpu.ept02.entry(L2GPA(gpa))
                 if EPT02Entry.isPresent(e, generation: f.vcpu.ept02.generation) {
                     let host = EPT02Entry.host(e).raw
@@ -55,11 +57,13 @@ import Transport
                 } else {
                     #expect(f.vcpu.counters.unbackedAccesses == 1)     // completed as unassigned, nothing mapped
                 }
-            case .deliverToL1:
-                let reason = f.vcpu.nested.vmcs12?[.vmExitReason]
+            case .resume(.l1):
+                let reason = f.nested.vmcs12?[.vmExitReason]
                 #expect(reason == UInt64(ExitReason.eptViolation.rawValue) || reason == UInt64(ExitReason.eptMisconfig.rawValue))
             case .stop(let r):
                 Issue.record("garbage EPT12 stopped the stack: \(r)")
+            case .enterL2, .resume(.l0):
+                Issue.record("an EPT violation must resume L2 or reach L1, not \(outcome)")
             }
         }
     }

@@ -27,11 +27,11 @@ import Transport
         try f.host.writeBytes(bytes, at: f.hostOffset(L1GPA(l1.raw + Ucall.messageOffset)).raw)
     }
 
-    static let ucallExit = GuestExit(reason: .ioInstruction,
+    static let ucallExit = L2ExitInfo(reason: .ioInstruction,
                                      qualification: IOQualification.make(port: Ucall.port, size: 1, isIn: true),
                                      instructionLength: 1)
 
-    func ucall(_ f: Fixture, block: L2GPA = Self.block) -> L2ExitOutcome {
+    func ucall(_ f: Fixture, block: L2GPA = Self.block) -> NextStep {
         f.l2Run[register: .rdi] = block.raw
         return f.l2ExitCountingEntries(Self.ucallExit)
     }
@@ -40,10 +40,10 @@ import Transport
         let f = try pvFixture()
         f.l2Run[register: .rip] = 0x2000
         try writeUcall(f, .sync, [1, 2, 3])
-        #expect(ucall(f) == .resumeL2)
+        #expect(ucall(f) == .resume(.l2))
         #expect(f.l2Run[register: .rip] == 0x2001)
         try writeUcall(f, .sync, [4])
-        #expect(ucall(f) == .resumeL2)
+        #expect(ucall(f) == .resume(.l2))
         #expect(f.vcpu.harness.syncs == [[1, 2, 3, 0, 0, 0], [4, 0, 0, 0, 0, 0]])
         #expect(f.vcpu.counters.totalDeliveries == 0)
     }
@@ -63,9 +63,9 @@ import Transport
     @Test func printfAndReportAreRecorded() throws {
         let f = try pvFixture()
         try writeUcall(f, .printf, message: "hello from L2")
-        #expect(ucall(f) == .resumeL2)
+        #expect(ucall(f) == .resume(.l2))
         try writeUcall(f, .report, [10, 1, 2, 3, 4, 50])
-        #expect(ucall(f) == .resumeL2)
+        #expect(ucall(f) == .resume(.l2))
         #expect(f.vcpu.harness.prints == ["hello from L2"])
         #expect(f.vcpu.harness.reports == [LatencyReport(samples: 10, minNanos: 1, medianNanos: 2, p99Nanos: 3, maxNanos: 4, totalNanos: 50)])
     }
@@ -83,17 +83,17 @@ import Transport
         try f.writeCPUIDEntries([CPUIDEntry(function: 0, eax: 1, ebx: 0, ecx: 0, edx: 0)], at: Plan.cpuidBuffer)
         #expect(f.hypercall(.setCPUID, Plan.cpuidBuffer.raw, 1).rax == 0)
         // Some traffic before the window.
-        for _ in 0..<3 { _ = f.l2ExitCountingEntries(GuestExit(reason: .cpuid, instructionLength: 2)) }
+        for _ in 0..<3 { _ = f.l2ExitCountingEntries(L2ExitInfo(reason: .cpuid, instructionLength: 2)) }
         try writeUcall(f, .sync, [UcallStage.measureStart])
-        #expect(ucall(f) == .resumeL2)
+        #expect(ucall(f) == .resume(.l2))
         for _ in 0..<5 {
             f.l2Run[register: .rax] = 0
-            #expect(f.l2ExitCountingEntries(GuestExit(reason: .cpuid, instructionLength: 2)) == .resumeL2)
+            #expect(f.l2ExitCountingEntries(L2ExitInfo(reason: .cpuid, instructionLength: 2)) == .resume(.l2))
         }
         // One exit L1 must see: a delivery and an L1 entry inside the window.
-        #expect(f.l2ExitCountingEntries(GuestExit(reason: .hlt, instructionLength: 1)) == .deliverToL1)
+        #expect(f.l2ExitCountingEntries(L2ExitInfo(reason: .hlt, instructionLength: 1)) == .resume(.l1))
         try writeUcall(f, .sync, [UcallStage.measureEnd])
-        #expect(ucall(f) == .resumeL2)
+        #expect(ucall(f) == .resume(.l2))
 
         #expect(f.vcpu.harness.windows.count == 1)
         let w = try #require(f.vcpu.harness.windows.first)
@@ -111,10 +111,10 @@ import Transport
         let f = try Fixture(.nvmx)
         try f.writeEPT12Path(gpa: Self.block.raw, leafLevel: 1, leaf: Fixture.eptLeaf(Self.blockL1.raw))
         try f.launchL2()
-        #expect(f.l2Exit(GuestExit(reason: .eptViolation, qualification: EPTViolationQualification.dataWrite,
-                                   guestPhysicalAddress: Self.block.raw, instructionLength: 3)) == .resumeL2)
+        #expect(f.l2Exit(L2ExitInfo(reason: .eptViolation, qualification: EPTViolationQualification.dataWrite,
+                                   guestPhysicalAddress: L2GPA(Self.block.raw), instructionLength: 3)) == .resume(.l2))
         try writeUcall(f, .sync, [9])
-        #expect(ucall(f) == .resumeL2)
+        #expect(ucall(f) == .resume(.l2))
         #expect(f.vcpu.harness.syncs == [[9, 0, 0, 0, 0, 0]])
         try writeUcall(f, .done)
         #expect(ucall(f) == .stop(.guestDone))

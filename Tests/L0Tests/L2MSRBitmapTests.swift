@@ -7,7 +7,7 @@ import Transport
 @Suite struct L2MSRBitmapTests {
     func l2Intercepts(_ f: Fixture, _ msr: UInt32, write: Bool) throws -> Bool {
         let (byte, bit) = MSRBitmap.position(of: msr, write: write)!
-        let b: UInt8 = try f.control.load(at: f.layout.l2MSRBitmap(0) + byte)
+        let b: UInt8 = try f.control.load(at: (f.layout.l2MSRBitmap(0) + byte).raw)
         return b & (1 << bit) != 0
     }
 
@@ -49,7 +49,7 @@ import Transport
         #expect(try policy(0x3B, .passthrough) == HypercallError.invalid.returnValue)
         #expect(try policy(0xC000_0102, .passthrough, value: 0x1234) == 0)
         #expect(try !l2Intercepts(f, 0xC000_0102, write: false) && !l2Intercepts(f, 0xC000_0102, write: true))
-        #expect(f.vcpu.l2PassthroughMSR(0xC000_0102) == 0x1234)
+        #expect(f.vcpu.l2PassthroughMSRs[0xC000_0102] == 0x1234)
         // Back to L1: the bits are set again.
         #expect(try policy(0xC000_0102, .passToL1) == 0)
         #expect(try l2Intercepts(f, 0xC000_0102, write: false))

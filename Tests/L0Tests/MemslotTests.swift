@@ -44,9 +44,9 @@ import Transport
         return f
     }
 
-    func read(_ f: Fixture, _ gpa: UInt64) -> L2ExitOutcome {
-        f.l2Exit(GuestExit(reason: .eptViolation, qualification: EPTViolationQualification.dataRead,
-                           guestPhysicalAddress: gpa, instructionLength: 3, instructionInfo: 8))
+    func read(_ f: Fixture, _ gpa: UInt64) -> NextStep {
+        f.l2Exit(L2ExitInfo(reason: .eptViolation, qualification: EPTViolationQualification.dataRead,
+                           guestPhysicalAddress: L2GPA(gpa), instructionLength: 3, instructionInfo: 8))
     }
 
     @Test func targetedZapRemovesExactlyThatSlotsMappings() throws {
@@ -57,9 +57,9 @@ import Transport
             #expect(f.vcpu.ept02.translate(L2GPA(0x80_0000 + p * pageSize)) == nil)
             #expect(f.vcpu.ept02.translate(L2GPA(0x10_0000 + p * pageSize)) != nil)  // the other slot stays
         }
-        #expect(f.vcpu.pv.map.lookup(L2GPA(0x80_0000)) == nil)                       // nor does the PV map keep it
+        #expect(f.pv.map.lookup(L2GPA(0x80_0000)) == nil)                       // nor does the PV map keep it
         _ = f.hypercall(.createVCPU, Plan.exitPage.raw)
-        #expect(read(f, 0x80_0000) == .deliverToL1)                                  // L2 cannot reach it
+        #expect(read(f, 0x80_0000) == .resume(.l1))                                  // L2 cannot reach it
     }
 
     @Test func fastZapInvalidatesEverythingAtOnceAndRebuildsWhatIsStillMappedLazily() throws {
@@ -69,10 +69,10 @@ import Transport
         #expect(try f.vcpu.deleteMemslot(1) == 8)
         #expect(f.vcpu.ept02.generation == gen + 1 && f.vcpu.ept02.present.isEmpty)
         #expect(f.vcpu.ept02.translate(L2GPA(0x10_0000)) == nil)                     // invalid at once...
-        #expect(read(f, 0x10_0000) == .resumeL2)                                     // ...rebuilt on first touch
+        #expect(read(f, 0x10_0000) == .resume(.l2))                                     // ...rebuilt on first touch
         #expect(f.vcpu.ept02.translate(L2GPA(0x10_0000)) == HostOffset(Plan.slotHost.raw + 0x40_0000))
         _ = f.hypercall(.createVCPU, Plan.exitPage.raw)
-        #expect(read(f, 0x80_0000) == .deliverToL1)                                  // the deleted slot's pages never come back
+        #expect(read(f, 0x80_0000) == .resume(.l1))                                  // the deleted slot's pages never come back
     }
 
     @Test func thePerSlotFlagAsksForATargetedZapWhateverTheVMPolicy() throws {
@@ -92,12 +92,12 @@ import Transport
         f.vcpu.memslotZapPolicy = policy
         // EPT12 maps L2 0x20_0000 into slot 1.
         try f.writeEPT12Path(gpa: 0x20_0000, leafLevel: 1, leaf: Fixture.eptLeaf(32 << 20))
-        #expect(read(f, 0x20_0000) == .resumeL2)
+        #expect(read(f, 0x20_0000) == .resume(.l2))
         #expect(f.vcpu.ept02.translate(L2GPA(0x20_0000)) == HostOffset(48 << 20))
         try f.vcpu.deleteMemslot(1)
         #expect(f.vcpu.ept02.translate(L2GPA(0x20_0000)) == nil)
         // Touching it again finds EPT12 pointing at L1 memory that no longer exists: unassigned.
-        #expect(read(f, 0x20_0000) == .resumeL2)
+        #expect(read(f, 0x20_0000) == .resume(.l2))
         #expect(f.vcpu.ept02.translate(L2GPA(0x20_0000)) == nil && f.vcpu.counters.unbackedAccesses == 1)
         #expect(f.l2Run[register: .rax] == ~0)
     }
@@ -107,7 +107,7 @@ import Transport
         try f.vcpu.moveMemslot(1, to: L1GPA(64 << 20))
         #expect(f.vcpu.l1Memory.memslots.slots.first { $0.slot == 1 }?.guestPhysAddr == L1GPA(64 << 20))
         #expect(f.vcpu.ept02.translate(L2GPA(0x80_0000)) == nil)
-        #expect(f.vcpu.pv.map.lookup(L2GPA(0x80_0000)) == nil)
+        #expect(f.pv.map.lookup(L2GPA(0x80_0000)) == nil)
         #expect(try f.vcpu.l1Memory.memslots.translate(L1GPA(64 << 20)) == HostOffset(48 << 20))
         // A move onto slot 0 is refused and changes nothing.
         #expect(throws: MemoryError.self) { try f.vcpu.moveMemslot(1, to: L1GPA(0)) }

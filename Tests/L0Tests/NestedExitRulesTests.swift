@@ -14,12 +14,12 @@ import Transport
         v = try f.vmcs(at: Plan.vmcs12)
     }
 
-    func reflects(_ exit: GuestExit) -> Bool {
-        NestedExitRules.reflects(exit, vmcs12: v, l2: f.l2Run, l1Memory: f.vcpu.l1Memory)
+    func reflects(_ exit: L2ExitInfo) -> Bool {
+        reflectsDecoded(L2Exit(info: exit, registers: f.l2Run.registers), vcpu: v, f)
     }
 
     func reflects(_ reason: ExitReason, qualification: UInt64 = 0, interruptionInfo: UInt64 = 0) -> Bool {
-        reflects(GuestExit(reason: reason, qualification: qualification, interruptionInfo: interruptionInfo))
+        reflects(L2ExitInfo(reason: reason, qualification: qualification, interruptionInfo: interruptionInfo))
     }
 
     func io(port: UInt16, size: Int, isIn: Bool = true) -> Bool {
@@ -105,7 +105,7 @@ import Transport
         w[.ioBitmapB] = Plan.ioBitmapB.raw
         try g.store8(0x80, L1GPA(Plan.ioBitmapA.raw + 0x7FFF / 8))
         let q = IOQualification.make(port: 0x7FFE, size: 4, isIn: false)
-        #expect(NestedExitRules.reflects(GuestExit(reason: .ioInstruction, qualification: q), vmcs12: w, l2: g.l2Run, l1Memory: g.vcpu.l1Memory))
+        #expect(reflectsDecoded(L2Exit(info: L2ExitInfo(reason: .ioInstruction, qualification: q), registers: g.l2Run.registers), vcpu: w, g))
     }
 
     @Test func anAccessThatWrapsPastPort0xFFFFReflects() {
@@ -239,12 +239,17 @@ import Transport
         v[.ioBitmapB] = Plan.ioBitmapB.raw
         v[.msrBitmap] = Plan.msrBitmap.raw
         let vmcsBefore = try f.host.readBytes(at: f.hostOffset(Plan.vmcs12).raw, count: 4096)
-        let regs = f.l2Run.loadRegisters()
+        let regs = f.l2Run.registers
         for r in [ExitReason.cpuid, .ioInstruction, .msrRead, .msrWrite, .crAccess, .eptViolation, .hlt] {
             _ = reflects(r, qualification: 0x60 << 16)
         }
         #expect(try f.host.readBytes(at: f.hostOffset(Plan.vmcs12).raw, count: 4096) == vmcsBefore)
-        #expect(f.l2Run.loadRegisters() == regs)
+        #expect(f.l2Run.registers == regs)
         #expect(f.vcpu.counters == TransitionCounters())
     }
+}
+
+/// The rule as L0 applies it: the exit decoded from the registers L2 left.
+func reflectsDecoded(_ exit: L2Exit, vcpu v: VMCSImage, _ f: Fixture) -> Bool {
+    NestedExitRules.reflects(exit, vmcs12: v, registers: f.l2Run.registers, l1Memory: f.vcpu.l1Memory)
 }

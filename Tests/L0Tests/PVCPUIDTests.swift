@@ -22,7 +22,7 @@ import Transport
         let f = try Fixture(.pv)
         try f.writeCPUIDEntries(Self.entries, at: Plan.cpuidBuffer)
         let r = f.hypercall(.setCPUID, Plan.cpuidBuffer.raw, UInt64(Self.entries.count))
-        #expect(r.outcome == .resumeL1)
+        #expect(r.outcome == .resume(.l1))
         #expect(r.rax == HypercallError.success)
         return f
     }
@@ -31,7 +31,7 @@ import Transport
         let f = try registeredFixture()
         f.l2Run[register: .rip] = 0x1000
         let outcome = f.l2CPUID(function: 1, length: 2)
-        #expect(outcome == .resumeL2)
+        #expect(outcome == .resume(.l2))
         #expect(f.l2CPUIDResult == [0x0009_06EA, 0x11, 0x22, 0x33])
         #expect(f.l2Run[register: .rip] == 0x1002)
         #expect(f.vcpu.counters.totalDeliveries == 0)
@@ -42,7 +42,7 @@ import Transport
         let f = try registeredFixture()
         f.l2Run[register: .rbx] = ~0
         f.l2Run[register: .rdx] = ~0
-        #expect(f.l2CPUID(function: 0xFFFF_FFFF_0000_0007, index: 0xABCD_0000_0000_0001) == .resumeL2)
+        #expect(f.l2CPUID(function: 0xFFFF_FFFF_0000_0007, index: 0xABCD_0000_0000_0001) == .resume(.l2))
         #expect(f.l2CPUIDResult == [0, 0x2222, 0, 0])
     }
 
@@ -94,7 +94,7 @@ import Transport
         f.l2Run[register: .rbx] = 0x5555
         f.l1Run[register: .rax] = 0x77
         let outcome = f.l2CPUID(function: 1, index: 3, length: 2)
-        #expect(outcome == .deliverToL1)
+        #expect(outcome == .resume(.l1))
         #expect(f.vcpu.counters.deliveries[Int(ExitReason.cpuid.rawValue)] == 1)
         // L0 did not emulate it: L2's RIP and registers are untouched.
         #expect(f.l2Run[register: .rip] == 0x1000)
@@ -113,7 +113,7 @@ import Transport
     @Test func withoutDirectCPUIDL2CPUIDIsAlwaysDelivered() throws {
         let f = try Fixture(.pv, negotiating: [])
         #expect(f.hypercall(.createVCPU, Plan.exitPage.raw).rax == 0)
-        #expect(f.l2CPUID(function: 0) == .deliverToL1)
+        #expect(f.l2CPUID(function: 0) == .resume(.l1))
         #expect(try f.runPage(at: Plan.exitPage).exitReason == .cpuid)
     }
 
@@ -127,8 +127,8 @@ import Transport
         let f = try Fixture(.pv)
         _ = f.hypercall(.createVCPU, Plan.exitPage.raw)
         f.l2Run.exitReason = .hlt            // stale contents of L2's run page
-        let outcome = f.vcpu.handleL2Exit(GuestExit(reason: .cpuid, instructionLength: 2))
-        #expect(outcome == .deliverToL1)
+        let outcome = f.vcpu.handleL2Exit(L2ExitInfo(reason: .cpuid, instructionLength: 2))
+        #expect(outcome == .resume(.l1))
         let page = try f.runPage(at: Plan.exitPage)
         do {
             #expect(page.exitReason == .cpuid)
@@ -140,18 +140,18 @@ import Transport
         let f = try registeredFixture()
         #expect(f.hypercall(.setCPUID, Plan.cpuidBuffer.raw, 257).rax == HypercallError.tooBig.returnValue)
         #expect(f.hypercall(.setCPUID, Plan.slotSize - 8, 1).rax == HypercallError.fault.returnValue)
-        #expect(f.vcpu.pv.cpuid == CPUIDTable(Self.entries))
-        #expect(f.l2CPUID(function: 1) == .resumeL2)
+        #expect(f.pv.cpuid == CPUIDTable(Self.entries))
+        #expect(f.l2CPUID(function: 1) == .resume(.l2))
     }
 
     @Test func setCPUIDRejectsMoreThan256EntriesWithE2BIG() throws {
         let f = try Fixture(.pv)
         let r = f.hypercall(.setCPUID, Plan.cpuidBuffer.raw, 257)
         #expect(r.rax == HypercallError.tooBig.returnValue)
-        #expect(f.vcpu.pv.cpuid == nil)
+        #expect(f.pv.cpuid == nil)
         // Exactly 256 (KVM_MAX_CPUID_ENTRIES) is fine.
         #expect(f.hypercall(.setCPUID, Plan.cpuidBuffer.raw, 256).rax == 0)
-        #expect(f.vcpu.pv.cpuid?.entries.count == 256)
+        #expect(f.pv.cpuid?.entries.count == 256)
     }
 
     @Test func setCPUIDWithABufferOutsideL1MemoryFaults() throws {
@@ -161,7 +161,7 @@ import Transport
             let r = f.hypercall(.setCPUID, gpa, 2)
             #expect(r.rax == HypercallError.fault.returnValue, "gpa 0x\(String(gpa, radix: 16))")
         }
-        #expect(f.vcpu.pv.cpuid == nil)
+        #expect(f.pv.cpuid == nil)
         // The last whole entry of L1 memory is readable.
         #expect(f.hypercall(.setCPUID, Plan.slotSize - CPUIDEntry.byteSize, 1).rax == 0)
     }

@@ -18,11 +18,11 @@ import Transport
     /// Runs `body` (a failing hypercall) and checks the PV map and EPT02 are exactly as before.
     func expectUnchanged(_ f: Fixture, _ what: Comment, sourceLocation: SourceLocation = #_sourceLocation,
                          _ body: () -> Void) throws {
-        let mappings = f.vcpu.pv.map.mappings
+        let mappings = f.pv.map.mappings
         let (table, present) = try f.ept02Snapshot()
         let fills = f.vcpu.counters.ept02Fills
         body()
-        #expect(f.vcpu.pv.map.mappings == mappings, what, sourceLocation: sourceLocation)
+        #expect(f.pv.map.mappings == mappings, what, sourceLocation: sourceLocation)
         let (after, presentAfter) = try f.ept02Snapshot()
         let sameTable = after == table   // not inside #expect: a failure would print 2 MiB
         #expect(sameTable, what, sourceLocation: sourceLocation)
@@ -38,7 +38,7 @@ import Transport
         for nr in numbers {
             #expect(PVHypercall(rawValue: nr) == nil)
             let r = f.hypercall(nr)
-            #expect(r.outcome == .resumeL1)
+            #expect(r.outcome == .resume(.l1))
             #expect(r.rax == HypercallError.noSys.returnValue, "0x\(String(nr, radix: 16))")
         }
         #expect(f.l1Run[register: .rip] == 0x4000 + UInt64(numbers.count) * 3)
@@ -51,8 +51,8 @@ import Transport
         #expect(f.hypercall(.getVersion).rax == PVABIVersion.current.packed)
         #expect(f.map(l2: 0x20_0000, l1: 0x40_0000, length: 0x1000) == HypercallError.permission.returnValue)
         #expect(f.hypercall(.createVCPU, Plan.exitPage.raw).rax == HypercallError.permission.returnValue)
-        #expect(f.vcpu.pv.map.mappings.isEmpty)
-        #expect(f.vcpu.pv.exitPageGPA == nil)
+        #expect(f.pv.map.mappings.isEmpty)
+        #expect(f.pv.exitPageGPA == nil)
         #expect(f.negotiate(.all) == 0)
         #expect(f.map(l2: 0x20_0000, l1: 0x40_0000, length: 0x1000) == 0)
     }
@@ -61,7 +61,7 @@ import Transport
         let f = try Fixture(.pv, negotiating: [.batchMap])
         try f.writeCPUIDEntries([CPUIDEntry(function: 0, eax: 1, ebx: 0, ecx: 0, edx: 0)], at: Plan.cpuidBuffer)
         #expect(f.hypercall(.setCPUID, Plan.cpuidBuffer.raw, 1).rax == HypercallError.notSupported.returnValue)
-        #expect(f.vcpu.pv.cpuid == nil)
+        #expect(f.pv.cpuid == nil)
     }
 
     @Test func aGoodMapInstallsEPT02EntriesThroughTheMemslot() throws {
@@ -76,7 +76,7 @@ import Transport
         }
         #expect(f.vcpu.ept02.translate(L2GPA(l2 + length)) == nil)
         #expect(f.vcpu.ept02.translate(L2GPA(l2 - 1)) == nil)
-        #expect(f.vcpu.pv.map.mappings == [PVMapping(l2: AddressRange(start: L2GPA(l2), length: length)!, l1: L1GPA(l1),
+        #expect(f.pv.map.mappings == [PVMapping(l2: AddressRange(start: L2GPA(l2), length: length)!, l1: L1GPA(l1),
                                                      permissions: PVMapFlags.read | PVMapFlags.write)])
         #expect(f.vcpu.counters.ept02Fills == 3)
         #expect(f.vcpu.ept02.present == Set([0x200, 0x201, 0x202]))
@@ -184,7 +184,7 @@ import Transport
     @Test func unmapRemovesTheMappingAndItsEPT02Entries() throws {
         let f = try mappedFixture()
         #expect(f.unmap(l2: Self.mb, length: 0x1_0000) == 0)
-        #expect(f.vcpu.pv.map.mappings.isEmpty)
+        #expect(f.pv.map.mappings.isEmpty)
         for off in stride(from: UInt64(0), to: 0x1_0000, by: 0x1000) {
             #expect(f.vcpu.ept02.translate(L2GPA(Self.mb + off)) == nil)
             #expect(f.vcpu.ept02.entry(L2GPA(Self.mb + off)) == 0)
@@ -223,7 +223,7 @@ import Transport
         #expect(f.map(l2: l2, l1: l1, length: 0x1_0000, flags: PVMapFlags.read | PVMapFlags.execute) == 0)
         #expect(f.unmap(l2: l2 + 0x4000, length: 0x4000) == 0)
         let perms = PVMapFlags.read | PVMapFlags.execute
-        #expect(f.vcpu.pv.map.mappings == [
+        #expect(f.pv.map.mappings == [
             PVMapping(l2: AddressRange(start: L2GPA(l2), length: 0x4000)!, l1: L1GPA(l1), permissions: perms),
             PVMapping(l2: AddressRange(start: L2GPA(l2 + 0x8000), length: 0x8000)!, l1: L1GPA(l1 + 0x8000), permissions: perms),
         ])
@@ -231,39 +231,39 @@ import Transport
             let gpa = L2GPA(l2 + page * 0x1000 + 0x10)
             let expected: HostOffset? = (4..<8).contains(page) ? nil : HostOffset(Plan.slotHost.raw + l1 + page * 0x1000 + 0x10)
             #expect(f.vcpu.ept02.translate(gpa) == expected, "page \(page)")
-            #expect(f.vcpu.pv.map.lookup(gpa)?.l1Address(for: gpa) == (expected == nil ? nil : L1GPA(l1 + page * 0x1000 + 0x10)))
+            #expect(f.pv.map.lookup(gpa)?.l1Address(for: gpa) == (expected == nil ? nil : L1GPA(l1 + page * 0x1000 + 0x10)))
         }
         // Unmapping the head of the tail piece splits again; the remainder keeps its offset.
         #expect(f.unmap(l2: l2 + 0x8000, length: 0x1000) == 0)
-        #expect(f.vcpu.pv.map.lookup(L2GPA(l2 + 0x9000))?.l1 == L1GPA(l1 + 0x9000))
+        #expect(f.pv.map.lookup(L2GPA(l2 + 0x9000))?.l1 == L1GPA(l1 + 0x9000))
         #expect(f.vcpu.ept02.translate(L2GPA(l2 + 0x8000)) == nil)
         #expect(f.vcpu.ept02.translate(L2GPA(l2 + 0x9000)) == HostOffset(Plan.slotHost.raw + l1 + 0x9000))
     }
 
     @Test func createVCPUSucceedsOnceThenIsEINVAL() throws {
         let f = try Fixture(.pv)
-        #expect(!f.vcpu.l2Requested)
+        #expect(!f.vcpu.backend.hasL2VCPU)
         let r = f.hypercall(.createVCPU, Plan.exitPage.raw)
-        #expect(r.outcome == .resumeL1)
+        #expect(r.outcome == .resume(.l1))
         #expect(r.rax == 0)
-        #expect(f.vcpu.pv.exitPageGPA == Plan.exitPage)
-        #expect(f.vcpu.l2Requested)
+        #expect(f.pv.exitPageGPA == Plan.exitPage)
+        #expect(f.vcpu.backend.hasL2VCPU)
         #expect(f.hypercall(.createVCPU, Plan.otherVMCS.raw).rax == HypercallError.invalid.returnValue)
-        #expect(f.vcpu.pv.exitPageGPA == Plan.exitPage)
+        #expect(f.pv.exitPageGPA == Plan.exitPage)
     }
 
     @Test func createVCPUChecksTheExitPage() throws {
         let f = try Fixture(.pv)
         #expect(f.hypercall(.createVCPU, Plan.exitPage.raw + 8).rax == HypercallError.invalid.returnValue)
         #expect(f.hypercall(.createVCPU, Plan.slotSize).rax == HypercallError.fault.returnValue)
-        #expect(f.vcpu.pv.exitPageGPA == nil)
-        #expect(!f.vcpu.l2Requested)
+        #expect(f.pv.exitPageGPA == nil)
+        #expect(!f.vcpu.backend.hasL2VCPU)
     }
 
     @Test func enterL2BeforeCreateVCPUIsEINVAL() throws {
         let f = try Fixture(.pv)
         let r = f.hypercall(.enterL2)
-        #expect(r.outcome == .resumeL1)
+        #expect(r.outcome == .resume(.l1))
         #expect(r.rax == HypercallError.invalid.returnValue)
     }
 
@@ -290,13 +290,14 @@ import Transport
         f.l1Run[register: .rip] = 0x100
         for call in PVHypercall.allCases {
             let r = f.hypercall(call, Plan.exitPage.raw, 0x40_0000, 0x1000, PVMapFlags.rwx)
-            #expect(r.outcome == .resumeL1, "\(call)")
+            #expect(r.outcome == .resume(.l1), "\(call)")
             #expect(r.rax == HypercallError.noSys.returnValue, "\(call)")
         }
         #expect(f.l1Run[register: .rip] == 0x100 + 3 * UInt64(PVHypercall.allCases.count))
-        #expect(f.vcpu.pv.map.mappings.isEmpty)
-        #expect(f.vcpu.pv.exitPageGPA == nil)
-        #expect(!f.vcpu.l2Requested)
+        // Nothing was mapped and no L2 vCPU exists: a nested-VMX L1 has no PV state at all.
+        #expect(f.vcpu.ept02.present.isEmpty)
+        #expect(!(f.vcpu.backend is PVBackend))
+        #expect(!f.vcpu.backend.hasL2VCPU)
     }
 }
 
@@ -305,7 +306,7 @@ import Transport
         let f = try Fixture(.pv)
         #expect(f.map(l2: 0x10_0000, l1: 0x40_0000, length: 0x4000) == 0)
         #expect(f.map(l2: 0x10_1000, l1: 0x80_0000, length: 0x2000, flags: PVMapFlags.read | PVMapFlags.replace) == 0)
-        #expect(f.vcpu.pv.map.mappings == [
+        #expect(f.pv.map.mappings == [
             PVMapping(l2: AddressRange(start: L2GPA(0x10_0000), length: 0x1000)!, l1: L1GPA(0x40_0000), permissions: 7),
             PVMapping(l2: AddressRange(start: L2GPA(0x10_1000), length: 0x2000)!, l1: L1GPA(0x80_0000), permissions: 1),
             PVMapping(l2: AddressRange(start: L2GPA(0x10_3000), length: 0x1000)!, l1: L1GPA(0x40_3000), permissions: 7),
@@ -320,10 +321,10 @@ import Transport
     @Test func aRefusedReplaceLeavesTheOldMappingInPlace() throws {
         let f = try Fixture(.pv)
         #expect(f.map(l2: 0x10_0000, l1: 0x40_0000, length: 0x4000) == 0)
-        let before = f.vcpu.pv.map.mappings
+        let before = f.pv.map.mappings
         #expect(f.map(l2: 0x10_1000, l1: Plan.slotSize - 0x1000, length: 0x2000, flags: PVMapFlags.rwx | PVMapFlags.replace)
                 == HypercallError.fault.returnValue)
-        #expect(f.vcpu.pv.map.mappings == before)
+        #expect(f.pv.map.mappings == before)
         #expect(f.vcpu.ept02.translate(L2GPA(0x10_2000)) == HostOffset(Plan.slotHost.raw + 0x40_2000))
     }
 }

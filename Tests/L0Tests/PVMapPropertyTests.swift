@@ -111,7 +111,7 @@ struct ReferenceMap {
     }
 
     static func firstMismatch(_ f: Fixture, _ reference: ReferenceMap, _ usedPages: Set<UInt64>) -> String? {
-        let map = f.vcpu.pv.map
+        let map = f.pv.map
         for (a, b) in zip(map.mappings, map.mappings.dropFirst()) where a.l2.end > b.l2.start {
             return "mappings \(a.l2) and \(b.l2) overlap or are out of order"
         }

@@ -5,18 +5,18 @@ import Transport
 
 /// VMCS shadowing (nvmx): shadowed fields live in the shadow VMCS between L0's syncs.
 @Suite struct VMCSShadowingTests {
-    static let allCount = UInt64(NestedVMXState.shadowedAllOffsets.count)
-    static let rwCount = UInt64(NestedVMXState.shadowedReadWriteOffsets.count)
+    static let allCount = UInt64(NestedVMXBackend.shadowedAllOffsets.count)
+    static let rwCount = UInt64(NestedVMXBackend.shadowedReadWriteOffsets.count)
 
     func shadowActive(_ f: Fixture) throws -> UInt32 {
-        try f.control.load(UInt32.self, at: f.layout.handoff(0) + HandoffLayout.shadowVMCSActive)
+        try f.control.load(UInt32.self, at: (f.layout.handoff(0) + HandoffLayout.shadowVMCSActive).raw)
     }
 
     @Test func theBitmapsLetOnlyShadowedFieldsThrough() throws {
         let f = try Fixture(.nvmx)
-        func bit(_ bitmap: UInt64, _ field: VMCSField) throws -> Bool {
+        func bit(_ bitmap: ControlOffset, _ field: VMCSField) throws -> Bool {
             let b = UInt64(field.rawValue & 0x7FFF)
-            let byte: UInt8 = try f.control.load(at: bitmap + b / 8)
+            let byte: UInt8 = try f.control.load(at: (bitmap + b / 8).raw)
             return byte & (1 << UInt8(b % 8)) != 0
         }
         for field in ShadowedFields.readWrite {
@@ -43,7 +43,7 @@ import Transport
         #expect(try shadowActive(f) == 0)
         f.vmx(.vmptrld, Plan.vmcs12)
         #expect(f.vmxResult == .succeed)
-        let shadow = f.vcpu.nested.shadowVMCS
+        let shadow = f.nested.shadowVMCS
         for field in ShadowedFields.readWrite + ShadowedFields.readOnly {
             #expect(shadow[field] == v[field], "\(field)")
         }
@@ -60,7 +60,7 @@ import Transport
     @Test func aShadowWriteOfGuestRIPReachesVMCS12AtVMLAUNCHAndVMRESUME() throws {
         let f = try Fixture(.nvmx)
         let v = try f.loadValidVMCS12()
-        f.vcpu.nested.shadowVMCS[.guestRIP] = 0x12_3000   // L1's VMWRITE, not exiting
+        f.nested.shadowVMCS[.guestRIP] = 0x12_3000   // L1's VMWRITE, not exiting
         #expect(v[.guestRIP] == Plan.guestRIP)
         let copies = f.vcpu.counters.shadowVMCSFieldCopies
         #expect(f.vmx(.vmlaunch) == .enterL2)
@@ -68,8 +68,8 @@ import Transport
         #expect(f.l2Run[register: .rip] == 0x12_3000)
         #expect(f.vcpu.counters.shadowVMCSFieldCopies == copies + Self.rwCount)
 
-        #expect(f.l2CPUID(function: 0) == .deliverToL1)
-        f.vcpu.nested.shadowVMCS[.guestRIP] = 0x12_3002
+        #expect(f.l2CPUID(function: 0) == .resume(.l1))
+        f.nested.shadowVMCS[.guestRIP] = 0x12_3002
         #expect(f.vmx(.vmresume) == .enterL2)
         #expect(v[.guestRIP] == 0x12_3002)
         #expect(f.l2Run[register: .rip] == 0x12_3002)
@@ -81,9 +81,9 @@ import Transport
         let copies = f.vcpu.counters.shadowVMCSFieldCopies
         f.l2Run[register: .rip] = 0x1_0040
         f.l2Run[register: .rsp] = 0x7FF0
-        #expect(f.l2Exit(GuestExit(reason: .hlt, qualification: 0, instructionLength: 1)) == .resumeL2)   // not asked for
-        #expect(f.l2CPUID(function: 0, length: 2) == .deliverToL1)
-        let shadow = f.vcpu.nested.shadowVMCS
+        #expect(f.l2Exit(L2ExitInfo(reason: .hlt, qualification: 0, instructionLength: 1)) == .resume(.l2))   // not asked for
+        #expect(f.l2CPUID(function: 0, length: 2) == .resume(.l1))
+        let shadow = f.nested.shadowVMCS
         #expect(v[.vmExitReason] == UInt64(ExitReason.cpuid.rawValue))
         #expect(shadow[.vmExitReason] == UInt64(ExitReason.cpuid.rawValue))
         #expect(shadow[.vmExitInstructionLen] == 2)
@@ -98,7 +98,7 @@ import Transport
     @Test func vmclearOfTheCurrentVMCSFoldsTheShadowBackAndDeactivatesIt() throws {
         let f = try Fixture(.nvmx)
         let v = try f.loadValidVMCS12()
-        f.vcpu.nested.shadowVMCS[.guestRSP] = 0x6666
+        f.nested.shadowVMCS[.guestRSP] = 0x6666
         f.vmx(.vmclear, Plan.vmcs12)
         #expect(v[.guestRSP] == 0x6666)
         #expect(try shadowActive(f) == 0)
@@ -109,26 +109,26 @@ import Transport
         let v = try f.loadValidVMCS12()
         let other = try f.prepareValidVMCS12(at: Plan.otherVMCS)
         other[.guestRIP] = 0x9000
-        f.vcpu.nested.shadowVMCS[.guestRIP] = 0x5555
+        f.nested.shadowVMCS[.guestRIP] = 0x5555
         f.vmx(.vmptrld, Plan.otherVMCS)
         #expect(f.vmxResult == .succeed)
         #expect(v[.guestRIP] == 0x5555)
-        #expect(f.vcpu.nested.shadowVMCS[.guestRIP] == 0x9000)
+        #expect(f.nested.shadowVMCS[.guestRIP] == 0x9000)
         #expect(try shadowActive(f) == 1)
     }
 
     @Test func withoutShadowingNothingIsCopied() throws {
         let f = try Fixture(.nvmxNoShadow)
-        #expect(!f.vcpu.nested.shadowing)
+        #expect(!f.nested.shadowing)
         let v = try f.loadValidVMCS12()
-        #expect(f.vcpu.nested.shadowVMCS[.guestRIP] == 0)
+        #expect(f.nested.shadowVMCS[.guestRIP] == 0)
         #expect(try shadowActive(f) == 0)
-        f.vcpu.nested.shadowVMCS[.guestRIP] = 0x12_3000   // nobody reads it on this path
+        f.nested.shadowVMCS[.guestRIP] = 0x12_3000   // nobody reads it on this path
         #expect(f.vmx(.vmlaunch) == .enterL2)
         #expect(v[.guestRIP] == Plan.guestRIP)
         #expect(f.l2Run[register: .rip] == Plan.guestRIP)
-        #expect(f.l2CPUID(function: 0) == .deliverToL1)
-        #expect(f.vcpu.nested.shadowVMCS[.vmExitReason] == 0)
+        #expect(f.l2CPUID(function: 0) == .resume(.l1))
+        #expect(f.nested.shadowVMCS[.vmExitReason] == 0)
         #expect(v[.vmExitReason] == UInt64(ExitReason.cpuid.rawValue))
         f.vmx(.vmclear, Plan.vmcs12)
         #expect(f.vcpu.counters.shadowVMCSFieldCopies == 0)

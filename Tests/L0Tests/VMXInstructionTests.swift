@@ -12,22 +12,23 @@ import Transport
         let f = try Fixture(.nvmx)
         f.l1Run[register: .rip] = 0x500
         let outcome = f.vmx(reason, Plan.vmcs12)
-        #expect(outcome == .resumeL1)
+        #expect(outcome == .resume(.l1))
         #expect(f.l1Run[RunPage.eventInjection] == Self.ud)
         #expect(f.l1Run[RunPage.eventInjection] & (1 << 31) != 0)
         #expect(f.l1Run[RunPage.eventInjection] & 0xFF == 6)
         // A fault: RIP stays on the instruction, no VMX result is written.
         #expect(f.l1Run[register: .rip] == 0x500)
         #expect(f.vmxResult == nil)
-        #expect(f.vcpu.nested.current == nil)
+        #expect(f.nested.current == nil)
     }
 
     @Test func vmxInstructionsOnThePVPathRaiseUD() throws {
         let f = try Fixture(.pv)
         try f.store32(VMCS12Layout.revisionID, Plan.vmxonRegion)
-        #expect(f.vmx(.vmxon, Plan.vmxonRegion) == .resumeL1)
+        #expect(f.vmx(.vmxon, Plan.vmxonRegion) == .resume(.l1))
         #expect(f.l1Run[RunPage.eventInjection] == Self.ud)
-        #expect(!f.vcpu.nested.vmxon)
+        // A PV L1 has no VMX state at all: its backend never enters VMX operation.
+        #expect(!(f.vcpu.backend is NestedVMXBackend))
     }
 
     @Test func vmxonSucceedsOnceThenVMfails() throws {
@@ -35,7 +36,7 @@ import Transport
         f.l1Run[register: .rip] = 0x500
         try f.enterVMXOperation()
         #expect(f.l1Run[register: .rip] == 0x503)
-        #expect(f.vcpu.nested.vmxon)
+        #expect(f.nested.vmxon)
         // No current VMCS: VMfailInvalid.
         f.vmx(.vmxon, Plan.vmxonRegion)
         #expect(f.vmxResult == .failInvalid)
@@ -57,7 +58,7 @@ import Transport
         #expect(f.vmxResult == .failInvalid)
         f.vmx(.vmxon, operand: Plan.slotSize)                     // outside L1 memory
         #expect(f.vmxResult == .failInvalid)
-        #expect(!f.vcpu.nested.vmxon)
+        #expect(!f.nested.vmxon)
     }
 
     @Test func vmptrldOfABadAddressIsVMfailInvalidWithoutACurrentVMCSAndVMfailValid9WithOne() throws {
@@ -77,7 +78,7 @@ import Transport
         f.vmx(.vmptrld, operand: Plan.slotSize)
         #expect(f.vmxResult == .failValid(.vmptrldInvalidAddress))
         // The current VMCS did not change.
-        #expect(f.vcpu.nested.current == Plan.vmcs12)
+        #expect(f.nested.current == Plan.vmcs12)
     }
 
     @Test func vmptrldOfTheVMXONRegionIs10AndOfAWrongRevisionIs11() throws {
@@ -88,7 +89,7 @@ import Transport
         try f.store32(0xBAD, Plan.otherVMCS)
         f.vmx(.vmptrld, Plan.otherVMCS)
         #expect(f.vmxResult == .failValid(.vmptrldIncorrectRevision))
-        #expect(f.vcpu.nested.current == Plan.vmcs12)
+        #expect(f.nested.current == Plan.vmcs12)
         // Without a current VMCS the same errors are VMfailInvalid.
         f.vmx(.vmclear, Plan.vmcs12)
         #expect(f.vmxResult == .succeed)
@@ -194,9 +195,9 @@ import Transport
         #expect(f.vmread(.guestPhysicalAddress) == 0x1234_5678_9ABC_D000)
         #expect(f.vmxResult == .succeed)
         // An exiting VMWRITE marks vmcs12 dirty (the next entry rebuilds vmcs02 in full).
-        f.vcpu.nested.vmcs12Dirty = false
+        f.nested.vmcs12Dirty = false
         f.vmwrite(.guestCR3, 0x1000)
-        #expect(f.vcpu.nested.vmcs12Dirty)
+        #expect(f.nested.vmcs12Dirty)
     }
 
     @Test func vmreadAndVMWriteUseTheRegistersNamedByTheInstructionInfo() throws {
@@ -220,13 +221,13 @@ import Transport
         f.l1Run[register: .r15] = 0xF15
         let v = try f.launchL2()
         #expect(v.launched)
-        #expect(f.vcpu.l2Requested)
+        #expect(f.vcpu.backend.hasL2VCPU)
         #expect(f.l2Run[register: .rip] == Plan.guestRIP)
         #expect(f.l2Run[register: .rsp] == Plan.guestRSP)
         #expect(f.l2Run[register: .rflags] == 0x2)
         #expect(f.l2Run[register: .rbx] == 0xB0B)
         #expect(f.l2Run[register: .r15] == 0xF15)
-        #expect(f.vcpu.nested.shadowedEPTP == Plan.eptp)
+        #expect(f.nested.shadowedEPTP == Plan.eptp)
     }
 
     @Test func vmlaunchOfALaunchedVMCSIs4AndVMResumeOfAClearOneIs5() throws {
@@ -236,8 +237,8 @@ import Transport
         #expect(f.vmxResult == .failValid(.vmresumeNonLaunchedVMCS))
         #expect(f.vmx(.vmlaunch) == .enterL2)
         // L2 exits (CPUID is always L1's), L1 tries VMLAUNCH again.
-        #expect(f.l2CPUID(function: 0) == .deliverToL1)
-        #expect(f.vmx(.vmlaunch) == .resumeL1)
+        #expect(f.l2CPUID(function: 0) == .resume(.l1))
+        #expect(f.vmx(.vmlaunch) == .resume(.l1))
         #expect(f.vmxResult == .failValid(.vmlaunchNonClearVMCS))
         #expect(f.vmx(.vmresume) == .enterL2)
     }
@@ -245,7 +246,7 @@ import Transport
     @Test func vmlaunchWithoutACurrentVMCSIsVMfailInvalid() throws {
         let f = try Fixture(.nvmx)
         try f.enterVMXOperation()
-        #expect(f.vmx(.vmlaunch) == .resumeL1)
+        #expect(f.vmx(.vmlaunch) == .resume(.l1))
         #expect(f.vmxResult == .failInvalid)
     }
 
@@ -272,9 +273,9 @@ import Transport
             try f.enterVMXOperation()
             breakIt(try f.prepareValidVMCS12())
             f.vmx(.vmptrld, Plan.vmcs12)
-            #expect(f.vmx(.vmlaunch) == .resumeL1, "\(what)")
+            #expect(f.vmx(.vmlaunch) == .resume(.l1), "\(what)")
             #expect(f.vmxResult == .failValid(.entryInvalidControlField), "\(what)")
-            #expect(!f.vcpu.nested.guestMode, "\(what)")
+            #expect(!f.nested.guestMode, "\(what)")
             #expect(try f.vmcs(at: Plan.vmcs12).launched == false, "\(what)")
         }
     }
@@ -292,7 +293,7 @@ import Transport
             try f.enterVMXOperation()
             breakIt(try f.prepareValidVMCS12())
             f.vmx(.vmptrld, Plan.vmcs12)
-            #expect(f.vmx(.vmlaunch) == .resumeL1, "\(what)")
+            #expect(f.vmx(.vmlaunch) == .resume(.l1), "\(what)")
             #expect(f.vmxResult == .failValid(.entryInvalidHostStateField), "\(what)")
         }
     }
@@ -312,7 +313,7 @@ import Transport
                 breakIt(try f.prepareValidVMCS12())
                 f.vmx(.vmptrld, Plan.vmcs12)
                 let outcome = f.vmx(.vmlaunch)
-                #expect(outcome == .resumeL1, "\(path) \(what)")
+                #expect(outcome == .resume(.l1), "\(path) \(what)")
                 let v = try f.vmcs(at: Plan.vmcs12)
                 #expect(v[.vmExitReason] == 33 | 0x8000_0000, "\(path) \(what)")
                 #expect(f.l1Run[RunPage.enteredByVMExit] == 1, "\(path) \(what)")
@@ -320,9 +321,9 @@ import Transport
                 #expect(f.l1Run[register: .rsp] == Plan.hostRSP, "\(path) \(what)")
                 #expect(f.l1Run[register: .rflags] == 0x2, "\(path) \(what)")
                 #expect(f.vmxResult == .succeed, "\(path) \(what)")
-                #expect(!f.vcpu.nested.guestMode, "\(path) \(what)")
+                #expect(!f.nested.guestMode, "\(path) \(what)")
                 if path == .nvmx {
-                    #expect(f.vcpu.nested.shadowVMCS[.vmExitReason] == 33 | 0x8000_0000, "\(what)")
+                    #expect(f.nested.shadowVMCS[.vmExitReason] == 33 | 0x8000_0000, "\(what)")
                 }
             }
         }
@@ -336,7 +337,7 @@ import Transport
         try f.enterVMXOperation()
         try f.prepareValidVMCS12()[.guestRFLAGS] = 0
         f.vmx(.vmptrld, Plan.vmcs12)
-        #expect(f.vmx(.vmlaunch) == .resumeL1)
+        #expect(f.vmx(.vmlaunch) == .resume(.l1))
         let v = try f.vmcs(at: Plan.vmcs12)
         f.vmwrite(.guestRFLAGS, 0x2)
         do {
@@ -354,7 +355,7 @@ import Transport
         f.vmx(.vmptrld, Plan.vmcs12)
         for r in Register.gprsOutsideVMCS { f.l1Run[register: r] = 0x1100 + UInt64(r.rawValue) }
         for r in Register.gprsOutsideVMCS { f.l2Run[register: r] = 0xDEAD_0000 + UInt64(r.rawValue) }  // stale L2 state
-        #expect(f.vmx(.vmlaunch) == .resumeL1)
+        #expect(f.vmx(.vmlaunch) == .resume(.l1))
         do {
             for r in Register.gprsOutsideVMCS {
                 #expect(f.l1Run[register: r] == 0x1100 + UInt64(r.rawValue), "\(r)")
@@ -377,7 +378,7 @@ import Transport
         for (field, value) in kept { v[field] = value }
         v[.exitQualification] = 0x99
         f.vmx(.vmptrld, Plan.vmcs12)
-        #expect(f.vmx(.vmlaunch) == .resumeL1)
+        #expect(f.vmx(.vmlaunch) == .resume(.l1))
         #expect(v[.vmExitReason] == 33 | 0x8000_0000)
         #expect(v[.exitQualification] == 0)           // ENTRY_FAIL_DEFAULT
         #expect(v[.guestRIP] == Plan.guestRIP)        // no guest state saved
@@ -389,13 +390,13 @@ import Transport
     @Test func vmclearResetsTheLaunchStateAndReleasesTheCurrentVMCS() throws {
         let f = try Fixture(.nvmxNoShadow)
         let v = try f.launchL2()
-        #expect(f.l2CPUID(function: 0) == .deliverToL1)
+        #expect(f.l2CPUID(function: 0) == .resume(.l1))
         #expect(v.launched)
         f.vmx(.vmclear, Plan.vmcs12)
         #expect(f.vmxResult == .succeed)
         #expect(!v.launched)
-        #expect(f.vcpu.nested.current == nil)
-        #expect(f.vcpu.nested.vmcs12 == nil)
+        #expect(f.nested.current == nil)
+        #expect(f.nested.vmcs12 == nil)
         f.vmx(.vmresume)
         #expect(f.vmxResult == .failInvalid)
         f.vmx(.vmptrld, Plan.vmcs12)
@@ -413,13 +414,13 @@ import Transport
         #expect(f.vmxResult == .failValid(.vmclearInvalidAddress))
         f.vmx(.vmclear, Plan.vmxonRegion)
         #expect(f.vmxResult == .failValid(.vmclearVMXONPointer))
-        #expect(f.vcpu.nested.current == Plan.vmcs12)
+        #expect(f.nested.current == Plan.vmcs12)
         // Clearing a VMCS that is not current leaves the current one alone.
         try f.prepareValidVMCS12(at: Plan.otherVMCS).launched = true
         f.vmx(.vmclear, Plan.otherVMCS)
         #expect(f.vmxResult == .succeed)
         #expect(try !f.vmcs(at: Plan.otherVMCS).launched)
-        #expect(f.vcpu.nested.current == Plan.vmcs12)
+        #expect(f.nested.current == Plan.vmcs12)
     }
 
     @Test func vmxoffReleasesTheVMCSAndLaterVMXInstructionsRaiseUD() throws {
@@ -427,8 +428,8 @@ import Transport
         try f.loadValidVMCS12()
         f.vmx(.vmxoff)
         #expect(f.vmxResult == .succeed)
-        #expect(!f.vcpu.nested.vmxon)
-        #expect(f.vcpu.nested.current == nil)
+        #expect(!f.nested.vmxon)
+        #expect(f.nested.current == nil)
         f.l1Run[RunPage.eventInjection] = 0
         f.vmx(.vmptrld, Plan.vmcs12)
         #expect(f.l1Run[RunPage.eventInjection] == Self.ud)
@@ -449,7 +450,7 @@ import Transport
     @Test func inveptGlobalEmptiesEPT02AndSingleContextOnlyForTheShadowedEPTP() throws {
         let f = try Fixture(.nvmx)
         try f.launchL2()
-        #expect(f.l2CPUID(function: 0) == .deliverToL1)
+        #expect(f.l2CPUID(function: 0) == .resume(.l1))
         let gpa = L2GPA(0x30_0000)
         f.vcpu.ept02.install(gpa, host: f.hostOffset(Plan.l2Backing), permissions: EPT.rwxMask, memslot: 0)
         f.l1Run[register: .rax] = 1
@@ -477,7 +478,7 @@ import Transport
     @Test func inveptSingleContextMatchesTheEPTPRootAddress() throws {
         let f = try Fixture(.nvmx)
         try f.launchL2()
-        #expect(f.l2CPUID(function: 0) == .deliverToL1)
+        #expect(f.l2CPUID(function: 0) == .resume(.l1))
         let gpa = L2GPA(0x30_0000)
         for variant in [Plan.eptp | EPT.eptpADEnable, Plan.ept12Root.raw | EPT.memoryTypeUC | EPT.eptpWalkLength4] {
             f.vcpu.ept02.install(gpa, host: f.hostOffset(Plan.l2Backing), permissions: EPT.rwxMask, memslot: 0)

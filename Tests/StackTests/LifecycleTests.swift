@@ -130,7 +130,11 @@ extension StackTests {
         config.vmType = .tdx
         config.oneTimeSetup = .onFirstProtectedVM
         let result = try L0Stack(config: config).run()
-        #expect(result.pvRefusal?.contains("cannot leave the TCB") == true, "\(String(describing: result.pvRefusal))")
+        guard case .host(.pvNestingRefused(_, .tdx)) = result.pvRefusal else {
+            Issue.record("expected the host's protected-state refusal, got \(String(describing: result.pvRefusal))")
+            return
+        }
+        #expect("\(result.pvRefusal!)".contains("cannot leave the TCB"))   // the reason pvm launch prints
         #expect(result.stop == .tierDied(.l1, .exited(3)))
         #expect(result.l2Status == nil)                        // L2 was never started
     }

@@ -27,7 +27,7 @@ func onThread<T: Sendable>(_ body: @escaping @Sendable () -> T) -> () -> T {
     let handoff: Handoff
     init() throws {
         region = try SharedRegion(create: "handoff-test", size: pageSize)
-        handoff = Handoff(region: region, base: 0)
+        handoff = Handoff(region: region, base: ControlOffset(0))
     }
 
     @Test func aWaiterWithNothingToDoSleepsInsteadOfSpinning() {
