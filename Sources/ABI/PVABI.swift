@@ -6,6 +6,15 @@ import CPVMShim
 // arguments in RBX, RCX, RDX, RSI; the result comes back in RAX: >= 0 success, or a negated
 // KVM error code from <linux/kvm_para.h>. Bulk data is passed by L1 GPA of a buffer in L1 memory.
 
+/// A value a hypercall takes in a register: a number, or an address in one of the address
+/// spaces (its raw value is exactly what the register holds).
+public protocol HypercallArgument {
+    var registerValue: UInt64 { get }
+}
+extension UInt64: HypercallArgument { public var registerValue: UInt64 { self } }
+extension L1GPA: HypercallArgument { public var registerValue: UInt64 { raw } }
+extension L2GPA: HypercallArgument { public var registerValue: UInt64 { raw } }
+
 /// The ABI version. Majors are incompatible; a minor adds hypercalls or feature bits only.
 public struct PVABIVersion: Equatable, Sendable, CustomStringConvertible {
     public var major: UInt16

@@ -100,13 +100,13 @@ public enum Ucall {
     public static let size: UInt64 = 256
 }
 
-/// Ucall commands; the first five are numbered as KVM selftests' `enum ucall_cmd`.
 /// `sync` stages the harness gives meaning to: the measurement window of a benchmark loop.
 public enum UcallStage {
     public static let measureStart: UInt64 = 0x5354_4152   // "RATS"
     public static let measureEnd: UInt64 = 0x454E_4421     // "!DNE"
 }
 
+/// Ucall commands; the first five are numbered as KVM selftests' `enum ucall_cmd`.
 public enum UcallCommand: UInt64, Sendable {
     case none = 0
     case sync = 1

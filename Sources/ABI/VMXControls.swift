@@ -53,6 +53,13 @@ public enum VMExitControl {
 
 /// EPT paging-structure entry bits (SDM 28.3.2) and EPTP format (24.6.11).
 public enum EPT {
+    /// The index of `gpa`'s entry in its table at `level` (4 = PML4 ... 1 = PT): the one place the
+    /// 9-bits-per-level split is written, for L0's EPT12 walk and L1's EPT12 builder alike.
+    public static func tableIndex(_ gpa: L2GPA, level: Int) -> UInt64 {
+        (gpa.raw >> UInt64(12 + 9 * (level - 1))) & (entriesPerTable - 1)
+    }
+    /// A non-leaf or leaf entry pointing at L1 page `page` with the other bits in `bits`.
+    public static func entry(_ page: L1GPA, _ bits: UInt64) -> UInt64 { page.raw & addressMask | bits }
     public static let read: UInt64 = 1 << 0
     public static let write: UInt64 = 1 << 1
     public static let execute: UInt64 = 1 << 2

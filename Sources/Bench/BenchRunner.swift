@@ -90,10 +90,16 @@ public struct BenchRunner: Sendable {
         return BenchResult(test: test, variant: variant, iterations: latency.samples, latency: latency, window: window)
     }
 
-    /// The variants a test runs on by default: every path; first touch with each map mode.
-    public static func defaultVariants(for test: String, paths: [NestingPath]) -> [BenchVariant] {
+    /// The variants a test runs on by default: every path; an operation whose cost depends on
+    /// how L1 maps L2's memory (fresh pages), with each map mode on the nested paths.
+    public static func defaultVariants(for op: BenchOperation, paths: [NestingPath]) -> [BenchVariant] {
         paths.flatMap { p -> [BenchVariant] in
-            test == "ept_first_touch" && p.isNested ? L2MapMode.allCases.map { BenchVariant(path: p, l2MapMode: $0) } : [BenchVariant(path: p)]
+            op.dependsOnMapMode && p.isNested ? L2MapMode.allCases.map { BenchVariant(path: p, l2MapMode: $0) } : [BenchVariant(path: p)]
         }
+    }
+
+    /// The same, by test name (unknown names have none).
+    public static func defaultVariants(for test: String, paths: [NestingPath]) -> [BenchVariant] {
+        BenchOperations.named(test).map { defaultVariants(for: $0, paths: paths) } ?? []
     }
 }

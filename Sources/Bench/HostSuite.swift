@@ -80,10 +80,10 @@ public enum HostSuite {
                 _ = try other.createVM(type: .tdx)
                 firstProtected.append(monotonicNanos() - t)
             }
-            rows.append(Row(enableVirtAtLoad: atLoad, oneTimeSetup: setup, loadNanos: median(load),
-                            firstVMNanos: median(first), nextVMNanos: median(next),
-                            destroyLastVMNanos: median(destroy),
-                            firstProtectedVMNanos: firstProtected.isEmpty ? nil : median(firstProtected)))
+            rows.append(Row(enableVirtAtLoad: atLoad, oneTimeSetup: setup, loadNanos: Median.of(load),
+                            firstVMNanos: Median.of(first), nextVMNanos: Median.of(next),
+                            destroyLastVMNanos: Median.of(destroy),
+                            firstProtectedVMNanos: firstProtected.isEmpty ? nil : Median.of(firstProtected)))
         }
         return rows
     }
@@ -128,11 +128,6 @@ public enum HostSuite {
 
     static func row(_ rows: [Row], _ atLoad: Bool, _ setup: OneTimeSetupPolicy) -> Row? {
         rows.first { $0.enableVirtAtLoad == atLoad && $0.oneTimeSetup == setup }
-    }
-
-    static func median(_ xs: [UInt64]) -> UInt64 {
-        let s = xs.sorted()
-        return s.isEmpty ? 0 : s[s.count / 2]
     }
 
     /// ns below 10 us, us below 10 ms, ms above.

@@ -65,7 +65,6 @@ public enum MemslotSuite {
         }
     }
 
-    static func median(_ xs: [Double]) -> Double { xs.sorted()[xs.count / 2] }
 
     /// `scale` divides the touched-page counts (1 for the real suite; tests use a larger one).
     public static func run(rounds: Int = 5, scale: UInt64 = 1) throws -> [Row] {
@@ -91,8 +90,8 @@ public enum MemslotSuite {
                 refaults = rig.touch(L2GPA(0), pages: touched)                   // the memory that stayed
                 rebuilds.append(Double(monotonicNanos() - t1) / 1_000_000)
             }
-            rows.append(Row(scenario: "recreate 2 GiB", policy: policy, deleteMicros: median(deletes),
-                            entriesZapped: zapped, refaults: refaults, rebuildMillis: median(rebuilds)))
+            rows.append(Row(scenario: "recreate 2 GiB", policy: policy, deleteMicros: Median.of(deletes),
+                            entriesZapped: zapped, refaults: refaults, rebuildMillis: Median.of(rebuilds)))
         }
         for policy in MemslotZapPolicy.allCases {
             // One very large slot (sparse: only what L2 touched is ever allocated).
@@ -114,8 +113,8 @@ public enum MemslotSuite {
                 refaults = rig.touch(L2GPA(0), pages: touched)
                 rebuilds.append(Double(monotonicNanos() - t1) / 1_000_000)
             }
-            rows.append(Row(scenario: "delete 32 GiB", policy: policy, deleteMicros: median(deletes),
-                            entriesZapped: zapped, refaults: refaults, rebuildMillis: median(rebuilds)))
+            rows.append(Row(scenario: "delete 32 GiB", policy: policy, deleteMicros: Median.of(deletes),
+                            entriesZapped: zapped, refaults: refaults, rebuildMillis: Median.of(rebuilds)))
         }
         return rows
     }

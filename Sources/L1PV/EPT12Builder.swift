@@ -10,10 +10,10 @@ public struct EPT12Builder {
 
     public init(memory: L1Memory, pool: L1GPA, poolSize: UInt64) throws {
         self.memory = memory
-        self.poolEnd = L1GPA(pool.raw + poolSize)
+        self.poolEnd = pool + poolSize
         self.next = pool
         self.root = pool
-        self.next = L1GPA(pool.raw + pageSize)
+        self.next = pool + pageSize
         try memory.zero(root, length: pageSize)
     }
 
@@ -23,7 +23,7 @@ public struct EPT12Builder {
     mutating func allocateTable() throws -> L1GPA {
         guard next < poolEnd else { throw L1Fault.outsideOwnMemory(next) }
         let t = next
-        next = L1GPA(next.raw + pageSize)
+        next = next + pageSize
         try memory.zero(t, length: pageSize)
         return t
     }
@@ -32,12 +32,12 @@ public struct EPT12Builder {
     func leafSlot(_ l2: L2GPA) throws -> L1GPA? {
         var table = root
         for level in stride(from: EPT.levels, to: 1, by: -1) {
-            let index = (l2.raw >> UInt64(12 + 9 * (level - 1))) & (EPT.entriesPerTable - 1)
-            let entry = try memory.load64(L1GPA(table.raw + index * 8))
+            let index = EPT.tableIndex(l2, level: level)
+            let entry = try memory.load64(table + index * 8)
             guard entry & EPT.rwxMask != 0 else { return nil }
             table = L1GPA(entry & EPT.addressMask)
         }
-        return L1GPA(table.raw + l2.pageNumber % EPT.entriesPerTable * 8)
+        return table + l2.pageNumber % EPT.entriesPerTable * 8
     }
 
     public func isMapped(_ l2: L2GPA) throws -> Bool {
@@ -55,16 +55,16 @@ public struct EPT12Builder {
     public mutating func map(_ l2: L2GPA, to l1: L1GPA, permissions: UInt64 = EPT.rwxMask) throws {
         var table = root
         for level in stride(from: EPT.levels, to: 1, by: -1) {
-            let index = (l2.raw >> UInt64(12 + 9 * (level - 1))) & (EPT.entriesPerTable - 1)
-            let slot = L1GPA(table.raw + index * 8)
+            let index = EPT.tableIndex(l2, level: level)
+            let slot = table + index * 8
             var entry = try memory.load64(slot)
             if entry & EPT.rwxMask == 0 {
-                entry = try allocateTable().raw | EPT.rwxMask
+                entry = EPT.entry(try allocateTable(), EPT.rwxMask)
                 try memory.store64(entry, slot)
             }
             table = L1GPA(entry & EPT.addressMask)
         }
-        let leaf = L1GPA(table.raw + l2.pageNumber % EPT.entriesPerTable * 8)
-        try memory.store64(l1.pageBase.raw | permissions | EPT.memoryTypeWB << EPT.memoryTypeShift, leaf)
+        let leaf = table + l2.pageNumber % EPT.entriesPerTable * 8
+        try memory.store64(EPT.entry(l1.pageBase, permissions | EPT.memoryTypeWB << EPT.memoryTypeShift), leaf)
     }
 }

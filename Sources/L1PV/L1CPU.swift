@@ -75,8 +75,9 @@ public final class L1CPU: L1StoreTrap {
 
     /// A PV hypercall that must succeed.
     @discardableResult
-    public func hypercall(_ call: PVHypercall, _ a0: UInt64 = 0, _ a1: UInt64 = 0, _ a2: UInt64 = 0, _ a3: UInt64 = 0) throws -> UInt64 {
-        let r = try vmcall(call.rawValue, a0, a1, a2, a3)
+    public func hypercall(_ call: PVHypercall, _ args: any HypercallArgument...) throws -> UInt64 {
+        let a = args.map(\.registerValue) + [0, 0, 0, 0]
+        let r = try vmcall(call.rawValue, a[0], a[1], a[2], a[3])
         if let e = HypercallError.from(returnValue: r) { throw L1Fault.hypercallFailed(call, e) }
         return r
     }
@@ -84,13 +85,13 @@ public final class L1CPU: L1StoreTrap {
     // MARK: VMX instructions
 
     public func vmxon(_ region: L1GPA) throws -> VMXInstructionResult {
-        try vmexit(.vmxon, length: 4, operand: region.raw); return lastResult
+        try vmexit(.vmxon, length: 4, operand: region.registerValue); return lastResult
     }
     public func vmclear(_ vmcs: L1GPA) throws -> VMXInstructionResult {
-        try vmexit(.vmclear, length: 4, operand: vmcs.raw); return lastResult
+        try vmexit(.vmclear, length: 4, operand: vmcs.registerValue); return lastResult
     }
     public func vmptrld(_ vmcs: L1GPA) throws -> VMXInstructionResult {
-        try vmexit(.vmptrld, length: 4, operand: vmcs.raw); return lastResult
+        try vmexit(.vmptrld, length: 4, operand: vmcs.registerValue); return lastResult
     }
     public func invept(type: UInt64, eptp: UInt64) throws -> VMXInstructionResult {
         run[register: .rax] = type

@@ -26,7 +26,7 @@ public struct L1Memory {
         guard let off = gpa.offset(from: slot.guestPhysAddr), off <= slot.memorySize, length <= slot.memorySize - off else {
             throw L1Fault.outsideOwnMemory(gpa)
         }
-        return HostOffset(slot.hostOffset.raw + off)
+        return slot.hostOffset + off
     }
 
     public func load64(_ gpa: L1GPA) throws -> UInt64 { try host.load(at: hostOffset(gpa, length: 8)) }

@@ -62,8 +62,8 @@ public final class NestedVMXHypervisor {
             try memory.zero(L1MemoryPlan.evmcs, length: pageSize)
             try memory.store32(EnlightenedVMCS.revision, L1MemoryPlan.evmcs)
             try memory.zero(L1MemoryPlan.vpAssistPage, length: pageSize)
-            try memory.store64(L1MemoryPlan.evmcs.raw, L1GPA(L1MemoryPlan.vpAssistPage.raw + VPAssistPage.currentNestedVMCS))
-            try memory.store8(1, L1GPA(L1MemoryPlan.vpAssistPage.raw + VPAssistPage.enlightenVMEntry))
+            try memory.store64(L1MemoryPlan.evmcs.raw, L1MemoryPlan.vpAssistPage + VPAssistPage.currentNestedVMCS)
+            try memory.store8(1, L1MemoryPlan.vpAssistPage + VPAssistPage.enlightenVMEntry)
             try cpu.wrmsr(VPAssistPage.msr, L1MemoryPlan.vpAssistPage.raw | VPAssistPage.enable)
             cpu.useEnlightenedVMCS(try memory.vmcs(L1MemoryPlan.evmcs))
         } else {
@@ -78,16 +78,16 @@ public final class NestedVMXHypervisor {
         try memory.zero(L1MemoryPlan.ioBitmapA, length: pageSize)
         try memory.zero(L1MemoryPlan.ioBitmapB, length: pageSize)
         for port in Array(L1Devices.serialPorts) + Array(L1Devices.qemuPorts) {
-            let byte = L1GPA(L1MemoryPlan.ioBitmapA.raw + UInt64(port) / 8)
+            let byte = L1MemoryPlan.ioBitmapA + UInt64(port) / 8
             try memory.store8(try memory.load8(byte) | 1 << UInt8(port % 8), byte)
         }
         for i in stride(from: UInt64(0), to: pageSize, by: 8) {
-            try memory.store64(~0, L1GPA(L1MemoryPlan.msrBitmap.raw + i))
+            try memory.store64(~0, L1MemoryPlan.msrBitmap + i)
         }
         for msr: UInt32 in [0xC000_0100, 0xC000_0101, 0xC000_0102] {
             for base: UInt64 in [0x400, 0xC00] {
                 let bit = UInt64(msr - 0xC000_0000)
-                let byte = L1GPA(L1MemoryPlan.msrBitmap.raw + base + bit / 8)
+                let byte = L1MemoryPlan.msrBitmap + base + bit / 8
                 try memory.store8(try memory.load8(byte) & ~(1 << UInt8(bit % 8)), byte)
             }
         }
@@ -125,7 +125,7 @@ public final class NestedVMXHypervisor {
     /// already mapped or given back are left alone.
     func mapEPT12(from start: L2GPA, pages: UInt64) throws {
         for p in 0..<pages {
-            let gpa = L2GPA(start.raw + p * pageSize)
+            let gpa = start + p * pageSize
             guard let l1 = L1MemoryPlan.backing(of: gpa), !devices.isBallooned(gpa), try !ept12.isMapped(gpa) else { continue }
             try ept12.map(gpa, to: l1, permissions: L1MemoryPlan.initialPermissions(of: gpa))
         }

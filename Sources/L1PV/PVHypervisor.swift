@@ -12,7 +12,7 @@ public final class PVHypervisor {
     let mapMode: L2MapMode
     var enabled: PVFeatures = []
     var devices = L1Devices()
-    public private(set) var map = L2MemoryMap()
+    public private(set) var map = PVMap()
     /// Pages mapped around each first touch in batch mode.
     static let faultAroundPages: UInt64 = 64
 
@@ -28,11 +28,11 @@ public final class PVHypervisor {
         if enabled.contains(.directCPUID) { try registerCPUID() }
         if enabled.contains(.directMSR) { try registerMSRPolicies() }
         if enabled.contains(.l0Ports) {
-            try cpu.hypercall(.registerL0Ports, UInt64(L0PortsPlan.kernelPort), 2, PVL0Device.latch.rawValue)
+            try cpu.hypercall(.registerL0Ports, UInt64(L0PortsPlan.kernelPort), UInt64(2), PVL0Device.latch.rawValue)
         }
         if mapMode == .eager { try mapAllOfL2RAM() }
         try memory.zero(L1MemoryPlan.pvExitPage, length: RunPage.size)
-        try cpu.hypercall(.createVCPU, L1MemoryPlan.pvExitPage.raw)
+        try cpu.hypercall(.createVCPU, L1MemoryPlan.pvExitPage)
         let page = try memory.runPage(L1MemoryPlan.pvExitPage)
         page[register: .rip] = L1MemoryPlan.l2EntryRIP
         page[register: .rsp] = L1MemoryPlan.l2StackTop
@@ -50,20 +50,20 @@ public final class PVHypervisor {
         let offered = PVFeatures(rawValue: try cpu.hypercall(.getFeatures))
         enabled = wanted.intersection(offered)
         try memory.zero(L1MemoryPlan.pvArgumentPage, length: PVArgumentPage.size)
-        try cpu.hypercall(.negotiate, PVABIVersion.current.packed, enabled.rawValue, L1MemoryPlan.pvArgumentPage.raw)
+        try cpu.hypercall(.negotiate, PVABIVersion.current.packed, enabled.rawValue, L1MemoryPlan.pvArgumentPage)
     }
 
     /// Writes the table as `kvm_cpuid_entry2[]` into the argument page and registers it.
     func registerCPUID() throws {
         let entries = GuestCPUIDTable.entries
         for (i, e) in entries.enumerated() {
-            let base = L1MemoryPlan.argumentArea.raw + UInt64(i) * CPUIDEntry.byteSize
-            try memory.zero(L1GPA(base), length: CPUIDEntry.byteSize)
+            let base = L1MemoryPlan.argumentArea + UInt64(i) * CPUIDEntry.byteSize
+            try memory.zero(base, length: CPUIDEntry.byteSize)
             for (word, offset) in zip(e.words, CPUIDEntry.wordOffsets) {
-                try memory.store32(word, L1GPA(base + offset))
+                try memory.store32(word, base + offset)
             }
         }
-        try cpu.hypercall(.setCPUID, L1MemoryPlan.argumentArea.raw, UInt64(entries.count))
+        try cpu.hypercall(.setCPUID, L1MemoryPlan.argumentArea, UInt64(entries.count))
     }
 
     /// TSC_ADJUST: L0 emulates it (every bit writable). MISC_ENABLE: L1 keeps it. A bogus MSR:
@@ -74,12 +74,11 @@ public final class PVHypervisor {
             (L1MemoryPlan.miscEnableMSR, .passToL1, 0, 0),
             (L1MemoryPlan.bogusMSR, .injectGP, 0, 0),
         ] + PassthroughMSRs.all.map { ($0, .passthrough, 0, 0) }
-        let page = L1MemoryPlan.pvArgumentPage.raw
         for (i, (msr, action, value, mask)) in policies.enumerated() {
-            let base = page + UInt64(i) * PVMSRPolicyEntry.size
-            try memory.store64(UInt64(msr) | UInt64(action.rawValue) << 32, L1GPA(base + PVMSRPolicyEntry.index))
-            try memory.store64(value, L1GPA(base + PVMSRPolicyEntry.value))
-            try memory.store64(mask, L1GPA(base + PVMSRPolicyEntry.writableMask))
+            let base = L1MemoryPlan.pvArgumentPage + UInt64(i) * PVMSRPolicyEntry.size
+            try memory.store64(UInt64(msr) | UInt64(action.rawValue) << 32, base + PVMSRPolicyEntry.index)
+            try memory.store64(value, base + PVMSRPolicyEntry.value)
+            try memory.store64(mask, base + PVMSRPolicyEntry.writableMask)
         }
         try cpu.hypercall(.setMSRPolicy, UInt64(policies.count))
     }
@@ -87,17 +86,16 @@ public final class PVHypervisor {
     // MARK: mapping
 
     /// Maps L2 GPA [start, +pages) with each page's initial rights, as few ranges as possible.
-    func ranges(from start: L2GPA, pages: UInt64) -> [L2MemoryMap.Range] {
-        var out: [L2MemoryMap.Range] = []
+    func ranges(from start: L2GPA, pages: UInt64) -> [PVMapping] {
+        var out: [PVMapping] = []
         for p in 0..<pages {
-            let gpa = L2GPA(start.raw + p * pageSize)
+            let gpa = start + p * pageSize
             guard let l1 = L1MemoryPlan.backing(of: gpa), map.lookup(gpa) == nil else { continue }
             let perms = L1MemoryPlan.initialPermissions(of: gpa)
-            if var last = out.last, last.permissions == perms, last.l2.raw + last.length == gpa.raw {
-                last.length += pageSize
-                out[out.count - 1] = last
+            if let last = out.last, last.permissions == perms, last.l2.end == gpa {
+                out[out.count - 1].l2 = AddressRange(start: last.l2.start, length: last.l2.length + pageSize)!
             } else {
-                out.append(.init(l2: gpa, length: pageSize, l1: l1, permissions: perms))
+                out.append(PVMapping(l2: AddressRange(start: gpa, length: pageSize)!, l1: l1, permissions: perms))
             }
         }
         return out
@@ -108,22 +106,22 @@ public final class PVHypervisor {
     }
 
     /// Sends ranges to L0: one batch hypercall when the feature is on, else one call per range.
-    func install(_ rs: [L2MemoryMap.Range], flags: UInt64) throws {
+    func install(_ rs: [PVMapping], flags: UInt64) throws {
         guard !rs.isEmpty else { return }
         if enabled.contains(.batchMap) && rs.count > 1 {
             for chunk in stride(from: 0, to: rs.count, by: Int(PVMapBatchEntry.maxPerCall)) {
                 let part = rs[chunk..<min(chunk + Int(PVMapBatchEntry.maxPerCall), rs.count)]
                 for (i, r) in part.enumerated() {
-                    let base = L1MemoryPlan.pvArgumentPage.raw + UInt64(i) * PVMapBatchEntry.size
-                    try memory.store64(r.l2.raw, L1GPA(base + PVMapBatchEntry.l2GPA))
-                    try memory.store64(r.l1.raw, L1GPA(base + PVMapBatchEntry.l1GPA))
-                    try memory.store64(r.length, L1GPA(base + PVMapBatchEntry.length))
-                    try memory.store64(r.permissions | flags, L1GPA(base + PVMapBatchEntry.flags))
+                    let base = L1MemoryPlan.pvArgumentPage + UInt64(i) * PVMapBatchEntry.size
+                    try memory.store64(r.l2.start.registerValue, base + PVMapBatchEntry.l2GPA)
+                    try memory.store64(r.l1.registerValue, base + PVMapBatchEntry.l1GPA)
+                    try memory.store64(r.l2.length, base + PVMapBatchEntry.length)
+                    try memory.store64(r.permissions | flags, base + PVMapBatchEntry.flags)
                 }
                 try cpu.hypercall(.mapGPABatch, UInt64(part.count))
             }
         } else {
-            for r in rs { try cpu.hypercall(.mapGPARange, r.l2.raw, r.l1.raw, r.length, r.permissions | flags) }
+            for r in rs { try cpu.hypercall(.mapGPARange, r.l2.start, r.l1, r.l2.length, r.permissions | flags) }
         }
         for r in rs { map.record(r) }
     }
@@ -135,10 +133,9 @@ public final class PVHypervisor {
         case .eager, .perPage:
             try install(ranges(from: gpa.pageBase, pages: 1), flags: 0)
         case .batch:
-            let window = Self.faultAroundPages * pageSize
-            let start = L2GPA(gpa.raw / window * window)
-            let pages = (0..<Self.faultAroundPages).compactMap { p -> L2MemoryMap.Range? in
-                ranges(from: L2GPA(start.raw + p * pageSize), pages: 1).first
+            let start = L2GPA(pageNumber: gpa.pageNumber / Self.faultAroundPages * Self.faultAroundPages)!
+            let pages = (0..<Self.faultAroundPages).compactMap { p -> PVMapping? in
+                ranges(from: start + p * pageSize, pages: 1).first
             }
             try install(pages, flags: 0)
         }
@@ -159,7 +156,7 @@ public final class PVHypervisor {
                     try mapOnFirstTouch(gpa)            // not mapped yet: map, and L2 retries
                 } else {
                     // A permission fault: L1 grants the access (copy-on-write style) and L2 retries.
-                    let r = L2MemoryMap.Range(l2: gpa.pageBase, length: pageSize, l1: l1.pageBase, permissions: allowed | access)
+                    let r = PVMapping(l2: AddressRange(start: gpa.pageBase, length: pageSize)!, l1: l1.pageBase, permissions: allowed | access)
                     try install([r], flags: PVMapFlags.replace)
                 }
                 return
@@ -168,8 +165,8 @@ public final class PVHypervisor {
         if reason == .vmcall {
             try devices.l2Hypercall(&regs, isRAM: { L1MemoryPlan.backing(of: $0) != nil }) { gpa in
                 if map.lookup(gpa) != nil {
-                    try cpu.hypercall(.unmapGPARange, gpa.raw, pageSize)
-                    map.remove(gpa, length: pageSize)
+                    try cpu.hypercall(.unmapGPARange, gpa, pageSize)
+                    map.remove(AddressRange(start: gpa, length: pageSize)!)
                 }
             }
         } else if !devices.emulate(reason, qualification: q, accessSize: page[RunPage.instructionInfo],

@@ -5,9 +5,27 @@ import ABI
 public struct BenchOperation: Sendable {
     public let name: String
     public let summary: String
-    /// At most this many iterations (and no warm-up) when every iteration must be new work.
-    public let iterationLimit: UInt64?
+    /// What the operation needs from the runner, as data (nil: it can repeat forever).
+    public let needs: Needs?
     public let body: @Sendable (GuestCPU, UInt64) -> Void
+
+    public init(name: String, summary: String, needs: Needs? = nil, body: @escaping @Sendable (GuestCPU, UInt64) -> Void) {
+        self.name = name
+        self.summary = summary
+        self.needs = needs
+        self.body = body
+    }
+
+    /// Every iteration is new work on a page L2 never touched: the run takes at most `pages`
+    /// iterations and no warm-up, and what one costs depends on how L1 maps L2's memory.
+    public struct Needs: Sendable, Equatable {
+        public var freshPages: UInt64
+    }
+
+    /// At most this many iterations (and no warm-up) when every iteration must be new work.
+    public var iterationLimit: UInt64? { needs?.freshPages }
+    /// The runner measures it under every L2 map mode on the nested paths.
+    public var dependsOnMapMode: Bool { needs != nil }
 }
 
 public enum BenchOperations {
@@ -16,46 +34,46 @@ public enum BenchOperations {
     static let firstTouchPages: UInt64 = (128 << 20) / pageSize - firstTouchBase / pageSize
 
     public static let all: [BenchOperation] = [
-        BenchOperation(name: "cpuid", summary: "CPUID leaf 0 (vmexit.c cpuid)", iterationLimit: nil) { cpu, _ in
+        BenchOperation(name: "cpuid", summary: "CPUID leaf 0 (vmexit.c cpuid)") { cpu, _ in
             _ = cpu.cpuid(0, 0)
         },
-        BenchOperation(name: "vmcall", summary: "VMCALL with a number L1 does not implement (vmexit.c vmcall)", iterationLimit: nil) { cpu, _ in
+        BenchOperation(name: "vmcall", summary: "VMCALL with a number L1 does not implement (vmexit.c vmcall)") { cpu, _ in
             _ = cpu.vmcall(0x1234)
         },
-        BenchOperation(name: "hlt", summary: "HLT; L1 resumes it at once, as if an interrupt were pending", iterationLimit: nil) { cpu, _ in
+        BenchOperation(name: "hlt", summary: "HLT; L1 resumes it at once, as if an interrupt were pending") { cpu, _ in
             cpu.hlt()
         },
-        BenchOperation(name: "mmio", summary: "32-bit read of a device in L1's device model at 0xFEB00000", iterationLimit: nil) { cpu, _ in
+        BenchOperation(name: "mmio", summary: "32-bit read of a device in L1's device model at 0xFEB00000") { cpu, _ in
             _ = cpu.read32(L2GPA(0xFEB0_0000))
         },
-        BenchOperation(name: "rd_tsc_adjust_msr", summary: "RDMSR IA32_TSC_ADJUST: L0 emulates it on pv, L1 on nvmx", iterationLimit: nil) { cpu, _ in
+        BenchOperation(name: "rd_tsc_adjust_msr", summary: "RDMSR IA32_TSC_ADJUST: L0 emulates it on pv, L1 on nvmx") { cpu, _ in
             _ = cpu.rdmsr(0x3B)
         },
-        BenchOperation(name: "wr_tsc_adjust_msr", summary: "WRMSR IA32_TSC_ADJUST", iterationLimit: nil) { cpu, i in
+        BenchOperation(name: "wr_tsc_adjust_msr", summary: "WRMSR IA32_TSC_ADJUST") { cpu, i in
             cpu.wrmsr(0x3B, i)
         },
-        BenchOperation(name: "rd_misc_enable_msr", summary: "RDMSR IA32_MISC_ENABLE: L1 handles it on every path", iterationLimit: nil) { cpu, _ in
+        BenchOperation(name: "rd_misc_enable_msr", summary: "RDMSR IA32_MISC_ENABLE: L1 handles it on every path") { cpu, _ in
             _ = cpu.rdmsr(0x1A0)
         },
-        BenchOperation(name: "wr_misc_enable_msr", summary: "WRMSR IA32_MISC_ENABLE", iterationLimit: nil) { cpu, i in
+        BenchOperation(name: "wr_misc_enable_msr", summary: "WRMSR IA32_MISC_ENABLE") { cpu, i in
             cpu.wrmsr(0x1A0, i)
         },
-        BenchOperation(name: "rd_kernel_gs_base", summary: "RDMSR KERNEL_GS_BASE: passed through to L2 when L0 and L1 allow it", iterationLimit: nil) { cpu, _ in
+        BenchOperation(name: "rd_kernel_gs_base", summary: "RDMSR KERNEL_GS_BASE: passed through to L2 when L0 and L1 allow it") { cpu, _ in
             _ = cpu.rdmsr(0xC000_0102)
         },
-        BenchOperation(name: "wr_kernel_gs_base", summary: "WRMSR KERNEL_GS_BASE", iterationLimit: nil) { cpu, i in
+        BenchOperation(name: "wr_kernel_gs_base", summary: "WRMSR KERNEL_GS_BASE") { cpu, i in
             cpu.wrmsr(0xC000_0102, 0xFFFF_8880_0000_0000 | i << 12)
         },
-        BenchOperation(name: "inl_from_kernel", summary: "IN from port 0x4d0, an L0 device", iterationLimit: nil) { cpu, _ in
+        BenchOperation(name: "inl_from_kernel", summary: "IN from port 0x4d0, an L0 device") { cpu, _ in
             _ = cpu.inPort(0x4D0, size: 4)
         },
-        BenchOperation(name: "outl_to_kernel", summary: "OUT to port 0x4d0, an L0 device", iterationLimit: nil) { cpu, i in
+        BenchOperation(name: "outl_to_kernel", summary: "OUT to port 0x4d0, an L0 device") { cpu, i in
             cpu.outPort(0x4D0, i, size: 4)
         },
-        BenchOperation(name: "inl_from_qemu", summary: "IN from port 0x1234, a device of L1's device model", iterationLimit: nil) { cpu, _ in
+        BenchOperation(name: "inl_from_qemu", summary: "IN from port 0x1234, a device of L1's device model") { cpu, _ in
             _ = cpu.inPort(0x1234, size: 4)
         },
-        BenchOperation(name: "ept_first_touch", summary: "first write to a new L2 page", iterationLimit: firstTouchPages) { cpu, i in
+        BenchOperation(name: "ept_first_touch", summary: "first write to a new L2 page", needs: .init(freshPages: firstTouchPages)) { cpu, i in
             cpu.write64(L2GPA(firstTouchBase + i * pageSize), i)
         },
     ]

@@ -6,7 +6,7 @@ extension GuestCPU {
     func ucall(_ cmd: UcallCommand, _ args: [UInt64], message: String = "") {
         write64(ucallBlock, cmd.rawValue)
         for i in 0..<Ucall.argCount {
-            write64(L2GPA(ucallBlock.raw + Ucall.argsOffset + UInt64(i) * 8), i < args.count ? args[i] : 0)
+            write64(ucallBlock + Ucall.argsOffset + UInt64(i) * 8, i < args.count ? args[i] : 0)
         }
         if cmd == .abort || cmd == .printf {
             var bytes = Array(message.utf8.prefix(Ucall.messageCapacity - 1))
@@ -15,7 +15,7 @@ extension GuestCPU {
             for chunk in stride(from: 0, to: bytes.count, by: 8) {
                 var word: UInt64 = 0
                 for j in 0..<8 { word |= UInt64(bytes[chunk + j]) << (8 * UInt64(j)) }
-                write64(L2GPA(ucallBlock.raw + Ucall.messageOffset + UInt64(chunk)), word)
+                write64(ucallBlock + Ucall.messageOffset + UInt64(chunk), word)
             }
         }
         repeat { run[register: .rdi] = ucallBlock.raw } while vmexit(.ioInstruction, length: 1,

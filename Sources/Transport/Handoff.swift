@@ -7,7 +7,7 @@ import Glibc
 
 /// How a tier waits for its turn. Spinning is fast (~0.2 us a hop) but holds a core; sleeping
 /// in futex_wait costs ~14 us a hop on this machine kind. The stack never has more pure
-/// spinners than cores: `TransportPolicy` decides which tier spins and which yields.
+/// spinners than cores: `CPUPlacement.waitPolicy(for:)` decides which tier spins and which yields.
 public struct WaitPolicy: Sendable, Equatable {
     public enum Spin: Sendable, Equatable {
         /// Busy-wait with PAUSE: only for a tier that has a core to itself.

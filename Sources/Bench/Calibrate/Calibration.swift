@@ -53,18 +53,12 @@ public enum Calibration {
             _ = try setup.measure(kind, iterations: min(iterations, 1_000))   // warm-up: faults, caches
             let rs = try (0..<runs).map { _ in try setup.measure(kind, iterations: iterations) }
             exits.append(ExitCost(kind: kind, iterations: iterations, runs: rs,
-                                  cyclesPerExit: median(rs.map { Double($0.guestCycles) / Double(iterations) }),
-                                  nanosPerExit: median(rs.map { Double($0.wallNanos) / Double(iterations) })))
+                                  cyclesPerExit: Median.of(rs.map { Double($0.guestCycles) / Double(iterations) }),
+                                  nanosPerExit: Median.of(rs.map { Double($0.wallNanos) / Double(iterations) })))
         }
-        let ghz = median(exits.flatMap(\.runs).map { Double($0.guestCycles) / Double(max(1, $0.wallNanos)) })
+        let ghz = Median.of(exits.flatMap(\.runs).map { Double($0.guestCycles) / Double(max(1, $0.wallNanos)) })
         return CalibrationResult(devicePath: devicePath, iterations: iterations, runsPerKind: runs, tscGHz: ghz,
                                  vendor: setup.vendor, exits: exits, notMeasured: notMeasured)
-    }
-
-    static func median(_ xs: [Double]) -> Double {
-        let s = xs.sorted()
-        guard !s.isEmpty else { return 0 }
-        return s.count % 2 == 1 ? s[s.count / 2] : (s[s.count / 2 - 1] + s[s.count / 2]) / 2
     }
 }
 

@@ -165,7 +165,7 @@ public struct EPT12Walker: Sendable {
         var updates = 0
         for (i, table) in tables.enumerated() {
             let level = EPT.levels - i
-            let at = table + ((gpa.raw >> UInt64(12 + 9 * (level - 1))) & (EPT.entriesPerTable - 1)) * 8
+            let at = table + EPT.tableIndex(gpa, level: level) * 8
             guard let e = try? memory.load64(at) else { continue }
             let isLeaf = i == tables.count - 1
             let new = e | EPT.accessed | (isLeaf && write ? EPT.dirty : 0)
@@ -182,7 +182,7 @@ public struct EPT12Walker: Sendable {
         for level in stride(from: EPT.levels, through: 1, by: -1) {
             tables.append(table)
             let shift = UInt64(12 + 9 * (level - 1))
-            let index = (gpa.raw >> shift) & (EPT.entriesPerTable - 1)
+            let index = EPT.tableIndex(gpa, level: level)
             guard let entryAddress = table.adding(index * 8),
                   let entry = try? memory.load64(entryAddress) else {
                 return Walk(result: .notPresent(permissions: 0), entriesRead: read)

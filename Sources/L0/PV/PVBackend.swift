@@ -142,6 +142,12 @@ public final class PVBackend: NestingBackend {
     }
 }
 
+/// An MSR policy L1 registered for its L2.
+public struct MSRPolicy: Equatable, Sendable {
+    public var action: PVMSRAction
+    public var writableMask: UInt64
+}
+
 /// Why L0 refused a PV request, as a value (`StackResult.pvRefusal`, printed by `pvm launch`).
 public enum PVRefusal: Equatable, Sendable, CustomStringConvertible {
     case majorVersion(l1: PVABIVersion, l0: PVABIVersion)

@@ -1,10 +1,15 @@
-import ABI
-
-/// One L2 -> L1 mapping L1 asked for by hypercall.
+/// One L2 -> L1 mapping of the PV map: L2 GPAs `l2` land on L1 GPAs from `l1`, with EPT R/W/X
+/// `permissions`.
 public struct PVMapping: Equatable, Sendable {
     public var l2: AddressRange<L2GPA>
     public var l1: L1GPA
     public var permissions: UInt64
+
+    public init(l2: AddressRange<L2GPA>, l1: L1GPA, permissions: UInt64) {
+        self.l2 = l2
+        self.l1 = l1
+        self.permissions = permissions
+    }
 
     /// The L1 GPA an L2 GPA inside this mapping lands on.
     public func l1Address(for gpa: L2GPA) -> L1GPA? {
@@ -20,9 +25,11 @@ public struct PVMapping: Equatable, Sendable {
     }
 }
 
-/// L0's record of the PV map: non-overlapping L2 ranges, sorted by start, adjacent compatible
-/// ranges merged (so mapping a region page by page still costs one entry). L0 never reads L1's
-/// page tables on this path; this (and the EPT02 it installs from it) is all there is.
+/// The PV map, one interval map for both sides of the ABI: L0's record of what L1 mapped (it
+/// never reads L1's page tables on this path; this and the EPT02 it installs from it is all
+/// there is) and the PV L1's own record of what it asked for. Non-overlapping L2 ranges, sorted
+/// by start, adjacent compatible ranges merged (so mapping a region page by page still costs
+/// one entry).
 public struct PVMap: Sendable, Equatable {
     public private(set) var mappings: [PVMapping] = []
     public init() {}
@@ -57,8 +64,15 @@ public struct PVMap: Sendable, Equatable {
         a.l2.end == b.l2.start && a.permissions == b.permissions && a.l1.adding(a.l2.length) == b.l1
     }
 
+    /// Records a mapping, cutting whatever it overlaps (the hypercall's `replace` flag) and
+    /// merging it with the neighbours it continues.
+    public mutating func record(_ m: PVMapping) {
+        remove(m.l2)
+        insert(m)
+    }
+
     /// Inserts a mapping known not to overlap any other, merging with its neighbours.
-    mutating func insert(_ m: PVMapping) {
+    public mutating func insert(_ m: PVMapping) {
         var m = m
         var i = firstEndingAfter(m.l2.start)
         if i > 0, Self.continues(mappings[i - 1], m) {
@@ -78,7 +92,7 @@ public struct PVMap: Sendable, Equatable {
     /// Removes [r.start, r.end) from every mapping, splitting the ones it cuts.
     /// Returns the number of bytes that were mapped.
     @discardableResult
-    mutating func remove(_ r: AddressRange<L2GPA>) -> UInt64 {
+    public mutating func remove(_ r: AddressRange<L2GPA>) -> UInt64 {
         let first = firstEndingAfter(r.start)
         var last = first
         while last < mappings.count, mappings[last].l2.start < r.end { last += 1 }
@@ -86,24 +100,17 @@ public struct PVMap: Sendable, Equatable {
         var replacement: [PVMapping] = []
         var removed: UInt64 = 0
         for m in mappings[first..<last] {
-            let cutStart = max(m.l2.start, r.start), cutEnd = min(m.l2.end, r.end)
-            removed += cutEnd.raw - cutStart.raw
-            if m.l2.start < cutStart {
-                replacement.append(PVMapping(l2: AddressRange(start: m.l2.start, length: cutStart.raw - m.l2.start.raw)!,
-                                             l1: m.l1, permissions: m.permissions))
+            guard let cut = m.l2.intersection(r) else { continue }
+            removed += cut.length
+            if let before = cut.start.offset(from: m.l2.start), before > 0 {
+                replacement.append(PVMapping(l2: AddressRange(start: m.l2.start, length: before)!, l1: m.l1, permissions: m.permissions))
             }
-            if cutEnd < m.l2.end {
-                replacement.append(PVMapping(l2: AddressRange(start: cutEnd, length: m.l2.end.raw - cutEnd.raw)!,
-                                             l1: m.l1Address(for: cutEnd)!, permissions: m.permissions))
+            if let after = m.l2.end.offset(from: cut.end), after > 0 {
+                replacement.append(PVMapping(l2: AddressRange(start: cut.end, length: after)!,
+                                             l1: m.l1Address(for: cut.end)!, permissions: m.permissions))
             }
         }
         mappings.replaceSubrange(first..<last, with: replacement)
         return removed
     }
-}
-
-/// An MSR policy L1 registered for its L2.
-public struct MSRPolicy: Equatable, Sendable {
-    public var action: PVMSRAction
-    public var writableMask: UInt64
 }
