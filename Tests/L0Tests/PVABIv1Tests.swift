@@ -1,5 +1,4 @@
 import ABI
-import PropertyBased
 import Testing
 import Transport
 @testable import L0
@@ -206,41 +205,260 @@ import Transport
     }
 }
 
-/// Random hypercall sequences, random arguments, every number (valid or not): L0 never crashes,
-/// never maps outside L1 memory, and EPT02 is exactly what the PV map says.
+/// A reference model of PV ABI v1 as L1 sees it: what each hypercall must return and what it
+/// changes. Map and unmap rules come from `ReferenceMap` (PVMapPropertyTests.swift).
+struct PVModel {
+    var negotiated: Bool
+    var enabled: PVFeatures
+    var argumentPage: L1GPA?
+    var map = ReferenceMap()
+    var msrPolicy: [UInt32: PVMSRAction] = [:]
+    var ports: [ClosedRange<UInt64>] = []
+    var vcpuCreated = false
+
+    init(negotiated features: PVFeatures?) {
+        negotiated = features != nil
+        enabled = features ?? []
+        argumentPage = features == nil ? nil : Plan.argumentPage
+    }
+
+    /// L1 memory is the fixture's single slot [0, slotSize).
+    static func inSlot(_ gpa: UInt64, _ length: UInt64) -> Bool {
+        let (end, o) = gpa.addingReportingOverflow(length)
+        return !o && end <= Plan.slotSize
+    }
+
+    /// Expected RAX (nil: the call enters L2 and RAX is L2's) and the rule that decided it.
+    /// `args` are RBX, RCX, RDX, RSI; `page` reads a u64 of the argument page.
+    mutating func apply(_ nr: UInt64, _ args: [UInt64], page: (UInt64) -> UInt64) -> (rax: UInt64?, rule: String) {
+        let invalid = HypercallError.invalid.returnValue
+        guard let call = PVHypercall(rawValue: nr) else { return (HypercallError.noSys.returnValue, "noSys") }
+        let name = "\(call)"
+        if !negotiated && !call.allowedBeforeNegotiation { return (HypercallError.permission.returnValue, "\(name).beforeNegotiate") }
+        if let f = call.feature, !enabled.contains(f) { return (HypercallError.notSupported.returnValue, "\(name).featureOff") }
+        switch call {
+        case .getVersion: return (PVABIVersion.current.packed, "getVersion")
+        case .getFeatures: return (PVFeatures.all.rawValue, "getFeatures")
+        case .negotiate:
+            if negotiated { return (invalid, "negotiate.again") }
+            if PVABIVersion(packed: args[0]).major != PVABIVersion.current.major { return (HypercallError.notSupported.returnValue, "negotiate.majorDiffers") }
+            if args[1] & ~PVFeatures.known.rawValue != 0 { return (invalid, "negotiate.unknownFeature") }
+            if args[2] % pageSize != 0 { return (invalid, "negotiate.misalignedPage") }
+            if !Self.inSlot(args[2], PVArgumentPage.size) { return (HypercallError.fault.returnValue, "negotiate.pageOutsideL1") }
+            negotiated = true
+            enabled = PVFeatures(rawValue: args[1])
+            argumentPage = L1GPA(args[2])
+            return (0, "negotiate.ok")
+        case .setCPUID:
+            if args[1] > PVState.maxCPUIDEntries { return (HypercallError.tooBig.returnValue, "setCPUID.tooBig") }
+            if args[1] > 0 && !Self.inSlot(args[0], args[1] * CPUIDEntry.byteSize) { return (HypercallError.fault.returnValue, "setCPUID.outsideL1") }
+            return (0, "setCPUID.ok")
+        case .mapGPARange:
+            let r = map.apply(MapOp(isMap: true, l2: args[0], l1: args[1], length: args[2], flags: args[3]))
+            return (r.rax, r.rule)
+        case .unmapGPARange:
+            let r = map.apply(MapOp(isMap: false, l2: args[0], l1: 0, length: args[1], flags: 0))
+            return (r.rax, r.rule)
+        case .mapGPABatch:
+            let count = args[0]
+            if count == 0 { return (invalid, "batch.empty") }
+            if count > PVMapBatchEntry.maxPerCall { return (HypercallError.tooBig.returnValue, "batch.tooBig") }
+            var ops: [MapOp] = []
+            for i in 0..<count {
+                let base = i * PVMapBatchEntry.size
+                let op = MapOp(isMap: true, l2: page(base + PVMapBatchEntry.l2GPA), l1: page(base + PVMapBatchEntry.l1GPA),
+                               length: page(base + PVMapBatchEntry.length), flags: page(base + PVMapBatchEntry.flags))
+                var scratch = map         // each entry is checked against the map as it was
+                let r = scratch.apply(op)
+                if r.rax != 0 { return (r.rax, "batch.entry." + r.rule) }
+                if ops.contains(where: { $0.l2 < op.l2 &+ op.length && op.l2 < $0.l2 &+ $0.length }) { return (invalid, "batch.entriesOverlap") }
+                ops.append(op)
+            }
+            for op in ops { _ = map.apply(op) }
+            return (0, ops.count > 1 ? "batch.ok.many" : "batch.ok")
+        case .setMSRPolicy:
+            let count = args[0]
+            if count > PVMSRPolicyEntry.maxPerCall { return (HypercallError.tooBig.returnValue, "setMSRPolicy.tooBig") }
+            var parsed: [(UInt32, PVMSRAction)] = []
+            for i in 0..<count {
+                let head = page(i * PVMSRPolicyEntry.size + PVMSRPolicyEntry.index)
+                guard let action = PVMSRAction(rawValue: UInt32(truncatingIfNeeded: head >> 32)) else { return (invalid, "setMSRPolicy.badAction") }
+                let msr = UInt32(truncatingIfNeeded: head)
+                if action == .passthrough && PassthroughMSRs.slot(of: msr) == nil { return (invalid, "setMSRPolicy.notPassthroughable") }
+                parsed.append((msr, action))
+            }
+            for (msr, action) in parsed { msrPolicy[msr] = action }
+            return (0, count == 0 ? "setMSRPolicy.empty" : "setMSRPolicy.ok")
+        case .getMSRs, .setMSRs:
+            let count = args[0]
+            if count > KVMMSREntry.maxPerCall { return (HypercallError.tooBig.returnValue, "\(name).tooBig") }
+            for i in 0..<count {
+                let msr = UInt32(truncatingIfNeeded: page(i * KVMMSREntry.size + KVMMSREntry.index))
+                if msrPolicy[msr] != .emulate && msrPolicy[msr] != .passthrough { return (i, i == 0 ? "\(name).none" : "\(name).some") }
+            }
+            return (count, "\(name).all")
+        case .registerL0Ports:
+            let (first, count, device) = (args[0], args[1], args[2])
+            guard PVL0Device(rawValue: device) != nil else { return (invalid, "ports.badDevice") }
+            guard count > 0, first <= 0xFFFF, first + count - 1 <= 0xFFFF else { return (invalid, "ports.outOfRange") }
+            let r = first...(first + count - 1)
+            if r.contains(UInt64(Ucall.port)) { return (invalid, "ports.ucall") }
+            if ports.contains(where: { $0.overlaps(r) }) { return (invalid, "ports.overlap") }
+            ports.append(r)
+            return (0, "ports.ok")
+        case .createVCPU:
+            if vcpuCreated { return (invalid, "createVCPU.again") }
+            if args[0] % pageSize != 0 { return (invalid, "createVCPU.misaligned") }
+            if !Self.inSlot(args[0], RunPage.size) { return (HypercallError.fault.returnValue, "createVCPU.outsideL1") }
+            vcpuCreated = true
+            return (0, "createVCPU.ok")
+        case .enterL2:
+            return vcpuCreated ? (nil, "enterL2.ok") : (invalid, "enterL2.noVCPU")
+        }
+    }
+
+    /// `registerL0Ports` arguments that make today's L0 trap (see the disabled test below).
+    static func portsTrap(_ args: [UInt64]) -> Bool {
+        PVL0Device(rawValue: args[2]) != nil && args[1] > 0 && args[0] <= 0xFFFF && args[0].addingReportingOverflow(args[1]).overflow
+    }
+}
+
+/// Random hypercall sequences, random arguments, every number (valid or not): each return code is
+/// the reference model's, a refused call changes nothing, L0 never crashes, never maps outside
+/// L1 memory, and EPT02 is exactly what the PV map says. Seeded (Seeded.swift).
 @Suite struct PVRandomHypercallTests {
     static let pages: UInt64 = 64     // a small L2/L1 window so ranges collide often
 
-    @Test func randomHypercallsKeepEPT02ExactlyTheMapAndInsideL1Memory() async {
-        let step = zip(Gen.int(in: 0...14), Gen.int(in: 0...Int(Self.pages)), Gen.int(in: 0...Int(Self.pages)),
-                       Gen.int(in: 0...5), Gen.int(in: 0...15))
-        await propertyCheck(count: 150, input: step.array(of: 1...30)) { steps in
-            guard let f = try? Fixture(.pv) else { Issue.record("fixture"); return }
-            for (c, a, b, n, flags) in steps {
-                // Page-aligned most of the time, sometimes off by a few bytes or at the slot's end.
-                let l2 = UInt64(a) * pageSize + (n == 5 ? 8 : 0)
-                let l1 = n == 4 ? Plan.slotSize - pageSize : UInt64(b) * pageSize
-                let len = UInt64(n) * pageSize
-                switch c {
-                case 0...13:
-                    let nr = PVHypercall.base + UInt64(c)
-                    if nr == PVHypercall.mapGPABatch.rawValue {
-                        for i in 0..<UInt64(n) {
-                            let base = Plan.argumentPage.raw + i * PVMapBatchEntry.size
-                            try? f.store64(l2 + i * 2 * pageSize, L1GPA(base + PVMapBatchEntry.l2GPA))
-                            try? f.store64(l1, L1GPA(base + PVMapBatchEntry.l1GPA))
-                            try? f.store64(pageSize, L1GPA(base + PVMapBatchEntry.length))
-                            try? f.store64(UInt64(flags), L1GPA(base + PVMapBatchEntry.flags))
-                        }
-                        _ = f.hypercall(nr, UInt64(n))
-                    } else {
-                        _ = f.hypercall(nr, l2, l1, len, UInt64(flags))
+    /// Numbers outside the PV range, next to it, and edge values.
+    static let foreignNumbers: [UInt64] = [
+        0, 1, PVHypercall.base - 1, PVHypercall.base + 0xD, PVHypercall.base + 0xFF, PVHypercall.base + 0xFFFF,
+        PVHypercall.base | 1 << 32, 1 << 63, (1 << 63) | PVHypercall.base, UInt64.max, 0x1234,
+    ]
+
+    /// Arguments for one call: the map-shaped ones from `MapOp.draw` (edges of the L2 limit,
+    /// L1's slot, 2^64), the rest a mix of meaningful values and edge values.
+    static func arguments(_ g: inout SplitMix64, _ call: PVHypercall?, model: PVModel) -> [UInt64] {
+        let mapped = model.map.pages.keys.sorted()
+        switch call {
+        case .mapGPARange?:
+            var op = MapOp.draw(&g, mapped: mapped)
+            op.isMap = true
+            return [op.l2, op.l1, op.length, op.flags]
+        case .unmapGPARange?:
+            let op = MapOp.draw(&g, mapped: mapped)
+            return [op.l2, op.length, g.edgeU64(), g.edgeU64()]
+        case .negotiate?:
+            let version = g.pick([PVABIVersion.current.packed, PVABIVersion(major: 1, minor: 9).packed, PVABIVersion(major: 2, minor: 0).packed,
+                                  PVABIVersion.current.packed | 1 << 40, g.edgeU64()])
+            let features = g.chance(0.7) ? g.below(16) : g.pick([1 << 4, 1 << 63, UInt64.max])
+            let page = g.pick([Plan.argumentPage.raw, Plan.argumentPage.raw, 0, Plan.slotSize - pageSize, Plan.slotSize,
+                               Plan.argumentPage.raw + 8, Plan.argumentPage.raw + 0x800, g.edgeU64()])
+            return [version, features, page, g.edgeU64()]
+        case .setCPUID?:
+            let count = g.pick([0, 1, 2, 40, PVState.maxCPUIDEntries, PVState.maxCPUIDEntries + 1, g.edgeU64()])
+            let gpa = g.pick([Plan.cpuidBuffer.raw, 0, Plan.slotSize - CPUIDEntry.byteSize, Plan.slotSize - 8, Plan.slotSize, g.edgeU64()])
+            return [gpa, count, g.edgeU64(), g.edgeU64()]
+        case .mapGPABatch?, .setMSRPolicy?, .getMSRs?, .setMSRs?:
+            return [g.chance(0.8) ? g.below(6) : g.pick([PVMapBatchEntry.maxPerCall, PVMapBatchEntry.maxPerCall + 1,
+                                                         PVMSRPolicyEntry.maxPerCall, PVMSRPolicyEntry.maxPerCall + 1,
+                                                         KVMMSREntry.maxPerCall, KVMMSREntry.maxPerCall + 1, g.edgeU64()]),
+                    g.edgeU64(), g.edgeU64(), g.edgeU64()]
+        case .registerL0Ports?:
+            let first = g.chance(0.4) ? 0x4D0 + g.below(4)
+                : g.pick([0, 1, 0x0FFF, UInt64(Ucall.port), 0x1001, 0xFFFF, 0x1_0000, g.below(0x1_0000), g.edgeU64()])
+            let count = g.pick([0, 1, 2, 16, 0x1_0000, 0x1_0001, 1 + g.below(8), 1 + g.below(8), g.edgeU64()])
+            let device = g.chance(0.8) ? PVL0Device.latch.rawValue : g.pick([0, 2, UInt64.max])
+            return [first, count, device, g.edgeU64()]
+        case .createVCPU?:
+            return [g.pick([Plan.exitPage.raw, Plan.exitPage.raw, Plan.exitPage.raw + 8, Plan.slotSize - pageSize, Plan.slotSize, g.edgeU64()]),
+                    g.edgeU64(), g.edgeU64(), g.edgeU64()]
+        default:
+            return [g.edgeU64(), g.edgeU64(), g.edgeU64(), g.edgeU64()]
+        }
+    }
+
+    /// Fills the argument page for a batch / MSR call: map entries drawn like single maps (and
+    /// sometimes overlapping each other), MSR entries with real and random indices and actions.
+    static func fillArgumentPage(_ g: inout SplitMix64, _ f: Fixture, _ call: PVHypercall?, count: UInt64, model: PVModel) throws {
+        guard let page = f.vcpu.pv.argumentPage?.raw else { return }
+        let n = min(count, 8)
+        for i in 0..<n {
+            switch call {
+            case .mapGPABatch?:
+                var op = MapOp.draw(&g, mapped: model.map.pages.keys.sorted())
+                if g.chance(0.6) { op.flags = g.pick([PVMapFlags.rwx, PVMapFlags.read, PVMapFlags.rwx | PVMapFlags.replace]) }
+                if g.chance(0.5) { op.l2 = (i * 20 + g.below(16)) * pageSize; op.length = (1 + g.below(4)) * pageSize }
+                let base = page + i * PVMapBatchEntry.size
+                try f.store64(op.l2, L1GPA(base + PVMapBatchEntry.l2GPA))
+                try f.store64(op.l1, L1GPA(base + PVMapBatchEntry.l1GPA))
+                try f.store64(op.length, L1GPA(base + PVMapBatchEntry.length))
+                try f.store64(op.flags, L1GPA(base + PVMapBatchEntry.flags))
+            case .setMSRPolicy?:
+                let msr = UInt64(g.pick(PassthroughMSRs.all + [0x3B, 0x1A0, 0x10, 0xC000_0080, UInt32(truncatingIfNeeded: g.next())]))
+                let action = g.chance(0.85) ? g.below(4) : g.pick([4, 0xFFFF_FFFF])
+                let base = page + i * PVMSRPolicyEntry.size
+                try f.store64(msr | action << 32, L1GPA(base + PVMSRPolicyEntry.index))
+                try f.store64(g.edgeU64(), L1GPA(base + PVMSRPolicyEntry.value))
+                try f.store64(g.edgeU64(), L1GPA(base + PVMSRPolicyEntry.writableMask))
+            case .getMSRs?, .setMSRs?:
+                // Mostly MSRs L0 emulates or passes through, then (sometimes) one it does not: the
+                // call stops there and returns how many it did.
+                let direct = model.msrPolicy.filter { $0.value == .emulate || $0.value == .passthrough }.keys.sorted()
+                let msr = !direct.isEmpty && (i + 1 < n ? g.chance(0.9) : g.chance(0.5)) ? UInt64(g.pick(direct))
+                                                                                         : UInt64(g.pick(PassthroughMSRs.all + [0x3B, 0x1A0, 0x10]))
+                let base = page + i * KVMMSREntry.size
+                try f.store64(msr, L1GPA(base + KVMMSREntry.index))
+                try f.store64(g.edgeU64(), L1GPA(base + KVMMSREntry.data))
+            default: break
+            }
+        }
+    }
+
+    @Test func randomHypercallsAnswerLikeTheModelAndKeepEPT02ExactlyTheMapAndInsideL1Memory() async {
+        let coverage = Coverage()
+        let passed = await seededCheck(count: 400) { g in
+            // A quarter of the runs start before negotiation; the rest with a random feature set.
+            let features: PVFeatures? = g.chance(0.25) ? nil : g.chance(0.5) ? .all : PVFeatures(rawValue: g.below(16))
+            let f = try Fixture(.pv, negotiating: features)
+            var model = PVModel(negotiated: features)
+            var calls: [String] = []
+            for _ in 0..<g.int(1...40) {
+                let nr = switch g.int(0...19) {
+                case 0...5: g.pick([PVHypercall.mapGPARange, .unmapGPARange, .unmapGPARange, .mapGPABatch]).rawValue
+                case 6...16: g.pick(PVHypercall.allCases).rawValue
+                default: g.pick(Self.foreignNumbers + [g.next()])
+                }
+                let call = PVHypercall(rawValue: nr)
+                let args = Self.arguments(&g, call, model: model)
+                try Self.fillArgumentPage(&g, f, call, count: args[0], model: model)
+                calls.append("0x\(String(nr, radix: 16))(\(args.map { "0x" + String($0, radix: 16) }.joined(separator: ", ")))")
+                if call == .registerL0Ports && model.negotiated && model.enabled.contains(.l0Ports) && PVModel.portsTrap(args) {
+                    // Known bug: L0Devices.register computes first + count - 1 unchecked, so these
+                    // arguments trap (crash L0). Not called until fixed; counted so it stays visible.
+                    coverage.hit("skipped.registerL0PortsOverflowTrap")
+                    continue
+                }
+                let argPage = f.vcpu.pv.argumentPage
+                let page: (UInt64) -> UInt64 = { off in argPage.flatMap { try? f.vcpu.l1Memory.load64(L1GPA($0.raw + off)) } ?? 0 }
+                let (expected, rule) = model.apply(nr, args, page: page)
+                let before = PVSnapshot(f)
+                let (outcome, rax) = f.hypercall(nr, args[0], args[1], args[2], args[3])
+                coverage.hit(rule)
+                if let expected {
+                    guard outcome == .resumeL1, rax == expected else {
+                        Issue.record("\(calls.last!) returned \(outcome) 0x\(String(rax, radix: 16)), the model 0x\(String(expected, radix: 16)) (\(rule)); calls: \(calls)")
+                        return
                     }
-                default:
-                    _ = f.hypercall(UInt64(a) << 20 | UInt64(b), l2, l1, len)       // anything at all
+                } else {
+                    guard outcome == .enterL2 else { Issue.record("\(calls.last!) returned \(outcome), the model enters L2; calls: \(calls)"); return }
+                }
+                if let e = expected, HypercallError.from(returnValue: e) != nil {
+                    coverage.hit("refused")
+                    let changed = before.differences(PVSnapshot(f))
+                    guard changed.isEmpty else { Issue.record("refused \(calls.last!) (\(rule)) changed \(changed); calls: \(calls)"); return }
                 }
             }
-            // EPT02 <-> map, both ways, over the window (plus a little beyond).
+            // EPT02 <-> map, both ways, over the window (plus a little beyond), and the model.
             for p in 0..<(Self.pages * 3) {
                 let gpa = L2GPA(p * pageSize)
                 let entry = f.vcpu.ept02.entry(gpa)
@@ -253,11 +471,43 @@ import Transport
                     let host = EPT02Entry.host(entry).raw
                     #expect(host >= Plan.slotHost.raw && host + pageSize <= Plan.slotHost.raw + Plan.slotSize)
                     #expect(m.permissions & EPT.write == 0 || m.permissions & EPT.read != 0)
+                    #expect(model.map.pages[p]?.l1Page == l1.raw / pageSize, "the model disagrees with L0's map at \(gpa)")
                 } else {
                     #expect(!EPT02Entry.isPresent(entry, generation: f.vcpu.ept02.generation), "EPT02 maps \(gpa), which the map does not")
+                    #expect(model.map.pages[p] == nil, "the model maps \(gpa), L0 does not")
                 }
             }
         }
+        guard passed else { return }
+        coverage.expectAtLeast(Self.minimums)
+    }
+
+    /// About 40% of the lowest count three seeds reached (~7,500 calls in 400 sequences;
+    /// the model agreed with L0 on every one): a generator that stops reaching a rule fails.
+    static let minimums: [String: Int] = [
+        "noSys": 400, "refused": 2_000, "setCPUID.beforeNegotiate": 20, "setCPUID.featureOff": 20, "mapGPABatch.featureOff": 50,
+        "getVersion": 100, "getFeatures": 100, "negotiate.ok": 4, "negotiate.again": 80, "negotiate.majorDiffers": 6,
+        "negotiate.unknownFeature": 3, "negotiate.misalignedPage": 2, "negotiate.pageOutsideL1": 1,
+        "setCPUID.ok": 25, "setCPUID.tooBig": 15, "setCPUID.outsideL1": 20,
+        "map.ok": 40, "unmap.ok": 50, "map.wraps2to64": 25, "map.fault.l1AtOrPastSlotEnd": 15, "unmap.nothingMapped": 250,
+        "batch.ok": 10, "batch.ok.many": 6, "batch.empty": 20, "batch.tooBig": 30, "batch.entriesOverlap": 1, "batch.entry.map.overlap": 7,
+        "setMSRPolicy.ok": 15, "setMSRPolicy.badAction": 15, "setMSRPolicy.notPassthroughable": 10, "setMSRPolicy.tooBig": 5,
+        "getMSRs.some": 1, "getMSRs.all": 5, "setMSRs.some": 2, "setMSRs.all": 8, "getMSRs.tooBig": 3,
+        "ports.ok": 20, "ports.outOfRange": 25, "ports.ucall": 3, "ports.overlap": 1, "ports.badDevice": 10,
+        "createVCPU.ok": 35, "createVCPU.again": 18, "createVCPU.misaligned": 20, "createVCPU.outsideL1": 10,
+        "enterL2.ok": 17, "enterL2.noVCPU": 60,
+    ]
+
+    /// Documents a real bug instead of hiding it: an L1 that hands L0 `count` ports starting at
+    /// `first >= 1` with `first + count` past 2^64 makes L0 trap on an arithmetic overflow in
+    /// `L0Devices.register` (`first + count - 1`), killing the whole stack. The correct answer
+    /// is -KVM_EINVAL with nothing changed. Enabling this test today crashes the test process.
+    @Test(.disabled("L0 traps on arithmetic overflow in L0Devices.register: see the report; enable once fixed"))
+    func registeringPortsWithACountThatWrapsIsRefusedNotACrash() throws {
+        let f = try Fixture(.pv)
+        let before = PVSnapshot(f)
+        #expect(f.hypercall(.registerL0Ports, 1, UInt64.max, PVL0Device.latch.rawValue).rax == HypercallError.invalid.returnValue)
+        #expect(before.differences(PVSnapshot(f)).isEmpty)
     }
 }
 
