@@ -5,77 +5,115 @@ import Testing
 import Transport
 
 /// Processes you start, you stop: the stack's life and death through the real `pvm` binary.
+/// Every test has a time limit and internal deadlines; child output goes to temp files read only
+/// after L0 exited; leftover tiers are found by process (an environment token they inherit),
+/// and descriptors by what they are (L0's memfds), not by pipe EOF or a global count.
 extension StackTests {
-@Suite(.serialized) struct LifecycleTests {
-    /// Starts `pvm launch` with a guest that never finishes and waits for its two child tiers.
-    func launchEndlessStack(path: String) throws -> (Process, Pipe, l1: Int32, l2: Int32) {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: PVMBinary.path)
-        p.arguments = ["launch", "--path", path, "--program", "cpuid-forever"]
-        let out = Pipe()
-        p.standardOutput = out
-        p.standardError = out
-        try p.run()
+@Suite(.serialized, .timeLimit(.minutes(1))) struct LifecycleTests {
+    /// Starts `pvm launch` with a guest that never finishes and waits (20 s at most) for its two
+    /// child tiers.
+    func launchEndlessStack(path: String) throws -> (PVMProcess, l1: Int32, l2: Int32) {
+        let p = try PVMProcess(["launch", "--path", path, "--program", "cpuid-forever"])
         let deadline = Date().addingTimeInterval(20)
-        while Date() < deadline {
-            let kids = children(of: p.processIdentifier)
+        while Date() < deadline && p.isRunning {
+            let kids = children(of: p.pid)
             if let l1 = kids.first(where: { $0.name == "pvm-l1" }), let l2 = kids.first(where: { $0.name == "pvm-l2" }) {
-                return (p, out, l1.pid, l2.pid)
+                return (p, l1.pid, l2.pid)
             }
             usleep(20_000)
         }
-        p.terminate()
-        throw LaunchTimeout()
+        let why = p.isRunning ? "no pvm-l1 and pvm-l2 children within 20 s" : "pvm launch exited early"
+        p.cleanup()
+        throw LaunchFailed(why: why)
     }
-    struct LaunchTimeout: Error {}
-
-    func waitForExit(_ p: Process, seconds: Double = 20) -> Bool {
-        let deadline = Date().addingTimeInterval(seconds)
-        while p.isRunning && Date() < deadline { usleep(20_000) }
-        return !p.isRunning
-    }
+    struct LaunchFailed: Error { var why: String }
 
     @Test(arguments: [(Tier.l1, "nvmx"), (Tier.l2, "nvmx"), (Tier.l1, "pv"), (Tier.l2, "pv")])
     func killingATierMidRunEndsTheWholeStackWithAMessageNamingIt(victim: Tier, path: String) throws {
-        let (p, out, l1, l2) = try launchEndlessStack(path: path)
+        let (p, l1, l2) = try launchEndlessStack(path: path)
+        defer { p.cleanup() }
         // Three processes while it runs: L0 (the launcher itself) and its two children.
-        #expect(processExists(p.processIdentifier) && processExists(l1) && processExists(l2))
-        #expect((try? String(contentsOfFile: "/proc/\(p.processIdentifier)/comm", encoding: .utf8))?.hasPrefix("pvm-l0") == true)
+        #expect(processExists(p.pid) && processExists(l1) && processExists(l2))
+        #expect((try? String(contentsOfFile: "/proc/\(p.pid)/comm", encoding: .utf8))?.hasPrefix("pvm-l0") == true)
+        #expect(Set(processes(withToken: p.token).map(\.pid)).isSuperset(of: [p.pid, l1, l2]), "the token marks the whole stack")
         kill(victim == .l1 ? l1 : l2, SIGKILL)
-        let exited = waitForExit(p)
-        #expect(exited)
-        if !exited { kill(p.processIdentifier, SIGKILL); p.waitUntilExit() }
-        let text = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        #expect(p.terminationStatus != 0)
+        let status = p.finish(seconds: 20)
+        #expect(status != nil && status != 0)
+        let text = p.stderr + p.stdout
         #expect(text.contains("\(victim) (pvm-l\(victim.rawValue)) ended unexpectedly: killed by signal 9"), "\(text)")
-        #expect(!processExists(l1) && !processExists(l2))
+        let left = survivingTiers(token: p.token)
+        #expect(left.isEmpty, "tiers outlived L0: \(left)")
     }
 
     @Test func killingL0TakesItsChildrenWithIt() throws {
-        let (p, _, l1, l2) = try launchEndlessStack(path: "nvmx")
-        kill(p.processIdentifier, SIGKILL)
-        p.waitUntilExit()
-        let deadline = Date().addingTimeInterval(10)
-        while (processExists(l1) || processExists(l2)) && Date() < deadline { usleep(20_000) }
-        // Orphans are reparented and reaped by init; either way they must be gone.
-        #expect(!processExists(l1) && !processExists(l2))
+        let (p, l1, l2) = try launchEndlessStack(path: "nvmx")
+        defer { p.cleanup() }
+        kill(p.pid, SIGKILL)
+        #expect(p.finish(seconds: 20) != nil)
+        // Orphans are reparented (to init or a subreaper) and their parent id says nothing: the
+        // token they inherited does.
+        let left = survivingTiers(token: p.token)
+        #expect(left.isEmpty, "tiers outlived L0: \(left)")
+        #expect(!processExists(l1) || processState(l1) == "Z")
+        #expect(!processExists(l2) || processState(l2) == "Z")
+    }
+
+    @Test func terminatingL0TakesItsChildrenWithIt() throws {
+        let (p, _, _) = try launchEndlessStack(path: "pv")
+        defer { p.cleanup() }
+        kill(p.pid, SIGTERM)
+        #expect(p.finish(seconds: 20) == 128 + SIGTERM, "pvm does not handle SIGTERM: the default action ends it")
+        let left = survivingTiers(token: p.token)
+        #expect(left.isEmpty, "tiers outlived L0: \(left)")
+    }
+
+    @Test func aLaunchThatFinishesExitsZeroAndLeavesNoTier() throws {
+        let p = try PVMProcess(["launch", "--path", "nvmx", "--program", "cpuid-values"])
+        defer { p.cleanup() }
+        #expect(p.finish(seconds: 30) == 0, "\(p.stderr)")
+        #expect(p.stdout.contains("stopped: guest done"), "\(p.stdout)")
+        let left = survivingTiers(token: p.token, seconds: 5)
+        #expect(left.isEmpty, "tiers outlived L0: \(left)")
+    }
+
+    /// The probes themselves: a memfd named like L0's shows up as a descriptor and a mapping, and
+    /// goes away with its region. (So a leak check built on them can fail.)
+    @Test func theMemfdProbesSeeL0sSharedMemory() throws {
+        let fds = pvmMemfdDescriptors(), maps = pvmMemfdMappings()
+        do {
+            let region = try SharedRegion(create: "pvm-probe", size: 1 << 20)
+            #expect(pvmMemfdDescriptors().count == fds.count + 1 && pvmMemfdDescriptors().contains { $0.contains("pvm-probe") })
+            #expect(pvmMemfdMappings().count > maps.count)
+            _ = region
+        }
+        #expect(pvmMemfdDescriptors() == fds)
+        #expect(pvmMemfdMappings().count == maps.count)
     }
 
     @Test func aCompletedRunLeavesNoProcessesDescriptorsOrSharedMemory() throws {
-        let shmBefore = Set((try? FileManager.default.contentsOfDirectory(atPath: "/dev/shm")) ?? [])
-        let fdsBefore = openFileDescriptorCount()
+        let fdsBefore = pvmMemfdDescriptors(), mapsBefore = pvmMemfdMappings()
+        let tiersBefore = tierChildrenOfThisProcess()
+        #expect(tiersBefore.isEmpty, "tiers of an earlier test still around: \(tiersBefore)")
         var pids: [Int32] = []
+        var fdsDuring: [String] = []
         do {
-            let (result, _) = try runStack(.nvmx, program: "cpuid-values")
+            var config = StackConfig(path: .nvmx, program: "cpuid-values", tierExecutable: PVMBinary.path)
+            config.timeoutNanos = 30_000_000_000
+            let stack = try L0Stack(config: config)
+            fdsDuring = pvmMemfdDescriptors()
+            let result = try stack.run()
             #expect(result.succeeded)
             #expect(result.l1Status == .exited(0) && result.l2Status == .exited(0))
             pids = Array(result.tierPIDs.values)
         }
+        // While the stack exists L0 holds its control and host-memory memfds...
+        #expect(fdsDuring.count == fdsBefore.count + 2, "\(fdsDuring)")
         #expect(pids.count == 2)
-        // Reaped: not even a zombie is left (other suites' stacks may be running meanwhile).
-        #expect(pids.allSatisfy { !processExists($0) })
-        #expect(openFileDescriptorCount() == fdsBefore)
-        #expect(Set((try? FileManager.default.contentsOfDirectory(atPath: "/dev/shm")) ?? []) == shmBefore)
+        // ...and after it: reaped (not even a zombie), no descriptor, no mapping left.
+        #expect(pids.allSatisfy { !processExists($0) }, "\(pids.map { ($0, processState($0) ?? "-") })")
+        #expect(tierChildrenOfThisProcess().isEmpty)
+        #expect(pvmMemfdDescriptors() == fdsBefore)
+        #expect(pvmMemfdMappings() == mapsBefore)
     }
 
     @Test func aTierThatCannotBeStartedGivesAClearError() throws {
@@ -112,7 +150,9 @@ extension StackTests {
     @Test func aGuestAssertionStopsTheStackWithItsMessage() throws {
         // memory-probe asserts its read-back; an L2 GPA beyond what the PV L1 mapped reads as
         // all ones, so the assertion fails and names the value.
-        let (result, _) = try runStack(.pv, program: "memory-probe", args: [0x4000_0000, 7])
+        var config = StackConfig(path: .pv, program: "memory-probe", programArguments: [0x4000_0000, 7], tierExecutable: PVMBinary.path)
+        config.timeoutNanos = 30_000_000_000
+        let result = try L0Stack(config: config).run()
         guard case .guestAssert(let message) = result.stop else {
             Issue.record("expected a guest assertion, got \(result.stop)")
             return
@@ -124,7 +164,7 @@ extension StackTests {
 }
 
 extension StackTests {
-@Suite(.serialized) struct HostIntegrationTests {
+@Suite(.serialized, .timeLimit(.minutes(1))) struct HostIntegrationTests {
     @Test func aPVNestedGuestInAProtectedStateL1IsRefusedAndTheRunSaysWhy() throws {
         var config = StackConfig(path: .pv, program: "cpuid-values", tierExecutable: PVMBinary.path)
         config.vmType = .tdx
