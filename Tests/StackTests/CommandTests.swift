@@ -1,0 +1,253 @@
+import ABI
+import Bench
+import Foundation
+import L2Guest
+import Testing
+
+/// End to end: each `pvm` command as a user runs it, the built binary as a subprocess (see
+/// `PVMProcess`: output in temp files, read after exit; every output file a temp file removed
+/// afterwards), on short runs, under a time limit. These pin what the tool does today.
+extension StackTests {
+@Suite(.serialized, .timeLimit(.minutes(1))) struct CommandTests {
+    /// Runs `pvm args` to completion (30 s at most) and returns (exit status, stdout, stderr).
+    func pvm(_ args: [String], seconds: Double = 30, sourceLocation: SourceLocation = #_sourceLocation) throws -> (status: Int32?, out: String, err: String) {
+        let p = try PVMProcess(args)
+        defer { p.cleanup() }
+        let status = p.finish(seconds: seconds, sourceLocation: sourceLocation)
+        let left = survivingTiers(token: p.token, seconds: 5)
+        #expect(left.isEmpty, "pvm \(args) left tiers behind: \(left)", sourceLocation: sourceLocation)
+        return (status, p.stdout, p.stderr)
+    }
+
+    static func number(_ v: Any?) -> Double? {
+        switch v {
+        case let n as NSNumber: n.doubleValue
+        case let d as Double: d
+        case let i as Int: Double(i)
+        default: nil
+        }
+    }
+
+    // MARK: bench
+
+    @Test func benchPrintsTheTableAndRatiosAndWritesJSONAndCSV() throws {
+        try withTempFile(".json") { json in
+            try withTempFile(".csv") { csv in
+                let r = try pvm(["bench", "--test", "cpuid", "--path", "single,pv,nvmx-noshadow", "--min-time-ms", "0",
+                                 "--iterations", "200", "--json", json.path, "--csv", csv.path])
+                #expect(r.status == 0, "\(r.err)")
+                // Progress on stderr, one line per run.
+                for (i, v) in ["single", "pv", "nvmx-noshadow"].enumerated() {
+                    #expect(r.err.contains("[\(i + 1)/3] cpuid on \(v)"), "\(r.err)")
+                }
+
+                // The table: the header's columns, then a row per path.
+                let lines = r.out.split(separator: "\n", omittingEmptySubsequences: false).map(String.init)
+                let header = try #require(lines.first)
+                var at = header.startIndex
+                for column in ["test", "path", "iters", "median ns", "p99 ns", "model cyc", "L2 exits", "L2 entries",
+                               "L1 entries", "L1 exits", "hcalls", "L1 exits by reason (per op)"] {
+                    let found = header.range(of: column, range: at..<header.endIndex)
+                    #expect(found != nil, "column '\(column)' missing or out of order in: \(header)")
+                    if let found { at = found.upperBound }
+                }
+                func row(_ label: String) -> [String]? {
+                    lines.first { $0.split(separator: " ").count > 1 && $0.split(separator: " ")[1] == label }?
+                        .split(separator: " ").map(String.init)
+                }
+                let single = try #require(row("single"), "\(r.out)")
+                let pv = try #require(row("pv"), "\(r.out)")
+                let noShadow = try #require(row("nvmx-noshadow"), "\(r.out)")
+                // test path iters median p99 model | L2 exits, L2 entries, L1 entries, L1 exits, hcalls | reasons
+                #expect(single[0] == "cpuid" && single[2] == "200" && Array(single[6...11]) == ["1.00", "1.00", "0.00", "0.00", "0.00", "-"])
+                #expect(pv[2] == "200" && Array(pv[6...11]) == ["1.00", "1.00", "0.00", "0.00", "0.00", "-"])
+                #expect(Array(noShadow[6...10]) == ["1.00", "1.00", "7.00", "7.00", "0.00"], "\(noShadow)")
+                #expect(Array(noShadow[11...]) == ["VMREAD=5.00", "VMRESUME=1.00", "VMWRITE=1.00"], "\(noShadow)")
+                for cells in [single, pv, noShadow] {
+                    #expect(Int(cells[3]).map { $0 > 0 } == true && Int(cells[4]).map { $0 >= Int(cells[3])! } == true, "\(cells)")
+                }
+                // Ratio lines: against single, and against pv (not single against pv).
+                let ratios = lines.filter { $0.contains(" x (median)") }
+                #expect(ratios.count == 3, "\(r.out)")
+                for (a, b) in [("pv", "single"), ("nvmx-noshadow", "single"), ("nvmx-noshadow", "pv")] {
+                    let line = ratios.first { $0.hasPrefix("cpuid: \(a) / \(b) = ") }
+                    let value = line.flatMap { Double($0.split(separator: " ")[5]) }
+                    #expect(value.map { $0 > 0 } == true, "no ratio \(a) / \(b) in \(ratios)")
+                }
+
+                // JSON: the documented schema.
+                let doc = try #require(try JSONSerialization.jsonObject(with: Data(contentsOf: json)) as? [String: Any])
+                let results = try #require(doc["results"] as? [[String: Any]])
+                #expect(results.count == 3)
+                for (res, path) in zip(results, ["single", "pv", "nvmx-noshadow"]) {
+                    #expect(res["test"] as? String == "cpuid" && res["path"] as? String == path && res["variant"] as? String == path)
+                    #expect(Self.number(res["iterations"]) == 200)
+                    #expect(res["l2_map"] as? String == "eager")
+                    #expect((res["pv_features"] as? String == PVFeatures.all.description) == (path == "pv"), "\(res)")
+                    #expect(Self.number(res["model_cycles_per_op"]).map { $0 > 0 } == true)
+                    let ns = try #require(res["ns_per_op"] as? [String: Any])
+                    let (mn, med, p99, mx) = (Self.number(ns["min"]) ?? -1, Self.number(ns["median"]) ?? -1,
+                                              Self.number(ns["p99"]) ?? -1, Self.number(ns["max"]) ?? -1)
+                    #expect(Self.number(ns["mean"]) != nil && mn > 0 && mn <= med && med <= p99 && p99 <= mx, "\(ns)")
+                    let perOp = try #require(res["per_op"] as? [String: Any])
+                    #expect(Set(perOp.keys) == ["l2_exits", "l1_entries", "l1_exits", "l2_entries", "deliveries_to_l1", "hypercalls"])
+                    #expect(Self.number(perOp["l2_exits"]) == 1 && Self.number(perOp["l2_entries"]) == 1)
+                    let byReason = try #require(res["l1_exits_by_reason"] as? [String: Any])
+                    let l2ByReason = try #require(res["l2_exits_by_reason"] as? [String: Any])
+                    #expect(l2ByReason.mapValues { Self.number($0) ?? -1 } == ["CPUID": 1])
+                    if path == "nvmx-noshadow" {
+                        #expect(Self.number(perOp["l1_exits"]) == 7 && Self.number(perOp["deliveries_to_l1"]) == 1)
+                        #expect(byReason.mapValues { Self.number($0) ?? -1 } == ["VMREAD": 5, "VMWRITE": 1, "VMRESUME": 1])
+                    } else {
+                        #expect(Self.number(perOp["l1_exits"]) == 0 && Self.number(perOp["l1_entries"]) == 0 && byReason.isEmpty)
+                    }
+                }
+
+                // CSV: header and one row per result, same columns.
+                let csvLines = try String(contentsOf: csv, encoding: .utf8).split(separator: "\n").map(String.init)
+                #expect(csvLines.first == "test,path,variant,iterations,median_ns,p99_ns,model_cycles,l2_exits,l2_entries,l1_entries,l1_exits,hypercalls")
+                #expect(csvLines.count == 4)
+                for (line, path) in zip(csvLines.dropFirst(), ["single", "pv", "nvmx-noshadow"]) {
+                    let cells = line.split(separator: ",", omittingEmptySubsequences: false).map(String.init)
+                    #expect(cells.count == 12 && Array(cells[0...3]) == ["cpuid", path, path, "200"], "\(line)")
+                    #expect(cells[7] == "1.0000" && cells[10] == (path == "nvmx-noshadow" ? "7.0000" : "0.0000"), "\(line)")
+                }
+            }
+        }
+    }
+
+    @Test func benchInVMExitFormatPrintsNameValueLinesPerPath() throws {
+        let r = try pvm(["bench", "--test", "cpuid", "--path", "single,nvmx", "--min-time-ms", "0", "--iterations", "100", "--format", "vmexit"])
+        #expect(r.status == 0, "\(r.err)")
+        let lines = r.out.split(separator: "\n").map(String.init)
+        #expect(lines.count == 4, "\(r.out)")
+        #expect(lines.first == "# single (median ns per iteration)" && lines.dropFirst(2).first == "# nvmx (median ns per iteration)", "\(r.out)")
+        for line in [lines[1], lines[3]] {
+            let parts = line.split(separator: " ")
+            #expect(parts.count == 2 && parts[0] == "cpuid" && (UInt64(parts[1]) ?? 0) > 0, "\(line)")
+        }
+    }
+
+    // MARK: stat, trace, model
+
+    @Test func statReportsExitsPerTierAndReason() throws {
+        let r = try pvm(["stat", "--path", "nvmx", "--iterations", "20"])
+        #expect(r.status == 0, "\(r.err)")
+        #expect(r.out.contains("VM-EXIT") && r.out.contains("Samples") && r.out.contains("Total Samples:"), "\(r.out)")
+        let rows = r.out.split(separator: "\n").map { $0.split(separator: " ").map(String.init) }
+        #expect(rows.contains { $0.count > 2 && $0[0] == "L2" && $0[1] == "CPUID" && $0[2] == "20" }, "\(r.out)")
+        #expect(rows.contains { $0.count > 2 && $0[0] == "L1" && $0[1] == "VMRESUME" && $0[2] == "20" }, "\(r.out)")
+    }
+
+    @Test func traceWritesAChromeTraceWithATrackPerTier() throws {
+        try withTempFile(".json") { out in
+            let r = try pvm(["trace", "--path", "nvmx", "--iterations", "5", "--out", out.path])
+            #expect(r.status == 0, "\(r.err)")
+            let words = r.out.split(separator: " ")
+            #expect(words.first == "wrote" && r.out.hasSuffix("spans to \(out.path)\n"), "\(r.out)")
+            let spansReported = words.count > 1 ? Int(words[1]) : nil
+            let doc = try #require(try JSONSerialization.jsonObject(with: Data(contentsOf: out)) as? [String: Any])
+            let events = try #require(doc["traceEvents"] as? [[String: Any]])
+            #expect(doc["displayTimeUnit"] is String)
+            let threads = events.filter { $0["ph"] as? String == "M" && $0["name"] as? String == "thread_name" }
+                .compactMap { ($0["args"] as? [String: Any])?["name"] as? String }
+            #expect(Set(threads) == ["L0 (pvm-l0)", "L1 (pvm-l1)", "L2 (pvm-l2)"])
+            let spans = events.filter { $0["ph"] as? String == "X" }
+            #expect(spans.count == spansReported, "stdout says \(String(describing: spansReported)) spans, the file has \(spans.count)")
+            #expect(spans.allSatisfy { Self.number($0["ts"]) != nil && (Self.number($0["dur"]) ?? -1) >= 0 && $0["name"] is String
+                                       && Self.number($0["pid"]) != nil && Self.number($0["tid"]) != nil })
+            #expect(spans.contains { $0["name"] as? String == "handle CPUID from L2" })
+        }
+    }
+
+    @Test func modelExplainPrintsTheCostBreakdown() throws {
+        let r = try pvm(["model", "explain", "cpuid", "--path", "nvmx", "--iterations", "100"])
+        #expect(r.status == 0, "\(r.err)")
+        let lines = r.out.split(separator: "\n").map(String.init)
+        #expect(lines.first?.hasPrefix("cpuid on nvmx, profile ") == true, "\(r.out)")
+        #expect(lines.dropFirst().first?.hasPrefix("event") == true, "\(r.out)")
+        #expect(lines.contains { $0.hasPrefix("L2 -> L0 exits and entries (world switch)") && $0.contains("1.00") }, "\(r.out)")
+        let total = lines.first { $0.hasPrefix("total") }?.split(separator: " ")
+        #expect(total.flatMap { $0.count > 1 ? Double($0[1]) : nil }.map { $0 > 0 } == true, "\(r.out)")
+    }
+
+    // MARK: programs, launch, calibrate
+
+    @Test func programsListsEveryGuestProgramWithItsSummary() throws {
+        let r = try pvm(["programs"])
+        #expect(r.status == 0)
+        let listed = Dictionary(r.out.split(separator: "\n").compactMap { line -> (String, String)? in
+            let parts = line.split(separator: "\t", maxSplits: 1)
+            return parts.count == 2 ? (String(parts[0]), String(parts[1])) : nil
+        }, uniquingKeysWith: { a, _ in a })
+        #expect(listed.count == GuestPrograms.all.count && listed.count == r.out.split(separator: "\n").count)
+        for p in GuestPrograms.all { #expect(listed[p.name] == p.summary, "\(p.name)") }
+        for op in BenchOperations.all { #expect(listed[op.name] != nil, "bench op \(op.name) is not a program") }
+        #expect(listed["cpuid-values"] != nil && listed["cpuid-forever"] != nil)
+    }
+
+    @Test func launchRunsAProgramOnNVMXAndPrintsWhatHappened() throws {
+        let r = try pvm(["launch", "--path", "nvmx", "--program", "cpuid-values"])
+        #expect(r.status == 0, "\(r.err)")
+        let lines = r.out.split(separator: "\n").map(String.init)
+        #expect(lines.filter { $0.hasPrefix("sync ") }.count == 9, "\(r.out)")
+        #expect(lines.contains("stopped: guest done"))
+        #expect(lines.contains("L1 exit status 0, L2 exit status 0"), "\(r.out)")
+        #expect(lines.contains { $0.hasPrefix("L2->L0 exits: ") && $0.contains("CPUID=9") }, "\(r.out)")
+        #expect(lines.contains { $0.hasPrefix("L1->L0 exits: ") && $0.contains("VMLAUNCH=1") && $0.contains("VMRESUME=9") }, "\(r.out)")
+        #expect(lines.contains { $0.hasPrefix("delivered to L1: ") && $0.contains("CPUID=9") }, "\(r.out)")
+        #expect(lines.contains { $0.hasPrefix("entries: L1=") }, "\(r.out)")
+    }
+
+    @Test func launchOfAProgramThatFailsExitsOneAndSaysWhy() throws {
+        // memory-probe reads back all ones from an L2 GPA the PV L1 did not map: the guest asserts.
+        let r = try pvm(["launch", "--path", "pv", "--program", "memory-probe", "--args", "1073741824", "7"])
+        #expect(r.status == 1, "\(r.out)\(r.err)")
+        #expect(r.out.contains("stopped: ") && r.out.contains("read back 18446744073709551615 after storing 7"), "\(r.out)")
+    }
+
+    /// Through /dev/kvm where it works (exit 0, a summary and a valid profile file), else a clean
+    /// one-line `pvm calibrate: ...` error and exit 2 (the code's ExitCode(2)), no file.
+    @Test func calibrateWritesAProfileOrFailsCleanly() throws {
+        try withTempFile(".json") { out in
+            let r = try pvm(["calibrate", "--out", out.path, "--iterations", "2000", "--runs", "2"], seconds: 50)
+            if r.status == 0 {
+                #expect(r.out.contains("in-kernel CPUID exit") && r.out.contains("wrote \(out.path)"), "\(r.out)")
+                let profile = try CostProfile.decode(try Data(contentsOf: out), file: out.path)
+                #expect(profile.ghz > 0)
+            } else {
+                #expect(r.status == 2, "\(r.out)\(r.err)")
+                let errLines = r.err.split(separator: "\n")
+                #expect(errLines.count == 1 && errLines.first?.hasPrefix("pvm calibrate: ") == true, "\(r.err)")
+                #expect(!FileManager.default.fileExists(atPath: out.path))
+            }
+        }
+    }
+
+    // MARK: usage errors
+
+    /// An unknown --path is a usage error (exit 64, EX_USAGE) on every command that takes one.
+    @Test(arguments: [["bench", "--test", "cpuid"], ["launch"], ["stat"], ["trace", "--out", "/nonexistent/never-written.json"], ["model", "explain", "cpuid"]])
+    func anUnknownPathIsAUsageError(command: [String]) throws {
+        let r = try pvm(command + ["--path", "bogus"])
+        #expect(r.status == 64, "\(r.err)")
+        #expect(r.err.contains("Error: unknown path 'bogus'") && r.err.contains("Usage:"), "\(r.err)")
+        #expect(r.out.isEmpty, "\(r.out)")
+    }
+
+    @Test func benchListsThePathsItKnowsWhenOneIsUnknown() throws {
+        let r = try pvm(["bench", "--test", "cpuid", "--path", "single,bogus"])
+        #expect(r.status == 64)
+        #expect(r.err.contains("unknown path 'bogus' (known: \(NestingPath.allCases.map(\.rawValue).joined(separator: ", ")))"), "\(r.err)")
+    }
+
+    @Test func unknownTestsOptionsAndProgramsAreUsageErrors() throws {
+        let test = try pvm(["bench", "--test", "nosuch", "--path", "pv"])
+        #expect(test.status == 64 && test.err.contains("unknown test 'nosuch' (known: \(BenchOperations.all.map(\.name).joined(separator: ", ")))"), "\(test.err)")
+        let option = try pvm(["bench", "--no-such-option"])
+        #expect(option.status == 64 && option.err.contains("--no-such-option"), "\(option.err)")
+        let program = try pvm(["launch", "--program", "nosuch"])
+        #expect(program.status == 64 && program.err.contains("unknown guest program 'nosuch'"), "\(program.err)")
+    }
+}
+}
