@@ -63,6 +63,8 @@ import Transport
                 #expect([0, 1, 2].contains(result) || failedEntry, "\(written)")
             case .stop(let r):
                 Issue.record("garbage vmcs12 stopped the stack: \(r); \(written)")
+            case .resume:
+                Issue.record("a VM entry must enter L2 or return to L1, not \(outcome); \(written)")
             }
         }
         guard passed else { return }
@@ -161,11 +163,13 @@ import Transport
                 // Today an L2 access past the L2 address limit (what EPT02 covers) stops the
                 // whole stack, whatever EPT12 says: pinned here so a refactor cannot change it
                 // silently. Anything else stopping the stack is a failure.
-                if beyondLimit && "\(r)".contains("beyond the L2 address limit") {
+                if beyondLimit, case .fatal(.beyondL2AddressLimit) = r {
                     coverage.hit("stop.beyondL2Limit")
                 } else {
                     Issue.record("garbage EPT12 stopped the stack: \(r); \(what)")
                 }
+            case .enterL2, .resume(.l0):
+                Issue.record("an EPT violation must resume L2 or reach L1, not \(outcome); \(what)")
             }
         }
         guard passed else { return }

@@ -250,7 +250,7 @@ struct PVModel {
             argumentPage = L1GPA(args[2])
             return (0, "negotiate.ok")
         case .setCPUID:
-            if args[1] > PVState.maxCPUIDEntries { return (HypercallError.tooBig.returnValue, "setCPUID.tooBig") }
+            if args[1] > PVBackend.maxCPUIDEntries { return (HypercallError.tooBig.returnValue, "setCPUID.tooBig") }
             if args[1] > 0 && !Self.inSlot(args[0], args[1] * CPUIDEntry.byteSize) { return (HypercallError.fault.returnValue, "setCPUID.outsideL1") }
             return (0, "setCPUID.ok")
         case .mapGPARange:
@@ -284,7 +284,7 @@ struct PVModel {
                 let head = page(i * PVMSRPolicyEntry.size + PVMSRPolicyEntry.index)
                 guard let action = PVMSRAction(rawValue: UInt32(truncatingIfNeeded: head >> 32)) else { return (invalid, "setMSRPolicy.badAction") }
                 let msr = UInt32(truncatingIfNeeded: head)
-                if action == .passthrough && PassthroughMSRs.slot(of: msr) == nil { return (invalid, "setMSRPolicy.notPassthroughable") }
+                if action == .passthrough && !PassthroughMSRs.contains(msr) { return (invalid, "setMSRPolicy.notPassthroughable") }
                 parsed.append((msr, action))
             }
             for (msr, action) in parsed { msrPolicy[msr] = action }
@@ -355,7 +355,7 @@ struct PVModel {
                                Plan.argumentPage.raw + 8, Plan.argumentPage.raw + 0x800, g.edgeU64()])
             return [version, features, page, g.edgeU64()]
         case .setCPUID?:
-            let count = g.pick([0, 1, 2, 40, PVState.maxCPUIDEntries, PVState.maxCPUIDEntries + 1, g.edgeU64()])
+            let count = g.pick([0, 1, 2, 40, PVBackend.maxCPUIDEntries, PVBackend.maxCPUIDEntries + 1, g.edgeU64()])
             let gpa = g.pick([Plan.cpuidBuffer.raw, 0, Plan.slotSize - CPUIDEntry.byteSize, Plan.slotSize - 8, Plan.slotSize, g.edgeU64()])
             return [gpa, count, g.edgeU64(), g.edgeU64()]
         case .mapGPABatch?, .setMSRPolicy?, .getMSRs?, .setMSRs?:
@@ -380,7 +380,7 @@ struct PVModel {
     /// Fills the argument page for a batch / MSR call: map entries drawn like single maps (and
     /// sometimes overlapping each other), MSR entries with real and random indices and actions.
     static func fillArgumentPage(_ g: inout SplitMix64, _ f: Fixture, _ call: PVHypercall?, count: UInt64, model: PVModel) throws {
-        guard let page = f.vcpu.pv.argumentPage?.raw else { return }
+        guard let page = f.pv.argumentPage?.raw else { return }
         let n = min(count, 8)
         for i in 0..<n {
             switch call {
@@ -438,14 +438,14 @@ struct PVModel {
                     coverage.hit("skipped.registerL0PortsOverflowTrap")
                     continue
                 }
-                let argPage = f.vcpu.pv.argumentPage
+                let argPage = f.pv.argumentPage
                 let page: (UInt64) -> UInt64 = { off in argPage.flatMap { try? f.vcpu.l1Memory.load64(L1GPA($0.raw + off)) } ?? 0 }
                 let (expected, rule) = model.apply(nr, args, page: page)
                 let before = PVSnapshot(f)
                 let (outcome, rax) = f.hypercall(nr, args[0], args[1], args[2], args[3])
                 coverage.hit(rule)
                 if let expected {
-                    guard outcome == .resumeL1, rax == expected else {
+                    guard outcome == .resume(.l1), rax == expected else {
                         Issue.record("\(calls.last!) returned \(outcome) 0x\(String(rax, radix: 16)), the model 0x\(String(expected, radix: 16)) (\(rule)); calls: \(calls)")
                         return
                     }

@@ -23,26 +23,27 @@ struct PVSnapshot: Equatable {
     var enabled: PVFeatures
     var argumentPage: L1GPA?
     var exitPage: L1GPA?
-    var l2Requested: Bool
+    var hasL2VCPU: Bool
 
     init(_ f: Fixture) {
         let v = f.vcpu
-        map = v.pv.map
+        let pv = f.pv
+        map = pv.map
         present = v.ept02.present
         entries = Dictionary(uniqueKeysWithValues: v.ept02.present.map { ($0, v.ept02.entry(L2GPA($0 * pageSize))) })
         generation = v.ept02.generation
         ept02Fills = v.counters.ept02Fills
-        msrPolicy = v.pv.msrPolicy
+        msrPolicy = pv.msrPolicy
         l0MSRs = v.l0MSRs
-        msrBitmap = (try? f.control.readBytes(at: v.msrBitmapBase, count: 4096)) ?? []
-        passthroughValues = PassthroughMSRs.all.map { v.l2PassthroughMSR($0) }
+        msrBitmap = (try? f.control.readBytes(at: f.layout.l2MSRBitmap(0).raw, count: 4096)) ?? []
+        passthroughValues = PassthroughMSRs.all.map { v.l2PassthroughMSRs[$0] }
         devices = v.l0Devices
-        cpuid = v.pv.cpuid
-        negotiated = v.pv.negotiated
-        enabled = v.pv.enabled
-        argumentPage = v.pv.argumentPage
-        exitPage = v.pv.exitPageGPA
-        l2Requested = v.l2Requested
+        cpuid = pv.cpuid
+        negotiated = pv.negotiated
+        enabled = pv.enabled
+        argumentPage = pv.argumentPage
+        exitPage = pv.exitPageGPA
+        hasL2VCPU = pv.hasL2VCPU
     }
 
     /// The names of the parts that differ (for a readable failure).
@@ -60,7 +61,7 @@ struct PVSnapshot: Equatable {
         if devices != o.devices { d.append("L0 port devices") }
         if cpuid != o.cpuid { d.append("CPUID table") }
         if negotiated != o.negotiated || enabled != o.enabled || argumentPage != o.argumentPage { d.append("negotiation") }
-        if exitPage != o.exitPage || l2Requested != o.l2Requested { d.append("vCPU creation") }
+        if exitPage != o.exitPage || hasL2VCPU != o.hasL2VCPU { d.append("vCPU creation") }
         return d
     }
 }
