@@ -300,6 +300,7 @@ struct PVModel {
         case .registerL0Ports:
             let (first, count, device) = (args[0], args[1], args[2])
             guard PVL0Device(rawValue: device) != nil else { return (invalid, "ports.badDevice") }
+            if PVModel.portsWrap(args) { return (invalid, "ports.countWraps") }
             guard count > 0, first <= 0xFFFF, first + count - 1 <= 0xFFFF else { return (invalid, "ports.outOfRange") }
             let r = first...(first + count - 1)
             if r.contains(UInt64(Ucall.port)) { return (invalid, "ports.ucall") }
@@ -317,8 +318,8 @@ struct PVModel {
         }
     }
 
-    /// `registerL0Ports` arguments that make today's L0 trap (see the disabled test below).
-    static func portsTrap(_ args: [UInt64]) -> Bool {
+    /// `registerL0Ports` arguments whose `first + count` wraps past 2^64 (L0 once trapped on them).
+    static func portsWrap(_ args: [UInt64]) -> Bool {
         PVL0Device(rawValue: args[2]) != nil && args[1] > 0 && args[0] <= 0xFFFF && args[0].addingReportingOverflow(args[1]).overflow
     }
 }
@@ -432,12 +433,6 @@ struct PVModel {
                 let args = Self.arguments(&g, call, model: model)
                 try Self.fillArgumentPage(&g, f, call, count: args[0], model: model)
                 calls.append("0x\(String(nr, radix: 16))(\(args.map { "0x" + String($0, radix: 16) }.joined(separator: ", ")))")
-                if call == .registerL0Ports && model.negotiated && model.enabled.contains(.l0Ports) && PVModel.portsTrap(args) {
-                    // Known bug: L0Devices.register computes first + count - 1 unchecked, so these
-                    // arguments trap (crash L0). Not called until fixed; counted so it stays visible.
-                    coverage.hit("skipped.registerL0PortsOverflowTrap")
-                    continue
-                }
                 let argPage = f.pv.argumentPage
                 let page: (UInt64) -> UInt64 = { off in argPage.flatMap { try? f.vcpu.l1Memory.load64(L1GPA($0.raw + off)) } ?? 0 }
                 let (expected, rule) = model.apply(nr, args, page: page)
@@ -498,12 +493,10 @@ struct PVModel {
         "enterL2.ok": 17, "enterL2.noVCPU": 60,
     ]
 
-    /// Documents a real bug instead of hiding it: an L1 that hands L0 `count` ports starting at
-    /// `first >= 1` with `first + count` past 2^64 makes L0 trap on an arithmetic overflow in
-    /// `L0Devices.register` (`first + count - 1`), killing the whole stack. The correct answer
-    /// is -KVM_EINVAL with nothing changed. Enabling this test today crashes the test process.
-    @Test(.disabled("L0 traps on arithmetic overflow in L0Devices.register: see the report; enable once fixed"))
-    func registeringPortsWithACountThatWrapsIsRefusedNotACrash() throws {
+    /// An L1 that hands L0 `count` ports starting at `first >= 1` with `first + count` past 2^64
+    /// used to make L0 trap on an arithmetic overflow in `L0Devices.register`, killing the whole
+    /// stack. The answer is -KVM_EINVAL with nothing changed.
+    @Test func registeringPortsWithACountThatWrapsIsRefusedNotACrash() throws {
         let f = try Fixture(.pv)
         let before = PVSnapshot(f)
         #expect(f.hypercall(.registerL0Ports, 1, UInt64.max, PVL0Device.latch.rawValue).rax == HypercallError.invalid.returnValue)

@@ -27,7 +27,8 @@ public struct L0Devices: Sendable, Equatable {
     /// Adds a port range; false if it is empty, wraps past 0xFFFF, overlaps a registered range,
     /// or covers the ucall port (the harness's).
     public mutating func register(first: UInt64, count: UInt64, device: PVL0Device) -> Bool {
-        guard count > 0, first <= 0xFFFF, first + count - 1 <= 0xFFFF else { return false }
+        // Overflow-safe: both numbers come from L1 (`count` may be anything up to 2^64 - 1).
+        guard count > 0, first <= 0xFFFF, count <= 0x1_0000 - first else { return false }
         let r = UInt16(first)...UInt16(first + count - 1)
         guard !r.contains(Ucall.port), !ranges.contains(where: { $0.ports.overlaps(r) }) else { return false }
         ranges.append(Range(ports: r, device: device))
