@@ -23,9 +23,20 @@ public protocol NestingBackend: AnyObject {
 
     /// Whether L1 has an L2 vCPU to run (PV create-vCPU, a first VMLAUNCH; always on one level).
     var hasL2VCPU: Bool { get }
+
+    /// Whether the path has an L1 process at all (not on one level).
+    var runsL1: Bool { get }
+}
+
+extension NestingBackend {
+    public var runsL1: Bool { true }
 }
 
 extension NestingPath {
+    /// The port devices L0 runs from the start: on pv L1 registers its own (`registerL0Ports`);
+    /// elsewhere they are part of the platform.
+    var initialL0Devices: L0Devices { self == .pv ? L0Devices() : .platformDefault }
+
     /// The backend that runs this path.
     func makeBackend(_ vcpu: L0VCPU) -> any NestingBackend {
         switch self {

@@ -44,7 +44,7 @@ public final class L0VCPU {
         self.ept02 = EPT02(control.ept02)
         self.l2MSRBitmap = control.l2MSRBitmap(vcpu: id)
         self.l2PassthroughMSRs = control.l2PassthroughMSRs(vcpu: id)
-        self.l0Devices = path == .pv ? L0Devices() : .platformDefault
+        self.l0Devices = path.initialL0Devices
         self.backend = path.makeBackend(self)
     }
 

@@ -84,7 +84,7 @@ extension L0Stack {
         let policy = config.placement.waitPolicy(for: .l0)
         defer { shutdown() }
 
-        l1 = config.path == .single ? nil : try launch(.l1)
+        l1 = vcpu.backend.runsL1 ? try launch(.l1) : nil
         let deadline = started + config.timeoutNanos
         let alive = { [unowned self] in self.deadTier() == nil && monotonicNanos() < deadline }
 

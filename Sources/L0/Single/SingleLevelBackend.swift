@@ -20,6 +20,7 @@ public final class SingleLevelBackend: NestingBackend {
     public init() {}
 
     public var hasL2VCPU: Bool { true }
+    public var runsL1: Bool { false }
 
     /// Maps the guest's RAM, opens the pass-through MSRs, sets the first registers; the guest
     /// runs first.
