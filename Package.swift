@@ -43,12 +43,14 @@ let package = Package(
             "ABI", "Transport", "L0", "L1PV", "L2Guest", "Bench",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
+        // Seeded random inputs for the property tests, shared by the test targets that need them.
+        .target(name: "TestSupport", path: "Tests/TestSupport"),
         .testTarget(name: "ABITests", dependencies: [
-            "ABI", "Transport", .product(name: "PropertyBased", package: "swift-property-based"),
+            "ABI", "Transport", "TestSupport", .product(name: "PropertyBased", package: "swift-property-based"),
         ]),
         .testTarget(name: "TransportTests", dependencies: ["ABI", "Transport"]),
         .testTarget(name: "L0Tests", dependencies: [
-            "ABI", "Transport", "L0", "L1PV",
+            "ABI", "Transport", "L0", "L1PV", "TestSupport",
             .product(name: "PropertyBased", package: "swift-property-based"),
         ]),
         // Launches the three real processes: depends on the executable so `swift test` builds it.

@@ -1,5 +1,6 @@
 import ABI
 import Testing
+import TestSupport
 
 @Suite struct AddressSpaceTests {
     @Test func addingThatWouldWrapReturnsNil() {

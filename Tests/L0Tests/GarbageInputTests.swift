@@ -1,5 +1,6 @@
 import ABI
 import Testing
+import TestSupport
 import Transport
 @testable import L0
 

@@ -1,6 +1,7 @@
 import ABI
 @testable import L0
 import Testing
+import TestSupport
 import Transport
 
 /// One map or unmap hypercall with the arguments a fuzzing L1 might pass.

@@ -12,15 +12,14 @@ import Testing
 // (swift-property-based's `.fixedSeed` trait runs a single case and always records an issue: it
 // is meant for reproducing, not for a committed fixed default, hence this helper.)
 //
-// Tests/ABITests/Seeded.swift has a copy of this file (test targets cannot share sources without
-// changing Package.swift).
+// One copy for every test target: the TestSupport target, which ABITests and L0Tests import.
 
 /// SplitMix64 (Steele, Lea, Flood 2014): tiny, fast, and good enough for test inputs.
-struct SplitMix64: RandomNumberGenerator {
+public struct SplitMix64: RandomNumberGenerator {
     private(set) var state: UInt64
     init(seed: UInt64) { state = seed }
 
-    mutating func next() -> UInt64 {
+    public mutating func next() -> UInt64 {
         state &+= 0x9E37_79B9_7F4A_7C15
         var z = state
         z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
@@ -29,64 +28,64 @@ struct SplitMix64: RandomNumberGenerator {
     }
 
     /// Uniform in 0..<n (n > 0).
-    mutating func below(_ n: UInt64) -> UInt64 { UInt64.random(in: 0..<n, using: &self) }
-    mutating func int(_ r: ClosedRange<Int>) -> Int { Int.random(in: r, using: &self) }
-    mutating func chance(_ p: Double) -> Bool { Double(next() >> 11) / Double(1 << 53) < p }
-    mutating func pick<T>(_ a: [T]) -> T { a[Int(below(UInt64(a.count)))] }
+    public mutating func below(_ n: UInt64) -> UInt64 { UInt64.random(in: 0..<n, using: &self) }
+    public mutating func int(_ r: ClosedRange<Int>) -> Int { Int.random(in: r, using: &self) }
+    public mutating func chance(_ p: Double) -> Bool { Double(next() >> 11) / Double(1 << 53) < p }
+    public mutating func pick<T>(_ a: [T]) -> T { a[Int(below(UInt64(a.count)))] }
 
     /// Values where arithmetic breaks: 0, 1, page edges, 2^32 edges, 2^63 edges, all ones.
-    static let specialValues: [UInt64] = [
+    public static let specialValues: [UInt64] = [
         0, 1, 2, 0x7, 0x8, 0xFFF, 0x1000, 0x1001, 0xFFFF, 0x1_0000,
         0xFFFF_FFFF, 0x1_0000_0000, 0x7FFF_FFFF_FFFF_FFFF, 1 << 63, (1 << 63) + 0x1000,
         UInt64.max - 0x1000, UInt64.max - 0xFFF, UInt64.max & ~0xFFF, UInt64.max - 1, UInt64.max,
     ]
 
     /// A special value half the time, any 64-bit value otherwise.
-    mutating func edgeU64() -> UInt64 { chance(0.5) ? pick(Self.specialValues) : next() }
+    public mutating func edgeU64() -> UInt64 { chance(0.5) ? pick(Self.specialValues) : next() }
 }
 
-enum PropertySeed {
-    static let defaultSeed: UInt64 = 0x5056_4D5F_5345_4544     // "PVM_SEED"
+public enum PropertySeed {
+    public static let defaultSeed: UInt64 = 0x5056_4D5F_5345_4544     // "PVM_SEED"
 
-    static func parse(_ s: String?) -> UInt64? {
+    public static func parse(_ s: String?) -> UInt64? {
         guard let s = s?.trimmingCharacters(in: .whitespaces), !s.isEmpty else { return nil }
         if s.lowercased().hasPrefix("0x") { return UInt64(s.dropFirst(2), radix: 16) }
         return UInt64(s)
     }
 
     /// The master seed: env PVM_PROPERTY_SEED, else the fixed default.
-    static let master: UInt64 = parse(ProcessInfo.processInfo.environment["PVM_PROPERTY_SEED"]) ?? defaultSeed
+    public static let master: UInt64 = parse(ProcessInfo.processInfo.environment["PVM_PROPERTY_SEED"]) ?? defaultSeed
     /// env PVM_PROPERTY_CASE: run only this case (to reproduce one failure).
-    static let onlyCase: Int? = ProcessInfo.processInfo.environment["PVM_PROPERTY_CASE"].flatMap { Int($0) }
+    public static let onlyCase: Int? = ProcessInfo.processInfo.environment["PVM_PROPERTY_CASE"].flatMap { Int($0) }
 
     /// FNV-1a of the test's name: different tests get different streams from one master seed.
-    static func hash(_ s: String) -> UInt64 {
+    public static func hash(_ s: String) -> UInt64 {
         s.utf8.reduce(0xCBF2_9CE4_8422_2325) { ($0 ^ UInt64($1)) &* 0x100_0000_01B3 }
     }
 
-    static func caseSeed(test: String, index: Int) -> UInt64 {
+    public static func caseSeed(test: String, index: Int) -> UInt64 {
         var g = SplitMix64(seed: master ^ hash(test) ^ UInt64(index) &* 0xD6E8_FEB8_6659_FD93)
         return g.next()
     }
 
-    static var description: String { "PVM_PROPERTY_SEED=0x\(String(master, radix: 16))" }
+    public static var description: String { "PVM_PROPERTY_SEED=0x\(String(master, radix: 16))" }
 }
 
 /// Which case is running and whether it recorded anything; read by the issue handler.
-final class SeededCaseTracker: @unchecked Sendable {
+public final class SeededCaseTracker: @unchecked Sendable {
     private let lock = NSLock()
     private var index = -1
     private var issues = 0
-    func start(_ i: Int) { lock.withLock { index = i; issues = 0 } }
-    func noteIssue() -> Int { lock.withLock { issues += 1; return index } }
-    var failed: Bool { lock.withLock { issues > 0 } }
+    public func start(_ i: Int) { lock.withLock { index = i; issues = 0 } }
+    public func noteIssue() -> Int { lock.withLock { issues += 1; return index } }
+    public var failed: Bool { lock.withLock { issues > 0 } }
 }
 
 /// Runs `body` for `count` cases, each with its own seeded generator. Stops at the first case
 /// that records an issue; every issue says which seed and case produced it. Returns whether
 /// every case passed (coverage minimums are only worth checking then).
 @discardableResult
-func seededCheck(_ test: String = #function, count: Int, _ body: (inout SplitMix64) throws -> Void) async -> Bool {
+public func seededCheck(_ test: String = #function, count: Int, _ body: (inout SplitMix64) throws -> Void) async -> Bool {
     let tracker = SeededCaseTracker()
     let handler = IssueHandlingTrait.compactMapIssues { issue in
         var issue = issue
@@ -114,16 +113,17 @@ func seededCheck(_ test: String = #function, count: Int, _ body: (inout SplitMix
 
 /// Counts named events across all cases of a property, for minimum-coverage assertions: a
 /// generator that stops reaching an edge makes the test fail instead of silently passing.
-final class Coverage: @unchecked Sendable {
+public final class Coverage: @unchecked Sendable {
     private let lock = NSLock()
     private var counts: [String: Int] = [:]
-    func hit(_ key: String, _ n: Int = 1) { lock.withLock { counts[key, default: 0] += n } }
-    subscript(_ key: String) -> Int { lock.withLock { counts[key] ?? 0 } }
-    var summary: String { lock.withLock { counts.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: " ") } }
+    public init() {}
+    public func hit(_ key: String, _ n: Int = 1) { lock.withLock { counts[key, default: 0] += n } }
+    public subscript(_ key: String) -> Int { lock.withLock { counts[key] ?? 0 } }
+    public var summary: String { lock.withLock { counts.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: " ") } }
 
     /// #expect(count >= minimum) for each, naming the seed and the whole tally on failure.
     /// Skipped when PVM_PROPERTY_CASE runs a single case.
-    func expectAtLeast(_ minimums: [String: Int], sourceLocation: SourceLocation = #_sourceLocation) {
+    public func expectAtLeast(_ minimums: [String: Int], sourceLocation: SourceLocation = #_sourceLocation) {
         print("coverage (\(PropertySeed.description)): \(summary)")
         guard PropertySeed.onlyCase == nil else { return }
         for (k, m) in minimums.sorted(by: { $0.key < $1.key }) {
