@@ -95,16 +95,24 @@ public struct AddressRange<Space: AddressSpaceValue>: Hashable, Sendable, Custom
         return AddressRange(start: s, length: e.raw - s.raw)
     }
 
-    /// The start of every page the range touches, in order.
-    public var pages: [Space] {
-        guard length > 0 else { return [] }
-        var out: [Space] = []
-        var p = start.pageBase
-        while p < end {
-            out.append(p)
-            guard let next = p.adding(pageSize) else { break }
-            p = next
+    /// The start of every page the range touches, in order, produced one at a time: a range a
+    /// guest made up may cover 2^52 pages, and a caller that refuses at the first bad one must
+    /// not pay for the rest.
+    public var pages: Pages { Pages(range: self) }
+
+    public struct Pages: Sequence, Sendable {
+        let range: AddressRange<Space>
+        public struct Iterator: IteratorProtocol {
+            var upcoming: Space?
+            let end: Space
+            public mutating func next() -> Space? {
+                guard let p = upcoming, p < end else { return nil }
+                upcoming = p.adding(pageSize)
+                return p
+            }
         }
-        return out
+        public func makeIterator() -> Iterator {
+            Iterator(upcoming: range.length > 0 ? range.start.pageBase : nil, end: range.end)
+        }
     }
 }

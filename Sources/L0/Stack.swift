@@ -54,7 +54,7 @@ public final class L0Stack {
         handoff = control.handoff(vcpu: 0)
         vcpu = L0VCPU(id: 0, path: config.path, control: control,
                       l1Memory: L1MemoryAccess(memslots: slots, host: HostMemory(region: hostMemory)))
-        (vcpu.backend as? PVBackend)?.offered = config.pvOffered
+        vcpu.backend.configure(config)
         vcpu.vm = vm
     }
 
@@ -78,28 +78,8 @@ public final class L0Stack {
         return nil
     }
 
-    /// Handoffs between liveness checks while L0 is busy. A tier that dies while the others
-    /// ping-pong without it (L1 during a PV CPUID loop) is noticed within this many exits; a
-    /// sleeping L0 checks on every futex timeout anyway. One check is two waitpid(WNOHANG).
-    static let livenessCheckInterval: UInt64 = 1024
+    /// Handoffs since the loop last polled its children (VCPULoop.swift).
     var handoffsSinceCheck: UInt64 = 0
-
-    /// nil when it is L0's turn; otherwise why the stack must stop.
-    @inline(__always)
-    func waitForTurn(_ policy: WaitPolicy, _ alive: () -> Bool) -> StopReason? {
-        handoffsSinceCheck &+= 1
-        if handoffsSinceCheck >= Self.livenessCheckInterval {
-            handoffsSinceCheck = 0
-            if let (t, s) = deadTier() { return .tierDied(t, s) }
-        }
-        switch handoff.wait(for: .l0, policy: policy, isPeerAlive: alive) {
-        case .myTurn: return nil
-        case .stop: return .fatal(.stopFromGuest)
-        case .peerGone:
-            if let (t, s) = deadTier() { return .tierDied(t, s) }
-            return .fatal(.timeLimit(seconds: config.timeoutNanos / 1_000_000_000))
-        }
-    }
 
     /// The shutdown order in the type's comment. Runs once; later calls do nothing.
     func shutdown() {

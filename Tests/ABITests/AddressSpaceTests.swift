@@ -74,4 +74,13 @@ import TestSupport
         guard passed else { return }
         coverage.expectAtLeast(["wraps": 50, "nearTop": 100, "overlapping": 300, "disjoint": 300, "empty": 100])
     }
+
+    @Test func pagesOfAHugeRangeComeOneAtATime() {
+        // 2^51 pages: building them all would never finish; the first few come at once.
+        let r = AddressRange(start: L2GPA(0x1800), length: UInt64(1) << 63)!
+        #expect(Array(r.pages.prefix(3)) == [L2GPA(0x1000), L2GPA(0x2000), L2GPA(0x3000)])
+        let top = AddressRange(start: L1GPA(UInt64.max - 0x1FFF), length: 0x1000)!
+        #expect(Array(top.pages) == [L1GPA(UInt64.max - 0x1FFF).pageBase])
+        #expect(Array(AddressRange(start: L1GPA(0x5000), length: 0)!.pages).isEmpty)
+    }
 }

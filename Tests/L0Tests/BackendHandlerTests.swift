@@ -33,6 +33,18 @@ import Transport
         #expect(L1Exit(info: vmread, registers: r).kind
                 == .vmx(.vmread(VMCSFieldOperands(field: UInt64(VMCSField.guestRIP.rawValue), valueRegister: .rax))))
         #expect(L1Exit(info: L1ExitInfo(reason: .vmptrld, vmxOperand: 0x3000), registers: r).kind == .vmx(.vmptrld(L1GPA(0x3000))))
+        // A reason with flag bits (a failed entry's bit 31, say) is no instruction's.
+        let flagged = ExitReason(rawValue: ExitReason.cpuid.rawValue | ExitReason.failedVMEntryFlag)
+        #expect(L2Exit(info: L2ExitInfo(reason: flagged), registers: r).kind == .other)
+        let flaggedLaunch = ExitReason(rawValue: ExitReason.vmlaunch.rawValue | ExitReason.failedVMEntryFlag)
+        #expect(L1Exit(info: L1ExitInfo(reason: flaggedLaunch), registers: r).kind == .other)
+    }
+
+    @Test func anL1ExitWithAFlaggedReasonStopsTheStackInsteadOfRunningAsTheInstruction() throws {
+        let f = try Fixture(.nvmx)
+        let reason = ExitReason(rawValue: ExitReason.vmlaunch.rawValue | ExitReason.failedVMEntryFlag)
+        #expect(f.vcpu.handleL1Exit(L1ExitInfo(reason: reason, instructionLength: 3)) == .stop(.fatal(.unhandledL1Exit(reason))))
+        #expect(!f.nested.guestMode && !f.vcpu.backend.hasL2VCPU)
     }
 
     @Test func pvCPUIDIsAnsweredFromTheTableInTheRegisterFileAlone() throws {

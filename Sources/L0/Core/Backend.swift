@@ -1,4 +1,5 @@
 import ABI
+import Transport
 
 /// One nesting path as L0 runs it: the state that path owns and its exit handlers. The core
 /// (`L0VCPU`) owns what every path shares and calls the backend with decoded exits; a backend
@@ -26,23 +27,32 @@ public protocol NestingBackend: AnyObject {
 
     /// Whether the path has an L1 process at all (not on one level).
     var runsL1: Bool { get }
+
+    /// The port devices L0 runs from the start (its in-kernel devices): part of L1's platform,
+    /// or none until L1 registers its own (pv).
+    var initialL0Devices: L0Devices { get }
+
+    /// Takes what the stack's configuration says about this path (pv: the features L0 offers).
+    func configure(_ config: StackConfig)
+
+    /// The last PV request L0 refused, and why (for `pvm launch` to print); nil on other paths.
+    var refusal: PVRefusal? { get }
 }
 
 extension NestingBackend {
     public var runsL1: Bool { true }
+    public var initialL0Devices: L0Devices { .platformDefault }
+    public func configure(_ config: StackConfig) {}
+    public var refusal: PVRefusal? { nil }
 }
 
 extension NestingPath {
-    /// The port devices L0 runs from the start: on pv L1 registers its own (`registerL0Ports`);
-    /// elsewhere they are part of the platform.
-    var initialL0Devices: L0Devices { self == .pv ? L0Devices() : .platformDefault }
-
     /// The backend that runs this path.
-    func makeBackend(_ vcpu: L0VCPU) -> any NestingBackend {
+    func makeBackend(control: ControlMemory, vcpu: Int) -> any NestingBackend {
         switch self {
         case .single: SingleLevelBackend()
         case .pv: PVBackend()
-        case .nvmx, .nvmxNoShadow, .nvmxEVMCS: NestedVMXBackend(variant: NestedVMXBackend.Variant(self)!, control: vcpu.control, vcpu: vcpu.id)
+        case .nvmx, .nvmxNoShadow, .nvmxEVMCS: NestedVMXBackend(variant: NestedVMXBackend.Variant(self)!, control: control, vcpu: vcpu)
         }
     }
 }

@@ -70,25 +70,6 @@ public struct L2Exit: Equatable, Sendable {
         self.kind = kind
         self.info = info
     }
-
-    /// Decodes an exit from its information fields and the registers it left.
-    public init(info: L2ExitInfo, registers r: RegisterFile) {
-        self.info = info
-        switch info.reason.basic {
-        case .cpuid: kind = .cpuid(leaf: UInt32(truncatingIfNeeded: r[.rax]), subleaf: UInt32(truncatingIfNeeded: r[.rcx]))
-        case .msrRead: kind = .msrRead(UInt32(truncatingIfNeeded: r[.rcx]))
-        case .msrWrite: kind = .msrWrite(UInt32(truncatingIfNeeded: r[.rcx]), value: r.edxEax)
-        case .ioInstruction:
-            let q = info.qualification
-            let size = UInt64(IOQualification.size(q)), isIn = IOQualification.isIn(q)
-            kind = .io(PortIO(port: IOQualification.port(q), size: size, isIn: isIn, value: isIn ? 0 : r[.rax] & AccessSize.mask(size)))
-        case .eptViolation:
-            kind = .eptViolation(info.guestPhysicalAddress, access: info.qualification & EPT.rwxMask, size: info.instructionInfo)
-        case .vmcall: kind = .vmcall(nr: r[.rax])
-        case .hlt: kind = .hlt
-        default: kind = .other
-        }
-    }
 }
 
 /// VMREAD/VMWRITE's register operands, decoded from VMX_INSTRUCTION_INFO: the field encoding
@@ -96,6 +77,14 @@ public struct L2Exit: Equatable, Sendable {
 public struct VMCSFieldOperands: Equatable, Sendable {
     public var field: UInt64
     public var valueRegister: Register
+}
+
+/// A hypercall's four argument registers (RBX, RCX, RDX, RSI).
+public struct HypercallArguments: Equatable, Sendable {
+    public var a0: UInt64, a1: UInt64, a2: UInt64, a3: UInt64
+    public init(_ a0: UInt64 = 0, _ a1: UInt64 = 0, _ a2: UInt64 = 0, _ a3: UInt64 = 0) {
+        (self.a0, self.a1, self.a2, self.a3) = (a0, a1, a2, a3)
+    }
 }
 
 /// One of L1's VMX instructions, with its operands.
@@ -111,7 +100,7 @@ public enum VMXInstruction: Equatable, Sendable {
 public struct L1Exit: Equatable, Sendable {
     public enum Kind: Equatable, Sendable {
         /// VMCALL: KVM's convention, number in RAX, arguments in RBX, RCX, RDX, RSI.
-        case hypercall(nr: UInt64, args: [UInt64])
+        case hypercall(nr: UInt64, args: HypercallArguments)
         case msrRead(UInt32)
         case msrWrite(UInt32, value: UInt64)
         case vmx(VMXInstruction)
@@ -125,37 +114,6 @@ public struct L1Exit: Equatable, Sendable {
     public init(kind: Kind, info: L1ExitInfo) {
         self.kind = kind
         self.info = info
-    }
-
-    public init(info: L1ExitInfo, registers r: RegisterFile) {
-        self.info = info
-        func fieldOperands() -> VMCSFieldOperands? {
-            guard let f = VMXInstructionInfo.fieldRegister(info.instructionInfo),
-                  let v = VMXInstructionInfo.valueRegister(info.instructionInfo) else { return nil }
-            return VMCSFieldOperands(field: r[f], valueRegister: v)
-        }
-        let operand = L1GPA(info.vmxOperand)
-        switch info.reason.basic {
-        case .vmcall: kind = .hypercall(nr: r[.rax], args: [r[.rbx], r[.rcx], r[.rdx], r[.rsi]])
-        case .msrRead: kind = .msrRead(UInt32(truncatingIfNeeded: r[.rcx]))
-        case .msrWrite: kind = .msrWrite(UInt32(truncatingIfNeeded: r[.rcx]), value: r.edxEax)
-        case .eptViolation: kind = .protectedStore(info.guestPhysicalAddress, size: info.instructionInfo, value: r[.rax])
-        case .vmxon: kind = .vmx(.vmxon(operand))
-        case .vmxoff: kind = .vmx(.vmxoff)
-        case .vmclear: kind = .vmx(.vmclear(operand))
-        case .vmptrld: kind = .vmx(.vmptrld(operand))
-        case .vmptrst: kind = .vmx(.vmptrst)
-        case .vmread: kind = .vmx(.vmread(fieldOperands()))
-        case .vmwrite:
-            let ops = fieldOperands()
-            kind = .vmx(.vmwrite(ops, value: ops.map { r[$0.valueRegister] } ?? 0))
-        case .invept:
-            let typeRegister = VMXInstructionInfo.typeRegister(info.instructionInfo) ?? .rax
-            kind = .vmx(.invept(type: r[typeRegister], eptp: info.vmxOperand))
-        case .vmlaunch: kind = .vmx(.vmlaunch)
-        case .vmresume: kind = .vmx(.vmresume)
-        default: kind = .other
-        }
     }
 }
 

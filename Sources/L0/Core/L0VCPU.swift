@@ -32,7 +32,7 @@ public final class L0VCPU {
     /// Devices L0 runs on ports (its in-kernel devices): fixed on nvmx, registered by L1 on pv.
     public var l0Devices: L0Devices
     /// The path's own state and handlers.
-    public private(set) var backend: (any NestingBackend)!
+    public let backend: any NestingBackend
 
     public init(id: Int, path: NestingPath, control: ControlMemory, l1Memory: L1MemoryAccess) {
         self.id = id
@@ -44,14 +44,14 @@ public final class L0VCPU {
         self.ept02 = EPT02(control.ept02)
         self.l2MSRBitmap = control.l2MSRBitmap(vcpu: id)
         self.l2PassthroughMSRs = control.l2PassthroughMSRs(vcpu: id)
-        self.l0Devices = path.initialL0Devices
-        self.backend = path.makeBackend(self)
+        self.backend = path.makeBackend(control: control, vcpu: id)
+        self.l0Devices = backend.initialL0Devices
     }
 
-    /// Control memory's initial contents: L2's MSR bitmaps intercept everything.
+    /// Control memory's initial contents: L2's MSR bitmaps intercept everything. (A backend
+    /// sets up what only its path uses, such as the VMREAD/VMWRITE bitmaps.)
     public static func initialize(_ control: ControlMemory) {
         for i in 0..<control.layout.vcpuCount { control.l2MSRBitmap(vcpu: i).bits.setAll(true) }
-        NestedVMXBackend.initializeFieldBitmaps(control)
     }
 
     // MARK: services every backend may use
@@ -116,8 +116,7 @@ public final class L0VCPU {
         regs.skipInstruction(length: exit.info.instructionLength)
         switch exit.kind {
         case let .msrWrite(msr, v):
-            if msr == VPAssistPage.msr, v & VPAssistPage.enable != 0,
-               (try? l1Memory.memslots.translate(L1GPA(v).pageBase, length: pageSize)) == nil {
+            guard acceptsL1MSRWrite(msr, v) else {
                 inject(into: .l1, vector: 13, errorCode: 0)
                 return .resume(.l1)
             }
@@ -127,6 +126,12 @@ public final class L0VCPU {
         default: break
         }
         return .resume(.l1)
+    }
+
+    /// Whether WRMSR of `v` to L1's `msr` is allowed: an enabled VP assist page must be L1 memory.
+    func acceptsL1MSRWrite(_ msr: UInt32, _ v: UInt64) -> Bool {
+        guard msr == VPAssistPage.msr, v & VPAssistPage.enable != 0 else { return true }
+        return (try? l1Memory.memslots.translate(L1GPA(v).pageBase, length: pageSize)) != nil
     }
 
     /// A VMCALL on a path with no hypercalls for L1: counted, and refused with -KVM_ENOSYS.

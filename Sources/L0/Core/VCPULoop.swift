@@ -26,6 +26,66 @@ extension RunPageView {
     }
 }
 
+// MARK: decoding, once per exit
+
+extension L2Exit {
+    /// Decodes an exit from its information fields and the registers it left. A reason with
+    /// flag bits set (a failed entry, say) is no instruction's: `.other`, handled by its reason.
+    public init(info: L2ExitInfo, registers r: RegisterFile) {
+        self.info = info
+        switch info.reason.rawValue == info.reason.basic.rawValue ? info.reason : ExitReason(rawValue: UInt32.max) {
+        case .cpuid: kind = .cpuid(leaf: UInt32(truncatingIfNeeded: r[.rax]), subleaf: UInt32(truncatingIfNeeded: r[.rcx]))
+        case .msrRead: kind = .msrRead(UInt32(truncatingIfNeeded: r[.rcx]))
+        case .msrWrite: kind = .msrWrite(UInt32(truncatingIfNeeded: r[.rcx]), value: r.edxEax)
+        case .ioInstruction:
+            let q = info.qualification
+            let size = UInt64(IOQualification.size(q)), isIn = IOQualification.isIn(q)
+            kind = .io(PortIO(port: IOQualification.port(q), size: size, isIn: isIn, value: isIn ? 0 : r[.rax] & AccessSize.mask(size)))
+        case .eptViolation:
+            kind = .eptViolation(info.guestPhysicalAddress, access: info.qualification & EPT.rwxMask, size: info.instructionInfo)
+        case .vmcall: kind = .vmcall(nr: r[.rax])
+        case .hlt: kind = .hlt
+        default: kind = .other
+        }
+    }
+}
+
+extension L1Exit {
+    /// Decodes an L1 exit from its information fields and L1's registers (flagged reasons: `.other`).
+    public init(info: L1ExitInfo, registers r: RegisterFile) {
+        self.info = info
+        func fieldOperands() -> VMCSFieldOperands? {
+            guard let f = VMXInstructionInfo.fieldRegister(info.instructionInfo),
+                  let v = VMXInstructionInfo.valueRegister(info.instructionInfo) else { return nil }
+            return VMCSFieldOperands(field: r[f], valueRegister: v)
+        }
+        let operand = L1GPA(info.vmxOperand)
+        switch info.reason.rawValue == info.reason.basic.rawValue ? info.reason : ExitReason(rawValue: UInt32.max) {
+        case .vmcall: kind = .hypercall(nr: r[.rax], args: HypercallArguments(r[.rbx], r[.rcx], r[.rdx], r[.rsi]))
+        case .msrRead: kind = .msrRead(UInt32(truncatingIfNeeded: r[.rcx]))
+        case .msrWrite: kind = .msrWrite(UInt32(truncatingIfNeeded: r[.rcx]), value: r.edxEax)
+        case .eptViolation: kind = .protectedStore(info.guestPhysicalAddress, size: info.instructionInfo, value: r[.rax])
+        case .vmxon: kind = .vmx(.vmxon(operand))
+        case .vmxoff: kind = .vmx(.vmxoff)
+        case .vmclear: kind = .vmx(.vmclear(operand))
+        case .vmptrld: kind = .vmx(.vmptrld(operand))
+        case .vmptrst: kind = .vmx(.vmptrst)
+        case .vmread: kind = .vmx(.vmread(fieldOperands()))
+        case .vmwrite:
+            let ops = fieldOperands()
+            kind = .vmx(.vmwrite(ops, value: ops.map { r[$0.valueRegister] } ?? 0))
+        case .invept:
+            let typeRegister = VMXInstructionInfo.typeRegister(info.instructionInfo) ?? .rax
+            kind = .vmx(.invept(type: r[typeRegister], eptp: info.vmxOperand))
+        case .vmlaunch: kind = .vmx(.vmlaunch)
+        case .vmresume: kind = .vmx(.vmresume)
+        default: kind = .other
+        }
+    }
+}
+
+// MARK: one exit: count, decode, hand to the backend, store the registers back
+
 extension L0VCPU {
     /// Every L2 exit lands here first, as on hardware: counted, decoded once, handed to the
     /// backend with L2's registers, which go back to the run page after.
@@ -89,6 +149,13 @@ extension L0Stack {
         let alive = { [unowned self] in self.deadTier() == nil && monotonicNanos() < deadline }
 
         var state = State.stopping(.guestDone)
+        /// L1 created its L2 vCPU (PV create-vCPU, the first VMLAUNCH; on one level, from the
+        /// start): its process starts now, before L1 or L2 runs again.
+        func startL2IfCreated(_ next: NextStep) -> NextStep {
+            guard l2 == nil, vcpu.backend.hasL2VCPU else { return next }
+            do { l2 = try launch(.l2) } catch { return .stop(.fatal(.cannotStartL2("\(error)"))) }
+            return next
+        }
         func enter(_ next: NextStep) {
             switch next {
             case .resume(let tier):
@@ -96,9 +163,6 @@ extension L0Stack {
                 handoff.pass(to: tier)
                 state = .running(tier)
             case .enterL2:
-                if l2 == nil {
-                    do { l2 = try launch(.l2) } catch { state = .stopping(.fatal(.cannotStartL2("\(error)"))); return }
-                }
                 vcpu.counters.l2Entries += 1
                 handoff.pass(to: .l2)
                 state = .running(.l2)
@@ -106,7 +170,7 @@ extension L0Stack {
                 state = .stopping(r)
             }
         }
-        let first = try vcpu.start()
+        let first = startL2IfCreated(try vcpu.start())
         log?.started(at: monotonicNanos())
         enter(first)
 
@@ -117,18 +181,39 @@ extension L0Stack {
                 let received = log == nil ? 0 : monotonicNanos()
                 let reason = (tier == .l1 ? vcpu.l1Run : vcpu.l2Run).exitReason
                 log?.guestExited(tier, reason: reason, at: received)
-                let next = tier == .l1 ? vcpu.handleL1Exit() : vcpu.handleL2Exit()
+                enter(startL2IfCreated(tier == .l1 ? vcpu.handleL1Exit() : vcpu.handleL2Exit()))
                 log?.l0Handed(from: tier, reason: reason, received: received, at: monotonicNanos())
-                enter(next)
             case .stopping(let reason):
                 shutdown()
                 var pids: [Tier: Int32] = [:]
                 for c in [l1, l2].compactMap({ $0 }) { pids[c.tier] = c.pid }
                 return StackResult(stop: reason, counters: vcpu.counters, harness: vcpu.harness,
                                    l1Status: l1?.status, l2Status: l2?.status, tierPIDs: pids,
-                                   pvRefusal: (vcpu.backend as? PVBackend)?.refusal, log: log,
+                                   pvRefusal: vcpu.backend.refusal, log: log,
                                    wallNanos: monotonicNanos() - started)
             }
+        }
+    }
+
+    /// Handoffs between liveness checks while L0 is busy. A tier that dies while the others
+    /// ping-pong without it (L1 during a PV CPUID loop) is noticed within this many exits; a
+    /// sleeping L0 checks on every futex timeout anyway. One check is two waitpid(WNOHANG).
+    static let livenessCheckInterval: UInt64 = 1024
+
+    /// nil when it is L0's turn; otherwise why the stack must stop.
+    @inline(__always)
+    func waitForTurn(_ policy: WaitPolicy, _ alive: () -> Bool) -> StopReason? {
+        handoffsSinceCheck &+= 1
+        if handoffsSinceCheck >= Self.livenessCheckInterval {
+            handoffsSinceCheck = 0
+            if let (t, s) = deadTier() { return .tierDied(t, s) }
+        }
+        switch handoff.wait(for: .l0, policy: policy, isPeerAlive: alive) {
+        case .myTurn: return nil
+        case .stop: return .fatal(.stopFromGuest)
+        case .peerGone:
+            if let (t, s) = deadTier() { return .tierDied(t, s) }
+            return .fatal(.timeLimit(seconds: config.timeoutNanos / 1_000_000_000))
         }
     }
 }

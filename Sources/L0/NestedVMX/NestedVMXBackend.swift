@@ -33,8 +33,9 @@ public struct VMCS02Controls: Equatable, Sendable {
 /// and nested.c). This backend owns L1's VMX state: VMXON, the current vmcs12, the shadow VMCS
 /// or eVMCS, vmcs02's controls, and the EPT12 pages shadowed into EPT02.
 ///
-/// Where each exit goes: L2 exits in NestedExits.swift (reflect to L1, or keep), L1 exits in
-/// VMXInstructions.swift, VM entry in NestedEntry.swift, EPT-on-EPT in NestedEPT.swift.
+/// Where each exit goes: L2 exits, VM exits and VM entries in NestedTransitions.swift, L1's
+/// exits in VMXInstructions.swift, EPT-on-EPT in NestedEPT.swift, the eVMCS in
+/// EnlightenedVMCS.swift.
 public final class NestedVMXBackend: NestingBackend {
     /// How vmcs12 reaches L0: VMCS shadowing (KVM's default), plain exiting VMREAD/VMWRITE, or
     /// Hyper-V's enlightened VMCS.
@@ -87,6 +88,7 @@ public final class NestedVMXBackend: NestingBackend {
         self.cachedVMCS12 = control.cachedVMCS12(vcpu: vcpu)
         self.shadowActive = control.shadowVMCSActive(vcpu: vcpu)
         self.writeProtect = control.l1WriteProtect
+        Self.initializeFieldBitmaps(control)
     }
 
     public func start(_ vcpu: L0VCPU, l2: inout RegisterFile) throws -> NextStep { .resume(.l1) }
@@ -94,7 +96,8 @@ public final class NestedVMXBackend: NestingBackend {
     func launched() { hasL2VCPU = true }
 
     /// Fills the VMREAD/VMWRITE bitmaps as KVM does: all ones, then a clear bit for each
-    /// shadowed field (bit index = encoding bits 14:0). Read-only fields are VMREAD-only.
+    /// shadowed field (bit index = encoding bits 14:0). Read-only fields are VMREAD-only. They
+    /// are the VM's, not a vCPU's: every vCPU's backend writes the same bits.
     static func initializeFieldBitmaps(_ control: ControlMemory) {
         control.vmreadBitmap.setAll(true)
         control.vmwriteBitmap.setAll(true)
@@ -110,20 +113,6 @@ public final class NestedVMXBackend: NestingBackend {
     static let shadowedReadWriteOffsets: [UInt64] = ShadowedFields.readWrite.compactMap { VMCS12Layout.slot(of: $0)?.offset }
     static let shadowedAllOffsets: [UInt64] = (ShadowedFields.readOnly + ShadowedFields.readWrite)
         .filter { !$0.isHighAccess }.compactMap { VMCS12Layout.slot(of: $0)?.offset }
-
-    // MARK: shadow VMCS synchronisation (KVM: copy_shadow_to_vmcs12 / copy_vmcs12_to_shadow)
-
-    func copyShadowToVMCS12(_ vcpu: L0VCPU) {
-        guard let vmcs12 else { return }
-        shadowVMCS.copySlots(Self.shadowedReadWriteOffsets, to: vmcs12)
-        vcpu.counters.shadowVMCSFieldCopies += UInt64(Self.shadowedReadWriteOffsets.count)
-    }
-
-    func copyVMCS12ToShadow(_ vcpu: L0VCPU) {
-        guard let vmcs12 else { return }
-        vmcs12.copySlots(Self.shadowedAllOffsets, to: shadowVMCS)
-        vcpu.counters.shadowVMCSFieldCopies += UInt64(Self.shadowedAllOffsets.count)
-    }
 
     // MARK: memslots
 

@@ -12,9 +12,9 @@ extension NestedVMXBackend {
         case .hypercall(let nr, _):
             return vcpu.refuseHypercall(nr, exit, &regs)
         case let .msrWrite(msr, v) where msr == VPAssistPage.msr:
-            let next = vcpu.handleL1MSR(exit, &regs)
-            if vcpu.l1MSRs[msr] == v { vpAssistPage = v & VPAssistPage.enable != 0 ? L1GPA(v).pageBase : nil }
-            return next
+            // How L1 names its eVMCS: remembered once L0 accepts the write.
+            if vcpu.acceptsL1MSRWrite(msr, v) { vpAssistPage = v & VPAssistPage.enable != 0 ? L1GPA(v).pageBase : nil }
+            return vcpu.handleL1MSR(exit, &regs)
         case .msrRead, .msrWrite:
             return vcpu.handleL1MSR(exit, &regs)
         case let .protectedStore(gpa, size, value):

@@ -28,6 +28,11 @@ public final class PVBackend: NestingBackend {
 
     public init() {}
 
+    /// L1 hands L0 its ports itself (`registerL0Ports`).
+    public var initialL0Devices: L0Devices { L0Devices() }
+
+    public func configure(_ config: StackConfig) { offered = config.pvOffered }
+
     public func start(_ vcpu: L0VCPU, l2: inout RegisterFile) throws -> NextStep { .resume(.l1) }
 
     // MARK: L2 exits

@@ -5,14 +5,14 @@ import Transport
 /// so a refused call leaves every mapping, policy and table as it was.
 extension PVBackend {
     /// VMCALL from L1: number in RAX, arguments in RBX, RCX, RDX, RSI; the result in RAX.
-    func hypercall(_ nr: UInt64, _ args: [UInt64], _ exit: L1Exit, _ regs: inout RegisterFile, _ vcpu: L0VCPU) -> NextStep {
+    func hypercall(_ nr: UInt64, _ args: HypercallArguments, _ exit: L1Exit, _ regs: inout RegisterFile, _ vcpu: L0VCPU) -> NextStep {
         vcpu.counters.hypercalls[nr, default: 0] += 1
         regs.skipInstruction(length: exit.info.instructionLength)
         guard let call = PVHypercall(rawValue: nr) else {
             regs[.rax] = HypercallError.noSys.returnValue
             return .resume(.l1)
         }
-        let a0 = args[0], a1 = args[1], a2 = args[2], a3 = args[3]
+        let (a0, a1, a2, a3) = (args.a0, args.a1, args.a2, args.a3)
         let result: Result<UInt64, HypercallError>
         if !negotiated && !call.allowedBeforeNegotiation {
             result = .failure(.permission)
@@ -123,7 +123,8 @@ extension PVBackend {
         guard replace || map.overlapping(l2Range).isEmpty else { return .failure(.invalid) }
         // Translate every page first: the range may span memslots, and must lie inside them.
         var hosts: [(host: HostOffset, memslot: UInt32)] = []
-        hosts.reserveCapacity(Int(length / pageSize))
+        // `length` is L1's: reserve for what could really be mapped, not for what it claims.
+        hosts.reserveCapacity(Int(min(length / pageSize, 1 << 16)))
         for gpa in l1Range.pages {
             guard let h = try? vcpu.l1Memory.memslots.translate(gpa, length: pageSize),
                   let slot = vcpu.l1Memory.memslots.slot(containing: gpa) else { return .failure(.fault) }

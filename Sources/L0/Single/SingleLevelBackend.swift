@@ -26,7 +26,7 @@ public final class SingleLevelBackend: NestingBackend {
     /// runs first.
     public func start(_ vcpu: L0VCPU, l2 regs: inout RegisterFile) throws -> NextStep {
         for page in Self.ram.pages {
-            let l1 = Self.ramBacking + page.raw
+            let l1 = Self.ramBacking + page.offset(from: Self.ram.start)!   // L0's own 1:1 backing of the guest's RAM
             let host = try vcpu.l1Memory.memslots.translate(l1, length: pageSize)
             let slot = vcpu.l1Memory.memslots.slot(containing: l1)!.slot
             vcpu.ept02.install(page, host: host, permissions: EPT.rwxMask, memslot: slot)

@@ -1,0 +1,355 @@
+import ABI
+import Transport
+
+/// Nested VMX's transitions between L1 and L2, both ways: which L2 exits L1 must see
+/// (`NestedExitRules`, pure) and what L0 does with the ones it keeps; how L0 reflects one as a
+/// VM exit into vmcs12 (KVM's nested_vmx_vmexit); how it emulates VMLAUNCH/VMRESUME
+/// (nested_vmx_run, prepare_vmcs02); and the shadow VMCS copies both directions need. EPT
+/// violations continue in NestedEPT.swift.
+extension NestedVMXBackend {
+    public func handleL2Exit(_ exit: L2Exit, _ regs: inout RegisterFile, _ vcpu: L0VCPU) -> NextStep {
+        guard let vmcs12 else { return .stop(.fatal(.noCurrentVMCS12)) }
+        if NestedExitRules.reflects(exit, vmcs12: vmcs12, registers: regs, l1Memory: vcpu.l1Memory) {
+            return reflect(exit.info, l2: regs, vcpu)
+        }
+        switch exit.kind {
+        case let .eptViolation(gpa, access, _):
+            return handleEPTViolation(exit, gpa: gpa, access: access, vmcs12, &regs, vcpu)
+        case .io(let io):
+            return vcpu.handleL0PortIO(io, exit, &regs)
+        case .msrRead, .msrWrite:
+            return vcpu.handleL0MSR(exit, &regs)
+        default:
+            switch exit.info.reason {
+            case .hlt, .pause, .rdtsc, .rdtscp, .invlpg, .mwait, .monitor:
+                // L1 did not ask for these. HLT: L0 has no other work and an interrupt is
+                // "pending" at once, so L2 wakes immediately.
+                regs.skipInstruction(length: exit.info.instructionLength)
+                return .resume(.l2)
+            default:
+                return .stop(.fatal(.unhandledL2Exit(exit.info.reason)))
+            }
+        }
+    }
+
+    /// nested_vmx_vmexit: sync L2's state into vmcs12, write the exit information, refresh the
+    /// shadow VMCS (or eVMCS), hand L1 L2's GPRs and load vmcs12's host state into L1.
+    func reflect(_ info: L2ExitInfo, l2 regs: RegisterFile, _ vcpu: L0VCPU) -> NextStep {
+        guard let v = vmcs12 else { return .stop(.fatal(.noCurrentVMCS12)) }
+        var writes: UInt64 = 0
+        v[.guestRIP] = regs[.rip]
+        v[.guestRSP] = regs[.rsp]
+        v[.guestRFLAGS] = regs[.rflags]
+        v[.guestInterruptibilityInfo] = 0
+        writes += 4
+        v[.vmExitReason] = UInt64(info.reason.rawValue)
+        v[.exitQualification] = info.qualification
+        v[.guestPhysicalAddress] = info.guestPhysicalAddress.raw
+        v[.guestLinearAddress] = info.guestLinearAddress
+        v[.vmExitInstructionLen] = info.instructionLength
+        v[.vmxInstructionInfo] = info.instructionInfo
+        v[.vmExitIntrInfo] = info.interruptionInfo
+        v[.vmExitIntrErrorCode] = info.interruptionErrorCode
+        v[.idtVectoringInfoField] = 0
+        v[.vmEntryIntrInfoField] = v[.vmEntryIntrInfoField] & ~(1 << 31)   // SDM 27.2: valid bit cleared
+        writes += 10
+        vcpu.counters.vmcs12FieldWrites += writes
+        if shadowing { copyVMCS12ToShadow(vcpu) }
+        if variant == .enlightened { writeBackEnlightenedVMCS(vcpu) }
+
+        // L2's GPRs stay in the CPU across the exit: L1 finds them in its registers.
+        var l1 = vcpu.l1Run.registers
+        for r in Register.gprsOutsideVMCS { l1[r] = regs[r] }
+        loadHostState(v, &l1, vcpu)
+        vcpu.l1Run.registers = l1
+        // The decoded access size of a faulting load/store: what L1's instruction emulator would
+        // learn by fetching and decoding the instruction from L2 memory (no VMREAD involved).
+        vcpu.l1Run[RunPage.instructionInfo] = info.instructionInfo
+        guestMode = false
+        vcpu.counters.vmcsSwitches += 1          // vmcs02 -> vmcs01
+        vcpu.counters.countDelivery(info.reason)
+        return .resume(.l1)
+    }
+
+    /// SDM 27.5: L1 continues at HOST_RIP with HOST_RSP and RFLAGS = 0x2, entered by a VM exit.
+    func loadHostState(_ v: VMCSImage, _ l1: inout RegisterFile, _ vcpu: L0VCPU) {
+        l1[.rip] = v[.hostRIP]
+        l1[.rsp] = v[.hostRSP]
+        l1[.rflags] = 0x2
+        vcpu.counters.vmcs12FieldReads += 2
+        vcpu.l1Run[RunPage.enteredByVMExit] = 1
+        vcpu.l1Run[RunPage.vmxResult] = 0
+    }
+}
+
+// MARK: VM entry (VMLAUNCH / VMRESUME)
+
+/// How an emulated VMLAUNCH/VMRESUME ended.
+enum NestedEntryResult {
+    case entered
+    /// VMfailInvalid / VMfailValid: L1 continues after the instruction.
+    case failed(VMXInstructionResult)
+    /// Guest-state check failed: L1 resumes at HOST_RIP with exit reason 33 | 0x80000000.
+    case entryFailureExit
+}
+
+extension NestedVMXBackend {
+    /// KVM's nested_vmx_run: checks in SDM order, then prepare_vmcs02 and enter L2.
+    /// `l1` is L1's register file (the instruction already skipped).
+    func nestedVMEntry(launch: Bool, _ l1: inout RegisterFile, _ vcpu: L0VCPU) -> NestedEntryResult {
+        if variant == .enlightened, !loadEnlightenedVMCS(vcpu) { return .failed(.failInvalid) }
+        guard let vmcs12 else { return .failed(.failInvalid) }
+        // L1's shadowed VMWRITEs since the last exit live in the shadow VMCS: fold them in.
+        if shadowing { copyShadowToVMCS12(vcpu) }
+
+        if launch && vmcs12.launched { return .failed(.failValid(.vmlaunchNonClearVMCS)) }
+        if !launch && !vmcs12.launched { return .failed(.failValid(.vmresumeNonLaunchedVMCS)) }
+        vcpu.counters.consistencyChecks += 3          // controls, host state, guest state (SDM 26.2-26.3)
+        if let e = checkControls(vmcs12, vcpu) { return .failed(.failValid(e)) }
+        if let e = checkHostState(vmcs12, vcpu) { return .failed(.failValid(e)) }
+        if !guestStateIsValid(vmcs12, vcpu) {
+            // SDM 26.8: the entry fails after the instruction "succeeded"; L1 sees a VM exit.
+            // The VMCS stays clear (launch state changes only on a successful entry).
+            entryFailureExit(reason: ExitReason(rawValue: ExitReason.invalidState.rawValue | ExitReason.failedVMEntryFlag), &l1, vcpu)
+            return .entryFailureExit
+        }
+
+        prepareVMCS02(vmcs12, l1: l1, vcpu)
+        if launch { vmcs12.launched = true }
+        guestMode = true
+        vcpu.counters.vmcsSwitches += 1          // vmcs01 -> vmcs02
+        if launch { launched() }
+        return .entered
+    }
+
+    /// A VM entry that failed its guest-state checks (SDM 26.8, KVM's nested_vmx_entry_failure):
+    /// only VM_EXIT_REASON and EXIT_QUALIFICATION change, L2 never ran so its state is not
+    /// synced, L1's GPRs stay as they were, and L1 continues at HOST_RIP.
+    func entryFailureExit(reason: ExitReason, qualification: UInt64 = 0, _ l1: inout RegisterFile, _ vcpu: L0VCPU) {
+        guard let v = vmcs12 else { return }
+        v[.vmExitReason] = UInt64(reason.rawValue)
+        v[.exitQualification] = qualification
+        vcpu.counters.vmcs12FieldWrites += 2
+        if shadowing { copyVMCS12ToShadow(vcpu) }
+        if variant == .enlightened { writeBackEnlightenedVMCS(vcpu) }
+        loadHostState(v, &l1, vcpu)
+    }
+
+    /// SDM 26.2.1 as far as this L0's VMX capabilities go. This L0 runs L2 only with EPT
+    /// (IA32_VMX_PROCBASED_CTLS2 reports "enable EPT" as must-be-1).
+    func checkControls(_ v: VMCSImage, _ vcpu: L0VCPU) -> VMInstructionError? {
+        var reads: UInt64 = 0
+        defer { vcpu.counters.vmcs12FieldReads += reads }
+        let cpu = v[.cpuBasedVMExecControl]
+        let secondary = cpu & CPUBased.activateSecondaryControls != 0 ? v[.secondaryVMExecControl] : 0
+        reads += 2
+        guard secondary & SecondaryExec.enableEPT != 0 else { return .entryInvalidControlField }
+        reads += 1
+        guard eptpIsValid(v[.eptPointer], vcpu) else { return .entryInvalidControlField }
+        func bitmapValid(_ f: VMCSField) -> Bool {
+            let a = L1GPA(v[f])
+            reads += 1
+            return a.isPageAligned && (try? vcpu.l1Memory.memslots.translate(a, length: pageSize)) != nil
+        }
+        if cpu & CPUBased.useIOBitmaps != 0, !bitmapValid(.ioBitmapA) || !bitmapValid(.ioBitmapB) {
+            return .entryInvalidControlField
+        }
+        if cpu & CPUBased.useMSRBitmaps != 0, !bitmapValid(.msrBitmap) { return .entryInvalidControlField }
+        return nil
+    }
+
+    /// SDM 26.2.1.1's EPTP rules: memory type UC or WB, 4-level walk, reserved bits 11:7 clear,
+    /// and (this L0's rule) a root inside L1's memory.
+    func eptpIsValid(_ eptp: UInt64, _ vcpu: L0VCPU) -> Bool {
+        let memType = eptp & 7
+        return (memType == EPT.memoryTypeUC || memType == EPT.memoryTypeWB)
+            && eptp & (7 << 3) == EPT.eptpWalkLength4
+            && eptp & 0xF80 == 0
+            && (try? vcpu.l1Memory.memslots.translate(L1GPA(eptp & EPT.addressMask), length: pageSize)) != nil
+    }
+
+    /// SDM 26.2.2, the checks a 64-bit host needs.
+    func checkHostState(_ v: VMCSImage, _ vcpu: L0VCPU) -> VMInstructionError? {
+        let cr0 = v[.hostCR0], cr4 = v[.hostCR4], exitCtl = v[.vmExitControls], rip = v[.hostRIP]
+        vcpu.counters.vmcs12FieldReads += 4
+        let pe: UInt64 = 1, pg: UInt64 = 1 << 31, pae: UInt64 = 1 << 5
+        guard cr0 & pe != 0, cr0 & pg != 0, cr4 & pae != 0,
+              exitCtl & VMExitControl.hostAddressSpaceSize != 0,
+              isCanonical(rip) else { return .entryInvalidHostStateField }
+        return nil
+    }
+
+    /// SDM 26.3.1, the checks that matter for a 64-bit L2.
+    func guestStateIsValid(_ v: VMCSImage, _ vcpu: L0VCPU) -> Bool {
+        let rflags = v[.guestRFLAGS], cr0 = v[.guestCR0], cr4 = v[.guestCR4], entry = v[.vmEntryControls]
+        vcpu.counters.vmcs12FieldReads += 4
+        let pg: UInt64 = 1 << 31, pae: UInt64 = 1 << 5
+        guard rflags & 0x2 != 0, rflags >> 22 == 0 else { return false }            // bit 1 set, 63:22 clear
+        if entry & VMEntryControl.ia32eModeGuest != 0, cr0 & pg == 0 || cr4 & pae == 0 { return false }
+        return isCanonical(v[.guestRIP])
+    }
+
+    func isCanonical(_ a: UInt64) -> Bool {
+        let top = a >> 47
+        return top == 0 || top == 0x1FFFF
+    }
+
+    /// prepare_vmcs02: L2's state from vmcs12 (RIP/RSP/RFLAGS) and L1's registers (the GPRs,
+    /// which no VMCS holds), a fresh EPT02 root if the EPTP changed, and any event to inject.
+    func prepareVMCS02(_ v: VMCSImage, l1: RegisterFile, _ vcpu: L0VCPU) {
+        if vmcs12Dirty {
+            // prepare_vmcs02_rare: the fields that rarely change, re-read after an exiting VMWRITE,
+            // and the MSR bitmap merge.
+            vcpu.counters.vmcs12FieldReads += 24
+            vmcs02 = VMCS02Controls.merge(l1: v)
+            mergeL2MSRBitmap(v, vcpu)
+            vmcs12Dirty = false
+        }
+        let eptp = v[.eptPointer]
+        if shadowedEPTP != eptp {
+            dropEPT02Shadows(vcpu)
+            shadowedEPTP = eptp
+        }
+        var l2 = vcpu.l2Run.registers
+        for r in Register.gprsOutsideVMCS { l2[r] = l1[r] }
+        l2[.rip] = v[.guestRIP]
+        l2[.rsp] = v[.guestRSP]
+        l2[.rflags] = v[.guestRFLAGS]
+        vcpu.l2Run.registers = l2
+        let intr = v[.vmEntryIntrInfoField]
+        vcpu.counters.vmcs12FieldReads += 5
+        if intr & (1 << 31) != 0 {
+            vcpu.l2Run[RunPage.eventInjection] = intr
+            vcpu.l2Run[RunPage.eventErrorCode] = v[.vmEntryExceptionErrorCode]
+            vcpu.counters.vmcs12FieldReads += 1
+        }
+    }
+
+    /// nested_vmx_prepare_msr_bitmap: an MSR passes through to L2 only where L0 and L1 both let it.
+    func mergeL2MSRBitmap(_ v: VMCSImage, _ vcpu: L0VCPU) {
+        let l1Bitmap = v[.cpuBasedVMExecControl] & CPUBased.useMSRBitmaps != 0 ? L1GPA(v[.msrBitmap]) : nil
+        for msr in PassthroughMSRs.all {
+            for write in [false, true] {
+                var l1Intercepts = true
+                if let base = l1Bitmap, let (byte, bit) = MSRBitmap.position(of: msr, write: write),
+                   let at = base.adding(byte), let b: UInt8 = try? vcpu.l1Memory.load(at) {
+                    l1Intercepts = b & (1 << bit) != 0
+                }
+                vcpu.setL2Intercept(msr, write: write, l1Intercepts)
+            }
+        }
+        vcpu.counters.msrBitmapMerges += 1
+    }
+}
+
+extension NestedVMXBackend {
+    // MARK: shadow VMCS synchronisation (KVM: copy_shadow_to_vmcs12 / copy_vmcs12_to_shadow)
+
+    func copyShadowToVMCS12(_ vcpu: L0VCPU) {
+        guard let vmcs12 else { return }
+        shadowVMCS.copySlots(Self.shadowedReadWriteOffsets, to: vmcs12)
+        vcpu.counters.shadowVMCSFieldCopies += UInt64(Self.shadowedReadWriteOffsets.count)
+    }
+
+    func copyVMCS12ToShadow(_ vcpu: L0VCPU) {
+        guard let vmcs12 else { return }
+        vmcs12.copySlots(Self.shadowedAllOffsets, to: shadowVMCS)
+        vcpu.counters.shadowVMCSFieldCopies += UInt64(Self.shadowedAllOffsets.count)
+    }
+}
+
+// MARK: which L2 exits reach L1
+
+/// nested_vmx_reflect_vmexit: which L2 exits L1 must see, from vmcs12's controls and bitmaps.
+/// Pure: reads vmcs12, L2's registers (for CR moves) and L1's bitmaps; changes nothing.
+public enum NestedExitRules {
+    public static func reflects(_ exit: L2Exit, vmcs12 v: VMCSImage, registers l2: RegisterFile, l1Memory: L1MemoryAccess) -> Bool {
+        let cpu = v[.cpuBasedVMExecControl]
+        let info = exit.info
+        switch info.reason.basic {
+        // L0 always keeps these (EPT faults are checked against EPT12 first).
+        case .externalInterrupt, .eptViolation, .eptMisconfig, .preemptionTimer:
+            return false
+        // L1 always gets these.
+        case .cpuid, .tripleFault, .taskSwitch, .invd, .xsetbv,
+             .vmcall, .vmclear, .vmlaunch, .vmptrld, .vmptrst, .vmread, .vmresume, .vmwrite, .vmxoff, .vmxon,
+             .invept, .invvpid:
+            return true
+        case .hlt: return cpu & CPUBased.hltExiting != 0
+        case .invlpg: return cpu & CPUBased.invlpgExiting != 0
+        case .rdpmc: return cpu & CPUBased.rdpmcExiting != 0
+        case .rdtsc, .rdtscp: return cpu & CPUBased.rdtscExiting != 0
+        case .mwait: return cpu & CPUBased.mwaitExiting != 0
+        case .monitor: return cpu & CPUBased.monitorExiting != 0
+        case .pause: return cpu & CPUBased.pauseExiting != 0
+        case .drAccess: return cpu & CPUBased.movDRExiting != 0
+        case .crAccess: return crAccessReflects(info.qualification, v, l2)
+        case .ioInstruction:
+            guard case .io(let io) = exit.kind else { return true }
+            return ioReflects(io, cpu, v, l1Memory)
+        case .msrRead, .msrWrite:
+            switch exit.kind {
+            case .msrRead(let msr): return msrReflects(msr, write: false, cpu, v, l1Memory)
+            case .msrWrite(let msr, _): return msrReflects(msr, write: true, cpu, v, l1Memory)
+            default: return true
+            }
+        case .exceptionNMI:
+            let vector = info.interruptionInfo & 0xFF, type = (info.interruptionInfo >> 8) & 7
+            if type == 2 { return v[.pinBasedVMExecControl] & PinBased.nmiExiting != 0 }   // NMI
+            let bitmapSays = v[.exceptionBitmap] & (1 << vector) != 0
+            guard vector == 14 else { return bitmapSays }
+            // #PF (SDM 25.2): bit 14 decides when PFEC & MASK == MATCH, its inverse otherwise.
+            let matches = info.interruptionErrorCode & v[.pageFaultErrorCodeMask] == v[.pageFaultErrorCodeMatch]
+            return matches ? bitmapSays : !bitmapSays
+        default:
+            return true
+        }
+    }
+
+    /// I/O: unconditional I/O exiting, or a set bit in I/O bitmap A (< 0x8000) / B for any byte.
+    static func ioReflects(_ io: PortIO, _ cpu: UInt64, _ v: VMCSImage, _ mem: L1MemoryAccess) -> Bool {
+        guard cpu & CPUBased.useIOBitmaps != 0 else { return cpu & CPUBased.unconditionalIOExiting != 0 }
+        let port = UInt64(io.port)
+        for p in port..<(port + io.size) {
+            if p > 0xFFFF { return true }
+            let bitmap = L1GPA(v[p < 0x8000 ? .ioBitmapA : .ioBitmapB])
+            guard let byteAddr = bitmap.adding((p & 0x7FFF) / 8),
+                  let byte: UInt8 = try? mem.load(byteAddr) else { return true }
+            if byte & (1 << UInt8(p % 8)) != 0 { return true }
+        }
+        return false
+    }
+
+    /// MSRs: no MSR bitmap -> always; else L1's bitmap bit (read-low 0x000, read-high 0x400,
+    /// write-low 0x800, write-high 0xC00); MSRs outside both ranges always reflect.
+    static func msrReflects(_ msr: UInt32, write: Bool, _ cpu: UInt64, _ v: VMCSImage, _ mem: L1MemoryAccess) -> Bool {
+        guard cpu & CPUBased.useMSRBitmaps != 0, let (offset, bit) = MSRBitmap.position(of: msr, write: write) else { return true }
+        guard let addr = L1GPA(v[.msrBitmap]).adding(offset),
+              let byte: UInt8 = try? mem.load(addr) else { return true }
+        return byte & (1 << bit) != 0
+    }
+
+    /// CR access (SDM Table 28-3): MOV to CR0/CR4 reflects when a bit L1 owns (guest/host mask)
+    /// would differ from its read shadow; CR3/CR8 by their load/store exiting controls.
+    static func crAccessReflects(_ q: UInt64, _ v: VMCSImage, _ l2: RegisterFile) -> Bool {
+        let cr = q & 0xF, type = (q >> 4) & 3
+        let reg = Register(sdmNumber: (q >> 8) & 0xF) ?? .rax
+        let cpu = v[.cpuBasedVMExecControl]
+        switch (cr, type) {
+        case (0, 0):
+            return (l2[reg] ^ v[.cr0ReadShadow]) & v[.cr0GuestHostMask] != 0
+        case (4, 0):
+            return (l2[reg] ^ v[.cr4ReadShadow]) & v[.cr4GuestHostMask] != 0
+        case (3, 0): return cpu & CPUBased.cr3LoadExiting != 0
+        case (3, 1): return cpu & CPUBased.cr3StoreExiting != 0
+        case (8, 0): return cpu & CPUBased.cr8LoadExiting != 0
+        case (8, 1): return cpu & CPUBased.cr8StoreExiting != 0
+        case (0, 2):   // CLTS: reflects if L1 owns CR0.TS and its shadow has TS set
+            return v[.cr0GuestHostMask] & 8 != 0 && v[.cr0ReadShadow] & 8 != 0
+        case (0, 3):   // LMSW
+            let src = (q >> 16) & 0xFFFF
+            return (src ^ v[.cr0ReadShadow]) & v[.cr0GuestHostMask] & 0xF != 0
+        default: return true
+        }
+    }
+}
