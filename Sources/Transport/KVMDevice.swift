@@ -1,3 +1,4 @@
+import ABI
 import Atomics
 import CPVMShim
 import Dispatch
@@ -436,7 +437,7 @@ public final class KVMVCPU {
             var data: UInt32 = 0
             // KVM puts the data inside the mapped page (data_offset < the mmap size); read at most 4 bytes.
             if dataOffset + 4 <= runMapSize { data = field(dataOffset, UInt32.self) }
-            if size < 4 { data &= (1 << (UInt32(size) * 8)) - 1 }
+            data &= UInt32(truncatingIfNeeded: AccessSize.mask(UInt64(size)))
             return .io(port: field(Self.ioPort, UInt16.self),
                        isOut: Int32(field(Self.ioDirection, UInt8.self)) == KVM_EXIT_IO_OUT,
                        size: size, count: field(Self.ioCount, UInt32.self), data: data)
