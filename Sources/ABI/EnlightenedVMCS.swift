@@ -19,33 +19,53 @@ public enum EnlightenedVMCS {
     }
     public static let allClean: UInt32 = 0xFFFF
 
-    /// The clean-field group of a field; nil: HV_VMX_ENLIGHTENED_CLEAN_FIELD_NONE, copied on
-    /// every entry (RIP, RSP, RFLAGS and the exit information L0 itself writes).
+    /// The clean-field group a field is copied with at VM entry, as KVM's
+    /// copy_enlightened_to_vmcs12 groups them (kvm-nested-work.md section 5); nil for a field
+    /// that is copied on every entry (`copiedOnEveryEntry`) or never (`neverCopiedIn`).
     public static func group(of f: VMCSField) -> Group? {
         switch f {
         case .ioBitmapA, .ioBitmapB: return .ioBitmap
         case .msrBitmap: return .msrBitmap
+        case .tscOffset, .virtualAPICPageAddr: return .controlGrp2
         case .pinBasedVMExecControl, .vmExitControls, .secondaryVMExecControl: return .controlGrp1
         case .cpuBasedVMExecControl: return .controlProc
         case .vmEntryIntrInfoField, .vmEntryExceptionErrorCode, .vmEntryInstructionLen: return .controlEvent
         case .vmEntryControls: return .controlEntry
-        case .exceptionBitmap, .pageFaultErrorCodeMask, .pageFaultErrorCodeMatch: return .controlExcpn
+        case .exceptionBitmap: return .controlExcpn
         case .cr0GuestHostMask, .cr4GuestHostMask, .cr0ReadShadow, .cr4ReadShadow, .guestCR0, .guestCR3, .guestCR4, .guestDR7:
             return .crdr
         case .virtualProcessorID, .eptPointer: return .controlXlat
-        case .guestInterruptibilityInfo, .guestActivityState: return .guestGrp2
-        case .guestSysenterCS, .guestSysenterESP, .guestSysenterEIP, .guestIA32PAT, .guestIA32EFER, .guestIA32Debugctl,
-             .guestPendingDbgExceptions, .vmcsLinkPointer:
+        case .guestRSP, .guestRFLAGS, .guestInterruptibilityInfo: return .guestBasic
+        case .vmcsLinkPointer, .guestIA32Debugctl, .guestIA32PAT, .guestIA32EFER, .guestPendingDbgExceptions,
+             .guestSysenterCS, .guestSysenterESP, .guestSysenterEIP, .guestActivityState:
             return .guestGrp1
-        case .hostRIP, .hostRSP: return .hostPointer
-        case .guestRIP, .guestRSP, .guestRFLAGS: return nil
+        case .hostFSBase, .hostGSBase, .hostTRBase, .hostGDTRBase, .hostIDTRBase, .hostRSP: return .hostPointer
+        case .tprThreshold, .guestRIP: return nil
         default:
             switch f.kind {
-            case .exitInformation: return nil
+            case .guestState: return .guestGrp2          // segment selectors, bases, limits, AR bytes
             case .hostState: return .hostGrp1
-            case .guestState: return .guestBasic
-            case .control: return .controlGrp2
+            case .control, .exitInformation: return nil
             }
+        }
+    }
+
+    /// Copied on every entry whatever the clean bits say: TPR_THRESHOLD and GUEST_RIP.
+    public static func copiedOnEveryEntry(_ f: VMCSField) -> Bool { f == .tprThreshold || f == .guestRIP }
+
+    /// What copy_vmcs12_to_enlightened writes back at a nested exit: guest segment state, PAT,
+    /// EFER, pending debug exceptions, SYSENTER, activity, CR0/3/4, DR7, RSP, RIP, RFLAGS,
+    /// interruptibility, the guest physical/linear address and every exit-information field,
+    /// the processor-based and entry controls and the entry-event fields. No host state and no
+    /// other control.
+    public static func writtenBackAtExit(_ f: VMCSField) -> Bool {
+        switch f {
+        case .cpuBasedVMExecControl, .vmEntryControls, .vmEntryIntrInfoField, .vmEntryExceptionErrorCode, .vmEntryInstructionLen:
+            return true
+        case .vmcsLinkPointer, .guestIA32Debugctl, .guestIntrStatus, .guestPMLIndex, .vmxPreemptionTimerValue:
+            return false
+        default:
+            return f.kind == .guestState || f.kind == .exitInformation
         }
     }
 }

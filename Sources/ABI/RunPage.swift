@@ -32,6 +32,9 @@ public enum RunPage {
     public static let enteredByVMExit: UInt64 = 0x060
     /// VM_EXIT_INTR_ERROR_CODE: the error code of the exception that caused the exit.
     public static let exitInterruptionErrorCode: UInt64 = 0x068
+    /// The tier's own interruptibility state (SDM 25.4.2): bit 0 blocking by STI, bit 1 blocking
+    /// by MOV SS. A VMLAUNCH/VMRESUME under MOV-SS blocking VMfails (error 26).
+    public static let interruptibility: UInt64 = 0x070
 
     /// General-purpose registers, RIP and RFLAGS, 8 bytes each, in `Register` order.
     public static let registers: UInt64 = 0x100

@@ -34,10 +34,17 @@ public enum CPUBased {
 
 public enum SecondaryExec {
     public static let enableEPT: UInt64 = 1 << 1
+    public static let descriptorTableExiting: UInt64 = 1 << 2
     public static let rdtscp: UInt64 = 1 << 3
     public static let enableVPID: UInt64 = 1 << 5
+    public static let wbinvdExiting: UInt64 = 1 << 6
     public static let unrestrictedGuest: UInt64 = 1 << 7
+    public static let pauseLoopExiting: UInt64 = 1 << 10
+    public static let rdrandExiting: UInt64 = 1 << 11
+    public static let enableINVPCID: UInt64 = 1 << 12
     public static let shadowVMCS: UInt64 = 1 << 14
+    public static let rdseedExiting: UInt64 = 1 << 16
+    public static let enableUserWaitPause: UInt64 = 1 << 26
 }
 
 public enum VMEntryControl {

@@ -12,7 +12,10 @@ public enum CostModel {
         public var event: CostProfile.Event
         public var countPerOp: Double
         public var unitCycles: Double
+        /// The price's range ([low, high] for an estimate, the price itself otherwise).
+        public var unitRange: ClosedRange<Double>
         public var subtotal: Double { countPerOp * unitCycles }
+        public var subtotalRange: ClosedRange<Double> { countPerOp * unitRange.lowerBound...countPerOp * unitRange.upperBound }
     }
 
     /// The priced lines for one result's measurement window.
@@ -20,28 +23,50 @@ public enum CostModel {
         lines(window: r.window, iterations: r.iterations, p)
     }
 
+    /// Every counted event, priced once. (Shadow-VMCS field copies are the hardware VMREADs and
+    /// VMWRITEs counted by kind; VMCS switches are the VMPTRLDs.)
     public static func lines(window w: TransitionCounters, iterations: UInt64, _ p: CostProfile) -> [Line] {
         let n = Double(max(iterations, 1))
         func per(_ x: UInt64) -> Double { Double(x) / n }
         let l1 = TransitionCounters.byReason(w.l1Exits)
         let vmAccess = (l1[.vmread] ?? 0) + (l1[.vmwrite] ?? 0)
-        let hypercalls = l1[.vmcall] ?? 0
-        let otherL1 = w.totalL1Exits - vmAccess - hypercalls
-        let handledInL0 = w.totalL2Exits - w.totalDeliveries
+        let vmcalls = l1[.vmcall] ?? 0
+        let otherL1 = w.totalL1Exits.subtractingClamped(vmAccess + vmcalls + w.nestedVMEntries)
+        let handledInL0 = w.totalL2Exits.subtractingClamped(w.totalDeliveries)
+        typealias E = CostProfile.Event
+        func line(_ what: String, _ e: E, _ count: UInt64) -> Line {
+            Line(what: what, event: e, countPerOp: per(count), unitCycles: p.cycles(e), unitRange: p.range(e))
+        }
         var out: [Line] = [
-            Line(what: "L2 -> L0 exits and entries (world switch)", event: .exitRoundTrip, countPerOp: per(w.totalL2Exits), unitCycles: p.cycles(.exitRoundTrip)),
-            Line(what: "L2 exits L0 handles itself", event: .l0SimpleExit, countPerOp: per(handledInL0), unitCycles: p.cycles(.l0SimpleExit)),
-            Line(what: "exits delivered to L1, handled there", event: .l1ExitHandling, countPerOp: per(w.totalDeliveries), unitCycles: p.cycles(.l1ExitHandling)),
-            Line(what: "L1 -> L0 exits and entries (world switch)", event: .exitRoundTrip, countPerOp: per(w.totalL1Exits), unitCycles: p.cycles(.exitRoundTrip)),
-            Line(what: "VMREAD/VMWRITE emulated by L0", event: .l0VMXInstruction, countPerOp: per(vmAccess), unitCycles: p.cycles(.l0VMXInstruction)),
-            Line(what: "PV hypercalls handled by L0", event: .l0Hypercall, countPerOp: per(hypercalls), unitCycles: p.cycles(.l0Hypercall)),
-            Line(what: "other L1 exits emulated by L0 (VMRESUME, INVEPT, EPT12 write traps...)", event: .l0SimpleExit, countPerOp: per(otherL1), unitCycles: p.cycles(.l0SimpleExit)),
-            Line(what: "VMCS switches (vmcs01 <-> vmcs02)", event: .vmcsSwitch, countPerOp: per(w.vmcsSwitches), unitCycles: p.cycles(.vmcsSwitch)),
-            Line(what: "vmcs12 / shadow / eVMCS field accesses by L0", event: .vmcsFieldAccess,
-                 countPerOp: per(w.vmcs12FieldReads + w.vmcs12FieldWrites + w.shadowVMCSFieldCopies + w.evmcsFieldCopies), unitCycles: p.cycles(.vmcsFieldAccess)),
-            Line(what: "VM-entry consistency-check groups", event: .consistencyCheckGroup, countPerOp: per(w.consistencyChecks), unitCycles: p.cycles(.consistencyCheckGroup)),
-            Line(what: "EPT12 entries walked by L0", event: .ept12WalkStep, countPerOp: per(w.ept12EntriesWalked), unitCycles: p.cycles(.ept12WalkStep)),
-            Line(what: "EPT02 entries filled", event: .ept02Fill, countPerOp: per(w.ept02Fills), unitCycles: p.cycles(.ept02Fill)),
+            line("L2 -> L0 exits and entries (world switch)", .exitRoundTrip, w.totalL2Exits),
+            line("L2 exits L0 handles itself", .l0SimpleExit, handledInL0),
+            line("exits delivered to L1, handled there", .l1ExitHandling, w.totalDeliveries),
+            line("L1 -> L0 exits and entries (world switch)", .exitRoundTrip, w.totalL1Exits),
+            line("exiting VMREAD/VMWRITE emulated by L0", .l0VMXInstruction, vmAccess),
+            line("hypercalls handled by L0 (PV enter-L2 apart)", .l0Hypercall, vmcalls.subtractingClamped(w.pvEntries)),
+            line("PV enter-L2: the streamlined entry", .pvEntry, w.pvEntries),
+            line("PV exit deliveries into the exit page", .pvDelivery, w.pvDeliveries),
+            line("other L1 exits emulated by L0 (INVEPT, EPT12 write traps, VMfails...)", .l0SimpleExit, otherL1),
+            line("emulated VM exits into L1 (nested_vmx_vmexit software)", .nestedVMExitSoftware, w.nestedVMExits),
+            line("emulated VM entries into L2 (nested_vmx_run software)", .nestedVMEntrySoftware, w.nestedVMEntries),
+            line("hardware VMREADs by L0", .hwVMREAD, w.hwVMREADs),
+            line("hardware VMWRITEs by L0", .hwVMWRITE, w.hwVMWRITEs),
+            line("VMPTRLDs by L0 (VMCS switches)", .hwVMPTRLD, w.hwVMPTRLDs),
+            line("VMCLEARs by L0", .hwVMCLEAR, w.hwVMCLEARs),
+            line("vmcs12 / eVMCS fields read, written or copied in memory", .vmcsFieldAccess,
+                 w.vmcs12FieldReads + w.vmcs12FieldWrites + w.evmcsFieldCopies),
+            line("VM-entry consistency-check groups", .consistencyCheckGroup, w.consistencyChecks),
+            line("full hardware entry checks (dirty vmcs02)", .fullEntryChecks, w.fullEntryChecks),
+            line("MSR-bitmap merges", .msrBitmapMerge, w.msrBitmapMerges),
+            line("MMU root switches", .mmuRootSwitch, w.mmuRootSwitches),
+            line("transition TLB flushes", .tlbFlush, w.tlbFlushes),
+            line("rare-field syncs vmcs02 -> vmcs12", .rareFieldSync, w.rareFieldSyncs),
+            line("EPT12 entries read by L0 (walks, resyncs)", .ept12WalkStep, w.ept12EntriesWalked),
+            line("EPT12 A/D bits set by L0", .ept12ADUpdate, w.ept12ADUpdates),
+            line("EPT02 entries filled", .ept02Fill, w.ept02Fills),
+            line("EPT12 leaf tables re-synced", .ept12Resync, w.ept12Resyncs),
+            line("exits a VMM's userspace handles (I/O, MMIO, unbacked memory)", .vmmUserspaceExit,
+                 w.vmmUserspaceExits + w.unbackedAccesses),
         ]
         out.removeAll { $0.countPerOp == 0 }
         return out
@@ -51,19 +76,34 @@ public enum CostModel {
         lines(r, p).reduce(0) { $0 + $1.subtotal }
     }
 
-    /// `pvm model explain`: the breakdown line by line, then the total in cycles and time.
+    /// The total with every estimate at its low and at its high end.
+    public static func cyclesRangePerOp(_ r: BenchResult, _ p: CostProfile) -> ClosedRange<Double> {
+        let ls = lines(r, p)
+        return ls.reduce(0) { $0 + $1.subtotalRange.lowerBound }...ls.reduce(0) { $0 + $1.subtotalRange.upperBound }
+    }
+
+    /// `pvm model explain`: the breakdown line by line, with each price's range and source,
+    /// then the total in cycles and time and the range its estimates span.
     public static func explain(_ r: BenchResult, _ p: CostProfile) -> String {
         var out = "\(r.test) on \(r.variant.label), profile \(p.name) (\(Report.fmt(p.ghz, 2)) GHz), per operation:\n"
-        out += Report.pad("event", 70) + Report.pad("count", 9, right: true) + Report.pad("x cycles", 10, right: true)
-            + Report.pad("= cycles", 11, right: true) + "\n"
+        out += Report.pad("event", 66) + Report.pad("count", 9, right: true) + Report.pad("x cycles", 9, right: true)
+            + Report.pad("(low-high)", 13, right: true) + Report.pad("= cycles", 10, right: true) + "  source\n"
         let ls = lines(r, p)
         for l in ls {
-            out += Report.pad(l.what, 70) + Report.pad(Report.fmt(l.countPerOp, 2), 9, right: true)
-                + Report.pad(Report.fmt(l.unitCycles, 0), 10, right: true) + Report.pad(Report.fmt(l.subtotal, 0), 11, right: true) + "\n"
+            let range = p.prices[l.event.rawValue]?.isEstimate == true
+                ? "\(Report.fmt(l.unitRange.lowerBound, 0))-\(Report.fmt(l.unitRange.upperBound, 0))" : ""
+            let source = p.prices[l.event.rawValue]?.source ?? ""
+            out += Report.pad(l.what, 66) + Report.pad(Report.fmt(l.countPerOp, 2), 9, right: true)
+                + Report.pad(Report.fmt(l.unitCycles, 0), 9, right: true) + Report.pad(range, 13, right: true)
+                + Report.pad(Report.fmt(l.subtotal, 0), 10, right: true) + "  " + l.event.rawValue + ": " + source + "\n"
         }
         let total = ls.reduce(0) { $0 + $1.subtotal }
-        out += Report.pad("total", 89) + Report.pad(Report.fmt(total, 0), 11, right: true)
+        let range = cyclesRangePerOp(r, p)
+        out += Report.pad("total", 97) + Report.pad(Report.fmt(total, 0), 10, right: true)
             + "  (\(Report.fmt(total / p.ghz, 0)) ns at \(Report.fmt(p.ghz, 2)) GHz)\n"
+        if range.lowerBound != range.upperBound {
+            out += "with every estimate at its low / high end: \(Report.fmt(range.lowerBound, 0)) - \(Report.fmt(range.upperBound, 0)) cycles\n"
+        }
         let unpriced = Set(ls.filter { $0.unitCycles == 0 }.map(\.event.rawValue)).sorted()
         if !unpriced.isEmpty {
             out += "counted but priced 0 by this profile: \(unpriced.joined(separator: ", "))\n"
@@ -79,4 +119,9 @@ public enum CostModel {
         }
         return try CostProfile.decode(data, file: url.path)
     }
+}
+
+extension UInt64 {
+    /// self - x, or 0.
+    func subtractingClamped(_ x: UInt64) -> UInt64 { self > x ? self - x : 0 }
 }

@@ -12,7 +12,18 @@ public struct CostProfile: Codable, Equatable, Sendable {
     public struct Price: Codable, Equatable, Sendable {
         public var cycles: Double
         public var source: String
+        /// An estimate (no published figure): the model also reports its total with `low` and
+        /// `high` in place of `cycles`, which an estimate must give.
+        public var estimate: Bool?
+        public var low: Double?
+        public var high: Double?
         public init(cycles: Double, source: String) { self.cycles = cycles; self.source = source }
+        public init(estimate cycles: Double, low: Double, high: Double, source: String) {
+            self.cycles = cycles; self.source = source; self.estimate = true; self.low = low; self.high = high
+        }
+        public var isEstimate: Bool { estimate == true }
+        /// The range the model uses: [low, high] for an estimate, the price itself otherwise.
+        public var range: ClosedRange<Double> { isEstimate ? (low ?? cycles)...(high ?? cycles) : cycles...cycles }
     }
     public var name: String
     public var description: String
@@ -36,16 +47,42 @@ public struct CostProfile: Codable, Equatable, Sendable {
         case l1ExitHandling = "l1_exit_handling"
         /// L0 emulating one exiting VMREAD/VMWRITE (decode, vmcs12 access, VMsucceed).
         case l0VMXInstruction = "l0_vmx_instruction"
-        /// Loading another VMCS (vmcs01 <-> vmcs02 on nested entry and exit).
-        case vmcsSwitch = "vmcs_switch"
-        /// One vmcs12, shadow-VMCS or eVMCS field read, written or copied by L0.
+        /// Hardware VMX instructions L0 executes on its own VMCSs in a nested transition.
+        case hwVMREAD = "hw_vmread"
+        case hwVMWRITE = "hw_vmwrite"
+        case hwVMPTRLD = "hw_vmptrld"
+        case hwVMCLEAR = "hw_vmclear"
+        /// One vmcs12 or eVMCS field L0 reads, writes or copies in memory (not a VMREAD/VMWRITE).
         case vmcsFieldAccess = "vmcs_field_access"
-        /// One group of VM-entry consistency checks.
+        /// The software of nested_vmx_vmexit / nested_vmx_run beyond the VMCS operations counted.
+        case nestedVMExitSoftware = "nested_vmexit_software"
+        case nestedVMEntrySoftware = "nested_vmentry_software"
+        /// One group of VM-entry consistency checks (software, in KVM).
         case consistencyCheckGroup = "consistency_check_group"
-        /// Reading one EPT12 entry during L0's walk.
+        /// The hardware's full VM-entry checks after a major control was written.
+        case fullEntryChecks = "full_entry_checks"
+        /// nested_vmx_prepare_msr_bitmap: merging L1's MSR bitmap into vmcs02's.
+        case msrBitmapMerge = "msr_bitmap_merge"
+        /// Switching L0's MMU between L1's root and the shadow-EPT root.
+        case mmuRootSwitch = "mmu_root_switch"
+        /// The transition TLB flush (INVVPID single-context).
+        case tlbFlush = "tlb_flush"
+        /// The deferred sync of vmcs02's 35 rarely used fields into vmcs12, as a whole.
+        case rareFieldSync = "rare_field_sync"
+        /// Reading one EPT12 entry during L0's walk (or a resync).
         case ept12WalkStep = "ept12_walk_step"
-        /// Installing one EPT02 entry.
+        /// Setting accessed/dirty bits in one EPT12 entry.
+        case ept12ADUpdate = "ept12_ad_update"
+        /// Installing one EPT02 entry after a walk (KVM's nested EPT violation work beyond the exit).
         case ept02Fill = "ept02_fill"
+        /// Re-syncing one unsync leaf EPT12 table at INVEPT (re-protecting it; entries priced apart).
+        case ept12Resync = "ept12_resync"
+        /// An exit a VMM's userspace handles: KVM_EXIT_IO/MMIO to the VMM and back.
+        case vmmUserspaceExit = "vmm_userspace_exit"
+        /// The PV path's streamlined entry into L2: registers and event from the exit page.
+        case pvEntry = "pv_entry"
+        /// The PV path's delivery of an L2 exit into the exit page.
+        case pvDelivery = "pv_delivery"
     }
 
     public enum LoadError: Error, CustomStringConvertible, Equatable {
@@ -77,6 +114,13 @@ public struct CostProfile: Codable, Equatable, Sendable {
             guard Event(rawValue: k) != nil else { throw LoadError.unknownPrice(file: file, key: k) }
             guard v.cycles.isFinite, v.cycles >= 0 else { throw LoadError.badPrice(file: file, key: k, reason: "cycles must be a finite number >= 0") }
             guard !v.source.trimmingCharacters(in: .whitespaces).isEmpty else { throw LoadError.badPrice(file: file, key: k, reason: "every price needs a source") }
+            if v.isEstimate {
+                guard let lo = v.low, let hi = v.high, lo.isFinite, hi.isFinite, 0 <= lo, lo <= v.cycles, v.cycles <= hi else {
+                    throw LoadError.badPrice(file: file, key: k, reason: "an estimate needs low <= cycles <= high")
+                }
+            } else if v.low != nil || v.high != nil {
+                throw LoadError.badPrice(file: file, key: k, reason: "low/high belong to estimates (\"estimate\": true)")
+            }
         }
         guard p.ghz.isFinite, p.ghz > 0 else { throw LoadError.malformed(file: file, reason: "ghz must be > 0") }
         return p
@@ -96,4 +140,5 @@ public struct CostProfile: Codable, Equatable, Sendable {
     }
 
     public func cycles(_ e: Event) -> Double { prices[e.rawValue]?.cycles ?? 0 }
+    public func range(_ e: Event) -> ClosedRange<Double> { prices[e.rawValue]?.range ?? 0...0 }
 }

@@ -22,18 +22,22 @@ public enum Report {
 
     /// The table: per test and path, latency and transitions per operation for each tier.
     public static func table(_ results: [BenchResult], profile: CostProfile? = nil) -> String {
-        let header = ["test", "path", "iters", "median ns", "p99 ns", "model cyc", "L2 exits", "L2 entries", "L1 entries", "L1 exits", "hcalls", "L1 exits by reason (per op)"]
+        let header = ["test", "path", "iters", "median ns", "p99 ns", "model cyc", "(estimates low-high)", "L2 exits", "L2 entries", "L1 entries", "L1 exits", "hcalls", "L1 exits by reason (per op)"]
         let testWidth = max(8, results.map(\.test.count).max() ?? 0)
         let pathWidth = max(14, results.map(\.variant.label.count).max() ?? 0)
-        let widths = [testWidth, pathWidth, 8, 10, 10, 10, 9, 10, 10, 9, 7, 0]
+        let widths = [testWidth, pathWidth, 8, 10, 10, 10, 20, 9, 10, 10, 9, 7, 0]
         var out = zip(header, widths).map { pad($0, $1, right: $1 > 0 && $0 != "test" && $0 != "path") }.joined(separator: " ") + "\n"
         for r in results {
             let reasons = r.l1ExitsByReasonPerOp.map { "\($0.0.name)=\(fmt($0.1))" }.joined(separator: " ")
             let model = profile.map { fmt(CostModel.cyclesPerOp(r, $0), 0) } ?? "-"
-            let cells = [r.test, r.variant.label, "\(r.iterations)", "\(r.latency.medianNanos)", "\(r.latency.p99Nanos)", model,
+            let range = profile.map { p -> String in
+                let r = CostModel.cyclesRangePerOp(r, p)
+                return r.lowerBound == r.upperBound ? "-" : "\(fmt(r.lowerBound, 0))-\(fmt(r.upperBound, 0))"
+            } ?? "-"
+            let cells = [r.test, r.variant.label, "\(r.iterations)", "\(r.latency.medianNanos)", "\(r.latency.p99Nanos)", model, range,
                          fmt(r.l2ExitsPerOp), fmt(r.l2EntriesPerOp), fmt(r.l1EntriesPerOp), fmt(r.l1ExitsPerOp),
                          fmt(r.hypercallsPerOp), reasons.isEmpty ? "-" : reasons]
-            out += zip(cells, widths).enumerated().map { i, cw in pad(cw.0, cw.1, right: i >= 2 && i < 11) }.joined(separator: " ") + "\n"
+            out += zip(cells, widths).enumerated().map { i, cw in pad(cw.0, cw.1, right: i >= 2 && i < 12) }.joined(separator: " ") + "\n"
         }
         return out
     }
@@ -72,11 +76,12 @@ public enum Report {
 
     /// CSV with a header row, one row per result.
     public static func csv(_ results: [BenchResult], profile: CostProfile?) -> String {
-        var out = "test,path,variant,iterations,median_ns,p99_ns,model_cycles,l2_exits,l2_entries,l1_entries,l1_exits,hypercalls\n"
+        var out = "test,path,variant,iterations,median_ns,p99_ns,model_cycles,model_cycles_low,model_cycles_high,l2_exits,l2_entries,l1_entries,l1_exits,hypercalls\n"
         for r in results {
             let model = profile.map { fmt(CostModel.cyclesPerOp(r, $0), 1) } ?? ""
+            let range = profile.map { CostModel.cyclesRangePerOp(r, $0) }
             out += [r.test, r.path.rawValue, r.variant.label, "\(r.iterations)", "\(r.latency.medianNanos)", "\(r.latency.p99Nanos)",
-                    model, fmt(r.l2ExitsPerOp, 4), fmt(r.l2EntriesPerOp, 4), fmt(r.l1EntriesPerOp, 4), fmt(r.l1ExitsPerOp, 4),
+                    model, range.map { fmt($0.lowerBound, 1) } ?? "", range.map { fmt($0.upperBound, 1) } ?? "", fmt(r.l2ExitsPerOp, 4), fmt(r.l2EntriesPerOp, 4), fmt(r.l1EntriesPerOp, 4), fmt(r.l1ExitsPerOp, 4),
                     fmt(r.hypercallsPerOp, 4)].joined(separator: ",") + "\n"
         }
         return out
@@ -95,6 +100,9 @@ public enum Report {
         var ns_per_op: Latency
         var per_op: PerOp
         var model_cycles_per_op: Double?
+        /// The model's total with every estimated price at its low and at its high end.
+        var model_cycles_range: ModelRange?
+        struct ModelRange: Encodable { var low, high: Double }
         var l2_exits_by_reason: [String: Double]
         var l1_exits_by_reason: [String: Double]
     }
@@ -113,6 +121,7 @@ public enum Report {
                 per_op: .init(l2_exits: r.l2ExitsPerOp, l1_entries: r.l1EntriesPerOp, l1_exits: r.l1ExitsPerOp,
                               l2_entries: r.l2EntriesPerOp, deliveries_to_l1: r.deliveriesPerOp, hypercalls: r.hypercallsPerOp),
                 model_cycles_per_op: profile.map { CostModel.cyclesPerOp(r, $0) },
+                model_cycles_range: profile.map { let x = CostModel.cyclesRangePerOp(r, $0); return .init(low: x.lowerBound, high: x.upperBound) },
                 l2_exits_by_reason: Dictionary(uniqueKeysWithValues: r.l2ExitsByReasonPerOp.map { ($0.0.name, $0.1) }),
                 l1_exits_by_reason: Dictionary(uniqueKeysWithValues: r.l1ExitsByReasonPerOp.map { ($0.0.name, $0.1) }))
         }

@@ -49,8 +49,19 @@ public struct L1Devices {
 
     public func owns(port: UInt16) -> Bool { Self.serialPorts.contains(port) || Self.qemuPorts.contains(port) }
 
+    /// A device in the hypervisor's kernel, not its VMM (vmexit.c's inl_from_kernel /
+    /// outl_to_kernel port, the PIC's ELCR on a PC): a latch. A KVM-like L1 completes these in
+    /// its kernel with no trip to its userspace.
+    public static let kernelPorts: ClosedRange<UInt16> = 0x4D0...0x4D1
+    var kernelLatch: UInt64 = 0
+
     /// Port I/O L1 owns: returns the value for an IN.
     public mutating func portIO(port: UInt16, isIn: Bool, value: UInt64) -> UInt64 {
+        if Self.kernelPorts.contains(port) {
+            if isIn { return kernelLatch }
+            kernelLatch = value
+            return 0
+        }
         guard owns(port: port) else { return ~0 }
         if Self.qemuPorts.contains(port) {
             if isIn { return qemuLatch }

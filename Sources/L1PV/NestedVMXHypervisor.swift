@@ -73,14 +73,10 @@ public final class NestedVMXHypervisor {
             try check("VMPTRLD", cpu.vmptrld(L1MemoryPlan.vmcs12))
         }
 
-        // I/O bitmaps: intercept the serial console only. MSR bitmap: intercept everything
-        // except the MSRs KVM passes through (FS/GS base, KERNEL_GS_BASE).
-        try memory.zero(L1MemoryPlan.ioBitmapA, length: pageSize)
-        try memory.zero(L1MemoryPlan.ioBitmapB, length: pageSize)
-        for port in Array(L1Devices.serialPorts) + Array(L1Devices.qemuPorts) {
-            let byte = L1MemoryPlan.ioBitmapA + UInt64(port) / 8
-            try memory.store8(try memory.load8(byte) | 1 << UInt8(port % 8), byte)
-        }
+        // No I/O bitmaps: KVM's vmx_exec_control clears USE_IO_BITMAPS and keeps unconditional
+        // I/O exiting, so every IN/OUT of L2 exits to L1 (kvm-nested-work.md section 3). MSR
+        // bitmap: intercept everything except the MSRs KVM passes through (FS/GS base,
+        // KERNEL_GS_BASE).
         for i in stride(from: UInt64(0), to: pageSize, by: 8) {
             try memory.store64(~0, L1MemoryPlan.msrBitmap + i)
         }
@@ -98,11 +94,10 @@ public final class NestedVMXHypervisor {
         let cr0: UInt64 = 0x8005_0033, cr4: UInt64 = 0x0000_2020, efer: UInt64 = 0x500
         let fields: [(VMCSField, UInt64)] = [
             (.pinBasedVMExecControl, PinBased.externalInterruptExiting | PinBased.nmiExiting),
-            (.cpuBasedVMExecControl, CPUBased.hltExiting | CPUBased.useIOBitmaps | CPUBased.useMSRBitmaps
+            (.cpuBasedVMExecControl, CPUBased.hltExiting | CPUBased.unconditionalIOExiting | CPUBased.useMSRBitmaps
                 | CPUBased.activateSecondaryControls),
             (.secondaryVMExecControl, SecondaryExec.enableEPT | SecondaryExec.enableVPID | SecondaryExec.rdtscp),
             (.exceptionBitmap, 1 << 1 | 1 << 6 | 1 << 17 | 1 << 18),
-            (.ioBitmapA, L1MemoryPlan.ioBitmapA.raw), (.ioBitmapB, L1MemoryPlan.ioBitmapB.raw),
             (.msrBitmap, L1MemoryPlan.msrBitmap.raw),
             (.eptPointer, ept12.eptp), (.virtualProcessorID, 1), (.vmcsLinkPointer, ~0),
             (.vmEntryControls, VMEntryControl.ia32eModeGuest | VMEntryControl.loadIA32EFER),
@@ -140,8 +135,10 @@ public final class NestedVMXHypervisor {
         return r
     }
 
-    /// skip_emulated_instruction: RIP += VM_EXIT_INSTRUCTION_LEN, and drop STI/MOV-SS blocking.
+    /// kvm_skip_emulated_instruction: RFLAGS (the single-step check), RIP +=
+    /// VM_EXIT_INSTRUCTION_LEN, and drop STI/MOV-SS blocking.
     func skipInstruction() throws {
+        _ = try cpu.vmread(.guestRFLAGS)
         let rip = try readRIP()
         let len = try cpu.vmread(.vmExitInstructionLen)
         let interruptibility = try cpu.vmread(.guestInterruptibilityInfo)
@@ -174,16 +171,18 @@ public final class NestedVMXHypervisor {
             if let l1 = L1MemoryPlan.backing(of: gpa), !devices.isBallooned(gpa) {
                 let allowed = (q >> EPTViolationQualification.readableShift) & EPT.rwxMask
                 if allowed == 0 {
-                    // First touch (KVM's TDP fault path): make the EPT12 entries, then INVEPT.
+                    // First touch (KVM's TDP fault path, kvm_tdp_mmu_map): make the EPT12 entries.
+                    // No INVEPT: making a non-present entry present needs no flush.
                     let window: UInt64 = mapMode == .batch ? 64 : 1
-                    let start = L2GPA(gpa.pageNumber / window * window * pageSize)
+                    let start = L2GPA(pageNumber: gpa.pageNumber / window * window)!
                     try mapEPT12(from: start, pages: window)
                 } else {
                     // EPT12 maps it with fewer rights than the access: grant them (copy-on-write
-                    // style), then INVEPT so L0 drops the stale shadow, and let L2 retry.
+                    // style). Replacing a present entry is what KVM flushes for: INVEPT, so L0
+                    // drops the stale shadow, and L2 retries.
                     try ept12.map(gpa.pageBase, to: l1.pageBase, permissions: allowed | (q & EPT.rwxMask))
+                    try check("INVEPT", cpu.invept(type: 1, eptp: ept12.eptp))
                 }
-                try check("INVEPT", cpu.invept(type: 1, eptp: ept12.eptp))
                 return
             }
             // No memslot in L1 for this GPA: MMIO to nothing. The emulator fetches and decodes
@@ -194,6 +193,9 @@ public final class NestedVMXHypervisor {
         case .eptMisconfig:
             throw L1Fault.unexpectedExit(reason, "EPT12 is misconfigured at \(L2GPA(try cpu.vmread(.guestPhysicalAddress)))")
         case .vmcall:
+            // kvm_emulate_hypercall: CS AR (64-bit mode) and SS AR (CPL) first.
+            _ = try cpu.vmread(.guestCSARBytes)
+            _ = try cpu.vmread(.guestSSARBytes)
             try devices.l2Hypercall(&guestRegisters, isRAM: { L1MemoryPlan.backing(of: $0) != nil }) { gpa in
                 try ept12.unmap(gpa)
                 try check("INVEPT", cpu.invept(type: 1, eptp: ept12.eptp))

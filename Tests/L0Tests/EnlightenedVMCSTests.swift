@@ -94,9 +94,31 @@ import Transport
         #expect(f.l1Run[RunPage.eventInjection] & 0xFF == 13 && f.nested.vpAssistPage == nil)
     }
 
-    @Test func everyWritableFieldHasACleanGroupOrIsAlwaysCopied() {
-        let grouped = NestedVMXBackend.evmcsGroupOffsets.joined().count + NestedVMXBackend.evmcsAlwaysCopiedOffsets.count
-        #expect(grouped == VMCSField.supported.filter { !$0.0.isReadOnly }.count)
-        #expect(Set(NestedVMXBackend.evmcsAlwaysCopiedOffsets) == Set([VMCSField.guestRIP, .guestRSP, .guestRFLAGS].compactMap { VMCS12Layout.slot(of: $0)?.offset }))
+    /// KVM's copy_enlightened_to_vmcs12 (kvm-nested-work.md section 5): TPR_THRESHOLD and
+    /// GUEST_RIP every entry; RSP, RFLAGS and interruptibility with GUEST_BASIC; activity state
+    /// with GUEST_GRP1, segments with GUEST_GRP2, the host bases and RSP with HOST_POINTER, host
+    /// RIP with HOST_GRP1; never the PFEC mask/match, MSR lists, CR3 target count or exit info.
+    @Test func theCleanFieldGroupsAreKVMs() {
+        #expect(Set(NestedVMXBackend.evmcsAlwaysCopiedOffsets) == Set([VMCSField.guestRIP, .tprThreshold].compactMap { VMCS12Layout.slot(of: $0)?.offset }))
+        let expected: [(VMCSField, EnlightenedVMCS.Group?)] = [
+            (.guestRSP, .guestBasic), (.guestRFLAGS, .guestBasic), (.guestInterruptibilityInfo, .guestBasic),
+            (.guestActivityState, .guestGrp1), (.vmcsLinkPointer, .guestGrp1), (.guestIA32EFER, .guestGrp1),
+            (.guestCSSelector, .guestGrp2), (.guestTRBase, .guestGrp2), (.guestSSARBytes, .guestGrp2),
+            (.hostFSBase, .hostPointer), (.hostRSP, .hostPointer), (.hostRIP, .hostGrp1), (.hostCR3, .hostGrp1),
+            (.tscOffset, .controlGrp2), (.eptPointer, .controlXlat), (.virtualProcessorID, .controlXlat),
+            (.pageFaultErrorCodeMask, nil), (.pageFaultErrorCodeMatch, nil), (.cr3TargetCount, nil),
+            (.vmExitMsrLoadAddr, nil), (.vmEntryMsrLoadCount, nil), (.exitQualification, nil),
+        ]
+        for (f, g) in expected { #expect(EnlightenedVMCS.group(of: f) == g, "\(f)") }
+        #expect(!EnlightenedVMCS.copiedOnEveryEntry(.pageFaultErrorCodeMask))
+        // What a nested exit writes back: guest state and exit information, the processor-based
+        // and entry controls and the entry-event fields; no host state, no other control.
+        for f in [VMCSField.guestCSSelector, .guestRIP, .guestRSP, .guestActivityState, .exitQualification,
+                  .guestPhysicalAddress, .cpuBasedVMExecControl, .vmEntryControls, .vmEntryIntrInfoField] {
+            #expect(EnlightenedVMCS.writtenBackAtExit(f), "\(f)")
+        }
+        for f in [VMCSField.hostRIP, .hostCR3, .pinBasedVMExecControl, .exceptionBitmap, .eptPointer, .vmcsLinkPointer] {
+            #expect(!EnlightenedVMCS.writtenBackAtExit(f), "\(f)")
+        }
     }
 }

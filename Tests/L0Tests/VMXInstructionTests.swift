@@ -447,30 +447,42 @@ import Transport
         }
     }
 
-    @Test func inveptGlobalEmptiesEPT02AndSingleContextOnlyForTheShadowedEPTP() throws {
+    /// L2 touched `gpa` (a walked fill), then L1 changed that page's leaf entry: a store that
+    /// trapped (the leaf table was write-protected) and left the leaf unsync.
+    func touchedThenRemapped(_ f: Fixture, _ gpa: UInt64, to backing: UInt64) throws {
+        try f.writeEPT12Path(gpa: gpa, leafLevel: 1, leaf: Fixture.eptLeaf(Plan.l2Backing.raw))
+        #expect(f.l2Exit(L2ExitInfo(reason: .eptViolation, qualification: EPTViolationQualification.dataRead,
+                                    guestPhysicalAddress: L2GPA(gpa), instructionLength: 3)) == .resume(.l2))
+        #expect(f.vcpu.ept02.translate(L2GPA(gpa)) != nil)
+        let entry = L1GPA(Plan.ept12Tables[3].raw + Fixture.eptIndex(gpa, level: 1) * 8)
+        f.l1Run[register: .rax] = Fixture.eptLeaf(backing)
+        #expect(f.vcpu.handleL1Exit(L1ExitInfo(reason: .eptViolation, qualification: EPTViolationQualification.dataWrite,
+                                               guestPhysicalAddress: entry, instructionLength: 3, instructionInfo: 8)) == .resume(.l1))
+    }
+
+    /// KVM's INVEPT frees the roots it names but keeps the shadow pages: the unsync leaves are
+    /// re-synced, and only EPT02 entries whose EPT12 entry changed go (kvm-nested-work.md 4).
+    @Test func inveptSingleContextResyncsOnlyTheShadowedEPTPAndGlobalResyncsEverything() throws {
         let f = try Fixture(.nvmx)
         try f.launchL2()
-        #expect(f.l2CPUID(function: 0) == .resume(.l1))
-        let gpa = L2GPA(0x30_0000)
-        f.vcpu.ept02.install(gpa, host: f.hostOffset(Plan.l2Backing), permissions: EPT.rwxMask, memslot: 0)
+        let gpa: UInt64 = 0x20_0000
+        try touchedThenRemapped(f, gpa, to: Plan.l2Backing.raw + 0x1000)
         f.l1Run[register: .rax] = 1
-        f.vmx(.invept, operand: Plan.eptp ^ 0x1000)       // another EPTP: nothing to drop
+        f.vmx(.invept, operand: Plan.eptp ^ 0x1000)       // another EPTP: nothing of this root
         #expect(f.vmxResult == .succeed)
-        #expect(f.vcpu.ept02.translate(gpa) != nil)
+        #expect(f.vcpu.ept02.translate(L2GPA(gpa)) != nil && f.vcpu.counters.ept12Resyncs == 0)
 
         f.l1Run[register: .rax] = 1
         f.vmx(.invept, operand: Plan.eptp)
         #expect(f.vmxResult == .succeed)
-        #expect(f.vcpu.ept02.translate(gpa) == nil)
-        #expect(f.vcpu.ept02.present.isEmpty)
+        #expect(f.vcpu.ept02.translate(L2GPA(gpa)) == nil)   // its entry changed: dropped
+        #expect(f.vcpu.counters.ept12Resyncs == 1 && f.nested.shadows.unsync.isEmpty)
 
-        f.vcpu.ept02.install(gpa, host: f.hostOffset(Plan.l2Backing), permissions: EPT.rwxMask, memslot: 0)
-        f.vcpu.ept02.install(L2GPA(Plan.l2Limit - pageSize), host: f.hostOffset(Plan.l2Backing), permissions: EPT.read, memslot: 0)
+        try touchedThenRemapped(f, gpa + pageSize, to: Plan.l2Backing.raw + 0x3000)
         f.l1Run[register: .rax] = 2
         f.vmx(.invept, operand: 0)
         #expect(f.vmxResult == .succeed)
-        #expect(f.vcpu.ept02.entry(gpa) == 0)
-        #expect(f.vcpu.ept02.entry(L2GPA(Plan.l2Limit - pageSize)) == 0)
+        #expect(f.vcpu.ept02.translate(L2GPA(gpa + pageSize)) == nil && f.vcpu.counters.ept12Resyncs == 2)
     }
 
     /// SDM INVEPT: single-context invalidates "mappings associated with EPTP[51:12]": an EPTP
@@ -478,16 +490,14 @@ import Transport
     @Test func inveptSingleContextMatchesTheEPTPRootAddress() throws {
         let f = try Fixture(.nvmx)
         try f.launchL2()
-        #expect(f.l2CPUID(function: 0) == .resume(.l1))
-        let gpa = L2GPA(0x30_0000)
+        var gpa: UInt64 = 0x30_0000
         for variant in [Plan.eptp | EPT.eptpADEnable, Plan.ept12Root.raw | EPT.memoryTypeUC | EPT.eptpWalkLength4] {
-            f.vcpu.ept02.install(gpa, host: f.hostOffset(Plan.l2Backing), permissions: EPT.rwxMask, memslot: 0)
+            try touchedThenRemapped(f, gpa, to: Plan.l2Backing.raw + 0x5000)
             f.l1Run[register: .rax] = 1
             f.vmx(.invept, operand: variant)
             #expect(f.vmxResult == .succeed)
-            do {
-                #expect(f.vcpu.ept02.entry(gpa) == 0, "EPTP 0x\(String(variant, radix: 16))")
-            }
+            #expect(f.vcpu.ept02.entry(L2GPA(gpa)) == 0, "EPTP 0x\(String(variant, radix: 16))")
+            gpa += pageSize
         }
     }
 

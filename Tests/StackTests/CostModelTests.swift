@@ -24,8 +24,10 @@ import Testing
         for _ in 0..<2 { w.countDelivery(.cpuid) }               // 1 per op
         for _ in 0..<2 { w.countL1Exit(.vmresume) }              // 1 per op
         for _ in 0..<6 { w.countL1Exit(.vmread) }                // 3 per op
-        w.vmcsSwitches = 4
-        w.vmcs12FieldReads = 10; w.shadowVMCSFieldCopies = 10    // 10 per op
+        w.nestedVMEntries = 2; w.nestedVMExits = 2               // the VMRESUMEs entered; the CPUIDs were reflected
+        w.hwVMREADs = 40; w.hwVMWRITEs = 20; w.hwVMPTRLDs = 6; w.hwVMCLEARs = 2
+        w.vmcs12FieldReads = 10; w.shadowVMCSFieldCopies = 10    // 5 per op in memory; the copies are the hw ops
+        w.msrBitmapMerges = 2; w.tlbFlushes = 4
         let p = Self.profile
         let r = result(w, iterations: 2)
         let expected = 2 * p.cycles(.exitRoundTrip)              // L2 world switches
@@ -33,13 +35,35 @@ import Testing
             + 1 * p.cycles(.l1ExitHandling)
             + 4 * p.cycles(.exitRoundTrip)                       // L1 world switches (VMRESUME + 3 VMREADs)
             + 3 * p.cycles(.l0VMXInstruction)
-            + 1 * p.cycles(.l0SimpleExit)                        // VMRESUME emulation
-            + 2 * p.cycles(.vmcsSwitch)
-            + 10 * p.cycles(.vmcsFieldAccess)
+            + 1 * p.cycles(.nestedVMExitSoftware) + 1 * p.cycles(.nestedVMEntrySoftware)
+            + 20 * p.cycles(.hwVMREAD) + 10 * p.cycles(.hwVMWRITE) + 3 * p.cycles(.hwVMPTRLD) + 1 * p.cycles(.hwVMCLEAR)
+            + 5 * p.cycles(.vmcsFieldAccess)
+            + 1 * p.cycles(.msrBitmapMerge) + 2 * p.cycles(.tlbFlush)
         #expect(CostModel.cyclesPerOp(r, p) == expected)
         let text = CostModel.explain(r, p)
         #expect(text.contains("VMREAD/VMWRITE emulated by L0") && text.contains("total"))
         #expect(!text.contains("EPT02 entries filled"))         // events not counted are not listed
+    }
+
+    @Test func estimatesGiveTheTotalARangeAndExplainShowsEachLinesSourceAndRange() throws {
+        let p = try CostModel.defaultProfile()
+        // Every price has a source; every estimate says so and has low <= cycles <= high.
+        for e in CostProfile.Event.allCases {
+            let price = try #require(p.prices[e.rawValue])
+            #expect(!price.source.isEmpty)
+            if price.isEstimate { #expect(price.range.contains(price.cycles) && price.source.hasPrefix("estimate") || e == .fullEntryChecks || e == .msrBitmapMerge) }
+        }
+        // Nothing counted is priced 0.
+        #expect(p.prices.values.allSatisfy { $0.cycles > 0 })
+        var w = TransitionCounters()
+        w.countL2Exit(.cpuid); w.countDelivery(.cpuid); w.countL1Exit(.vmresume)
+        w.nestedVMExits = 1; w.nestedVMEntries = 1; w.hwVMWRITEs = 10
+        let r = result(w, iterations: 1)
+        let range = CostModel.cyclesRangePerOp(r, p)
+        let central = CostModel.cyclesPerOp(r, p)
+        #expect(range.lowerBound < central && central < range.upperBound)
+        let text = CostModel.explain(r, p)
+        #expect(text.contains("hw_vmwrite: estimate") && text.contains("8-60") && text.contains("with every estimate at its low / high end"))
     }
 
     @Test func theShippedProfileIsPublishedFiguresAndGivesSingleLevelCPUIDItsFigure() throws {
@@ -72,12 +96,17 @@ import Testing
             try decode(String(decoding: try unknown.encoded(), as: UTF8.self))
         }
         var negative = Self.profile
-        negative.prices["vmcs_switch"] = .init(cycles: -1, source: "s")
+        negative.prices["hw_vmptrld"] = .init(cycles: -1, source: "s")
         #expect(throws: CostProfile.LoadError.self) { try decode(String(decoding: try negative.encoded(), as: UTF8.self)) }
         var unsourced = Self.profile
-        unsourced.prices["vmcs_switch"] = .init(cycles: 1, source: " ")
-        #expect(throws: CostProfile.LoadError.badPrice(file: "x.json", key: "vmcs_switch", reason: "every price needs a source")) {
+        unsourced.prices["hw_vmptrld"] = .init(cycles: 1, source: " ")
+        #expect(throws: CostProfile.LoadError.badPrice(file: "x.json", key: "hw_vmptrld", reason: "every price needs a source")) {
             try decode(String(decoding: try unsourced.encoded(), as: UTF8.self))
+        }
+        var halfEstimate = Self.profile
+        halfEstimate.prices["hw_vmptrld"] = .init(estimate: 150, low: 200, high: 400, source: "s")
+        #expect(throws: CostProfile.LoadError.badPrice(file: "x.json", key: "hw_vmptrld", reason: "an estimate needs low <= cycles <= high")) {
+            try decode(String(decoding: try halfEstimate.encoded(), as: UTF8.self))
         }
         #expect(throws: CostProfile.LoadError.self) { try decode("not json") }
         #expect(throws: CostProfile.LoadError.unreadable(file: "/nonexistent.json", reason: "no such file, or not readable")) {

@@ -64,6 +64,11 @@ extension StackTests {
             ("ept12_unsyncs", w.ept12Unsyncs), ("unbacked_accesses", w.unbackedAccesses),
             ("memslot_zaps", w.memslotZaps), ("consistency_checks", w.consistencyChecks),
             ("ept12_ad_updates", w.ept12ADUpdates), ("msr_bitmap_merges", w.msrBitmapMerges),
+            ("hw_vmread", w.hwVMREADs), ("hw_vmwrite", w.hwVMWRITEs), ("hw_vmptrld", w.hwVMPTRLDs),
+            ("hw_vmclear", w.hwVMCLEARs), ("mmu_root_switches", w.mmuRootSwitches), ("tlb_flushes", w.tlbFlushes),
+            ("rare_field_syncs", w.rareFieldSyncs), ("full_entry_checks", w.fullEntryChecks),
+            ("vmm_userspace_exits", w.vmmUserspaceExits), ("pv_entries", w.pvEntries), ("ept12_resyncs", w.ept12Resyncs),
+            ("pv_deliveries", w.pvDeliveries), ("nested_vmexits", w.nestedVMExits), ("nested_vmentries", w.nestedVMEntries),
         ]
         for (k, n) in work { kv[k] = n }
         let fields = kv.filter { $0.value != 0 }.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }

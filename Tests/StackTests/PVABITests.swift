@@ -93,17 +93,18 @@ extension StackTests {
 
 extension StackTests {
 @Suite(.serialized) struct NestedFirstTouchTests {
-    /// issue 4: the L2 exit, the reflected EPT violation, L1's (trapped) EPT12 write, INVEPT,
-    /// VMRESUME and the silent EPT02 fill, per page.
+    /// KVM's chain per page (kvm-nested-work.md sections 3-4): the L2 exit, the reflected EPT
+    /// violation, L1's EPT12 write (trapped only while its leaf table is still write-protected:
+    /// the first store makes it unsync), no INVEPT (a non-present entry made present needs no
+    /// flush), VMRESUME, and L2's retry with the silent EPT02 fill.
     @Test func firstTouchOnNVMXShowsKVMsWholeChainPerPage() throws {
         let r = try bench(BenchVariant(path: .nvmx, l2MapMode: .perPage), test: "ept_first_touch", iterations: 256, warmup: 0)
-        // Per page: the fault and its retry after INVEPT. Plus one: the last INVEPT freed every
-        // shadow, so writing the ucall block that ends the window refaults its page once.
-        #expect(r.window.totalL2Exits == 2 * 256 + 1)
+        #expect(r.window.totalL2Exits == 2 * 256)                // per page: the fault and its retry
         #expect(r.deliveriesPerOp == 1.0)                        // the reflected EPT violation
-        #expect(perOp(r, r.l1ExitsByReasonPerOp) == ["EPT_VIOLATION": 1.0, "INVEPT": 1.0, "VMRESUME": 1.0])
-        #expect(r.window.ept02Fills == 256 + 1)                  // each page filled silently once, and the ucall page
-        #expect(r.window.ept12WriteTraps == 256)                 // L1's leaf write trapped each time
+        let byReason = Dictionary(uniqueKeysWithValues: r.l1ExitsByReasonPerOp.map { ($0.0, $0.1) })
+        #expect(byReason[.vmresume] == 1.0 && byReason[.invept] == nil)
+        #expect(r.window.ept12WriteTraps < 8)                    // once per leaf table, not per page
+        #expect(r.window.ept02Fills == 256)                      // each page filled silently once
         #expect(r.hypercallsPerOp == 0)
     }
 }

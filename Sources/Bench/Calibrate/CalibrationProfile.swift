@@ -58,8 +58,9 @@ extension CalibrationResult {
 
         for e in E.allCases where prices[e.rawValue] == nil {
             // Not observable one level deep through /dev/kvm: keep the base profile's price.
-            if let p = base.prices[e.rawValue] {
-                prices[e.rawValue] = .init(cycles: p.cycles, source: "from profile \"\(base.name)\" (not measurable through /dev/kvm one level deep): \(p.source)")
+            if var p = base.prices[e.rawValue] {
+                p.source = "from profile \"\(base.name)\" (not measurable through /dev/kvm one level deep): \(p.source)"
+                prices[e.rawValue] = p
             } else {
                 prices[e.rawValue] = .init(cycles: 0, source: "not measurable through /dev/kvm one level deep, and profile \"\(base.name)\" has no price for it: counted, not priced")
             }

@@ -39,6 +39,34 @@ public struct TransitionCounters: Equatable, Sendable {
     /// vmcs02 MSR bitmap merges (nested_vmx_prepare_msr_bitmap).
     public var msrBitmapMerges: UInt64 = 0
 
+    // What KVM as L0 does on its own VMCSs (vmcs01, vmcs02, the shadow VMCS) in a nested
+    // transition, by kind (kvm-nested-work.md sections 1-2; NestedVMX/KVMWork.swift).
+    public var hwVMREADs: UInt64 = 0
+    public var hwVMWRITEs: UInt64 = 0
+    public var hwVMPTRLDs: UInt64 = 0
+    public var hwVMCLEARs: UInt64 = 0
+    /// L0's MMU switched between L1's root and the shadow-EPT root (nested_ept_[un]init_mmu_context).
+    public var mmuRootSwitches: UInt64 = 0
+    /// The transition TLB flush (nested_vmx_transition_tlb_flush: INVVPID of the current VPID).
+    public var tlbFlushes: UInt64 = 0
+    /// The deferred 35-field vmcs02 -> vmcs12 sync, done when something asks for those fields.
+    public var rareFieldSyncs: UInt64 = 0
+    /// VM entries after a major control was written: the hardware runs its full checks.
+    public var fullEntryChecks: UInt64 = 0
+    /// Exits a VMM's userspace device model handled (an exit to userspace and back): L0's own
+    /// VMM on one level, L1's VMM for the ports and MMIO of L1's device model.
+    public var vmmUserspaceExits: UInt64 = 0
+    /// PV enter-L2 hypercalls that entered L2: the streamlined entry (exit page, no vmcs12).
+    public var pvEntries: UInt64 = 0
+    /// L2 exits L0 delivered through the PV exit page.
+    public var pvDeliveries: UInt64 = 0
+    /// Emulated VM exits into L1 (reflected L2 exits and failed entries) and emulated VM entries
+    /// into L2 (VMLAUNCH/VMRESUME that entered): KVM's nested_vmx_vmexit and nested_vmx_run.
+    public var nestedVMExits: UInt64 = 0
+    public var nestedVMEntries: UInt64 = 0
+    /// Unsync leaf EPT12 tables re-synced at INVEPT (write-protected again, entries re-read).
+    public var ept12Resyncs: UInt64 = 0
+
     public init() {}
 
     @inline(__always) static func index(_ r: ExitReason) -> Int { min(Int(r.basic.rawValue), reasonSlots - 1) }
@@ -81,6 +109,20 @@ public struct TransitionCounters: Equatable, Sendable {
         d.consistencyChecks = consistencyChecks - earlier.consistencyChecks
         d.memslotZaps = memslotZaps - earlier.memslotZaps
         d.ept12ADUpdates = ept12ADUpdates - earlier.ept12ADUpdates
+        d.hwVMREADs = hwVMREADs - earlier.hwVMREADs
+        d.hwVMWRITEs = hwVMWRITEs - earlier.hwVMWRITEs
+        d.hwVMPTRLDs = hwVMPTRLDs - earlier.hwVMPTRLDs
+        d.hwVMCLEARs = hwVMCLEARs - earlier.hwVMCLEARs
+        d.mmuRootSwitches = mmuRootSwitches - earlier.mmuRootSwitches
+        d.tlbFlushes = tlbFlushes - earlier.tlbFlushes
+        d.rareFieldSyncs = rareFieldSyncs - earlier.rareFieldSyncs
+        d.fullEntryChecks = fullEntryChecks - earlier.fullEntryChecks
+        d.vmmUserspaceExits = vmmUserspaceExits - earlier.vmmUserspaceExits
+        d.pvEntries = pvEntries - earlier.pvEntries
+        d.pvDeliveries = pvDeliveries - earlier.pvDeliveries
+        d.nestedVMExits = nestedVMExits - earlier.nestedVMExits
+        d.nestedVMEntries = nestedVMEntries - earlier.nestedVMEntries
+        d.ept12Resyncs = ept12Resyncs - earlier.ept12Resyncs
         return d
     }
 }

@@ -142,5 +142,17 @@ public final class L0VCPU {
         return .resume(.l1)
     }
 
+    /// Counts an exit that the receiving hypervisor completes in its VMM's userspace: a port or
+    /// the MMIO range of the device model (`L1Devices`: the serial console, the QEMU latch, the
+    /// MMIO latch). L0 cannot see inside L1; this is what L1's platform says about its devices,
+    /// and what KVM does with them (KVM_EXIT_IO / KVM_EXIT_MMIO to the VMM and back).
+    func countVMMUserspaceExit(_ exit: L2Exit) {
+        switch exit.kind {
+        case .io(let io) where L1Devices().owns(port: io.port): counters.vmmUserspaceExits += 1
+        case .eptViolation(let gpa, _, _) where L1Devices.mmioDevice.contains(gpa): counters.vmmUserspaceExits += 1
+        default: break
+        }
+    }
+
     // MARK: memslots (KVM_SET_USER_MEMORY_REGION): MemslotChanges.swift
 }

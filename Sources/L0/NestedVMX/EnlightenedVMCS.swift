@@ -14,23 +14,24 @@ extension NestedVMXBackend {
         return g
     }()
     static let evmcsAlwaysCopiedOffsets: [UInt64] = VMCSField.supported.compactMap { f, _ in
-        !f.isReadOnly && EnlightenedVMCS.group(of: f) == nil ? VMCS12Layout.slot(of: f)?.offset : nil
+        EnlightenedVMCS.copiedOnEveryEntry(f) ? VMCS12Layout.slot(of: f)?.offset : nil
     }
-    /// What a nested exit writes back into the eVMCS: guest RIP/RSP/RFLAGS, interruptibility and
-    /// the exit information.
-    static let evmcsWriteBackOffsets: [UInt64] = VMCSField.supported.compactMap { f, _ in
-        (f.isReadOnly || EnlightenedVMCS.group(of: f) == nil || f == .guestInterruptibilityInfo) ? VMCS12Layout.slot(of: f)?.offset : nil
-    }
+    /// What a nested exit writes back into the eVMCS (copy_vmcs12_to_enlightened), one slot per
+    /// field (a 64-bit field's high half shares its slot).
+    static let evmcsWriteBackOffsets: [UInt64] = Array(Set(VMCSField.supported.compactMap { f, _ in
+        EnlightenedVMCS.writtenBackAtExit(f) ? VMCS12Layout.slot(of: f)?.offset : nil
+    })).sorted()
 
     /// nested_vmx_handle_enlightened_vmptrld, at VMLAUNCH/VMRESUME: find the eVMCS through the VP
     /// assist page, then copy the groups whose clean bit is clear into the cached vmcs12.
     /// false: no usable eVMCS (VMfailInvalid).
-    func loadEnlightenedVMCS(_ vcpu: L0VCPU) -> Bool {
+    func loadEnlightenedVMCS(launch: Bool, _ vcpu: L0VCPU) -> Bool {
         guard let assist = vpAssistPage,
               let enlightened: UInt8 = try? vcpu.l1Memory.load(assist + VPAssistPage.enlightenVMEntry), enlightened != 0,
               let gpaRaw: UInt64 = try? vcpu.l1Memory.load(assist + VPAssistPage.currentNestedVMCS),
               let evmcs = vmxRegion(L1GPA(gpaRaw), vcpu), evmcs.revisionID == EnlightenedVMCS.revision else { return false }
-        var clean = evmcs.evmcsCleanFields
+        // KVM ignores the clean bits on VMLAUNCH (everything is copied) and for a new eVMCS.
+        var clean = launch ? 0 : evmcs.evmcsCleanFields
         if current != L1GPA(gpaRaw) {
             // A new eVMCS: everything is dirty (KVM clears hv_clean_fields), and L0's cache starts clear.
             current = L1GPA(gpaRaw)

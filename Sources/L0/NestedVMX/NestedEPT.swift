@@ -1,20 +1,37 @@
 import ABI
 import Transport
 
-/// EPT-on-EPT (KVM: paging_tmpl.h for nested EPT, and the shadow MMU's write protection in
-/// mmu/mmu.c): L0 walks L1's EPT12 for an L2 EPT violation, installs EPT02 entries from what it
-/// finds, write-protects every EPT12 page it read so L1's edits trap, and drops shadows on
-/// INVEPT or a new EPTP.
+/// EPT-on-EPT as KVM's shadow MMU does it (paging_tmpl.h for nested EPT; mmu.c's write
+/// tracking and unsync; kvm-nested-work.md section 4): L0 walks L1's EPT12 for an L2 EPT
+/// violation, installs EPT02 entries from what it finds and write-protects every EPT12 page it
+/// read. A non-leaf table stays write-tracked: each store is emulated and the EPT02 entries that
+/// went through the entry it touched are zapped. A 4 KiB leaf table goes unsync at its first
+/// store (no more traps). INVEPT frees the roots but the shadow pages survive and are reused:
+/// only the unsync leaves are re-synced (write-protected again, each entry re-read, the EPT02
+/// entries whose EPT12 entry changed dropped). Only a new EPTP starts from scratch.
 
-/// What L0 remembers about the EPT12 pages its EPT02 entries came from (KVM: shadow pages and
-/// their write protection). Every table page a successful walk read is write-protected so L1's
-/// edits trap; a 4 KiB leaf table goes "unsync" at its first trapped write (no more traps, as
-/// KVM allows for last-level pages), and INVEPT frees every shadow (kvm_mmu_free_roots).
+/// What L0 remembers about the EPT12 pages its EPT02 entries came from (KVM: shadow pages).
 public struct EPT12ShadowTracker: Sendable {
-    /// L1 page number of a shadowed table -> its level and the L2 pages whose translation used it.
-    public internal(set) var tables: [UInt64: (level: Int, dependents: Set<UInt64>)] = [:]
+    public struct ShadowPage: Equatable, Sendable {
+        /// 4 = PML4 ... 1 = the 4 KiB leaf table.
+        public var level: Int
+        /// L2 page number -> this table's entry on its walk, as read when the shadow was made.
+        public var entries: [UInt64: UInt64]
+        /// The L2 pages whose translation went through this table.
+        public var dependents: Set<UInt64> { Set(entries.keys) }
+    }
+    /// L1 page number of a shadowed table -> its shadow.
+    public internal(set) var tables: [UInt64: ShadowPage] = [:]
     public internal(set) var unsync: Set<UInt64> = []
     public init() {}
+
+    /// The bits of an EPT12 entry whose change changes the translation (A/D bits do not).
+    static let significant: UInt64 = EPT.addressMask | EPT.rwxMask | EPT.largePage | EPT.memoryTypeMask
+
+    /// Forgets L2 page `l2` in every table.
+    mutating func forget(_ l2: UInt64) {
+        for page in tables.keys { tables[page]?.entries[l2] = nil }
+    }
 }
 
 extension NestedVMXBackend {
@@ -70,18 +87,18 @@ extension NestedVMXBackend {
 
     /// After installing an EPT02 entry for `l2`: shadow (write-protect) the tables its walk read.
     func shadowWalk(_ walk: EPT12Walker.Walk, for l2: L2GPA) {
-        for (i, table) in walk.tables.enumerated() {
+        for (i, (table, entry)) in zip(walk.tables, walk.entries).enumerated() {
             let page = table.pageNumber
             let level = EPT.levels - i
-            shadows.tables[page, default: (level, [])].dependents.insert(l2.pageNumber)
+            shadows.tables[page, default: .init(level: level, entries: [:])].entries[l2.pageNumber] = entry & EPT12ShadowTracker.significant
             if !shadows.unsync.contains(page) { setWriteProtected(page, true) }
         }
     }
 
     /// L1 stored to one of its write-protected pages and trapped (its own EPT violation, reason
-    /// 48): emulate the store, then keep EPT02 honest. A leaf table goes unsync; any other table
-    /// loses the EPT02 entries derived from it. A store to a page not protected (a stale trap)
-    /// just completes.
+    /// 48): emulate the store, then keep EPT02 honest. A leaf table goes unsync (no more traps);
+    /// a non-leaf table stays tracked and loses the EPT02 entries that went through the entry
+    /// the store touched (kvm_mmu_track_write). A store to a page not protected just completes.
     func handleProtectedStore(_ gpa: L1GPA, size: UInt64, value: UInt64, _ exit: L1Exit,
                               _ regs: inout RegisterFile, _ vcpu: L0VCPU) -> NextStep {
         let stored: Bool
@@ -100,14 +117,42 @@ extension NestedVMXBackend {
             setWriteProtected(page, false)
             vcpu.counters.ept12Unsyncs += 1
         } else {
-            for dep in shadow.dependents { vcpu.ept02.remove(page: L2GPA(pageNumber: dep)!) }
-            shadows.tables[page] = nil
-            setWriteProtected(page, false)
+            let index = gpa.offsetInPage / 8
+            for dep in shadow.dependents {
+                guard let l2 = L2GPA(pageNumber: dep), EPT.tableIndex(l2, level: shadow.level) == index else { continue }
+                vcpu.ept02.remove(page: l2)
+                shadows.forget(dep)
+            }
         }
         return .resume(.l1)
     }
 
-    /// INVEPT, a new EPTP: free every shadow (EPT02 and the write protection that guarded it).
+    /// INVEPT (single-context for the current root, or global): KVM frees the roots, but the
+    /// shadow pages survive and the next root reuses them after kvm_mmu_sync_roots: each unsync
+    /// leaf is write-protected again and its entries re-read (ept_sync_spte); an EPT02 entry
+    /// whose EPT12 entry changed is dropped, the rest stay.
+    func syncShadowsAtINVEPT(_ vcpu: L0VCPU) {
+        for page in shadows.unsync.sorted() {
+            defer {
+                shadows.unsync.remove(page)
+                setWriteProtected(page, true)
+                vcpu.counters.ept12Resyncs += 1
+            }
+            guard let shadow = shadows.tables[page], let table = L1GPA(pageNumber: page) else { continue }
+            for (dep, seen) in shadow.entries {
+                guard let l2 = L2GPA(pageNumber: dep) else { continue }
+                let now = (try? vcpu.l1Memory.load(table + EPT.tableIndex(l2, level: shadow.level) * 8, as: UInt64.self)) ?? 0
+                vcpu.counters.ept12EntriesWalked += 1
+                if now & EPT12ShadowTracker.significant != seen {
+                    vcpu.ept02.remove(page: l2)
+                    shadows.forget(dep)
+                }
+            }
+        }
+    }
+
+    /// A new EPTP: nothing shadowed from the old tables applies (free every shadow, EPT02 and
+    /// the write protection that guarded it).
     func dropEPT02Shadows(_ vcpu: L0VCPU) {
         vcpu.ept02.removeAll()
         for page in shadows.tables.keys { setWriteProtected(page, false) }
@@ -137,6 +182,8 @@ public struct EPT12Walker: Sendable {
         public var adUpdates: Int = 0
         /// The table pages the walk read from, root first, with their level (4 = PML4 ... 1).
         public var tables: [L1GPA] = []
+        /// The entry read from each of those tables, in the same order.
+        public var entries: [UInt64] = []
 
         public init(result: Result, entriesRead: Int, tables: [L1GPA] = []) {
             self.result = result
@@ -179,6 +226,7 @@ public struct EPT12Walker: Sendable {
         var perms = EPT.rwxMask
         var read = 0
         var tables: [L1GPA] = []
+        var entries: [UInt64] = []
         for level in stride(from: EPT.levels, through: 1, by: -1) {
             tables.append(table)
             let shift = UInt64(12 + 9 * (level - 1))
@@ -188,6 +236,7 @@ public struct EPT12Walker: Sendable {
                 return Walk(result: .notPresent(permissions: 0), entriesRead: read)
             }
             read += 1
+            entries.append(entry)
             let rwx = entry & EPT.rwxMask
             if rwx == 0 { return Walk(result: .notPresent(permissions: 0), entriesRead: read) }
             // Write-only or write+execute without read: misconfigured.
@@ -209,8 +258,10 @@ public struct EPT12Walker: Sendable {
                     return Walk(result: .misconfigured(level: level), entriesRead: read)
                 }
                 let base = entry & EPT.addressMask & ~(size - 1)
-                return Walk(result: .mapped(L1GPA(base) + (gpa.raw & (size - 1)), permissions: perms, pageSize: size),
-                            entriesRead: read, tables: tables)
+                var w = Walk(result: .mapped(L1GPA(base) + (gpa.raw & (size - 1)), permissions: perms, pageSize: size),
+                             entriesRead: read, tables: tables)
+                w.entries = entries
+                return w
             }
             // Non-leaf: bits 7:3 are reserved.
             if entry & 0xF8 != 0 { return Walk(result: .misconfigured(level: level), entriesRead: read) }

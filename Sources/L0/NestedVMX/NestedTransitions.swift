@@ -21,10 +21,20 @@ extension NestedVMXBackend {
             return vcpu.handleL0MSR(exit, &regs)
         default:
             switch exit.info.reason {
-            case .hlt, .pause, .rdtsc, .rdtscp, .invlpg, .mwait, .monitor:
-                // L1 did not ask for these. HLT: L0 has no other work and an interrupt is
-                // "pending" at once, so L2 wakes immediately.
+            case .hlt, .pause, .rdtsc, .rdtscp, .invlpg, .mwait, .monitor, .wbinvd, .rdpmc, .drAccess,
+                 .gdtrIdtr, .ldtrTr, .invpcid, .umwait, .tpause, .rdrand, .rdseed:
+                // Instructions L1 did not ask for: L0 completes them (HLT: L0 has no other work
+                // and an interrupt is "pending" at once, so L2 wakes immediately).
                 regs.skipInstruction(length: exit.info.instructionLength)
+                return .resume(.l2)
+            case .exceptionNMI, .externalInterrupt, .preemptionTimer, .pmlFull, .busLock, .notify,
+                 .mceDuringVMEntry, .monitorTrapFlag, .tprBelowThreshold:
+                // L0's own events (an NMI or interrupt for the host, its timer, its PML buffer...):
+                // handled, and L2 goes on where it was.
+                return .resume(.l2)
+            case .encls, .vmfunc:
+                // Not exposed to L1, so not to L2 either: #UD.
+                vcpu.inject(into: .l2, vector: 6)
                 return .resume(.l2)
             default:
                 return .stop(.fatal(.unhandledL2Exit(exit.info.reason)))
@@ -54,6 +64,17 @@ extension NestedVMXBackend {
         v[.vmEntryIntrInfoField] = v[.vmEntryIntrInfoField] & ~(1 << 31)   // SDM 27.2: valid bit cleared
         writes += 10
         vcpu.counters.vmcs12FieldWrites += writes
+        let interruption = info.interruptionInfo
+        vcpu.counters.count(KVMWork.reflectedExit(
+            exceptionWithErrorCode: info.reason == .exceptionNMI && interruption & (1 << 11) != 0, failedEntry: false))
+        countTransitionTLBFlush(entering: false, v, vcpu)
+        vcpu.counters.mmuRootSwitches += 1       // nested_ept_uninit_mmu_context: back to L1's root
+        if variant == .enlightened {
+            // sync_vmcs02_to_vmcs12_rare runs on every exit with an eVMCS.
+            vcpu.counters.rareFieldSyncs += 1
+        } else {
+            needsRareSync = true
+        }
         if shadowing { copyVMCS12ToShadow(vcpu) }
         if variant == .enlightened { writeBackEnlightenedVMCS(vcpu) }
 
@@ -68,6 +89,7 @@ extension NestedVMXBackend {
         guestMode = false
         vcpu.counters.vmcsSwitches += 1          // vmcs02 -> vmcs01
         vcpu.counters.countDelivery(info.reason)
+        vcpu.counters.nestedVMExits += 1
         return .resume(.l1)
     }
 
@@ -97,16 +119,24 @@ extension NestedVMXBackend {
     /// KVM's nested_vmx_run: checks in SDM order, then prepare_vmcs02 and enter L2.
     /// `l1` is L1's register file (the instruction already skipped).
     func nestedVMEntry(launch: Bool, _ l1: inout RegisterFile, _ vcpu: L0VCPU) -> NestedEntryResult {
-        if variant == .enlightened, !loadEnlightenedVMCS(vcpu) { return .failed(.failInvalid) }
+        // Rows 1-2: L1's exit on vmcs01 and nested_vmx_run's preamble.
+        vcpu.counters.count(KVMWork.Ops(reads: KVMWork.l1ExitReads + KVMWork.preambleReads))
+        if variant == .enlightened, !loadEnlightenedVMCS(launch: launch, vcpu) { return .failed(.failInvalid) }
         guard let vmcs12 else { return .failed(.failInvalid) }
         // L1's shadowed VMWRITEs since the last exit live in the shadow VMCS: fold them in.
         if shadowing { copyShadowToVMCS12(vcpu) }
 
+        // The check groups in KVM's order, each counted when it runs.
+        vcpu.counters.consistencyChecks += 1      // nested_vmx_run: MOV-SS blocking, launch state
+        if vcpu.l1Run[RunPage.interruptibility] & 2 != 0 { return .failed(.failValid(.entryEventsBlockedByMovSS)) }
         if launch && vmcs12.launched { return .failed(.failValid(.vmlaunchNonClearVMCS)) }
         if !launch && !vmcs12.launched { return .failed(.failValid(.vmresumeNonLaunchedVMCS)) }
-        vcpu.counters.consistencyChecks += 3          // controls, host state, guest state (SDM 26.2-26.3)
+        // Execution, exit and entry controls (and the eVMCS-unsupported controls).
+        vcpu.counters.consistencyChecks += variant == .enlightened ? 4 : 3
         if let e = checkControls(vmcs12, vcpu) { return .failed(.failValid(e)) }
+        vcpu.counters.consistencyChecks += 1      // host state
         if let e = checkHostState(vmcs12, vcpu) { return .failed(.failValid(e)) }
+        vcpu.counters.consistencyChecks += 1      // guest state
         if !guestStateIsValid(vmcs12, vcpu) {
             // SDM 26.8: the entry fails after the instruction "succeeded"; L1 sees a VM exit.
             // The VMCS stays clear (launch state changes only on a successful entry).
@@ -114,12 +144,34 @@ extension NestedVMXBackend {
             return .entryFailureExit
         }
 
+        let rare = vmcs12Dirty || variant == .enlightened
+        // A major control was written since the last entry: the hardware runs its full checks.
+        if vmcs12Dirty { vcpu.counters.fullEntryChecks += 1 }
         prepareVMCS02(vmcs12, l1: l1, vcpu)
+        vcpu.counters.count(KVMWork.nestedEntry(rare: rare))
+        countTransitionTLBFlush(entering: true, vmcs12, vcpu)
+        vcpu.counters.mmuRootSwitches += 1       // nested_ept_init_mmu_context: the shadow-EPT root
         if launch { vmcs12.launched = true }
         guestMode = true
         vcpu.counters.vmcsSwitches += 1          // vmcs01 -> vmcs02
+        vcpu.counters.nestedVMEntries += 1
         if launch { launched() }
         return .entered
+    }
+
+    /// nested_vmx_transition_tlb_flush: a vmcs12 without VPID flushes L0's current VPID on every
+    /// transition (INVVPID single-context); with one, only an entry with a changed VPID does.
+    func countTransitionTLBFlush(entering: Bool, _ v: VMCSImage, _ vcpu: L0VCPU) {
+        let cpu = v[.cpuBasedVMExecControl]
+        let secondary = cpu & CPUBased.activateSecondaryControls != 0 ? v[.secondaryVMExecControl] : 0
+        let vpid = secondary & SecondaryExec.enableVPID != 0 ? v[.virtualProcessorID] : 0
+        vcpu.counters.vmcs12FieldReads += 3
+        if vpid == 0 {
+            vcpu.counters.tlbFlushes += 1
+        } else if entering, vpid != lastEnteredVPID {
+            vcpu.counters.tlbFlushes += 1
+            lastEnteredVPID = vpid
+        }
     }
 
     /// A VM entry that failed its guest-state checks (SDM 26.8, KVM's nested_vmx_entry_failure):
@@ -130,9 +182,13 @@ extension NestedVMXBackend {
         v[.vmExitReason] = UInt64(reason.rawValue)
         v[.exitQualification] = qualification
         vcpu.counters.vmcs12FieldWrites += 2
+        // KVM's nested_vmx_vmexit for the failed entry: the exit work, without the instruction
+        // length and with L2 never having run.
+        vcpu.counters.count(KVMWork.reflectedExit(exceptionWithErrorCode: false, failedEntry: true))
         if shadowing { copyVMCS12ToShadow(vcpu) }
         if variant == .enlightened { writeBackEnlightenedVMCS(vcpu) }
         loadHostState(v, &l1, vcpu)
+        vcpu.counters.nestedVMExits += 1
     }
 
     /// SDM 26.2.1 as far as this L0's VMX capabilities go. This L0 runs L2 only with EPT
@@ -198,13 +254,14 @@ extension NestedVMXBackend {
     /// which no VMCS holds), a fresh EPT02 root if the EPTP changed, and any event to inject.
     func prepareVMCS02(_ v: VMCSImage, l1: RegisterFile, _ vcpu: L0VCPU) {
         if vmcs12Dirty {
-            // prepare_vmcs02_rare: the fields that rarely change, re-read after an exiting VMWRITE,
-            // and the MSR bitmap merge.
+            // prepare_vmcs02_rare: the fields that rarely change, re-read after an exiting VMWRITE.
             vcpu.counters.vmcs12FieldReads += 24
             vmcs02 = VMCS02Controls.merge(l1: v)
-            mergeL2MSRBitmap(v, vcpu)
             vmcs12Dirty = false
         }
+        // nested_get_vmcs12_pages -> nested_vmx_prepare_msr_bitmap, on every entry (KVM skips
+        // it only for an eVMCS whose L1 enabled the enlightened MSR bitmap; this L1 does not).
+        mergeL2MSRBitmap(v, vcpu)
         let eptp = v[.eptPointer]
         if shadowedEPTP != eptp {
             dropEPT02Shadows(vcpu)
@@ -249,40 +306,77 @@ extension NestedVMXBackend {
         guard let vmcs12 else { return }
         shadowVMCS.copySlots(Self.shadowedReadWriteOffsets, to: vmcs12)
         vcpu.counters.shadowVMCSFieldCopies += UInt64(Self.shadowedReadWriteOffsets.count)
+        vcpu.counters.count(KVMWork.shadowToVMCS12(fields: Self.shadowedReadWriteOffsets.count))
     }
 
     func copyVMCS12ToShadow(_ vcpu: L0VCPU) {
         guard let vmcs12 else { return }
         vmcs12.copySlots(Self.shadowedAllOffsets, to: shadowVMCS)
         vcpu.counters.shadowVMCSFieldCopies += UInt64(Self.shadowedAllOffsets.count)
+        vcpu.counters.count(KVMWork.vmcs12ToShadow(fields: Self.shadowedAllOffsets.count))
     }
 }
 
 // MARK: which L2 exits reach L1
 
-/// nested_vmx_reflect_vmexit: which L2 exits L1 must see, from vmcs12's controls and bitmaps.
-/// Pure: reads vmcs12, L2's registers (for CR moves) and L1's bitmaps; changes nothing.
+/// nested_vmx_reflect_vmexit: which L2 exits L1 must see, from vmcs12's controls and bitmaps,
+/// as KVM's two tables decide (kvm-nested-work.md section 6): first what L0 keeps
+/// (nested_vmx_l0_wants_exit), then what L1 asked for (nested_vmx_l1_wants_exit).
+/// Pure: reads vmcs12, L2's registers (CR moves, VMREAD/VMWRITE fields) and L1's bitmaps.
 public enum NestedExitRules {
     public static func reflects(_ exit: L2Exit, vmcs12 v: VMCSImage, registers l2: RegisterFile, l1Memory: L1MemoryAccess) -> Bool {
+        !l0Keeps(exit) && l1Wants(exit, vmcs12: v, registers: l2, l1Memory: l1Memory)
+    }
+
+    /// nested_vmx_l0_wants_exit, for this L0 (no async #PF, no host debugging, no Hyper-V L2
+    /// TLB-flush hypercall): NMIs, external interrupts, EPT faults (checked against EPT12 first),
+    /// the preemption timer, PML full, VMFUNC, bus lock, machine checks during entry.
+    public static func l0Keeps(_ exit: L2Exit) -> Bool {
+        switch exit.info.reason.basic {
+        case .externalInterrupt, .mceDuringVMEntry, .eptViolation, .eptMisconfig, .preemptionTimer, .pmlFull, .vmfunc, .busLock:
+            return true
+        case .exceptionNMI:
+            return (exit.info.interruptionInfo >> 8) & 7 == 2     // an NMI is the host's
+        case .ioInstruction:
+            // The harness's ucall port is L0's on every path (selftests' UCALL_PIO_PORT): the
+            // measurement's own channel, not part of what is measured.
+            if case .io(let io) = exit.kind { return io.port == Ucall.port }
+            return false
+        default:
+            return false
+        }
+    }
+
+    /// nested_vmx_l1_wants_exit.
+    public static func l1Wants(_ exit: L2Exit, vmcs12 v: VMCSImage, registers l2: RegisterFile, l1Memory: L1MemoryAccess) -> Bool {
         let cpu = v[.cpuBasedVMExecControl]
+        let secondary = cpu & CPUBased.activateSecondaryControls != 0 ? v[.secondaryVMExecControl] : 0
         let info = exit.info
         switch info.reason.basic {
-        // L0 always keeps these (EPT faults are checked against EPT12 first).
-        case .externalInterrupt, .eptViolation, .eptMisconfig, .preemptionTimer:
-            return false
-        // L1 always gets these.
-        case .cpuid, .tripleFault, .taskSwitch, .invd, .xsetbv,
-             .vmcall, .vmclear, .vmlaunch, .vmptrld, .vmptrst, .vmread, .vmresume, .vmwrite, .vmxoff, .vmxon,
-             .invept, .invvpid:
+        case .tripleFault, .interruptWindow, .nmiWindow, .taskSwitch, .cpuid, .invd,
+             .vmcall, .vmclear, .vmlaunch, .vmptrld, .vmptrst, .vmresume, .vmxoff, .vmxon, .invept, .invvpid,
+             .apicAccess, .apicWrite, .eoiInduced, .xsetbv, .xsaves, .xrstors, .invalidState, .mceDuringVMEntry:
             return true
+        case .externalInterrupt: return v[.pinBasedVMExecControl] & PinBased.externalInterruptExiting != 0
         case .hlt: return cpu & CPUBased.hltExiting != 0
         case .invlpg: return cpu & CPUBased.invlpgExiting != 0
         case .rdpmc: return cpu & CPUBased.rdpmcExiting != 0
         case .rdtsc, .rdtscp: return cpu & CPUBased.rdtscExiting != 0
         case .mwait: return cpu & CPUBased.mwaitExiting != 0
         case .monitor: return cpu & CPUBased.monitorExiting != 0
-        case .pause: return cpu & CPUBased.pauseExiting != 0
         case .drAccess: return cpu & CPUBased.movDRExiting != 0
+        case .wbinvd: return secondary & SecondaryExec.wbinvdExiting != 0
+        case .rdrand: return secondary & SecondaryExec.rdrandExiting != 0
+        case .rdseed: return secondary & SecondaryExec.rdseedExiting != 0
+        case .gdtrIdtr, .ldtrTr: return secondary & SecondaryExec.descriptorTableExiting != 0
+        case .monitorTrapFlag: return cpu & CPUBased.monitorTrapFlag != 0
+        case .pause: return cpu & CPUBased.pauseExiting != 0 || secondary & SecondaryExec.pauseLoopExiting != 0
+        case .tprBelowThreshold: return cpu & CPUBased.tprShadow != 0
+        case .invpcid: return secondary & SecondaryExec.enableINVPCID != 0 && cpu & CPUBased.invlpgExiting != 0
+        case .umwait, .tpause: return secondary & SecondaryExec.enableUserWaitPause != 0
+        case .encls: return false                  // SGX is not exposed to L1: L0 raises #UD
+        case .notify: return false                 // never L1's
+        case .vmread, .vmwrite: return vmcsAccessReflects(exit, write: info.reason.basic == .vmwrite, secondary, v, l2, l1Memory)
         case .crAccess: return crAccessReflects(info.qualification, v, l2)
         case .ioInstruction:
             guard case .io(let io) = exit.kind else { return true }
@@ -294,16 +388,29 @@ public enum NestedExitRules {
             default: return true
             }
         case .exceptionNMI:
-            let vector = info.interruptionInfo & 0xFF, type = (info.interruptionInfo >> 8) & 7
-            if type == 2 { return v[.pinBasedVMExecControl] & PinBased.nmiExiting != 0 }   // NMI
+            let vector = info.interruptionInfo & 0xFF
             let bitmapSays = v[.exceptionBitmap] & (1 << vector) != 0
             guard vector == 14 else { return bitmapSays }
             // #PF (SDM 25.2): bit 14 decides when PFEC & MASK == MATCH, its inverse otherwise.
+            // (KVM reflects every #PF that reaches it: the hardware applied this rule through
+            // vmcs02, which this L2's CPU does not model, so L0 applies it here.)
             let matches = info.interruptionErrorCode & v[.pageFaultErrorCodeMask] == v[.pageFaultErrorCodeMatch]
             return matches ? bitmapSays : !bitmapSays
         default:
             return true
         }
+    }
+
+    /// VMREAD/VMWRITE by L2 (nested_vmx_exit_handled_vmcs_access): L1 gets it unless vmcs12
+    /// uses VMCS shadowing and L1's VMREAD/VMWRITE bitmap lets the field through.
+    static func vmcsAccessReflects(_ exit: L2Exit, write: Bool, _ secondary: UInt64, _ v: VMCSImage,
+                                   _ l2: RegisterFile, _ mem: L1MemoryAccess) -> Bool {
+        guard secondary & SecondaryExec.shadowVMCS != 0,
+              let fieldRegister = VMXInstructionInfo.fieldRegister(exit.info.instructionInfo) else { return true }
+        let field = l2[fieldRegister]
+        guard field < 0x8000, let byteAddr = L1GPA(v[write ? .vmwriteBitmap : .vmreadBitmap]).adding(field / 8),
+              let byte: UInt8 = try? mem.load(byteAddr) else { return true }
+        return byte & (1 << UInt8(field % 8)) != 0
     }
 
     /// I/O: unconditional I/O exiting, or a set bit in I/O bitmap A (< 0x8000) / B for any byte.

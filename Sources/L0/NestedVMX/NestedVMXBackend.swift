@@ -79,6 +79,11 @@ public final class NestedVMXBackend: NestingBackend {
     public internal(set) var evmcs: VMCSImage?
     /// EPT12 pages shadowed into EPT02.
     public internal(set) var shadows = EPT12ShadowTracker()
+    /// The VPID of the last entry, for the transition TLB-flush rule.
+    var lastEnteredVPID: UInt64 = 0
+    /// The 35 rarely used fields have not been synced into vmcs12 since the last exit
+    /// (KVM's need_sync_vmcs02_to_vmcs12_rare): an exiting VMREAD of one syncs them first.
+    var needsRareSync = false
     /// A VMLAUNCH succeeded once: L1 has an L2 vCPU.
     public private(set) var hasL2VCPU = false
 
@@ -127,7 +132,7 @@ public final class NestedVMXBackend: NestingBackend {
         }
         for (page, shadow) in shadows.tables {
             guard let base = L1GPA(pageNumber: page), range.contains(base) else { continue }
-            for dep in shadow.dependents { vcpu.ept02.remove(page: L2GPA(pageNumber: dep)!) }
+            for dep in shadow.dependents { vcpu.ept02.remove(page: L2GPA(pageNumber: dep)!); shadows.forget(dep) }
             shadows.tables[page] = nil
             shadows.unsync.remove(page)
             setWriteProtected(page, false)

@@ -154,6 +154,11 @@ extension NestedVMXBackend {
         switch field(ops) {
         case .fail(let r): return r
         case let .usable(vmcs12, field, valueRegister):
+            if needsRareSync, KVMWork.needsRareSync(field) {
+                // copy_vmcs02_to_vmcs12_rare, before the first read of a rare field.
+                vcpu.counters.rareFieldSyncs += 1
+                needsRareSync = false
+            }
             regs[valueRegister] = vmcs12[field]
             vcpu.counters.vmcs12FieldReads += 1
             return .succeed
@@ -173,15 +178,16 @@ extension NestedVMXBackend {
         }
     }
 
-    /// INVEPT: type 1 single-context (the EPTP's root, bits 51:12), 2 global. Drops the EPT02
-    /// shadow it names. A single-context EPTP VM entry would refuse is an invalid operand.
+    /// INVEPT: type 1 single-context (the EPTP's root, bits 51:12), 2 global: the shadows of that
+    /// root are re-synced (NestedEPT.swift). A single-context EPTP VM entry would refuse is an
+    /// invalid operand.
     func invept(type: UInt64, eptp: UInt64, _ vcpu: L0VCPU) -> VMXInstructionResult {
         switch type {
         case 1:
             guard eptpIsValid(eptp, vcpu) else { return vmfail(.invalidOperandToINVEPTOrINVVPID) }
-            if let shadowed = shadowedEPTP, shadowed & EPT.addressMask == eptp & EPT.addressMask { dropEPT02Shadows(vcpu) }
+            if let shadowed = shadowedEPTP, shadowed & EPT.addressMask == eptp & EPT.addressMask { syncShadowsAtINVEPT(vcpu) }
         case 2:
-            dropEPT02Shadows(vcpu)
+            syncShadowsAtINVEPT(vcpu)
         default:
             return vmfail(.invalidOperandToINVEPTOrINVVPID)
         }

@@ -108,6 +108,8 @@ public final class PVBackend: NestingBackend {
         page.registers = regs          // ...L2's registers...
         page.write(exit.info)          // ...and the exit as L0 reports it
         vcpu.counters.countDelivery(exit.info.reason)
+        vcpu.counters.pvDeliveries += 1
+        vcpu.countVMMUserspaceExit(exit)
         vcpu.l1Run[register: .rax] = 0
         return .resume(.l1)
     }

@@ -37,6 +37,7 @@ extension PVBackend {
                     regs[.rax] = e.returnValue
                     return .resume(.l1)
                 }
+                vcpu.counters.pvEntries += 1
                 return .enterL2
             }
         }

@@ -54,6 +54,12 @@ public final class SingleLevelBackend: NestingBackend {
                                   gpa: exit.info.guestPhysicalAddress, &regs) else {
                 return .stop(.fatal(.unhandledL2Exit(exit.info.reason)))
             }
+            // Ports and MMIO go to L0's own VMM (KVM_EXIT_IO / KVM_EXIT_MMIO and back); the
+            // instructions KVM emulates in its kernel (CPUID, HLT, MSRs) do not.
+            switch exit.kind {
+            case .io, .eptViolation: vcpu.counters.vmmUserspaceExits += 1
+            default: break
+            }
         }
         regs.skipInstruction(length: exit.info.instructionLength)
         return .resume(.l2)
