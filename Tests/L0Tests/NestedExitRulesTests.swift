@@ -32,6 +32,76 @@ import Transport
         try f.store8(old | 1 << UInt8(bit % 8), at)
     }
 
+    /// kvm-nested-work.md section 6, every row: what L0 keeps whatever vmcs12 says, what L1
+    /// always gets, and what L1 gets exactly when its control asks.
+    @Test func kvmsTwoTablesRowByRow() {
+        v[.cpuBasedVMExecControl] = ~0 & ~CPUBased.useIOBitmaps & ~CPUBased.useMSRBitmaps
+        v[.secondaryVMExecControl] = ~0
+        v[.pinBasedVMExecControl] = ~0
+        for r in [ExitReason.externalInterrupt, .mceDuringVMEntry, .eptViolation, .eptMisconfig, .preemptionTimer,
+                  .pmlFull, .vmfunc, .busLock, .notify, .encls] {
+            #expect(!reflects(r), "L0 keeps \(r)")
+        }
+        #expect(!reflects(.exceptionNMI, interruptionInfo: 1 << 31 | 2 << 8 | 2), "NMIs are L0's")
+        #expect(!reflects(.ioInstruction, qualification: IOQualification.make(port: Ucall.port, size: 4, isIn: false)),
+                "the harness's ucall port is L0's")
+
+        v[.cpuBasedVMExecControl] = 0
+        v[.secondaryVMExecControl] = 0
+        v[.pinBasedVMExecControl] = 0
+        for r in [ExitReason.tripleFault, .interruptWindow, .nmiWindow, .taskSwitch, .cpuid, .invd, .vmcall, .vmclear,
+                  .vmlaunch, .vmptrld, .vmptrst, .vmresume, .vmxoff, .vmxon, .invept, .invvpid, .apicAccess, .apicWrite,
+                  .eoiInduced, .xsetbv, .xsaves, .xrstors, .invalidState, .vmread, .vmwrite, .msrLoadFail] {
+            #expect(reflects(r), "L1 always gets \(r)")
+        }
+        typealias Rule = (ExitReason, cpu: UInt64, secondary: UInt64)
+        let byControl: [Rule] = [
+            (.hlt, CPUBased.hltExiting, 0), (.invlpg, CPUBased.invlpgExiting, 0), (.rdpmc, CPUBased.rdpmcExiting, 0),
+            (.rdtsc, CPUBased.rdtscExiting, 0), (.rdtscp, CPUBased.rdtscExiting, 0), (.mwait, CPUBased.mwaitExiting, 0),
+            (.monitor, CPUBased.monitorExiting, 0), (.drAccess, CPUBased.movDRExiting, 0),
+            (.monitorTrapFlag, CPUBased.monitorTrapFlag, 0), (.tprBelowThreshold, CPUBased.tprShadow, 0),
+            (.pause, CPUBased.pauseExiting, 0), (.pause, 0, SecondaryExec.pauseLoopExiting),
+            (.wbinvd, 0, SecondaryExec.wbinvdExiting), (.rdrand, 0, SecondaryExec.rdrandExiting),
+            (.rdseed, 0, SecondaryExec.rdseedExiting), (.gdtrIdtr, 0, SecondaryExec.descriptorTableExiting),
+            (.ldtrTr, 0, SecondaryExec.descriptorTableExiting), (.umwait, 0, SecondaryExec.enableUserWaitPause),
+            (.tpause, 0, SecondaryExec.enableUserWaitPause),
+            (.invpcid, CPUBased.invlpgExiting, SecondaryExec.enableINVPCID),
+        ]
+        for (r, cpu, secondary) in byControl {
+            v[.cpuBasedVMExecControl] = CPUBased.activateSecondaryControls
+            v[.secondaryVMExecControl] = 0
+            #expect(!reflects(r), "\(r) without its control")
+            v[.cpuBasedVMExecControl] = cpu | CPUBased.activateSecondaryControls
+            v[.secondaryVMExecControl] = secondary
+            #expect(reflects(r), "\(r) with its control")
+        }
+        // INVPCID needs both controls; either alone keeps it in L0.
+        v[.cpuBasedVMExecControl] = CPUBased.activateSecondaryControls
+        v[.secondaryVMExecControl] = SecondaryExec.enableINVPCID
+        #expect(!reflects(.invpcid))
+        // External interrupts: by the pin control.
+        v[.pinBasedVMExecControl] = PinBased.externalInterruptExiting
+        #expect(!reflects(.externalInterrupt), "checked by L0 first: the host's interrupt")
+    }
+
+    /// L2's own VMREAD/VMWRITE: L1 gets it unless vmcs12 shadows VMCS accesses and L1's bitmap
+    /// lets the field through (nested_vmx_exit_handled_vmcs_access).
+    @Test func l2sVMREADReflectsByL1sShadowingAndBitmap() throws {
+        v[.cpuBasedVMExecControl] = CPUBased.activateSecondaryControls
+        v[.secondaryVMExecControl] = SecondaryExec.shadowVMCS
+        v[.vmreadBitmap] = Plan.ioBitmapA.raw                       // all zero: every field passes
+        f.l2Run[register: .rdx] = UInt64(VMCSField.guestRIP.rawValue)
+        let info = L2ExitInfo(reason: .vmread, instructionInfo: VMXInstructionInfo.make(valueRegister: .rax, fieldRegister: .rdx))
+        #expect(!reflects(info))
+        try setBit(Plan.ioBitmapA, UInt64(VMCSField.guestRIP.rawValue))
+        #expect(reflects(info))
+        f.l2Run[register: .rdx] = 0x8000                             // beyond any bitmap: always L1's
+        #expect(reflects(info))
+        v[.secondaryVMExecControl] = 0
+        f.l2Run[register: .rdx] = UInt64(VMCSField.guestRSP.rawValue)
+        #expect(reflects(info))
+    }
+
     @Test func cpuidAndVMXInstructionsAlwaysReflect() {
         v[.cpuBasedVMExecControl] = 0
         for r in [ExitReason.cpuid, .vmcall, .vmclear, .vmlaunch, .vmptrld, .vmptrst, .vmread, .vmresume, .vmwrite,

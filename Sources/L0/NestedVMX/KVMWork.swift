@@ -65,11 +65,11 @@ enum KVMWork {
     /// Row 14 vcpu_enter_guest / vmx_vcpu_run: EPT_POINTER (shadow root), GUEST_CR3, RSP, RIP.
     static let entryRunWrites = 4
 
-    /// The emulated VM entry's own operations (shadow-VMCS copy excluded), up to and including
-    /// the entry; `rare`: vmcs12 dirty, or an eVMCS.
+    /// The emulated VM entry's operations after the checks passed (rows 6-14; rows 1-2 are
+    /// counted when the instruction is taken, whatever its outcome, and the shadow-VMCS copy
+    /// where it runs); `rare`: vmcs12 dirty, or an eVMCS.
     static func nestedEntry(rare: Bool) -> Ops {
-        Ops(reads: l1ExitReads + preambleReads,
-            writes: earlyWrites + (rare ? earlyRareWrites + prepareRareWrites : 0) + prepareWrites + entryRunWrites,
+        Ops(writes: earlyWrites + (rare ? earlyRareWrites + prepareRareWrites : 0) + prepareWrites + entryRunWrites,
             ptrlds: entrySwitchPtrlds)
     }
 
