@@ -45,6 +45,7 @@ extension NestedVMXBackend {
         vcpu.counters.ept12ADUpdates += UInt64(walk.adUpdates)
         /// The reflected violation reports the walk's rights in bits 3-5.
         func reflectViolation(_ perms: UInt64) -> NextStep {
+            vcpu.countVMMUserspaceExit(exit)        // an access L1's device model answers
             var info = exit.info
             info.qualification = (info.qualification & ~(EPT.rwxMask << EPTViolationQualification.readableShift))
                 | perms << EPTViolationQualification.readableShift

@@ -10,6 +10,7 @@ extension NestedVMXBackend {
     public func handleL2Exit(_ exit: L2Exit, _ regs: inout RegisterFile, _ vcpu: L0VCPU) -> NextStep {
         guard let vmcs12 else { return .stop(.fatal(.noCurrentVMCS12)) }
         if NestedExitRules.reflects(exit, vmcs12: vmcs12, registers: regs, l1Memory: vcpu.l1Memory) {
+            vcpu.countVMMUserspaceExit(exit)
             return reflect(exit.info, l2: regs, vcpu)
         }
         switch exit.kind {

@@ -172,8 +172,10 @@ extension NestedVMXBackend {
             if field.isReadOnly { return vmfail(.vmwriteReadOnlyComponent) }
             vmcs12.write(field, value)
             vcpu.counters.vmcs12FieldWrites += 1
-            // KVM: a VMWRITE that exits dirties vmcs12, forcing the full vmcs02 rebuild.
-            vmcs12Dirty = true
+            // KVM's handle_vmwrite: a field outside the shadowed read-write list dirties vmcs12
+            // (forcing the rare vmcs02 rebuild); GUEST_RIP and the other hot fields do not, with
+            // or without VMCS shadowing.
+            if !ShadowedFields.readWrite.contains(field) { vmcs12Dirty = true }
             return .succeed
         }
     }
