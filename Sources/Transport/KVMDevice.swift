@@ -50,9 +50,30 @@ public enum KVMIoctl {
     public static let getSregs = ior(0x83, kvm_sregs.self)
     public static let setSregs = iow(0x84, kvm_sregs.self)
     public static let setCPUID2 = iow(0x90, kvm_cpuid2.self)
+    /// KVM_GET_STATS_FD (<linux/kvm.h>: _IO(KVMIO, 0xce)), on a VM or vCPU fd.
+    public static let getStatsFD = io(0xCE)
 }
 
 // MARK: - errors
+
+/// The kernel module that serves /dev/kvm, read from /sys/module: on the machines this project
+/// runs on it is kvm_pvm (PVM), so a "one-level" exit timed through it is PVM's nested exit.
+public enum KVMModule: String, Sendable, CaseIterable, Codable {
+    case kvmIntel = "kvm_intel", kvmAMD = "kvm_amd", kvmPVM = "kvm_pvm"
+
+    /// Every vendor module loaded, in this order.
+    public static func loaded(sysModule: String = "/sys/module") -> [KVMModule] {
+        allCases.filter { access("\(sysModule)/\($0.rawValue)", F_OK) == 0 }
+    }
+
+    public var meaning: String {
+        switch self {
+        case .kvmIntel: "Intel VMX, one level deep"
+        case .kvmAMD: "AMD SVM, one level deep"
+        case .kvmPVM: "PVM: a paravirtualized guest one level below a VM without VMX/SVM, so its exits are nested exits, not one-level KVM exits"
+        }
+    }
+}
 
 /// What went wrong talking to KVM, worded for a person: the path or the ioctl, and errno's text.
 public enum KVMError: Error, CustomStringConvertible, Equatable {
@@ -363,6 +384,40 @@ public final class KVMVCPU {
     deinit {
         munmap(page, runMapSize)
         close(fd)
+    }
+
+    /// This vCPU's binary statistics (KVM_GET_STATS_FD, 5.14+): counter name -> value, the
+    /// cumulative u64 ones (`exits`, `io_exits`, `halt_exits`...). Throws if the kernel has none.
+    public func statistics() throws -> [String: UInt64] {
+        let sfd = ioctl(fd, KVMIoctl.getStatsFD)
+        guard sfd >= 0 else { throw KVMError.ioctlFailed(name: "KVM_GET_STATS_FD", errno: errno) }
+        defer { close(sfd) }
+        func read(_ count: Int, at offset: Int) throws -> [UInt8] {
+            var bytes = [UInt8](repeating: 0, count: count)
+            // pread into our own buffer of exactly `count` bytes.
+            let n = bytes.withUnsafeMutableBytes { pread(sfd, $0.baseAddress, count, off_t(offset)) }
+            guard n == count else { throw KVMError.ioctlFailed(name: "read(KVM stats fd)", errno: n < 0 ? errno : EIO) }
+            return bytes
+        }
+        func u32(_ b: [UInt8], _ o: Int) -> UInt32 { (0..<4).reduce(0) { $0 | UInt32(b[o + $1]) << (8 * $1) } }
+        func u16(_ b: [UInt8], _ o: Int) -> UInt16 { UInt16(b[o]) | UInt16(b[o + 1]) << 8 }
+        let headerSize = MemoryLayout<kvm_stats_header>.size
+        let h = try read(headerSize, at: 0)
+        let nameSize = Int(u32(h, 4)), count = Int(u32(h, 8)), descOffset = Int(u32(h, 16)), dataOffset = Int(u32(h, 20))
+        guard nameSize > 0, nameSize <= 256, count <= 4096 else { throw KVMError.ioctlFailed(name: "KVM stats header", errno: EINVAL) }
+        let descSize = MemoryLayout<kvm_stats_desc>.size + nameSize
+        let descs = try read(descSize * count, at: descOffset)
+        var out: [String: UInt64] = [:]
+        for i in 0..<count {
+            let d = i * descSize
+            let flags = u32(descs, d), size = Int(u16(descs, d + 6)), offset = Int(u32(descs, d + 8))
+            let nameBytes = descs[(d + MemoryLayout<kvm_stats_desc>.size)..<(d + descSize)].prefix { $0 != 0 }
+            // Cumulative, linear u64 counters of one value only.
+            guard flags & UInt32(KVM_STATS_TYPE_MASK) == UInt32(KVM_STATS_TYPE_CUMULATIVE), size == 1 else { continue }
+            let v = try read(8, at: dataOffset + offset)
+            out[String(decoding: nameBytes, as: UTF8.self)] = (0..<8).reduce(0) { $0 | UInt64(v[$1]) << (8 * $1) }
+        }
+        return out
     }
 
     // Reads a field of kvm_run at a fixed offset inside the mapped page (offsets computed above).

@@ -71,6 +71,16 @@ extension StackTests {
         }
         #expect(r.tscGHz > 0.2 && r.tscGHz < 10)
 
+        // It says what serves /dev/kvm (on this project's machines: kvm_pvm) and, where the kernel
+        // offers KVM_GET_STATS_FD, what KVM itself counted over each run.
+        #expect(r.modules == KVMModule.loaded())
+        if r.modules.contains(.kvmPVM) { #expect(r.whatWasMeasured.contains("kvm_pvm") && r.summary.contains("nested exits")) }
+        let hlt = try #require(r[.hlt])
+        if let stats = hlt.runs.first?.kvmStatistics {
+            #expect((stats["exits"] ?? 0) >= 2_000, "\(stats)")
+            #expect(r.statisticsCheck.contains { $0.hasPrefix("userspace HLT exit: KVM counted") })
+        }
+
         // A trip to userspace costs more than the same exit handled in the kernel.
         let cpuid = try #require(r[.cpuid])
         for e in r.exits where e.kind.exitsToUserspace {
@@ -132,3 +142,28 @@ extension StackTests {
     }
 }
 }
+
+/// What `pvm calibrate` says about what it measured, from made-up inputs.
+@Suite struct CalibrationReportTests {
+    @Test func theModuleServingDevKVMIsReadFromSysModule() throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("pvm-sysmodule-\(getpid())")
+        defer { try? FileManager.default.removeItem(at: dir) }
+        try FileManager.default.createDirectory(at: dir.appendingPathComponent("kvm_pvm"), withIntermediateDirectories: true)
+        try FileManager.default.createDirectory(at: dir.appendingPathComponent("kvm"), withIntermediateDirectories: true)
+        #expect(KVMModule.loaded(sysModule: dir.path) == [.kvmPVM])
+        #expect(KVMModule.loaded(sysModule: dir.appendingPathComponent("none").path).isEmpty)
+    }
+
+    @Test func kvmsOwnCountsAgreeOrTheMismatchIsSaid() {
+        func result(_ exits: UInt64) -> CalibrationResult {
+            let run = CalibrationRun(guestCycles: 1, wallNanos: 1, userspaceExits: 0, kvmStatistics: ["exits": exits])
+            return CalibrationResult(devicePath: "/dev/kvm", iterations: 100, runsPerKind: 1, tscGHz: 1, vendor: "v",
+                                     exits: [ExitCost(kind: .cpuid, iterations: 100, runs: [run], cyclesPerExit: 1, nanosPerExit: 1)],
+                                     notMeasured: [:], modules: [.kvmPVM])
+        }
+        #expect(result(101).statisticsCheck == ["in-kernel CPUID exit: KVM counted 101 exits per run, at least one per iteration: agrees"])
+        #expect(result(25).statisticsCheck.first?.hasSuffix("MISMATCH") == true)
+        #expect(result(25).summary.contains("served by kvm_pvm") || result(25).summary.contains("kvm_pvm"))
+    }
+}
+

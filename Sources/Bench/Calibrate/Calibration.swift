@@ -58,7 +58,7 @@ public enum Calibration {
         }
         let ghz = Median.of(exits.flatMap(\.runs).map { Double($0.guestCycles) / Double(max(1, $0.wallNanos)) })
         return CalibrationResult(devicePath: devicePath, iterations: iterations, runsPerKind: runs, tscGHz: ghz,
-                                 vendor: setup.vendor, exits: exits, notMeasured: notMeasured)
+                                 vendor: setup.vendor, exits: exits, notMeasured: notMeasured, modules: KVMModule.loaded())
     }
 }
 
@@ -124,6 +124,7 @@ private struct Setup {
 
             // Generous: 1 s, plus 100 us per iteration (the slowest exit here takes ~10 us).
             let limit = limitNanos ?? 1_000_000_000 + UInt64(iterations) * 100_000
+            let statsBefore = try? vcpu.statistics()
             let (userspaceExits, wall) = try vcpu.withTimeLimit(nanos: limit) {
                 let start = monotonicNanos()
                 let n = try runToDone(kind, limit: limit)
@@ -140,8 +141,16 @@ private struct Setup {
                     throw CalibrationError.cpuidNotFromKVM(gotEBX: ebx, expectedEBX: CalibrationGuest.cpuidMarkerEBX)
                 }
             }
+            // KVM's own count over the run, to confirm the loop's (the "done" exit included).
+            var counted: [String: UInt64]?
+            if let before = statsBefore, let after = try? vcpu.statistics() {
+                counted = [:]
+                for key in ["exits", kind.statisticName].compactMap({ $0 }) where after[key] != nil {
+                    counted?[key] = (after[key] ?? 0) &- (before[key] ?? 0)
+                }
+            }
             return CalibrationRun(guestCycles: try vm.load64(at: CalibrationGuest.result), wallNanos: wall,
-                                  userspaceExits: userspaceExits)
+                                  userspaceExits: userspaceExits, kvmStatistics: counted)
         } catch let e as KVMError { throw CalibrationError.kvm(e) }
     }
 

@@ -22,7 +22,8 @@ extension CalibrationResult {
     public func profile(base: CostProfile) -> CostProfile {
         typealias E = CostProfile.Event
         let round = { (x: Double) in (x * 10).rounded() / 10 }
-        let host = "measured by pvm calibrate on this host (\(devicePath), \(vendor), TSC \(calibrationFormat(tscGHz, 3)) GHz)"
+        let served = modules.isEmpty ? "" : ", served by \(modules.map(\.rawValue).joined(separator: "+"))"
+        let host = "measured by pvm calibrate on this host (\(devicePath)\(served), \(vendor), TSC \(calibrationFormat(tscGHz, 3)) GHz)"
         func figure(_ e: ExitCost) -> String {
             "\(e.kind.label) \(calibrationFormat(e.nanosPerExit, 0)) ns wall, \(calibrationFormat(e.cyclesPerExit, 0)) guest TSC cycles, median of \(e.runs.count) x \(e.iterations)"
         }
@@ -69,7 +70,7 @@ extension CalibrationResult {
         let measured = exits.map { "\($0.kind.label) \(calibrationFormat($0.nanosPerExit, 0)) ns" }.joined(separator: ", ")
         return CostProfile(
             name: "calibrated",
-            description: "One-level exit costs \(host): \(measured). Events only nesting has are from \"\(base.name)\". Userspace exits are not priced by the model; they are listed for comparison.",
+            description: "Exit costs \(host): \(measured). \(whatWasMeasured). Events only nesting has are from \"\(base.name)\".",
             ghz: (tscGHz * 1000).rounded() / 1000,
             prices: prices)
     }

@@ -1,3 +1,4 @@
+import Transport
 import Foundation
 
 /// The kinds of one-level exit `pvm calibrate` times through /dev/kvm, in the order it runs them.
@@ -31,6 +32,15 @@ public enum CalibrationExitKind: String, CaseIterable, Codable, Sendable {
         case .hlt: "userspace HLT exit"
         }
     }
+
+    /// The per-vCPU KVM statistic that counts this kind's exits, where there is one.
+    public var statisticName: String? {
+        switch self {
+        case .io: "io_exits"
+        case .hlt: "halt_exits"
+        case .cpuid, .hypercall, .msr: nil
+        }
+    }
 }
 
 /// One run: N iterations of the exiting instruction, timed by the guest and by this process.
@@ -41,9 +51,13 @@ public struct CalibrationRun: Codable, Equatable, Sendable {
     public var wallNanos: UInt64
     /// Exits that reached userspace during the loop (the "done" exit not counted).
     public var userspaceExits: UInt64
+    /// What KVM's own binary statistics (KVM_GET_STATS_FD) counted over the run: `exits` and the
+    /// kind's own counter (`io_exits`, `halt_exits`); nil when the kernel offers none.
+    public var kvmStatistics: [String: UInt64]?
 
-    public init(guestCycles: UInt64, wallNanos: UInt64, userspaceExits: UInt64) {
+    public init(guestCycles: UInt64, wallNanos: UInt64, userspaceExits: UInt64, kvmStatistics: [String: UInt64]? = nil) {
         self.guestCycles = guestCycles; self.wallNanos = wallNanos; self.userspaceExits = userspaceExits
+        self.kvmStatistics = kvmStatistics
     }
 }
 
@@ -77,11 +91,35 @@ public struct CalibrationResult: Codable, Equatable, Sendable {
     public var exits: [ExitCost]
     /// Kinds that could not be measured on this host, with why (e.g. no userspace MSR exits).
     public var notMeasured: [String: String]
+    /// The modules serving /dev/kvm (/sys/module): kvm_intel, kvm_amd or kvm_pvm.
+    public var modules: [KVMModule]
 
     public init(devicePath: String, iterations: Int, runsPerKind: Int, tscGHz: Double, vendor: String,
-                exits: [ExitCost], notMeasured: [String: String]) {
+                exits: [ExitCost], notMeasured: [String: String], modules: [KVMModule] = []) {
         self.devicePath = devicePath; self.iterations = iterations; self.runsPerKind = runsPerKind
         self.tscGHz = tscGHz; self.vendor = vendor; self.exits = exits; self.notMeasured = notMeasured
+        self.modules = modules
+    }
+
+    /// What the figures are: one-level KVM exits, or (kvm_pvm) PVM's nested exits.
+    public var whatWasMeasured: String {
+        guard !modules.isEmpty else { return "/dev/kvm is served by no kvm_intel, kvm_amd or kvm_pvm module: what it measures is unknown" }
+        return modules.map { "/dev/kvm is served by \($0.rawValue): \($0.meaning)" }.joined(separator: "; ")
+    }
+
+    /// KVM's own count of exits against the loop's, per measured kind: one line each, saying
+    /// whether they agree (every iteration made at least one exit KVM counted).
+    public var statisticsCheck: [String] {
+        exits.compactMap { e in
+            let stats = e.runs.compactMap(\.kvmStatistics)
+            guard stats.count == e.runs.count, let first = stats.first else { return nil }
+            let exitsPerRun = stats.map { $0["exits"] ?? 0 }
+            let ok = exitsPerRun.allSatisfy { $0 >= UInt64(e.iterations) }
+            let extra = first.filter { $0.key != "exits" }.sorted { $0.key < $1.key }.map { "\($0.key) \($0.value)" }
+            return "\(e.kind.label): KVM counted \(exitsPerRun.map(String.init).joined(separator: "/")) exits per run"
+                + (extra.isEmpty ? "" : " (" + extra.joined(separator: ", ") + " in the first)")
+                + (ok ? ", at least one per iteration: agrees" : ", fewer than the \(e.iterations) iterations: MISMATCH")
+        }
     }
 
     public subscript(kind: CalibrationExitKind) -> ExitCost? { exits.first { $0.kind == kind } }
@@ -98,6 +136,8 @@ public struct CalibrationResult: Codable, Equatable, Sendable {
                          + lpad(calibrationFormat(nanos(cycles: e.cyclesPerExit), 0), 20))
         }
         for (k, why) in notMeasured.sorted(by: { $0.key < $1.key }) { lines.append("\(k): not measured: \(why)") }
+        lines += statisticsCheck
+        lines.append(whatWasMeasured)
         lines.append("TSC \(calibrationFormat(tscGHz, 3)) GHz (guest TSC cycles / wall time); vendor \(vendor); device \(devicePath)")
         return lines.joined(separator: "\n")
     }
