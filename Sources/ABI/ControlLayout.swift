@@ -36,6 +36,9 @@ public struct ControlLayout: Sendable, Equatable {
     public func cachedVMCS12(_ i: Int) -> ControlOffset { vcpuBase(i) + 4 * pageSize }
     public func l2MSRBitmap(_ i: Int) -> ControlOffset { vcpuBase(i) + 5 * pageSize }
     public func l2MSRValues(_ i: Int) -> ControlOffset { vcpuBase(i) + 6 * pageSize }
+    /// u64 x 2 in the same page: the CR0 and CR4 guest/host masks L2 runs with (vmcs02's, or a
+    /// one-level VMCS's): L2's CPU exits on a MOV to CR0/CR4 only for bits set here.
+    public func l2CRGuestHostMasks(_ i: Int) -> ControlOffset { vcpuBase(i) + 6 * pageSize + 0x800 }
     public var vmreadBitmap: ControlOffset { vcpuBase(vcpuCount) }
     public var vmwriteBitmap: ControlOffset { vmreadBitmap + pageSize }
     /// L1 GPAs below this can be write-protected (one bit per page).

@@ -99,6 +99,47 @@ public enum EPTViolationQualification {
 }
 
 /// I/O instruction exit qualification (SDM Table 28-5).
+/// The exit qualification of a control-register access (SDM Table 28-3): CR number in bits 3:0,
+/// access type in 5:4 (0 MOV to CR, 1 MOV from CR, 2 CLTS, 3 LMSW), the GPR in 11:8 (SDM numbering).
+public enum CRAccessQualification {
+    public static let movToCR: UInt64 = 0
+    public static let movFromCR: UInt64 = 1
+    public static func make(cr: UInt64, type: UInt64, register: Register) -> UInt64 {
+        (cr & 0xF) | (type & 3) << 4 | register.sdmNumber << 8
+    }
+    public static func cr(_ q: UInt64) -> UInt64 { q & 0xF }
+    public static func type(_ q: UInt64) -> UInt64 { (q >> 4) & 3 }
+    public static func register(_ q: UInt64) -> Register? { Register(sdmNumber: (q >> 8) & 0xF) }
+}
+
+/// The exit qualification of a debug-register access (SDM Table 28-4): DR number in bits 2:0,
+/// direction in bit 4 (0 MOV to DR, 1 MOV from DR), the GPR in 11:8.
+public enum DRAccessQualification {
+    public static func make(dr: UInt64, toDR: Bool, register: Register) -> UInt64 {
+        (dr & 7) | (toDR ? 0 : 1 << 4) | register.sdmNumber << 8
+    }
+    public static func dr(_ q: UInt64) -> UInt64 { q & 7 }
+    public static func isToDR(_ q: UInt64) -> Bool { q & (1 << 4) == 0 }
+    public static func register(_ q: UInt64) -> Register? { Register(sdmNumber: (q >> 8) & 0xF) }
+}
+
+/// CR0/CR4 bits, and the ones KVM lets a guest own with EPT on (a MOV to CR0/CR4 that changes
+/// only guest-owned bits does not exit): vmx_l1_guest_owned_cr0_bits (TS, WP) and
+/// KVM_POSSIBLE_CR4_GUEST_BITS (PVI, DE, TSD, PGE, PCE, OSFXSR, OSXMMEXCPT, FSGSBASE).
+public enum ControlRegisterBits {
+    public static let cr0TS: UInt64 = 1 << 3
+    public static let cr0WP: UInt64 = 1 << 16
+    public static let cr4PGE: UInt64 = 1 << 7
+    public static let kvmGuestOwnedCR0: UInt64 = cr0TS | cr0WP
+    public static let kvmGuestOwnedCR4: UInt64 = 1 << 1 | 1 << 3 | 1 << 2 | cr4PGE | 1 << 8 | 1 << 9 | 1 << 10 | 1 << 16
+    /// The guest/host masks a KVM runs its guest with (a set bit: the hypervisor owns it).
+    public static let kvmCR0GuestHostMask: UInt64 = ~kvmGuestOwnedCR0
+    public static let kvmCR4GuestHostMask: UInt64 = ~kvmGuestOwnedCR4
+    /// The CR0 and CR4 values the guests here start with (64-bit paging, PAE, OSFXSR...).
+    public static let initialCR0: UInt64 = 0x8005_0033
+    public static let initialCR4: UInt64 = 0x0000_2020
+}
+
 public enum IOQualification {
     public static func make(port: UInt16, size: Int, isIn: Bool) -> UInt64 {
         UInt64(size - 1) | (isIn ? 1 << 3 : 0) | UInt64(port) << 16

@@ -35,6 +35,8 @@ public struct L1Devices {
     var line: [UInt8] = []
     /// L2's MSRs as L1 emulates them (unset ones read as 0).
     var msrs: [UInt32: UInt64] = [:]
+    /// L2's control and debug registers as its hypervisor keeps them.
+    public var controlRegisters = GuestControlRegisters()
 
     public init() {}
 
@@ -47,7 +49,13 @@ public struct L1Devices {
     public static let mmioDevice = AddressRange(start: L2GPA(0xFEB0_0000), length: pageSize)!
     var mmioLatch: UInt64 = 0
 
-    public func owns(port: UInt16) -> Bool { Self.serialPorts.contains(port) || Self.qemuPorts.contains(port) }
+    /// The ACPI PM timer of the VMM's chipset (PIIX4's PMBASE 0xB000 + 8, vmexit.c's
+    /// inl_from_pmtimer): a 24-bit counter at 3.579545 MHz, read from the host clock.
+    public static let pmTimerPort: UInt16 = 0xB008
+
+    public func owns(port: UInt16) -> Bool {
+        Self.serialPorts.contains(port) || Self.qemuPorts.contains(port) || port == Self.pmTimerPort
+    }
 
     /// A device in the hypervisor's kernel, not its VMM (vmexit.c's inl_from_kernel /
     /// outl_to_kernel port, the PIC's ELCR on a PC): a latch. A KVM-like L1 completes these in
@@ -63,6 +71,9 @@ public struct L1Devices {
             return 0
         }
         guard owns(port: port) else { return ~0 }
+        if port == Self.pmTimerPort {
+            return isIn ? (monotonicNanos() * 3_579_545 / 1_000_000_000) & 0xFF_FFFF : 0
+        }
         if Self.qemuPorts.contains(port) {
             if isIn { return qemuLatch }
             qemuLatch = value
@@ -109,8 +120,12 @@ public struct L1Devices {
             let (a, b, c, d) = GuestCPUIDTable.table.lookup(function: UInt32(truncatingIfNeeded: regs[.rax]),
                                                          index: UInt32(truncatingIfNeeded: regs[.rcx]))
             regs[.rax] = UInt64(a); regs[.rbx] = UInt64(b); regs[.rcx] = UInt64(c); regs[.rdx] = UInt64(d)
-        case .hlt:
+        case .hlt, .wbinvd:
             break
+        case .crAccess:
+            controlRegisters.emulateCR(qualification: q, &regs)
+        case .drAccess:
+            controlRegisters.emulateDR(qualification: q, &regs)
         case .eptViolation:
             // An access to memory L1 never gave L2 (the caller checked): its MMIO device, or
             // unassigned.
@@ -152,5 +167,38 @@ public struct L1Devices {
     /// An L2 access to a GPA no memory backs: reads float high, writes are dropped.
     public func unassigned(isWrite: Bool, size: UInt64) -> UInt64 {
         isWrite ? 0 : AccessSize.mask(size)
+    }
+}
+
+/// L2's control and debug registers as the hypervisor that runs it keeps them: what MOV to/from
+/// CR0/CR3/CR4/CR8 and MOV to/from DR exits read and write. CR8 is the TPR (4 bits).
+public struct GuestControlRegisters: Sendable, Equatable {
+    public var cr0 = ControlRegisterBits.initialCR0
+    public var cr3: UInt64 = 0
+    public var cr4 = ControlRegisterBits.initialCR4
+    public var cr8: UInt64 = 0
+    public var dr = [UInt64](repeating: 0, count: 8)
+
+    public init() { dr[7] = 0x400 }
+
+    public mutating func emulateCR(qualification q: UInt64, _ regs: inout some GuestRegisterFile) {
+        guard let reg = CRAccessQualification.register(q) else { return }
+        switch (CRAccessQualification.cr(q), CRAccessQualification.type(q)) {
+        case (0, CRAccessQualification.movToCR): cr0 = regs[reg]
+        case (3, CRAccessQualification.movToCR): cr3 = regs[reg]
+        case (4, CRAccessQualification.movToCR): cr4 = regs[reg]
+        case (8, CRAccessQualification.movToCR): cr8 = regs[reg] & 0xF
+        case (0, CRAccessQualification.movFromCR): regs[reg] = cr0
+        case (3, CRAccessQualification.movFromCR): regs[reg] = cr3
+        case (4, CRAccessQualification.movFromCR): regs[reg] = cr4
+        case (8, CRAccessQualification.movFromCR): regs[reg] = cr8
+        default: break                 // CLTS/LMSW: not in this guest's instruction set
+        }
+    }
+
+    public mutating func emulateDR(qualification q: UInt64, _ regs: inout some GuestRegisterFile) {
+        guard let reg = DRAccessQualification.register(q) else { return }
+        let n = Int(DRAccessQualification.dr(q))
+        if DRAccessQualification.isToDR(q) { dr[n] = regs[reg] } else { regs[reg] = dr[n] }
     }
 }

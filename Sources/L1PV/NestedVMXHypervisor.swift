@@ -91,7 +91,7 @@ public final class NestedVMXHypervisor {
         // EPT12 for all of L2's RAM, 4 KiB pages, unless it is made at first touch.
         if mapMode == .eager { try mapEPT12(from: L2GPA(0), pages: L1MemoryPlan.l2RAMSize / pageSize) }
 
-        let cr0: UInt64 = 0x8005_0033, cr4: UInt64 = 0x0000_2020, efer: UInt64 = 0x500
+        let cr0 = ControlRegisterBits.initialCR0, cr4 = ControlRegisterBits.initialCR4, efer: UInt64 = 0x500
         let fields: [(VMCSField, UInt64)] = [
             (.pinBasedVMExecControl, PinBased.externalInterruptExiting | PinBased.nmiExiting),
             (.cpuBasedVMExecControl, CPUBased.hltExiting | CPUBased.unconditionalIOExiting | CPUBased.useMSRBitmaps
@@ -102,8 +102,9 @@ public final class NestedVMXHypervisor {
             (.eptPointer, ept12.eptp), (.virtualProcessorID, 1), (.vmcsLinkPointer, ~0),
             (.vmEntryControls, VMEntryControl.ia32eModeGuest | VMEntryControl.loadIA32EFER),
             (.vmExitControls, VMExitControl.hostAddressSpaceSize | VMExitControl.ackInterruptOnExit | VMExitControl.loadIA32EFER),
-            (.cr0GuestHostMask, 0xFFFF_FFFF_FFFF_FFF7), (.cr0ReadShadow, cr0),
-            (.cr4GuestHostMask, 0xFFFF_FFFF_FFFF_FFFF), (.cr4ReadShadow, cr4),
+            // KVM with EPT lets its guest own CR0.TS/WP and CR4.PGE and the like.
+            (.cr0GuestHostMask, ControlRegisterBits.kvmCR0GuestHostMask), (.cr0ReadShadow, cr0),
+            (.cr4GuestHostMask, ControlRegisterBits.kvmCR4GuestHostMask), (.cr4ReadShadow, cr4),
             (.guestCR0, cr0), (.guestCR3, 0), (.guestCR4, cr4), (.guestIA32EFER, efer),
             (.guestCSSelector, 0x10), (.guestCSARBytes, 0xA09B), (.guestSSSelector, 0x18), (.guestSSARBytes, 0xC093),
             (.guestRIP, L1MemoryPlan.l2EntryRIP), (.guestRSP, L1MemoryPlan.l2StackTop), (.guestRFLAGS, 0x2),
@@ -163,6 +164,27 @@ public final class NestedVMXHypervisor {
             // Handlers that need only GPRs (kvm_emulate_cpuid, kvm_emulate_halt, the MSR paths).
             _ = devices.emulate(reason, qualification: 0, accessSize: 0, &guestRegisters)
         case .ioInstruction:
+            let q = try cpu.vmread(.exitQualification)
+            _ = devices.emulate(reason, qualification: q, accessSize: 0, &guestRegisters)
+        case .crAccess:
+            // handle_cr: the qualification; kvm_set_cr0/cr4 write the guest value and its read
+            // shadow (vmx_set_cr0/vmx_set_cr4); CR8 is the local APIC's TPR, no VMCS field.
+            let q = try cpu.vmread(.exitQualification)
+            _ = devices.emulate(reason, qualification: q, accessSize: 0, &guestRegisters)
+            if CRAccessQualification.type(q) == CRAccessQualification.movToCR, let reg = CRAccessQualification.register(q) {
+                let value = guestRegisters[reg]
+                switch CRAccessQualification.cr(q) {
+                case 0:
+                    try check("VMWRITE", cpu.vmwrite(.cr0ReadShadow, value))
+                    try check("VMWRITE", cpu.vmwrite(.guestCR0, value))
+                case 4:
+                    try check("VMWRITE", cpu.vmwrite(.cr4ReadShadow, value))
+                    try check("VMWRITE", cpu.vmwrite(.guestCR4, value))
+                default: break
+                }
+            }
+        case .drAccess, .wbinvd:
+            // Reached only if L1 asked (MOV-DR or WBINVD exiting); handled in its kernel.
             let q = try cpu.vmread(.exitQualification)
             _ = devices.emulate(reason, qualification: q, accessSize: 0, &guestRegisters)
         case .eptViolation:

@@ -73,6 +73,34 @@ public enum BenchOperations {
         BenchOperation(name: "inl_from_qemu", summary: "IN from port 0x1234, a device of L1's device model") { cpu, _ in
             _ = cpu.inPort(0x1234, size: 4)
         },
+        BenchOperation(name: "mov_from_cr8", summary: "read CR8 (the TPR): no TPR shadow is modelled, so it exits") { cpu, _ in
+            _ = cpu.readCR(8)
+        },
+        BenchOperation(name: "mov_to_cr8", summary: "write 0 to CR8") { cpu, _ in
+            cpu.writeCR(8, 0)
+        },
+        BenchOperation(name: "mov_dr", summary: "DR7 <- 0x400 (every MOV DR exits in this CPU model)") { cpu, _ in
+            cpu.writeDR(7, 0x400)
+        },
+        BenchOperation(name: "wbinvd", summary: "WBINVD") { cpu, _ in
+            cpu.wbinvd()
+        },
+        BenchOperation(name: "wr_ibpb_msr", summary: "WRMSR IA32_PRED_CMD (0x49) = 1, an indirect-branch barrier") { cpu, _ in
+            cpu.wrmsr(0x49, 1)
+        },
+        BenchOperation(name: "toggle_cr0_wp", summary: "MOV to CR0 flipping WP: a bit KVM with EPT lets the guest own") { cpu, _ in
+            cpu.writeCR(0, cpu.readCR(0) ^ ControlRegisterBits.cr0WP)
+        },
+        BenchOperation(name: "toggle_cr4_pge", summary: "MOV to CR4 flipping PGE: a bit KVM with EPT lets the guest own") { cpu, _ in
+            cpu.writeCR(4, cpu.readCR(4) ^ ControlRegisterBits.cr4PGE)
+        },
+        BenchOperation(name: "tscdeadline_immed", summary: "WRMSR IA32_TSC_DEADLINE (0x6e0) = now, then CPUID (no timer interrupt is modelled)") { cpu, _ in
+            cpu.wrmsr(0x6E0, cpu.now())
+            _ = cpu.cpuid(0, 0)
+        },
+        BenchOperation(name: "inl_from_pmtimer", summary: "32-bit IN from the ACPI PM timer (port 0xb008), a device of a VMM's userspace") { cpu, _ in
+            _ = cpu.inPort(0xB008, size: 4)
+        },
         BenchOperation(name: "ept_first_touch", summary: "first write to a new L2 page", needs: .init(freshPages: firstTouchPages)) { cpu, i in
             cpu.write64(L2GPA(firstTouchBase + i * pageSize), i)
         },

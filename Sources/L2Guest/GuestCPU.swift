@@ -23,6 +23,11 @@ public final class GuestCPU {
     /// vmcs02's MSR bitmap and the pass-through MSR values it lets L2 reach without an exit.
     let msrBitmap: MSRBitmapView
     let passthroughMSRs: PassthroughMSRValues
+    /// The CR0/CR4 guest/host masks L2 runs with (index 0 CR0, 1 CR4), and this CPU's own CR0
+    /// and CR4: a MOV to CR0/CR4 that changes only guest-owned bits completes with no exit.
+    let crMasks: U64TableView
+    var cr0 = ControlRegisterBits.initialCR0
+    var cr4 = ControlRegisterBits.initialCR4
     /// Where this guest keeps its ucall block (guest-physical, in its own RAM).
     public var ucallBlock = L2GPA(0x1000)
     var rip: UInt64 = 0
@@ -33,6 +38,7 @@ public final class GuestCPU {
         self.ept02 = session.control.ept02
         self.msrBitmap = session.control.l2MSRBitmap(vcpu: session.launch.vcpu)
         self.passthroughMSRs = session.control.l2PassthroughMSRs(vcpu: session.launch.vcpu)
+        self.crMasks = session.control.l2CRGuestHostMasks(vcpu: session.launch.vcpu)
     }
 
     /// Waits for the first entry and takes the RIP L0 entered with.
@@ -131,6 +137,38 @@ public final class GuestCPU {
     }
 
     public func hlt() { while vmexit(.hlt, length: 1) == .retry {} }
+
+    public func wbinvd() { while vmexit(.wbinvd, length: 2) == .retry {} }
+
+    /// MOV to CR0/CR3/CR4/CR8 from RAX. CR0 and CR4: no exit when only bits the guest owns
+    /// change (the guest/host mask the hypervisors set); otherwise, and for CR3 and CR8, an exit.
+    public func writeCR(_ n: UInt64, _ value: UInt64) {
+        if n == 0 || n == 4 {
+            let current = n == 0 ? cr0 : cr4
+            if (value ^ current) & crMasks[n == 0 ? 0 : 1] == 0 {
+                if n == 0 { cr0 = value } else { cr4 = value }
+                return
+            }
+        }
+        repeat { run[register: .rax] = value } while vmexit(.crAccess, length: 3,
+            qualification: CRAccessQualification.make(cr: n, type: CRAccessQualification.movToCR, register: .rax)) == .retry
+        if n == 0 { cr0 = value } else if n == 4 { cr4 = value }
+    }
+
+    /// MOV from CR0/CR4 (never an exit: the CPU has them) or CR3/CR8 (an exit) into RAX.
+    public func readCR(_ n: UInt64) -> UInt64 {
+        if n == 0 { return cr0 }
+        if n == 4 { return cr4 }
+        while vmexit(.crAccess, length: 3,
+                     qualification: CRAccessQualification.make(cr: n, type: CRAccessQualification.movFromCR, register: .rax)) == .retry {}
+        return run[register: .rax]
+    }
+
+    /// MOV to DR`n` from RAX (every MOV DR exits in this CPU model).
+    public func writeDR(_ n: UInt64, _ value: UInt64) {
+        repeat { run[register: .rax] = value } while vmexit(.drAccess, length: 3,
+            qualification: DRAccessQualification.make(dr: n, toDR: true, register: .rax)) == .retry
+    }
 
     /// VMCALL with KVM's convention: number in RAX, arguments in RBX, RCX, RDX, RSI; result in RAX.
     public func vmcall(_ nr: UInt64, _ a0: UInt64 = 0, _ a1: UInt64 = 0, _ a2: UInt64 = 0, _ a3: UInt64 = 0) -> UInt64 {

@@ -49,6 +49,11 @@ public struct ControlMemory: @unchecked Sendable {
         PassthroughMSRValues(table: U64TableView(region: region, base: layout.l2MSRValues(vcpu), count: UInt64(PassthroughMSRs.all.count)))
     }
 
+    /// The CR0 and CR4 guest/host masks L2 runs with: index 0 CR0, 1 CR4.
+    public func l2CRGuestHostMasks(vcpu: Int) -> U64TableView {
+        U64TableView(region: region, base: layout.l2CRGuestHostMasks(vcpu), count: 2)
+    }
+
     /// KVM's VMREAD / VMWRITE bitmaps: bit = field encoding bits 14:0, set = the access exits.
     public var vmreadBitmap: BitmapView { BitmapView(region: region, base: layout.vmreadBitmap, byteCount: pageSize) }
     public var vmwriteBitmap: BitmapView { BitmapView(region: region, base: layout.vmwriteBitmap, byteCount: pageSize) }

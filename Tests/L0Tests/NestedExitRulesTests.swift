@@ -84,6 +84,27 @@ import Transport
         #expect(!reflects(.externalInterrupt), "checked by L0 first: the host's interrupt")
     }
 
+    /// vmexit.c's CR tests under a KVM L1's masks (EPT on): toggling CR0.WP or CR4.PGE changes only
+    /// bits L1 lets its guest own, so L1 never sees it; CR8 without CR8 exiting stays in L0; a bit
+    /// L1 owns (CR0.PE) reaches it.
+    @Test func vmexitsCRTestsReflectByAKVMsMasks() {
+        v[.cpuBasedVMExecControl] = 0
+        v[.cr0GuestHostMask] = ControlRegisterBits.kvmCR0GuestHostMask
+        v[.cr4GuestHostMask] = ControlRegisterBits.kvmCR4GuestHostMask
+        v[.cr0ReadShadow] = ControlRegisterBits.initialCR0
+        v[.cr4ReadShadow] = ControlRegisterBits.initialCR4
+        func movTo(_ cr: UInt64, _ value: UInt64) -> Bool {
+            f.l2Run[register: .rax] = value
+            return reflects(.crAccess, qualification: CRAccessQualification.make(cr: cr, type: CRAccessQualification.movToCR, register: .rax))
+        }
+        #expect(!movTo(0, ControlRegisterBits.initialCR0 ^ ControlRegisterBits.cr0WP))
+        #expect(!movTo(4, ControlRegisterBits.initialCR4 ^ ControlRegisterBits.cr4PGE))
+        #expect(movTo(0, ControlRegisterBits.initialCR0 ^ 1))
+        #expect(!movTo(8, 0))
+        v[.cpuBasedVMExecControl] = CPUBased.cr8LoadExiting
+        #expect(movTo(8, 0))
+    }
+
     /// L2's own VMREAD/VMWRITE: L1 gets it unless vmcs12 shadows VMCS accesses and L1's bitmap
     /// lets the field through (nested_vmx_exit_handled_vmcs_access).
     @Test func l2sVMREADReflectsByL1sShadowingAndBitmap() throws {

@@ -48,10 +48,16 @@ public final class L0VCPU {
         self.l0Devices = backend.initialL0Devices
     }
 
-    /// Control memory's initial contents: L2's MSR bitmaps intercept everything. (A backend
-    /// sets up what only its path uses, such as the VMREAD/VMWRITE bitmaps.)
+    /// Control memory's initial contents: L2's MSR bitmaps intercept everything, and L2 runs
+    /// with KVM's CR0/CR4 guest/host masks (EPT on: the guest owns CR0.TS/WP, CR4.PGE...). A
+    /// backend sets up what only its path uses (the VMREAD/VMWRITE bitmaps; vmcs02's masks).
     public static func initialize(_ control: ControlMemory) {
-        for i in 0..<control.layout.vcpuCount { control.l2MSRBitmap(vcpu: i).bits.setAll(true) }
+        for i in 0..<control.layout.vcpuCount {
+            control.l2MSRBitmap(vcpu: i).bits.setAll(true)
+            let masks = control.l2CRGuestHostMasks(vcpu: i)
+            masks[0] = ControlRegisterBits.kvmCR0GuestHostMask
+            masks[1] = ControlRegisterBits.kvmCR4GuestHostMask
+        }
     }
 
     // MARK: services every backend may use

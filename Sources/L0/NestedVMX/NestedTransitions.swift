@@ -1,4 +1,5 @@
 import ABI
+import GuestDevices
 import Transport
 
 /// Nested VMX's transitions between L1 and L2, both ways: which L2 exits L1 must see
@@ -32,6 +33,12 @@ extension NestedVMXBackend {
                  .mceDuringVMEntry, .monitorTrapFlag, .tprBelowThreshold:
                 // L0's own events (an NMI or interrupt for the host, its timer, its PML buffer...):
                 // handled, and L2 goes on where it was.
+                return .resume(.l2)
+            case .crAccess:
+                // A CR bit L1 does not own (CR8 without TPR shadow or CR8 exiting, say): L0 keeps
+                // L2's value, as its kernel would.
+                l2ControlRegisters.emulateCR(qualification: exit.info.qualification, &regs)
+                regs.skipInstruction(length: exit.info.instructionLength)
                 return .resume(.l2)
             case .encls, .vmfunc:
                 // Not exposed to L1, so not to L2 either: #UD.
@@ -260,6 +267,11 @@ extension NestedVMXBackend {
             vmcs02 = VMCS02Controls.merge(l1: v)
             vmcs12Dirty = false
         }
+        // vmcs02's CR0/CR4 guest/host masks: a bit exits if L0 or L1 owns it (prepare_vmcs02).
+        let masks = vcpu.control.l2CRGuestHostMasks(vcpu: vcpu.id)
+        masks[0] = ControlRegisterBits.kvmCR0GuestHostMask | v[.cr0GuestHostMask]
+        masks[1] = ControlRegisterBits.kvmCR4GuestHostMask | v[.cr4GuestHostMask]
+        vcpu.counters.vmcs12FieldReads += 2
         // nested_get_vmcs12_pages -> nested_vmx_prepare_msr_bitmap, on every entry (KVM skips
         // it only for an eVMCS whose L1 enabled the enlightened MSR bitmap; this L1 does not).
         mergeL2MSRBitmap(v, vcpu)

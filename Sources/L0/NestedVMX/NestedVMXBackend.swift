@@ -1,4 +1,5 @@
 import ABI
+import GuestDevices
 import Transport
 
 /// The controls L0 runs L2 with (KVM's vmcs02), merged from vmcs12 and what L0 needs itself.
@@ -79,6 +80,8 @@ public final class NestedVMXBackend: NestingBackend {
     public internal(set) var evmcs: VMCSImage?
     /// EPT12 pages shadowed into EPT02.
     public internal(set) var shadows = EPT12ShadowTracker()
+    /// L2's control registers where L1 does not own them (L0 keeps those, as KVM's kernel would).
+    var l2ControlRegisters = GuestControlRegisters()
     /// The VPID of the last entry, for the transition TLB-flush rule.
     var lastEnteredVPID: UInt64 = 0
     /// The 35 rarely used fields have not been synced into vmcs12 since the last exit
