@@ -42,6 +42,34 @@ import Transport
         #expect(f.l2Run[register: .rip] == Plan.guestRIP)
     }
 
+    /// KVM ignores the clean bits on VMLAUNCH (nested_vmx_handle_enlightened_vmptrld clears them):
+    /// every group is copied even if L1 marked them all clean. A VMRESUME with everything clean
+    /// copies only TPR_THRESHOLD and GUEST_RIP, but an eVMCS entry still runs the rare vmcs02
+    /// writes (section 2 row 11), and every exit the rare sync.
+    @Test func vmlaunchIgnoresTheCleanBitsAndAnEVMCSEntryAlwaysTakesTheRarePath() throws {
+        let (f, evmcs) = try makeFixture()
+        evmcs.evmcsCleanFields = EnlightenedVMCS.allClean
+        #expect(f.vmx(.vmlaunch) == .enterL2)
+        let everyGroup = UInt64(NestedVMXBackend.evmcsGroupOffsets.joined().count + NestedVMXBackend.evmcsAlwaysCopiedOffsets.count)
+        #expect(f.vcpu.counters.evmcsFieldCopies == everyGroup)
+        #expect(f.nested.cachedVMCS12[.eptPointer] == Plan.eptp)
+        // A reflected exit: the write-back, and the rare sync.
+        let beforeExit = f.vcpu.counters
+        _ = f.l2Exit(L2ExitInfo(reason: .cpuid, instructionLength: 2))
+        #expect(f.vcpu.counters.evmcsFieldCopies - beforeExit.evmcsFieldCopies == UInt64(NestedVMXBackend.evmcsWriteBackOffsets.count))
+        #expect(f.vcpu.counters.rareFieldSyncs - beforeExit.rareFieldSyncs == 1)
+        #expect(f.vcpu.counters.hwVMCLEARs == 0)                              // no shadow VMCS with an eVMCS
+        // VMRESUME, all clean: 2 fields copied; the rare writes all the same.
+        let before = f.vcpu.counters
+        #expect(f.vmx(.vmresume) == .enterL2)
+        let after = f.vcpu.counters
+        #expect(after.evmcsFieldCopies - before.evmcsFieldCopies == 2)
+        #expect(after.hwVMWRITEs - before.hwVMWRITEs == UInt64(24 + 8 + 54))
+        #expect(after.hwVMREADs - before.hwVMREADs == 4 && after.hwVMPTRLDs - before.hwVMPTRLDs == 1)
+        #expect(after.consistencyChecks - before.consistencyChecks == 7)     // the eVMCS controls group too
+        #expect(after.fullEntryChecks == before.fullEntryChecks)              // nothing dirty
+    }
+
     @Test func aFieldInACleanGroupIsNotCopiedUntilL1ClearsTheBit() throws {
         let (f, evmcs) = try makeFixture()
         _ = f.vmx(.vmlaunch)
