@@ -50,7 +50,7 @@ let package = Package(
         ]),
         .testTarget(name: "TransportTests", dependencies: ["ABI", "Transport"]),
         .testTarget(name: "L0Tests", dependencies: [
-            "ABI", "Transport", "L0", "L1PV", "TestSupport",
+            "ABI", "Transport", "GuestDevices", "L0", "L1PV", "TestSupport",
             .product(name: "PropertyBased", package: "swift-property-based"),
         ]),
         // Launches the three real processes: depends on the executable so `swift test` builds it.

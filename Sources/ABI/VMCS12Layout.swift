@@ -100,6 +100,8 @@ public enum ShadowedFields {
         .vmEntryExceptionErrorCode, .vmEntryInstructionLen, .tprThreshold, .guestInterruptibilityInfo,
         .vmxPreemptionTimerValue, .cr0GuestHostMask, .cr0ReadShadow, .cr4ReadShadow, .guestCR0,
         .guestCR3, .guestCR4, .guestRSP, .guestRIP, .guestRFLAGS, .hostFSBase, .hostGSBase,
-        .hostFSSelector, .hostGSSelector, .guestIntrStatus, .guestPMLIndex,
+        .hostFSSelector, .hostGSSelector,
+        // GUEST_INTR_STATUS and GUEST_PML_INDEX are shadowed only when L0 has APICv and PML
+        // (init_vmcs_shadow_fields drops them otherwise); this L0 has neither.
     ]
 }

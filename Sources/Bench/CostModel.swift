@@ -31,7 +31,8 @@ public enum CostModel {
         let l1 = TransitionCounters.byReason(w.l1Exits)
         let vmAccess = (l1[.vmread] ?? 0) + (l1[.vmwrite] ?? 0)
         let vmcalls = l1[.vmcall] ?? 0
-        let otherL1 = w.totalL1Exits.subtractingClamped(vmAccess + vmcalls + w.nestedVMEntries)
+        let invepts = l1[.invept] ?? 0
+        let otherL1 = w.totalL1Exits.subtractingClamped(vmAccess + vmcalls + w.nestedVMEntries + invepts + w.ept12WriteTraps)
         let handledInL0 = w.totalL2Exits.subtractingClamped(w.totalDeliveries)
         typealias E = CostProfile.Event
         func line(_ what: String, _ e: E, _ count: UInt64) -> Line {
@@ -46,7 +47,9 @@ public enum CostModel {
             line("hypercalls handled by L0 (PV enter-L2 apart)", .l0Hypercall, vmcalls.subtractingClamped(w.pvEntries)),
             line("PV enter-L2: the streamlined entry", .pvEntry, w.pvEntries),
             line("PV exit deliveries into the exit page", .pvDelivery, w.pvDeliveries),
-            line("other L1 exits emulated by L0 (INVEPT, EPT12 write traps, VMfails...)", .l0SimpleExit, otherL1),
+            line("other L1 exits emulated by L0 (VMPTRLD, VMfails, L1's MSRs...)", .l0SimpleExit, otherL1),
+            line("INVEPTs emulated by L0", .l0INVEPT, invepts),
+            line("L1 stores to write-protected EPT12 pages emulated by L0 (incl. unsyncs)", .l0EmulatedStore, w.ept12WriteTraps),
             line("emulated VM exits into L1 (nested_vmx_vmexit software)", .nestedVMExitSoftware, w.nestedVMExits),
             line("emulated VM entries into L2 (nested_vmx_run software)", .nestedVMEntrySoftware, w.nestedVMEntries),
             line("hardware VMREADs by L0", .hwVMREAD, w.hwVMREADs),
@@ -67,6 +70,7 @@ public enum CostModel {
             line("EPT12 leaf tables re-synced", .ept12Resync, w.ept12Resyncs),
             line("exits a VMM's userspace handles (I/O, MMIO, unbacked memory)", .vmmUserspaceExit,
                  w.vmmUserspaceExits + w.unbackedAccesses),
+            line("port accesses an in-kernel device emulates", .kernelDeviceEmulation, w.kernelDeviceAccesses),
         ]
         out.removeAll { $0.countPerOp == 0 }
         return out

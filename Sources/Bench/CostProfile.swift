@@ -79,6 +79,12 @@ public struct CostProfile: Codable, Equatable, Sendable {
         case ept12Resync = "ept12_resync"
         /// An exit a VMM's userspace handles: KVM_EXIT_IO/MMIO to the VMM and back.
         case vmmUserspaceExit = "vmm_userspace_exit"
+        /// A port access an in-kernel device emulates (beyond the exit itself).
+        case kernelDeviceEmulation = "kernel_device_emulation"
+        /// L0 emulating INVEPT (freeing the roots, re-syncing unsync shadows apart).
+        case l0INVEPT = "l0_invept"
+        /// L0 emulating L1's store to a write-protected EPT12 page (decode and replay it).
+        case l0EmulatedStore = "l0_emulated_store"
         /// The PV path's streamlined entry into L2: registers and event from the exit page.
         case pvEntry = "pv_entry"
         /// The PV path's delivery of an L2 exit into the exit page.

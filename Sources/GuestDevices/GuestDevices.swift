@@ -53,6 +53,13 @@ public struct L1Devices {
     /// inl_from_pmtimer): a 24-bit counter at 3.579545 MHz, read from the host clock.
     public static let pmTimerPort: UInt16 = 0xB008
 
+    /// The PM timer's 24-bit count at a clock reading: split so no product overflows (the
+    /// naive `nanos * 3_579_545` passes 2^64 after 86 minutes of uptime).
+    public static func pmTimerTicks(atNanos t: UInt64) -> UInt64 {
+        let hz: UInt64 = 3_579_545, perSecond: UInt64 = 1_000_000_000
+        return ((t / perSecond) &* hz &+ (t % perSecond) * hz / perSecond) & 0xFF_FFFF
+    }
+
     public func owns(port: UInt16) -> Bool {
         Self.serialPorts.contains(port) || Self.qemuPorts.contains(port) || port == Self.pmTimerPort
     }
@@ -71,9 +78,7 @@ public struct L1Devices {
             return 0
         }
         guard owns(port: port) else { return ~0 }
-        if port == Self.pmTimerPort {
-            return isIn ? (monotonicNanos() * 3_579_545 / 1_000_000_000) & 0xFF_FFFF : 0
-        }
+        if port == Self.pmTimerPort { return isIn ? Self.pmTimerTicks(atNanos: monotonicNanos()) : 0 }
         if Self.qemuPorts.contains(port) {
             if isIn { return qemuLatch }
             qemuLatch = value

@@ -1,4 +1,5 @@
 import ABI
+import GuestDevices
 @testable import L0
 import Testing
 import Transport
@@ -114,5 +115,20 @@ import Transport
         f.nested.guestMode = false
         #expect(f.nested.handleL1Exit(launchAgain, &l1, f.vcpu) == .resume(.l1))   // VMfailValid: already launched
         #expect(f.l1Run[RunPage.vmInstructionError] == UInt64(VMInstructionError.vmlaunchNonClearVMCS.rawValue))
+    }
+}
+
+/// The PM timer of the device model: a 24-bit count at 3.579545 MHz that never overflows.
+@Suite struct PMTimerTests {
+    @Test func theCountIsExactAndNeverTraps() {
+        #expect(L1Devices.pmTimerTicks(atNanos: 0) == 0)
+        #expect(L1Devices.pmTimerTicks(atNanos: 1_000_000_000) == 3_579_545 & 0xFF_FFFF)
+        #expect(L1Devices.pmTimerTicks(atNanos: 2_000_000_000) == 7_159_090 & 0xFF_FFFF)
+        // Past 86 minutes the naive nanos x 3,579,545 wraps 2^64; up to 2^64 ns it must not trap.
+        for t: UInt64 in [6_000_000_000_000, UInt64.max / 2, UInt64.max] {
+            let ticks = L1Devices.pmTimerTicks(atNanos: t)
+            #expect(ticks <= 0xFF_FFFF)
+        }
+        #expect(L1Devices.pmTimerTicks(atNanos: 6_000_000_000_000) == (6_000 * 3_579_545) & 0xFF_FFFF)
     }
 }

@@ -59,12 +59,18 @@ import Transport
         #expect(f.vcpu.counters.evmcsFieldCopies - beforeExit.evmcsFieldCopies == UInt64(NestedVMXBackend.evmcsWriteBackOffsets.count))
         #expect(f.vcpu.counters.rareFieldSyncs - beforeExit.rareFieldSyncs == 1)
         #expect(f.vcpu.counters.hwVMCLEARs == 0)                              // no shadow VMCS with an eVMCS
-        // VMRESUME, all clean: 2 fields copied; the rare writes all the same.
+        // VMRESUME, all clean: 2 fields copied; early_rare (2) and the rare writes outside the guest
+        // groups (10) all the same, the GUEST_GRP1/GRP2 writes (8 + 36) only when dirty.
         let before = f.vcpu.counters
         #expect(f.vmx(.vmresume) == .enterL2)
         let after = f.vcpu.counters
         #expect(after.evmcsFieldCopies - before.evmcsFieldCopies == 2)
-        #expect(after.hwVMWRITEs - before.hwVMWRITEs == UInt64(24 + 8 + 54))
+        #expect(after.hwVMWRITEs - before.hwVMWRITEs == UInt64(24 + 2 + 10))
+        _ = f.l2Exit(L2ExitInfo(reason: .cpuid, instructionLength: 2))
+        evmcs.evmcsCleanFields = EnlightenedVMCS.allClean & ~EnlightenedVMCS.Group.guestGrp2.bit
+        let beforeDirty = f.vcpu.counters
+        #expect(f.vmx(.vmresume) == .enterL2)
+        #expect(f.vcpu.counters.hwVMWRITEs - beforeDirty.hwVMWRITEs == UInt64(24 + 2 + 10 + 36))
         #expect(after.hwVMREADs - before.hwVMREADs == 4 && after.hwVMPTRLDs - before.hwVMPTRLDs == 1)
         #expect(after.consistencyChecks - before.consistencyChecks == 7)     // the eVMCS controls group too
         #expect(after.fullEntryChecks == before.fullEntryChecks)              // nothing dirty

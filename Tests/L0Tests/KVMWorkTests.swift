@@ -51,8 +51,9 @@ import Transport
         #expect(after.mmuRootSwitches - before.mmuRootSwitches == 1 && after.nestedVMEntries - before.nestedVMEntries == 1)
     }
 
-    /// Section 2, dirty: an exiting VMWRITE dirtied vmcs12, so prepare_vmcs02_early_rare (8)
-    /// and prepare_vmcs02_rare (54) write too, and the hardware runs its full entry checks.
+    /// Section 2, dirty: an exiting VMWRITE dirtied vmcs12, so prepare_vmcs02_early_rare (2)
+    /// and prepare_vmcs02_rare (54) write too, and the hardware runs its full entry checks; a
+    /// control whose value changed costs one more VMWRITE (the cached setters skip the rest).
     @Test func aDirtyVMRESUMEAddsTheRareWritesAndTheFullChecks() throws {
         let f = try Fixture(.nvmx)
         try f.launchL2()
@@ -62,8 +63,13 @@ import Transport
         let before = f.vcpu.counters
         #expect(f.vmx(.vmresume) == .enterL2)
         let after = f.vcpu.counters
-        #expect(ops(before, after) == Ops(r: 4 + Self.shadowRW, w: 24 + 8 + 54, p: 3, c: 1))
+        #expect(ops(before, after) == Ops(r: 4 + Self.shadowRW, w: 24 + 2 + 54, p: 3, c: 1))
         #expect(after.fullEntryChecks - before.fullEntryChecks == 1)
+        #expect(f.l2CPUID(function: 0) == .resume(.l1))
+        f.vmwrite(.secondaryVMExecControl, SecondaryExec.enableEPT | SecondaryExec.rdtscp)   // a control changes
+        let beforeControl = f.vcpu.counters
+        #expect(f.vmx(.vmresume) == .enterL2)
+        #expect(f.vcpu.counters.hwVMWRITEs - beforeControl.hwVMWRITEs == UInt64(24 + 2 + 54 + 1))
     }
 
     /// The rare fields are synced once, when L1 first reads one after an exit.

@@ -56,6 +56,8 @@ public struct TransitionCounters: Equatable, Sendable {
     /// Exits a VMM's userspace device model handled (an exit to userspace and back): L0's own
     /// VMM on one level, L1's VMM for the ports and MMIO of L1's device model.
     public var vmmUserspaceExits: UInt64 = 0
+    /// Port accesses a hypervisor's in-kernel device completed (L0's, or a KVM L1's at 0x4d0).
+    public var kernelDeviceAccesses: UInt64 = 0
     /// PV enter-L2 hypercalls that entered L2: the streamlined entry (exit page, no vmcs12).
     public var pvEntries: UInt64 = 0
     /// L2 exits L0 delivered through the PV exit page.
@@ -119,6 +121,7 @@ public struct TransitionCounters: Equatable, Sendable {
         d.fullEntryChecks = fullEntryChecks - earlier.fullEntryChecks
         d.vmmUserspaceExits = vmmUserspaceExits - earlier.vmmUserspaceExits
         d.pvEntries = pvEntries - earlier.pvEntries
+        d.kernelDeviceAccesses = kernelDeviceAccesses - earlier.kernelDeviceAccesses
         d.pvDeliveries = pvDeliveries - earlier.pvDeliveries
         d.nestedVMExits = nestedVMExits - earlier.nestedVMExits
         d.nestedVMEntries = nestedVMEntries - earlier.nestedVMEntries

@@ -96,11 +96,16 @@ public final class L0VCPU {
         if io.port == Ucall.port {
             let next = handleUcall(blockGPA: L2GPA(regs[.rdi]))
             if case .stop = next { return next }
-        } else if io.isIn {
-            let v = l0Devices.read(port: io.port) ?? ~0
-            regs[.rax] = (regs[.rax] & ~io.mask) | (v & io.mask)
         } else {
-            l0Devices.write(port: io.port, value: io.value)
+            // An in-kernel device completes it; a port no device claims goes to the VMM's
+            // userspace (KVM_EXIT_IO), which finds nothing there either.
+            if l0Devices.owns(io.port) { counters.kernelDeviceAccesses += 1 } else { counters.vmmUserspaceExits += 1 }
+            if io.isIn {
+                let v = l0Devices.read(port: io.port) ?? ~0
+                regs[.rax] = (regs[.rax] & ~io.mask) | (v & io.mask)
+            } else {
+                l0Devices.write(port: io.port, value: io.value)
+            }
         }
         regs.skipInstruction(length: exit.info.instructionLength)
         return .resume(.l2)
@@ -154,6 +159,7 @@ public final class L0VCPU {
     /// and what KVM does with them (KVM_EXIT_IO / KVM_EXIT_MMIO to the VMM and back).
     func countVMMUserspaceExit(_ exit: L2Exit) {
         switch exit.kind {
+        case .io(let io) where L1Devices.kernelPorts.contains(io.port): counters.kernelDeviceAccesses += 1
         case .io(let io) where L1Devices().owns(port: io.port): counters.vmmUserspaceExits += 1
         case .eptViolation(let gpa, _, _) where L1Devices.mmioDevice.contains(gpa): counters.vmmUserspaceExits += 1
         default: break

@@ -40,6 +40,7 @@ extension NestedVMXBackend {
             cachedVMCS12.launched = false
             clean = 0
         }
+        lastEVMCSClean = clean
         var copied: [UInt64] = Self.evmcsAlwaysCopiedOffsets
         for group in EnlightenedVMCS.Group.allCases where clean & group.bit == 0 {
             copied += Self.evmcsGroupOffsets[group.rawValue]

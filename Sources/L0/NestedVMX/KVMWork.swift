@@ -56,22 +56,50 @@ enum KVMWork {
     /// Row 6 vmx_switch_vmcs: VMPTRLD vmcs02.
     static let entrySwitchPtrlds = 1
     /// Row 7 prepare_vmcs02_early: the entry-event fields with a run pending (4); when vmcs12 is
-    /// dirty or an eVMCS, prepare_vmcs02_early_rare (3) and the controls that changed (5).
+    /// dirty or an eVMCS, prepare_vmcs02_early_rare (VMCS_LINK_POINTER, VIRTUAL_PROCESSOR_ID; the
+    /// constant state is written once per vmcs02); and one VMWRITE per control whose value
+    /// changed (the cached setters skip the others, section 0).
     static let earlyWrites = 4
-    static let earlyRareWrites = 3 + 5
-    /// Row 11 prepare_vmcs02: ~16 always; prepare_vmcs02_rare ~54 more when dirty or an eVMCS.
+    static let earlyRareWrites = 2
+    /// Row 11 prepare_vmcs02: ~16 always; prepare_vmcs02_rare ~54 more when dirty or an eVMCS:
+    /// the guest segments (8 selectors, 10 limits, 8 AR, 10 bases: 36, eVMCS group GUEST_GRP2),
+    /// SYSENTER x3, pending debug exceptions and 4 PDPTRs (8, GUEST_GRP1), and the rest (XSS,
+    /// PFEC mask/match, EOI bitmaps, MSR counts, CET, CR4 mask: 10). With an eVMCS KVM writes a
+    /// guest group only when its clean bit is clear.
     static let prepareWrites = 16
-    static let prepareRareWrites = 54
+    static let prepareRareGuestGrp2Writes = 36
+    static let prepareRareGuestGrp1Writes = 8
+    static let prepareRareOtherWrites = 10
+
+    /// What runs of prepare_vmcs02's rare halves: nothing (clean vmcs12), all (dirty vmcs12), or
+    /// with an eVMCS the early half and the groups whose clean bits are clear.
+    struct RareWork: Equatable {
+        var early = false, guestGrp2 = false, guestGrp1 = false, other = false
+        static let none = RareWork()
+        static let all = RareWork(early: true, guestGrp2: true, guestGrp1: true, other: true)
+        var writes: Int {
+            (early ? earlyRareWrites : 0) + (guestGrp2 ? prepareRareGuestGrp2Writes : 0)
+                + (guestGrp1 ? prepareRareGuestGrp1Writes : 0) + (other ? prepareRareOtherWrites : 0)
+        }
+    }
     /// Row 14 vcpu_enter_guest / vmx_vcpu_run: EPT_POINTER (shadow root), GUEST_CR3, RSP, RIP.
     static let entryRunWrites = 4
 
     /// The emulated VM entry's operations after the checks passed (rows 6-14; rows 1-2 are
     /// counted when the instruction is taken, whatever its outcome, and the shadow-VMCS copy
     /// where it runs); `rare`: vmcs12 dirty, or an eVMCS.
-    static func nestedEntry(rare: Bool) -> Ops {
-        Ops(writes: earlyWrites + (rare ? earlyRareWrites + prepareRareWrites : 0) + prepareWrites + entryRunWrites,
-            ptrlds: entrySwitchPtrlds)
+    static func nestedEntry(rare: RareWork, changedControls: Int) -> Ops {
+        Ops(writes: earlyWrites + changedControls + rare.writes + prepareWrites + entryRunWrites, ptrlds: entrySwitchPtrlds)
     }
+
+    /// A VM entry that failed its guest-state checks (nested_vmx_enter_non_root_mode's
+    /// vmentry_fail_vmexit): VMPTRLD vmcs02, prepare_vmcs02_early's entry-event writes, VMPTRLD
+    /// vmcs01 back, then load_vmcs12_host_state. No sync to vmcs12, no prepare_vmcs12.
+    static let failedEntry = Ops(reads: hostStateReads, writes: earlyWrites + hostStateWrites, ptrlds: 2)
+
+    /// copy_vmcs02_to_vmcs12_rare asked for by an exiting VMREAD/VMWRITE: vmcs02 loaded and
+    /// vmcs01 back (its 35 VMREADs are priced with the sync as a whole).
+    static let rareCopyOutsideExit = Ops(ptrlds: 2)
 
     // MARK: the shadow VMCS (section 0)
 
@@ -80,14 +108,17 @@ enum KVMWork {
     /// copy_vmcs12_to_shadow: VMPTRLD shadow, a VMWRITE per shadowed field, VMCLEAR, VMPTRLD back.
     static func vmcs12ToShadow(fields: Int) -> Ops { Ops(writes: fields, ptrlds: 2, clears: 1) }
 
-    /// Fields the rare sync covers: guest state outside the 12 synced on every exit.
-    static let syncedOnEveryExit: Set<VMCSField> = [
-        .guestCR0, .cr0ReadShadow, .guestCR4, .cr4ReadShadow, .guestRSP, .guestRIP, .guestRFLAGS,
-        .guestCSARBytes, .guestSSARBytes, .guestInterruptibilityInfo, .guestCR3, .guestLinearAddress,
+    /// The fields sync_vmcs02_to_vmcs12_rare copies: the guest segment selectors, limits, AR
+    /// bytes and bases, GDTR/IDTR, and the pending debug exceptions.
+    static let rareFields: Set<VMCSField> = [
+        .guestESSelector, .guestCSSelector, .guestSSSelector, .guestDSSelector, .guestFSSelector, .guestGSSelector,
+        .guestLDTRSelector, .guestTRSelector, .guestESLimit, .guestCSLimit, .guestSSLimit, .guestDSLimit,
+        .guestFSLimit, .guestGSLimit, .guestLDTRLimit, .guestTRLimit, .guestGDTRLimit, .guestIDTRLimit,
+        .guestESARBytes, .guestDSARBytes, .guestFSARBytes, .guestGSARBytes, .guestLDTRARBytes, .guestTRARBytes,
+        .guestESBase, .guestCSBase, .guestSSBase, .guestDSBase, .guestFSBase, .guestGSBase, .guestLDTRBase,
+        .guestTRBase, .guestGDTRBase, .guestIDTRBase, .guestPendingDbgExceptions,
     ]
-    static func needsRareSync(_ f: VMCSField) -> Bool {
-        f.kind == .guestState && !syncedOnEveryExit.contains(f)
-    }
+    static func needsRareSync(_ f: VMCSField) -> Bool { rareFields.contains(f) }
 }
 
 extension TransitionCounters {

@@ -118,9 +118,15 @@ extension NestedVMXBackend {
             setWriteProtected(page, false)
             vcpu.counters.ept12Unsyncs += 1
         } else {
-            let index = gpa.offsetInPage / 8
+            // The entries the store touched; a store that is not inside one entry (misaligned,
+            // or crossing into the next) zaps the whole shadow page, as detect_write_misaligned
+            // makes KVM do.
+            let first = gpa.offsetInPage / 8
+            let last = (gpa.offsetInPage &+ max(size, 1) &- 1) / 8
+            let wholePage = first != last
             for dep in shadow.dependents {
-                guard let l2 = L2GPA(pageNumber: dep), EPT.tableIndex(l2, level: shadow.level) == index else { continue }
+                guard let l2 = L2GPA(pageNumber: dep),
+                      wholePage || EPT.tableIndex(l2, level: shadow.level) == first else { continue }
                 vcpu.ept02.remove(page: l2)
                 shadows.forget(dep)
             }

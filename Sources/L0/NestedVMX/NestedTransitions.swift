@@ -152,11 +152,22 @@ extension NestedVMXBackend {
             return .entryFailureExit
         }
 
-        let rare = vmcs12Dirty || variant == .enlightened
+        let rare: KVMWork.RareWork
+        if variant == .enlightened {
+            // early_rare and rare run on every eVMCS entry; the guest groups only when dirty.
+            rare = .init(early: true, guestGrp2: lastEVMCSClean & EnlightenedVMCS.Group.guestGrp2.bit == 0,
+                         guestGrp1: lastEVMCSClean & EnlightenedVMCS.Group.guestGrp1.bit == 0, other: true)
+        } else {
+            rare = vmcs12Dirty ? .all : .none
+        }
         // A major control was written since the last entry: the hardware runs its full checks.
         if vmcs12Dirty { vcpu.counters.fullEntryChecks += 1 }
+        let controlsBefore = vmcs02
         prepareVMCS02(vmcs12, l1: l1, vcpu)
-        vcpu.counters.count(KVMWork.nestedEntry(rare: rare))
+        let changed = [controlsBefore.pinBased != vmcs02.pinBased, controlsBefore.cpuBased != vmcs02.cpuBased,
+                       controlsBefore.secondary != vmcs02.secondary, controlsBefore.exceptionBitmap != vmcs02.exceptionBitmap]
+            .filter { $0 }.count
+        vcpu.counters.count(KVMWork.nestedEntry(rare: rare, changedControls: changed))
         countTransitionTLBFlush(entering: true, vmcs12, vcpu)
         vcpu.counters.mmuRootSwitches += 1       // nested_ept_init_mmu_context: the shadow-EPT root
         if launch { vmcs12.launched = true }
@@ -190,9 +201,8 @@ extension NestedVMXBackend {
         v[.vmExitReason] = UInt64(reason.rawValue)
         v[.exitQualification] = qualification
         vcpu.counters.vmcs12FieldWrites += 2
-        // KVM's nested_vmx_vmexit for the failed entry: the exit work, without the instruction
-        // length and with L2 never having run.
-        vcpu.counters.count(KVMWork.reflectedExit(exceptionWithErrorCode: false, failedEntry: true))
+        // KVM's vmentry_fail_vmexit: vmcs02 loaded and left again, then L1's host state.
+        vcpu.counters.count(KVMWork.failedEntry)
         if shadowing { copyVMCS12ToShadow(vcpu) }
         if variant == .enlightened { writeBackEnlightenedVMCS(vcpu) }
         loadHostState(v, &l1, vcpu)
@@ -264,9 +274,12 @@ extension NestedVMXBackend {
         if vmcs12Dirty {
             // prepare_vmcs02_rare: the fields that rarely change, re-read after an exiting VMWRITE.
             vcpu.counters.vmcs12FieldReads += 24
-            vmcs02 = VMCS02Controls.merge(l1: v)
             vmcs12Dirty = false
         }
+        // prepare_vmcs02_early: the controls, through KVM's cached setters (a VMWRITE only for
+        // one that changed, counted by the caller).
+        vmcs02 = VMCS02Controls.merge(l1: v)
+        vcpu.counters.vmcs12FieldReads += 4
         // vmcs02's CR0/CR4 guest/host masks: a bit exits if L0 or L1 owns it (prepare_vmcs02).
         let masks = vcpu.control.l2CRGuestHostMasks(vcpu: vcpu.id)
         masks[0] = ControlRegisterBits.kvmCR0GuestHostMask | v[.cr0GuestHostMask]
@@ -451,6 +464,7 @@ public enum NestedExitRules {
 
     /// CR access (SDM Table 28-3): MOV to CR0/CR4 reflects when a bit L1 owns (guest/host mask)
     /// would differ from its read shadow; CR3/CR8 by their load/store exiting controls.
+    /// (KVM's nested_vmx_exit_handled_cr.)
     static func crAccessReflects(_ q: UInt64, _ v: VMCSImage, _ l2: RegisterFile) -> Bool {
         let cr = q & 0xF, type = (q >> 4) & 3
         let reg = Register(sdmNumber: (q >> 8) & 0xF) ?? .rax
@@ -466,10 +480,11 @@ public enum NestedExitRules {
         case (8, 1): return cpu & CPUBased.cr8StoreExiting != 0
         case (0, 2):   // CLTS: reflects if L1 owns CR0.TS and its shadow has TS set
             return v[.cr0GuestHostMask] & 8 != 0 && v[.cr0ReadShadow] & 8 != 0
-        case (0, 3):   // LMSW
-            let src = (q >> 16) & 0xFFFF
-            return (src ^ v[.cr0ReadShadow]) & v[.cr0GuestHostMask] & 0xF != 0
-        default: return true
+        case (0, 3):   // LMSW: bits 3:1 by the mask; PE only when LMSW would set it
+            let src = (q >> 16) & 0xF
+            if v[.cr0GuestHostMask] & 0xE & (src ^ v[.cr0ReadShadow]) != 0 { return true }
+            return v[.cr0GuestHostMask] & 1 != 0 && v[.cr0ReadShadow] & 1 == 0 && src & 1 != 0
+        default: return false      // MOV from CR0/CR4 never exits; other CRs are not L1's
         }
     }
 }

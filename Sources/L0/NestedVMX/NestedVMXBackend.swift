@@ -82,6 +82,8 @@ public final class NestedVMXBackend: NestingBackend {
     public internal(set) var shadows = EPT12ShadowTracker()
     /// L2's control registers where L1 does not own them (L0 keeps those, as KVM's kernel would).
     var l2ControlRegisters = GuestControlRegisters()
+    /// The clean-field bits of the last eVMCS load (0 on VMLAUNCH or a new eVMCS).
+    var lastEVMCSClean: UInt32 = 0
     /// The VPID of the last entry, for the transition TLB-flush rule.
     var lastEnteredVPID: UInt64 = 0
     /// The 35 rarely used fields have not been synced into vmcs12 since the last exit

@@ -157,6 +157,7 @@ extension NestedVMXBackend {
             if needsRareSync, KVMWork.needsRareSync(field) {
                 // copy_vmcs02_to_vmcs12_rare, before the first read of a rare field.
                 vcpu.counters.rareFieldSyncs += 1
+                vcpu.counters.count(KVMWork.rareCopyOutsideExit)
                 needsRareSync = false
             }
             regs[valueRegister] = vmcs12[field]
@@ -170,6 +171,12 @@ extension NestedVMXBackend {
         case .fail(let r): return r
         case let .usable(vmcs12, field, _):
             if field.isReadOnly { return vmfail(.vmwriteReadOnlyComponent) }
+            if needsRareSync, !ShadowedFields.readWrite.contains(field) {
+                // handle_vmwrite outside the hot fields: copy_vmcs02_to_vmcs12_rare first.
+                vcpu.counters.rareFieldSyncs += 1
+                vcpu.counters.count(KVMWork.rareCopyOutsideExit)
+                needsRareSync = false
+            }
             vmcs12.write(field, value)
             vcpu.counters.vmcs12FieldWrites += 1
             // KVM's handle_vmwrite: a field outside the shadowed read-write list dirties vmcs12
