@@ -59,6 +59,8 @@ public struct BenchRunner: Sendable {
     /// this long (vmexit.c's way); tests that need fresh work per iteration keep a fixed count.
     public var minNanos: UInt64?
     public var placement: CPUPlacement = .automatic()
+    /// The watchdog for each stack (StackConfig.tierTimeoutNanos).
+    public var tierTimeoutNanos: UInt64 = StackConfig.defaultTierTimeoutNanos
 
     public init(tierExecutable: String, iterations: UInt64, warmup: UInt64) {
         self.tierExecutable = tierExecutable
@@ -80,6 +82,7 @@ public struct BenchRunner: Sendable {
         let doubling = op.iterationLimit == nil ? (minNanos ?? 0) : 0
         var config = StackConfig(path: variant.path, program: op.name, programArguments: [n, w, doubling], tierExecutable: tierExecutable)
         config.placement = placement
+        config.tierTimeoutNanos = tierTimeoutNanos
         config.pvFeatures = variant.pvFeatures
         config.l2MapMode = variant.l2MapMode
         let result = try L0Stack(config: config).run()

@@ -72,8 +72,9 @@ public struct Handoff: @unchecked Sendable {
         _ = pvm_futex_wake(turnAddress, Int32.max)
     }
 
-    /// Waits until it is `me`'s turn (or stop). `isPeerAlive` is asked after each sleep slice,
-    /// so a tier waiting on a dead peer notices instead of hanging.
+    /// Waits until it is `me`'s turn (or stop). `isPeerAlive` is asked once per sleep slice
+    /// however the sleep ends (a timeout, a wake-up, a turn word that changed under it), so a
+    /// tier waiting on a dead, stopped or babbling peer notices instead of hanging.
     public func wait(for me: Tier, policy: WaitPolicy, isPeerAlive: () -> Bool = { true }) -> WaitOutcome {
         let mine = me.rawValue
         var v = turn.load(ordering: .acquiring)
@@ -97,14 +98,19 @@ public struct Handoff: @unchecked Sendable {
 
         // Sleep phase.
         let flag = sleeping[Int(mine)]
+        var lastCheck = monotonicNanos()
         while true {
             flag.store(1, ordering: .sequentiallyConsistent)
             v = turn.load(ordering: .sequentiallyConsistent)
             if v != mine && v != HandoffLayout.stopValue {
                 let r = pvm_futex_wait(turnAddress, v, policy.sleepSliceNanos)
-                if r == -ETIMEDOUT, !isPeerAlive() {
-                    flag.store(0, ordering: .sequentiallyConsistent)
-                    return .peerGone
+                let now = monotonicNanos()
+                if r == -ETIMEDOUT || now &- lastCheck >= UInt64(max(policy.sleepSliceNanos, 0)) {
+                    lastCheck = now
+                    if !isPeerAlive() {
+                        flag.store(0, ordering: .sequentiallyConsistent)
+                        return .peerGone
+                    }
                 }
             }
             flag.store(0, ordering: .sequentiallyConsistent)

@@ -77,6 +77,12 @@ extension PVM {
         var json: String?
         @Option(name: .long, help: "Cost profile for the modelled-cycles column (default: the shipped published-figures profile).")
         var profile: String?
+        @Option(name: .long, help: "Watchdog: seconds a tier may hold the vCPU before the stack is stopped (> 0).")
+        var tierTimeout: Double = 10
+
+        func validate() throws {
+            guard tierTimeout > 0, tierTimeout <= 3600 else { throw ValidationError("--tier-timeout must be in (0, 3600] seconds") }
+        }
 
         func run() throws {
             #if DEBUG
@@ -109,6 +115,7 @@ extension PVM {
             var runner = BenchRunner(tierExecutable: selfExecutable(), iterations: iterations,
                                      warmup: warmup ?? (minTimeMs > 0 ? 1_000 : iterations / 10))
             runner.minNanos = minTimeMs > 0 ? minTimeMs * 1_000_000 : nil
+            runner.tierTimeoutNanos = UInt64(tierTimeout * 1e9)
             var results: [BenchResult] = []
             var plan: [(String, BenchVariant)] = []
             for t in tests {
@@ -184,6 +191,12 @@ extension PVM {
         var oneTimeSetup: String = "off"
         @Flag(name: .long, inversion: .prefixedNo, help: "Enable virtualization on every CPU when L0 loads (KVM's default) rather than at the first VM.")
         var enableVirtAtLoad = true
+        @Option(name: .long, help: "Watchdog: seconds a tier may hold the vCPU before the stack is stopped (> 0).")
+        var tierTimeout: Double = 10
+
+        func validate() throws {
+            guard tierTimeout > 0, tierTimeout <= 3600 else { throw ValidationError("--tier-timeout must be in (0, 3600] seconds") }
+        }
 
         func run() throws {
             guard let p = NestingPath(rawValue: path) else { throw ValidationError("unknown path '\(path)'") }
@@ -203,6 +216,7 @@ extension PVM {
             config.vmType = type
             config.oneTimeSetup = setup
             config.enableVirtAtLoad = enableVirtAtLoad
+            config.tierTimeoutNanos = UInt64(tierTimeout * 1e9)
             let result = try L0Stack(config: config).run()
             for line in result.harness.prints { print("[L2] \(line)") }
             for s in result.harness.syncs { print("sync " + s.map { "0x" + String($0, radix: 16) }.joined(separator: " ")) }

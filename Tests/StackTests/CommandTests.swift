@@ -255,5 +255,14 @@ extension StackTests {
         let program = try pvm(["launch", "--program", "nosuch"])
         #expect(program.status == 64 && program.err.contains("unknown guest program 'nosuch'"), "\(program.err)")
     }
+
+    /// The watchdog's --tier-timeout is a range (0, 3600] seconds, checked before anything starts.
+    @Test(arguments: [["bench", "--test", "cpuid", "--path", "pv"], ["launch"]], ["0", "-1", "3601", "nan"])
+    func aTierTimeoutOutsideItsRangeIsAUsageError(command: [String], value: String) throws {
+        let r = try pvm(command + ["--tier-timeout=\(value)"])
+        #expect(r.status == 64, "\(r.err)")
+        #expect(r.err.contains("--tier-timeout"), "\(r.err)")
+        #expect(r.out.isEmpty, "\(r.out)")
+    }
 }
 }

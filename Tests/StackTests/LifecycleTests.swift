@@ -45,6 +45,31 @@ extension StackTests {
         #expect(left.isEmpty, "tiers outlived L0: \(left)")
     }
 
+    /// The watchdog: a tier that keeps the vCPU (here frozen with SIGSTOP, which waitpid does not
+    /// report as an exit) ends the stack after `--tier-timeout`, with a message naming it, and
+    /// the frozen tier does not outlive L0.
+    @Test(arguments: [(Tier.l2, "nvmx"), (Tier.l1, "nvmx"), (Tier.l2, "pv")])
+    func aTierThatHoldsTheVCPUPastTheWatchdogEndsTheStackWithAMessageNamingIt(victim: Tier, path: String) throws {
+        let p = try PVMProcess(["launch", "--path", path, "--program", "cpuid-forever", "--tier-timeout", "1"])
+        defer { p.cleanup() }
+        let deadline = Date().addingTimeInterval(20)
+        var target: Int32?
+        while target == nil && Date() < deadline && p.isRunning {
+            target = children(of: p.pid).first(where: { $0.name == "pvm-l\(victim.rawValue)" })?.pid
+            if target == nil { usleep(20_000) }
+        }
+        let pid = try #require(target, "no pvm-l\(victim.rawValue) child within 20 s")
+        // On nvmx every CPUID of L2 goes to L1, so a frozen L1 is given the vCPU and keeps it.
+        kill(pid, SIGSTOP)
+        let status = p.finish(seconds: 20)
+        kill(pid, SIGCONT)
+        #expect(status != nil && status != 0)
+        let text = p.stderr + p.stdout
+        #expect(text.contains("\(victim) (pvm-l\(victim.rawValue)) did not give the vCPU back within 1.0 s"), "\(text)")
+        let left = survivingTiers(token: p.token)
+        #expect(left.isEmpty, "tiers outlived L0: \(left)")
+    }
+
     @Test func killingL0TakesItsChildrenWithIt() throws {
         let (p, l1, l2) = try launchEndlessStack(path: "nvmx")
         defer { p.cleanup() }

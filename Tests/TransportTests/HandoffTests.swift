@@ -22,6 +22,14 @@ func onThread<T: Sendable>(_ body: @escaping @Sendable () -> T) -> () -> T {
     return { box.done.wait(); return box.value! }
 }
 
+/// A one-way flag shared between test threads.
+final class ManagedAtomicFlag: @unchecked Sendable {
+    private let lock = NSLock()
+    private var value = false
+    var isSet: Bool { lock.withLock { value } }
+    func set() { lock.withLock { value = true } }
+}
+
 @Suite struct HandoffTests {
     let region: SharedRegion
     let handoff: Handoff
@@ -51,6 +59,33 @@ func onThread<T: Sendable>(_ body: @escaping @Sendable () -> T) -> () -> T {
         let policy = WaitPolicy(spin: .yield, spinBudgetNanos: 100_000, sleepSliceNanos: 10_000_000)
         let outcome = onThread { h.wait(for: .l1, policy: policy, isPeerAlive: { false }) }()
         #expect(outcome == .peerGone)
+    }
+
+    /// A peer that keeps rewriting the turn word (never to the waiter) wakes the futex again and
+    /// again, so the sleep never times out: liveness is still asked once per slice.
+    @Test func aWaiterWokenOverAndOverByABabblingPeerStillNoticesItIsGone() throws {
+        let h = handoff
+        let policy = WaitPolicy(spin: .yield, spinBudgetNanos: 100_000, sleepSliceNanos: 10_000_000)
+        let quiet = ManagedAtomicFlag()
+        h.pass(to: .l1)                  // never L0's turn from here on
+        // The peers claim to sleep, so every pass wakes every sleeper on the word, L0's too.
+        for t in [Tier.l1, .l2] { try region.store(UInt32(1), at: HandoffLayout.sleeping(t)) }
+        let babbler = onThread { () -> Int in
+            var n = 0
+            while !quiet.isSet { h.pass(to: n % 2 == 0 ? .l1 : .l2); n += 1 }
+            return n
+        }
+        let box = ResultBox<WaitOutcome>()
+        Thread { box.value = h.wait(for: .l0, policy: policy, isPeerAlive: { false }); box.done.signal() }.start()
+        // 10 ms slices: a waiter that asks at all answers within a few; one that only asks on a
+        // timeout hangs as long as the babbling lasts. 10 s is a liveness bound, not a timing.
+        let answered = box.done.wait(timeout: .now() + 10) == .success
+        quiet.set()
+        let writes = babbler()
+        if !answered { h.stop(); box.done.wait() }
+        #expect(answered, "the waiter never asked whether its peer was alive")
+        #expect(box.value == .peerGone)
+        #expect(writes > 0)
     }
 
     @Test func stopReachesEveryWaiter() {

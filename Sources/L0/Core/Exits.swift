@@ -177,6 +177,8 @@ public enum FatalError: Equatable, Sendable, CustomStringConvertible {
     /// The handoff word said "stop", which only L0 may store.
     case stopFromGuest
     case timeLimit(seconds: UInt64)
+    /// A tier held its turn past the watchdog (`StackConfig.tierTimeoutNanos`).
+    case tierTimeout(Tier, seconds: Double)
 
     public var description: String {
         switch self {
@@ -192,6 +194,7 @@ public enum FatalError: Equatable, Sendable, CustomStringConvertible {
         case .cannotStartL2(let e): "cannot start L2: \(e)"
         case .stopFromGuest: "handoff word says stop, but only L0 may stop the stack"
         case .timeLimit(let s): "run exceeded its time limit of \(s) s"
+        case let .tierTimeout(t, s): "\(t) (\(TierProcess.name(of: t))) did not give the vCPU back within \(s) s (stopped, hung or looping)"
         }
     }
 }

@@ -146,7 +146,13 @@ extension L0Stack {
 
         l1 = vcpu.backend.runsL1 ? try launch(.l1) : nil
         let deadline = started + config.timeoutNanos
-        let alive = { [unowned self] in self.deadTier() == nil && monotonicNanos() < deadline }
+        // When the tier now running got the vCPU: the watchdog's clock.
+        var turnStarted = monotonicNanos()
+        let tierTimeout = config.tierTimeoutNanos
+        let alive = { [unowned self] in
+            let now = monotonicNanos()
+            return self.deadTier() == nil && now < deadline && now &- turnStarted < tierTimeout
+        }
 
         var state = State.stopping(.guestDone)
         /// L1 created its L2 vCPU (PV create-vCPU, the first VMLAUNCH; on one level, from the
@@ -160,10 +166,12 @@ extension L0Stack {
             switch next {
             case .resume(let tier):
                 if tier == .l1 { vcpu.counters.l1Entries += 1 } else { vcpu.counters.l2Entries += 1 }
+                turnStarted = monotonicNanos()
                 handoff.pass(to: tier)
                 state = .running(tier)
             case .enterL2:
                 vcpu.counters.l2Entries += 1
+                turnStarted = monotonicNanos()
                 handoff.pass(to: .l2)
                 state = .running(.l2)
             case .stop(let r):
@@ -177,7 +185,7 @@ extension L0Stack {
         while true {
             switch state {
             case .running(let tier):
-                if let stop = waitForTurn(policy, alive) { state = .stopping(stop); continue }
+                if let stop = waitForTurn(policy, alive, running: tier, since: turnStarted) { state = .stopping(stop); continue }
                 let received = log == nil ? 0 : monotonicNanos()
                 let reason = (tier == .l1 ? vcpu.l1Run : vcpu.l2Run).exitReason
                 log?.guestExited(tier, reason: reason, at: received)
@@ -202,7 +210,7 @@ extension L0Stack {
 
     /// nil when it is L0's turn; otherwise why the stack must stop.
     @inline(__always)
-    func waitForTurn(_ policy: WaitPolicy, _ alive: () -> Bool) -> StopReason? {
+    func waitForTurn(_ policy: WaitPolicy, _ alive: () -> Bool, running tier: Tier, since turnStarted: UInt64) -> StopReason? {
         handoffsSinceCheck &+= 1
         if handoffsSinceCheck >= Self.livenessCheckInterval {
             handoffsSinceCheck = 0
@@ -213,6 +221,9 @@ extension L0Stack {
         case .stop: return .fatal(.stopFromGuest)
         case .peerGone:
             if let (t, s) = deadTier() { return .tierDied(t, s) }
+            if monotonicNanos() &- turnStarted >= config.tierTimeoutNanos {
+                return .fatal(.tierTimeout(tier, seconds: Double(config.tierTimeoutNanos) / 1e9))
+            }
             return .fatal(.timeLimit(seconds: config.timeoutNanos / 1_000_000_000))
         }
     }
