@@ -136,6 +136,9 @@ public enum PVMSRPolicyEntry {
     public static let writableMask: UInt64 = 16  // u64
     public static let size: UInt64 = 24
     public static let maxPerCall: UInt64 = PVArgumentPage.size / size
+    /// Distinct MSRs L0 keeps a policy for, over all calls (L0's table is bounded; a call that
+    /// would pass it gets E2BIG and changes nothing). Re-setting a known MSR is always allowed.
+    public static let maxPolicies = 512
 }
 
 /// What L0 does with an L2 RDMSR/WRMSR of one MSR.

@@ -32,6 +32,12 @@ public struct PVMapping: Equatable, Sendable {
 /// one entry).
 public struct PVMap: Sendable, Equatable {
     public private(set) var mappings: [PVMapping] = []
+    /// L0 keeps at most this many ranges for one L1 (KVM bounds memslots the same way, at 32,767
+    /// per address space). One map can add two (a replace that splits a range, then the new one),
+    /// one unmap one (a hole), so L0 refuses with E2BIG a call that could pass the bound.
+    public static let maxMappings = 65_536
+    /// Whether `operations` more maps or unmaps surely fit under `maxMappings`.
+    public func hasRoom(forOperations operations: Int) -> Bool { mappings.count <= Self.maxMappings - 2 * operations }
     public init() {}
 
     /// Index of the first mapping that ends after `gpa` (binary search).

@@ -25,7 +25,7 @@ public struct BenchResult: Sendable {
     public var l1EntriesPerOp: Double { perOp(window.l1Entries) }
     public var l1ExitsPerOp: Double { perOp(window.totalL1Exits) }
     public var deliveriesPerOp: Double { perOp(window.totalDeliveries) }
-    public var hypercallsPerOp: Double { perOp(window.hypercalls.values.reduce(0, +)) }
+    public var hypercallsPerOp: Double { perOp(window.hypercalls.total) }
     public var l1ExitsByReasonPerOp: [(ExitReason, Double)] {
         TransitionCounters.byReason(window.l1Exits).sorted { $0.key < $1.key }.map { ($0.key, perOp($0.value)) }
     }

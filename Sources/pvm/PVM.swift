@@ -218,12 +218,16 @@ extension PVM {
             config.enableVirtAtLoad = enableVirtAtLoad
             config.tierTimeoutNanos = UInt64(tierTimeout * 1e9)
             let result = try L0Stack(config: config).run()
-            for line in result.harness.prints { print("[L2] \(line)") }
-            for s in result.harness.syncs { print("sync " + s.map { "0x" + String($0, radix: 16) }.joined(separator: " ")) }
+            let c = result.counters
+            let h = result.harness
+            if h.prints.dropped > 0 { print("[L2] (\(h.prints.dropped) earlier lines dropped; L0 keeps the last \(h.prints.capacity))") }
+            for line in h.prints { print("[L2] \(line)") }
+            if h.syncs.dropped > 0 { print("(\(h.syncs.dropped) earlier syncs dropped; L0 keeps the last \(h.syncs.capacity))") }
+            for s in h.syncs { print("sync " + s.map { "0x" + String($0, radix: 16) }.joined(separator: " ")) }
+            if c.hypercalls.others > 0 { print("hypercalls beyond the first \(c.hypercalls.capacity) numbers: \(c.hypercalls.others)") }
             if let refusal = result.pvRefusal { print("L0 refused L1's PV request: \(refusal)") }
             print("stopped: \(result.stop)")
             print("L1 \(result.l1Status.map { "\($0)" } ?? "not started"), L2 \(result.l2Status.map { "\($0)" } ?? "not started")")
-            let c = result.counters
             print("L2->L0 exits: " + TransitionCounters.byReason(c.l2Exits).sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: " "))
             print("L1->L0 exits: " + TransitionCounters.byReason(c.l1Exits).sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: " "))
             print("delivered to L1: " + TransitionCounters.byReason(c.deliveries).sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: " "))

@@ -44,7 +44,7 @@ import Transport
         #expect(f.l2Run[register: .rip] == 0x2001)
         try writeUcall(f, .sync, [4])
         #expect(ucall(f) == .resume(.l2))
-        #expect(f.vcpu.harness.syncs == [[1, 2, 3, 0, 0, 0], [4, 0, 0, 0, 0, 0]])
+        #expect(Array(f.vcpu.harness.syncs) == [[1, 2, 3, 0, 0, 0], [4, 0, 0, 0, 0, 0]])
         #expect(f.vcpu.counters.totalDeliveries == 0)
     }
 
@@ -66,8 +66,25 @@ import Transport
         #expect(ucall(f) == .resume(.l2))
         try writeUcall(f, .report, [10, 1, 2, 3, 4, 50])
         #expect(ucall(f) == .resume(.l2))
-        #expect(f.vcpu.harness.prints == ["hello from L2"])
-        #expect(f.vcpu.harness.reports == [LatencyReport(samples: 10, minNanos: 1, medianNanos: 2, p99Nanos: 3, maxNanos: 4, totalNanos: 50)])
+        #expect(Array(f.vcpu.harness.prints) == ["hello from L2"])
+        #expect(Array(f.vcpu.harness.reports) == [LatencyReport(samples: 10, minNanos: 1, medianNanos: 2, p99Nanos: 3, maxNanos: 4, totalNanos: 50)])
+    }
+
+    /// A guest chooses how much it prints: L0 keeps the last lines and counts the rest.
+    @Test func guestOutputIsARingOfTheLastLinesAndACountOfDroppedOnes() throws {
+        let f = try pvFixture()
+        let total = Harness.printCapacity * 3 + 7
+        for i in 0..<total {
+            try writeUcall(f, .printf, message: "line \(i)")
+            #expect(ucall(f) == .resume(.l2))
+            try writeUcall(f, .sync, [0x5157, UInt64(i)])
+            #expect(ucall(f) == .resume(.l2))
+        }
+        let prints = f.vcpu.harness.prints
+        #expect(prints.count == Harness.printCapacity)
+        #expect(prints.dropped == UInt64(total - Harness.printCapacity))
+        #expect(prints.first == "line \(total - Harness.printCapacity)" && prints.last == "line \(total - 1)")
+        #expect(f.vcpu.harness.syncs.count == total && f.vcpu.harness.syncs.dropped == 0)
     }
 
     @Test func anUnmappedOrStraddlingOrUnknownUcallBlockIsFatal() throws {
@@ -115,7 +132,7 @@ import Transport
                                    guestPhysicalAddress: L2GPA(Self.block.raw), instructionLength: 3)) == .resume(.l2))
         try writeUcall(f, .sync, [9])
         #expect(ucall(f) == .resume(.l2))
-        #expect(f.vcpu.harness.syncs == [[9, 0, 0, 0, 0, 0]])
+        #expect(Array(f.vcpu.harness.syncs) == [[9, 0, 0, 0, 0, 0]])
         try writeUcall(f, .done)
         #expect(ucall(f) == .stop(.guestDone))
     }

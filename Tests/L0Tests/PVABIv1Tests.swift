@@ -147,6 +147,29 @@ import Transport
         #expect(f.hypercall(.setMSRPolicy, PVMSRPolicyEntry.maxPerCall + 1).rax == HypercallError.tooBig.returnValue)
     }
 
+    /// L1 chooses the MSR numbers, so L0's policy table is bounded: a call that would take it
+    /// past `maxPolicies` distinct MSRs is E2BIG and changes nothing; known MSRs can still change.
+    @Test func thePolicyTableIsBoundedAndAFullTableRefusesNewMSRsOnly() throws {
+        let f = try Fixture(.pv)
+        let perCall = Int(PVMSRPolicyEntry.maxPerCall)
+        var next: UInt32 = 0x4000_0000
+        while f.pv.msrPolicy.count < PVMSRPolicyEntry.maxPolicies {
+            let n = min(perCall, PVMSRPolicyEntry.maxPolicies - f.pv.msrPolicy.count)
+            try writePolicies(f, (0..<n).map { i in (next + UInt32(i), PVMSRAction.emulate.rawValue, 1, ~0) })
+            #expect(f.hypercall(.setMSRPolicy, UInt64(n)).rax == 0)
+            next += UInt32(n)
+        }
+        // One new MSR among known ones: refused as a whole.
+        try writePolicies(f, [(0x4000_0000, PVMSRAction.emulate.rawValue, 9, ~0), (next, PVMSRAction.emulate.rawValue, 9, ~0)])
+        #expect(f.hypercall(.setMSRPolicy, 2).rax == HypercallError.tooBig.returnValue)
+        #expect(f.pv.msrPolicy.count == PVMSRPolicyEntry.maxPolicies && f.pv.msrPolicy[next] == nil)
+        #expect(f.vcpu.l0MSRs[0x4000_0000] == 1)
+        // Known MSRs only: allowed.
+        try writePolicies(f, [(0x4000_0000, PVMSRAction.emulate.rawValue, 9, ~0)])
+        #expect(f.hypercall(.setMSRPolicy, 1).rax == 0)
+        #expect(f.vcpu.l0MSRs[0x4000_0000] == 9)
+    }
+
     @Test func l1ReadsEmulatedValuesBackInOneCallAndRestoresThem() throws {
         let f = try Fixture(.pv)
         try writePolicies(f, [(0x3B, PVMSRAction.emulate.rawValue, 77, ~0), (0x1A0, PVMSRAction.passToL1.rawValue, 0, 0)])
@@ -287,6 +310,9 @@ struct PVModel {
                 let msr = UInt32(truncatingIfNeeded: head)
                 if action == .passthrough && !PassthroughMSRs.contains(msr) { return (invalid, "setMSRPolicy.notPassthroughable") }
                 parsed.append((msr, action))
+            }
+            if msrPolicy.count + Set(parsed.map(\.0)).subtracting(msrPolicy.keys).count > PVMSRPolicyEntry.maxPolicies {
+                return (HypercallError.tooBig.returnValue, "setMSRPolicy.tableFull")
             }
             for (msr, action) in parsed { msrPolicy[msr] = action }
             return (0, count == 0 ? "setMSRPolicy.empty" : "setMSRPolicy.ok")

@@ -46,6 +46,51 @@ import Transport
         #expect(f.vcpu.counters.l1Exits[Int(ExitReason.vmcall.rawValue)] == vmcalls + UInt64(numbers.count))
     }
 
+    /// L1 chooses hypercall numbers: L0 counts the first few distinct ones by number and the
+    /// rest together, so 10,000 distinct numbers do not grow L0.
+    @Test func hypercallNumbersAreCountedInBoundedStorage() throws {
+        let f = try Fixture(.pv)
+        let before = f.vcpu.counters.hypercalls     // the fixture's own negotiation
+        for i in UInt64(0)..<10_000 {
+            #expect(f.hypercall(1 << 63 | i &* 0x9E37_79B9).rax == HypercallError.noSys.returnValue)
+        }
+        let h = f.vcpu.counters.hypercalls
+        #expect(h.counts.count == TransitionCounters.hypercallKeys)
+        let mine = UInt64(TransitionCounters.hypercallKeys - before.counts.count)
+        #expect(h.total == before.total + 10_000 && h.others == 10_000 - mine)
+    }
+
+    /// L1 chooses how many ranges it maps: one page in two, never merging, fills L0's PV map to
+    /// its bound, and then every call that could grow it is E2BIG and changes nothing.
+    @Test func thePVMapIsBoundedAndAFullMapRefusesMoreWithE2BIG() throws {
+        let f = try Fixture(.pv)
+        let l1 = 4 * Self.mb
+        var next: UInt64 = 0
+        func batch(_ n: Int) throws -> UInt64 {
+            for i in 0..<n {
+                let base = Plan.argumentPage.raw + UInt64(i) * PVMapBatchEntry.size
+                try f.store64((next + UInt64(i)) * 2 * pageSize, L1GPA(base + PVMapBatchEntry.l2GPA))
+                try f.store64(l1, L1GPA(base + PVMapBatchEntry.l1GPA))
+                try f.store64(pageSize, L1GPA(base + PVMapBatchEntry.length))
+                try f.store64(PVMapFlags.rwx, L1GPA(base + PVMapBatchEntry.flags))
+            }
+            let r = f.hypercall(.mapGPABatch, UInt64(n)).rax
+            if r == 0 { next += UInt64(n) }
+            return r
+        }
+        let perCall = Int(PVMapBatchEntry.maxPerCall)
+        while try batch(perCall) == 0 {}
+        #expect(f.pv.map.mappings.count > PVMap.maxMappings - 2 * perCall)
+        while f.map(l2: next * 2 * pageSize, l1: l1, length: pageSize) == 0 { next += 1 }
+        #expect(f.pv.map.mappings.count == PVMap.maxMappings - 1)
+        let tooBig = HypercallError.tooBig.returnValue
+        try expectUnchanged(f, "full map") {
+            #expect(f.map(l2: next * 2 * pageSize, l1: l1, length: pageSize) == tooBig)
+            #expect(f.map(l2: 0, l1: l1, length: pageSize, flags: PVMapFlags.rwx | PVMapFlags.replace) == tooBig)
+            #expect(f.unmap(l2: 0, length: pageSize) == tooBig)
+        }
+    }
+
     @Test func pvHypercallsBeforeNegotiationAreEPERM() throws {
         let f = try Fixture(.pv, negotiating: nil)
         #expect(f.hypercall(.getVersion).rax == PVABIVersion.current.packed)

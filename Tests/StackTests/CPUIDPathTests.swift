@@ -61,7 +61,7 @@ extension StackTests {
         for path in NestingPath.allCases {
             let (result, _) = try runStack(path, program: "cpuid-values")
             #expect(result.succeeded, "\(path): \(result.stop)")
-            answers[path] = result.harness.syncs
+            answers[path] = Array(result.harness.syncs)
         }
         let expected = GuestPrograms.cpuidValuesLeaves.map { f, i -> [UInt64] in
             let (a, b, c, d) = GuestCPUIDTable.table.lookup(function: f, index: i)
@@ -79,7 +79,7 @@ extension StackTests {
         for path in NestingPath.allCases {
             let (result, _) = try runStack(path, program: "instruction-tour")
             #expect(result.succeeded, "\(path): \(result.stop)")
-            answers[path] = result.harness.syncs
+            answers[path] = Array(result.harness.syncs)
         }
         let expected: [[UInt64]] = [
             [0x3B, 0x1234_5678_9ABC, 0, 0, 0, 0],

@@ -20,7 +20,7 @@ extension StackTests {
     func permissionFaultsReachL1WhichGrantsTheAccess(path: NestingPath) throws {
         let (r, _) = try run("permission-probe", path)
         #expect(r.succeeded, "\(r.stop)")
-        #expect(r.harness.syncs == [[0x30_0000, 0xFEED, 0, 0, 0, 0], [0x31_0000, 0xC3, 0, 0, 0, 0]])
+        #expect(Array(r.harness.syncs) == [[0x30_0000, 0xFEED, 0, 0, 0, 0], [0x31_0000, 0xC3, 0, 0, 0, 0]])
         #expect(r.counters.deliveries[Int(ExitReason.eptViolation.rawValue)] == 2)
         if path == .pv {
             #expect(r.counters.hypercalls[PVHypercall.mapGPARange.rawValue] == 2)   // the two replacing maps
@@ -33,7 +33,7 @@ extension StackTests {
         let (r, _) = try run("msr-policy-probe")
         #expect(r.succeeded, "\(r.stop)")
         // msr, value read, WRMSR fault vector, RDMSR fault vector (0xFF: none)
-        #expect(r.harness.syncs == [
+        #expect(Array(r.harness.syncs) == [
             [0x3B, 0xABCD, 0xFF, 0xFF, 0, 0],            // L0 emulates TSC_ADJUST
             [0x1A0, 0xABCD, 0xFF, 0xFF, 0, 0],           // L1 handles MISC_ENABLE
             [0x4B56_4DFF, 0, 13, 13, 0, 0],              // #GP by policy
@@ -55,7 +55,7 @@ extension StackTests {
         let gpa: UInt64 = 0x40_0000, pattern: UInt64 = 0x5EC2_E7DA_7A00_0001
         let (r, stack) = try run("balloon-probe", path, args: [gpa, pattern])
         #expect(r.succeeded, "\(r.stop)")
-        #expect(r.harness.syncs == [[gpa, pattern, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0], [gpa, ~0, 0, 0, 0, 0]])
+        #expect(Array(r.harness.syncs) == [[gpa, pattern, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0], [gpa, ~0, 0, 0, 0, 0]])
         // The bytes are still in L1's memory: only L2's view of them is gone.
         #expect(try stack.vcpu.l1Memory.load64(L1MemoryPlan.backing(of: L2GPA(gpa))!) == pattern)
         if path == .pv {

@@ -13,8 +13,10 @@ public struct TransitionCounters: Equatable, Sendable {
     public var deliveries = [UInt64](repeating: 0, count: reasonSlots)
     public var l1Entries: UInt64 = 0
     public var l2Entries: UInt64 = 0
-    /// PV hypercalls L1 made, by number (a subset of l1Exits[VMCALL]).
-    public var hypercalls: [UInt64: UInt64] = [:]
+    /// PV hypercalls L1 made, by number (a subset of l1Exits[VMCALL]). L1 picks the numbers, so
+    /// the table is bounded: numbers past the first `hypercallKeys` distinct ones count as others.
+    public var hypercalls = BoundedCounts<UInt64>(capacity: hypercallKeys)
+    public static let hypercallKeys = 32
 
     // Work a real L0 would do on these paths.
     public var vmcs12FieldReads: UInt64 = 0
@@ -96,7 +98,7 @@ public struct TransitionCounters: Equatable, Sendable {
         }
         d.l1Entries = l1Entries - earlier.l1Entries
         d.l2Entries = l2Entries - earlier.l2Entries
-        for (k, v) in hypercalls { d.hypercalls[k] = v - (earlier.hypercalls[k] ?? 0) }
+        d.hypercalls = hypercalls.since(earlier.hypercalls)
         d.vmcs12FieldReads = vmcs12FieldReads - earlier.vmcs12FieldReads
         d.vmcs12FieldWrites = vmcs12FieldWrites - earlier.vmcs12FieldWrites
         d.shadowVMCSFieldCopies = shadowVMCSFieldCopies - earlier.shadowVMCSFieldCopies

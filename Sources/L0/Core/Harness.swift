@@ -22,11 +22,16 @@ public struct LatencyReport: Equatable, Sendable, Codable {
 
 /// What the guest program told the harness through ucalls, and the transition counts of each
 /// measurement window (from the entry after `sync(measureStart)` to the exit of `sync(measureEnd)`).
+/// All of it is guest-driven, so each is a bounded log: the last items and a count of dropped ones.
 public struct Harness: Sendable {
-    public var syncs: [[UInt64]] = []
-    public var prints: [String] = []
-    public var reports: [LatencyReport] = []
-    public var windows: [TransitionCounters] = []
+    public static let syncCapacity = 4_096
+    public static let printCapacity = 256
+    public static let reportCapacity = 256
+    public static let windowCapacity = 256
+    public var syncs = BoundedLog<[UInt64]>(capacity: syncCapacity)
+    public var prints = BoundedLog<String>(capacity: printCapacity)
+    public var reports = BoundedLog<LatencyReport>(capacity: reportCapacity)
+    public var windows = BoundedLog<TransitionCounters>(capacity: windowCapacity)
     var windowStart: TransitionCounters?
     public init() {}
 }

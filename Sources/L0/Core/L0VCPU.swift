@@ -25,6 +25,7 @@ public final class L0VCPU {
     public var l0MSRs: [UInt32: UInt64] = [:]
     /// L1's own MSRs (the VP assist page among them), kept by L0.
     public var l1MSRs: [UInt32: UInt64] = [:]
+    public static let l1MSRCapacity = 512
     /// L1's VM: its type and capability booleans (the PV path needs one without protected state).
     public var vm = VMHandle(id: 0, type: .default)
     /// How deleting or moving one of L1's memslots drops derived mappings (KVM's default: fast).
@@ -127,7 +128,9 @@ public final class L0VCPU {
         regs.skipInstruction(length: exit.info.instructionLength)
         switch exit.kind {
         case let .msrWrite(msr, v):
-            guard acceptsL1MSRWrite(msr, v) else {
+            // L1 picks the MSR numbers: L0 keeps at most `l1MSRCapacity` of them, and a write
+            // to one more is refused as KVM refuses an MSR it does not know (#GP).
+            guard acceptsL1MSRWrite(msr, v), l1MSRs[msr] != nil || l1MSRs.count < Self.l1MSRCapacity else {
                 inject(into: .l1, vector: 13, errorCode: 0)
                 return .resume(.l1)
             }
@@ -147,7 +150,7 @@ public final class L0VCPU {
 
     /// A VMCALL on a path with no hypercalls for L1: counted, and refused with -KVM_ENOSYS.
     func refuseHypercall(_ nr: UInt64, _ exit: L1Exit, _ regs: inout RegisterFile) -> NextStep {
-        counters.hypercalls[nr, default: 0] += 1
+        counters.hypercalls.record(nr)
         regs.skipInstruction(length: exit.info.instructionLength)
         regs[.rax] = HypercallError.noSys.returnValue
         return .resume(.l1)

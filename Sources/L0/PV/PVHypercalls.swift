@@ -6,7 +6,7 @@ import Transport
 extension PVBackend {
     /// VMCALL from L1: number in RAX, arguments in RBX, RCX, RDX, RSI; the result in RAX.
     func hypercall(_ nr: UInt64, _ args: HypercallArguments, _ exit: L1Exit, _ regs: inout RegisterFile, _ vcpu: L0VCPU) -> NextStep {
-        vcpu.counters.hypercalls[nr, default: 0] += 1
+        vcpu.counters.hypercalls.record(nr)
         regs.skipInstruction(length: exit.info.instructionLength)
         guard let call = PVHypercall(rawValue: nr) else {
             regs[.rax] = HypercallError.noSys.returnValue
@@ -147,13 +147,14 @@ extension PVBackend {
     }
 
     func hcMap(l2: L2GPA, l1: L1GPA, length: UInt64, flags: UInt64, _ vcpu: L0VCPU) -> Result<UInt64, HypercallError> {
-        validateMapping(l2: l2, l1: l1, length: length, flags: flags, vcpu).map { apply($0, vcpu); return 0 }
+        guard map.hasRoom(forOperations: 1) else { return .failure(.tooBig) }
+        return validateMapping(l2: l2, l1: l1, length: length, flags: flags, vcpu).map { apply($0, vcpu); return 0 }
     }
 
     /// Many ranges from the argument page, all or nothing: ranges may not overlap each other.
     func hcMapBatch(count: UInt64, _ vcpu: L0VCPU) -> Result<UInt64, HypercallError> {
         guard count > 0 else { return .failure(.invalid) }
-        guard count <= PVMapBatchEntry.maxPerCall else { return .failure(.tooBig) }
+        guard count <= PVMapBatchEntry.maxPerCall, map.hasRoom(forOperations: Int(count)) else { return .failure(.tooBig) }
         var validated: [ValidatedMapping] = []
         for i in 0..<count {
             let base = i * PVMapBatchEntry.size
@@ -176,6 +177,7 @@ extension PVBackend {
         guard l2.isPageAligned, length > 0, length % pageSize == 0,
               let r = AddressRange(start: l2, length: length) else { return .failure(.invalid) }
         guard !map.overlapping(r).isEmpty else { return .failure(.invalid) }
+        guard map.hasRoom(forOperations: 1) else { return .failure(.tooBig) }
         map.remove(r)
         vcpu.ept02.remove(r)
         return .success(0)
@@ -195,6 +197,9 @@ extension PVBackend {
             if action == .passthrough && !PassthroughMSRs.contains(msr) { return .failure(.invalid) }
             parsed.append((msr, MSRPolicy(action: action, writableMask: mask), value))
         }
+        // L1 picks the MSR numbers: the table holds at most `maxMSRPolicies` of them.
+        let added = Set(parsed.map(\.0)).subtracting(msrPolicy.keys).count
+        guard msrPolicy.count + added <= PVMSRPolicyEntry.maxPolicies else { return .failure(.tooBig) }
         for (msr, policy, value) in parsed {
             msrPolicy[msr] = policy
             vcpu.setL2Intercept(msr, policy.action != .passthrough)
