@@ -1,7 +1,7 @@
 // Layout of the control memfd: L0's own memory that the tiers share for control, never part
 // of any guest's RAM. Every tier maps it; each only touches what its "hardware" would.
 //
-//   page 0                 header (magic, EPT02 generation)
+//   page 0                 header (magic, EPT02 generation, launch ABI version)
 //   per vCPU i, 7 pages:   handoff word | L2<->L0 run page | L1<->L0 run page | shadow VMCS |
 //                          cached vmcs12 (L0's private copy when L1 uses an eVMCS) |
 //                          L2's MSR bitmap (vmcs02's: L0 writes it, L2's CPU reads it) |
@@ -26,6 +26,8 @@ public struct ControlLayout: Sendable, Equatable {
     /// u64: the EPT02 generation. An entry tagged with another generation is not present: a
     /// memslot "fast zap" bumps it to invalidate every entry at once (KVM's mmu_valid_gen).
     public static let ept02GenerationOffset = ControlOffset(8)
+    /// u64: `LaunchABI.version` of the L0 that made this memory; a child checks it with the magic.
+    public static let launchABIOffset = ControlOffset(16)
 
     static let pagesPerVCPU: UInt64 = 7
     public func vcpuBase(_ i: Int) -> ControlOffset { ControlOffset(pageSize * (1 + UInt64(i) * Self.pagesPerVCPU)) }
@@ -100,4 +102,11 @@ public enum MSRBitmap {
         else { return nil }
         return (base + index / 8, UInt8(index % 8))
     }
+}
+
+/// The version of everything L0 and its child tiers must agree on: the launch spec's keys, this
+/// control layout, the run page and handoff. Bump it with any change to them; a child whose
+/// version (or build) differs from L0's refuses to start.
+public enum LaunchABI {
+    public static let version: UInt64 = 2
 }

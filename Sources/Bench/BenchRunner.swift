@@ -62,8 +62,12 @@ public struct BenchRunner: Sendable {
     /// The watchdog for each stack (StackConfig.tierTimeoutNanos).
     public var tierTimeoutNanos: UInt64 = StackConfig.defaultTierTimeoutNanos
 
+    /// The tier executable's build ID, read once here: every stack checks the file still has it.
+    public let tierBuild: String?
+
     public init(tierExecutable: String, iterations: UInt64, warmup: UInt64) {
         self.tierExecutable = tierExecutable
+        self.tierBuild = BuildID.of(file: tierExecutable)
         self.iterations = iterations
         self.warmup = warmup
     }
@@ -80,7 +84,8 @@ public struct BenchRunner: Sendable {
         guard let op = BenchOperations.named(test) else { throw BenchError.unknownTest(test) }
         let (n, w) = budget(for: op)
         let doubling = op.iterationLimit == nil ? (minNanos ?? 0) : 0
-        var config = StackConfig(path: variant.path, program: op.name, programArguments: [n, w, doubling], tierExecutable: tierExecutable)
+        var config = StackConfig(path: variant.path, program: op.name, programArguments: [n, w, doubling], tierExecutable: tierExecutable,
+                                 tierBuild: tierBuild)
         config.placement = placement
         config.tierTimeoutNanos = tierTimeoutNanos
         config.pvFeatures = variant.pvFeatures

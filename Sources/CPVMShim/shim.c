@@ -1,6 +1,10 @@
 #define _GNU_SOURCE
 #include "pvm_shim.h"
 
+#include <elf.h>
+#include <fcntl.h>
+#include <link.h>
+#include <string.h>
 #include <linux/futex.h>
 #include <sched.h>
 #include <signal.h>
@@ -67,4 +71,89 @@ uint64_t pvm_allowed_cpus(void) {
     uint64_t mask = 0;
     for (int i = 0; i < 64; i++) if (CPU_ISSET(i, &set)) mask |= (1ULL << i);
     return mask;
+}
+
+static volatile sig_atomic_t pvm_stop_signo = 0;
+
+static void pvm_on_stop_signal(int signo) {
+    if (pvm_stop_signo == 0) { pvm_stop_signo = signo; return; }
+    // A second signal: the user means it. sigaction and raise are async-signal-safe.
+    struct sigaction dfl = { 0 };
+    dfl.sa_handler = SIG_DFL;
+    sigemptyset(&dfl.sa_mask);
+    sigaction(signo, &dfl, NULL);
+    raise(signo);
+}
+
+static int pvm_set_stop_action(void (*handler)(int)) {
+    struct sigaction sa = { 0 };
+    sa.sa_handler = handler;
+    sigemptyset(&sa.sa_mask);
+    sa.sa_flags = SA_RESTART;   // every other call goes on; the vCPU loop looks within a sleep slice
+    if (sigaction(SIGINT, &sa, NULL) != 0 || sigaction(SIGTERM, &sa, NULL) != 0) return -errno;
+    return 0;
+}
+
+int pvm_install_stop_handlers(void) { return pvm_set_stop_action(pvm_on_stop_signal); }
+int pvm_stop_signal(void) { return pvm_stop_signo; }
+int pvm_ignore_stop_signals(void) { return pvm_set_stop_action(SIG_IGN); }
+
+// Copies the build ID out of a note section [notes, notes + size), 0 if it holds none.
+static int pvm_build_id_in_notes(const uint8_t *notes, size_t size, uint8_t *out, int cap) {
+    size_t off = 0;
+    while (off + sizeof(Elf64_Nhdr) <= size) {
+        const Elf64_Nhdr *n = (const Elf64_Nhdr *)(notes + off);
+        size_t name = (n->n_namesz + 3) & ~(size_t)3, desc = (n->n_descsz + 3) & ~(size_t)3;
+        size_t payload = off + sizeof(Elf64_Nhdr);
+        if (name > size - payload || desc > size - payload - name) return 0;
+        if (n->n_type == NT_GNU_BUILD_ID && n->n_namesz == 4 && memcmp(notes + payload, "GNU", 4) == 0) {
+            int len = n->n_descsz < (Elf64_Word)cap ? (int)n->n_descsz : cap;
+            memcpy(out, notes + payload + name, (size_t)len);
+            return len;
+        }
+        off = payload + name + desc;
+    }
+    return 0;
+}
+
+struct pvm_build_id_search { uint8_t *out; int cap; int len; };
+
+static int pvm_build_id_of_main(struct dl_phdr_info *info, size_t size, void *data) {
+    (void)size;
+    struct pvm_build_id_search *s = data;
+    for (int i = 0; i < info->dlpi_phnum; i++) {
+        const ElfW(Phdr) *ph = &info->dlpi_phdr[i];
+        if (ph->p_type != PT_NOTE) continue;
+        int len = pvm_build_id_in_notes((const uint8_t *)(info->dlpi_addr + ph->p_vaddr), ph->p_memsz, s->out, s->cap);
+        if (len > 0) { s->len = len; break; }
+    }
+    return 1;   // the first object is the main program: stop there
+}
+
+int pvm_self_build_id(uint8_t *out, int cap) {
+    struct pvm_build_id_search s = { out, cap, 0 };
+    dl_iterate_phdr(pvm_build_id_of_main, &s);
+    return s.len;
+}
+
+int pvm_file_build_id(const char *path, uint8_t *out, int cap) {
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return -errno;
+    int result = 0;
+    Elf64_Ehdr eh;
+    if (pread(fd, &eh, sizeof eh, 0) != (ssize_t)sizeof eh || memcmp(eh.e_ident, ELFMAG, SELFMAG) != 0
+        || eh.e_ident[EI_CLASS] != ELFCLASS64 || eh.e_phentsize != sizeof(Elf64_Phdr) || eh.e_phnum > 256) {
+        close(fd);
+        return -ENOEXEC;
+    }
+    for (int i = 0; i < eh.e_phnum && result == 0; i++) {
+        Elf64_Phdr ph;
+        if (pread(fd, &ph, sizeof ph, (off_t)(eh.e_phoff + (uint64_t)i * sizeof ph)) != (ssize_t)sizeof ph) break;
+        if (ph.p_type != PT_NOTE || ph.p_filesz == 0 || ph.p_filesz > 65536) continue;
+        uint8_t notes[65536];
+        if (pread(fd, notes, ph.p_filesz, (off_t)ph.p_offset) != (ssize_t)ph.p_filesz) break;
+        result = pvm_build_id_in_notes(notes, ph.p_filesz, out, cap);
+    }
+    close(fd);
+    return result;
 }

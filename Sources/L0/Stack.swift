@@ -59,11 +59,18 @@ public final class L0Stack {
     }
 
     func launch(_ tier: Tier) throws -> ChildProcess {
+        // A tier executable rebuilt since it was resolved (a bench running while someone builds)
+        // is another build: said here, by L0, with both IDs. (The child checks the spec too.)
+        let found = BuildID.of(file: config.tierExecutable)
+        if let expected = config.tierBuild, let found, found != expected {
+            throw StackError.otherBuild(executable: config.tierExecutable, expected: expected, found: found)
+        }
         var spec = TierLaunch(tier: tier, parent: getpid(), path: config.path, vcpu: 0, layout: config.layout,
                               l1Slot: config.l1Slot, cpu: config.placement.cpu(for: tier),
                               program: config.program, programArguments: config.programArguments)
         spec.pvFeatures = config.pvFeatures
         spec.l2MapMode = config.l2MapMode
+        spec.build = config.tierBuild ?? TierLaunch.noBuildID
         do {
             return try ChildProcess(tier: tier, path: config.tierExecutable, arguments: ["__tier", spec.encoded],
                                     fds: [control.region.fd, hostMemory.fd])

@@ -36,12 +36,20 @@ public struct StackConfig: Sendable {
     /// Record every run span (for `pvm stat` / `pvm trace`).
     public var recordTransitions = false
 
-    public init(path: NestingPath, program: String, programArguments: [UInt64] = [], tierExecutable: String) {
+    public init(path: NestingPath, program: String, programArguments: [UInt64] = [], tierExecutable: String,
+                tierBuild: String? = nil) {
         self.path = path
         self.program = program
         self.programArguments = programArguments
         self.tierExecutable = tierExecutable
+        self.tierBuild = tierBuild ?? BuildID.of(file: tierExecutable)
     }
+
+    /// The GNU build ID the tier executable had when it was resolved (nil: it has none, or could
+    /// not be read). L0 checks the file still has it before it starts each child, and hands it to
+    /// the child, which refuses to run if it is not that build: a binary rebuilt under a running
+    /// bench is caught, not mixed in.
+    public var tierBuild: String?
 
     public var l1Slot: MemorySlot {
         MemorySlot(slot: 0, guestPhysAddr: L1GPA(0), memorySize: l1MemoryBytes, hostOffset: l1HostOffset)
@@ -77,6 +85,8 @@ public enum StackError: Error, CustomStringConvertible {
     case badConfig(String)
     case spawn(Tier, TransportError)
     case host(HostError)
+    /// The tier executable is no longer the build it was when resolved (its GNU build ID changed).
+    case otherBuild(executable: String, expected: String, found: String)
 
     public var description: String {
         switch self {
@@ -84,6 +94,7 @@ public enum StackError: Error, CustomStringConvertible {
         case .badConfig(let m): "invalid stack configuration: \(m)"
         case let .spawn(t, e): "cannot start \(t) (\(TierProcess.name(of: t))): \(e)"
         case .host(let e): "L0's host refused: \(e)"
+        case let .otherBuild(x, e, f): "\(x) changed under L0: build ID \(f), resolved as \(e) (rebuilt while running?); rerun it"
         }
     }
 }

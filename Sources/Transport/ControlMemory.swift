@@ -19,6 +19,7 @@ public struct ControlMemory: @unchecked Sendable {
     public static func create(name: String, layout: ControlLayout) throws -> ControlMemory {
         let region = try SharedRegion(create: name, size: layout.totalSize)
         try region.store(ControlLayout.magic, at: ControlLayout.magicOffset.raw)
+        try region.store(LaunchABI.version, at: ControlLayout.launchABIOffset.raw)
         return ControlMemory(region: region, layout: layout)
     }
 

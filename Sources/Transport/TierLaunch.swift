@@ -27,53 +27,90 @@ public struct TierLaunch: Equatable, Sendable {
         self.program = program; self.programArguments = programArguments
     }
 
+    /// The launch ABI and build of the L0 that wrote the spec (a child compares them to its own).
+    public var abi: UInt64 = LaunchABI.version
+    public var build: String = BuildID.current ?? noBuildID
+    /// What `build` says for an executable linked without a build ID.
+    public static let noBuildID = "none"
+
     public struct BadSpec: Error, CustomStringConvertible {
         public let spec: String
         public var description: String { "malformed tier launch spec: \(spec)" }
     }
 
+    /// A child of another build than its L0: it refuses to start, and says which versions differ.
+    public struct OtherBuild: Error, CustomStringConvertible, Equatable {
+        public let l0ABI: UInt64, l0Build: String
+        public let tierABI: UInt64, tierBuild: String
+        public var description: String {
+            "L0 and this tier are different builds (L0: launch ABI \(l0ABI), build \(l0Build); "
+                + "this tier: launch ABI \(tierABI), build \(tierBuild)); refusing to start"
+        }
+    }
+
+    /// Throws unless the spec comes from an L0 of this very build.
+    public func checkSameBuild() throws(OtherBuild) {
+        let mine = BuildID.current ?? Self.noBuildID
+        guard abi == LaunchABI.version, build == mine else {
+            throw OtherBuild(l0ABI: abi, l0Build: build, tierABI: LaunchABI.version, tierBuild: mine)
+        }
+    }
+
+    /// Every key, always: a spec with a key missing or one it does not know is refused, never
+    /// completed with defaults.
+    static let keys: Set<String> = ["abi", "build", "tier", "parent", "path", "vcpu", "vcpus", "l2limit", "slot", "slotflags",
+                                    "gpa", "size", "host", "program", "args", "pvfeatures", "l2map", "cpu"]
+
     public var encoded: String {
-        var kv: [(String, String)] = [
+        let kv: [(String, String)] = [
+            ("abi", "\(abi)"), ("build", build),
             ("tier", "\(tier.rawValue)"), ("parent", "\(parent)"), ("path", path.rawValue), ("vcpu", "\(vcpu)"),
             ("vcpus", "\(layout.vcpuCount)"), ("l2limit", "\(layout.l2AddressLimit)"),
             ("slot", "\(l1Slot.slot)"), ("slotflags", "\(l1Slot.flags)"), ("gpa", "\(l1Slot.guestPhysAddr.raw)"),
             ("size", "\(l1Slot.memorySize)"), ("host", "\(l1Slot.hostOffset.raw)"),
             ("program", program), ("args", programArguments.map(String.init).joined(separator: ":")),
+            ("pvfeatures", "\(pvFeatures.rawValue)"), ("l2map", l2MapMode.rawValue),
+            ("cpu", cpu.map(String.init) ?? "none"),
         ]
-        kv.append(("pvfeatures", "\(pvFeatures.rawValue)"))
-        kv.append(("l2map", l2MapMode.rawValue))
-        if let cpu { kv.append(("cpu", "\(cpu)")) }
         return kv.map { "\($0.0)=\($0.1)" }.joined(separator: ",")
     }
 
     public init(decoding spec: String) throws {
         var d: [String: String] = [:]
-        for part in spec.split(separator: ",") {
+        for part in spec.split(separator: ",", omittingEmptySubsequences: false) {
             let kv = part.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)
-            guard kv.count == 2 else { throw BadSpec(spec: spec) }
+            guard kv.count == 2, Self.keys.contains(String(kv[0])), d[String(kv[0])] == nil else { throw BadSpec(spec: spec) }
             d[String(kv[0])] = String(kv[1])
         }
+        guard d.count == Self.keys.count else { throw BadSpec(spec: spec) }
         func num(_ k: String) throws -> UInt64 {
             guard let s = d[k], let v = UInt64(s) else { throw BadSpec(spec: spec) }
             return v
         }
-        guard let tier = Tier(rawValue: UInt32(try num("tier"))),
-              let path = NestingPath(rawValue: d["path"] ?? "") else { throw BadSpec(spec: spec) }
+        func small(_ k: String, _ limit: UInt64) throws -> Int {
+            let v = try num(k)
+            guard v <= limit else { throw BadSpec(spec: spec) }
+            return Int(v)
+        }
+        guard let tier = Tier(rawValue: UInt32(truncatingIfNeeded: try small("tier", 2))),
+              let path = NestingPath(rawValue: d["path"]!),
+              let mode = L2MapMode(rawValue: d["l2map"]!) else { throw BadSpec(spec: spec) }
+        self.abi = try num("abi")
+        self.build = d["build"]!
         self.tier = tier
-        self.parent = Int32(try num("parent"))
+        self.parent = Int32(try small("parent", UInt64(Int32.max)))
         self.path = path
-        self.vcpu = Int(try num("vcpu"))
-        self.layout = ControlLayout(vcpuCount: Int(try num("vcpus")), l2AddressLimit: try num("l2limit"))
-        self.l1Slot = MemorySlot(slot: UInt32(try num("slot")), flags: UInt32(try num("slotflags")),
+        self.vcpu = try small("vcpu", 4095)
+        self.layout = ControlLayout(vcpuCount: try small("vcpus", 4096), l2AddressLimit: try num("l2limit"))
+        self.l1Slot = MemorySlot(slot: UInt32(try small("slot", UInt64(UInt32.max))), flags: UInt32(try small("slotflags", UInt64(UInt32.max))),
                                  guestPhysAddr: L1GPA(try num("gpa")), memorySize: try num("size"),
                                  hostOffset: HostOffset(try num("host")))
-        self.cpu = d["cpu"].flatMap { Int($0) }
-        self.program = d["program"] ?? ""
-        self.pvFeatures = PVFeatures(rawValue: (try? num("pvfeatures")) ?? PVFeatures.all.rawValue)
-        guard let mode = L2MapMode(rawValue: d["l2map"] ?? L2MapMode.eager.rawValue) else { throw BadSpec(spec: spec) }
+        if d["cpu"] == "none" { self.cpu = nil } else { self.cpu = try small("cpu", 4095) }
+        self.program = d["program"]!
+        self.pvFeatures = PVFeatures(rawValue: try num("pvfeatures"))
         self.l2MapMode = mode
-        let a = d["args"] ?? ""
-        self.programArguments = try a.isEmpty ? [] : a.split(separator: ":").map {
+        let a = d["args"]!
+        self.programArguments = try a.isEmpty ? [] : a.split(separator: ":", omittingEmptySubsequences: false).map {
             guard let v = UInt64($0) else { throw BadSpec(spec: spec) }
             return v
         }

@@ -18,6 +18,7 @@ public struct TierSession: @unchecked Sendable {
     public init(_ tier: Tier, _ launch: TierLaunch) throws {
         TierProcess.setName(tier)
         guard TierProcess.dieWithParent(expectedParent: launch.parent) else { exit(1) }
+        StopSignals.ignore()
         let placement = CPUPlacement(l0CPU: nil, guestCPU: launch.cpu)
         placement.apply(as: tier)
         self.tier = tier
@@ -25,6 +26,13 @@ public struct TierSession: @unchecked Sendable {
         let controlRegion = try SharedRegion(adopt: TierLaunch.controlFD)
         guard controlRegion.size >= launch.layout.totalSize else {
             throw TransportError.outOfBounds(offset: 0, length: launch.layout.totalSize, regionSize: controlRegion.size)
+        }
+        // The control memory must be the one an L0 of this launch ABI made (L0's header).
+        let magic: UInt64 = try controlRegion.load(at: ControlLayout.magicOffset.raw)
+        let abi: UInt64 = try controlRegion.load(at: ControlLayout.launchABIOffset.raw)
+        guard magic == ControlLayout.magic, abi == LaunchABI.version else {
+            throw TierLaunch.OtherBuild(l0ABI: abi, l0Build: magic == ControlLayout.magic ? launch.build : "(no control-memory magic)",
+                                        tierABI: LaunchABI.version, tierBuild: BuildID.current ?? TierLaunch.noBuildID)
         }
         self.control = ControlMemory(region: controlRegion, layout: launch.layout)
         self.hostMemory = HostMemory(region: try SharedRegion(adopt: TierLaunch.hostMemoryFD))

@@ -131,9 +131,22 @@ extension PVM {
                     plan.append((t, v))
                 }
             }
+            // ^C or SIGTERM: the stack running stops in order, and what finished is reported.
+            StopSignals.install()
+            var interrupted: Int32?
             for (i, (t, v)) in plan.enumerated() {
+                if let s = StopSignals.received { interrupted = s; break }
                 printError("[\(i + 1)/\(plan.count)] \(t) on \(v.label)")
-                results.append(try runner.run(t, on: v))
+                do {
+                    results.append(try runner.run(t, on: v))
+                } catch BenchError.runFailed(_, _, .interrupted(let s)) {
+                    interrupted = s
+                    break
+                }
+            }
+            if let s = interrupted {
+                printError("pvm bench: \(StopReason.interrupted(signal: s)) after \(results.count) of \(plan.count) runs; reporting those")
+                if results.isEmpty { throw ExitCode(128 + s) }
             }
             let costs = try profile.map(CostProfile.load(path:)) ?? CostModel.defaultProfile()
             if format == "vmexit" {
@@ -146,6 +159,7 @@ extension PVM {
             if let csv { try writeOutput(Data(Report.csv(results, profile: costs).utf8), to: csv) }
             if let svg { try writeOutput(Data(SVGChart.render(results, profile: costs).utf8), to: svg) }
             if let json { try writeOutput(Data(try Report.json(results, profile: costs).utf8), to: json) }
+            if let s = interrupted { throw ExitCode(128 + s) }
         }
     }
 
@@ -217,6 +231,7 @@ extension PVM {
             config.oneTimeSetup = setup
             config.enableVirtAtLoad = enableVirtAtLoad
             config.tierTimeoutNanos = UInt64(tierTimeout * 1e9)
+            StopSignals.install()
             let result = try L0Stack(config: config).run()
             let c = result.counters
             let h = result.harness
@@ -232,6 +247,7 @@ extension PVM {
             print("L1->L0 exits: " + TransitionCounters.byReason(c.l1Exits).sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: " "))
             print("delivered to L1: " + TransitionCounters.byReason(c.deliveries).sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: " "))
             print("entries: L1=\(c.l1Entries) L2=\(c.l2Entries)")
+            if case .interrupted(let s) = result.stop { throw ExitCode(128 + s) }
             if !result.succeeded { throw ExitCode(1) }
         }
     }
@@ -350,6 +366,7 @@ extension PVM {
 
         func run() throws {
             let launch = try TierLaunch(decoding: spec)
+            try launch.checkSameBuild()
             switch launch.tier {
             case .l1: L1Main.run(launch)
             case .l2: L2Main.run(launch)

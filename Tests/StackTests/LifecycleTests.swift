@@ -83,11 +83,50 @@ extension StackTests {
         #expect(!processExists(l2) || processState(l2) == "Z")
     }
 
-    @Test func terminatingL0TakesItsChildrenWithIt() throws {
-        let (p, _, _) = try launchEndlessStack(path: "pv")
+    /// SIGTERM (or ^C) to a launch: the stack stops in order, L0 prints what the guest did so far
+    /// and exits 128 + the signal, as a shell reports a death by that signal.
+    @Test(arguments: [SIGTERM, SIGINT])
+    func aSignalledLaunchStopsInOrderAndReportsWhatRan(signal: Int32) throws {
+        let (p, l1, l2) = try launchEndlessStack(path: "pv")
         defer { p.cleanup() }
-        kill(p.pid, SIGTERM)
-        #expect(p.finish(seconds: 20) == 128 + SIGTERM, "pvm does not handle SIGTERM: the default action ends it")
+        usleep(300_000)
+        // As a terminal's ^C does: the whole group gets it; the children leave it to L0.
+        for pid in [p.pid, l1, l2] { kill(pid, signal) }
+        #expect(p.finish(seconds: 20) == 128 + signal)
+        let name = signal == SIGINT ? "SIGINT" : "SIGTERM"
+        #expect(p.stdout.contains("stopped: interrupted by \(name)"), "\(p.stdout)\(p.stderr)")
+        #expect(p.stdout.contains("L1 exit status 0, L2 exit status 0"), "children stopped by L0, not by the signal: \(p.stdout)")
+        #expect(p.stdout.contains("L2->L0 exits: CPUID="), "\(p.stdout)")
+        let left = survivingTiers(token: p.token)
+        #expect(left.isEmpty, "tiers outlived L0: \(left)")
+    }
+
+    /// ^C in the middle of a bench: the rows that finished are printed and written, the one running
+    /// is stopped in order, and the exit status says SIGINT.
+    @Test func anInterruptedBenchReportsAndWritesTheRowsThatFinished() throws {
+        let json = FileManager.default.temporaryDirectory.appendingPathComponent("pvm-interrupted-\(UUID().uuidString).json")
+        defer { try? FileManager.default.removeItem(at: json) }
+        let p = try PVMProcess(["bench", "--test", "cpuid", "--path", "pv,nvmx", "--min-time-ms", "2000", "--json", json.path])
+        defer { p.cleanup() }
+        // The second stack's L1 is a new pvm-l1 child: by then the first row is done.
+        var first: Int32?
+        var second: [Int32] = []
+        let deadline = Date().addingTimeInterval(60)
+        while second.isEmpty && Date() < deadline && p.isRunning {
+            let kids = children(of: p.pid)
+            if let l1 = kids.first(where: { $0.name == "pvm-l1" })?.pid {
+                if first == nil { first = l1 } else if l1 != first { second = [l1] + kids.filter { $0.name == "pvm-l2" }.map(\.pid) }
+            }
+            usleep(20_000)
+        }
+        try #require(!second.isEmpty, "no second stack within 60 s")
+        for pid in [p.pid] + second { kill(pid, SIGINT) }
+        #expect(p.finish(seconds: 30) == 128 + SIGINT, "\(p.stderr)")
+        #expect(p.stderr.contains("pvm bench: interrupted by SIGINT after 1 of 2 runs; reporting those"), "\(p.stderr)")
+        let rows = p.stdout.split(separator: "\n").filter { $0.hasPrefix("cpuid ") }
+        #expect(rows.count == 1 && rows.first?.contains(" pv ") == true, "\(p.stdout)")
+        let written = try String(contentsOf: json, encoding: .utf8)
+        #expect(written.contains("\"pv\"") && !written.contains("\"nvmx\""), "\(written)")
         let left = survivingTiers(token: p.token)
         #expect(left.isEmpty, "tiers outlived L0: \(left)")
     }
@@ -150,6 +189,37 @@ extension StackTests {
             #expect("\(e)".contains("cannot start L1 (pvm-l1)"), "\(e)")
             #expect("\(e)".contains("No such file or directory"), "\(e)")
         }
+    }
+
+    /// A tier executable whose build changed after it was resolved is refused by L0 before it
+    /// starts a child, with both build IDs.
+    @Test func aTierExecutableRebuiltSinceItWasResolvedIsRefused() throws {
+        let real = try #require(BuildID.of(file: PVMBinary.path), "pvm has no GNU build ID")
+        let config = StackConfig(path: .nvmx, program: "cpuid", tierExecutable: PVMBinary.path, tierBuild: "00c0ffee")
+        do {
+            _ = try L0Stack(config: config).run()
+            Issue.record("run should have thrown")
+        } catch StackError.otherBuild(let x, let expected, let found) {
+            #expect(x == PVMBinary.path && expected == "00c0ffee" && found == real)
+        }
+    }
+
+    /// A child started with a spec of another build (or launch ABI) refuses in one line, exit 1.
+    @Test(arguments: ["build", "abi"])
+    func aChildOfAnotherBuildRefusesToStart(differing: String) throws {
+        var spec = TierLaunch(tier: .l1, parent: getpid(), path: .pv, vcpu: 0,
+                              layout: ControlLayout(vcpuCount: 1, l2AddressLimit: 4 << 30),
+                              l1Slot: MemorySlot(slot: 0, guestPhysAddr: L1GPA(0), memorySize: 512 << 20, hostOffset: HostOffset(256 << 20)),
+                              cpu: nil)
+        spec.build = try #require(BuildID.of(file: PVMBinary.path))
+        if differing == "build" { spec.build = "00c0ffee" } else { spec.abi = LaunchABI.version + 7 }
+        let p = try PVMProcess(["__tier", spec.encoded])
+        defer { p.cleanup() }
+        #expect(p.finish(seconds: 20) == 1)
+        let lines = p.stderr.split(separator: "\n")
+        #expect(lines.count == 1 && lines[0].contains("different builds") && lines[0].contains("refusing to start"), "\(p.stderr)")
+        #expect(differing == "abi" ? lines.first?.contains("launch ABI \(LaunchABI.version + 7)") == true
+                                   : lines.first?.contains("build 00c0ffee") == true, "\(p.stderr)")
     }
 
     @Test func hostMemoryThatCannotBeCreatedGivesAClearError() {

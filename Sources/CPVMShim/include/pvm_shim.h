@@ -33,6 +33,21 @@ int pvm_pin_to_cpu(int cpu);
 // The CPUs this process may run on, as a bitmask of the first 64 (0 on error).
 uint64_t pvm_allowed_cpus(void);
 
+// SIGINT/SIGTERM for L0: the first one is recorded (pvm_stop_signal returns it) so the stack can
+// stop in order and report; a second one of either restores the default action and re-raises it.
+// Returns 0 or -errno.
+int pvm_install_stop_handlers(void);
+// The first SIGINT/SIGTERM received since pvm_install_stop_handlers, or 0.
+int pvm_stop_signal(void);
+// SIGINT/SIGTERM ignored (a child tier: a terminal's ^C reaches the whole process group, and the
+// children must let L0 stop them in order). Returns 0 or -errno.
+int pvm_ignore_stop_signals(void);
+
+// The GNU build ID (NT_GNU_BUILD_ID note) of this program, or of the ELF file at `path`: writes
+// up to `cap` bytes to `out` and returns its length, 0 if there is none, or -errno.
+int pvm_self_build_id(uint8_t *out, int cap);
+int pvm_file_build_id(const char *path, uint8_t *out, int cap);
+
 // A compiler barrier plus a CPU pause hint for spin loops.
 static inline void pvm_cpu_relax(void) { __builtin_ia32_pause(); }
 

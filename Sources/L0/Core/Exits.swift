@@ -1,4 +1,5 @@
 import ABI
+import Glibc
 import Transport
 
 /// The exit-information fields hardware reports with an exit (VM_EXIT_REASON,
@@ -141,6 +142,8 @@ public enum StopReason: Equatable, Sendable, CustomStringConvertible {
     case fatal(FatalError)
     /// L1 gave up (its own error), with its message.
     case l1Error(String)
+    /// L0 received SIGINT or SIGTERM (`StopSignals`) and stopped the stack in order.
+    case interrupted(signal: Int32)
 
     public var description: String {
         switch self {
@@ -149,6 +152,7 @@ public enum StopReason: Equatable, Sendable, CustomStringConvertible {
         case let .tierDied(t, s): "\(t) (\(TierProcess.name(of: t))) ended unexpectedly: \(s)"
         case .fatal(let e): "fatal: \(e)"
         case .l1Error(let m): "L1 error: \(m)"
+        case .interrupted(let s): "interrupted by \(s == SIGINT ? "SIGINT" : s == SIGTERM ? "SIGTERM" : "signal \(s)")"
         }
     }
 }

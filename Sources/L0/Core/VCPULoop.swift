@@ -151,7 +151,7 @@ extension L0Stack {
         let tierTimeout = config.tierTimeoutNanos
         let alive = { [unowned self] in
             let now = monotonicNanos()
-            return self.deadTier() == nil && now < deadline && now &- turnStarted < tierTimeout
+            return self.deadTier() == nil && now < deadline && now &- turnStarted < tierTimeout && StopSignals.received == nil
         }
 
         var state = State.stopping(.guestDone)
@@ -215,12 +215,14 @@ extension L0Stack {
         if handoffsSinceCheck >= Self.livenessCheckInterval {
             handoffsSinceCheck = 0
             if let (t, s) = deadTier() { return .tierDied(t, s) }
+            if let s = StopSignals.received { return .interrupted(signal: s) }
         }
         switch handoff.wait(for: .l0, policy: policy, isPeerAlive: alive) {
         case .myTurn: return nil
         case .stop: return .fatal(.stopFromGuest)
         case .peerGone:
             if let (t, s) = deadTier() { return .tierDied(t, s) }
+            if let s = StopSignals.received { return .interrupted(signal: s) }
             if monotonicNanos() &- turnStarted >= config.tierTimeoutNanos {
                 return .fatal(.tierTimeout(tier, seconds: Double(config.tierTimeoutNanos) / 1e9))
             }
