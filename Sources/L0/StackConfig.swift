@@ -23,7 +23,7 @@ public struct StackConfig: Sendable {
     /// The watchdog: a tier that holds its turn longer than this (stopped, looping, hung) ends
     /// the stack with a message naming it. Generous against a tier process starting up.
     public var tierTimeoutNanos: UInt64 = StackConfig.defaultTierTimeoutNanos
-    public static let defaultTierTimeoutNanos: UInt64 = 10_000_000_000
+    public static let defaultTierTimeoutNanos: UInt64 = 5_000_000_000
     /// pv only: the features L1 enables (L0 offers `pvOffered`), and how L1 maps L2's memory.
     public var pvFeatures: PVFeatures = .all
     public var pvOffered: PVFeatures = .all

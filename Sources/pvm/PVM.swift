@@ -78,7 +78,7 @@ extension PVM {
         @Option(name: .long, help: "Cost profile for the modelled-cycles column (default: the shipped published-figures profile).")
         var profile: String?
         @Option(name: .long, help: "Watchdog: seconds a tier may hold the vCPU before the stack is stopped (> 0).")
-        var tierTimeout: Double = 10
+        var tierTimeout: Double = Double(StackConfig.defaultTierTimeoutNanos) / 1e9
 
         func validate() throws {
             guard tierTimeout > 0, tierTimeout <= 3600 else { throw ValidationError("--tier-timeout must be in (0, 3600] seconds") }
@@ -206,7 +206,7 @@ extension PVM {
         @Flag(name: .long, inversion: .prefixedNo, help: "Enable virtualization on every CPU when L0 loads (KVM's default) rather than at the first VM.")
         var enableVirtAtLoad = true
         @Option(name: .long, help: "Watchdog: seconds a tier may hold the vCPU before the stack is stopped (> 0).")
-        var tierTimeout: Double = 10
+        var tierTimeout: Double = Double(StackConfig.defaultTierTimeoutNanos) / 1e9
 
         func validate() throws {
             guard tierTimeout > 0, tierTimeout <= 3600 else { throw ValidationError("--tier-timeout must be in (0, 3600] seconds") }

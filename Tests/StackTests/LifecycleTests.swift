@@ -65,7 +65,9 @@ extension StackTests {
         kill(pid, SIGCONT)
         #expect(status != nil && status != 0)
         let text = p.stderr + p.stdout
-        #expect(text.contains("\(victim) (pvm-l\(victim.rawValue)) did not give the vCPU back within 1.0 s"), "\(text)")
+        #expect(text.contains("\(victim) (pvm-l\(victim.rawValue)) did not give the vCPU back within 1.0 s after L0 handled"), "\(text)")
+        // What it was doing: the exit L0 handled before giving it the turn, by tier and name.
+        #expect(text.contains(/after L0 handled L[12]'s [A-Z_]+ exit/), "\(text)")
         let left = survivingTiers(token: p.token)
         #expect(left.isEmpty, "tiers outlived L0: \(left)")
     }

@@ -182,7 +182,8 @@ public enum FatalError: Equatable, Sendable, CustomStringConvertible {
     case stopFromGuest
     case timeLimit(seconds: UInt64)
     /// A tier held its turn past the watchdog (`StackConfig.tierTimeoutNanos`).
-    case tierTimeout(Tier, seconds: Double)
+    /// `doing`: the exit L0 handled before it gave the tier the turn.
+    case tierTimeout(Tier, seconds: Double, doing: String)
 
     public var description: String {
         switch self {
@@ -198,7 +199,7 @@ public enum FatalError: Equatable, Sendable, CustomStringConvertible {
         case .cannotStartL2(let e): "cannot start L2: \(e)"
         case .stopFromGuest: "handoff word says stop, but only L0 may stop the stack"
         case .timeLimit(let s): "run exceeded its time limit of \(s) s"
-        case let .tierTimeout(t, s): "\(t) (\(TierProcess.name(of: t))) did not give the vCPU back within \(s) s (stopped, hung or looping)"
+        case let .tierTimeout(t, s, doing): "\(t) (\(TierProcess.name(of: t))) did not give the vCPU back within \(s) s \(doing) (stopped, hung or looping)"
         }
     }
 }

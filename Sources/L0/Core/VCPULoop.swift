@@ -155,6 +155,8 @@ extension L0Stack {
         }
 
         var state = State.stopping(.guestDone)
+        /// The exit L0 handled last (what the watchdog says a hung tier was doing).
+        var lastExit: (Tier, ExitReason)?
         /// L1 created its L2 vCPU (PV create-vCPU, the first VMLAUNCH; on one level, from the
         /// start): its process starts now, before L1 or L2 runs again.
         func startL2IfCreated(_ next: NextStep) -> NextStep {
@@ -185,9 +187,13 @@ extension L0Stack {
         while true {
             switch state {
             case .running(let tier):
-                if let stop = waitForTurn(policy, alive, running: tier, since: turnStarted) { state = .stopping(stop); continue }
+                if let stop = waitForTurn(policy, alive, running: tier, since: turnStarted, after: lastExit) {
+                    state = .stopping(stop)
+                    continue
+                }
                 let received = log == nil ? 0 : monotonicNanos()
                 let reason = (tier == .l1 ? vcpu.l1Run : vcpu.l2Run).exitReason
+                lastExit = (tier, reason)
                 log?.guestExited(tier, reason: reason, at: received)
                 enter(startL2IfCreated(tier == .l1 ? vcpu.handleL1Exit() : vcpu.handleL2Exit()))
                 log?.l0Handed(from: tier, reason: reason, received: received, at: monotonicNanos())
@@ -210,7 +216,8 @@ extension L0Stack {
 
     /// nil when it is L0's turn; otherwise why the stack must stop.
     @inline(__always)
-    func waitForTurn(_ policy: WaitPolicy, _ alive: () -> Bool, running tier: Tier, since turnStarted: UInt64) -> StopReason? {
+    func waitForTurn(_ policy: WaitPolicy, _ alive: () -> Bool, running tier: Tier, since turnStarted: UInt64,
+                     after lastExit: (Tier, ExitReason)?) -> StopReason? {
         handoffsSinceCheck &+= 1
         if handoffsSinceCheck >= Self.livenessCheckInterval {
             handoffsSinceCheck = 0
@@ -224,7 +231,8 @@ extension L0Stack {
             if let (t, s) = deadTier() { return .tierDied(t, s) }
             if let s = StopSignals.received { return .interrupted(signal: s) }
             if monotonicNanos() &- turnStarted >= config.tierTimeoutNanos {
-                return .fatal(.tierTimeout(tier, seconds: Double(config.tierTimeoutNanos) / 1e9))
+                let doing = lastExit.map { "after L0 handled \($0.0)'s \($0.1.name) exit" } ?? "since the stack started"
+                return .fatal(.tierTimeout(tier, seconds: Double(config.tierTimeoutNanos) / 1e9, doing: doing))
             }
             return .fatal(.timeLimit(seconds: config.timeoutNanos / 1_000_000_000))
         }
