@@ -33,11 +33,27 @@ public struct PVMapping: Equatable, Sendable {
 public struct PVMap: Sendable, Equatable {
     public private(set) var mappings: [PVMapping] = []
     /// L0 keeps at most this many ranges for one L1 (KVM bounds memslots the same way, at 32,767
-    /// per address space). One map can add two (a replace that splits a range, then the new one),
-    /// one unmap one (a hole), so L0 refuses with E2BIG a call that could pass the bound.
+    /// per address space). A map adds at most one range, plus one if it replaces the middle of a
+    /// range (a split); an unmap adds one only if it punches a hole in a range. L0 refuses with
+    /// E2BIG a call whose worst case passes the bound, so a full map can still shrink.
     public static let maxMappings = 65_536
-    /// Whether `operations` more maps or unmaps surely fit under `maxMappings`.
-    public func hasRoom(forOperations operations: Int) -> Bool { mappings.count <= Self.maxMappings - 2 * operations }
+
+    /// 1 if removing `r` splits one range in two (a hole strictly inside it), else 0.
+    public func splits(_ r: AddressRange<L2GPA>) -> Int {
+        let i = firstEndingAfter(r.start)
+        guard i < mappings.count else { return 0 }
+        let m = mappings[i].l2
+        return m.start < r.start && r.end < m.end ? 1 : 0
+    }
+
+    /// How many ranges the map gains when `r` is cleared: +1 for a hole inside one range, -1 for
+    /// each range `r` covers whole (ranges it only trims stay).
+    public func change(clearing r: AddressRange<L2GPA>) -> Int {
+        splits(r) - overlapping(r).filter { r.start <= $0.l2.start && $0.l2.end <= r.end }.count
+    }
+
+    /// Whether the map can take `added` more ranges.
+    public func hasRoom(for added: Int) -> Bool { added <= Self.maxMappings - mappings.count }
     public init() {}
 
     /// Index of the first mapping that ends after `gpa` (binary search).

@@ -4,6 +4,7 @@
 #include <elf.h>
 #include <fcntl.h>
 #include <link.h>
+#include <stdlib.h>
 #include <string.h>
 #include <linux/futex.h>
 #include <sched.h>
@@ -43,8 +44,19 @@ pid_t pvm_spawn(const char *path, char *const argv[], const int *fds, int nfds) 
             return -EINVAL;
         }
     }
+    // The child starts with SIGINT and SIGTERM blocked: a ^C to the process group while it is
+    // still starting must not kill it (it ignores both, then unblocks, in pvm_ignore_stop_signals).
+    posix_spawnattr_t attr;
+    if (posix_spawnattr_init(&attr) != 0) { posix_spawn_file_actions_destroy(&actions); return -ENOMEM; }
+    sigset_t blocked;
+    sigemptyset(&blocked);
+    sigaddset(&blocked, SIGINT);
+    sigaddset(&blocked, SIGTERM);
+    posix_spawnattr_setsigmask(&attr, &blocked);
+    posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGMASK);
     pid_t pid = -1;
-    int r = posix_spawn(&pid, path, &actions, NULL, argv, environ);
+    int r = posix_spawn(&pid, path, &actions, &attr, argv, environ);
+    posix_spawnattr_destroy(&attr);
     posix_spawn_file_actions_destroy(&actions);
     return r == 0 ? pid : -r;
 }
@@ -89,6 +101,9 @@ static int pvm_set_stop_action(void (*handler)(int)) {
     struct sigaction sa = { 0 };
     sa.sa_handler = handler;
     sigemptyset(&sa.sa_mask);
+    // Each blocks the other while the handler runs: its check-then-store is not interrupted.
+    sigaddset(&sa.sa_mask, SIGINT);
+    sigaddset(&sa.sa_mask, SIGTERM);
     sa.sa_flags = SA_RESTART;   // every other call goes on; the vCPU loop looks within a sleep slice
     if (sigaction(SIGINT, &sa, NULL) != 0 || sigaction(SIGTERM, &sa, NULL) != 0) return -errno;
     return 0;
@@ -96,17 +111,28 @@ static int pvm_set_stop_action(void (*handler)(int)) {
 
 int pvm_install_stop_handlers(void) { return pvm_set_stop_action(pvm_on_stop_signal); }
 int pvm_stop_signal(void) { return pvm_stop_signo; }
-int pvm_ignore_stop_signals(void) { return pvm_set_stop_action(SIG_IGN); }
+int pvm_ignore_stop_signals(void) {
+    int r = pvm_set_stop_action(SIG_IGN);
+    if (r != 0) return r;
+    // Ignored now, so unblocking them (pvm_spawn started this child with them blocked) drops any
+    // that arrived while it was starting.
+    sigset_t both;
+    sigemptyset(&both);
+    sigaddset(&both, SIGINT);
+    sigaddset(&both, SIGTERM);
+    return sigprocmask(SIG_UNBLOCK, &both, NULL) == 0 ? 0 : -errno;
+}
 
 // Copies the build ID out of a note section [notes, notes + size), 0 if it holds none.
 static int pvm_build_id_in_notes(const uint8_t *notes, size_t size, uint8_t *out, int cap) {
     size_t off = 0;
     while (off + sizeof(Elf64_Nhdr) <= size) {
         const Elf64_Nhdr *n = (const Elf64_Nhdr *)(notes + off);
-        size_t name = (n->n_namesz + 3) & ~(size_t)3, desc = (n->n_descsz + 3) & ~(size_t)3;
+        // The sizes come from a file: round in 64 bits so 0xFFFFFFFF cannot wrap to 0.
+        size_t name = ((size_t)n->n_namesz + 3) & ~(size_t)3, desc = ((size_t)n->n_descsz + 3) & ~(size_t)3;
         size_t payload = off + sizeof(Elf64_Nhdr);
         if (name > size - payload || desc > size - payload - name) return 0;
-        if (n->n_type == NT_GNU_BUILD_ID && n->n_namesz == 4 && memcmp(notes + payload, "GNU", 4) == 0) {
+        if (n->n_type == NT_GNU_BUILD_ID && n->n_namesz == 4 && n->n_descsz <= desc && memcmp(notes + payload, "GNU", 4) == 0) {
             int len = n->n_descsz < (Elf64_Word)cap ? (int)n->n_descsz : cap;
             memcpy(out, notes + payload + name, (size_t)len);
             return len;
@@ -150,9 +176,11 @@ int pvm_file_build_id(const char *path, uint8_t *out, int cap) {
         Elf64_Phdr ph;
         if (pread(fd, &ph, sizeof ph, (off_t)(eh.e_phoff + (uint64_t)i * sizeof ph)) != (ssize_t)sizeof ph) break;
         if (ph.p_type != PT_NOTE || ph.p_filesz == 0 || ph.p_filesz > 65536) continue;
-        uint8_t notes[65536];
-        if (pread(fd, notes, ph.p_filesz, (off_t)ph.p_offset) != (ssize_t)ph.p_filesz) break;
-        result = pvm_build_id_in_notes(notes, ph.p_filesz, out, cap);
+        uint8_t *notes = malloc(ph.p_filesz);   // not on the stack: callers' threads may have small ones
+        if (notes == NULL) break;
+        if (pread(fd, notes, ph.p_filesz, (off_t)ph.p_offset) == (ssize_t)ph.p_filesz)
+            result = pvm_build_id_in_notes(notes, ph.p_filesz, out, cap);
+        free(notes);
     }
     close(fd);
     return result;

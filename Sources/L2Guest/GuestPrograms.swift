@@ -13,7 +13,7 @@ public struct GuestProgram: Sendable {
 public let unmappedProbeGPA = L2GPA(0x8000_0000)
 
 public enum GuestPrograms {
-    public static let all: [GuestProgram] = [cpuidValues, memoryProbe, instructionTour, permissionProbe, msrPolicyProbe, balloonProbe, cpuidForever]
+    public static let all: [GuestProgram] = [cpuidValues, memoryProbe, instructionTour, permissionProbe, msrPolicyProbe, balloonProbe, cpuidForever, l1IOForever]
         + BenchOperations.all.map { op in
             GuestProgram(name: op.name, summary: op.summary) { cpu, args in
                 measureLoop(cpu, args) { i in op.body(cpu, i) }
@@ -142,5 +142,12 @@ public enum GuestPrograms {
     public static let cpuidForever = GuestProgram(name: "cpuid-forever", summary: "CPUID in an endless loop") { cpu, _ in
         cpu.sync(1)
         while true { _ = cpu.cpuid(0, 0) }
+    }
+
+    /// IN from L1's device model until the stack is stopped: every exit reaches L1 on every
+    /// nested path (pv too, where L0 answers CPUID itself), so all three tiers keep taking turns.
+    public static let l1IOForever = GuestProgram(name: "l1-io-forever", summary: "IN from port 0x1234 (L1's device model) in an endless loop") { cpu, _ in
+        cpu.sync(1)
+        while true { _ = cpu.inPort(0x1234, size: 4) }
     }
 }

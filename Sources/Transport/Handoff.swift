@@ -57,10 +57,19 @@ public struct Handoff: @unchecked Sendable {
         }
     }
 
-    /// Gives the turn to `tier` and wakes it if it sleeps.
+    /// Gives the turn to `tier` and wakes it if it sleeps. Never over a "stop": a tier that held
+    /// the turn while L0 stopped the stack must not erase the stop, or it (and its peers) would
+    /// wait for a turn nobody gives. (A compare-exchange costs what the seq_cst store, an XCHG
+    /// on x86, did.)
     @inline(__always)
     public func pass(to tier: Tier) {
-        turn.store(tier.rawValue, ordering: .sequentiallyConsistent)
+        var current = turn.load(ordering: .relaxed)
+        while current != HandoffLayout.stopValue {
+            let (done, seen) = turn.weakCompareExchange(expected: current, desired: tier.rawValue, ordering: .sequentiallyConsistent)
+            if done { break }
+            current = seen
+        }
+        if current == HandoffLayout.stopValue { return }
         if sleeping[Int(tier.rawValue)].load(ordering: .sequentiallyConsistent) != 0 {
             _ = pvm_futex_wake(turnAddress, Int32.max)
         }

@@ -27,7 +27,8 @@ public struct TierLaunch: Equatable, Sendable {
         self.program = program; self.programArguments = programArguments
     }
 
-    /// The launch ABI and build of the L0 that wrote the spec (a child compares them to its own).
+    /// L0's launch ABI, and the build ID the tier executable had when L0 resolved it: the build
+    /// L0 expects this child to be (the child compares both with its own).
     public var abi: UInt64 = LaunchABI.version
     public var build: String = BuildID.current ?? noBuildID
     /// What `build` says for an executable linked without a build ID.
@@ -43,7 +44,7 @@ public struct TierLaunch: Equatable, Sendable {
         public let l0ABI: UInt64, l0Build: String
         public let tierABI: UInt64, tierBuild: String
         public var description: String {
-            "L0 and this tier are different builds (L0: launch ABI \(l0ABI), build \(l0Build); "
+            "L0 and this tier are different builds (L0: launch ABI \(l0ABI), expects build \(l0Build); "
                 + "this tier: launch ABI \(tierABI), build \(tierBuild)); refusing to start"
         }
     }
@@ -101,7 +102,11 @@ public struct TierLaunch: Equatable, Sendable {
         self.parent = Int32(try small("parent", UInt64(Int32.max)))
         self.path = path
         self.vcpu = try small("vcpu", 4095)
-        self.layout = ControlLayout(vcpuCount: try small("vcpus", 4096), l2AddressLimit: try num("l2limit"))
+        let vcpus = try small("vcpus", 4096)
+        let l2Limit = try num("l2limit")
+        // The layout places every vCPU's pages and the EPT02 from these: they must describe one.
+        guard vcpus > 0, vcpu < vcpus, l2Limit > 0, l2Limit % pageSize == 0, l2Limit <= 1 << 48 else { throw BadSpec(spec: spec) }
+        self.layout = ControlLayout(vcpuCount: vcpus, l2AddressLimit: l2Limit)
         self.l1Slot = MemorySlot(slot: UInt32(try small("slot", UInt64(UInt32.max))), flags: UInt32(try small("slotflags", UInt64(UInt32.max))),
                                  guestPhysAddr: L1GPA(try num("gpa")), memorySize: try num("size"),
                                  hostOffset: HostOffset(try num("host")))

@@ -16,7 +16,7 @@ struct PVM: ParsableCommand {
         commandName: "pvm",
         abstract: "A paravirtual nested hypervisor prototype: L0, L1 and L2 as three processes.",
         discussion: "Measures what an L2 instruction costs under the PV ABI and under emulated nested VMX.",
-        subcommands: [Bench.self, Launch.self, Model.self, Stat.self, Trace.self, Calibrate.self, Programs.self, Tier.self],
+        subcommands: [Bench.self, Launch.self, Model.self, Stat.self, Trace.self, Calibrate.self, Chaos.self, Programs.self, Tier.self],
         defaultSubcommand: Bench.self)
 }
 
@@ -139,7 +139,9 @@ extension PVM {
                 printError("[\(i + 1)/\(plan.count)] \(t) on \(v.label)")
                 do {
                     results.append(try runner.run(t, on: v))
-                } catch BenchError.runFailed(_, _, .interrupted(let s)) {
+                } catch {
+                    // Any failure once a stop was asked for is that stop (a tier dying of the same ^C).
+                    guard let s = StopSignals.received else { throw error }
                     interrupted = s
                     break
                 }

@@ -37,6 +37,9 @@ import Testing
         let spec = Self.sample.encoded
         for bad in [spec + ",colour=blue", spec + ",tier=1", spec.replacingOccurrences(of: "vcpu=0", with: "vcpu=99999"),
                     spec.replacingOccurrences(of: "tier=1", with: "tier=4294967297"), spec.replacingOccurrences(of: "cpu=none", with: "cpu=-1"),
+                    spec.replacingOccurrences(of: "vcpus=1", with: "vcpus=0"), spec.replacingOccurrences(of: "vcpu=0", with: "vcpu=1"),
+                    spec.replacingOccurrences(of: "l2limit=4294967296", with: "l2limit=4294967297"),
+                    spec.replacingOccurrences(of: "l2limit=4294967296", with: "l2limit=0"),
                     spec + ","] {
             #expect(throws: TierLaunch.BadSpec.self, "\(bad)") { try TierLaunch(decoding: bad) }
         }

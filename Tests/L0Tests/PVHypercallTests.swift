@@ -61,11 +61,14 @@ import Transport
     }
 
     /// L1 chooses how many ranges it maps: one page in two, never merging, fills L0's PV map to
-    /// its bound, and then every call that could grow it is E2BIG and changes nothing.
-    @Test func thePVMapIsBoundedAndAFullMapRefusesMoreWithE2BIG() throws {
+    /// its bound. Then a call that could grow it is E2BIG and changes nothing, while one that
+    /// cannot (an unmap of whole ranges, a replace of a whole range) still works: a full map shrinks.
+    @Test func thePVMapIsBoundedAndAFullMapRefusesGrowthOnly() throws {
         let f = try Fixture(.pv)
         let l1 = 4 * Self.mb
-        var next: UInt64 = 0
+        // One three-page range first (its middle page is where a split would come from).
+        #expect(f.map(l2: 0, l1: l1, length: 3 * pageSize) == 0)
+        var next: UInt64 = 2                              // single pages at 4, 6, 8, ... (x 4 KiB)
         func batch(_ n: Int) throws -> UInt64 {
             for i in 0..<n {
                 let base = Plan.argumentPage.raw + UInt64(i) * PVMapBatchEntry.size
@@ -80,15 +83,21 @@ import Transport
         }
         let perCall = Int(PVMapBatchEntry.maxPerCall)
         while try batch(perCall) == 0 {}
-        #expect(f.pv.map.mappings.count > PVMap.maxMappings - 2 * perCall)
+        #expect(f.pv.map.mappings.count > PVMap.maxMappings - perCall)
         while f.map(l2: next * 2 * pageSize, l1: l1, length: pageSize) == 0 { next += 1 }
-        #expect(f.pv.map.mappings.count == PVMap.maxMappings - 1)
+        #expect(f.pv.map.mappings.count == PVMap.maxMappings)
         let tooBig = HypercallError.tooBig.returnValue
         try expectUnchanged(f, "full map") {
             #expect(f.map(l2: next * 2 * pageSize, l1: l1, length: pageSize) == tooBig)
-            #expect(f.map(l2: 0, l1: l1, length: pageSize, flags: PVMapFlags.rwx | PVMapFlags.replace) == tooBig)
-            #expect(f.unmap(l2: 0, length: pageSize) == tooBig)
+            #expect(f.map(l2: pageSize, l1: l1, length: pageSize, flags: PVMapFlags.rwx | PVMapFlags.replace) == tooBig)
+            #expect(f.unmap(l2: pageSize, length: pageSize) == tooBig)     // a hole in the 3-page range
         }
+        // Whole ranges: no growth, so allowed on a full map.
+        #expect(f.map(l2: 4 * pageSize, l1: l1 + pageSize, length: pageSize, flags: PVMapFlags.rwx | PVMapFlags.replace) == 0)
+        #expect(f.unmap(l2: 6 * pageSize, length: pageSize) == 0)
+        #expect(f.pv.map.mappings.count == PVMap.maxMappings - 1)
+        #expect(f.unmap(l2: pageSize, length: pageSize) == 0)             // now there is room to split
+        #expect(f.pv.map.mappings.count == PVMap.maxMappings)
     }
 
     @Test func pvHypercallsBeforeNegotiationAreEPERM() throws {

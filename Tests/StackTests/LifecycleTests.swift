@@ -72,6 +72,21 @@ extension StackTests {
         #expect(left.isEmpty, "tiers outlived L0: \(left)")
     }
 
+    /// `pvm chaos`'s short form: random SIGKILL/SIGSTOP of a tier over a few trials, every one a
+    /// clean end (status 1 naming the tier, no orphan, no leaked memfd), in its JSON report.
+    @Test func chaosTrialsAllEndCleanly() throws {
+        let p = try PVMProcess(["chaos", "--trials", "4", "--seed", "11", "--json"])
+        defer { p.cleanup() }
+        #expect(p.finish(seconds: 50) == 0, "\(p.stdout)\(p.stderr)")
+        struct Report: Decodable { var trials: Int; var clean: Int; var orphans: Int; var leaked_memfds: Int
+                                   var runs: [Run]; struct Run: Decodable { var signal: String; var tier: String } }
+        let r = try JSONDecoder().decode(Report.self, from: Data(p.stdout.utf8))
+        #expect(r.trials == 4 && r.clean == 4 && r.orphans == 0 && r.leaked_memfds == 0)
+        // Seed 11 picks both signals, so both the reaper and the watchdog are exercised.
+        #expect(Set(r.runs.map(\.signal)) == ["SIGKILL", "SIGSTOP"], "\(r.runs)")
+        #expect(survivingTiers(token: p.token, seconds: 1).isEmpty)
+    }
+
     @Test func killingL0TakesItsChildrenWithIt() throws {
         let (p, l1, l2) = try launchEndlessStack(path: "nvmx")
         defer { p.cleanup() }
@@ -101,6 +116,26 @@ extension StackTests {
         #expect(p.stdout.contains("L2->L0 exits: CPUID="), "\(p.stdout)")
         let left = survivingTiers(token: p.token)
         #expect(left.isEmpty, "tiers outlived L0: \(left)")
+    }
+
+    /// ^C that reaches a child while it is still starting (before it could ignore the signal):
+    /// it starts with SIGINT blocked, so it is still L0 that stops it, in order.
+    @Test func aSignalDuringChildStartUpIsStillAnOrderlyStop() throws {
+        let p = try PVMProcess(["launch", "--path", "nvmx", "--program", "cpuid-forever"])
+        defer { p.cleanup() }
+        var child: Int32?
+        let deadline = Date().addingTimeInterval(20)
+        while child == nil && Date() < deadline && p.isRunning {
+            child = children(of: p.pid).first?.pid          // whatever it is called yet
+            if child == nil { usleep(500) }
+        }
+        let c = try #require(child, "L0 started no child within 20 s")
+        kill(c, SIGINT)
+        kill(p.pid, SIGINT)
+        #expect(p.finish(seconds: 20) == 128 + SIGINT, "\(p.stdout)\(p.stderr)")
+        #expect(p.stdout.contains("stopped: interrupted by SIGINT"), "\(p.stdout)")
+        #expect(!p.stdout.contains("killed by signal"), "a child died of the ^C: \(p.stdout)")
+        #expect(survivingTiers(token: p.token).isEmpty)
     }
 
     /// ^C in the middle of a bench: the rows that finished are printed and written, the one running

@@ -88,6 +88,19 @@ final class ManagedAtomicFlag: @unchecked Sendable {
         #expect(writes > 0)
     }
 
+    /// A tier that held the turn while L0 stopped the stack passes it on afterwards: the stop
+    /// must survive that, or every tier would wait for a turn nobody gives.
+    @Test func passingTheTurnNeverErasesAStop() {
+        let h = handoff
+        h.pass(to: .l1)
+        h.stop()
+        h.pass(to: .l0)
+        h.pass(to: .l2)
+        let policy = WaitPolicy(spin: .yield, spinBudgetNanos: 100_000)
+        #expect(h.wait(for: .l0, policy: policy) == .stop)
+        #expect(h.wait(for: .l2, policy: policy) == .stop)
+    }
+
     @Test func stopReachesEveryWaiter() {
         let h = handoff
         let policy = WaitPolicy(spin: .yield, spinBudgetNanos: 100_000)

@@ -221,15 +221,17 @@ extension L0Stack {
         handoffsSinceCheck &+= 1
         if handoffsSinceCheck >= Self.livenessCheckInterval {
             handoffsSinceCheck = 0
-            if let (t, s) = deadTier() { return .tierDied(t, s) }
+            // A stop request first: a child that dies of the same ^C is part of it, not the cause.
             if let s = StopSignals.received { return .interrupted(signal: s) }
+            if let (t, s) = deadTier() { return .tierDied(t, s) }
         }
         switch handoff.wait(for: .l0, policy: policy, isPeerAlive: alive) {
         case .myTurn: return nil
         case .stop: return .fatal(.stopFromGuest)
         case .peerGone:
-            if let (t, s) = deadTier() { return .tierDied(t, s) }
+            // A stop request first: a child that dies of the same ^C is part of it, not the cause.
             if let s = StopSignals.received { return .interrupted(signal: s) }
+            if let (t, s) = deadTier() { return .tierDied(t, s) }
             if monotonicNanos() &- turnStarted >= config.tierTimeoutNanos {
                 let doing = lastExit.map { "after L0 handled \($0.0)'s \($0.1.name) exit" } ?? "since the stack started"
                 return .fatal(.tierTimeout(tier, seconds: Double(config.tierTimeoutNanos) / 1e9, doing: doing))

@@ -137,6 +137,10 @@ extension PVBackend {
                                          hosts: hosts, replace: replace))
     }
 
+    /// The most ranges a validated mapping can add to the PV map: itself, plus what a replace
+    /// does to the ranges it clears (a split +1, each range covered whole -1).
+    func growth(_ v: ValidatedMapping) -> Int { 1 + (v.replace ? map.change(clearing: v.mapping.l2) : 0) }
+
     func apply(_ v: ValidatedMapping, _ vcpu: L0VCPU) {
         if v.replace { map.remove(v.mapping.l2) }
         for (page, h) in zip(v.mapping.l2.pages, v.hosts) {
@@ -147,14 +151,17 @@ extension PVBackend {
     }
 
     func hcMap(l2: L2GPA, l1: L1GPA, length: UInt64, flags: UInt64, _ vcpu: L0VCPU) -> Result<UInt64, HypercallError> {
-        guard map.hasRoom(forOperations: 1) else { return .failure(.tooBig) }
-        return validateMapping(l2: l2, l1: l1, length: length, flags: flags, vcpu).map { apply($0, vcpu); return 0 }
+        return validateMapping(l2: l2, l1: l1, length: length, flags: flags, vcpu).flatMap { v in
+            guard map.hasRoom(for: growth(v)) else { return .failure(.tooBig) }
+            apply(v, vcpu)
+            return .success(0)
+        }
     }
 
     /// Many ranges from the argument page, all or nothing: ranges may not overlap each other.
     func hcMapBatch(count: UInt64, _ vcpu: L0VCPU) -> Result<UInt64, HypercallError> {
         guard count > 0 else { return .failure(.invalid) }
-        guard count <= PVMapBatchEntry.maxPerCall, map.hasRoom(forOperations: Int(count)) else { return .failure(.tooBig) }
+        guard count <= PVMapBatchEntry.maxPerCall else { return .failure(.tooBig) }
         var validated: [ValidatedMapping] = []
         for i in 0..<count {
             let base = i * PVMapBatchEntry.size
@@ -168,6 +175,7 @@ extension PVBackend {
                 validated.append(v)
             }
         }
+        guard map.hasRoom(for: validated.reduce(0) { $0 + growth($1) }) else { return .failure(.tooBig) }
         for v in validated { apply(v, vcpu) }
         return .success(0)
     }
@@ -177,7 +185,7 @@ extension PVBackend {
         guard l2.isPageAligned, length > 0, length % pageSize == 0,
               let r = AddressRange(start: l2, length: length) else { return .failure(.invalid) }
         guard !map.overlapping(r).isEmpty else { return .failure(.invalid) }
-        guard map.hasRoom(forOperations: 1) else { return .failure(.tooBig) }
+        guard map.hasRoom(for: map.change(clearing: r)) else { return .failure(.tooBig) }
         map.remove(r)
         vcpu.ept02.remove(r)
         return .success(0)
