@@ -264,5 +264,14 @@ extension StackTests {
         #expect(r.err.contains("--tier-timeout"), "\(r.err)")
         #expect(r.out.isEmpty, "\(r.out)")
     }
+
+    /// chaos and soak check their ranges before anything starts.
+    @Test(arguments: [["chaos", "--trials", "0"], ["chaos", "--tier-timeout", "0"], ["chaos", "--path", "single"],
+                      ["soak", "--seconds", "0"], ["soak", "--interval-ms", "5"], ["soak", "--path", "bogus"], ["soak", "--program", "cpuid"]])
+    func chaosAndSoakRefuseBadInputBeforeStarting(arguments: [String]) throws {
+        let r = try pvm(arguments)
+        #expect(r.status == 64, "\(arguments): \(r.status) \(r.err)")
+        #expect(r.out.isEmpty, "\(r.out)")
+    }
 }
 }

@@ -87,6 +87,20 @@ extension StackTests {
         #expect(survivingTiers(token: p.token, seconds: 1).isEmpty)
     }
 
+    /// `pvm soak`'s short form: three tiers sampled, an orderly stop at the end, no tier left.
+    @Test func soakSamplesEveryTierAndStopsInOrder() throws {
+        let p = try PVMProcess(["soak", "--seconds", "2", "--path", "pv", "--json"])
+        defer { p.cleanup() }
+        #expect(p.finish(seconds: 40) == 0, "\(p.stdout)\(p.stderr)")
+        struct Report: Decodable { var counts: String; var tiers: [Tier]
+                                   struct Tier: Decodable { var tier: String; var samples: Int; var max_kib: Int } }
+        let r = try JSONDecoder().decode(Report.self, from: Data(p.stdout.utf8))
+        #expect(Set(r.tiers.map(\.tier)) == ["pvm-l0", "pvm-l1", "pvm-l2"], "\(r.tiers)")
+        #expect(r.tiers.allSatisfy { $0.samples >= 5 && $0.max_kib > 0 }, "\(r.tiers)")
+        #expect(r.counts.hasPrefix("entries: L1="), "\(r.counts)")
+        #expect(survivingTiers(token: p.token, seconds: 1).isEmpty)
+    }
+
     @Test func killingL0TakesItsChildrenWithIt() throws {
         let (p, l1, l2) = try launchEndlessStack(path: "nvmx")
         defer { p.cleanup() }
