@@ -16,7 +16,7 @@ struct PVM: ParsableCommand {
         commandName: "pvm",
         abstract: "A paravirtual nested hypervisor prototype: L0, L1 and L2 as three processes.",
         discussion: "Measures what an L2 instruction costs under the PV ABI and under emulated nested VMX.",
-        subcommands: [Bench.self, Launch.self, Model.self, Stat.self, Trace.self, Calibrate.self, Chaos.self, Soak.self, Programs.self, Tier.self],
+        subcommands: [Bench.self, Launch.self, Model.self, Stat.self, Trace.self, Calibrate.self, Chaos.self, Soak.self, Fuzz.self, Programs.self, Tier.self],
         defaultSubcommand: Bench.self)
 }
 
