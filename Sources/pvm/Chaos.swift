@@ -45,7 +45,7 @@ struct Chaos: ParsableCommand {
     func run() throws {
         let paths = try parsePaths(path).filter(\.isNested)
         guard !paths.isEmpty else { throw ValidationError("chaos needs a nested path (three tiers)") }
-        var rng = ChaosRandom(seed: seed)
+        var rng = FuzzRandom(seed: seed)     // the trials a seed picks
         var results: [Trial] = []
         for i in 0..<trials {
             let p = paths[Int(rng.next() % UInt64(paths.count))]
@@ -166,19 +166,6 @@ enum ProcessProbe {
     static func memfdDescriptors(of pid: Int32) -> Int {
         let fds = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/fd")) ?? []
         return fds.filter { ((try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(pid)/fd/\($0)")) ?? "").hasPrefix("/memfd:pvm-") }.count
-    }
-}
-
-/// SplitMix64: the trials a seed picks.
-struct ChaosRandom {
-    var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
     }
 }
 
