@@ -38,18 +38,12 @@ public struct PVMap: Sendable, Equatable {
     /// E2BIG a call whose worst case passes the bound, so a full map can still shrink.
     public static let maxMappings = 65_536
 
-    /// 1 if removing `r` splits one range in two (a hole strictly inside it), else 0.
-    public func splits(_ r: AddressRange<L2GPA>) -> Int {
-        let i = firstEndingAfter(r.start)
-        guard i < mappings.count else { return 0 }
-        let m = mappings[i].l2
-        return m.start < r.start && r.end < m.end ? 1 : 0
-    }
-
-    /// How many ranges the map gains when `r` is cleared: +1 for a hole inside one range, -1 for
-    /// each range `r` covers whole (ranges it only trims stay).
+    /// How many ranges the map gains when `r` is cleared: +1 for a hole strictly inside one
+    /// range, -1 for each range `r` covers whole (ranges it only trims stay).
     public func change(clearing r: AddressRange<L2GPA>) -> Int {
-        splits(r) - overlapping(r).filter { r.start <= $0.l2.start && $0.l2.end <= r.end }.count
+        let touched = overlapping(r)
+        if touched.count == 1, touched[0].l2.start < r.start, r.end < touched[0].l2.end { return 1 }
+        return -touched.filter { r.start <= $0.l2.start && $0.l2.end <= r.end }.count
     }
 
     /// Whether the map can take `added` more ranges.

@@ -87,6 +87,8 @@ public final class L0Stack {
 
     /// Handoffs since the loop last polled its children (VCPULoop.swift).
     var handoffsSinceCheck: UInt64 = 0
+    /// How long the tier now running has held the turn (`StackConfig.tierTimeoutNanos`).
+    lazy var watchdog = TurnWatchdog(limitNanos: config.tierTimeoutNanos)
 
     /// The shutdown order in the type's comment. Runs once; later calls do nothing.
     func shutdown() {

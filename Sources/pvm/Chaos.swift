@@ -81,91 +81,34 @@ struct Chaos: ParsableCommand {
 
     /// One stack, one signal, and what was left afterwards.
     func trial(_ path: NestingPath, tier: String, signal: Int32, delayMs: Int) throws -> Trial {
-        let token = "pvm-chaos-" + UUID().uuidString
-        let l0 = Process()
-        l0.executableURL = URL(fileURLWithPath: selfExecutable())
-        l0.arguments = ["launch", "--path", path.rawValue, "--program", "l1-io-forever", "--tier-timeout", "\(tierTimeout)"]
-        var env = ProcessInfo.processInfo.environment
-        env[ProcessProbe.tokenVariable] = token
-        l0.environment = env
-        let out = Pipe()
-        l0.standardOutput = out
-        l0.standardError = out
-        l0.standardInput = FileHandle.nullDevice
-        try l0.run()
-        let reader = OutputReader(out.fileHandleForReading)
+        let l0 = try WatchedLaunch(["launch", "--path", path.rawValue, "--program", "l1-io-forever", "--tier-timeout", "\(tierTimeout)"])
         let started = Date()
         // Wait for the victim tier, then let the stack run for the chosen moment.
         let name = "pvm-\(tier)"
         var victim: Int32?
         while victim == nil && l0.isRunning && Date().timeIntervalSince(started) < 20 {
-            victim = ProcessProbe.processes(withToken: token).first { $0.name == name }?.pid
+            victim = l0.processes().first { $0.name == name }?.pid
             if victim == nil { usleep(10_000) }
         }
         if let victim {
             usleep(useconds_t(delayMs * 1000))
             kill(victim, signal)
         }
-        let limit = 10 + 3 * tierTimeout
-        while l0.isRunning && Date().timeIntervalSince(started) < limit { usleep(10_000) }
-        let ended = !l0.isRunning
-        if !ended { l0.terminate(); kill(l0.processIdentifier, SIGKILL) }
-        l0.waitUntilExit()
+        let end = l0.finish(within: 10 + 3 * tierTimeout - Date().timeIntervalSince(started))
         let seconds = Date().timeIntervalSince(started)
         if let victim, signal == SIGSTOP { kill(victim, SIGCONT) }
-        let text = reader.finish()
+        let text = end.output
         let upper = tier.uppercased()
         let named = text.contains("\(upper) (pvm-\(tier)) ended unexpectedly") || text.contains("\(upper) (pvm-\(tier)) did not give the vCPU back")
         // Orphans: tier processes of this token still alive (give the kernel a moment to deliver PDEATHSIG).
-        var left = ProcessProbe.processes(withToken: token)
+        var left = l0.processes()
         let deadline = Date().addingTimeInterval(5)
-        while !left.isEmpty && Date() < deadline { usleep(20_000); left = ProcessProbe.processes(withToken: token) }
+        while !left.isEmpty && Date() < deadline { usleep(20_000); left = l0.processes() }
         let leaked = left.map { ProcessProbe.memfdDescriptors(of: $0.pid) }.reduce(0, +)
         for p in left { kill(p.pid, SIGKILL) }
         return Trial(path: path.rawValue, tier: tier, signal: signal == SIGKILL ? "SIGKILL" : "SIGSTOP", delayMs: delayMs,
-                     exitStatus: ended && l0.terminationReason == .exit ? l0.terminationStatus : nil,
+                     exitStatus: end.exitStatus,
                      namedTier: named, seconds: seconds, orphans: left.count, leakedMemfds: leaked)
-    }
-}
-
-/// Drains a pipe on its own thread (a full pipe would block the stack being watched).
-final class OutputReader: @unchecked Sendable {
-    private var data = Data()
-    private let done = DispatchSemaphore(value: 0)
-    init(_ handle: FileHandle) {
-        Thread { [self] in
-            data = handle.readDataToEndOfFile()
-            done.signal()
-        }.start()
-    }
-    func finish() -> String {
-        done.wait()
-        return String(decoding: data, as: UTF8.self)
-    }
-}
-
-/// Finding a stack's processes from outside: every process L0 starts inherits its environment,
-/// so a token there marks the whole stack even after reparenting.
-enum ProcessProbe {
-    static let tokenVariable = "PVM_CHAOS_TOKEN"
-
-    static func processes(withToken token: String) -> [(pid: Int32, name: String)] {
-        let needle = Array("\(tokenVariable)=\(token)".utf8)
-        let entries = (try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []
-        return entries.compactMap { Int32($0) }.compactMap { p in
-            guard let env = FileManager.default.contents(atPath: "/proc/\(p)/environ"),
-                  env.split(separator: 0).contains(where: { Array($0) == needle }),
-                  let stat = try? String(contentsOfFile: "/proc/\(p)/stat", encoding: .utf8),
-                  let close = stat.lastIndex(of: ")"), stat[stat.index(close, offsetBy: 2)] != "Z",
-                  let name = try? String(contentsOfFile: "/proc/\(p)/comm", encoding: .utf8) else { return nil }
-            return (p, name.trimmingCharacters(in: .whitespacesAndNewlines))
-        }
-    }
-
-    /// How many of `pid`'s descriptors are L0's memfds.
-    static func memfdDescriptors(of pid: Int32) -> Int {
-        let fds = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/fd")) ?? []
-        return fds.filter { ((try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(pid)/fd/\($0)")) ?? "").hasPrefix("/memfd:pvm-") }.count
     }
 }
 

@@ -42,25 +42,13 @@ struct Soak: ParsableCommand {
     }
 
     func run() throws {
-        let token = "pvm-soak-" + UUID().uuidString
-        let l0 = Process()
-        l0.executableURL = URL(fileURLWithPath: selfExecutable())
-        l0.arguments = ["launch", "--path", path, "--program", program]
-        var env = ProcessInfo.processInfo.environment
-        env[ProcessProbe.tokenVariable] = token
-        l0.environment = env
-        let out = Pipe()
-        l0.standardOutput = out
-        l0.standardError = out
-        l0.standardInput = FileHandle.nullDevice
-        try l0.run()
-        let reader = OutputReader(out.fileHandleForReading)
+        let l0 = try WatchedLaunch(["launch", "--path", path, "--program", program])
         let started = Date()
         var series: [String: [(t: Double, kib: Int)]] = [:]
         var lastProgress = started
         while l0.isRunning, Date().timeIntervalSince(started) < seconds {
             let t = Date().timeIntervalSince(started)
-            for (pid, name) in ProcessProbe.processes(withToken: token) {
+            for (pid, name) in l0.processes() {
                 guard ["pvm-l0", "pvm-l1", "pvm-l2"].contains(name), let kib = ProcessProbe.residentKiB(of: pid) else { continue }
                 series[name, default: []].append((t, kib))
             }
@@ -71,13 +59,10 @@ struct Soak: ParsableCommand {
             usleep(useconds_t(intervalMs * 1000))
         }
         let ranToTheEnd = l0.isRunning
-        if ranToTheEnd { kill(l0.processIdentifier, SIGINT) }      // the orderly stop, with its counts
-        let deadline = Date().addingTimeInterval(20)
-        while l0.isRunning && Date() < deadline { usleep(10_000) }
-        if l0.isRunning { kill(l0.processIdentifier, SIGKILL) }
-        l0.waitUntilExit()
-        let text = reader.finish()
-        guard ranToTheEnd, l0.terminationReason == .exit, l0.terminationStatus == 128 + SIGINT else {
+        if ranToTheEnd { kill(l0.pid, SIGINT) }      // the orderly stop, with its counts
+        let end = l0.finish(within: 20)
+        let text = end.output
+        guard ranToTheEnd, end.exitStatus == 128 + SIGINT else {
             throw ValidationError("the stack did not run for \(seconds) s and stop on SIGINT: \(text.split(separator: "\n").last ?? "")")
         }
         let exits = text.split(separator: "\n").first { $0.hasPrefix("entries: ") }.map(String.init) ?? ""

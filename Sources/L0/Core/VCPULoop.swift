@@ -146,12 +146,9 @@ extension L0Stack {
 
         l1 = vcpu.backend.runsL1 ? try launch(.l1) : nil
         let deadline = started + config.timeoutNanos
-        // When the tier now running got the vCPU: the watchdog's clock.
-        var turnStarted = monotonicNanos()
-        let tierTimeout = config.tierTimeoutNanos
         let alive = { [unowned self] in
             let now = monotonicNanos()
-            return self.deadTier() == nil && now < deadline && now &- turnStarted < tierTimeout && StopSignals.received == nil
+            return self.deadTier() == nil && now < deadline && !self.turnHeldTooLong(now: now) && StopSignals.received == nil
         }
 
         var state = State.stopping(.guestDone)
@@ -168,12 +165,10 @@ extension L0Stack {
             switch next {
             case .resume(let tier):
                 if tier == .l1 { vcpu.counters.l1Entries += 1 } else { vcpu.counters.l2Entries += 1 }
-                turnStarted = monotonicNanos()
                 handoff.pass(to: tier)
                 state = .running(tier)
             case .enterL2:
                 vcpu.counters.l2Entries += 1
-                turnStarted = monotonicNanos()
                 handoff.pass(to: .l2)
                 state = .running(.l2)
             case .stop(let r):
@@ -187,7 +182,7 @@ extension L0Stack {
         while true {
             switch state {
             case .running(let tier):
-                if let stop = waitForTurn(policy, alive, running: tier, since: turnStarted, after: lastExit) {
+                if let stop = waitForTurn(policy, alive, running: tier, after: lastExit) {
                     state = .stopping(stop)
                     continue
                 }
@@ -214,9 +209,14 @@ extension L0Stack {
     /// sleeping L0 checks on every futex timeout anyway. One check is two waitpid(WNOHANG).
     static let livenessCheckInterval: UInt64 = 1024
 
+    /// The watchdog (`TurnWatchdog`), fed the entry count L0 keeps anyway.
+    func turnHeldTooLong(now: UInt64) -> Bool {
+        watchdog.expired(entries: vcpu.counters.l1Entries &+ vcpu.counters.l2Entries, now: now)
+    }
+
     /// nil when it is L0's turn; otherwise why the stack must stop.
     @inline(__always)
-    func waitForTurn(_ policy: WaitPolicy, _ alive: () -> Bool, running tier: Tier, since turnStarted: UInt64,
+    func waitForTurn(_ policy: WaitPolicy, _ alive: () -> Bool, running tier: Tier,
                      after lastExit: (Tier, ExitReason)?) -> StopReason? {
         handoffsSinceCheck &+= 1
         if handoffsSinceCheck >= Self.livenessCheckInterval {
@@ -232,7 +232,7 @@ extension L0Stack {
             // A stop request first: a child that dies of the same ^C is part of it, not the cause.
             if let s = StopSignals.received { return .interrupted(signal: s) }
             if let (t, s) = deadTier() { return .tierDied(t, s) }
-            if monotonicNanos() &- turnStarted >= config.tierTimeoutNanos {
+            if turnHeldTooLong(now: monotonicNanos()) {
                 let doing = lastExit.map { "after L0 handled \($0.0)'s \($0.1.name) exit" } ?? "since the stack started"
                 return .fatal(.tierTimeout(tier, seconds: Double(config.tierTimeoutNanos) / 1e9, doing: doing))
             }
