@@ -1,15 +1,48 @@
-// Layout of the control memfd: L0's own memory that the tiers share for control, never part
-// of any guest's RAM. Every tier maps it; each only touches what its "hardware" would.
+// Layout of L0's control memory: L0's own memory, never part of any guest's RAM, split by who
+// may write it (docs/architecture.md, "Least privilege"). Each region is its own memfd (the
+// private one is anonymous memory), so a child is handed only the regions its tier needs and
+// cannot map the rest:
 //
-//   page 0                 header (magic, EPT02 generation, launch ABI version)
-//   per vCPU i, 7 pages:   handoff word | L2<->L0 run page | L1<->L0 run page | shadow VMCS |
-//                          cached vmcs12 (L0's private copy when L1 uses an eVMCS) |
-//                          L2's MSR bitmap (vmcs02's: L0 writes it, L2's CPU reads it) |
-//                          L2's pass-through MSR values (what the hardware MSRs hold for L2)
-//   2 pages                VMREAD bitmap | VMWRITE bitmap   (VMCS shadowing, set by L0)
-//   32 pages               L1 write-protect bitmap: one bit per L1 page below 4 GiB; a set bit
-//                          makes L1's stores to that page exit to L0 (EPT12 pages L0 shadows)
-//   EPT02                  one u64 per L2 page frame (L0 writes, L2's MMU reads)
+//   region       L0   L1   L2   per vCPU i                          then
+//   l1Exchange   rw   rw   -    handoff lane | L1 run page |         -
+//                               shadow VMCS
+//   l2Exchange   rw   -    rw   handoff lane | L2 run page |         -
+//                               pass-through MSR values
+//   l1Tables     rw   r    -    (page 0: header) shadow-VMCS-active  VMREAD bitmap | VMWRITE bitmap |
+//                               flag                                 L1 write-protect bitmap (32 pages)
+//   l2Tables     rw   -    r    (page 0: header) L2 MSR bitmap |     EPT02 (one u64 per L2 page frame)
+//                               CR0/CR4 guest/host masks
+//   l0Private    rw   -    -    cached vmcs12 (eVMCS path)           -
+//
+// The tables regions are sealed F_SEAL_FUTURE_WRITE once L0 has mapped them: a child can map
+// them only read-only and never make that mapping writable. Every region is sealed against
+// shrinking, so no child can truncate memory under L0 (a SIGBUS in L0).
+
+/// Which of L0's control regions a piece of state lives in.
+public enum ControlRegion: String, CaseIterable, Sendable {
+    case l1Exchange, l2Exchange, l1Tables, l2Tables, l0Private
+
+    /// The exchange region a child tier writes with L0, and the tables region it reads.
+    public static func exchange(of tier: Tier) -> ControlRegion {
+        precondition(tier != .l0, "L0 has no exchange region of its own")
+        return tier == .l1 ? .l1Exchange : .l2Exchange
+    }
+    public static func tables(of tier: Tier) -> ControlRegion {
+        precondition(tier != .l0, "L0 has no tables region of its own")
+        return tier == .l1 ? .l1Tables : .l2Tables
+    }
+
+    /// The child tier that maps this region, and whether it may write it (nil: L0 only).
+    public var mappedBy: (tier: Tier, writable: Bool)? {
+        switch self {
+        case .l1Exchange: (.l1, true)
+        case .l2Exchange: (.l2, true)
+        case .l1Tables: (.l1, false)
+        case .l2Tables: (.l2, false)
+        case .l0Private: nil
+        }
+    }
+}
 
 public struct ControlLayout: Sendable, Equatable {
     public let vcpuCount: Int
@@ -21,47 +54,94 @@ public struct ControlLayout: Sendable, Equatable {
         self.l2AddressLimit = l2AddressLimit
     }
 
+    // MARK: the tables header (page 0 of l1Tables and of l2Tables)
+
     public static let magic: UInt64 = 0x3130_4C5F_4D56_5000  // "\0PVM_L01"
     public static let magicOffset = ControlOffset(0)
-    /// u64: the EPT02 generation. An entry tagged with another generation is not present: a
-    /// memslot "fast zap" bumps it to invalidate every entry at once (KVM's mmu_valid_gen).
+    /// u64, l2Tables: the EPT02 generation. An entry tagged with another generation is not
+    /// present: a memslot "fast zap" bumps it to invalidate every entry at once (KVM's mmu_valid_gen).
     public static let ept02GenerationOffset = ControlOffset(8)
     /// u64: `LaunchABI.version` of the L0 that made this memory; a child checks it with the magic.
     public static let launchABIOffset = ControlOffset(16)
 
-    static let pagesPerVCPU: UInt64 = 7
-    public func vcpuBase(_ i: Int) -> ControlOffset { ControlOffset(pageSize * (1 + UInt64(i) * Self.pagesPerVCPU)) }
-    public func handoff(_ i: Int) -> ControlOffset { vcpuBase(i) }
-    public func l2RunPage(_ i: Int) -> ControlOffset { vcpuBase(i) + pageSize }
-    public func l1RunPage(_ i: Int) -> ControlOffset { vcpuBase(i) + 2 * pageSize }
-    public func shadowVMCS(_ i: Int) -> ControlOffset { vcpuBase(i) + 3 * pageSize }
-    public func cachedVMCS12(_ i: Int) -> ControlOffset { vcpuBase(i) + 4 * pageSize }
-    public func l2MSRBitmap(_ i: Int) -> ControlOffset { vcpuBase(i) + 5 * pageSize }
-    public func l2MSRValues(_ i: Int) -> ControlOffset { vcpuBase(i) + 6 * pageSize }
-    /// u64 x 2 in the same page: the CR0 and CR4 guest/host masks L2 runs with (vmcs02's, or a
-    /// one-level VMCS's): L2's CPU exits on a MOV to CR0/CR4 only for bits set here.
-    public func l2CRGuestHostMasks(_ i: Int) -> ControlOffset { vcpuBase(i) + 6 * pageSize + 0x800 }
-    public var vmreadBitmap: ControlOffset { vcpuBase(vcpuCount) }
+    // MARK: l1Exchange and l2Exchange: three pages per vCPU
+
+    static let exchangePagesPerVCPU: UInt64 = 3
+    func exchangeBase(_ i: Int) -> ControlOffset {
+        precondition(i >= 0 && i < vcpuCount, "vCPU \(i) of \(vcpuCount)")
+        return ControlOffset(pageSize * UInt64(i) * Self.exchangePagesPerVCPU)
+    }
+    /// The handoff lane of vCPU `i` between L0 and the exchange region's tier.
+    public func handoff(_ i: Int) -> ControlOffset { exchangeBase(i) }
+    /// The run page of vCPU `i` between L0 and the exchange region's tier.
+    public func runPage(_ i: Int) -> ControlOffset { exchangeBase(i) + pageSize }
+    /// l1Exchange: the shadow VMCS L1's VMREAD/VMWRITE reach without an exit.
+    public func shadowVMCS(_ i: Int) -> ControlOffset { exchangeBase(i) + 2 * pageSize }
+    /// l2Exchange: L2's pass-through MSR values (what the hardware MSRs hold for L2).
+    public func l2MSRValues(_ i: Int) -> ControlOffset { exchangeBase(i) + 2 * pageSize }
+    public var exchangeSize: UInt64 { pageSize * UInt64(vcpuCount) * Self.exchangePagesPerVCPU }
+
+    // MARK: l1Tables
+
+    /// u32: nonzero while L1's current VMCS has a shadow VMCS linked (vmcs01's VMCS link
+    /// pointer valid and "VMCS shadowing" on): L1's VMREAD/VMWRITE then consult the bitmaps.
+    public func shadowVMCSActive(_ i: Int) -> ControlOffset {
+        precondition(i >= 0 && i < vcpuCount, "vCPU \(i) of \(vcpuCount)")
+        return ControlOffset(pageSize * (1 + UInt64(i)))
+    }
+    public var vmreadBitmap: ControlOffset { ControlOffset(pageSize * (1 + UInt64(vcpuCount))) }
     public var vmwriteBitmap: ControlOffset { vmreadBitmap + pageSize }
     /// L1 GPAs below this can be write-protected (one bit per page).
     public static let l1WriteProtectLimit: UInt64 = 4 << 30
     public var l1WriteProtectBitmap: ControlOffset { vmwriteBitmap + pageSize }
-    public var ept02: ControlOffset { l1WriteProtectBitmap + Self.l1WriteProtectLimit / pageSize / 8 }
+    public var l1TablesSize: UInt64 { (l1WriteProtectBitmap + Self.l1WriteProtectLimit / pageSize / 8).raw }
+
+    // MARK: l2Tables
+
+    static let l2TablePagesPerVCPU: UInt64 = 2
+    func l2TablesBase(_ i: Int) -> ControlOffset {
+        precondition(i >= 0 && i < vcpuCount, "vCPU \(i) of \(vcpuCount)")
+        return ControlOffset(pageSize * (1 + UInt64(i) * Self.l2TablePagesPerVCPU))
+    }
+    /// L2's MSR bitmap (vmcs02's: L0 writes it, L2's CPU reads it).
+    public func l2MSRBitmap(_ i: Int) -> ControlOffset { l2TablesBase(i) }
+    /// u64 x 2: the CR0 and CR4 guest/host masks L2 runs with (vmcs02's, or a one-level
+    /// VMCS's): L2's CPU exits on a MOV to CR0/CR4 only for bits set here.
+    public func l2CRGuestHostMasks(_ i: Int) -> ControlOffset { l2TablesBase(i) + pageSize }
+    public var ept02: ControlOffset { ControlOffset(pageSize * (1 + UInt64(vcpuCount) * Self.l2TablePagesPerVCPU)) }
     public var ept02Entries: UInt64 { l2AddressLimit >> pageShift }
-    public var totalSize: UInt64 { (ept02 + ept02Entries * 8).raw }
+    public var l2TablesSize: UInt64 { (ept02 + ept02Entries * 8).raw }
+
+    // MARK: l0Private
+
+    /// L0's private vmcs12 copy when L1 uses an enlightened VMCS.
+    public func cachedVMCS12(_ i: Int) -> ControlOffset {
+        precondition(i >= 0 && i < vcpuCount, "vCPU \(i) of \(vcpuCount)")
+        return ControlOffset(pageSize * UInt64(i))
+    }
+    public var l0PrivateSize: UInt64 { pageSize * UInt64(vcpuCount) }
+
+    /// The bytes `region` needs.
+    public func size(of region: ControlRegion) -> UInt64 {
+        switch region {
+        case .l1Exchange, .l2Exchange: exchangeSize
+        case .l1Tables: l1TablesSize
+        case .l2Tables: l2TablesSize
+        case .l0Private: l0PrivateSize
+        }
+    }
 }
 
-/// The handoff page: whose turn it is on this vCPU, and who sleeps waiting for it.
+/// A handoff lane (the first page of a vCPU in an exchange region): whose turn it is between L0
+/// and that region's tier, and who sleeps waiting for it. Each child tier has its own lane, so
+/// L2 cannot hand L1 a turn or stop it: only L0 and the lane's tier ever write a lane.
 public enum HandoffLayout {
-    /// u32: the `Tier` raw value that may run, or `stopValue`.
+    /// u32: the `Tier` raw value that may run (L0 or the lane's tier), or `stopValue`.
     public static let turn: UInt64 = 0
     /// u32 per tier, each on its own cache line: nonzero while that tier sleeps in futex_wait.
     public static func sleeping(_ t: Tier) -> UInt64 { 64 * (1 + UInt64(t.rawValue)) }
-    /// Turn value that tells every tier of this vCPU to stop.
+    /// Turn value that tells the lane's tier to stop.
     public static let stopValue: UInt32 = 0xDEAD
-    /// u32: nonzero while L1's current VMCS has a shadow VMCS linked (vmcs01's VMCS link
-    /// pointer valid and "VMCS shadowing" on): L1's VMREAD/VMWRITE then consult the bitmaps.
-    public static let shadowVMCSActive: UInt64 = 0x100
 }
 
 /// An EPT02 entry as L2's MMU reads it: EPT R/W/X in bits 2:0, host page offset in 51:12, and
@@ -108,5 +188,5 @@ public enum MSRBitmap {
 /// control layout, the run page and handoff. Bump it with any change to them; a child whose
 /// version (or build) differs from L0's refuses to start.
 public enum LaunchABI {
-    public static let version: UInt64 = 2
+    public static let version: UInt64 = 3
 }

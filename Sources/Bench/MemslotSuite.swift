@@ -31,7 +31,7 @@ public enum MemslotSuite {
         init(hostBytes: UInt64, l2Limit: UInt64) throws {
             let layout = ControlLayout(vcpuCount: 1, l2AddressLimit: l2Limit)
             // In-process, nothing to share: private anonymous memory, no memfds.
-            control = ControlMemory(region: try SharedRegion(anonymous: layout.totalSize), layout: layout)
+            control = try ControlMemory.anonymous(layout: layout)
             host = try SharedRegion(anonymous: hostBytes)
             L0VCPU.initialize(control)
             var slots = L1Memslots(hostSize: hostBytes)

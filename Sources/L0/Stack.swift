@@ -7,19 +7,20 @@ import Glibc
 /// One three-tier stack: L0 is this process; it starts L1, and L2 when L1 asks for an L2 vCPU.
 ///
 /// Shutdown order (the only place it is written):
-///   1. store "stop" in the handoff word and wake every sleeper: each child tier, waiting for its
-///      turn, sees it and exits 0;
+///   1. store "stop" in both handoff lanes and wake every sleeper: each child tier, waiting for
+///      its turn, sees it and exits 0;
 ///   2. reap L2 (SIGKILL after a grace period if it does not go);
 ///   3. reap L1 the same way;
 ///   4. destroy L1's VM in L0's host model and unload it (virtualization disabled on its CPUs);
-///   5. drop the mappings and close both memfds. They are anonymous memfds, so nothing was ever
+///   5. drop the mappings and close the memfds. They are anonymous memfds, so nothing was ever
 ///      in /dev/shm or on disk, and a killed L0 leaves nothing either (children die with it
 ///      through PR_SET_PDEATHSIG).
 public final class L0Stack {
     public let config: StackConfig
     let control: ControlMemory
     let hostMemory: SharedRegion
-    let handoff: Handoff
+    /// The handoff lanes between L0 and each child tier (vCPU 0).
+    let l1Lane: Handoff, l2Lane: Handoff
     public let vcpu: L0VCPU
     var l1: ChildProcess?
     var l2: ChildProcess?
@@ -36,7 +37,7 @@ public final class L0Stack {
         self.config = config
         let layout = config.layout
         do {
-            control = try ControlMemory.create(name: "pvm-control", layout: layout)
+            control = try ControlMemory.create(layout: layout)
             hostMemory = try SharedRegion(create: "pvm-host-memory", size: config.hostMemoryBytes)
             L0VCPU.initialize(control)
         } catch let e as TransportError {
@@ -51,12 +52,26 @@ public final class L0Stack {
         }
         var slots = L1Memslots(hostSize: config.hostMemoryBytes)
         do { try slots.add(config.l1Slot) } catch { throw StackError.badConfig("\(error)") }
-        handoff = control.handoff(vcpu: 0)
+        l1Lane = control.handoff(.l1, vcpu: 0)
+        l2Lane = control.handoff(.l2, vcpu: 0)
         vcpu = L0VCPU(id: 0, path: config.path, control: control,
                       l1Memory: L1MemoryAccess(memslots: slots, host: HostMemory(region: hostMemory)))
         vcpu.backend.configure(config)
         vcpu.vm = vm
+        // Everything L0 writes before a child maps it is written (the backends' bitmaps
+        // included): from here the tables can only be written through L0's own mapping, and no
+        // shared memfd can be shrunk under L0.
+        do {
+            try control.sealForChildren()
+            try hostMemory.seal(name: "pvm-host-memory", futureWrite: false)
+        } catch let e as TransportError {
+            throw StackError.hostMemory(e)
+        }
     }
+
+    /// The lane between L0 and `tier` (L1 or L2).
+    @inline(__always)
+    func lane(_ tier: Tier) -> Handoff { tier == .l1 ? l1Lane : l2Lane }
 
     func launch(_ tier: Tier) throws -> ChildProcess {
         // A tier executable rebuilt since it was resolved (a bench running while someone builds)
@@ -73,7 +88,7 @@ public final class L0Stack {
         spec.build = config.tierBuild ?? TierLaunch.noBuildID
         do {
             return try ChildProcess(tier: tier, path: config.tierExecutable, arguments: ["__tier", spec.encoded],
-                                    fds: [control.region.fd, hostMemory.fd])
+                                    fds: control.descriptors(for: tier) + [hostMemory.fd])
         } catch let e as TransportError {
             throw StackError.spawn(tier, e)
         }
@@ -94,7 +109,8 @@ public final class L0Stack {
     func shutdown() {
         guard !shutDown else { return }
         shutDown = true
-        handoff.stop()
+        l1Lane.stop()
+        l2Lane.stop()
         for child in [l2, l1].compactMap({ $0 }) {
             if child.wait(timeoutNanos: 2_000_000_000) == nil { child.killAndReap() }
         }

@@ -29,10 +29,10 @@ public final class L1CPU: L1StoreTrap {
     public func useEnlightenedVMCS(_ image: VMCSImage) { evmcs = image }
 
     public init(session: TierSession) {
-        let control = session.control, vcpu = session.launch.vcpu
+        let control = session.l1Control()
         self.port = ExitPort(session: session)
-        self.shadow = control.shadowVMCS(vcpu: vcpu)
-        self.shadowActive = control.shadowVMCSActive(vcpu: vcpu)
+        self.shadow = control.shadowVMCS
+        self.shadowActive = control.shadowVMCSActive
         self.vmreadBitmap = control.vmreadBitmap
         self.vmwriteBitmap = control.vmwriteBitmap
         self.writeProtect = control.l1WriteProtect

@@ -26,6 +26,8 @@ public final class GuestCPU {
     /// The CR0/CR4 guest/host masks L2 runs with (index 0 CR0, 1 CR4), and this CPU's own CR0
     /// and CR4: a MOV to CR0/CR4 that changes only guest-owned bits completes with no exit.
     let crMasks: U64TableView
+    /// L0's tables as this process maps them (read-only): only the defence-testing programs touch it.
+    let tables: SharedRegion
     var cr0 = ControlRegisterBits.initialCR0
     var cr4 = ControlRegisterBits.initialCR4
     /// Where this guest keeps its ucall block (guest-physical, in its own RAM).
@@ -35,10 +37,12 @@ public final class GuestCPU {
     init(session: TierSession) throws {
         self.port = ExitPort(session: session)
         self.memory = session.hostMemory
-        self.ept02 = session.control.ept02
-        self.msrBitmap = session.control.l2MSRBitmap(vcpu: session.launch.vcpu)
-        self.passthroughMSRs = session.control.l2PassthroughMSRs(vcpu: session.launch.vcpu)
-        self.crMasks = session.control.l2CRGuestHostMasks(vcpu: session.launch.vcpu)
+        let control = session.l2Control()
+        self.ept02 = control.ept02
+        self.msrBitmap = control.msrBitmap
+        self.passthroughMSRs = control.passthroughMSRs
+        self.crMasks = control.crGuestHostMasks
+        self.tables = control.tables
     }
 
     /// Waits for the first entry and takes the RIP L0 entered with.

@@ -1,5 +1,6 @@
 import ABI
 import Histogram
+import Transport
 
 /// A guest program, the way KVM selftests write `guest_code`: straight-line code against the
 /// guest CPU, talking to the harness with sync / guestAssert / done.
@@ -13,7 +14,7 @@ public struct GuestProgram: Sendable {
 public let unmappedProbeGPA = L2GPA(0x8000_0000)
 
 public enum GuestPrograms {
-    public static let all: [GuestProgram] = [cpuidValues, memoryProbe, instructionTour, permissionProbe, msrPolicyProbe, balloonProbe, cpuidForever, l1IOForever]
+    public static let all: [GuestProgram] = [cpuidValues, memoryProbe, instructionTour, permissionProbe, msrPolicyProbe, balloonProbe, cpuidForever, l1IOForever, l2Escape]
         + BenchOperations.all.map { op in
             GuestProgram(name: op.name, summary: op.summary) { cpu, args in
                 measureLoop(cpu, args) { i in op.body(cpu, i) }
@@ -150,4 +151,39 @@ public enum GuestPrograms {
         cpu.sync(1)
         while true { _ = cpu.inPort(0x1234, size: 4) }
     }
+
+    /// What `l2-escape` tries (its one argument): each must end L2, never reach L0.
+    public enum Escape: UInt64, CaseIterable, Sendable {
+        /// Make the EPT02 mapping writable, then store into it: L2 dies of SIGSEGV.
+        case writeEPT02 = 1
+        /// Signal L0 (kill(L0, 0)): the seccomp filter kills L2 (SIGSYS).
+        case signalL0 = 2
+        /// Open a file (/proc/self/mem): the filter kills L2 (SIGSYS).
+        case openFile = 3
+    }
+
+    /// A hostile L2 (for the tests of L0's defences): args [what] (`Escape`). Before the
+    /// attempt it syncs (what, mprotect's errno for writeEPT02); if it survives the attempt it
+    /// syncs (what, 0xE5CA9ED) and says done, which the tests read as a hole in the sandbox.
+    public static let l2Escape = GuestProgram(name: "l2-escape", summary: "a hostile L2: write EPT02, signal L0 or open a file (args: 1, 2 or 3)") { cpu, args in
+        let what = Escape(rawValue: args.first ?? 1) ?? .writeEPT02
+        switch what {
+        case .writeEPT02:
+            let refused = cpu.ept02.probeMakeWritable()
+            cpu.sync(what.rawValue, UInt64(refused))
+            // Map L2's page 0 onto host offset 0 (outside L1's memory), read-write-execute.
+            cpu.ept02.probeOverwrite(frame: 0, with: EPT02Entry.make(host: HostOffset(0), permissions: EPT.rwxMask,
+                                                                     generation: cpu.ept02.generation.value))
+        case .signalL0:
+            cpu.sync(what.rawValue, 0)
+            _ = SandboxProbe.signal(SandboxProbe.parent)
+        case .openFile:
+            cpu.sync(what.rawValue, 0)
+            _ = SandboxProbe.open("/proc/self/mem")
+        }
+        cpu.sync(what.rawValue, escaped)
+        cpu.done()
+    }
+    /// What `l2-escape` syncs when an attempt got through.
+    public static let escaped: UInt64 = 0xE5CA9ED
 }

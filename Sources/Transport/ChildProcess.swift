@@ -13,6 +13,7 @@ public enum ExitStatus: Equatable, Sendable, CustomStringConvertible {
     public var description: String {
         switch self {
         case .exited(let c): "exit status \(c)"
+        case .signaled(SIGSYS): "killed by signal \(SIGSYS) (a system call outside the tier sandbox's allow-list)"
         case .signaled(let s): "killed by signal \(s) (\(String(cString: strsignal(s))))"
         }
     }

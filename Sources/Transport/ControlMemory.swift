@@ -1,72 +1,170 @@
 import ABI
 
-/// The control memfd (`ControlLayout`) seen through typed views: every page and table of the
-/// layout has an accessor here, addressed by `ControlOffset` and bounds-checked once when the
-/// view is made and again (a `precondition`, kept in release builds) on every indexed access.
-/// Nothing above Transport computes a byte offset into control memory.
+/// L0's control memory (`ControlLayout`): one region per set of tiers that may touch it, each
+/// its own memfd, seen through typed views. Every page and table of the layout has an accessor
+/// here, addressed by `ControlOffset` within its region and bounds-checked once when the view is
+/// made and again (a `precondition`, kept in release builds) on every indexed access. Nothing
+/// above Transport computes a byte offset into control memory.
+///
+/// L0 holds all of it (this type); a child tier holds only its exchange and tables regions,
+/// through `L1ControlView` or `L2ControlView`.
 public struct ControlMemory: @unchecked Sendable {
-    public let region: SharedRegion
     public let layout: ControlLayout
+    public let l1Exchange: SharedRegion, l2Exchange: SharedRegion
+    public let l1Tables: SharedRegion, l2Tables: SharedRegion
+    public let l0Private: SharedRegion
 
-    /// A control region that holds the whole layout.
-    public init(region: SharedRegion, layout: ControlLayout) {
-        precondition(region.size >= layout.totalSize, "control region of \(region.size) bytes is smaller than its layout (\(layout.totalSize))")
-        self.region = region
+    public init(layout: ControlLayout, l1Exchange: SharedRegion, l2Exchange: SharedRegion,
+                l1Tables: SharedRegion, l2Tables: SharedRegion, l0Private: SharedRegion) {
+        for (region, r) in [(ControlRegion.l1Exchange, l1Exchange), (.l2Exchange, l2Exchange), (.l1Tables, l1Tables),
+                            (.l2Tables, l2Tables), (.l0Private, l0Private)] {
+            precondition(r.size >= layout.size(of: region), "\(region) of \(r.size) bytes is smaller than its layout (\(layout.size(of: region)))")
+        }
         self.layout = layout
+        self.l1Exchange = l1Exchange
+        self.l2Exchange = l2Exchange
+        self.l1Tables = l1Tables
+        self.l2Tables = l2Tables
+        self.l0Private = l0Private
     }
 
-    /// A new control memfd for `layout`, with the magic written.
-    public static func create(name: String, layout: ControlLayout) throws -> ControlMemory {
-        let region = try SharedRegion(create: name, size: layout.totalSize)
-        try region.store(ControlLayout.magic, at: ControlLayout.magicOffset.raw)
-        try region.store(LaunchABI.version, at: ControlLayout.launchABIOffset.raw)
-        return ControlMemory(region: region, layout: layout)
+    /// The memfds a stack shares with its children (the private region is anonymous memory),
+    /// with the tables' headers written. Call `sealForChildren` once L0 has mapped and filled them.
+    public static func create(layout: ControlLayout) throws -> ControlMemory {
+        func memfd(_ r: ControlRegion) throws -> SharedRegion {
+            try SharedRegion(create: "pvm-\(r.rawValue)", size: layout.size(of: r))
+        }
+        let memory = ControlMemory(layout: layout, l1Exchange: try memfd(.l1Exchange), l2Exchange: try memfd(.l2Exchange),
+                                   l1Tables: try memfd(.l1Tables), l2Tables: try memfd(.l2Tables),
+                                   l0Private: try SharedRegion(anonymous: layout.l0PrivateSize))
+        try memory.writeHeaders()
+        return memory
     }
+
+    /// The same layout in private anonymous memory: for in-process handler tests and tools
+    /// (fuzzing, the memslot suite) that need L0's control state without sharing it.
+    public static func anonymous(layout: ControlLayout) throws -> ControlMemory {
+        func anon(_ r: ControlRegion) throws -> SharedRegion { try SharedRegion(anonymous: layout.size(of: r)) }
+        let memory = ControlMemory(layout: layout, l1Exchange: try anon(.l1Exchange), l2Exchange: try anon(.l2Exchange),
+                                   l1Tables: try anon(.l1Tables), l2Tables: try anon(.l2Tables), l0Private: try anon(.l0Private))
+        try memory.writeHeaders()
+        return memory
+    }
+
+    private func writeHeaders() throws {
+        for tables in [l1Tables, l2Tables] {
+            try tables.store(ControlLayout.magic, at: ControlLayout.magicOffset.raw)
+            try tables.store(LaunchABI.version, at: ControlLayout.launchABIOffset.raw)
+        }
+    }
+
+    /// Seals every shared region against shrinking (a child truncating a memfd would make L0's
+    /// next access a SIGBUS), and the tables regions against any new writable mapping: from now
+    /// on only L0's own mapping can write them.
+    public func sealForChildren() throws {
+        for r in [ControlRegion.l1Exchange, .l2Exchange, .l1Tables, .l2Tables] {
+            try region(r).seal(name: "pvm-\(r.rawValue)", futureWrite: r.mappedBy?.writable == false)
+        }
+    }
+
+    public func region(_ r: ControlRegion) -> SharedRegion {
+        switch r {
+        case .l1Exchange: l1Exchange
+        case .l2Exchange: l2Exchange
+        case .l1Tables: l1Tables
+        case .l2Tables: l2Tables
+        case .l0Private: l0Private
+        }
+    }
+
+    /// The memfds a child tier is handed, in `TierLaunch`'s descriptor order: its exchange
+    /// region, then its tables region.
+    public func descriptors(for tier: Tier) -> [Int32] {
+        [region(.exchange(of: tier)).fd, region(.tables(of: tier)).fd]
+    }
+
+    public func l1View(vcpu: Int) -> L1ControlView { L1ControlView(exchange: l1Exchange, tables: l1Tables, layout: layout, vcpu: vcpu) }
+    public func l2View(vcpu: Int) -> L2ControlView { L2ControlView(exchange: l2Exchange, tables: l2Tables, layout: layout, vcpu: vcpu) }
 
     /// The run page between `tier` (L1 or L2) and L0 on vCPU `vcpu`.
     public func runPage(_ tier: Tier, vcpu: Int) -> RunPageView {
         precondition(tier != .l0, "L0 has no run page of its own")
-        return RunPageView(fixed: region, base: tier == .l1 ? layout.l1RunPage(vcpu) : layout.l2RunPage(vcpu))
+        return tier == .l1 ? l1View(vcpu: vcpu).runPage : l2View(vcpu: vcpu).runPage
     }
 
-    public func handoff(vcpu: Int) -> Handoff { Handoff(region: region, base: layout.handoff(vcpu)) }
-
-    public func shadowVMCS(vcpu: Int) -> VMCSImage { VMCSImage(fixed: region, base: layout.shadowVMCS(vcpu).raw) }
-    /// L0's private vmcs12 copy when L1 uses an enlightened VMCS.
-    public func cachedVMCS12(vcpu: Int) -> VMCSImage { VMCSImage(fixed: region, base: layout.cachedVMCS12(vcpu).raw) }
-
-    /// Nonzero while L1's current VMCS has a shadow VMCS linked (`HandoffLayout.shadowVMCSActive`).
-    public func shadowVMCSActive(vcpu: Int) -> SharedFlag {
-        SharedFlag(region: region, at: layout.handoff(vcpu) + HandoffLayout.shadowVMCSActive)
+    /// The handoff lane between L0 and `tier` (L1 or L2) on vCPU `vcpu`.
+    public func handoff(_ tier: Tier, vcpu: Int) -> Handoff {
+        precondition(tier != .l0, "L0 has no lane of its own")
+        return tier == .l1 ? l1View(vcpu: vcpu).handoff : l2View(vcpu: vcpu).handoff
     }
 
-    /// vmcs02's MSR bitmap for L2 on vCPU `vcpu`: L0 writes it, L2's CPU reads it.
-    public func l2MSRBitmap(vcpu: Int) -> MSRBitmapView {
-        MSRBitmapView(bits: BitmapView(region: region, base: layout.l2MSRBitmap(vcpu), byteCount: pageSize))
-    }
+    public func shadowVMCS(vcpu: Int) -> VMCSImage { l1View(vcpu: vcpu).shadowVMCS }
+    /// L0's private vmcs12 copy when L1 uses an enlightened VMCS (no tier can see it).
+    public func cachedVMCS12(vcpu: Int) -> VMCSImage { VMCSImage(fixed: l0Private, base: layout.cachedVMCS12(vcpu).raw) }
+    public func shadowVMCSActive(vcpu: Int) -> SharedFlag { l1View(vcpu: vcpu).shadowVMCSActive }
+    public var vmreadBitmap: BitmapView { l1View(vcpu: 0).vmreadBitmap }
+    public var vmwriteBitmap: BitmapView { l1View(vcpu: 0).vmwriteBitmap }
+    public var l1WriteProtect: BitmapView { l1View(vcpu: 0).l1WriteProtect }
 
-    /// The pass-through MSR values L2 reaches without an exit (`PassthroughMSRs`).
-    public func l2PassthroughMSRs(vcpu: Int) -> PassthroughMSRValues {
-        PassthroughMSRValues(table: U64TableView(region: region, base: layout.l2MSRValues(vcpu), count: UInt64(PassthroughMSRs.all.count)))
-    }
+    public func l2MSRBitmap(vcpu: Int) -> MSRBitmapView { l2View(vcpu: vcpu).msrBitmap }
+    public func l2PassthroughMSRs(vcpu: Int) -> PassthroughMSRValues { l2View(vcpu: vcpu).passthroughMSRs }
+    public func l2CRGuestHostMasks(vcpu: Int) -> U64TableView { l2View(vcpu: vcpu).crGuestHostMasks }
+    public var ept02: EPT02TableView { l2View(vcpu: 0).ept02 }
+}
 
-    /// The CR0 and CR4 guest/host masks L2 runs with: index 0 CR0, 1 CR4.
-    public func l2CRGuestHostMasks(vcpu: Int) -> U64TableView {
-        U64TableView(region: region, base: layout.l2CRGuestHostMasks(vcpu), count: 2)
-    }
-
+/// What L1's CPU sees of L0's control memory on one vCPU: its lane and run page and the shadow
+/// VMCS (read-write), and L0's tables for it (read-only in the L1 process).
+public struct L1ControlView: @unchecked Sendable {
+    public let handoff: Handoff
+    public let runPage: RunPageView
+    public let shadowVMCS: VMCSImage
+    /// Nonzero while L1's current VMCS has a shadow VMCS linked.
+    public let shadowVMCSActive: SharedFlag
     /// KVM's VMREAD / VMWRITE bitmaps: bit = field encoding bits 14:0, set = the access exits.
-    public var vmreadBitmap: BitmapView { BitmapView(region: region, base: layout.vmreadBitmap, byteCount: pageSize) }
-    public var vmwriteBitmap: BitmapView { BitmapView(region: region, base: layout.vmwriteBitmap, byteCount: pageSize) }
-
+    public let vmreadBitmap: BitmapView, vmwriteBitmap: BitmapView
     /// One bit per L1 page below `ControlLayout.l1WriteProtectLimit`: set = L1's stores exit.
-    public var l1WriteProtect: BitmapView {
-        BitmapView(region: region, base: layout.l1WriteProtectBitmap, byteCount: ControlLayout.l1WriteProtectLimit / pageSize / 8)
-    }
+    public let l1WriteProtect: BitmapView
+    /// The tables region (for the probes of the programs that test L0's defences).
+    public let tables: SharedRegion
 
-    public var ept02: EPT02TableView {
-        EPT02TableView(entries: U64TableView(region: region, base: layout.ept02, count: layout.ept02Entries),
-                       generation: SharedU64(region: region, at: ControlLayout.ept02GenerationOffset))
+    init(exchange: SharedRegion, tables: SharedRegion, layout: ControlLayout, vcpu: Int) {
+        handoff = Handoff(region: exchange, base: layout.handoff(vcpu))
+        runPage = RunPageView(fixed: exchange, base: layout.runPage(vcpu))
+        shadowVMCS = VMCSImage(fixed: exchange, base: layout.shadowVMCS(vcpu).raw)
+        shadowVMCSActive = SharedFlag(region: tables, at: layout.shadowVMCSActive(vcpu))
+        vmreadBitmap = BitmapView(region: tables, base: layout.vmreadBitmap, byteCount: pageSize)
+        vmwriteBitmap = BitmapView(region: tables, base: layout.vmwriteBitmap, byteCount: pageSize)
+        l1WriteProtect = BitmapView(region: tables, base: layout.l1WriteProtectBitmap,
+                                    byteCount: ControlLayout.l1WriteProtectLimit / pageSize / 8)
+        self.tables = tables
+    }
+}
+
+/// What L2's CPU sees of L0's control memory on one vCPU: its lane, run page and pass-through
+/// MSR values (read-write), and vmcs02's bitmap, masks and EPT02 (read-only in the L2 process).
+public struct L2ControlView: @unchecked Sendable {
+    public let handoff: Handoff
+    public let runPage: RunPageView
+    /// The pass-through MSR values L2 reaches without an exit (`PassthroughMSRs`).
+    public let passthroughMSRs: PassthroughMSRValues
+    /// vmcs02's MSR bitmap for L2: L0 writes it, L2's CPU reads it.
+    public let msrBitmap: MSRBitmapView
+    /// The CR0 and CR4 guest/host masks L2 runs with: index 0 CR0, 1 CR4.
+    public let crGuestHostMasks: U64TableView
+    public let ept02: EPT02TableView
+    /// The tables region (for the probes of the programs that test L0's defences).
+    public let tables: SharedRegion
+
+    init(exchange: SharedRegion, tables: SharedRegion, layout: ControlLayout, vcpu: Int) {
+        handoff = Handoff(region: exchange, base: layout.handoff(vcpu))
+        runPage = RunPageView(fixed: exchange, base: layout.runPage(vcpu))
+        passthroughMSRs = PassthroughMSRValues(table: U64TableView(region: exchange, base: layout.l2MSRValues(vcpu),
+                                                                   count: UInt64(PassthroughMSRs.all.count)))
+        msrBitmap = MSRBitmapView(bits: BitmapView(region: tables, base: layout.l2MSRBitmap(vcpu), byteCount: pageSize))
+        crGuestHostMasks = U64TableView(region: tables, base: layout.l2CRGuestHostMasks(vcpu), count: 2)
+        ept02 = EPT02TableView(entries: U64TableView(region: tables, base: layout.ept02, count: layout.ept02Entries),
+                               generation: SharedU64(region: tables, at: ControlLayout.ept02GenerationOffset))
+        self.tables = tables
     }
 }
 

@@ -11,6 +11,9 @@ public enum TransportError: Error, CustomStringConvertible, Equatable {
     case mapFailed(bytes: UInt64, errno: Int32)
     case outOfBounds(offset: UInt64, length: UInt64, regionSize: UInt64)
     case spawnFailed(path: String, errno: Int32)
+    case sealFailed(name: String, errno: Int32)
+    /// A child was handed a memfd without the seals L0 puts on every region it shares.
+    case unsealed(name: String, seals: Int32)
 
     public var description: String {
         switch self {
@@ -19,6 +22,8 @@ public enum TransportError: Error, CustomStringConvertible, Equatable {
         case let .mapFailed(bytes, e): "mmap of \(bytes) bytes failed: \(String(cString: strerror(e)))"
         case let .outOfBounds(o, l, s): "access [0x\(String(o, radix: 16)), +\(l)) outside a region of \(s) bytes"
         case let .spawnFailed(path, e): "cannot start \(path): \(String(cString: strerror(e)))"
+        case let .sealFailed(name, e): "sealing \(name) failed: \(String(cString: strerror(e)))"
+        case let .unsealed(name, seals): "\(name) came without L0's seals (F_GET_SEALS 0x\(String(seals, radix: 16)))"
         }
     }
 }
@@ -32,8 +37,12 @@ public enum TransportError: Error, CustomStringConvertible, Equatable {
 /// `VMCSImage`, `ControlMemory`'s tables) that checked their range when they were made; they
 /// still `precondition` the bounds, so a bug traps instead of touching another mapping.
 public final class SharedRegion: @unchecked Sendable {
-    public let fd: Int32
+    /// The memfd behind the mapping: -1 for anonymous memory, and once a child tier has closed
+    /// its descriptors (`TierSandbox.enter`).
+    public private(set) var fd: Int32
     public let size: UInt64
+    /// False for a read-only mapping (a child's view of L0's tables): a store there faults.
+    public let isWritable: Bool
     // The mapping; valid from init to deinit.
     private let base: UnsafeMutableRawPointer
 
@@ -46,9 +55,10 @@ public final class SharedRegion: @unchecked Sendable {
             close(fd)
             throw TransportError.resizeFailed(bytes: size, errno: e)
         }
-        do { self.base = try Self.map(fd: fd, size: size) } catch { close(fd); throw error }
+        do { self.base = try Self.map(fd: fd, size: size, offset: 0, writable: true) } catch { close(fd); throw error }
         self.fd = fd
         self.size = size
+        self.isWritable = true
     }
 
     /// Private anonymous memory of `size` bytes, no file behind it: for in-process handler tests
@@ -60,23 +70,69 @@ public final class SharedRegion: @unchecked Sendable {
         self.base = p
         self.fd = -1
         self.size = size
+        self.isWritable = true
     }
 
-    /// Maps a memfd this process inherited (a child tier). Takes ownership of `fd`.
-    public init(adopt fd: Int32) throws {
+    /// Maps a memfd this process inherited (a child tier): all of it, or the window
+    /// [offset, offset+length) (both page-aligned), read-write or read-only. Takes ownership of
+    /// `fd`. The memfd must carry L0's seals (`requireSeals`), so nobody can shrink it under
+    /// the mapping.
+    public init(adopt fd: Int32, name: String, writable: Bool, window: (offset: UInt64, length: UInt64)? = nil,
+                requireFutureWriteSeal: Bool = false) throws {
         var st = stat()
         guard fstat(fd, &st) == 0 else { throw TransportError.mapFailed(bytes: 0, errno: errno) }
-        let size = UInt64(st.st_size)
-        self.base = try Self.map(fd: fd, size: size)
+        let fileSize = UInt64(st.st_size)
+        let seals = pvm_memfd_seals(fd)
+        let needed = pvm_seal_shrink_bit() | (requireFutureWriteSeal ? pvm_seal_future_write_bit() : 0)
+        guard seals >= 0, seals & needed == needed else { throw TransportError.unsealed(name: name, seals: seals) }
+        let (offset, length) = window ?? (0, fileSize)
+        guard offset % pageSize == 0, offset <= fileSize, length <= fileSize - offset else {
+            throw TransportError.outOfBounds(offset: offset, length: length, regionSize: fileSize)
+        }
+        self.base = try Self.map(fd: fd, size: length, offset: offset, writable: writable)
         self.fd = fd
-        self.size = size
+        self.size = length
+        self.isWritable = writable
     }
 
-    private static func map(fd: Int32, size: UInt64) throws -> UnsafeMutableRawPointer {
+    private static func map(fd: Int32, size: UInt64, offset: UInt64, writable: Bool) throws -> UnsafeMutableRawPointer {
         // MAP_SHARED so every tier sees the same bytes; MAP_NORESERVE keeps a 1 GiB default sparse.
-        let p = mmap(nil, Int(size), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, fd, 0)
+        let prot = writable ? PROT_READ | PROT_WRITE : PROT_READ
+        let p = mmap(nil, Int(size), prot, MAP_SHARED | MAP_NORESERVE, fd, off_t(offset))
         guard let p, p != MAP_FAILED else { throw TransportError.mapFailed(bytes: size, errno: errno) }
         return p
+    }
+
+    /// Seals the memfd (L0, before it hands the region to a child): no shrinking or growing,
+    /// no further seals, and with `futureWrite` no writable mapping from now on. L0's own
+    /// mapping, made before, stays writable.
+    public func seal(name: String, futureWrite: Bool) throws {
+        precondition(fd >= 0, "anonymous memory has no seals")
+        let r = pvm_memfd_seal(fd, futureWrite ? 1 : 0)
+        guard r == 0 else { throw TransportError.sealFailed(name: name, errno: -r) }
+    }
+
+    /// The memfd's seals (F_GET_SEALS), or nil for anonymous memory.
+    public var seals: Int32? { fd >= 0 ? pvm_memfd_seals(fd) : nil }
+
+    /// The descriptor is gone (closed by the sandbox, which closes every one above 2); the
+    /// mapping stays.
+    func forgetDescriptor() { fd = -1 }
+
+    // MARK: hostile probes (the guest programs that test L0's defences)
+
+    /// Tries to make this mapping writable (mprotect): 0, or the errno the kernel refused with.
+    public func probeMakeWritable() -> Int32 {
+        // The whole mapping, which this object owns; mprotect only changes its protection.
+        -pvm_probe_make_writable(base, Int(size))
+    }
+
+    /// Stores `value` at `offset` with no regard for the mapping's protection: in a read-only
+    /// mapping this faults (SIGSEGV), which is what the probe is for. The offset is checked.
+    public func probeStore(_ value: UInt64, at offset: UInt64) {
+        precondition(offset % 8 == 0 && offset <= size && size - offset >= 8, "probe outside the region")
+        // In bounds (checked above); a deliberate store, faulting in a read-only mapping.
+        (base + Int(offset)).storeBytes(of: value, as: UInt64.self)
     }
 
     deinit {

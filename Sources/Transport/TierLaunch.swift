@@ -1,7 +1,8 @@
 import ABI
 
 /// Everything a child tier is told when L0 starts it, carried in one argv word
-/// (`pvm __tier <spec>`). The memfds arrive as descriptors 3 (control) and 4 (host memory).
+/// (`pvm __tier <spec>`). The memfds arrive as descriptors 3 (the tier's exchange region), 4
+/// (its tables region) and 5 (host memory, of which it maps only L1's memslot).
 public struct TierLaunch: Equatable, Sendable {
     public var tier: Tier
     public var parent: Int32
@@ -17,8 +18,9 @@ public struct TierLaunch: Equatable, Sendable {
     public var pvFeatures: PVFeatures = .all
     public var l2MapMode: L2MapMode = .eager
 
-    public static let controlFD: Int32 = 3
-    public static let hostMemoryFD: Int32 = 4
+    public static let exchangeFD: Int32 = 3
+    public static let tablesFD: Int32 = 4
+    public static let hostMemoryFD: Int32 = 5
 
     public init(tier: Tier, parent: Int32, path: NestingPath, vcpu: Int, layout: ControlLayout,
                 l1Slot: MemorySlot, cpu: Int?, program: String = "", programArguments: [UInt64] = []) {

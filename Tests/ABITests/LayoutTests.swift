@@ -16,18 +16,38 @@ import Testing
         #expect(!Register.gprsOutsideVMCS.contains(.rsp) && Register.gprsOutsideVMCS.count == 15)
     }
 
-    @Test func controlLayoutGivesEachVCPUItsOwnPagesAndEPT02Last() {
+    @Test func controlLayoutGivesEachVCPUItsOwnPagesInEachRegionAndEPT02Last() {
         let l = ControlLayout(vcpuCount: 2, l2AddressLimit: 1 << 30)
-        let pages = [l.handoff(0), l.l2RunPage(0), l.l1RunPage(0), l.shadowVMCS(0),
-                     l.handoff(1), l.l2RunPage(1), l.l1RunPage(1), l.shadowVMCS(1), l.vmreadBitmap, l.vmwriteBitmap]
-        #expect(Set(pages).count == pages.count)
-        for p in pages { #expect(p.isPageAligned && p.raw >= pageSize && p < l.ept02) }
+        let l1Exchange = [l.handoff(0), l.runPage(0), l.shadowVMCS(0), l.handoff(1), l.runPage(1), l.shadowVMCS(1)]
+        let l2Exchange = [l.handoff(0), l.runPage(0), l.l2MSRValues(0), l.handoff(1), l.runPage(1), l.l2MSRValues(1)]
+        for pages in [l1Exchange, l2Exchange] {
+            #expect(Set(pages).count == pages.count)
+            for p in pages { #expect(p.isPageAligned && p.raw + pageSize <= l.exchangeSize) }
+        }
+        // The tables regions keep page 0 for the header.
+        let l1Tables = [l.shadowVMCSActive(0), l.shadowVMCSActive(1), l.vmreadBitmap, l.vmwriteBitmap, l.l1WriteProtectBitmap]
+        #expect(Set(l1Tables).count == l1Tables.count)
+        for p in l1Tables { #expect(p.isPageAligned && p.raw >= pageSize && p.raw < l.l1TablesSize) }
+        #expect(l.l1TablesSize == (l.l1WriteProtectBitmap + ControlLayout.l1WriteProtectLimit / pageSize / 8).raw)
+        let l2Tables = [l.l2MSRBitmap(0), l.l2CRGuestHostMasks(0), l.l2MSRBitmap(1), l.l2CRGuestHostMasks(1)]
+        #expect(Set(l2Tables).count == l2Tables.count)
+        for p in l2Tables { #expect(p.isPageAligned && p.raw >= pageSize && p < l.ept02) }
         #expect(l.ept02Entries == (1 << 30) / pageSize)
-        #expect(l.totalSize == (l.ept02 + l.ept02Entries * 8).raw)
+        #expect(l.l2TablesSize == (l.ept02 + l.ept02Entries * 8).raw)
+        #expect(l.cachedVMCS12(1).raw + pageSize == l.l0PrivateSize)
+    }
+
+    @Test func onlyTheTablesAreReadOnlyToTheirTierAndNothingSharesTheL0PrivateRegion() {
+        #expect(ControlRegion.l1Exchange.mappedBy! == (.l1, true))
+        #expect(ControlRegion.l2Exchange.mappedBy! == (.l2, true))
+        #expect(ControlRegion.l1Tables.mappedBy! == (.l1, false))
+        #expect(ControlRegion.l2Tables.mappedBy! == (.l2, false))
+        #expect(ControlRegion.l0Private.mappedBy == nil)
+        #expect(ControlRegion.exchange(of: .l2) == .l2Exchange && ControlRegion.tables(of: .l1) == .l1Tables)
     }
 
     @Test func handoffWordsSitOnSeparateCacheLines() {
-        let words = [HandoffLayout.turn] + Tier.allCases.map(HandoffLayout.sleeping) + [HandoffLayout.shadowVMCSActive]
+        let words = [HandoffLayout.turn] + Tier.allCases.map(HandoffLayout.sleeping)
         #expect(Set(words.map { $0 / 64 }).count == words.count)
         #expect(words.allSatisfy { $0 + 4 <= pageSize })
     }

@@ -22,7 +22,7 @@ import Transport
     }
 
     func isProtected(_ f: Fixture, _ gpa: L1GPA) throws -> Bool {
-        let byte: UInt8 = try f.control.load(at: (f.layout.l1WriteProtectBitmap + gpa.pageNumber / 8).raw)
+        let byte: UInt8 = try f.control.l1Tables.load(at: (f.layout.l1WriteProtectBitmap + gpa.pageNumber / 8).raw)
         return byte & (1 << UInt8(gpa.pageNumber % 8)) != 0
     }
 

@@ -40,7 +40,7 @@ enum Plan {
 final class Fixture {
     let path: NestingPath
     let layout: ControlLayout
-    let control: SharedRegion
+    let control: ControlMemory
     let host: SharedRegion
     let vcpu: L0VCPU
     /// The path's backend, for the state a test inspects.
@@ -51,13 +51,12 @@ final class Fixture {
     init(_ path: NestingPath, negotiating features: PVFeatures? = .all) throws {
         self.path = path
         layout = ControlLayout(vcpuCount: 1, l2AddressLimit: Plan.l2Limit)
-        control = try SharedRegion(anonymous: layout.totalSize)
+        control = try ControlMemory.anonymous(layout: layout)
         host = try SharedRegion(anonymous: Plan.hostSize)
         var slots = L1Memslots(hostSize: host.size)
         try slots.add(MemorySlot(slot: 0, guestPhysAddr: L1GPA(0), memorySize: Plan.slotSize, hostOffset: Plan.slotHost))
-        let controlMemory = ControlMemory(region: control, layout: layout)
-        L0VCPU.initialize(controlMemory)
-        vcpu = L0VCPU(id: 0, path: path, control: controlMemory,
+        L0VCPU.initialize(control)
+        vcpu = L0VCPU(id: 0, path: path, control: control,
                       l1Memory: L1MemoryAccess(memslots: slots, host: HostMemory(region: host)))
         if path == .pv, let features {
             let r = negotiate(features)
@@ -84,7 +83,7 @@ final class Fixture {
 
     /// The whole EPT02 table and its present set: what an erroring hypercall must leave alone.
     func ept02Snapshot() throws -> ([UInt8], Set<UInt64>) {
-        (try control.readBytes(at: layout.ept02.raw, count: Int(layout.ept02Entries * 8)), vcpu.ept02.present)
+        (try control.l2Tables.readBytes(at: layout.ept02.raw, count: Int(layout.ept02Entries * 8)), vcpu.ept02.present)
     }
 
     // MARK: hypercalls (VMCALL from L1)

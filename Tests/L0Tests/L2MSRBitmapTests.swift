@@ -7,7 +7,7 @@ import Transport
 @Suite struct L2MSRBitmapTests {
     func l2Intercepts(_ f: Fixture, _ msr: UInt32, write: Bool) throws -> Bool {
         let (byte, bit) = MSRBitmap.position(of: msr, write: write)!
-        let b: UInt8 = try f.control.load(at: (f.layout.l2MSRBitmap(0) + byte).raw)
+        let b: UInt8 = try f.control.l2Tables.load(at: (f.layout.l2MSRBitmap(0) + byte).raw)
         return b & (1 << bit) != 0
     }
 

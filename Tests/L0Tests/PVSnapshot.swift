@@ -35,7 +35,7 @@ struct PVSnapshot: Equatable {
         ept02Fills = v.counters.ept02Fills
         msrPolicy = pv.msrPolicy
         l0MSRs = v.l0MSRs
-        msrBitmap = (try? f.control.readBytes(at: f.layout.l2MSRBitmap(0).raw, count: 4096)) ?? []
+        msrBitmap = (try? f.control.l2Tables.readBytes(at: f.layout.l2MSRBitmap(0).raw, count: 4096)) ?? []
         passthroughValues = PassthroughMSRs.all.map { v.l2PassthroughMSRs[$0] }
         devices = v.l0Devices
         cpuid = pv.cpuid

@@ -9,14 +9,14 @@ import Transport
     static let rwCount = UInt64(NestedVMXBackend.shadowedReadWriteOffsets.count)
 
     func shadowActive(_ f: Fixture) throws -> UInt32 {
-        try f.control.load(UInt32.self, at: (f.layout.handoff(0) + HandoffLayout.shadowVMCSActive).raw)
+        try f.control.l1Tables.load(UInt32.self, at: f.layout.shadowVMCSActive(0).raw)
     }
 
     @Test func theBitmapsLetOnlyShadowedFieldsThrough() throws {
         let f = try Fixture(.nvmx)
         func bit(_ bitmap: ControlOffset, _ field: VMCSField) throws -> Bool {
             let b = UInt64(field.rawValue & 0x7FFF)
-            let byte: UInt8 = try f.control.load(at: (bitmap + b / 8).raw)
+            let byte: UInt8 = try f.control.l1Tables.load(at: (bitmap + b / 8).raw)
             return byte & (1 << UInt8(b % 8)) != 0
         }
         for field in ShadowedFields.readWrite {

@@ -221,8 +221,8 @@ extension StackTests {
             #expect(result.l1Status == .exited(0) && result.l2Status == .exited(0))
             pids = Array(result.tierPIDs.values)
         }
-        // While the stack exists L0 holds its control and host-memory memfds...
-        #expect(fdsDuring.count == fdsBefore.count + 2, "\(fdsDuring)")
+        // While the stack exists L0 holds its four shared control regions and host memory...
+        #expect(fdsDuring.count == fdsBefore.count + 5, "\(fdsDuring)")
         #expect(pids.count == 2)
         // ...and after it: reaped (not even a zombie), no descriptor, no mapping left.
         #expect(pids.allSatisfy { !processExists($0) }, "\(pids.map { ($0, processState($0) ?? "-") })")

@@ -17,8 +17,32 @@ int pvm_futex_wait(uint32_t *addr, uint32_t expected, int64_t timeout_ns);
 // Wakes up to `count` waiters; returns how many were woken, or -errno.
 int pvm_futex_wake(uint32_t *addr, int count);
 
-// memfd_create(2) with MFD_CLOEXEC; returns the fd or -errno.
+// memfd_create(2) with MFD_CLOEXEC | MFD_ALLOW_SEALING; returns the fd or -errno.
 int pvm_memfd_create(const char *name);
+// Seals a memfd against shrinking, growing and further seals; with `future_write`, also
+// F_SEAL_FUTURE_WRITE: no new writable mapping and no write(2), while mappings made before
+// keep working (L0's). Returns 0 or -errno.
+int pvm_memfd_seal(int fd, int future_write);
+// The memfd's seals (F_GET_SEALS), or -errno.
+int pvm_memfd_seals(int fd);
+// The F_SEAL_* bits, for checking what pvm_memfd_seals returns.
+int pvm_seal_future_write_bit(void);
+int pvm_seal_shrink_bit(void);
+
+// A child tier's sandbox, entered once its memory is mapped: closes every descriptor above 2
+// (its memfds included: the mappings stay, and nothing can be mapped again), puts the fatal
+// signals back to their default action (so a fault ends the tier with its own signal, which L0
+// reports), sets no_new_privs and installs a seccomp filter that allows only the system calls
+// in pvm_sandbox_syscall_name's list (kill/tgkill only towards this process) and kills the
+// whole process with SIGSYS on any other. Returns 0 or -errno.
+int pvm_enter_tier_sandbox(void);
+// The name of the i-th system call the sandbox allows, or NULL past the end.
+const char *pvm_sandbox_syscall_name(int i);
+
+// Hostile probes for the guest programs that test L0's defences: mprotect(2) of a mapping to
+// read-write (0 or -errno), and kill(2) (0 or -errno; under the sandbox, the caller dies).
+int pvm_probe_make_writable(void *addr, size_t length);
+int pvm_probe_kill(pid_t pid, int sig);
 
 // posix_spawn of `path` with `argv`, after dup2-ing each fds[i] onto 3+i in the child (so the
 // child finds its memfds at fixed numbers). Returns the pid, or -errno.

@@ -165,11 +165,11 @@ extension L0Stack {
             switch next {
             case .resume(let tier):
                 if tier == .l1 { vcpu.counters.l1Entries += 1 } else { vcpu.counters.l2Entries += 1 }
-                handoff.pass(to: tier)
+                lane(tier).pass(to: tier)
                 state = .running(tier)
             case .enterL2:
                 vcpu.counters.l2Entries += 1
-                handoff.pass(to: .l2)
+                l2Lane.pass(to: .l2)
                 state = .running(.l2)
             case .stop(let r):
                 state = .stopping(r)
@@ -225,7 +225,7 @@ extension L0Stack {
             if let s = StopSignals.received { return .interrupted(signal: s) }
             if let (t, s) = deadTier() { return .tierDied(t, s) }
         }
-        switch handoff.wait(for: .l0, policy: policy, isPeerAlive: alive) {
+        switch lane(tier).wait(for: .l0, policy: policy, isPeerAlive: alive) {
         case .myTurn: return nil
         case .stop: return .fatal(.stopFromGuest)
         case .peerGone:

@@ -84,11 +84,10 @@ public enum ExitFuzzer {
 
         init(path: NestingPath) throws {
             let config = ExitFuzzer.config(path)
-            let control = try SharedRegion(anonymous: config.layout.totalSize)
             host = try SharedRegion(anonymous: config.hostMemoryBytes)
             var slots = L1Memslots(hostSize: host.size)
             try slots.add(config.l1Slot)
-            let controlMemory = ControlMemory(region: control, layout: config.layout)
+            let controlMemory = try ControlMemory.anonymous(layout: config.layout)
             L0VCPU.initialize(controlMemory)
             vcpu = L0VCPU(id: 0, path: path, control: controlMemory,
                           l1Memory: L1MemoryAccess(memslots: slots, host: HostMemory(region: host)))
