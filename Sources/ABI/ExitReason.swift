@@ -74,6 +74,18 @@ public struct ExitReason: RawRepresentable, Hashable, Sendable, Comparable, Cust
     public var basic: ExitReason { ExitReason(rawValue: rawValue & 0xFFFF) }
     public var isFailedEntry: Bool { rawValue & Self.failedVMEntryFlag != 0 }
 
+    /// A reason a CPU can report for an exit of the guest it runs: a basic reason <asm/vmx.h>
+    /// names, with no flag bits (a failed entry is the hypervisor's to report, not the guest's).
+    /// Anything else in a run page was written by a tier that is not a CPU.
+    @inline(__always)
+    public var isArchitectural: Bool { rawValue < 128 && Self.architecturalBits[Int(rawValue >> 6)] & (1 << UInt64(rawValue & 63)) != 0 }
+
+    private static let architecturalBits: [UInt64] = {
+        var bits: [UInt64] = [0, 0]
+        for r in names.keys where r < 128 { bits[Int(r >> 6)] |= 1 << UInt64(r & 63) }
+        return bits
+    }()
+
     /// The names perf and KVM's tracepoints print (VMX_EXIT_REASONS in <asm/vmx.h>).
     public var name: String {
         let prefix = isFailedEntry ? "FAILED_VMENTRY|" : ""

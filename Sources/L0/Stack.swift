@@ -76,9 +76,9 @@ public final class L0Stack {
     func launch(_ tier: Tier) throws -> ChildProcess {
         // A tier executable rebuilt since it was resolved (a bench running while someone builds)
         // is another build: said here, by L0, with both IDs. (The child checks the spec too.)
-        let found = BuildID.of(file: config.tierExecutable)
-        if let expected = config.tierBuild, let found, found != expected {
-            throw StackError.otherBuild(executable: config.tierExecutable, expected: expected, found: found)
+        let executable = config.standIns[tier] ?? config.tierExecutable
+        if config.standIns[tier] == nil, let expected = config.tierBuild, let found = BuildID.of(file: executable), found != expected {
+            throw StackError.otherBuild(executable: executable, expected: expected, found: found)
         }
         var spec = TierLaunch(tier: tier, parent: getpid(), path: config.path, vcpu: 0, layout: config.layout,
                               l1Slot: config.l1Slot, cpu: config.placement.cpu(for: tier),
@@ -87,7 +87,7 @@ public final class L0Stack {
         spec.l2MapMode = config.l2MapMode
         spec.build = config.tierBuild ?? TierLaunch.noBuildID
         do {
-            return try ChildProcess(tier: tier, path: config.tierExecutable, arguments: ["__tier", spec.encoded],
+            return try ChildProcess(tier: tier, path: executable, arguments: ["__tier", spec.encoded],
                                     fds: control.descriptors(for: tier) + [hostMemory.fd])
         } catch let e as TransportError {
             throw StackError.spawn(tier, e)

@@ -17,6 +17,10 @@ public struct StackConfig: Sendable {
     public var programArguments: [UInt64] = []
     /// The `pvm` executable that runs the child tiers (`pvm __tier ...`).
     public var tierExecutable: String
+    /// A stand-in executable for a tier instead of `tierExecutable` (tests of L0's defences:
+    /// a hostile process that speaks the tier protocol). L0 hands it exactly what it hands a
+    /// real tier, and does not check its build.
+    public var standIns: [Tier: String] = [:]
     public var placement: CPUPlacement = .automatic()
     /// Give up (and stop the stack) if a run takes longer than this.
     public var timeoutNanos: UInt64 = 600_000_000_000

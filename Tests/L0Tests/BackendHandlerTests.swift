@@ -44,8 +44,27 @@ import Transport
     @Test func anL1ExitWithAFlaggedReasonStopsTheStackInsteadOfRunningAsTheInstruction() throws {
         let f = try Fixture(.nvmx)
         let reason = ExitReason(rawValue: ExitReason.vmlaunch.rawValue | ExitReason.failedVMEntryFlag)
-        #expect(f.vcpu.handleL1Exit(L1ExitInfo(reason: reason, instructionLength: 3)) == .stop(.fatal(.unhandledL1Exit(reason))))
+        #expect(f.vcpu.handleL1Exit(L1ExitInfo(reason: reason, instructionLength: 3)) == .stop(.fatal(.impossibleExit(.l1, reason))))
         #expect(!f.nested.guestMode && !f.vcpu.backend.hasL2VCPU)
+    }
+
+    @Test func onlyReasonsACPUReportsAreArchitectural() {
+        #expect(ExitReason.cpuid.isArchitectural && ExitReason.notify.isArchitectural && ExitReason.exceptionNMI.isArchitectural)
+        for raw: UInt32 in [35, 38, 42, 65, 70, 76, 79, 127, 128, 0xFFFF, 0xFFFF_FFFF,
+                            ExitReason.cpuid.rawValue | ExitReason.failedVMEntryFlag, ExitReason.cpuid.rawValue | 1 << 16] {
+            #expect(!ExitReason(rawValue: raw).isArchitectural, "\(raw)")
+        }
+    }
+
+    /// An L2 exit with a reason no CPU reports is L2's CPU misbehaving: L0 stops the stack and
+    /// reflects nothing, so the L1 (which trusts what L0 hands it) never sees it.
+    @Test(arguments: [NestingPath.single, .pv, .nvmx, .nvmxEVMCS])
+    func anL2ExitNoCPUReportsIsNeitherHandledNorReflected(_ path: NestingPath) throws {
+        let f = try Fixture(path)
+        let before = f.vcpu.counters
+        let reason = ExitReason(rawValue: 0xFFFF_FFFF)
+        #expect(f.vcpu.handleL2Exit(L2ExitInfo(reason: reason, instructionLength: 3)) == .stop(.fatal(.impossibleExit(.l2, reason))))
+        #expect(f.vcpu.counters.totalDeliveries == before.totalDeliveries && f.vcpu.counters.nestedVMExits == before.nestedVMExits)
     }
 
     @Test func pvCPUIDIsAnsweredFromTheTableInTheRegisterFileAlone() throws {

@@ -33,10 +33,10 @@ extension StackTests {
                  expected: { $0 == .fatal(.stopFromGuest) }),
         Scribble(name: "gives the turn to a tier that does not exist", writes: [(turn, le(9, 4))], expected: timedOut),
         Scribble(name: "exits with a reason no CPU has", writes: [(l1Run + RunPage.exitReason, le(0xFFFF, 4)), (turn, le(0, 4))],
-                 expected: { $0 == .fatal(.unhandledL1Exit(ExitReason(rawValue: 0xFFFF))) }),
+                 expected: { $0 == .fatal(.impossibleExit(.l1, ExitReason(rawValue: 0xFFFF))) }),
         Scribble(name: "exits as a failed entry with garbage everywhere",
                  writes: [(l1Run, [UInt8](repeating: 0xFF, count: 512)), (turn, le(0, 4))],
-                 expected: { if case .fatal(.unhandledL1Exit) = $0 { true } else { false } }),
+                 expected: { $0 == .fatal(.impossibleExit(.l1, ExitReason(rawValue: 0xFFFF_FFFF))) }),
         // L0 answers it (VMfail or a fault) and gives the turn back; the stand-in then keeps it.
         Scribble(name: "VMREADs with an instruction info of all ones",
                  writes: [(l1Run + RunPage.exitReason, le(UInt64(ExitReason.vmread.rawValue), 4)),

@@ -91,3 +91,19 @@ import Glibc
         }
     }
 }
+
+/// docs/architecture.md lists the sandbox's allow-list by name: it must be the shim's list.
+@Suite struct SandboxDocsTests {
+    @Test func theArchitectureDocListsExactlyTheSystemCallsTheSandboxAllows() throws {
+        let docs = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+            .deletingLastPathComponent().appendingPathComponent("docs/architecture.md")
+        let text = try String(contentsOf: docs, encoding: .utf8)
+        guard let start = text.range(of: "that allows only: "), let end = text.range(of: " own pid.", range: start.upperBound..<text.endIndex) else {
+            Issue.record("docs/architecture.md no longer lists the allow-list")
+            return
+        }
+        let listed = Set(text[start.upperBound..<end.lowerBound].split(separator: "`").enumerated()
+            .filter { $0.offset % 2 == 1 }.map { String($0.element) })
+        #expect(listed == Set(TierSandbox.allowedSystemCalls), "docs: \(listed.sorted()) shim: \(TierSandbox.allowedSystemCalls.sorted())")
+    }
+}

@@ -159,6 +159,9 @@ public enum StopReason: Equatable, Sendable, CustomStringConvertible {
 
 /// The conditions that stop a stack because no tier can go on, each a value a test can match.
 public enum FatalError: Equatable, Sendable, CustomStringConvertible {
+    /// A tier's run page held an exit reason no CPU reports (not one <asm/vmx.h> names, or
+    /// with flag bits): L0 neither handles nor reflects it.
+    case impossibleExit(Tier, ExitReason)
     /// An L1 exit this L0 does not emulate.
     case unhandledL1Exit(ExitReason)
     /// An L2 exit L0 kept (or a one-level exit) with no handler.
@@ -187,6 +190,7 @@ public enum FatalError: Equatable, Sendable, CustomStringConvertible {
 
     public var description: String {
         switch self {
+        case let .impossibleExit(t, r): "\(t) exited with a reason no CPU reports (0x\(String(r.rawValue, radix: 16)), \(r))"
         case .unhandledL1Exit(let r): "L1 exit \(r) is not emulated by this L0"
         case .unhandledL2Exit(let r): "L2 exit \(r) kept by L0 has no handler"
         case .singleLevelFault(let g): "one-level guest faulted at \(g), inside RAM L0 mapped"

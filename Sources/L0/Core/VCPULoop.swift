@@ -92,6 +92,7 @@ extension L0VCPU {
     public func handleL2Exit() -> NextStep {
         let info = l2Run.exitInfo(L2GPA.self)
         counters.countL2Exit(info.reason)
+        guard info.reason.isArchitectural else { return .stop(.fatal(.impossibleExit(.l2, info.reason))) }
         var regs = l2Run.registers
         let next = backend.handleL2Exit(L2Exit(info: info, registers: regs), &regs, self)
         l2Run.registers = regs
@@ -102,6 +103,7 @@ extension L0VCPU {
     public func handleL1Exit() -> NextStep {
         let info = l1Run.exitInfo(L1GPA.self)
         counters.countL1Exit(info.reason)
+        guard info.reason.isArchitectural else { return .stop(.fatal(.impossibleExit(.l1, info.reason))) }
         var regs = l1Run.registers
         let next = backend.handleL1Exit(L1Exit(info: info, registers: regs), &regs, self)
         l1Run.registers = regs
