@@ -96,7 +96,8 @@ public enum ExitFuzzer {
 
         /// The path's start, and for three lives in four on a nested path, what a well-behaved
         /// L1 does to run L2 (so L2's exits and the reflections reach their handlers too): PV
-        /// negotiate, map, create and enter; VMXON, a valid vmcs12 (EPT on, empty EPT12), VMLAUNCH.
+        /// negotiate, map, create and enter; VMXON, a valid vmcs12 (EPT on, EPT12 for the first
+        /// 256 KiB) or eVMCS (named in the VP assist page), VMLAUNCH.
         func begin(_ g: inout FuzzRandom) throws -> NextStep {
             var next = try vcpu.start()
             guard case .resume(.l1) = next, g.below(4) != 0 else { return next }
@@ -117,7 +118,16 @@ public enum ExitFuzzer {
             } else {
                 try mem.store32(VMCS12Layout.revisionID, L1GPA(0x1000))
                 _ = exit(.vmxon, operand: 0x1000)
-                try mem.store32(VMCS12Layout.revisionID, L1GPA(0x2000))
+                let enlightened = vcpu.path == .nvmxEVMCS
+                try mem.store32(enlightened ? EnlightenedVMCS.revision : VMCS12Layout.revisionID, L1GPA(0x2000))
+                if enlightened {
+                    // Hyper-V style, as the real L1 does: the eVMCS named in the VP assist page
+                    // at 0x3000, enabled by a write to its MSR.
+                    try mem.store64(0x2000, L1GPA(0x3000) + VPAssistPage.currentNestedVMCS)
+                    try mem.store32(1, L1GPA(0x3000) + VPAssistPage.enlightenVMEntry)
+                    let (hi, lo) = EDXEAX.split(0x3000 | VPAssistPage.enable)
+                    _ = exit(.msrWrite, [.rcx: UInt64(VPAssistPage.msr), .rdx: hi, .rax: lo])
+                }
                 let v = try HostMemory(region: host).vmcs(at: ExitFuzzer.slotHost + 0x2000)
                 v.launched = false
                 v[.cpuBasedVMExecControl] = CPUBased.activateSecondaryControls
@@ -142,7 +152,7 @@ public enum ExitFuzzer {
                     try mem.store64((0x40_0000 + i << 12) | EPT.rwxMask | EPT.memoryTypeWB << EPT.memoryTypeShift,
                                     L1GPA(tables[3] + i * 8))
                 }
-                _ = exit(.vmptrld, operand: 0x2000)
+                if !enlightened { _ = exit(.vmptrld, operand: 0x2000) }
                 next = exit(.vmlaunch)
             }
             return next
