@@ -333,14 +333,26 @@ extension PVM {
         @Option(name: .long, help: "Iterations to record.")
         var iterations: UInt64 = 200
 
-        func record() throws -> TransitionLog {
+        /// The recorded run, and the signal that interrupted it (nil: it finished).
+        func record() throws -> (log: TransitionLog, interrupted: Int32?) {
             guard let p = NestingPath(rawValue: path) else { throw ValidationError("unknown path '\(path)'") }
             guard BenchOperations.named(test) != nil else { throw ValidationError("\(BenchError.unknownTest(test))") }
             var config = StackConfig(path: p, program: test, programArguments: [iterations, 0, 0], tierExecutable: selfExecutable())
             config.recordTransitions = true
+            StopSignals.install()
             let result = try L0Stack(config: config).run()
+            if case .interrupted(let s) = result.stop, let log = result.log {
+                // ^C: the stack stopped in order; what was recorded until then is still worth a report.
+                printError("pvm: \(result.stop) after \(log.spans.count) run spans; reporting those")
+                return (log, s)
+            }
             guard result.succeeded, let log = result.log else { throw ValidationError("the run did not finish: \(result.stop)") }
-            return log
+            return (log, nil)
+        }
+
+        /// The exit status for a run that was interrupted (128 + the signal), once reported.
+        static func finish(_ interrupted: Int32?) throws {
+            if let s = interrupted { throw ExitCode(128 + s) }
         }
     }
 
@@ -349,7 +361,9 @@ extension PVM {
             abstract: "Run a test and report L0's exit handling per tier and reason, like `perf kvm stat report`.")
         @OptionGroup var recorded: RecordedRun
         func run() throws {
-            print(ExitStats.report(ExitStats.rows(try recorded.record())), terminator: "")
+            let (log, interrupted) = try recorded.record()
+            print(ExitStats.report(ExitStats.rows(log)), terminator: "")
+            try RecordedRun.finish(interrupted)
         }
     }
 
@@ -360,9 +374,10 @@ extension PVM {
         @Option(name: .long, help: "The trace file to write (open it in ui.perfetto.dev).")
         var out: String
         func run() throws {
-            let log = try recorded.record()
+            let (log, interrupted) = try recorded.record()
             try writeOutput(try ChromeTrace.json(log, title: "\(recorded.test) on \(recorded.path)"), to: out)
             print("wrote \(log.spans.count) spans to \(out)")
+            try RecordedRun.finish(interrupted)
         }
     }
 

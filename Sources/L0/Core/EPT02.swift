@@ -54,6 +54,40 @@ public final class EPT02: @unchecked Sendable {
         return true
     }
 
+    /// Installs every page of `range` backed by `memslot`, from host offset `host` on (one
+    /// level's up-front mapping): one reservation instead of a rehash every doubling.
+    /// False if the range reaches beyond what EPT02 covers (nothing installed then).
+    @discardableResult
+    public func install(_ range: AddressRange<L2GPA>, host: HostOffset, permissions: UInt64, memslot: UInt32) -> Bool {
+        let first = range.start.pageNumber, count = range.length >> pageShift
+        guard range.start.isPageAligned, range.length & (pageSize - 1) == 0, first <= table.entries.count,
+              count <= table.entries.count - first else { return false }
+        // Taken out of the object while the loop runs: uniquely held, reserved once, and no
+        // exclusivity check per page.
+        var present = self.present, slotOfFrame = self.slotOfFrame
+        var mine = reverseMap.removeValue(forKey: memslot) ?? []
+        self.present = []
+        self.slotOfFrame = [:]
+        present.reserveCapacity(present.count + Int(count))
+        slotOfFrame.reserveCapacity(slotOfFrame.count + Int(count))
+        mine.reserveCapacity(mine.count + Int(count))
+        let generation = self.generation
+        var frame = first
+        var offset = host.pageBase
+        while frame < first + count {
+            table.entries[frame] = EPT02Entry.make(host: offset, permissions: permissions, generation: generation)
+            present.insert(frame)
+            if let old = slotOfFrame.updateValue(memslot, forKey: frame), old != memslot { reverseMap[old]?.remove(frame) }
+            mine.insert(frame)
+            frame += 1
+            offset = offset + pageSize
+        }
+        self.present = present
+        self.slotOfFrame = slotOfFrame
+        reverseMap[memslot] = mine
+        return true
+    }
+
     func clear(frame: UInt64) {
         table.entries[frame] = 0
         present.remove(frame)

@@ -25,12 +25,10 @@ public final class SingleLevelBackend: NestingBackend {
     /// Maps the guest's RAM, opens the pass-through MSRs, sets the first registers; the guest
     /// runs first.
     public func start(_ vcpu: L0VCPU, l2 regs: inout RegisterFile) throws -> NextStep {
-        for page in Self.ram.pages {
-            let l1 = Self.ramBacking + page.offset(from: Self.ram.start)!   // L0's own 1:1 backing of the guest's RAM
-            let host = try vcpu.l1Memory.memslots.translate(l1, length: pageSize)
-            let slot = vcpu.l1Memory.memslots.slot(containing: l1)!.slot
-            vcpu.ept02.install(page, host: host, permissions: EPT.rwxMask, memslot: slot)
-        }
+        // L0's own 1:1 backing of the guest's RAM: one memslot range, translated once.
+        let host = try vcpu.l1Memory.memslots.translate(Self.ramBacking, length: Self.ram.length)
+        let slot = vcpu.l1Memory.memslots.slot(containing: Self.ramBacking)!.slot
+        vcpu.ept02.install(Self.ram, host: host, permissions: EPT.rwxMask, memslot: slot)
         for msr in PassthroughMSRs.all { vcpu.setL2Intercept(msr, false) }
         regs[.rip] = Self.entryRIP
         regs[.rsp] = Self.stackTop
