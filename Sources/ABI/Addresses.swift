@@ -60,8 +60,8 @@ public struct HostOffset: AddressSpaceValue {
     public var description: String { "Host(0x\(String(raw, radix: 16)))" }
 }
 
-/// A byte offset into the control memfd (`ControlLayout`): L0's own memory the tiers share for
-/// run pages, the handoff word, bitmaps and EPT02. Never a guest address.
+/// A byte offset into one of L0's control regions (`ControlLayout`, `ControlRegion`): L0's own
+/// memory for run pages, handoff lanes, bitmaps and EPT02. Never a guest address.
 public struct ControlOffset: AddressSpaceValue {
     public let raw: UInt64
     public init(_ raw: UInt64) { self.raw = raw }

@@ -1,4 +1,4 @@
-/// The three levels of the stack. The raw value is what the handoff word stores.
+/// The three levels of the stack. The raw value is what a handoff lane stores.
 public enum Tier: UInt32, Sendable, CaseIterable, CustomStringConvertible {
     case l0 = 0, l1 = 1, l2 = 2
     public var description: String { "L\(rawValue)" }

@@ -16,6 +16,7 @@
 #include <spawn.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -52,13 +53,16 @@ int pvm_seal_future_write_bit(void) { return F_SEAL_FUTURE_WRITE; }
 int pvm_seal_shrink_bit(void) { return F_SEAL_SHRINK; }
 
 // What a child tier does after it has mapped its memory: wait for its turn (futex, sched_yield,
-// the clock), allocate (mmap, munmap, mremap, madvise, mprotect, brk), write diagnostics to
-// stderr, and exit. Measured with strace over a full `pvm bench` and the test suite; nothing
-// opens, maps a file, forks, executes, signals another process or touches a socket.
+// the clock), allocate (mmap, munmap, madvise, mprotect, brk), write diagnostics to stderr with
+// write(2), and exit. Measured with strace over a full `pvm bench` and the test suite; nothing
+// opens, stats, maps a file, forks, executes, signals another process or touches a socket.
+// futex, kill and tgkill are checked further (below); mremap is answered ENOSYS (glibc's realloc
+// falls back to copying), because growing a shared mapping would reach past the memfd window
+// the tier was given.
 #define PVM_SANDBOX_SYSCALLS(X) \
-    X(futex) X(sched_yield) X(clock_gettime) X(clock_nanosleep) X(nanosleep) X(gettimeofday) \
-    X(mmap) X(munmap) X(mremap) X(madvise) X(mprotect) X(brk) \
-    X(write) X(writev) X(fstat) X(newfstatat) X(close) \
+    X(sched_yield) X(clock_gettime) X(clock_nanosleep) X(nanosleep) X(gettimeofday) \
+    X(mmap) X(munmap) X(madvise) X(mprotect) X(brk) \
+    X(write) X(writev) X(close) \
     X(getpid) X(gettid) X(getppid) X(getrandom) X(rt_sigaction) X(rt_sigprocmask) X(rt_sigreturn) \
     X(restart_syscall) X(exit) X(exit_group)
 
@@ -73,11 +77,13 @@ static const char *const pvm_sandbox_names[] = {
 #undef PVM_NAME
 };
 #define PVM_SANDBOX_COUNT ((int)(sizeof(pvm_sandbox_numbers) / sizeof(pvm_sandbox_numbers[0])))
+// The calls allowed with conditions, named after the plain ones.
+static const char *const pvm_sandbox_conditional[] = { "futex", "kill", "tgkill" };
 
 const char *pvm_sandbox_syscall_name(int i) {
-    if (i == PVM_SANDBOX_COUNT) return "kill";
-    if (i == PVM_SANDBOX_COUNT + 1) return "tgkill";
-    return i >= 0 && i < PVM_SANDBOX_COUNT ? pvm_sandbox_names[i] : NULL;
+    if (i >= 0 && i < PVM_SANDBOX_COUNT) return pvm_sandbox_names[i];
+    if (i >= PVM_SANDBOX_COUNT && i < PVM_SANDBOX_COUNT + 3) return pvm_sandbox_conditional[i - PVM_SANDBOX_COUNT];
+    return NULL;
 }
 
 int pvm_enter_tier_sandbox(void) {
@@ -88,29 +94,52 @@ int pvm_enter_tier_sandbox(void) {
     // backtracer, which the filter refuses, so the tier would die of SIGSYS instead of its fault.
     const int fatal[] = { SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGTRAP, SIGABRT, SIGQUIT };
     for (unsigned i = 0; i < sizeof(fatal) / sizeof(fatal[0]); i++) signal(fatal[i], SIG_DFL);
+    // No core file: a hostile tier's core would hold its shared mappings (L1's memory) on disk.
+    struct rlimit none = { 0, 0 };
+    if (setrlimit(RLIMIT_CORE, &none) != 0) return -errno;
     if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0) return -errno;
 
-    struct sock_filter f[4 + 2 * PVM_SANDBOX_COUNT + 6];
+    struct sock_filter f[4 + 2 * PVM_SANDBOX_COUNT + 24];
     int n = 0;
+#define STMT(code, k) f[n++] = (struct sock_filter)BPF_STMT(code, k)
+#define JUMP(code, k, jt, jf) f[n++] = (struct sock_filter)BPF_JUMP(code, k, jt, jf)
     // Only the x86-64 ABI: an i386 or x32 system call number means something else.
-    f[n++] = (struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, arch));
-    f[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, AUDIT_ARCH_X86_64, 1, 0);
-    f[n++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_KILL_PROCESS);
-    f[n++] = (struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr));
+    STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, arch));
+    JUMP(BPF_JMP | BPF_JEQ | BPF_K, AUDIT_ARCH_X86_64, 1, 0);
+    STMT(BPF_RET | BPF_K, SECCOMP_RET_KILL_PROCESS);
+    STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr));
     for (int i = 0; i < PVM_SANDBOX_COUNT; i++) {
-        f[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, pvm_sandbox_numbers[i], 0, 1);
-        f[n++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW);
+        JUMP(BPF_JMP | BPF_JEQ | BPF_K, pvm_sandbox_numbers[i], 0, 1);
+        STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW);
     }
+    // mremap: refused with ENOSYS, the tier lives on.
+    JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_mremap, 0, 1);
+    STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | ENOSYS);
+    // futex: wait and wake only (with or without the private and realtime-clock flags); no
+    // requeue, wake-op or PI operation that could move another tier's waiters.
+    JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_futex, 0, 7);
+    STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, args[1]));
+    STMT(BPF_ALU | BPF_AND | BPF_K, FUTEX_CMD_MASK);
+    JUMP(BPF_JMP | BPF_JEQ | BPF_K, FUTEX_WAIT, 3, 0);
+    JUMP(BPF_JMP | BPF_JEQ | BPF_K, FUTEX_WAKE, 2, 0);
+    JUMP(BPF_JMP | BPF_JEQ | BPF_K, FUTEX_WAIT_BITSET, 1, 0);
+    STMT(BPF_RET | BPF_K, SECCOMP_RET_KILL_PROCESS);
+    STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW);
     // kill and tgkill towards this process only (raise/abort): never towards L0 or the other tier.
-    f[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_kill, 1, 0);
-    f[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_tgkill, 0, 3);
-    f[n++] = (struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, args[0]));
-    f[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, (uint32_t)getpid(), 0, 1);
-    f[n++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW);
-    f[n++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_KILL_PROCESS);
+    JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_kill, 1, 0);
+    JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_tgkill, 0, 3);
+    STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, args[0]));
+    JUMP(BPF_JMP | BPF_JEQ | BPF_K, (uint32_t)getpid(), 0, 1);
+    STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW);
+    STMT(BPF_RET | BPF_K, SECCOMP_RET_KILL_PROCESS);
+#undef STMT
+#undef JUMP
     struct sock_fprog prog = { .len = (unsigned short)n, .filter = f };
-    // TSYNC: every thread of the tier, should the runtime have started one.
-    if (syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_TSYNC, &prog) != 0) return -errno;
+    // TSYNC: every thread of the tier, should the runtime have started one. The call returns
+    // the id of a thread it could not synchronise (> 0) without setting errno.
+    long r = syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_TSYNC, &prog);
+    if (r > 0) return -ESRCH;
+    if (r < 0) return -errno;
     return 0;
 }
 
@@ -118,24 +147,63 @@ int pvm_probe_make_writable(void *addr, size_t length) {
     return mprotect(addr, length, PROT_READ | PROT_WRITE) == 0 ? 0 : -errno;
 }
 
+int pvm_probe_grow(void *addr, size_t length) {
+    void *p = mremap(addr, length, 2 * length, MREMAP_MAYMOVE);
+    if (p == MAP_FAILED) return -errno;
+    // It worked (no sandbox): shrink it back where it went, so the caller's view stays valid.
+    if (p != addr) { munmap(p, 2 * length); return 0; }
+    munmap((char *)addr + length, length);
+    return 0;
+}
+
+int pvm_probe_punch(void *addr, size_t length) {
+    return madvise(addr, length, MADV_REMOVE) == 0 ? 0 : -errno;
+}
+
+int pvm_probe_close_descriptors(void) {
+    int closed = 0;
+    for (int fd = 3; fd < 1024; fd++) if (close(fd) == 0) closed++;
+    return closed;
+}
+
 int pvm_probe_kill(pid_t pid, int sig) {
     return kill(pid, sig) == 0 ? 0 : -errno;
 }
 
 pid_t pvm_spawn(const char *path, char *const argv[], const int *fds, int nfds) {
+    // Sources first copied above every target (close-on-exec), so no dup2 onto 3+i overwrites
+    // a source a later one still needs, whatever numbers L0's memfds happen to have.
+    int sources[16];
+    if (nfds < 0 || nfds > 16) return -EINVAL;
+    for (int i = 0; i < nfds; i++) {
+        sources[i] = fcntl(fds[i], F_DUPFD_CLOEXEC, 3 + nfds);
+        if (sources[i] < 0) {
+            int e = errno;
+            for (int j = 0; j < i; j++) close(sources[j]);
+            return -e;
+        }
+    }
     posix_spawn_file_actions_t actions;
-    if (posix_spawn_file_actions_init(&actions) != 0) return -ENOMEM;
+    if (posix_spawn_file_actions_init(&actions) != 0) {
+        for (int i = 0; i < nfds; i++) close(sources[i]);
+        return -ENOMEM;
+    }
     for (int i = 0; i < nfds; i++) {
         // dup2 onto a fixed number also clears FD_CLOEXEC on the target, so the child keeps it.
-        if (posix_spawn_file_actions_adddup2(&actions, fds[i], 3 + i) != 0) {
+        if (posix_spawn_file_actions_adddup2(&actions, sources[i], 3 + i) != 0) {
             posix_spawn_file_actions_destroy(&actions);
+            for (int j = 0; j < nfds; j++) close(sources[j]);
             return -EINVAL;
         }
     }
     // The child starts with SIGINT and SIGTERM blocked: a ^C to the process group while it is
     // still starting must not kill it (it ignores both, then unblocks, in pvm_ignore_stop_signals).
     posix_spawnattr_t attr;
-    if (posix_spawnattr_init(&attr) != 0) { posix_spawn_file_actions_destroy(&actions); return -ENOMEM; }
+    if (posix_spawnattr_init(&attr) != 0) {
+        posix_spawn_file_actions_destroy(&actions);
+        for (int i = 0; i < nfds; i++) close(sources[i]);
+        return -ENOMEM;
+    }
     sigset_t blocked;
     sigemptyset(&blocked);
     sigaddset(&blocked, SIGINT);
@@ -146,6 +214,7 @@ pid_t pvm_spawn(const char *path, char *const argv[], const int *fds, int nfds) 
     int r = posix_spawn(&pid, path, &actions, &attr, argv, environ);
     posix_spawnattr_destroy(&attr);
     posix_spawn_file_actions_destroy(&actions);
+    for (int i = 0; i < nfds; i++) close(sources[i]);
     return r == 0 ? pid : -r;
 }
 

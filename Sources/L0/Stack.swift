@@ -38,7 +38,9 @@ public final class L0Stack {
         let layout = config.layout
         do {
             control = try ControlMemory.create(layout: layout)
-            hostMemory = try SharedRegion(create: "pvm-host-memory", size: config.hostMemoryBytes)
+            // L1's memslot in a memfd of its own: the only host memory a child is handed.
+            hostMemory = try SharedRegion(create: "pvm-host-memory", size: config.hostMemoryBytes,
+                                          overlay: ("pvm-l1-memory", config.l1HostOffset.raw, config.l1MemoryBytes))
             L0VCPU.initialize(control)
         } catch let e as TransportError {
             throw StackError.hostMemory(e)
@@ -88,7 +90,7 @@ public final class L0Stack {
         spec.build = config.tierBuild ?? TierLaunch.noBuildID
         do {
             return try ChildProcess(tier: tier, path: executable, arguments: ["__tier", spec.encoded],
-                                    fds: control.descriptors(for: tier) + [hostMemory.fd])
+                                    fds: control.descriptors(for: tier) + [hostMemory.overlayFD])
         } catch let e as TransportError {
             throw StackError.spawn(tier, e)
         }

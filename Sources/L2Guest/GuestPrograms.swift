@@ -152,27 +152,39 @@ public enum GuestPrograms {
         while true { _ = cpu.inPort(0x1234, size: 4) }
     }
 
-    /// What `l2-escape` tries (its one argument): each must end L2, never reach L0.
+    /// What `l2-escape` tries (its one argument). The first three must end L2; the others must
+    /// be answered by the kernel with the value the tests expect, and L2 goes on.
     public enum Escape: UInt64, CaseIterable, Sendable {
-        /// Make the EPT02 mapping writable, then store into it: L2 dies of SIGSEGV.
+        /// Make the EPT02 mapping writable (mprotect: EACCES), then store into it: SIGSEGV.
         case writeEPT02 = 1
         /// Signal L0 (kill(L0, 0)): the seccomp filter kills L2 (SIGSYS).
         case signalL0 = 2
         /// Open a file (/proc/self/mem): the filter kills L2 (SIGSYS).
         case openFile = 3
+        /// Grow the host-memory mapping past L1's memslot (mremap): ENOSYS from the filter.
+        case growHostMemory = 4
+        /// Punch a hole in L0's tables (madvise MADV_REMOVE on the read-only mapping): EACCES.
+        case punchTables = 5
+        /// Close every descriptor above 2: none was open (0 closed).
+        case closeDescriptors = 6
+        /// Signal itself (kill(self, 0), as raise and abort do): allowed, 0.
+        case signalItself = 7
+
+        /// Whether the attempt must end L2 (else the kernel answers and L2 goes on).
+        public var ends: Bool { rawValue <= 3 }
     }
 
-    /// A hostile L2 (for the tests of L0's defences): args [what] (`Escape`). Before the
-    /// attempt it syncs (what, mprotect's errno for writeEPT02); if it survives the attempt it
-    /// syncs (what, 0xE5CA9ED) and says done, which the tests read as a hole in the sandbox.
-    public static let l2Escape = GuestProgram(name: "l2-escape", summary: "a hostile L2: write EPT02, signal L0 or open a file (args: 1, 2 or 3)") { cpu, args in
+    /// A hostile L2 (for the tests of L0's defences): args [what] (`Escape`). It syncs (what, 0
+    /// or mprotect's errno) before an attempt that must end it, and syncs (what, escaped) if it
+    /// survives one; for the others it syncs (what, the kernel's answer). Then it says done.
+    public static let l2Escape = GuestProgram(name: "l2-escape", summary: "a hostile L2 tries its sandbox (args: 1-7, see docs/reliability.md)") { cpu, args in
         let what = Escape(rawValue: args.first ?? 1) ?? .writeEPT02
         switch what {
         case .writeEPT02:
             let refused = cpu.ept02.probeMakeWritable()
             cpu.sync(what.rawValue, UInt64(refused))
-            // Map L2's page 0 onto host offset 0 (outside L1's memory), read-write-execute.
-            cpu.ept02.probeOverwrite(frame: 0, with: EPT02Entry.make(host: HostOffset(0), permissions: EPT.rwxMask,
+            // Point L2's page 1 (its ucall block: mapped, in use) at host offset 0, outside L1's memory.
+            cpu.ept02.probeOverwrite(frame: 1, with: EPT02Entry.make(host: HostOffset(0), permissions: EPT.rwxMask,
                                                                      generation: cpu.ept02.generation.value))
         case .signalL0:
             cpu.sync(what.rawValue, 0)
@@ -180,10 +192,18 @@ public enum GuestPrograms {
         case .openFile:
             cpu.sync(what.rawValue, 0)
             _ = SandboxProbe.open("/proc/self/mem")
+        case .growHostMemory:
+            cpu.sync(what.rawValue, UInt64(cpu.memory.region.probeGrow()))
+        case .punchTables:
+            cpu.sync(what.rawValue, UInt64(cpu.tables.probePunch()))
+        case .closeDescriptors:
+            cpu.sync(what.rawValue, UInt64(SandboxProbe.closeDescriptors()))
+        case .signalItself:
+            cpu.sync(what.rawValue, UInt64(SandboxProbe.signal(SandboxProbe.me)))
         }
-        cpu.sync(what.rawValue, escaped)
+        if what.ends { cpu.sync(what.rawValue, escaped) }
         cpu.done()
     }
-    /// What `l2-escape` syncs when an attempt got through.
+    /// What `l2-escape` syncs when an attempt that must end it got through.
     public static let escaped: UInt64 = 0xE5CA9ED
 }

@@ -36,7 +36,7 @@ public enum WaitOutcome: Equatable, Sendable {
     case peerGone
 }
 
-/// The handoff word of one vCPU: whose turn it is. Only the tier named there runs; it passes
+/// A handoff lane of one vCPU (L0 and one child tier): whose turn it is. Only the tier named there runs; it passes
 /// control by storing the next tier and, if that tier sleeps, waking it. The store/load pairs
 /// are sequentially consistent (Dekker-style) so a wake-up is never lost.
 public struct Handoff: @unchecked Sendable {

@@ -61,6 +61,37 @@ public final class SharedRegion: @unchecked Sendable {
         self.isWritable = true
     }
 
+    /// A memfd of `size` bytes with a second memfd mapped over [offset, offset+length) of it,
+    /// all one contiguous mapping here: L0's host memory with L1's memslot in a memfd of its
+    /// own, so a child can be handed L1's memory and nothing else (`overlayFD`).
+    public convenience init(create name: String, size: UInt64, overlay: (name: String, offset: UInt64, length: UInt64)) throws {
+        try self.init(create: name, size: size)
+        guard overlay.offset % pageSize == 0, overlay.length % pageSize == 0, overlay.offset <= size,
+              overlay.length <= size - overlay.offset else {
+            throw TransportError.outOfBounds(offset: overlay.offset, length: overlay.length, regionSize: size)
+        }
+        let fd = pvm_memfd_create(overlay.name)
+        guard fd >= 0 else { throw TransportError.memfdCreateFailed(name: overlay.name, errno: -fd) }
+        guard ftruncate(fd, off_t(overlay.length)) == 0 else {
+            let e = errno
+            close(fd)
+            throw TransportError.resizeFailed(bytes: overlay.length, errno: e)
+        }
+        // MAP_FIXED inside this object's own mapping (checked above): the overlay replaces those
+        // pages of the first memfd, and deinit's munmap of the whole range unmaps both.
+        let p = mmap(base + Int(overlay.offset), Int(overlay.length), PROT_READ | PROT_WRITE,
+                     MAP_SHARED | MAP_NORESERVE | MAP_FIXED, fd, 0)
+        guard let p, p != MAP_FAILED else {
+            let e = errno
+            close(fd)
+            throw TransportError.mapFailed(bytes: overlay.length, errno: e)
+        }
+        overlayFD = fd
+    }
+
+    /// The memfd mapped over part of this region (`init(create:size:overlay:)`), or -1.
+    public private(set) var overlayFD: Int32 = -1
+
     /// Private anonymous memory of `size` bytes, no file behind it: for in-process handler tests
     /// and tools that need L0's memory layout without sharing it with another process.
     public init(anonymous size: UInt64) throws {
@@ -79,6 +110,9 @@ public final class SharedRegion: @unchecked Sendable {
     /// the mapping.
     public init(adopt fd: Int32, name: String, writable: Bool, window: (offset: UInt64, length: UInt64)? = nil,
                 requireFutureWriteSeal: Bool = false) throws {
+        // Owned from here: closed on every way out but success.
+        var owned = true
+        defer { if owned { close(fd) } }
         var st = stat()
         guard fstat(fd, &st) == 0 else { throw TransportError.mapFailed(bytes: 0, errno: errno) }
         let fileSize = UInt64(st.st_size)
@@ -90,6 +124,7 @@ public final class SharedRegion: @unchecked Sendable {
             throw TransportError.outOfBounds(offset: offset, length: length, regionSize: fileSize)
         }
         self.base = try Self.map(fd: fd, size: length, offset: offset, writable: writable)
+        owned = false
         self.fd = fd
         self.size = length
         self.isWritable = writable
@@ -108,8 +143,10 @@ public final class SharedRegion: @unchecked Sendable {
     /// mapping, made before, stays writable.
     public func seal(name: String, futureWrite: Bool) throws {
         precondition(fd >= 0, "anonymous memory has no seals")
-        let r = pvm_memfd_seal(fd, futureWrite ? 1 : 0)
-        guard r == 0 else { throw TransportError.sealFailed(name: name, errno: -r) }
+        for d in [fd, overlayFD] where d >= 0 {
+            let r = pvm_memfd_seal(d, futureWrite ? 1 : 0)
+            guard r == 0 else { throw TransportError.sealFailed(name: name, errno: -r) }
+        }
     }
 
     /// The memfd's seals (F_GET_SEALS), or nil for anonymous memory.
@@ -127,6 +164,19 @@ public final class SharedRegion: @unchecked Sendable {
         -pvm_probe_make_writable(base, Int(size))
     }
 
+    /// Tries to grow this mapping to twice its size (mremap): 0, or the errno the kernel (or
+    /// the sandbox, ENOSYS) refused with.
+    public func probeGrow() -> Int32 {
+        // The whole mapping, which this object owns; a grow that works is undone in the shim.
+        -pvm_probe_grow(base, Int(size))
+    }
+
+    /// Tries to punch a hole in the file behind this mapping (MADV_REMOVE): 0 or the errno.
+    public func probePunch() -> Int32 {
+        // The whole mapping, which this object owns; madvise only advises on it.
+        -pvm_probe_punch(base, Int(size))
+    }
+
     /// Stores `value` at `offset` with no regard for the mapping's protection: in a read-only
     /// mapping this faults (SIGSEGV), which is what the probe is for. The offset is checked.
     public func probeStore(_ value: UInt64, at offset: UInt64) {
@@ -138,6 +188,7 @@ public final class SharedRegion: @unchecked Sendable {
     deinit {
         munmap(base, Int(size))
         if fd >= 0 { close(fd) }
+        if overlayFD >= 0 { close(overlayFD) }
     }
 
     @inline(__always)

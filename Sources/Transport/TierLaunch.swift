@@ -2,7 +2,7 @@ import ABI
 
 /// Everything a child tier is told when L0 starts it, carried in one argv word
 /// (`pvm __tier <spec>`). The memfds arrive as descriptors 3 (the tier's exchange region), 4
-/// (its tables region) and 5 (host memory, of which it maps only L1's memslot).
+/// (its tables region) and 5 (L1's memslot of host memory, a memfd of its own).
 public struct TierLaunch: Equatable, Sendable {
     public var tier: Tier
     public var parent: Int32

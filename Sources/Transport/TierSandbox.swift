@@ -43,6 +43,10 @@ public enum SandboxProbe {
     /// kill(pid, 0) (an existence check: harmless even if it got through). Under the sandbox a
     /// pid other than the tier's own kills the tier with SIGSYS.
     public static func signal(_ pid: Int32) -> Int32 { -pvm_probe_kill(pid, 0) }
+    /// How many descriptors above 2 this process still had open (closing them).
+    public static func closeDescriptors() -> Int32 { pvm_probe_close_descriptors() }
+    /// The caller itself.
+    public static var me: Int32 { getpid() }
     /// The caller's parent: L0.
     public static var parent: Int32 { getppid() }
     /// open(2) of a path read-only: 0 (and closed again) or the errno. Under the sandbox, SIGSYS.

@@ -43,10 +43,13 @@ public struct TierSession: @unchecked Sendable {
             throw TierLaunch.OtherBuild(l0ABI: abi, l0Build: magic == ControlLayout.magic ? launch.build : "(no control-memory magic)",
                                         tierABI: LaunchABI.version, tierBuild: BuildID.current ?? TierLaunch.noBuildID)
         }
-        // Host memory: only L1's memslot, where L1's memory and (carved out of it) L2's live.
+        // Host memory: only L1's memslot (a memfd of its own), where L1's memory and, carved out
+        // of it, L2's live.
         let slot = launch.l1Slot
-        let host = try SharedRegion(adopt: TierLaunch.hostMemoryFD, name: "pvm-host-memory", writable: true,
-                                    window: (slot.hostOffset.raw, slot.memorySize))
+        let host = try SharedRegion(adopt: TierLaunch.hostMemoryFD, name: "pvm-l1-memory", writable: true)
+        guard host.size >= slot.memorySize else {
+            throw TransportError.outOfBounds(offset: 0, length: slot.memorySize, regionSize: host.size)
+        }
         self.exchange = exchange
         self.tables = tables
         self.hostMemory = HostMemory(region: host, base: slot.hostOffset)

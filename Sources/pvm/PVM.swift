@@ -79,28 +79,9 @@ extension PVM {
         var profile: String?
         @Option(name: .long, help: "Watchdog: seconds a tier may hold the vCPU before the stack is stopped (> 0).")
         var tierTimeout: Double = Double(StackConfig.defaultTierTimeoutNanos) / 1e9
-        /// Tests of L0's defences: `l1=PATH` or `l2=PATH` runs PATH as that tier instead of pvm
-        /// (a hostile stand-in speaking the tier protocol). Hidden: not for measuring anything.
-        @Option(name: .customLong("stand-in"), parsing: .singleValue, help: .hidden)
-        var standIn: [String] = []
 
         func validate() throws {
             guard tierTimeout > 0, tierTimeout <= 3600 else { throw ValidationError("--tier-timeout must be in (0, 3600] seconds") }
-            _ = try standIns()
-        }
-
-        /// `--stand-in` parsed: a tier (l1 or l2) and an executable file, each tier at most once.
-        func standIns() throws -> [ABI.Tier: String] {
-            var result: [ABI.Tier: String] = [:]
-            for s in standIn {
-                let parts = s.split(separator: "=", maxSplits: 1).map(String.init)
-                guard parts.count == 2, let tier = ["l1": ABI.Tier.l1, "l2": ABI.Tier.l2][parts[0]], result[tier] == nil else {
-                    throw ValidationError("--stand-in takes l1=PATH or l2=PATH, each tier once (got '\(s)')")
-                }
-                guard access(parts[1], X_OK) == 0 else { throw ValidationError("--stand-in \(parts[0]): '\(parts[1])' is not an executable file") }
-                result[tier] = parts[1]
-            }
-            return result
         }
 
         func run() throws {

@@ -29,7 +29,7 @@ extension StackTests {
     static func timedOut(_ r: StopReason) -> Bool { if case .fatal(.tierTimeout(.l1, _, _)) = r { true } else { false } }
 
     static let scribbles: [Scribble] = [
-        Scribble(name: "says stop in the handoff word", writes: [(turn, le(UInt64(HandoffLayout.stopValue), 4))],
+        Scribble(name: "says stop in its handoff lane", writes: [(turn, le(UInt64(HandoffLayout.stopValue), 4))],
                  expected: { $0 == .fatal(.stopFromGuest) }),
         Scribble(name: "gives the turn to a tier that does not exist", writes: [(turn, le(9, 4))], expected: timedOut),
         Scribble(name: "exits with a reason no CPU has", writes: [(l1Run + RunPage.exitReason, le(0xFFFF, 4)), (turn, le(0, 4))],

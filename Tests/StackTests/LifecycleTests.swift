@@ -221,8 +221,9 @@ extension StackTests {
             #expect(result.l1Status == .exited(0) && result.l2Status == .exited(0))
             pids = Array(result.tierPIDs.values)
         }
-        // While the stack exists L0 holds its four shared control regions and host memory...
-        #expect(fdsDuring.count == fdsBefore.count + 5, "\(fdsDuring)")
+        // While the stack exists L0 holds its four shared control regions, host memory and L1's
+        // memslot in it...
+        #expect(fdsDuring.count == fdsBefore.count + 6, "\(fdsDuring)")
         #expect(pids.count == 2)
         // ...and after it: reaped (not even a zombie), no descriptor, no mapping left.
         #expect(pids.allSatisfy { !processExists($0) }, "\(pids.map { ($0, processState($0) ?? "-") })")

@@ -41,13 +41,30 @@ extension StackTests {
         if a.escape == .writeEPT02 {
             // mprotect to read-write was refused: the seal took VM_MAYWRITE away.
             #expect(syncs.first?[1] == UInt64(EACCES), "\(syncs)")
-            // And EPT02 is L0's: the entry L2 aimed at does not point at host offset 0.
-            let e = stack.vcpu.control.ept02.entries[0]
-            #expect(e == 0 || EPT02Entry.host(e).raw != 0, "EPT02[0] = 0x\(String(e, radix: 16))")
+            // EPT02 is L0's: the entry L2 aimed at (its ucall page, mapped and in use) still
+            // points into L1's memory, not at host offset 0.
+            let e = stack.vcpu.control.ept02.entries[1]
+            let slot = stack.config.l1Slot
+            let host = EPT02Entry.host(e).raw
+            #expect(e != 0 && host >= slot.hostOffset.raw && host < slot.hostOffset.raw + slot.memorySize,
+                    "EPT02[1] = 0x\(String(e, radix: 16))")
         }
         // L1 (where there is one) is stopped in order; nothing is left running.
         if a.path != .single { #expect(result.l1Status == .exited(0), "\(String(describing: result.l1Status))") }
         #expect(tierChildrenOfThisProcess().isEmpty)
+    }
+
+    /// What the sandbox answers without ending the tier: each attempt's result as L2 saw it.
+    @Test(arguments: [
+        (GuestPrograms.Escape.growHostMemory, UInt64(ENOSYS)),   // mremap past L1's memslot: the filter says ENOSYS
+        (.punchTables, UInt64(EACCES)),                          // MADV_REMOVE on the read-only tables
+        (.closeDescriptors, 0),                                   // no descriptor above 2 was open
+        (.signalItself, 0),                                       // raise/abort still work
+    ])
+    func whatTheSandboxRefusesWithAnErrorLeavesL2Running(_ escape: GuestPrograms.Escape, _ answer: UInt64) throws {
+        let (result, _) = try runStack(.nvmx, program: "l2-escape", args: [escape.rawValue])
+        #expect(result.succeeded, "\(result.stop)")
+        #expect(result.harness.syncs.map { Array($0.prefix(2)) } == [[escape.rawValue, answer]], "\(Array(result.harness.syncs))")
     }
 }
 }

@@ -80,7 +80,7 @@ extension StackTests {
                  exitsWith: nil, stopped: "L2 (pvm-l2) did not give the vCPU back"),
         Scenario(name: "says stop on its lane", tier: .l1, path: .nvmx, steps: { _ in
             [.waitForTurn, .give(HandoffLayout.stopValue)]
-        }, exitsWith: nil, stopped: "stop"),
+        }, exitsWith: nil, stopped: FatalError.stopFromGuest.description),
     ]
 
     static func script(_ s: Scenario, log: String) -> String {

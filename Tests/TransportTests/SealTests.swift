@@ -81,11 +81,35 @@ import Glibc
         }
     }
 
+    @Test func hostMemoryWithL1sMemslotOverlaidIsOneMappingForL0AndTheOverlayHoldsExactlyTheSlot() throws {
+        let host = try SharedRegion(create: "pvm-host-test", size: 16 * pageSize,
+                                    overlay: ("pvm-slot-test", 4 * pageSize, 8 * pageSize))
+        try host.seal(name: "pvm-host-test", futureWrite: false)
+        try host.store(UInt64(0x11), at: 0)
+        try host.store(UInt64(0x22), at: 4 * pageSize)
+        try host.store(UInt64(0x33), at: 12 * pageSize - 8)
+        try host.store(UInt64(0x44), at: 12 * pageSize)
+        // The child's view: the overlay memfd alone, which is the slot and nothing around it.
+        let slot = try SharedRegion(adopt: dup(host.overlayFD), name: "pvm-slot-test", writable: true)
+        #expect(slot.size == 8 * pageSize)
+        #expect(try slot.load(UInt64.self, at: 0) == 0x22 && slot.load(UInt64.self, at: 8 * pageSize - 8) == 0x33)
+        // Written by the child, seen by L0 at the slot's host offset.
+        try slot.store(UInt64(0x55), at: 8)
+        #expect(try host.load(UInt64.self, at: 4 * pageSize + 8) == 0x55)
+        // Sealed too: the child cannot shrink it under L0.
+        #expect(ftruncate(slot.fd, 0) == -1 && errno == EPERM)
+        // An overlay outside the region is refused.
+        #expect(throws: TransportError.self) {
+            try SharedRegion(create: "pvm-host-test", size: 4 * pageSize, overlay: ("x", 2 * pageSize, 4 * pageSize))
+        }
+    }
+
     @Test func theSandboxAllowsNothingThatOpensSpawnsOrReachesAnotherProcess() {
         let allowed = Set(TierSandbox.allowedSystemCalls)
         #expect(allowed.contains("futex") && allowed.contains("exit_group"))
         for forbidden in ["open", "openat", "execve", "fork", "clone", "clone3", "vfork", "socket", "connect", "ptrace",
-                          "process_vm_writev", "process_vm_readv", "memfd_create", "ftruncate", "pwrite64", "mount",
+                          "process_vm_writev", "process_vm_readv", "memfd_create", "ftruncate", "pwrite64", "mount", "mremap",
+                          "newfstatat", "statx", "fstat",
                           "pidfd_open", "pidfd_send_signal", "tkill", "rt_sigqueueinfo", "seccomp", "prctl", "ioctl"] {
             #expect(!allowed.contains(forbidden), "\(forbidden)")
         }

@@ -33,15 +33,23 @@ int pvm_seal_shrink_bit(void);
 // (its memfds included: the mappings stay, and nothing can be mapped again), puts the fatal
 // signals back to their default action (so a fault ends the tier with its own signal, which L0
 // reports), sets no_new_privs and installs a seccomp filter that allows only the system calls
-// in pvm_sandbox_syscall_name's list (kill/tgkill only towards this process) and kills the
-// whole process with SIGSYS on any other. Returns 0 or -errno.
+// in pvm_sandbox_syscall_name's list (futex: wait and wake only; kill/tgkill only towards this
+// process), turns off core files, and kills the
+// whole process with SIGSYS on any other (mremap: ENOSYS). Returns 0 or -errno.
 int pvm_enter_tier_sandbox(void);
-// The name of the i-th system call the sandbox allows, or NULL past the end.
+// The name of the i-th system call the sandbox allows (futex, kill and tgkill last: those are
+// allowed with conditions), or NULL past the end.
 const char *pvm_sandbox_syscall_name(int i);
 
 // Hostile probes for the guest programs that test L0's defences: mprotect(2) of a mapping to
 // read-write (0 or -errno), and kill(2) (0 or -errno; under the sandbox, the caller dies).
 int pvm_probe_make_writable(void *addr, size_t length);
+// mremap(2) of a mapping to twice its length, in place or moved: 0 (and put back) or -errno.
+int pvm_probe_grow(void *addr, size_t length);
+// madvise(MADV_REMOVE) of a mapping (punch a hole in the file behind it): 0 or -errno.
+int pvm_probe_punch(void *addr, size_t length);
+// How many of descriptors 3..1023 close(2) succeeded on (the ones that were open).
+int pvm_probe_close_descriptors(void);
 int pvm_probe_kill(pid_t pid, int sig);
 
 // posix_spawn of `path` with `argv`, after dup2-ing each fds[i] onto 3+i in the child (so the

@@ -181,7 +181,7 @@ public enum FatalError: Equatable, Sendable, CustomStringConvertible {
     case l1StoreOutsideMemory(L1GPA)
     /// The L2 process could not be started.
     case cannotStartL2(String)
-    /// The handoff word said "stop", which only L0 may store.
+    /// A tier's handoff lane said "stop", which only L0 may store.
     case stopFromGuest
     case timeLimit(seconds: UInt64)
     /// A tier held its turn past the watchdog (`StackConfig.tierTimeoutNanos`).
@@ -201,7 +201,7 @@ public enum FatalError: Equatable, Sendable, CustomStringConvertible {
         case .beyondL2AddressLimit(let g): "\(g) is beyond the L2 address limit of this L0"
         case .l1StoreOutsideMemory(let g): "L1 stored to \(g), outside its memory"
         case .cannotStartL2(let e): "cannot start L2: \(e)"
-        case .stopFromGuest: "handoff word says stop, but only L0 may stop the stack"
+        case .stopFromGuest: "a handoff lane says stop, but only L0 may stop the stack"
         case .timeLimit(let s): "run exceeded its time limit of \(s) s"
         case let .tierTimeout(t, s, doing): "\(t) (\(TierProcess.name(of: t))) did not give the vCPU back within \(s) s \(doing) (stopped, hung or looping)"
         }

@@ -87,10 +87,10 @@ extension L1Exit {
 // MARK: one exit: count, decode, hand to the backend, store the registers back
 
 extension L0VCPU {
-    /// Every L2 exit lands here first, as on hardware: counted, decoded once, handed to the
-    /// backend with L2's registers, which go back to the run page after.
-    public func handleL2Exit() -> NextStep {
-        let info = l2Run.exitInfo(L2GPA.self)
+    /// Every L2 exit lands here first, as on hardware: read once from the run page (`info`, which
+    /// the caller read), counted, decoded once, handed to the backend with L2's registers,
+    /// which go back to the run page after.
+    func handle(l2 info: L2ExitInfo) -> NextStep {
         counters.countL2Exit(info.reason)
         guard info.reason.isArchitectural else { return .stop(.fatal(.impossibleExit(.l2, info.reason))) }
         var regs = l2Run.registers
@@ -100,8 +100,7 @@ extension L0VCPU {
     }
 
     /// Every L1 exit: counted, decoded once, handed to the backend with L1's registers.
-    public func handleL1Exit() -> NextStep {
-        let info = l1Run.exitInfo(L1GPA.self)
+    func handle(l1 info: L1ExitInfo) -> NextStep {
         counters.countL1Exit(info.reason)
         guard info.reason.isArchitectural else { return .stop(.fatal(.impossibleExit(.l1, info.reason))) }
         var regs = l1Run.registers
@@ -109,6 +108,11 @@ extension L0VCPU {
         l1Run.registers = regs
         return next
     }
+
+    /// The exit L2's run page holds, handled.
+    public func handleL2Exit() -> NextStep { handle(l2: l2Run.exitInfo(L2GPA.self)) }
+    /// The exit L1's run page holds, handled.
+    public func handleL1Exit() -> NextStep { handle(l1: l1Run.exitInfo(L1GPA.self)) }
 
     /// An L2 exit given as a value (in-process drivers and tests): written into L2's run page
     /// as L2's CPU would, then handled like any other.
@@ -189,10 +193,17 @@ extension L0Stack {
                     continue
                 }
                 let received = log == nil ? 0 : monotonicNanos()
-                let reason = (tier == .l1 ? vcpu.l1Run : vcpu.l2Run).exitReason
+                // The exit is read from the run page once: what is logged, named by the watchdog
+                // and handled is the same exit, whatever the tier writes there meanwhile.
+                let l1Info = tier == .l1 ? vcpu.l1Run.exitInfo(L1GPA.self) : nil
+                let l2Info = tier == .l2 ? vcpu.l2Run.exitInfo(L2GPA.self) : nil
+                let reason = l1Info?.reason ?? l2Info?.reason ?? ExitReason(rawValue: UInt32.max)
                 lastExit = (tier, reason)
                 log?.guestExited(tier, reason: reason, at: received)
-                enter(startL2IfCreated(tier == .l1 ? vcpu.handleL1Exit() : vcpu.handleL2Exit()))
+                let step: NextStep = if let l1Info { vcpu.handle(l1: l1Info) }
+                    else if let l2Info { vcpu.handle(l2: l2Info) }
+                    else { .stop(.fatal(.impossibleExit(tier, reason))) }
+                enter(startL2IfCreated(step))
                 log?.l0Handed(from: tier, reason: reason, received: received, at: monotonicNanos())
             case .stopping(let reason):
                 shutdown()
