@@ -112,7 +112,9 @@ public struct CostProfile: Codable, Equatable, Sendable {
     /// Parses and validates a profile; errors name the file and the key.
     public static func decode(_ data: Data, file: String) throws -> CostProfile {
         let p: CostProfile
-        do { p = try JSONDecoder().decode(CostProfile.self, from: data) } catch {
+        do { p = try JSONDecoder().decode(CostProfile.self, from: data) } catch let e as DecodingError {
+            throw LoadError.malformed(file: file, reason: Self.explain(e))
+        } catch {
             throw LoadError.malformed(file: file, reason: "\(error)")
         }
         for e in Event.allCases where p.prices[e.rawValue] == nil { throw LoadError.missingPrice(file: file, key: e.rawValue) }
@@ -130,6 +132,31 @@ public struct CostProfile: Codable, Equatable, Sendable {
         }
         guard p.ghz.isFinite, p.ghz > 0 else { throw LoadError.malformed(file: file, reason: "ghz must be > 0") }
         return p
+    }
+
+    /// A decoding error as a person reads it: where in the file (the key path) and what was
+    /// expected there, instead of Swift's DecodingError dump.
+    static func explain(_ e: DecodingError) -> String {
+        func path(_ c: DecodingError.Context, _ last: CodingKey? = nil) -> String {
+            let keys = (c.codingPath + (last.map { [$0] } ?? [])).map { $0.intValue.map { "[\($0)]" } ?? $0.stringValue }
+            return keys.isEmpty ? "the top level" : "key \"" + keys.joined(separator: ".").replacingOccurrences(of: ".[", with: "[") + "\""
+        }
+        func kind(_ t: Any.Type) -> String {
+            switch t {
+            case is Double.Type, is Int.Type, is UInt64.Type: "a number"
+            case is String.Type: "a string"
+            case is Bool.Type: "true or false"
+            default: "\(t)".contains("Dictionary") ? "an object" : "\(t)".contains("Array") ? "a list" : "\(t)"
+            }
+        }
+        switch e {
+        case let .keyNotFound(key, c): return "\(path(c, key)) is missing"
+        case let .typeMismatch(t, c): return "\(path(c)): expected \(kind(t))"
+        case let .valueNotFound(t, c): return "\(path(c)): expected \(kind(t)), found null"
+        case let .dataCorrupted(c):
+            return c.codingPath.isEmpty ? "not valid JSON" : "\(path(c)): \(c.debugDescription)"
+        @unknown default: return "\(e)"
+        }
     }
 
     public static func load(path: String) throws -> CostProfile {

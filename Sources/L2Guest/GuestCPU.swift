@@ -209,7 +209,11 @@ public final class GuestCPU {
     /// register). Exits as an EPT violation when unmapped; if the hypervisor emulates it (MMIO),
     /// the loaded value comes back in RAX.
     func access(_ gpa: L2GPA, size: Int, write: Bool, value: UInt64 = 0) -> UInt64 {
-        precondition(gpa.raw % UInt64(size) == 0, "guest access must be naturally aligned")
+        guard gpa.raw % UInt64(size) == 0 else {
+            // A program's bug, reported as its own failed assertion (the stack stops with it).
+            guestAssert(false, "\(size)-byte access at \(gpa) is not naturally aligned")
+            return 0
+        }
         let mask = AccessSize.mask(UInt64(size))
         while true {
             if let host = translate(gpa, access: write ? EPT.write : EPT.read) {

@@ -7,8 +7,72 @@ import Transport
 public struct GuestProgram: Sendable {
     public let name: String
     public let summary: String
+    /// What `--args` means for this program, in order (each optional from the end).
+    public let arguments: [Argument]
     public let body: @Sendable (GuestCPU, [UInt64]) -> Void
+
+    public init(name: String, summary: String, arguments: [Argument] = [], body: @escaping @Sendable (GuestCPU, [UInt64]) -> Void) {
+        self.name = name
+        self.summary = summary
+        self.arguments = arguments
+        self.body = body
+    }
+
+    /// One argument: its name, what it means, its default, and what values it takes.
+    public struct Argument: Sendable {
+        public let name: String
+        public let meaning: String
+        public let defaultValue: String
+        public let accepts: Accepts
+
+        public enum Accepts: Sendable {
+            case any
+            case range(ClosedRange<UInt64>)
+            /// An L2 guest-physical address aligned to `alignment`, below `limit`.
+            case l2Address(alignment: UInt64, below: UInt64)
+
+            var description: String {
+                switch self {
+                case .any: "any 64-bit value"
+                case let .range(r): "\(r.lowerBound)-\(r.upperBound)"
+                case let .l2Address(a, limit): "an L2 GPA, \(a)-byte aligned, below 0x\(String(limit, radix: 16))"
+                }
+            }
+            func accepts(_ v: UInt64) -> Bool {
+                switch self {
+                case .any: true
+                case let .range(r): r.contains(v)
+                case let .l2Address(a, limit): v % a == 0 && v < limit
+                }
+            }
+        }
+
+        public init(_ name: String, _ meaning: String, default defaultValue: String, accepts: Accepts) {
+            self.name = name
+            self.meaning = meaning
+            self.defaultValue = defaultValue
+            self.accepts = accepts
+        }
+
+        /// "gpa: L2 GPA to store to (an L2 GPA, 8-byte aligned, below 0x100000000; default 0x200000)"
+        public var help: String { "\(name): \(meaning) (\(accepts.description); default \(defaultValue))" }
+    }
+
+    /// Why `args` cannot be this program's arguments, or nil when they can: checked before the
+    /// stack starts, so a bad argument never reaches L2.
+    public func problem(with args: [UInt64]) -> String? {
+        guard args.count <= arguments.count else {
+            return arguments.isEmpty ? "\(name) takes no arguments" : "\(name) takes at most \(arguments.count): \(arguments.map(\.name).joined(separator: ", "))"
+        }
+        for (a, v) in zip(arguments, args) where !a.accepts.accepts(v) {
+            return "\(name): \(a.name) = 0x\(String(v, radix: 16)) is not \(a.accepts.description)"
+        }
+        return nil
+    }
 }
+
+/// L2 GPAs below this are mappable (the stack's default EPT02 limit, `StackConfig.l2AddressLimit`).
+public let l2AddressLimit: UInt64 = 4 << 30
 
 /// The L2 GPA every program finds unmapped: above L2's RAM, below the EPT02 limit.
 public let unmappedProbeGPA = L2GPA(0x8000_0000)
@@ -16,13 +80,21 @@ public let unmappedProbeGPA = L2GPA(0x8000_0000)
 public enum GuestPrograms {
     public static let all: [GuestProgram] = [cpuidValues, memoryProbe, instructionTour, permissionProbe, msrPolicyProbe, balloonProbe, cpuidForever, l1IOForever, l2Escape]
         + BenchOperations.all.map { op in
-            GuestProgram(name: op.name, summary: op.summary) { cpu, args in
+            GuestProgram(name: op.name, summary: op.summary, arguments: measureLoopArguments) { cpu, args in
                 measureLoop(cpu, args) { i in op.body(cpu, i) }
                 cpu.done()
             }
         }
 
     public static func named(_ name: String) -> GuestProgram? { all.first { $0.name == name } }
+
+    /// What a measured loop takes (the benchmark tests' programs; `pvm bench` passes them).
+    static let measureLoopArguments: [GuestProgram.Argument] = [
+        .init("iterations", "operations measured (the ceiling when doubling)", default: "10000", accepts: .range(1...1_000_000_000)),
+        .init("warmup", "operations run first, unmeasured", default: "a tenth of iterations", accepts: .range(0...1_000_000_000)),
+        .init("min-nanos", "double the count until one run lasts this long; 0 = measure iterations as is", default: "0",
+              accepts: .range(0...600_000_000_000)),
+    ]
 
     /// Times one operation per iteration between two syncs that bracket the measurement window.
     /// args: [iterations, warmup, minNanos]. With minNanos > 0, `iterations` is a ceiling: as
@@ -76,7 +148,10 @@ public enum GuestPrograms {
 
     /// args: [gpa, pattern]. Stores `pattern` at L2 GPA `gpa` and reads it back; then reads an
     /// L2 GPA nothing maps (L1 must see that exit; unassigned memory reads as all ones).
-    public static let memoryProbe = GuestProgram(name: "memory-probe", summary: "store to a mapped page, read an unmapped one") { cpu, args in
+    public static let memoryProbe = GuestProgram(name: "memory-probe", summary: "store to a mapped page, read an unmapped one", arguments: [
+        .init("gpa", "where to store and read back", default: "0x200000", accepts: .l2Address(alignment: 8, below: l2AddressLimit)),
+        .init("pattern", "the value stored", default: "0x50564d21c0ffee00", accepts: .any),
+    ]) { cpu, args in
         let gpa = L2GPA(args.count > 0 ? args[0] : 0x20_0000)
         let pattern = args.count > 1 ? args[1] : 0x5056_4D21_C0FF_EE00
         cpu.write64(gpa, pattern)
@@ -129,7 +204,10 @@ public enum GuestPrograms {
 
     /// Isolation: write a pattern to a page, give the page back to L1 (L2 hypercall), read it
     /// again. args: [gpa, pattern]. syncs: before (gpa, value), hypercall result, after (gpa, value).
-    public static let balloonProbe = GuestProgram(name: "balloon-probe", summary: "read a page after L1 took it away") { cpu, args in
+    public static let balloonProbe = GuestProgram(name: "balloon-probe", summary: "read a page after L1 took it away", arguments: [
+        .init("gpa", "the page to give back to L1", default: "0x400000", accepts: .l2Address(alignment: 8, below: l2AddressLimit)),
+        .init("pattern", "the value written before", default: "0x5ec2e7da7a000001", accepts: .any),
+    ]) { cpu, args in
         let gpa = L2GPA(args.count > 0 ? args[0] : 0x40_0000)
         let pattern = args.count > 1 ? args[1] : 0x5EC2_E7DA_7A00_0001
         cpu.write64(gpa, pattern)
@@ -177,7 +255,10 @@ public enum GuestPrograms {
     /// A hostile L2 (for the tests of L0's defences): args [what] (`Escape`). It syncs (what, 0
     /// or mprotect's errno) before an attempt that must end it, and syncs (what, escaped) if it
     /// survives one; for the others it syncs (what, the kernel's answer). Then it says done.
-    public static let l2Escape = GuestProgram(name: "l2-escape", summary: "a hostile L2 tries its sandbox (args: 1-7, see docs/reliability.md)") { cpu, args in
+    public static let l2Escape = GuestProgram(name: "l2-escape", summary: "a hostile L2 tries its sandbox (docs/reliability.md)", arguments: [
+        .init("what", "1 write EPT02, 2 signal L0, 3 open a file, 4 grow its memory mapping, 5 punch L0's tables, 6 close descriptors, 7 signal itself",
+              default: "1", accepts: .range(1...7)),
+    ]) { cpu, args in
         let what = Escape(rawValue: args.first ?? 1) ?? .writeEPT02
         switch what {
         case .writeEPT02:

@@ -11,6 +11,10 @@ public enum L2Main {
             printError("pvm-l2: unknown guest program '\(launch.program)'")
             exit(2)
         }
+        if let problem = program.problem(with: launch.programArguments) {
+            printError("pvm-l2: \(problem)")
+            exit(2)
+        }
         do {
             let session = try TierSession(.l2, launch)
             let cpu = try GuestCPU(session: session)

@@ -27,6 +27,9 @@ struct Chaos: ParsableCommand {
     func validate() throws {
         guard (1...10_000).contains(trials) else { throw ValidationError("--trials must be in 1...10000") }
         guard tierTimeout > 0, tierTimeout <= 60 else { throw ValidationError("--tier-timeout must be in (0, 60] seconds") }
+        guard try Checks.paths(path).allSatisfy(\.isNested) else {
+            throw ValidationError("chaos runs on nested paths (three tiers): pv, nvmx, nvmx-noshadow, nvmx-evmcs")
+        }
     }
 
     struct Trial: Encodable {
@@ -43,8 +46,7 @@ struct Chaos: ParsableCommand {
     }
 
     func run() throws {
-        let paths = try parsePaths(path).filter(\.isNested)
-        guard !paths.isEmpty else { throw ValidationError("chaos needs a nested path (three tiers)") }
+        let paths = try Checks.paths(path)
         var rng = FuzzRandom(seed: seed)     // the trials a seed picks
         var results: [Trial] = []
         for i in 0..<trials {

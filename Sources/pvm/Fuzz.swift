@@ -20,10 +20,11 @@ struct Fuzz: ParsableCommand {
 
     func validate() throws {
         guard (1...100_000_000).contains(cases) else { throw ValidationError("--cases must be in 1...100000000") }
+        _ = try Checks.paths(path)
     }
 
     func run() throws {
-        let paths = try parsePaths(path)
+        let paths = try Checks.paths(path)
         var reports: [ExitFuzzer.Report] = []
         for p in paths {
             printError("fuzz: \(p.rawValue), \(cases) cases, seed \(seed)")

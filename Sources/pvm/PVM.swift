@@ -27,19 +27,11 @@ func selfExecutable() -> String {
     return n > 0 ? String(decoding: buf[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self) : CommandLine.arguments[0]
 }
 
-/// Writes an output file the user asked for, or fails with a message naming it.
+/// Writes an output file the user asked for (its folder was checked before the run), or fails
+/// with one line naming it.
 func writeOutput(_ data: Data, to path: String) throws {
     guard FileManager.default.createFile(atPath: path, contents: data) else {
-        throw ValidationError("cannot write \(path): \(String(cString: strerror(errno)))")
-    }
-}
-
-func parsePaths(_ list: String) throws -> [NestingPath] {
-    try list.split(separator: ",").map {
-        guard let p = NestingPath(rawValue: String($0)) else {
-            throw ValidationError("unknown path '\($0)' (known: \(NestingPath.allCases.map(\.rawValue).joined(separator: ", ")))")
-        }
-        return p
+        throw Failure("cannot write \(path): \(String(cString: strerror(errno)))")
     }
 }
 
@@ -49,9 +41,9 @@ extension PVM {
             abstract: "Run benchmark tests on each path and print ns/op and transitions per tier.",
             discussion: "Tests: " + BenchOperations.all.map(\.name).joined(separator: ", "))
 
-        @Option(name: .long, help: "exits (the per-instruction tests, default), memslot (zap policies) or host (virtualization enabling, one-time setup).")
-        var suite: String = "exits"
-        @Option(name: .long, help: "Test to run (default: all).")
+        @Option(name: .long, help: "exits (the per-instruction tests), memslot (zap policies) or host (virtualization enabling, one-time setup).")
+        var suite: BenchSuite = .exits
+        @Option(name: .long, help: "Comma-separated tests to run (default: all).")
         var test: String?
         @Option(name: .long, help: "Comma-separated paths: single, pv, nvmx, nvmx-noshadow, nvmx-evmcs.")
         var path: String = NestingPath.allCases.map(\.rawValue).joined(separator: ",")
@@ -59,18 +51,18 @@ extension PVM {
         var iterations: UInt64 = 1_000_000
         @Option(name: .long, help: "Double the iteration count until one run lasts this long (vmexit.c's way); 0 = use --iterations as is.")
         var minTimeMs: UInt64 = 100
-        @Option(name: .long, help: "table (default) or vmexit (NAME VALUE lines, as vmexit.flat prints).")
-        var format: String = "table"
+        @Option(name: .long, help: "table, or vmexit (NAME VALUE lines, as vmexit.flat prints).")
+        var format: OutputFormat = .table
         @Option(name: .long, help: "Also write the results as CSV to this file.")
         var csv: String?
         @Option(name: .long, help: "Also draw the results as an SVG bar chart (log scale, split by tier) to this file.")
         var svg: String?
-        @Option(name: .long, help: "Unmeasured iterations first (default: a tenth of --iterations).")
+        @Option(name: .long, help: "Unmeasured iterations first, 0-1000000000 (default: 1000 when doubling, else a tenth of --iterations).")
         var warmup: UInt64?
-        @Option(name: .long, help: "PV features L1 enables: 'all', 'none', a list ('direct-cpuid,batch-map') or removals ('-direct-cpuid,-direct-msr'). Known: \(PVFeatures.names.map(\.0).joined(separator: ", ")).")
+        @Option(name: .long, parsing: .unconditional, help: "PV features L1 enables: 'all', 'none', a list ('direct-cpuid,batch-map') or removals ('-direct-cpuid,-direct-msr'). Known: \(PVFeatures.names.map(\.0).joined(separator: ", ")).")
         var pvFeatures: String = "all"
-        @Option(name: .long, help: "How L1 maps L2 memory: eager, per-page, batch (default: eager; ept_first_touch runs all three).")
-        var l2Map: String?
+        @Option(name: .long, help: "How L1 maps L2 memory (default: eager; ept_first_touch runs all three).")
+        var l2Map: L2MapMode?
         @Flag(name: .long, help: "On pv, one row per feature set: all, each feature off, none.")
         var ablation = false
         @Option(name: .long, help: "Also write the results as JSON to this file.")
@@ -82,6 +74,26 @@ extension PVM {
 
         func validate() throws {
             guard tierTimeout > 0, tierTimeout <= 3600 else { throw ValidationError("--tier-timeout must be in (0, 3600] seconds") }
+            try Checks.range(iterations, 1...1_000_000_000, "--iterations")
+            try Checks.range(minTimeMs, 0...600_000, "--min-time-ms")
+            if let warmup { try Checks.range(warmup, 0...1_000_000_000, "--warmup") }
+            _ = try Checks.paths(path)
+            if let test { _ = try Checks.tests(test) }
+            _ = try PVM.parseFeatures(pvFeatures)
+            _ = try Checks.profile(profile)
+            for (option, file) in [("--csv", csv), ("--svg", svg), ("--json", json)] {
+                if let file { try Checks.writable(file, option: option) }
+            }
+            if suite != .exits {
+                // The memslot and host suites print their own tables; the options that shape the
+                // exit tests' runs and files do not apply to them.
+                let given = [("--test", test != nil), ("--csv", csv != nil), ("--svg", svg != nil), ("--json", json != nil),
+                             ("--l2-map", l2Map != nil), ("--profile", profile != nil), ("--ablation", ablation),
+                             ("--format", format != .table)].filter(\.1).map(\.0)
+                guard given.isEmpty else {
+                    throw ValidationError("--suite \(suite.rawValue) prints its own table and takes none of \(given.joined(separator: ", "))")
+                }
+            }
         }
 
         func run() throws {
@@ -89,29 +101,21 @@ extension PVM {
             printError("warning: this is a debug build; time it with `swift run -c release pvm bench`")
             #endif
             switch suite {
-            case "exits": break
-            case "memslot":
+            case .exits: break
+            case .memslot:
                 printError("running the memslot suite (in-process: L0's zap work on real memfds)...")
                 print(MemslotSuite.table(try MemslotSuite.run()), terminator: "")
                 return
-            case "host":
+            case .host:
                 printError("running the host suite (fresh L0 hosts, enabling and setup costs spent for real)...")
                 print(try HostSuite.run(iterations: 7), terminator: "")
                 return
-            default:
-                throw ValidationError("unknown --suite '\(suite)' (known: exits, memslot, host)")
             }
-            let paths = try parsePaths(path)
-            let tests = try test.map { name -> [String] in
-                guard BenchOperations.named(name) != nil else { throw ValidationError("\(BenchError.unknownTest(name))") }
-                return [name]
-            } ?? BenchOperations.all.map(\.name)
+            let paths = try Checks.paths(path)
+            let tests = try test.map(Checks.tests) ?? BenchOperations.all.map(\.name)
             let features = try PVM.parseFeatures(pvFeatures)
-            let mode = try l2Map.map { m -> L2MapMode in
-                guard let v = L2MapMode(rawValue: m) else { throw ValidationError("unknown --l2-map '\(m)'") }
-                return v
-            }
-            guard format == "table" || format == "vmexit" else { throw ValidationError("unknown --format '\(format)' (table, vmexit)") }
+            let mode = l2Map
+            let costs = try Checks.profile(profile)
             var runner = BenchRunner(tierExecutable: selfExecutable(), iterations: iterations,
                                      warmup: warmup ?? (minTimeMs > 0 ? 1_000 : iterations / 10))
             runner.minNanos = minTimeMs > 0 ? minTimeMs * 1_000_000 : nil
@@ -150,8 +154,7 @@ extension PVM {
                 printError("pvm bench: \(StopReason.interrupted(signal: s)) after \(results.count) of \(plan.count) runs; reporting those")
                 if results.isEmpty { throw ExitCode(128 + s) }
             }
-            let costs = try profile.map(CostProfile.load(path:)) ?? CostModel.defaultProfile()
-            if format == "vmexit" {
+            if format == .vmexit {
                 print(Report.vmexitFormat(results), terminator: "")
             } else {
                 print(Report.table(results, profile: costs), terminator: "")
@@ -189,22 +192,22 @@ extension PVM {
         static let configuration = CommandConfiguration(
             abstract: "Start the three-tier stack, run one guest program in L2, and print what happened.")
 
-        @Option(name: .long, help: "single, pv, nvmx, nvmx-noshadow or nvmx-evmcs.")
-        var path: String = "pv"
+        @Option(name: .long, help: "The path to run on.")
+        var path: NestingPath = .pv
         @Option(name: .long, help: "Guest program (see `pvm programs`).")
         var program: String = "cpuid-values"
-        @Option(name: .long, parsing: .upToNextOption, help: "Arguments for the guest program.")
-        var args: [UInt64] = []
-        @Option(name: .long, help: "Host memory in MiB (a sparse memfd).")
+        @Option(name: .long, parsing: .upToNextOption, help: "Arguments for the guest program, decimal or 0x-hex (see `pvm programs`).")
+        var args: [ProgramArgument] = []
+        @Option(name: .customLong("host-memory-mib"), help: "Host memory in MiB (a sparse memfd), 768-65536: L1's 512 MiB memslot sits at 256 MiB.")
         var hostMemoryMiB: UInt64 = 1024
-        @Option(name: .long, help: "PV features L1 enables (as for `pvm bench`).")
+        @Option(name: .long, parsing: .unconditional, help: "PV features L1 enables (as for `pvm bench`).")
         var pvFeatures: String = "all"
-        @Option(name: .long, help: "How L1 maps L2 memory: eager, per-page, batch.")
-        var l2Map: String = "eager"
-        @Option(name: .long, help: "L1's VM type: \(VMType.allCases.map(\.name).joined(separator: ", ")).")
-        var vmType: String = "default"
-        @Option(name: .long, help: "One-time setup (TDX-module-like): off, at-load, on-first-protected-vm.")
-        var oneTimeSetup: String = "off"
+        @Option(name: .long, help: "How L1 maps L2 memory.")
+        var l2Map: L2MapMode = .eager
+        @Option(name: .long, help: "L1's VM type.")
+        var vmType = VMTypeArgument(.default)
+        @Option(name: .long, help: "One-time setup (TDX-module-like).")
+        var oneTimeSetup: OneTimeSetupPolicy = .off
         @Flag(name: .long, inversion: .prefixedNo, help: "Enable virtualization on every CPU when L0 loads (KVM's default) rather than at the first VM.")
         var enableVirtAtLoad = true
         @Option(name: .long, help: "Watchdog: seconds a tier may hold the vCPU before the stack is stopped (> 0).")
@@ -216,6 +219,12 @@ extension PVM {
 
         func validate() throws {
             guard tierTimeout > 0, tierTimeout <= 3600 else { throw ValidationError("--tier-timeout must be in (0, 3600] seconds") }
+            try Checks.range(hostMemoryMiB, 768...65_536, "--host-memory-mib")
+            guard let guest = GuestPrograms.named(program) else {
+                throw ValidationError("unknown guest program '\(program)' (see `pvm programs`)")
+            }
+            if let problem = guest.problem(with: args.map(\.value)) { throw ValidationError("--args: \(problem)") }
+            _ = try PVM.parseFeatures(pvFeatures)
             _ = try standIns()
         }
 
@@ -234,22 +243,12 @@ extension PVM {
         }
 
         func run() throws {
-            guard let p = NestingPath(rawValue: path) else { throw ValidationError("unknown path '\(path)'") }
-            guard let mode = L2MapMode(rawValue: l2Map) else { throw ValidationError("unknown --l2-map '\(l2Map)'") }
-            guard GuestPrograms.named(program) != nil else {
-                throw ValidationError("unknown guest program '\(program)' (see `pvm programs`)")
-            }
-            var config = StackConfig(path: p, program: program, programArguments: args, tierExecutable: selfExecutable())
+            var config = StackConfig(path: path, program: program, programArguments: args.map(\.value), tierExecutable: selfExecutable())
             config.hostMemoryBytes = hostMemoryMiB << 20
             config.pvFeatures = try PVM.parseFeatures(pvFeatures)
-            config.l2MapMode = mode
-            guard let type = VMType.allCases.first(where: { $0.name == vmType }) else {
-                throw ValidationError("unknown --vm-type '\(vmType)' (known: \(VMType.allCases.map(\.name).joined(separator: ", ")))")
-            }
-            let setups: [String: OneTimeSetupPolicy] = ["off": .off, "at-load": .atLoad, "on-first-protected-vm": .onFirstProtectedVM]
-            guard let setup = setups[oneTimeSetup] else { throw ValidationError("unknown --one-time-setup '\(oneTimeSetup)'") }
-            config.vmType = type
-            config.oneTimeSetup = setup
+            config.l2MapMode = l2Map
+            config.vmType = vmType.type
+            config.oneTimeSetup = oneTimeSetup
             config.enableVirtAtLoad = enableVirtAtLoad
             config.tierTimeoutNanos = UInt64(tierTimeout * 1e9)
             config.standIns = try standIns()
@@ -265,9 +264,13 @@ extension PVM {
             if let refusal = result.pvRefusal { print("L0 refused L1's PV request: \(refusal)") }
             print("stopped: \(result.stop)")
             print("L1 \(result.l1Status.map { "\($0)" } ?? "not started"), L2 \(result.l2Status.map { "\($0)" } ?? "not started")")
-            print("L2->L0 exits: " + TransitionCounters.byReason(c.l2Exits).sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: " "))
-            print("L1->L0 exits: " + TransitionCounters.byReason(c.l1Exits).sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: " "))
-            print("delivered to L1: " + TransitionCounters.byReason(c.deliveries).sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: " "))
+            func byReason(_ counts: [UInt64]) -> String {
+                let d = TransitionCounters.byReason(counts).sorted { $0.key < $1.key }
+                return d.isEmpty ? "none" : d.map { "\($0.key)=\($0.value)" }.joined(separator: " ")
+            }
+            print("L2->L0 exits: " + byReason(c.l2Exits))
+            print("L1->L0 exits: " + byReason(c.l1Exits))
+            print("delivered to L1: " + byReason(c.deliveries))
             print("entries: L1=\(c.l1Entries) L2=\(c.l2Entries)")
             if case .interrupted(let s) = result.stop { throw ExitCode(128 + s) }
             if !result.succeeded { throw ExitCode(1) }
@@ -284,22 +287,25 @@ extension PVM {
                 abstract: "Run TEST on a path and print its cost breakdown: event, count per op, unit price, subtotal.")
             @Argument(help: "A benchmark test (see `pvm bench --help`).")
             var test: String
-            @Option(name: .long, help: "single, pv, nvmx, nvmx-noshadow or nvmx-evmcs.")
-            var path: String = "nvmx"
-            @Option(name: .long, help: "How L1 maps L2 memory: eager, per-page, batch.")
-            var l2Map: String = "eager"
+            @Option(name: .long, help: "The path to run on.")
+            var path: NestingPath = .nvmx
+            @Option(name: .long, help: "How L1 maps L2 memory.")
+            var l2Map: L2MapMode = .eager
             @Option(name: .long, help: "A cost profile file (default: the shipped published-figures profile).")
             var profile: String?
-            @Option(name: .long, help: "Iterations to count over.")
+            @Option(name: .long, help: "Iterations to count over (1-100000000).")
             var iterations: UInt64 = 2_000
 
-            func run() throws {
-                guard let p = NestingPath(rawValue: path) else { throw ValidationError("unknown path '\(path)'") }
-                guard let mode = L2MapMode(rawValue: l2Map) else { throw ValidationError("unknown --l2-map '\(l2Map)'") }
+            func validate() throws {
                 guard BenchOperations.named(test) != nil else { throw ValidationError("\(BenchError.unknownTest(test))") }
-                let costs = try profile.map(CostProfile.load(path:)) ?? CostModel.defaultProfile()
+                try Checks.range(iterations, 1...100_000_000, "--iterations")
+                _ = try Checks.profile(profile)
+            }
+
+            func run() throws {
+                let costs = try Checks.profile(profile)
                 let runner = BenchRunner(tierExecutable: selfExecutable(), iterations: iterations, warmup: iterations / 10)
-                let result = try runner.run(test, on: BenchVariant(path: p, l2MapMode: mode))
+                let result = try runner.run(test, on: BenchVariant(path: path, l2MapMode: l2Map))
                 print(CostModel.explain(result, costs), terminator: "")
             }
         }
@@ -309,16 +315,19 @@ extension PVM {
     struct RecordedRun: ParsableArguments {
         @Argument(help: "A benchmark test (default cpuid).")
         var test: String = "cpuid"
-        @Option(name: .long, help: "single, pv, nvmx, nvmx-noshadow or nvmx-evmcs.")
-        var path: String = "nvmx"
-        @Option(name: .long, help: "Iterations to record.")
+        @Option(name: .long, help: "The path to run on.")
+        var path: NestingPath = .nvmx
+        @Option(name: .long, help: "Iterations to record (1-1000000).")
         var iterations: UInt64 = 200
+
+        func validate() throws {
+            guard BenchOperations.named(test) != nil else { throw ValidationError("\(BenchError.unknownTest(test))") }
+            try Checks.range(iterations, 1...1_000_000, "--iterations")
+        }
 
         /// The recorded run, and the signal that interrupted it (nil: it finished).
         func record() throws -> (log: TransitionLog, interrupted: Int32?) {
-            guard let p = NestingPath(rawValue: path) else { throw ValidationError("unknown path '\(path)'") }
-            guard BenchOperations.named(test) != nil else { throw ValidationError("\(BenchError.unknownTest(test))") }
-            var config = StackConfig(path: p, program: test, programArguments: [iterations, 0, 0], tierExecutable: selfExecutable())
+            var config = StackConfig(path: path, program: test, programArguments: [iterations, 0, 0], tierExecutable: selfExecutable())
             config.recordTransitions = true
             StopSignals.install()
             let result = try L0Stack(config: config).run()
@@ -327,7 +336,7 @@ extension PVM {
                 printError("pvm: \(result.stop) after \(log.spans.count) run spans; reporting those")
                 return (log, s)
             }
-            guard result.succeeded, let log = result.log else { throw ValidationError("the run did not finish: \(result.stop)") }
+            guard result.succeeded, let log = result.log else { throw Failure("the run did not finish: \(result.stop)") }
             return (log, nil)
         }
 
@@ -354,9 +363,10 @@ extension PVM {
         @OptionGroup var recorded: RecordedRun
         @Option(name: .long, help: "The trace file to write (open it in ui.perfetto.dev).")
         var out: String
+        func validate() throws { try Checks.writable(out, option: "--out") }
         func run() throws {
             let (log, interrupted) = try recorded.record()
-            try writeOutput(try ChromeTrace.json(log, title: "\(recorded.test) on \(recorded.path)"), to: out)
+            try writeOutput(try ChromeTrace.json(log, title: "\(recorded.test) on \(recorded.path.rawValue)"), to: out)
             print("wrote \(log.spans.count) spans to \(out)")
             try RecordedRun.finish(interrupted)
         }
@@ -369,30 +379,39 @@ extension PVM {
         var out: String = "calibrated-profile.json"
         @Option(name: .long, help: "The KVM device.")
         var device: String = "/dev/kvm"
-        @Option(name: .long, help: "Exits per run.")
+        @Option(name: .long, help: "Exits per run (1-10000000).")
         var iterations: Int = 20_000
-        @Option(name: .long, help: "Runs per kind of exit (the median is kept).")
+        @Option(name: .long, help: "Runs per kind of exit, the median is kept (1-101).")
         var runs: Int = 5
+
+        func validate() throws {
+            try Checks.range(iterations, 1...10_000_000, "--iterations")
+            try Checks.range(runs, 1...101, "--runs")
+            try Checks.writable(out, option: "--out")
+        }
 
         func run() throws {
             let result: CalibrationResult
             do {
                 result = try Calibration.run(devicePath: device, iterations: iterations, runs: runs)
             } catch {
-                // No /dev/kvm, no permission, no virtualization: say so and end cleanly.
-                printError("pvm calibrate: \(error)")
-                throw ExitCode(2)
+                // No /dev/kvm, no permission, no virtualization: one line, exit 1.
+                throw Failure("pvm calibrate: \(error)")
             }
             print(result.summary)
             try writeOutput(try result.profile().encoded(), to: out)
-            print("wrote \(out): use it with `pvm bench --profile \(out)` or `pvm model explain TEST --profile \(out)`")
+            let full = URL(fileURLWithPath: out).standardizedFileURL.path
+            print("wrote \(full): use it with `pvm bench --profile \(out)` or `pvm model explain TEST --profile \(out)`")
         }
     }
 
     struct Programs: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "List the guest programs L2 can run.")
+        static let configuration = CommandConfiguration(abstract: "List the guest programs L2 can run, with their arguments.")
         func run() {
-            for p in GuestPrograms.all { print("\(p.name)\t\(p.summary)") }
+            for p in GuestPrograms.all {
+                print("\(p.name)\t\(p.summary)")
+                for (i, a) in p.arguments.enumerated() { print("    --args \(i + 1). \(a.help)") }
+            }
         }
     }
 

@@ -179,14 +179,19 @@ extension StackTests {
 
     // MARK: programs, launch, calibrate
 
-    @Test func programsListsEveryGuestProgramWithItsSummary() throws {
+    @Test func programsListsEveryGuestProgramWithItsSummaryAndArguments() throws {
         let r = try pvm(["programs"])
         #expect(r.status == 0)
-        let listed = Dictionary(r.out.split(separator: "\n").compactMap { line -> (String, String)? in
+        let lines = r.out.split(separator: "\n")
+        let programLines = lines.filter { !$0.hasPrefix(" ") }
+        let listed = Dictionary(programLines.compactMap { line -> (String, String)? in
             let parts = line.split(separator: "\t", maxSplits: 1)
             return parts.count == 2 ? (String(parts[0]), String(parts[1])) : nil
         }, uniquingKeysWith: { a, _ in a })
-        #expect(listed.count == GuestPrograms.all.count && listed.count == r.out.split(separator: "\n").count)
+        #expect(listed.count == GuestPrograms.all.count && listed.count == programLines.count)
+        // Each argument on its own line under its program: name, meaning, what it takes, default.
+        #expect(lines.count == programLines.count + GuestPrograms.all.map(\.arguments.count).reduce(0, +))
+        #expect(r.out.contains("memory-probe\tstore to a mapped page, read an unmapped one\n    --args 1. gpa: where to store and read back (an L2 GPA, 8-byte aligned, below 0x100000000; default 0x200000)\n"), "\(r.out)")
         for p in GuestPrograms.all { #expect(listed[p.name] == p.summary, "\(p.name)") }
         for op in BenchOperations.all { #expect(listed[op.name] != nil, "bench op \(op.name) is not a program") }
         #expect(listed["cpuid-values"] != nil && listed["cpuid-forever"] != nil)
@@ -213,7 +218,7 @@ extension StackTests {
     }
 
     /// Through /dev/kvm where it works (exit 0, a summary and a valid profile file), else a clean
-    /// one-line `pvm calibrate: ...` error and exit 2 (the code's ExitCode(2)), no file.
+    /// one-line `Error: pvm calibrate: ...` and exit 1 (a runtime failure, no usage text), no file.
     @Test func calibrateWritesAProfileOrFailsCleanly() throws {
         try withTempFile(".json") { out in
             let r = try pvm(["calibrate", "--out", out.path, "--iterations", "2000", "--runs", "2"], seconds: 50)
@@ -222,9 +227,9 @@ extension StackTests {
                 let profile = try CostProfile.decode(try Data(contentsOf: out), file: out.path)
                 #expect(profile.ghz > 0)
             } else {
-                #expect(r.status == 2, "\(r.out)\(r.err)")
+                #expect(r.status == 1, "\(r.out)\(r.err)")
                 let errLines = r.err.split(separator: "\n")
-                #expect(errLines.count == 1 && errLines.first?.hasPrefix("pvm calibrate: ") == true, "\(r.err)")
+                #expect(errLines.count == 1 && errLines.first?.hasPrefix("Error: pvm calibrate: ") == true, "\(r.err)")
                 #expect(!FileManager.default.fileExists(atPath: out.path))
             }
         }
@@ -237,7 +242,9 @@ extension StackTests {
     func anUnknownPathIsAUsageError(command: [String]) throws {
         let r = try pvm(command + ["--path", "bogus"])
         #expect(r.status == 64, "\(r.err)")
-        #expect(r.err.contains("Error: unknown path 'bogus'") && r.err.contains("Usage:"), "\(r.err)")
+        // Named, with every path it could have been, and the command's own usage.
+        #expect(r.err.contains("'bogus'") && NestingPath.allCases.allSatisfy { r.err.contains($0.rawValue) }, "\(r.err)")
+        #expect(r.err.contains("Usage: pvm \(command[0])"), "\(r.err)")
         #expect(r.out.isEmpty, "\(r.out)")
     }
 
@@ -272,6 +279,103 @@ extension StackTests {
         let r = try pvm(arguments)
         #expect(r.status == 64, "\(arguments): \(r.status) \(r.err)")
         #expect(r.out.isEmpty, "\(r.out)")
+    }
+    // MARK: shell habits and failing before the work (issue 12)
+
+    /// Both forms of every list option, and values that start with '-'.
+    @Test(arguments: [["--path", "single,pv", "--test", "cpuid,vmcall"], ["--path=single,pv", "--test=cpuid,vmcall"]])
+    func listOptionsTakeBothFormsAndAList(_ form: [String]) throws {
+        let r = try pvm(["bench", "--min-time-ms", "0", "--iterations", "50"] + form)
+        #expect(r.status == 0, "\(r.err)")
+        for (t, p) in [("cpuid", "single"), ("cpuid", "pv"), ("vmcall", "single"), ("vmcall", "pv")] {
+            #expect(r.out.split(separator: "\n").contains { $0.hasPrefix(t) && $0.split(separator: " ")[1] == p }, "\(r.out)")
+        }
+    }
+
+    @Test(arguments: [["--pv-features", "-direct-msr"], ["--pv-features=-direct-msr"]])
+    func aFeatureRemovalIsTakenAsAValueInEitherForm(_ form: [String]) throws {
+        let r = try pvm(["bench", "--test", "cpuid", "--path", "pv", "--min-time-ms", "0", "--iterations", "50"] + form)
+        #expect(r.status == 0, "\(r.err)")
+        #expect(r.out.contains("pv[-direct-msr]"), "\(r.out)")
+    }
+
+    /// Every enum option names its valid values, in --help and in the error.
+    @Test(arguments: [(["bench", "--format", "bogus"], ["table", "vmexit"]), (["bench", "--suite", "bogus"], ["exits", "memslot", "host"]),
+                      (["bench", "--l2-map", "bogus"], ["eager", "per-page", "batch"]), (["launch", "--vm-type", "bogus"], ["default"]),
+                      (["launch", "--one-time-setup", "bogus"], ["off", "at-load", "on-first-protected-vm"]),
+                      (["model", "explain", "cpuid", "--path", "bogus"], ["single", "nvmx-evmcs"])])
+    func anEnumOptionListsItsValuesInItsErrorAndHelp(_ args: [String], _ values: [String]) throws {
+        let r = try pvm(args)
+        #expect(r.status == 64 && r.out.isEmpty, "\(r.err)")
+        for v in values { #expect(r.err.contains(v), "\(args): \(r.err)") }
+        let help = try pvm(Array(args.prefix(args[0] == "model" ? 2 : 1)) + ["--help"])
+        #expect(help.out.contains("(values: \(values[0])"), "\(help.out)")
+    }
+
+    /// Numbers have ranges and lists are never empty: refused before anything starts (64).
+    @Test(arguments: [["bench", "--iterations", "0"], ["bench", "--iterations", "2000000000"], ["bench", "--warmup", "2000000000"],
+                      ["bench", "--min-time-ms", "700000"], ["bench", "--path", ""], ["bench", "--path", "pv,,nvmx"], ["bench", "--path", "pv,pv"],
+                      ["bench", "--test", ""], ["stat", "--iterations", "0"], ["trace", "--iterations", "0", "--out", "/tmp/never.json"],
+                      ["model", "explain", "cpuid", "--iterations", "0"], ["calibrate", "--runs", "0"], ["calibrate", "--iterations", "0"],
+                      ["launch", "--host-memory-mib", "10"], ["fuzz", "--path", ""], ["chaos", "--path", "pv,"]])
+    func anOutOfRangeNumberOrAnEmptyListIsAUsageError(_ args: [String]) throws {
+        let r = try pvm(args)
+        #expect(r.status == 64, "\(args): \(r.status.map(String.init) ?? "-") \(r.err)")
+        #expect(r.out.isEmpty && r.err.contains("Usage: pvm"), "\(r.out)\(r.err)")
+    }
+
+    /// Output files and profiles are checked before the work: at once, not after the runs.
+    @Test func badOutputPathsAndProfilesAreRefusedBeforeAnyStackStarts() throws {
+        for (option, command) in [("--json", ["bench", "--test", "cpuid"]), ("--csv", ["bench", "--test", "cpuid"]),
+                                  ("--svg", ["bench", "--test", "cpuid"]), ("--out", ["trace"]), ("--out", ["calibrate"])] {
+            let started = Date()
+            let r = try pvm(command + [option, "/nonexistent-folder/file"])
+            #expect(r.status == 64 && r.err.contains("\(option) /nonexistent-folder/file: the folder /nonexistent-folder does not exist"), "\(r.err)")
+            #expect(Date().timeIntervalSince(started) < 10 && r.out.isEmpty, "\(command) \(option) started work")
+            #expect(!r.err.contains("[1/"), "\(r.err)")
+        }
+        try withTempFile(".json") { profile in
+            // The shipped profile with one value of the wrong kind.
+            var shipped = try JSONSerialization.jsonObject(with: try CostModel.defaultProfile().encoded()) as! [String: Any]
+            shipped["ghz"] = "fast"
+            try JSONSerialization.data(withJSONObject: shipped).write(to: profile)
+            let r = try pvm(["bench", "--test", "cpuid", "--profile", profile.path])
+            #expect(r.status == 64 && r.err.contains("--profile \(profile.path): not a cost profile: key \"ghz\": expected a number"), "\(r.err)")
+            #expect(!r.err.contains("DecodingError"), "\(r.err)")
+        }
+    }
+
+    /// A runtime failure is one line, no usage text, exit 1.
+    @Test func aRuntimeFailureIsOneLineWithoutUsageAndExitsOne() throws {
+        let r = try pvm(["calibrate", "--device", "/nonexistent/kvm", "--out", "/tmp/pvm-never-written.json"])
+        #expect(r.status == 1, "\(r.err)")
+        #expect(r.err.split(separator: "\n").count == 1 && r.err.hasPrefix("Error: pvm calibrate: ") && !r.err.contains("Usage"), "\(r.err)")
+        #expect(!FileManager.default.fileExists(atPath: "/tmp/pvm-never-written.json"))
+    }
+
+    /// --args takes hex and decimal; a program refuses what it cannot take before L2 starts.
+    @Test func programArgumentsAreHexOrDecimalAndCheckedBeforeTheStackStarts() throws {
+        let hex = try pvm(["launch", "--path", "single", "--program", "memory-probe", "--args", "0x300000", "0xfF"])
+        #expect(hex.status == 0 && hex.out.contains("sync 0x300000 0xff "), "\(hex.out)\(hex.err)")
+        let decimal = try pvm(["launch", "--path", "single", "--program", "memory-probe", "--args", "3145728", "255"])
+        #expect(decimal.status == 0 && decimal.out.contains("sync 0x300000 0xff "), "\(decimal.out)\(decimal.err)")
+        for (args, problem) in [(["memory-probe", "--args", "1"], "memory-probe: gpa = 0x1 is not an L2 GPA, 8-byte aligned"),
+                                (["cpuid-values", "--args", "1"], "cpuid-values takes no arguments"),
+                                (["l2-escape", "--args", "9"], "l2-escape: what = 0x9 is not 1-7"),
+                                (["memory-probe", "--args", "0xZZ"], "--args")] {
+            let r = try pvm(["launch", "--program"] + args)
+            #expect(r.status == 64 && r.err.contains(problem) && r.out.isEmpty, "\(args): \(r.err)")
+        }
+    }
+
+    /// The memslot and host suites print their own tables: options that only shape the exit
+    /// tests are refused with a message, not ignored.
+    @Test(arguments: [["--json", "/tmp/x.json"], ["--csv", "/tmp/x.csv"], ["--test", "cpuid"], ["--format", "vmexit"]])
+    func theOtherSuitesRefuseTheExitTestsOptions(_ extra: [String]) throws {
+        for suite in ["memslot", "host"] {
+            let r = try pvm(["bench", "--suite", suite] + extra)
+            #expect(r.status == 64 && r.err.contains("--suite \(suite) prints its own table and takes none of \(extra[0])"), "\(r.err)")
+        }
     }
 }
 }
