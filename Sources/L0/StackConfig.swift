@@ -70,7 +70,8 @@ public struct StackResult: Sendable {
     public var l2Status: ExitStatus?
     /// The child tiers' process ids (reaped by the time the result exists).
     public var tierPIDs: [Tier: Int32] = [:]
-    /// Why L0 refused L1's PV request, if it did (a version mismatch, a protected-state L1...).
+    /// Why L0 refused L1's request, if it did (a PV version mismatch, PV nesting in a
+    /// protected-state L1, nested VMX in a TDX L1...).
     public var pvRefusal: PVRefusal?
     /// Every run span, when `recordTransitions` was on.
     public var log: TransitionLog?

@@ -23,6 +23,8 @@ struct Chaos: ParsableCommand {
     var tierTimeout: Double = 1
     @Flag(name: .long, help: "Print the report as JSON.")
     var json = false
+    @Flag(name: .long, help: "No progress line on stderr.")
+    var quiet = false
 
     func validate() throws {
         guard (1...10_000).contains(trials) else { throw ValidationError("--trials must be in 1...10000") }
@@ -49,14 +51,16 @@ struct Chaos: ParsableCommand {
         let paths = try Checks.paths(path)
         var rng = FuzzRandom(seed: seed)     // the trials a seed picks
         var results: [Trial] = []
-        for i in 0..<trials {
+        var progress = Progress(total: trials, quiet: quiet)
+        for _ in 0..<trials {
             let p = paths[Int(rng.next() % UInt64(paths.count))]
             let tier = rng.next() % 2 == 0 ? "l1" : "l2"
             let signal = rng.next() % 2 == 0 ? SIGKILL : SIGSTOP
             let delay = 100 + Int(rng.next() % 400)
-            printError("[\(i + 1)/\(trials)] \(p.rawValue): \(signal == SIGKILL ? "SIGKILL" : "SIGSTOP") to \(tier) after \(delay) ms")
+            progress.step("\(p.rawValue): \(signal == SIGKILL ? "SIGKILL" : "SIGSTOP") to \(tier) after \(delay) ms")
             results.append(try trial(p, tier: tier, signal: signal, delayMs: delay))
         }
+        progress.finish()
         if json {
             let enc = JSONEncoder()
             enc.outputFormatting = [.prettyPrinted, .sortedKeys]

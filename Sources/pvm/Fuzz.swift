@@ -17,6 +17,8 @@ struct Fuzz: ParsableCommand {
     var path: String = NestingPath.allCases.map(\.rawValue).joined(separator: ",")
     @Flag(name: .long, help: "Print the report as JSON.")
     var json = false
+    @Flag(name: .long, help: "No progress line on stderr.")
+    var quiet = false
 
     func validate() throws {
         guard (1...100_000_000).contains(cases) else { throw ValidationError("--cases must be in 1...100000000") }
@@ -26,12 +28,20 @@ struct Fuzz: ParsableCommand {
     func run() throws {
         let paths = try Checks.paths(path)
         var reports: [ExitFuzzer.Report] = []
+        // One step per 65,536 cases (the fuzzer's reporting grain) on every path.
+        let grain: UInt64 = 65_536
+        let stepsPerPath = Int((cases + grain - 1) / grain)
+        var progress = Progress(total: stepsPerPath * paths.count, quiet: quiet)
         for p in paths {
-            printError("fuzz: \(p.rawValue), \(cases) cases, seed \(seed)")
+            progress.step("fuzz \(p.rawValue): 0 of \(cases) cases, seed \(seed)")
+            var steps = 1
             reports.append(try ExitFuzzer.run(path: p, cases: cases, seed: seed) { n in
-                printError("fuzz: \(p.rawValue): \(n) of \(cases)")
+                guard steps < stepsPerPath else { return }
+                steps += 1
+                progress.step("fuzz \(p.rawValue): \(n) of \(cases) cases")
             })
         }
+        progress.finish()
         if json {
             let enc = JSONEncoder()
             enc.outputFormatting = [.prettyPrinted, .sortedKeys]

@@ -71,6 +71,8 @@ extension PVM {
         var profile: String?
         @Option(name: .long, help: "Watchdog: seconds a tier may hold the vCPU before the stack is stopped (> 0).")
         var tierTimeout: Double = Double(StackConfig.defaultTierTimeoutNanos) / 1e9
+        @Flag(name: .long, help: "No progress line on stderr.")
+        var quiet = false
 
         func validate() throws {
             guard tierTimeout > 0, tierTimeout <= 3600 else { throw ValidationError("--tier-timeout must be in (0, 3600] seconds") }
@@ -138,9 +140,10 @@ extension PVM {
             // ^C or SIGTERM: the stack running stops in order, and what finished is reported.
             StopSignals.install()
             var interrupted: Int32?
-            for (i, (t, v)) in plan.enumerated() {
+            var progress = Progress(total: plan.count, quiet: quiet)
+            for (t, v) in plan {
                 if let s = StopSignals.received { interrupted = s; break }
-                printError("[\(i + 1)/\(plan.count)] \(t) on \(v.label)")
+                progress.step("\(t) on \(v.label)")
                 do {
                     results.append(try runner.run(t, on: v))
                 } catch {
@@ -150,6 +153,7 @@ extension PVM {
                     break
                 }
             }
+            progress.finish()
             if let s = interrupted {
                 printError("pvm bench: \(StopReason.interrupted(signal: s)) after \(results.count) of \(plan.count) runs; reporting those")
                 if results.isEmpty { throw ExitCode(128 + s) }
@@ -261,7 +265,7 @@ extension PVM {
             if h.syncs.dropped > 0 { print("(\(h.syncs.dropped) earlier syncs dropped; L0 keeps the last \(h.syncs.capacity))") }
             for s in h.syncs { print("sync " + s.map { "0x" + String($0, radix: 16) }.joined(separator: " ")) }
             if c.hypercalls.others > 0 { print("hypercalls beyond the first \(c.hypercalls.capacity) numbers: \(c.hypercalls.others)") }
-            if let refusal = result.pvRefusal { print("L0 refused L1's PV request: \(refusal)") }
+            if let refusal = result.pvRefusal { print("L0 refused L1's request: \(refusal)") }
             print("stopped: \(result.stop)")
             print("L1 \(result.l1Status.map { "\($0)" } ?? "not started"), L2 \(result.l2Status.map { "\($0)" } ?? "not started")")
             func byReason(_ counts: [UInt64]) -> String {

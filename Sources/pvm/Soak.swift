@@ -20,6 +20,8 @@ struct Soak: ParsableCommand {
     var intervalMs: Int = 100
     @Flag(name: .long, help: "Print the report as JSON.")
     var json = false
+    @Flag(name: .long, help: "No progress line on stderr.")
+    var quiet = false
 
     func validate() throws {
         guard seconds >= 1, seconds <= 86_400 else { throw ValidationError("--seconds must be in 1...86400") }
@@ -52,8 +54,8 @@ struct Soak: ParsableCommand {
                 guard ["pvm-l0", "pvm-l1", "pvm-l2"].contains(name), let kib = ProcessProbe.residentKiB(of: pid) else { continue }
                 series[name, default: []].append((t, kib))
             }
-            if Date().timeIntervalSince(lastProgress) >= 5 {
-                printError(String(format: "soak: %.0f of %.0f s", t, seconds))
+            if !quiet, Date().timeIntervalSince(lastProgress) >= 5 {
+                printError(String(format: "soak: %.0f of %.0f s (%.0f s left)", t, seconds, max(0, seconds - t)))
                 lastProgress = Date()
             }
             usleep(useconds_t(intervalMs * 1000))

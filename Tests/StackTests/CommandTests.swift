@@ -377,5 +377,24 @@ extension StackTests {
             #expect(r.status == 64 && r.err.contains("--suite \(suite) prints its own table and takes none of \(extra[0])"), "\(r.err)")
         }
     }
+    /// The host's refusals name the command-line flags, and nested VMX is refused in a TDX L1
+    /// with the reason, as PV nesting is.
+    @Test func tdxRefusalsNameTheFlagsAndGiveTheReason() throws {
+        let setup = try pvm(["launch", "--path", "pv", "--vm-type", "tdx"])
+        #expect(setup.status == 1 && setup.err.contains("--one-time-setup at-load") && !setup.err.contains(".atLoad"), "\(setup.err)")
+        let vmx = try pvm(["launch", "--path", "nvmx", "--vm-type", "tdx", "--one-time-setup", "at-load"])
+        #expect(vmx.status == 1, "\(vmx.out)\(vmx.err)")
+        #expect(vmx.out.contains("L0 refused L1's request: VM 1 (tdx) is a TDX guest, and a TDX guest has no VMX"), "\(vmx.out)")
+        let pv = try pvm(["launch", "--path", "pv", "--vm-type", "tdx", "--one-time-setup", "at-load"])
+        #expect(pv.status == 1 && pv.out.contains("L0 refused L1's request: VM 1 (tdx) has protected state"), "\(pv.out)")
+    }
+    /// Long work says where it is on stderr, with an estimate of the time left; --quiet silences it.
+    @Test func progressHasAnEstimateAndQuietSilencesIt() throws {
+        let loud = try pvm(["bench", "--test", "cpuid,vmcall", "--path", "single", "--min-time-ms", "0", "--iterations", "50"])
+        #expect(loud.status == 0 && loud.err.contains("[1/2] cpuid on single") && loud.err.contains("[2/2] vmcall on single ("), "\(loud.err)")
+        #expect(loud.err.contains(" left)"), "\(loud.err)")
+        let quiet = try pvm(["bench", "--test", "cpuid,vmcall", "--path", "single", "--min-time-ms", "0", "--iterations", "50", "--quiet"])
+        #expect(quiet.status == 0 && !quiet.err.contains("[1/2]") && quiet.out.contains("vmcall"), "\(quiet.err)")
+    }
 }
 }

@@ -14,6 +14,8 @@ public enum HostError: Error, Equatable, Sendable, CustomStringConvertible {
     case vmTypeNeedsOneTimeSetup(VMType)
     /// A PV-nested L2 was asked for inside a VM with protected state.
     case pvNestingRefused(vm: Int, type: VMType)
+    /// VMXON inside a TDX VM: a TDX guest has no VMX.
+    case nestedVMXRefused(vm: Int, type: VMType)
     case noSuchVM(Int)
     case noSuchCPU(Int, cpuCount: Int)
     /// The last online CPU cannot go offline (Linux keeps one CPU online).
@@ -36,11 +38,15 @@ public enum HostError: Error, Equatable, Sendable, CustomStringConvertible {
                 + "KVM_CAP_VM_TYPES = \(supported)"
         case .vmTypeNeedsOneTimeSetup(let t):
             "VM type \(t) needs the one-time protected-VM setup, which is off on this host "
-                + "(opt in with oneTimeSetup: .atLoad or .onFirstProtectedVM)"
+                + "(opt in with --one-time-setup at-load or --one-time-setup on-first-protected-vm)"
         case let .pvNestingRefused(vm, type):
             "VM \(vm) (\(type.name)) has protected state: a PV-nested L2 needs L0 to emulate instructions "
                 + "and map memory for L2 on L1's behalf, and L0 cannot leave the TCB of a protected-state L1, "
                 + "so the PV nesting ABI refuses to create an L2 vCPU there"
+        case let .nestedVMXRefused(vm, type):
+            "VM \(vm) (\(type.name)) is a TDX guest, and a TDX guest has no VMX (the TDX module does not "
+                + "virtualize it): its VMXON is #UD, so nested VMX cannot run there; use --vm-type default "
+                + "or sw-protected for a nested-VMX L1"
         case .noSuchVM(let id): "no VM with id \(id) on this host"
         case let .noSuchCPU(cpu, count): "no CPU \(cpu): this host models CPUs 0..<\(count)"
         case .lastOnlineCPU(let cpu): "CPU \(cpu) is the last online CPU and cannot go offline"

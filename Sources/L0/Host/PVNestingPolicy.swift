@@ -12,3 +12,14 @@ extension VMHandle {
         guard mayRunPVNestedGuest else { throw .pvNestingRefused(vm: id, type: type) }
     }
 }
+
+/// Whether a VM may run nested VMX. A TDX guest has no VMX: the TDX module does not virtualize
+/// it, so the guest's VMXON is #UD and KVM's nested VMX cannot run inside it.
+extension VMHandle {
+    public var mayRunNestedVMX: Bool { type != .tdx }
+
+    /// Throws `HostError.nestedVMXRefused` when `mayRunNestedVMX` is false.
+    public func checkMayRunNestedVMX() throws(HostError) {
+        guard mayRunNestedVMX else { throw .nestedVMXRefused(vm: id, type: type) }
+    }
+}

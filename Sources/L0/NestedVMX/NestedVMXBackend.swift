@@ -89,6 +89,8 @@ public final class NestedVMXBackend: NestingBackend {
     /// The 35 rarely used fields have not been synced into vmcs12 since the last exit
     /// (KVM's need_sync_vmcs02_to_vmcs12_rare): an exiting VMREAD of one syncs them first.
     var needsRareSync = false
+    /// Why L0 refused L1's nested VMX (a TDX L1), if it did.
+    public internal(set) var refusal: PVRefusal?
     /// A VMLAUNCH succeeded once: L1 has an L2 vCPU.
     public private(set) var hasL2VCPU = false
 

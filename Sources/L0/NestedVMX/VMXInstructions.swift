@@ -26,7 +26,15 @@ extension NestedVMXBackend {
 
     func handleVMXInstruction(_ instruction: VMXInstruction, _ exit: L1Exit, _ regs: inout RegisterFile, _ vcpu: L0VCPU) -> NextStep {
         vcpu.l1Run[RunPage.enteredByVMExit] = 0
-        if case .vmxon = instruction {} else if !vmxon {
+        if case .vmxon = instruction {
+            // In a TDX L1 there is no VMX to turn on: #UD, as the hardware gives it, and the
+            // reason for `pvm launch` to print.
+            do { try vcpu.vm.checkMayRunNestedVMX() } catch {
+                refusal = .host(error)
+                vcpu.inject(into: .l1, vector: 6)
+                return .resume(.l1)
+            }
+        } else if !vmxon {
             vcpu.inject(into: .l1, vector: 6)   // #UD outside VMX operation
             return .resume(.l1)
         }

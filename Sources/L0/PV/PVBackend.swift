@@ -160,7 +160,8 @@ public enum PVRefusal: Equatable, Sendable, CustomStringConvertible {
     case majorVersion(l1: PVABIVersion, l0: PVABIVersion)
     case unknownFeatures(UInt64)
     case notOffered(PVFeatures)
-    /// The host will not run a PV-nested guest in this VM (a protected-state L1).
+    /// The host will not run a nested guest in this VM (PV nesting in a protected-state L1,
+    /// nested VMX in a TDX L1).
     case host(HostError)
 
     public var description: String {
