@@ -2,14 +2,22 @@ import ABI
 import Foundation
 import L0
 
-/// `pvm bench --svg FILE`: one horizontal bar per test and path, its length the modelled cycles
-/// per operation on a log scale, split by where the work happens (world switches, L0, L1); the
-/// measured median is printed beside it. On a log axis the split is drawn in proportion within
-/// the bar (the legend says so).
+/// `pvm bench --svg FILE`: two panels a person reads at a glance.
+///
+/// 1. **What each path costs** (log scale): per test, one bar per path (or variant), its length
+///    the modelled cycles per operation, its colour the path's (fixed, so `nvmx` is the same
+///    colour in every chart); the modelled total and the measured median are printed beside it.
+/// 2. **Where the cycles go** (linear scale, one scale per test): the same bars split into world
+///    switches, L0 work and L1 work. A split is only drawn on a linear axis: on a log axis a
+///    segment's length does not say its share.
+///
+/// Every bar carries `class`, `data-test`, `data-variant` (and `data-part` for a segment) so a
+/// test, or a user's script, can read the chart's structure back.
 public enum SVGChart {
-    enum Part: CaseIterable {
-        case worldSwitch, l0, l1
-        var color: String { switch self { case .worldSwitch: "#9aa5b1"; case .l0: "#2f6fb3"; case .l1: "#d9822b" } }
+    /// Where a priced event's cycles go in the second panel.
+    enum Part: String, CaseIterable {
+        case worldSwitch = "world-switches", l0 = "l0-work", l1 = "l1-work"
+        var color: String { switch self { case .worldSwitch: "#8d99a6"; case .l0: "#2f6fb3"; case .l1: "#d9822b" } }
         var label: String { switch self { case .worldSwitch: "world switches"; case .l0: "L0 work"; case .l1: "L1 work" } }
     }
 
@@ -21,44 +29,143 @@ public enum SVGChart {
         }
     }
 
-    static func esc(_ s: String) -> String {
-        s.replacingOccurrences(of: "&", with: "&amp;").replacingOccurrences(of: "<", with: "&lt;").replacingOccurrences(of: ">", with: "&gt;")
+    /// Each path's colour (colour-blind-safe, Okabe-Ito), the same in every chart.
+    public static func color(of path: NestingPath) -> String {
+        switch path {
+        case .single: "#555555"
+        case .pv: "#009e73"
+        case .nvmx: "#0072b2"
+        case .nvmxNoShadow: "#cc79a7"
+        case .nvmxEVMCS: "#e69f00"
+        }
     }
 
+    static func esc(_ s: String) -> String {
+        s.replacingOccurrences(of: "&", with: "&amp;").replacingOccurrences(of: "<", with: "&lt;")
+            .replacingOccurrences(of: ">", with: "&gt;").replacingOccurrences(of: "\"", with: "&quot;")
+    }
+
+    static func f(_ v: Double) -> String { String(format: "%.1f", v) }
+
+    /// 1, 10, 100, 1k, 10k...
+    static func decadeLabel(_ d: Int) -> String {
+        switch d {
+        case 0..<3: String(Int(pow(10, Double(d))))
+        case 3..<6: "\(Int(pow(10, Double(d - 3))))k"
+        default: "\(Int(pow(10, Double(d - 6))))M"
+        }
+    }
+
+    // Geometry, in px: label column, bar area, value column, one bar's height, a test header's.
+    static let labelWidth = 190.0, barWidth = 520.0, valueWidth = 210.0, rowHeight = 20.0, headerHeight = 22.0
+    static let margin = 12.0
+
     public static func render(_ results: [BenchResult], profile: CostProfile) -> String {
-        let rowH = 18.0, left = 260.0, width = 560.0, top = 40.0
         let totals = results.map { CostModel.cyclesPerOp($0, profile) }
-        let maxV = max(10, totals.max() ?? 10)
-        let decades = Int((log10(maxV)).rounded(.up))
-        func x(_ v: Double) -> Double { v <= 1 ? 0 : width * log10(v) / Double(decades) }
-        let height = top + Double(results.count) * rowH + 60
-        var s = "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"\(Int(left + width + 160))\" height=\"\(Int(height))\" font-family=\"sans-serif\" font-size=\"11\">\n"
-        s += "<text x=\"10\" y=\"18\" font-size=\"14\">Modelled cycles per operation (log scale), profile \(esc(profile.name)); measured median at right</text>\n"
-        for d in 0...decades {
-            let gx = left + width * Double(d) / Double(decades)
-            s += "<line x1=\"\(gx)\" y1=\"\(top - 6)\" x2=\"\(gx)\" y2=\"\(top + Double(results.count) * rowH)\" stroke=\"#ddd\"/>"
-            s += "<text x=\"\(gx - 8)\" y=\"\(top - 10)\">1e\(d)</text>\n"
-        }
-        for (i, r) in results.enumerated() {
-            let y = top + Double(i) * rowH
-            s += "<text x=\"10\" y=\"\(y + 12)\">\(esc(r.test)) \(esc(r.variant.label))</text>"
-            let total = totals[i], length = x(total)
-            var cursor = left
-            let lines = CostModel.lines(r, profile)
-            for p in Part.allCases {
-                let share = total == 0 ? 0 : lines.filter { part($0.event) == p }.reduce(0) { $0 + $1.subtotal } / total
-                let w = length * share
-                if w > 0 { s += "<rect x=\"\(cursor)\" y=\"\(y + 2)\" width=\"\(w)\" height=\"\(rowH - 4)\" fill=\"\(p.color)\"/>" }
-                cursor += w
+        // Groups in the order tests first appear; rows in run order within a test.
+        var tests: [String] = []
+        for r in results where !tests.contains(r.test) { tests.append(r.test) }
+        let groups = tests.map { t in results.indices.filter { results[$0].test == t } }
+        let rows = Double(results.count), heads = Double(groups.count)
+        let panelHeight = 34 + heads * headerHeight + rows * rowHeight + 40
+        let legendHeight = 40.0
+        let width = margin * 2 + labelWidth + barWidth + valueWidth
+        let height = 36 + panelHeight * 2 + legendHeight + 20
+        var s = "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"\(Int(width))\" height=\"\(Int(height))\" "
+            + "viewBox=\"0 0 \(Int(width)) \(Int(height))\" font-family=\"sans-serif\" font-size=\"12\">\n"
+        s += "<rect width=\"100%\" height=\"100%\" fill=\"#ffffff\"/>\n"
+        s += "<text x=\"\(margin)\" y=\"22\" font-size=\"15\" font-weight=\"bold\">pvm bench: modelled cycles per operation "
+            + "(profile \(esc(profile.name))) and measured time</text>\n"
+
+        // Panel 1: log scale, one colour per path.
+        var y = 36.0
+        let maxTotal = max(10, totals.max() ?? 10)
+        let decades = max(1, Int(log10(maxTotal).rounded(.up)))
+        func logX(_ v: Double) -> Double { v <= 1 ? 0 : barWidth * min(1, log10(v) / Double(decades)) }
+        s += "<g id=\"log-panel\">\n"
+        s += "<text x=\"\(margin)\" y=\"\(f(y + 14))\" font-size=\"13\" font-weight=\"bold\">What each path costs "
+            + "(modelled cycles per operation, log scale; modelled and measured at right)</text>\n"
+        y += 34
+        let x0 = margin + labelWidth
+        let plotTop = y
+        for (gi, group) in groups.enumerated() {
+            s += "<text class=\"test-label\" x=\"\(margin)\" y=\"\(f(y + 15))\" font-weight=\"bold\">\(esc(tests[gi]))</text>\n"
+            y += headerHeight
+            for i in group {
+                let r = results[i]
+                s += "<text x=\"\(margin + 12)\" y=\"\(f(y + 14))\">\(esc(r.variant.label))</text>"
+                s += "<rect class=\"bar\" data-test=\"\(esc(r.test))\" data-variant=\"\(esc(r.variant.label))\" "
+                    + "data-cycles=\"\(f(totals[i]))\" x=\"\(f(x0))\" y=\"\(f(y + 3))\" width=\"\(f(logX(totals[i])))\" "
+                    + "height=\"\(f(rowHeight - 6))\" fill=\"\(color(of: r.path))\"/>"
+                s += "<text class=\"value\" x=\"\(f(x0 + barWidth + 8))\" y=\"\(f(y + 14))\">\(Int(totals[i].rounded())) cyc, "
+                    + "\(r.latency.medianNanos) ns measured</text>\n"
+                y += rowHeight
             }
-            s += "<text x=\"\(left + width + 8)\" y=\"\(y + 12)\">\(Int(total)) cyc, \(r.latency.medianNanos) ns</text>\n"
         }
-        let ly = top + Double(results.count) * rowH + 24
-        for (i, p) in Part.allCases.enumerated() {
-            let lx = left + Double(i) * 150
-            s += "<rect x=\"\(lx)\" y=\"\(ly)\" width=\"12\" height=\"12\" fill=\"\(p.color)\"/><text x=\"\(lx + 16)\" y=\"\(ly + 10)\">\(p.label)</text>"
+        // The axis: a grid line and a label per decade, and what it measures.
+        for d in 0...decades {
+            let gx = x0 + barWidth * Double(d) / Double(decades)
+            s += "<line x1=\"\(f(gx))\" y1=\"\(f(plotTop))\" x2=\"\(f(gx))\" y2=\"\(f(y + 4))\" stroke=\"#d0d0d0\"/>"
+            s += "<text class=\"tick\" x=\"\(f(gx))\" y=\"\(f(y + 18))\" text-anchor=\"middle\">\(decadeLabel(d))</text>\n"
         }
-        s += "<text x=\"10\" y=\"\(ly + 30)\" fill=\"#666\">segments are drawn in proportion within each bar</text>\n</svg>\n"
+        s += "<text class=\"axis-label\" x=\"\(f(x0 + barWidth / 2))\" y=\"\(f(y + 34))\" text-anchor=\"middle\">"
+            + "modelled cycles per operation (log scale)</text>\n"
+        s += "</g>\n"
+        y += 46
+
+        // Panel 2: linear, one scale per test, split by where the work happens.
+        s += "<g id=\"linear-panel\">\n"
+        s += "<text x=\"\(margin)\" y=\"\(f(y + 14))\" font-size=\"13\" font-weight=\"bold\">Where the cycles go "
+            + "(linear scale, one per test: the test's largest bar is full width)</text>\n"
+        y += 34
+        for (gi, group) in groups.enumerated() {
+            let scale = max(1, group.map { totals[$0] }.max() ?? 1)
+            s += "<text class=\"test-label\" x=\"\(margin)\" y=\"\(f(y + 15))\" font-weight=\"bold\">\(esc(tests[gi]))</text>"
+            s += "<text class=\"axis-label\" x=\"\(f(x0 + barWidth))\" y=\"\(f(y + 15))\" text-anchor=\"end\" fill=\"#555\">"
+                + "0 to \(Int(scale.rounded())) cycles</text>\n"
+            y += headerHeight
+            for i in group {
+                let r = results[i]
+                s += "<text x=\"\(margin + 12)\" y=\"\(f(y + 14))\">\(esc(r.variant.label))</text>"
+                let lines = CostModel.lines(r, profile)
+                var cursor = x0
+                var parts: [String] = []
+                for p in Part.allCases {
+                    let cycles = lines.filter { part($0.event) == p }.reduce(0) { $0 + $1.subtotal }
+                    let w = barWidth * cycles / scale
+                    if cycles > 0 {
+                        s += "<rect class=\"segment\" data-test=\"\(esc(r.test))\" data-variant=\"\(esc(r.variant.label))\" "
+                            + "data-part=\"\(p.rawValue)\" data-cycles=\"\(f(cycles))\" x=\"\(f(cursor))\" y=\"\(f(y + 3))\" "
+                            + "width=\"\(f(w))\" height=\"\(f(rowHeight - 6))\" fill=\"\(p.color)\"/>"
+                        parts.append("\(p.label) \(Int(cycles.rounded()))")
+                    }
+                    cursor += w
+                }
+                s += "<text class=\"value\" x=\"\(f(x0 + barWidth + 8))\" y=\"\(f(y + 14))\" font-size=\"11\">"
+                    + "\(esc(parts.isEmpty ? "no priced events" : parts.joined(separator: ", ")))</text>\n"
+                y += rowHeight
+            }
+        }
+        s += "</g>\n"
+        y += 16
+
+        // Legends: the paths present, then the parts.
+        s += "<g id=\"legend\">\n"
+        var lx = margin
+        var paths: [NestingPath] = []
+        for r in results where !paths.contains(r.path) { paths.append(r.path) }
+        for p in paths {
+            s += "<rect class=\"legend-path\" data-path=\"\(p.rawValue)\" x=\"\(f(lx))\" y=\"\(f(y))\" width=\"12\" height=\"12\" fill=\"\(color(of: p))\"/>"
+            s += "<text x=\"\(f(lx + 16))\" y=\"\(f(y + 10))\">\(p.rawValue)</text>"
+            lx += 24 + Double(p.rawValue.count) * 7.5
+        }
+        lx = margin
+        for p in Part.allCases {
+            s += "<rect class=\"legend-part\" data-part=\"\(p.rawValue)\" x=\"\(f(lx))\" y=\"\(f(y + 20))\" width=\"12\" height=\"12\" fill=\"\(p.color)\"/>"
+            s += "<text x=\"\(f(lx + 16))\" y=\"\(f(y + 30))\">\(p.label)</text>"
+            lx += 140
+        }
+        s += "\n</g>\n</svg>\n"
         return s
     }
 }

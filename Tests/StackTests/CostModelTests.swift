@@ -142,17 +142,82 @@ import Testing
     }
 }
 
+/// Reads an SVG back as its elements and attributes (what the chart test checks).
+final class SVGElements: NSObject, XMLParserDelegate {
+    var elements: [(name: String, attributes: [String: String])] = []
+    var texts: [String] = []
+    private var inText = false, current = ""
+    func parser(_ parser: XMLParser, didStartElement name: String, namespaceURI: String?, qualifiedName: String?,
+                attributes: [String: String] = [:]) {
+        elements.append((name, attributes))
+        if name == "text" { inText = true; current = "" }
+    }
+    func parser(_ parser: XMLParser, foundCharacters string: String) { if inText { current += string } }
+    func parser(_ parser: XMLParser, didEndElement name: String, namespaceURI: String?, qualifiedName: String?) {
+        if name == "text" { texts.append(current); inText = false }
+    }
+    func with(class c: String) -> [[String: String]] { elements.filter { $0.attributes["class"] == c }.map(\.attributes) }
+}
+
 @Suite struct SVGChartTests {
-    @Test func theChartIsWellFormedSVGWithABarAndALabelPerResult() throws {
+    static func result(_ test: String, _ path: NestingPath, l1Exits: Int, median: UInt64) -> BenchResult {
         var w = TransitionCounters()
-        w.countL2Exit(.cpuid); w.countDelivery(.cpuid); w.countL1Exit(.vmresume)
-        let r = BenchResult(test: "cpuid", variant: BenchVariant(path: .nvmx), iterations: 1,
-                            latency: LatencyReport(samples: 1, minNanos: 1, medianNanos: 3600, p99Nanos: 1, maxNanos: 1, totalNanos: 1),
-                            window: w)
-        let svg = SVGChart.render([r, r], profile: try CostModel.defaultProfile())
+        w.countL2Exit(.cpuid)
+        if l1Exits > 0 { w.countDelivery(.cpuid) }
+        for _ in 0..<l1Exits { w.countL1Exit(.vmread) }
+        if l1Exits > 0 { w.countL1Exit(.vmresume) }
+        return BenchResult(test: test, variant: BenchVariant(path: path), iterations: 1,
+                           latency: LatencyReport(samples: 1, minNanos: 1, medianNanos: median, p99Nanos: 1, maxNanos: 1, totalNanos: 1),
+                           window: w)
+    }
+
+    @Test func aBarPerPathOnALogScaleThenTheSplitOnALinearOne() throws {
+        let profile = try CostModel.defaultProfile()
+        let results = [Self.result("cpuid", .single, l1Exits: 0, median: 550), Self.result("cpuid", .nvmx, l1Exits: 0, median: 3100),
+                       Self.result("cpuid", .nvmxNoShadow, l1Exits: 7, median: 21000), Self.result("hlt", .pv, l1Exits: 0, median: 600),
+                       Self.result("hlt", .nvmx, l1Exits: 0, median: 3200)]
+        let svg = SVGChart.render(results, profile: profile)
         let parser = XMLParser(data: Data(svg.utf8))
+        let read = SVGElements()
+        parser.delegate = read
         #expect(parser.parse(), "not well-formed: \(String(describing: parser.parserError))")
-        #expect(svg.components(separatedBy: "2200 cyc, 3600 ns").count == 3)
-        #expect(svg.contains("L1 work") && svg.contains("world switches"))
+
+        // Panel 1: one bar per result, coloured by its path (one colour per path), with the
+        // modelled and the measured figure beside it; the axis is labelled in decades.
+        let bars = read.with(class: "bar")
+        #expect(bars.count == results.count)
+        for (bar, r) in zip(bars, results) {
+            #expect(bar["data-test"] == r.test && bar["data-variant"] == r.variant.label && bar["fill"] == SVGChart.color(of: r.path))
+            let total = CostModel.cyclesPerOp(r, profile)
+            #expect(read.texts.contains("\(Int(total.rounded())) cyc, \(r.latency.medianNanos) ns measured"), "\(read.texts)")
+        }
+        #expect(Set(NestingPath.allCases.map(SVGChart.color(of:))).count == NestingPath.allCases.count)
+        // Log scale: a bar ten times longer in cycles is one decade (a fixed length) longer.
+        let width = { (b: [String: String]) in Double(b["width"]!)! }
+        let cycles = { (b: [String: String]) in Double(b["data-cycles"]!)! }
+        let (a, b) = (bars[0], bars[2])
+        let decade = (width(b) - width(a)) / log10(cycles(b) / cycles(a))
+        let ticks = read.with(class: "tick")
+        #expect(ticks.count >= 4 && read.texts.contains("1k"), "\(read.texts)")
+        #expect(abs(decade - (Double(ticks[1]["x"]!)! - Double(ticks[0]["x"]!)!)) < 0.5, "\(decade)")
+        #expect(read.texts.contains("modelled cycles per operation (log scale)"))
+        #expect(read.with(class: "test-label").count == 4)   // two tests, in each panel
+
+        // Panel 2: the segments of a bar add up to its total on a linear scale that is the
+        // test's own (its largest bar is full width), in the fixed part colours.
+        let segments = read.with(class: "segment")
+        for r in results {
+            let mine = segments.filter { $0["data-test"] == r.test && $0["data-variant"] == r.variant.label }
+            #expect(!mine.isEmpty)
+            let sum = mine.map(cycles).reduce(0, +)
+            #expect(abs(sum - CostModel.cyclesPerOp(r, profile)) < 0.2, "\(r.variant.label)")
+            let largest = results.filter { $0.test == r.test }.map { CostModel.cyclesPerOp($0, profile) }.max()!
+            let drawn = mine.map(width).reduce(0, +)
+            #expect(abs(drawn - 520 * sum / largest) < 0.5, "\(r.variant.label): \(drawn)")
+        }
+        #expect(Set(segments.compactMap { $0["data-part"] }) == ["world-switches", "l0-work", "l1-work"])
+        // Legends: every path present, every part.
+        #expect(read.with(class: "legend-path").compactMap { $0["data-path"] } == ["single", "nvmx", "nvmx-noshadow", "pv"])
+        #expect(read.with(class: "legend-part").count == 3)
     }
 }
