@@ -55,7 +55,7 @@ extension PVM {
         var format: OutputFormat = .table
         @Option(name: .long, help: "Also write the results as CSV to this file.")
         var csv: String?
-        @Option(name: .long, help: "Also draw the results as an SVG bar chart (log scale, split by tier) to this file.")
+        @Option(name: .long, help: "Also draw the results as an SVG chart to this file: per test a bar per path (log scale), then where the cycles go (linear).")
         var svg: String?
         @Option(name: .long, help: "Unmeasured iterations first, 0-1000000000 (default: 1000 when doubling, else a tenth of --iterations).")
         var warmup: UInt64?
@@ -87,13 +87,13 @@ extension PVM {
                 if let file { try Checks.writable(file, option: option) }
             }
             if suite != .exits {
-                // The memslot and host suites print their own tables; the options that shape the
-                // exit tests' runs and files do not apply to them.
-                let given = [("--test", test != nil), ("--csv", csv != nil), ("--svg", svg != nil), ("--json", json != nil),
-                             ("--l2-map", l2Map != nil), ("--profile", profile != nil), ("--ablation", ablation),
-                             ("--format", format != .table)].filter(\.1).map(\.0)
+                // The memslot and host suites print their own table and write it with --json and
+                // --csv; the options that shape the exit tests' runs and chart do not apply.
+                let given = [("--test", test != nil), ("--svg", svg != nil), ("--l2-map", l2Map != nil),
+                             ("--profile", profile != nil), ("--ablation", ablation), ("--format", format != .table)].filter(\.1).map(\.0)
                 guard given.isEmpty else {
-                    throw ValidationError("--suite \(suite.rawValue) prints its own table and takes none of \(given.joined(separator: ", "))")
+                    throw ValidationError("--suite \(suite.rawValue) prints its own table (and writes it with --json and --csv); "
+                        + "it takes none of \(given.joined(separator: ", "))")
                 }
             }
         }
@@ -105,12 +105,19 @@ extension PVM {
             switch suite {
             case .exits: break
             case .memslot:
-                printError("running the memslot suite (in-process: L0's zap work on real memfds)...")
-                print(MemslotSuite.table(try MemslotSuite.run()), terminator: "")
+                if !quiet { printError("running the memslot suite (in-process: L0's zap work on real memfds)...") }
+                let rows = try MemslotSuite.run()
+                print(MemslotSuite.table(rows), terminator: "")
+                if let json { try writeOutput(Data(try SuiteFiles.json(rows).utf8), to: json) }
+                if let csv { try writeOutput(Data(SuiteFiles.csv(rows).utf8), to: csv) }
                 return
             case .host:
-                printError("running the host suite (fresh L0 hosts, enabling and setup costs spent for real)...")
-                print(try HostSuite.run(iterations: 7), terminator: "")
+                if !quiet { printError("running the host suite (fresh L0 hosts, enabling and setup costs spent for real)...") }
+                let costs = HostSuite.Costs(), iterations = 7
+                let rows = try HostSuite.measure(iterations: iterations, costs: costs)
+                print(HostSuite.table(rows, costs: costs, iterations: iterations), terminator: "")
+                if let json { try writeOutput(Data(try SuiteFiles.json(rows).utf8), to: json) }
+                if let csv { try writeOutput(Data(SuiteFiles.csv(rows).utf8), to: csv) }
                 return
             }
             let paths = try Checks.paths(path)

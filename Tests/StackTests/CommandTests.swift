@@ -370,11 +370,27 @@ extension StackTests {
 
     /// The memslot and host suites print their own tables: options that only shape the exit
     /// tests are refused with a message, not ignored.
-    @Test(arguments: [["--json", "/tmp/x.json"], ["--csv", "/tmp/x.csv"], ["--test", "cpuid"], ["--format", "vmexit"]])
+    @Test(arguments: [["--svg", "/tmp/x.svg"], ["--test", "cpuid"], ["--format", "vmexit"], ["--ablation"]])
     func theOtherSuitesRefuseTheExitTestsOptions(_ extra: [String]) throws {
         for suite in ["memslot", "host"] {
             let r = try pvm(["bench", "--suite", suite] + extra)
-            #expect(r.status == 64 && r.err.contains("--suite \(suite) prints its own table and takes none of \(extra[0])"), "\(r.err)")
+            #expect(r.status == 64 && r.err.contains("--suite \(suite) prints its own table") && r.err.contains("takes none of \(extra[0])"), "\(r.err)")
+        }
+    }
+
+    /// ...and write their figures with --json and --csv, as the exit tests do.
+    @Test func theHostSuiteWritesJSONAndCSV() throws {
+        try withTempFile(".json") { json in
+            try withTempFile(".csv") { csv in
+                let r = try pvm(["bench", "--suite", "host", "--json", json.path, "--csv", csv.path, "--quiet"], seconds: 50)
+                #expect(r.status == 0, "\(r.err)")
+                let doc = try JSONSerialization.jsonObject(with: Data(contentsOf: json)) as? [String: Any]
+                #expect(doc?["suite"] as? String == "host")
+                let rows = doc?["rows"] as? [[String: Any]] ?? []
+                #expect(rows.count == 6 && rows.allSatisfy { $0["first_vm_ns"] != nil && $0["one_time_setup"] != nil }, "\(rows)")
+                let lines = try String(contentsOf: csv, encoding: .utf8).split(separator: "\n")
+                #expect(lines.count == 7 && lines[0].hasPrefix("enable_virt_at_load,one_time_setup,load_ns"), "\(lines)")
+            }
         }
     }
     /// The host's refusals name the command-line flags, and nested VMX is refused in a TDX L1
