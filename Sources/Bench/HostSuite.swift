@@ -39,6 +39,9 @@ public enum HostSuite {
         public var firstProtectedVMNanos: UInt64?
     }
 
+    /// How many configurations the suite measures.
+    public static var configurationCount: Int { configurations.count }
+
     /// The configurations, in table order.
     static let configurations: [(Bool, OneTimeSetupPolicy)] = [
         (true, .off), (false, .off),
@@ -46,10 +49,13 @@ public enum HostSuite {
         (true, .onFirstProtectedVM), (false, .onFirstProtectedVM),
     ]
 
-    public static func measure(iterations: Int, costs: Costs = Costs()) throws(HostError) -> [Row] {
+    /// `progress` is told each configuration as its hosts start (for a progress line).
+    public static func measure(iterations: Int, costs: Costs = Costs(),
+                               progress: (_ enableVirtAtLoad: Bool, OneTimeSetupPolicy) -> Void = { _, _ in }) throws(HostError) -> [Row] {
         let n = max(1, iterations)
         var rows: [Row] = []
         for (atLoad, setup) in configurations {
+            progress(atLoad, setup)
             var load: [UInt64] = [], first: [UInt64] = [], next: [UInt64] = []
             var destroy: [UInt64] = [], firstProtected: [UInt64] = []
             for _ in 0..<n {

@@ -67,10 +67,12 @@ public enum MemslotSuite {
 
 
     /// `scale` divides the touched-page counts (1 for the real suite; tests use a larger one).
-    public static func run(rounds: Int = 5, scale: UInt64 = 1) throws -> [Row] {
+    /// `progress` is told each zap policy as its runs start (for a progress line).
+    public static func run(rounds: Int = 5, scale: UInt64 = 1, progress: (MemslotZapPolicy) -> Void = { _ in }) throws -> [Row] {
         var rows: [Row] = []
         let touched = 65_536 / scale                     // 256 MiB of each slot
         for policy in MemslotZapPolicy.allCases {
+            progress(policy)
             // The ChromeOS pattern.
             let rig = try Rig(hostBytes: 3 << 30, l2Limit: 4 << 30)
             rig.vcpu.memslotZapPolicy = policy

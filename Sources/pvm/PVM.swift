@@ -105,16 +105,22 @@ extension PVM {
             switch suite {
             case .exits: break
             case .memslot:
-                if !quiet { printError("running the memslot suite (in-process: L0's zap work on real memfds)...") }
-                let rows = try MemslotSuite.run()
+                // In-process: L0's zap work on real memfds.
+                var progress = Progress(total: MemslotZapPolicy.allCases.count, quiet: quiet)
+                let rows = try MemslotSuite.run { progress.step("memslot suite: \($0.rawValue) zap, both scenarios") }
+                progress.finish()
                 print(MemslotSuite.table(rows), terminator: "")
                 if let json { try writeOutput(Data(try SuiteFiles.json(rows).utf8), to: json) }
                 if let csv { try writeOutput(Data(SuiteFiles.csv(rows).utf8), to: csv) }
                 return
             case .host:
-                if !quiet { printError("running the host suite (fresh L0 hosts, enabling and setup costs spent for real)...") }
+                // Fresh L0 hosts, each configuration `iterations` times.
                 let costs = HostSuite.Costs(), iterations = 7
-                let rows = try HostSuite.measure(iterations: iterations, costs: costs)
+                var progress = Progress(total: HostSuite.configurationCount, quiet: quiet)
+                let rows = try HostSuite.measure(iterations: iterations, costs: costs) { atLoad, setup in
+                    progress.step("host suite: enable_virt_at_load=\(atLoad ? "Y" : "N"), one-time setup \(setup.rawValue)")
+                }
+                progress.finish()
                 print(HostSuite.table(rows, costs: costs, iterations: iterations), terminator: "")
                 if let json { try writeOutput(Data(try SuiteFiles.json(rows).utf8), to: json) }
                 if let csv { try writeOutput(Data(SuiteFiles.csv(rows).utf8), to: csv) }
@@ -394,6 +400,8 @@ extension PVM {
         var iterations: Int = 20_000
         @Option(name: .long, help: "Runs per kind of exit, the median is kept (1-101).")
         var runs: Int = 5
+        @Flag(name: .long, help: "No progress line on stderr.")
+        var quiet = false
 
         func validate() throws {
             try Checks.range(iterations, 1...10_000_000, "--iterations")
@@ -403,8 +411,12 @@ extension PVM {
 
         func run() throws {
             let result: CalibrationResult
+            var progress = Progress(total: CalibrationExitKind.allCases.count, quiet: quiet)
             do {
-                result = try Calibration.run(devicePath: device, iterations: iterations, runs: runs)
+                result = try Calibration.run(devicePath: device, iterations: iterations, runs: runs) { kind in
+                    progress.step("calibrate: \(kind.rawValue) exits, \(runs) runs of \(iterations)")
+                }
+                progress.finish()
             } catch {
                 // No /dev/kvm, no permission, no virtualization: one line, exit 1.
                 throw Failure("pvm calibrate: \(error)")

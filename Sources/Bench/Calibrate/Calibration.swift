@@ -38,7 +38,9 @@ public enum CalibrationError: Error, CustomStringConvertible, Equatable {
 /// (`CalibrationResult.profile(base:)`). Each kind runs `runs` times `iterations` iterations
 /// after a short warm-up; the figures are medians over the runs.
 public enum Calibration {
-    public static func run(devicePath: String = "/dev/kvm", iterations: Int = 20_000, runs: Int = 5) throws -> CalibrationResult {
+    /// `progress` is told the kind of exit about to be measured, once per kind (for a progress line).
+    public static func run(devicePath: String = "/dev/kvm", iterations: Int = 20_000, runs: Int = 5,
+                           progress: (CalibrationExitKind) -> Void = { _ in }) throws -> CalibrationResult {
         guard iterations > 0, runs > 0 else { throw CalibrationError.badArguments("iterations and runs must be > 0") }
         let setup = try Setup(devicePath: devicePath)
 
@@ -50,6 +52,7 @@ public enum Calibration {
                 notMeasured[kind.rawValue] = why
                 continue
             }
+            progress(kind)
             _ = try setup.measure(kind, iterations: min(iterations, 1_000))   // warm-up: faults, caches
             let rs = try (0..<runs).map { _ in try setup.measure(kind, iterations: iterations) }
             exits.append(ExitCost(kind: kind, iterations: iterations, runs: rs,
