@@ -357,6 +357,8 @@ extension StackTests {
     @Test func programArgumentsAreHexOrDecimalAndCheckedBeforeTheStackStarts() throws {
         let hex = try pvm(["launch", "--path", "single", "--program", "memory-probe", "--args", "0x300000", "0xfF"])
         #expect(hex.status == 0 && hex.out.contains("sync 0x300000 0xff "), "\(hex.out)\(hex.err)")
+        // One level: nothing reaches an L1, and launch says so rather than printing an empty list.
+        #expect(hex.out.contains("L1->L0 exits: none\ndelivered to L1: none\n"), "\(hex.out)")
         let decimal = try pvm(["launch", "--path", "single", "--program", "memory-probe", "--args", "3145728", "255"])
         #expect(decimal.status == 0 && decimal.out.contains("sync 0x300000 0xff "), "\(decimal.out)\(decimal.err)")
         for (args, problem) in [(["memory-probe", "--args", "1"], "memory-probe: gpa = 0x1 is not an L2 GPA, 8-byte aligned"),
