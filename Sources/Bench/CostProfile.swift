@@ -109,6 +109,10 @@ public struct CostProfile: Codable, Equatable, Sendable {
         }
     }
 
+    /// The largest price a profile may set (a second at 1 GHz): every modelled total stays a
+    /// finite number a table and a chart can print.
+    public static let maxCycles: Double = 1e9
+
     /// Parses and validates a profile; errors name the file and the key.
     public static func decode(_ data: Data, file: String) throws -> CostProfile {
         let p: CostProfile
@@ -120,10 +124,12 @@ public struct CostProfile: Codable, Equatable, Sendable {
         for e in Event.allCases where p.prices[e.rawValue] == nil { throw LoadError.missingPrice(file: file, key: e.rawValue) }
         for (k, v) in p.prices {
             guard Event(rawValue: k) != nil else { throw LoadError.unknownPrice(file: file, key: k) }
-            guard v.cycles.isFinite, v.cycles >= 0 else { throw LoadError.badPrice(file: file, key: k, reason: "cycles must be a finite number >= 0") }
+            guard v.cycles.isFinite, v.cycles >= 0, v.cycles <= maxCycles else {
+                throw LoadError.badPrice(file: file, key: k, reason: "cycles must be a number in 0...\(Int(maxCycles))")
+            }
             guard !v.source.trimmingCharacters(in: .whitespaces).isEmpty else { throw LoadError.badPrice(file: file, key: k, reason: "every price needs a source") }
             if v.isEstimate {
-                guard let lo = v.low, let hi = v.high, lo.isFinite, hi.isFinite, 0 <= lo, lo <= v.cycles, v.cycles <= hi else {
+                guard let lo = v.low, let hi = v.high, lo.isFinite, hi.isFinite, 0 <= lo, lo <= v.cycles, v.cycles <= hi, hi <= maxCycles else {
                     throw LoadError.badPrice(file: file, key: k, reason: "an estimate needs low <= cycles <= high")
                 }
             } else if v.low != nil || v.high != nil {

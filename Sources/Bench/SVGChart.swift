@@ -56,12 +56,30 @@ public enum SVGChart {
         }
     }
 
-    // Geometry, in px: label column, bar area, value column, one bar's height, a test header's.
-    static let labelWidth = 190.0, barWidth = 520.0, valueWidth = 210.0, rowHeight = 20.0, headerHeight = 22.0
-    static let margin = 12.0
+    // Geometry, in px: the bar area, one bar's height, a test header's, the margin. The label and
+    // value columns are as wide as their longest text (about 7 px a character at 12 px).
+    static let barWidth = 520.0, rowHeight = 20.0, headerHeight = 22.0, margin = 12.0
+    static func textWidth(_ s: String, px: Double = 12) -> Double { Double(s.count) * px * 0.6 }
+
+    /// The part of each result's modelled cycles that goes to each part of the second panel.
+    static func split(_ r: BenchResult, _ profile: CostProfile) -> [(Part, Double)] {
+        let lines = CostModel.lines(r, profile)
+        return Part.allCases.map { p in (p, lines.filter { part($0.event) == p }.reduce(0) { $0 + $1.subtotal }) }
+    }
+
+    static func splitText(_ parts: [(Part, Double)]) -> String {
+        let shown = parts.filter { $0.1 > 0 }.map { "\($0.0.label) \(Int($0.1.rounded()))" }
+        return shown.isEmpty ? "no priced events" : shown.joined(separator: ", ")
+    }
 
     public static func render(_ results: [BenchResult], profile: CostProfile) -> String {
-        let totals = results.map { CostModel.cyclesPerOp($0, profile) }
+        // Profiles cap their prices (CostProfile.maxCycles), so totals are finite; a non-finite
+        // one is drawn as no bar rather than trusted.
+        let totals = results.map { r -> Double in let t = CostModel.cyclesPerOp(r, profile); return t.isFinite ? max(0, t) : 0 }
+        let splits = results.map { split($0, profile) }
+        let labelWidth = max(150, (results.map { textWidth($0.variant.label) + 12 } + results.map { textWidth($0.test) }).max() ?? 0) + 16
+        let valueTexts = results.indices.map { "\(Int(totals[$0].rounded())) cyc, \(results[$0].latency.medianNanos) ns measured" }
+        let valueWidth = max(200, (valueTexts.map { textWidth($0) } + splits.map { textWidth(splitText($0), px: 11) }).max() ?? 0) + 16
         // Groups in the order tests first appear; rows in run order within a test.
         var tests: [String] = []
         for r in results where !tests.contains(r.test) { tests.append(r.test) }
@@ -97,8 +115,7 @@ public enum SVGChart {
                 s += "<rect class=\"bar\" data-test=\"\(esc(r.test))\" data-variant=\"\(esc(r.variant.label))\" "
                     + "data-cycles=\"\(f(totals[i]))\" x=\"\(f(x0))\" y=\"\(f(y + 3))\" width=\"\(f(logX(totals[i])))\" "
                     + "height=\"\(f(rowHeight - 6))\" fill=\"\(color(of: r.path))\"/>"
-                s += "<text class=\"value\" x=\"\(f(x0 + barWidth + 8))\" y=\"\(f(y + 14))\">\(Int(totals[i].rounded())) cyc, "
-                    + "\(r.latency.medianNanos) ns measured</text>\n"
+                s += "<text class=\"value\" x=\"\(f(x0 + barWidth + 8))\" y=\"\(f(y + 14))\">\(valueTexts[i])</text>\n"
                 y += rowHeight
             }
         }
@@ -127,22 +144,16 @@ public enum SVGChart {
             for i in group {
                 let r = results[i]
                 s += "<text x=\"\(margin + 12)\" y=\"\(f(y + 14))\">\(esc(r.variant.label))</text>"
-                let lines = CostModel.lines(r, profile)
                 var cursor = x0
-                var parts: [String] = []
-                for p in Part.allCases {
-                    let cycles = lines.filter { part($0.event) == p }.reduce(0) { $0 + $1.subtotal }
+                for (p, cycles) in splits[i] where cycles > 0 && cycles.isFinite {
                     let w = barWidth * cycles / scale
-                    if cycles > 0 {
-                        s += "<rect class=\"segment\" data-test=\"\(esc(r.test))\" data-variant=\"\(esc(r.variant.label))\" "
-                            + "data-part=\"\(p.rawValue)\" data-cycles=\"\(f(cycles))\" x=\"\(f(cursor))\" y=\"\(f(y + 3))\" "
-                            + "width=\"\(f(w))\" height=\"\(f(rowHeight - 6))\" fill=\"\(p.color)\"/>"
-                        parts.append("\(p.label) \(Int(cycles.rounded()))")
-                    }
+                    s += "<rect class=\"segment\" data-test=\"\(esc(r.test))\" data-variant=\"\(esc(r.variant.label))\" "
+                        + "data-part=\"\(p.rawValue)\" data-cycles=\"\(f(cycles))\" x=\"\(f(cursor))\" y=\"\(f(y + 3))\" "
+                        + "width=\"\(f(w))\" height=\"\(f(rowHeight - 6))\" fill=\"\(p.color)\"/>"
                     cursor += w
                 }
                 s += "<text class=\"value\" x=\"\(f(x0 + barWidth + 8))\" y=\"\(f(y + 14))\" font-size=\"11\">"
-                    + "\(esc(parts.isEmpty ? "no priced events" : parts.joined(separator: ", ")))</text>\n"
+                    + "\(esc(splitText(splits[i])))</text>\n"
                 y += rowHeight
             }
         }

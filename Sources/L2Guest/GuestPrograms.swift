@@ -9,12 +9,17 @@ public struct GuestProgram: Sendable {
     public let summary: String
     /// What `--args` means for this program, in order (each optional from the end).
     public let arguments: [Argument]
+    /// A rule across the arguments (nil: each argument alone decides): why they cannot go
+    /// together, or nil.
+    public let rule: (@Sendable ([UInt64]) -> String?)?
     public let body: @Sendable (GuestCPU, [UInt64]) -> Void
 
-    public init(name: String, summary: String, arguments: [Argument] = [], body: @escaping @Sendable (GuestCPU, [UInt64]) -> Void) {
+    public init(name: String, summary: String, arguments: [Argument] = [], rule: (@Sendable ([UInt64]) -> String?)? = nil,
+                body: @escaping @Sendable (GuestCPU, [UInt64]) -> Void) {
         self.name = name
         self.summary = summary
         self.arguments = arguments
+        self.rule = rule
         self.body = body
     }
 
@@ -34,7 +39,7 @@ public struct GuestProgram: Sendable {
             var description: String {
                 switch self {
                 case .any: "any 64-bit value"
-                case let .range(r): "\(r.lowerBound)-\(r.upperBound)"
+                case let .range(r): "in \(r.lowerBound)-\(r.upperBound)"
                 case let .l2Address(a, limit): "an L2 GPA, \(a)-byte aligned, below 0x\(String(limit, radix: 16))"
                 }
             }
@@ -65,9 +70,9 @@ public struct GuestProgram: Sendable {
             return arguments.isEmpty ? "\(name) takes no arguments" : "\(name) takes at most \(arguments.count): \(arguments.map(\.name).joined(separator: ", "))"
         }
         for (a, v) in zip(arguments, args) where !a.accepts.accepts(v) {
-            return "\(name): \(a.name) = 0x\(String(v, radix: 16)) is not \(a.accepts.description)"
+            return "\(name): \(a.name) = \(v) (0x\(String(v, radix: 16))) is not \(a.accepts.description)"
         }
-        return nil
+        return rule?(args)
     }
 }
 
@@ -80,7 +85,17 @@ public let unmappedProbeGPA = L2GPA(0x8000_0000)
 public enum GuestPrograms {
     public static let all: [GuestProgram] = [cpuidValues, memoryProbe, instructionTour, permissionProbe, msrPolicyProbe, balloonProbe, cpuidForever, l1IOForever, l2Escape]
         + BenchOperations.all.map { op in
-            GuestProgram(name: op.name, summary: op.summary, arguments: measureLoopArguments) { cpu, args in
+            GuestProgram(name: op.name, summary: op.summary, arguments: measureLoopArguments, rule: op.iterationLimit.map { limit in
+                // Every iteration (warm-up included) must be new work: at most `limit` of them, no doubling.
+                { @Sendable args in
+                    let iterations = args.first ?? 10_000, warmup = args.count > 1 ? args[1] : iterations / 10
+                    if args.count > 2, args[2] != 0 { return "\(op.name) needs a fixed count: min-nanos must be 0" }
+                    guard iterations.addingReportingOverflow(warmup).partialValue <= limit, warmup <= limit else {
+                        return "\(op.name) has \(limit) fresh pages: iterations + warmup (\(iterations) + \(warmup)) must be at most \(limit)"
+                    }
+                    return nil
+                }
+            }) { cpu, args in
                 measureLoop(cpu, args) { i in op.body(cpu, i) }
                 cpu.done()
             }
@@ -149,7 +164,8 @@ public enum GuestPrograms {
     /// args: [gpa, pattern]. Stores `pattern` at L2 GPA `gpa` and reads it back; then reads an
     /// L2 GPA nothing maps (L1 must see that exit; unassigned memory reads as all ones).
     public static let memoryProbe = GuestProgram(name: "memory-probe", summary: "store to a mapped page, read an unmapped one", arguments: [
-        .init("gpa", "where to store and read back", default: "0x200000", accepts: .l2Address(alignment: 8, below: l2AddressLimit)),
+        .init("gpa", "where to store and read back (outside L2's 128 MiB of RAM nothing is there: the read-back assertion fails, on purpose)",
+              default: "0x200000", accepts: .l2Address(alignment: 8, below: l2AddressLimit)),
         .init("pattern", "the value stored", default: "0x50564d21c0ffee00", accepts: .any),
     ]) { cpu, args in
         let gpa = L2GPA(args.count > 0 ? args[0] : 0x20_0000)
@@ -205,7 +221,7 @@ public enum GuestPrograms {
     /// Isolation: write a pattern to a page, give the page back to L1 (L2 hypercall), read it
     /// again. args: [gpa, pattern]. syncs: before (gpa, value), hypercall result, after (gpa, value).
     public static let balloonProbe = GuestProgram(name: "balloon-probe", summary: "read a page after L1 took it away", arguments: [
-        .init("gpa", "the page to give back to L1", default: "0x400000", accepts: .l2Address(alignment: 8, below: l2AddressLimit)),
+        .init("gpa", "the page to give back to L1", default: "0x400000", accepts: .l2Address(alignment: pageSize, below: l2AddressLimit)),
         .init("pattern", "the value written before", default: "0x5ec2e7da7a000001", accepts: .any),
     ]) { cpu, args in
         let gpa = L2GPA(args.count > 0 ? args[0] : 0x40_0000)

@@ -19,7 +19,7 @@ struct Chaos: ParsableCommand {
     var seed: UInt64 = 1
     @Option(name: .long, help: "Nested paths to run on, comma-separated: pv, nvmx, nvmx-noshadow, nvmx-evmcs.")
     var path: String = "pv,nvmx"
-    @Option(name: .long, help: "The stack's watchdog, seconds (what catches a frozen tier).")
+    @Option(name: .long, help: "The stack's watchdog, seconds in (0, 60] (what catches a frozen tier).")
     var tierTimeout: Double = 1
     @Flag(name: .long, help: "Print the report as JSON.")
     var json = false
@@ -52,6 +52,7 @@ struct Chaos: ParsableCommand {
         var rng = FuzzRandom(seed: seed)     // the trials a seed picks
         var results: [Trial] = []
         var progress = Progress(total: trials, quiet: quiet)
+        defer { progress.finish() }
         for _ in 0..<trials {
             let p = paths[Int(rng.next() % UInt64(paths.count))]
             let tier = rng.next() % 2 == 0 ? "l1" : "l2"

@@ -28,20 +28,22 @@ struct Fuzz: ParsableCommand {
     func run() throws {
         let paths = try Checks.paths(path)
         var reports: [ExitFuzzer.Report] = []
-        // One step per 65,536 cases (the fuzzer's reporting grain) on every path.
+        // One step per 65,536 cases (the fuzzer's reporting grain), and an estimate per path:
+        // the paths' speeds differ 30-60x (single maps its RAM for every new life).
         let grain: UInt64 = 65_536
         let stepsPerPath = Int((cases + grain - 1) / grain)
-        var progress = Progress(total: stepsPerPath * paths.count, quiet: quiet)
-        for p in paths {
-            progress.step("fuzz \(p.rawValue): 0 of \(cases) cases, seed \(seed)")
+        for (i, p) in paths.enumerated() {
+            var progress = Progress(total: stepsPerPath, quiet: quiet)
+            defer { progress.finish() }
+            let which = "fuzz \(p.rawValue) (path \(i + 1) of \(paths.count))"
+            progress.step("\(which): 0 of \(cases) cases, seed \(seed)")
             var steps = 1
             reports.append(try ExitFuzzer.run(path: p, cases: cases, seed: seed) { n in
                 guard steps < stepsPerPath else { return }
                 steps += 1
-                progress.step("fuzz \(p.rawValue): \(n) of \(cases) cases")
+                progress.step("\(which): \(n) of \(cases) cases")
             })
         }
-        progress.finish()
         if json {
             let enc = JSONEncoder()
             enc.outputFormatting = [.prettyPrinted, .sortedKeys]

@@ -109,19 +109,19 @@ enum Checks {
     }
 }
 
-/// One guest-program argument on the command line: decimal, or hex with `0x` (what `launch`
-/// prints), a full 64-bit value either way.
+/// Guest-program arguments on the command line: one word, one value or a comma-separated list;
+/// each decimal, or hex with `0x` (what `launch` prints), a full 64-bit value either way.
 struct ProgramArgument: ExpressibleByArgument {
-    let value: UInt64
+    let values: [UInt64]
     init?(argument: String) {
-        let lower = argument.lowercased()
-        if lower.hasPrefix("0x") {
-            guard let v = UInt64(lower.dropFirst(2), radix: 16) else { return nil }
-            value = v
-        } else {
-            guard let v = UInt64(argument) else { return nil }
-            value = v
+        var values: [UInt64] = []
+        for piece in argument.split(separator: ",", omittingEmptySubsequences: false) {
+            let lower = piece.lowercased()
+            let v = lower.hasPrefix("0x") ? UInt64(lower.dropFirst(2), radix: 16) : UInt64(lower)
+            guard let v else { return nil }
+            values.append(v)
         }
+        self.values = values
     }
-    var defaultValueDescription: String { "0x\(String(value, radix: 16))" }
+    var defaultValueDescription: String { values.map { "0x\(String($0, radix: 16))" }.joined(separator: ",") }
 }

@@ -45,12 +45,12 @@ extension PVM {
         var suite: BenchSuite = .exits
         @Option(name: .long, help: "Comma-separated tests to run (default: all).")
         var test: String?
-        @Option(name: .long, help: "Comma-separated paths: single, pv, nvmx, nvmx-noshadow, nvmx-evmcs.")
-        var path: String = NestingPath.allCases.map(\.rawValue).joined(separator: ",")
-        @Option(name: .long, help: "Iterations per test and path: a fixed count with --min-time-ms 0, else the ceiling for doubling.")
-        var iterations: UInt64 = 1_000_000
-        @Option(name: .long, help: "Double the iteration count until one run lasts this long (vmexit.c's way); 0 = use --iterations as is.")
-        var minTimeMs: UInt64 = 100
+        @Option(name: .long, help: "Comma-separated paths: single, pv, nvmx, nvmx-noshadow, nvmx-evmcs (default: all of them).")
+        var path: String?
+        @Option(name: .long, help: "Iterations per test and path, 1-1000000000: a fixed count with --min-time-ms 0, else the ceiling for doubling (default: 1000000).")
+        var iterations: UInt64?
+        @Option(name: .long, help: "Double the iteration count until one run lasts this long (vmexit.c's way), 0-600000; 0 = use --iterations as is (default: 100).")
+        var minTimeMs: UInt64?
         @Option(name: .long, help: "table, or vmexit (NAME VALUE lines, as vmexit.flat prints).")
         var format: OutputFormat = .table
         @Option(name: .long, help: "Also write the results as CSV to this file.")
@@ -59,9 +59,9 @@ extension PVM {
         var svg: String?
         @Option(name: .long, help: "Unmeasured iterations first, 0-1000000000 (default: 1000 when doubling, else a tenth of --iterations).")
         var warmup: UInt64?
-        @Option(name: .long, parsing: .unconditional, help: "PV features L1 enables: 'all', 'none', a list ('direct-cpuid,batch-map') or removals ('-direct-cpuid,-direct-msr'). Known: \(PVFeatures.names.map(\.0).joined(separator: ", ")).")
-        var pvFeatures: String = "all"
-        @Option(name: .long, help: "How L1 maps L2 memory (default: eager; ept_first_touch runs all three).")
+        @Option(name: .long, parsing: .unconditional, help: "PV features L1 enables: 'all' (default), 'none', a list ('direct-cpuid,batch-map') or removals ('-direct-cpuid,-direct-msr'). Known: \(PVFeatures.names.map(\.0).joined(separator: ", ")).")
+        var pvFeatures: String?
+        @Option(name: .long, help: "How L1 maps L2 memory (default: eager, and every mode for the tests whose cost depends on it).")
         var l2Map: L2MapMode?
         @Flag(name: .long, help: "On pv, one row per feature set: all, each feature off, none.")
         var ablation = false
@@ -69,19 +69,21 @@ extension PVM {
         var json: String?
         @Option(name: .long, help: "Cost profile for the modelled-cycles column (default: the shipped published-figures profile).")
         var profile: String?
-        @Option(name: .long, help: "Watchdog: seconds a tier may hold the vCPU before the stack is stopped (> 0).")
-        var tierTimeout: Double = Double(StackConfig.defaultTierTimeoutNanos) / 1e9
+        @Option(name: .long, help: "Watchdog: seconds a tier may hold the vCPU before the stack is stopped, in (0, 3600] (default: 5).")
+        var tierTimeout: Double?
         @Flag(name: .long, help: "No progress line on stderr.")
         var quiet = false
 
+        static let defaultIterations: UInt64 = 1_000_000, defaultMinTimeMs: UInt64 = 100
+
         func validate() throws {
-            guard tierTimeout > 0, tierTimeout <= 3600 else { throw ValidationError("--tier-timeout must be in (0, 3600] seconds") }
-            try Checks.range(iterations, 1...1_000_000_000, "--iterations")
-            try Checks.range(minTimeMs, 0...600_000, "--min-time-ms")
+            if let tierTimeout { guard tierTimeout > 0, tierTimeout <= 3600 else { throw ValidationError("--tier-timeout must be in (0, 3600] seconds") } }
+            if let iterations { try Checks.range(iterations, 1...1_000_000_000, "--iterations") }
+            if let minTimeMs { try Checks.range(minTimeMs, 0...600_000, "--min-time-ms") }
             if let warmup { try Checks.range(warmup, 0...1_000_000_000, "--warmup") }
-            _ = try Checks.paths(path)
+            if let path { _ = try Checks.paths(path) }
             if let test { _ = try Checks.tests(test) }
-            _ = try PVM.parseFeatures(pvFeatures)
+            if let pvFeatures { _ = try PVM.parseFeatures(pvFeatures) }
             _ = try Checks.profile(profile)
             for (option, file) in [("--csv", csv), ("--svg", svg), ("--json", json)] {
                 if let file { try Checks.writable(file, option: option) }
@@ -89,8 +91,10 @@ extension PVM {
             if suite != .exits {
                 // The memslot and host suites print their own table and write it with --json and
                 // --csv; the options that shape the exit tests' runs and chart do not apply.
-                let given = [("--test", test != nil), ("--svg", svg != nil), ("--l2-map", l2Map != nil),
-                             ("--profile", profile != nil), ("--ablation", ablation), ("--format", format != .table)].filter(\.1).map(\.0)
+                let given = [("--test", test != nil), ("--path", path != nil), ("--iterations", iterations != nil),
+                             ("--warmup", warmup != nil), ("--min-time-ms", minTimeMs != nil), ("--pv-features", pvFeatures != nil),
+                             ("--l2-map", l2Map != nil), ("--ablation", ablation), ("--tier-timeout", tierTimeout != nil),
+                             ("--svg", svg != nil), ("--profile", profile != nil), ("--format", format != .table)].filter(\.1).map(\.0)
                 guard given.isEmpty else {
                     throw ValidationError("--suite \(suite.rawValue) prints its own table (and writes it with --json and --csv); "
                         + "it takes none of \(given.joined(separator: ", "))")
@@ -107,6 +111,7 @@ extension PVM {
             case .memslot:
                 // In-process: L0's zap work on real memfds.
                 var progress = Progress(total: MemslotZapPolicy.allCases.count, quiet: quiet)
+                defer { progress.finish() }
                 let rows = try MemslotSuite.run { progress.step("memslot suite: \($0.rawValue) zap, both scenarios") }
                 progress.finish()
                 print(MemslotSuite.table(rows), terminator: "")
@@ -117,6 +122,7 @@ extension PVM {
                 // Fresh L0 hosts, each configuration `iterations` times.
                 let costs = HostSuite.Costs(), iterations = 7
                 var progress = Progress(total: HostSuite.configurationCount, quiet: quiet)
+                defer { progress.finish() }
                 let rows = try HostSuite.measure(iterations: iterations, costs: costs) { atLoad, setup in
                     progress.step("host suite: enable_virt_at_load=\(atLoad ? "Y" : "N"), one-time setup \(setup.rawValue)")
                 }
@@ -126,9 +132,11 @@ extension PVM {
                 if let csv { try writeOutput(Data(SuiteFiles.csv(rows).utf8), to: csv) }
                 return
             }
-            let paths = try Checks.paths(path)
+            let paths = try path.map { try Checks.paths($0) } ?? NestingPath.allCases
             let tests = try test.map(Checks.tests) ?? BenchOperations.all.map(\.name)
-            let features = try PVM.parseFeatures(pvFeatures)
+            let features = try PVM.parseFeatures(pvFeatures ?? "all")
+            let iterations = self.iterations ?? Self.defaultIterations, minTimeMs = self.minTimeMs ?? Self.defaultMinTimeMs
+            let tierTimeout = self.tierTimeout ?? Double(StackConfig.defaultTierTimeoutNanos) / 1e9
             let mode = l2Map
             let costs = try Checks.profile(profile)
             var runner = BenchRunner(tierExecutable: selfExecutable(), iterations: iterations,
@@ -154,6 +162,7 @@ extension PVM {
             StopSignals.install()
             var interrupted: Int32?
             var progress = Progress(total: plan.count, quiet: quiet)
+            defer { progress.finish() }
             for (t, v) in plan {
                 if let s = StopSignals.received { interrupted = s; break }
                 progress.step("\(t) on \(v.label)")
@@ -185,21 +194,27 @@ extension PVM {
         }
     }
 
-    /// 'all', 'none', 'a,b' (exactly these) or '-a,-b' (all but these).
+    /// 'all', 'none', 'a,b' (exactly these) or '-a,-b' (all but these); no empty piece, no repeat.
     static func parseFeatures(_ s: String) throws -> PVFeatures {
         if s == "all" { return .all }
         if s == "none" { return [] }
-        let parts = s.split(separator: ",").map(String.init)
+        let known = PVFeatures.names.map(\.0).joined(separator: ", ")
+        let parts = s.split(separator: ",", omittingEmptySubsequences: false).map(String.init)
+        guard !s.isEmpty, !parts.contains(where: { $0.isEmpty || $0 == "-" }) else {
+            throw ValidationError("--pv-features needs 'all', 'none', a comma-separated list of features or of removals (known: \(known))")
+        }
         let removing = parts.allSatisfy { $0.hasPrefix("-") }
         guard removing || parts.allSatisfy({ !$0.hasPrefix("-") }) else {
             throw ValidationError("--pv-features: either list features or list removals ('-name'), not both")
         }
         var set: PVFeatures = removing ? .all : []
+        var seen: Set<String> = []
         for p in parts {
             let name = removing ? String(p.dropFirst()) : p
             guard let f = PVFeatures.names.first(where: { $0.0 == name })?.1 else {
-                throw ValidationError("unknown PV feature '\(name)' (known: \(PVFeatures.names.map(\.0).joined(separator: ", ")))")
+                throw ValidationError("unknown PV feature '\(name)' (known: \(known))")
             }
+            guard seen.insert(name).inserted else { throw ValidationError("--pv-features names '\(name)' twice") }
             if removing { set.remove(f) } else { set.insert(f) }
         }
         return set
@@ -211,9 +226,9 @@ extension PVM {
 
         @Option(name: .long, help: "The path to run on.")
         var path: NestingPath = .pv
-        @Option(name: .long, help: "Guest program (see `pvm programs`).")
+        @Option(name: .long, help: "Guest program: \(GuestPrograms.all.map(\.name).joined(separator: ", ")) (see `pvm programs`).")
         var program: String = "cpuid-values"
-        @Option(name: .long, parsing: .upToNextOption, help: "Arguments for the guest program, decimal or 0x-hex (see `pvm programs`).")
+        @Option(name: .long, parsing: .upToNextOption, help: "Arguments for the guest program, decimal or 0x-hex, space- or comma-separated (see `pvm programs`).")
         var args: [ProgramArgument] = []
         @Option(name: .customLong("host-memory-mib"), help: "Host memory in MiB (a sparse memfd), 768-65536: L1's 512 MiB memslot sits at 256 MiB.")
         var hostMemoryMiB: UInt64 = 1024
@@ -227,7 +242,7 @@ extension PVM {
         var oneTimeSetup: OneTimeSetupPolicy = .off
         @Flag(name: .long, inversion: .prefixedNo, help: "Enable virtualization on every CPU when L0 loads (KVM's default) rather than at the first VM.")
         var enableVirtAtLoad = true
-        @Option(name: .long, help: "Watchdog: seconds a tier may hold the vCPU before the stack is stopped (> 0).")
+        @Option(name: .long, help: "Watchdog: seconds a tier may hold the vCPU before the stack is stopped, in (0, 3600].")
         var tierTimeout: Double = Double(StackConfig.defaultTierTimeoutNanos) / 1e9
         /// Tests of L0's defences: `l1=PATH` or `l2=PATH` runs PATH as that tier instead of pvm
         /// (a hostile stand-in speaking the tier protocol). Hidden: not for measuring anything.
@@ -238,9 +253,9 @@ extension PVM {
             guard tierTimeout > 0, tierTimeout <= 3600 else { throw ValidationError("--tier-timeout must be in (0, 3600] seconds") }
             try Checks.range(hostMemoryMiB, 768...65_536, "--host-memory-mib")
             guard let guest = GuestPrograms.named(program) else {
-                throw ValidationError("unknown guest program '\(program)' (see `pvm programs`)")
+                throw ValidationError("unknown guest program '\(program)' (known: \(GuestPrograms.all.map(\.name).joined(separator: ", ")); `pvm programs` says what each does)")
             }
-            if let problem = guest.problem(with: args.map(\.value)) { throw ValidationError("--args: \(problem)") }
+            if let problem = guest.problem(with: args.flatMap(\.values)) { throw ValidationError("--args: \(problem)") }
             _ = try PVM.parseFeatures(pvFeatures)
             _ = try standIns()
         }
@@ -260,7 +275,7 @@ extension PVM {
         }
 
         func run() throws {
-            var config = StackConfig(path: path, program: program, programArguments: args.map(\.value), tierExecutable: selfExecutable())
+            var config = StackConfig(path: path, program: program, programArguments: args.flatMap(\.values), tierExecutable: selfExecutable())
             config.hostMemoryBytes = hostMemoryMiB << 20
             config.pvFeatures = try PVM.parseFeatures(pvFeatures)
             config.l2MapMode = l2Map
@@ -338,8 +353,8 @@ extension PVM {
         var iterations: UInt64 = 200
 
         func validate() throws {
-            guard BenchOperations.named(test) != nil else { throw ValidationError("\(BenchError.unknownTest(test))") }
-            try Checks.range(iterations, 1...1_000_000, "--iterations")
+            guard let op = BenchOperations.named(test) else { throw ValidationError("\(BenchError.unknownTest(test))") }
+            try Checks.range(iterations, 1...(op.iterationLimit ?? 1_000_000), "--iterations")
         }
 
         /// The recorded run, and the signal that interrupted it (nil: it finished).
@@ -412,6 +427,7 @@ extension PVM {
         func run() throws {
             let result: CalibrationResult
             var progress = Progress(total: CalibrationExitKind.allCases.count, quiet: quiet)
+            defer { progress.finish() }
             do {
                 result = try Calibration.run(devicePath: device, iterations: iterations, runs: runs) { kind in
                     progress.step("calibrate: \(kind.rawValue) exits, \(runs) runs of \(iterations)")
@@ -449,7 +465,7 @@ extension PVM {
             switch launch.tier {
             case .l1: L1Main.run(launch)
             case .l2: L2Main.run(launch)
-            case .l0: throw ValidationError("L0 is not a child tier")
+            case .l0: throw Failure("L0 is not a child tier")
             }
         }
     }

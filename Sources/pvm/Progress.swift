@@ -36,18 +36,34 @@ struct Progress {
         guard !quiet else { return }
         let left = Self.left(elapsed: Date().timeIntervalSince(started), done: done, total: total)
         let line = "[\(done + 1)/\(total)] \(label)" + (left.map { " (\($0 < 0.5 ? "" : "about ")\(Self.format($0)) left)" } ?? "")
-        if onTerminal {
-            // Rewritten in place: carriage return, the line, erase to the end.
-            let text = "\r" + line + "\u{1B}[K"
-            text.withCString { p in _ = write(2, p, strlen(p)) }
-        } else {
-            printError(line)
-        }
+        Self.status(line)
     }
 
-    /// Ends the line on a terminal, so what follows starts on its own.
+    /// One status line: on a terminal rewritten in place (cut to the terminal's width, so it
+    /// never wraps), otherwise a line of its own.
+    static func status(_ line: String) {
+        guard isatty(2) == 1 else {
+            printError(line)
+            return
+        }
+        var size = winsize()
+        let columns = ioctl(2, UInt(TIOCGWINSZ), &size) == 0 && size.ws_col > 0 ? Int(size.ws_col) : 80
+        let shown = line.count < columns ? line : String(line.prefix(max(1, columns - 1)))
+        // Carriage return, the line, erase to the end of the line.
+        let text = "\r" + shown + "\u{1B}[K"
+        text.withCString { p in _ = write(2, p, strlen(p)) }
+    }
+
+    /// Clears a status line left on the terminal (nothing elsewhere).
+    static func clear() {
+        guard isatty(2) == 1 else { return }
+        "\r\u{1B}[K".withCString { p in _ = write(2, p, strlen(p)) }
+    }
+
+    /// Clears the line on a terminal, so what follows (the table, an error) starts on a clean
+    /// one. Safe to call however the work ended (`defer`).
     func finish() {
         guard !quiet, onTerminal, done > 0 else { return }
-        printError("\r[\(done)/\(total)] done in \(Self.format(Date().timeIntervalSince(started)))\u{1B}[K")
+        "\r\u{1B}[K".withCString { p in _ = write(2, p, strlen(p)) }
     }
 }

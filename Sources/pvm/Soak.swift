@@ -55,17 +55,18 @@ struct Soak: ParsableCommand {
                 series[name, default: []].append((t, kib))
             }
             if !quiet, Date().timeIntervalSince(lastProgress) >= 5 {
-                printError(String(format: "soak: %.0f of %.0f s (%.0f s left)", t, seconds, max(0, seconds - t)))
+                Progress.status(String(format: "soak: %.0f of %.0f s (%.0f s left)", t, seconds, max(0, seconds - t)))
                 lastProgress = Date()
             }
             usleep(useconds_t(intervalMs * 1000))
         }
+        if !quiet { Progress.clear() }
         let ranToTheEnd = l0.isRunning
         if ranToTheEnd { kill(l0.pid, SIGINT) }      // the orderly stop, with its counts
         let end = l0.finish(within: 20)
         let text = end.output
         guard ranToTheEnd, end.exitStatus == 128 + SIGINT else {
-            throw ValidationError("the stack did not run for \(seconds) s and stop on SIGINT: \(text.split(separator: "\n").last ?? "")")
+            throw Failure("soak: the stack did not run for \(seconds) s and stop on SIGINT: \(text.split(separator: "\n").last ?? "")")
         }
         let exits = text.split(separator: "\n").first { $0.hasPrefix("entries: ") }.map(String.init) ?? ""
         let report = series.keys.sorted().map { name -> TierSeries in

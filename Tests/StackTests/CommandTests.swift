@@ -191,7 +191,8 @@ extension StackTests {
         #expect(listed.count == GuestPrograms.all.count && listed.count == programLines.count)
         // Each argument on its own line under its program: name, meaning, what it takes, default.
         #expect(lines.count == programLines.count + GuestPrograms.all.map(\.arguments.count).reduce(0, +))
-        #expect(r.out.contains("memory-probe\tstore to a mapped page, read an unmapped one\n    --args 1. gpa: where to store and read back (an L2 GPA, 8-byte aligned, below 0x100000000; default 0x200000)\n"), "\(r.out)")
+        #expect(r.out.contains("memory-probe\tstore to a mapped page, read an unmapped one\n    --args 1. gpa: where to store and read back"), "\(r.out)")
+        #expect(r.out.contains("(an L2 GPA, 8-byte aligned, below 0x100000000; default 0x200000)\n    --args 2. pattern:"), "\(r.out)")
         for p in GuestPrograms.all { #expect(listed[p.name] == p.summary, "\(p.name)") }
         for op in BenchOperations.all { #expect(listed[op.name] != nil, "bench op \(op.name) is not a program") }
         #expect(listed["cpuid-values"] != nil && listed["cpuid-forever"] != nil)
@@ -301,15 +302,22 @@ extension StackTests {
 
     /// Every enum option names its valid values, in --help and in the error.
     @Test(arguments: [(["bench", "--format", "bogus"], ["table", "vmexit"]), (["bench", "--suite", "bogus"], ["exits", "memslot", "host"]),
-                      (["bench", "--l2-map", "bogus"], ["eager", "per-page", "batch"]), (["launch", "--vm-type", "bogus"], ["default"]),
+                      (["bench", "--l2-map", "bogus"], ["eager", "per-page", "batch"]), 
                       (["launch", "--one-time-setup", "bogus"], ["off", "at-load", "on-first-protected-vm"]),
+                      (["launch", "--vm-type", "bogus2"], ["sw-protected", "tdx"]),
                       (["model", "explain", "cpuid", "--path", "bogus"], ["single", "nvmx-evmcs"])])
     func anEnumOptionListsItsValuesInItsErrorAndHelp(_ args: [String], _ values: [String]) throws {
         let r = try pvm(args)
         #expect(r.status == 64 && r.out.isEmpty, "\(r.err)")
         for v in values { #expect(r.err.contains(v), "\(args): \(r.err)") }
         let help = try pvm(Array(args.prefix(args[0] == "model" ? 2 : 1)) + ["--help"])
-        #expect(help.out.contains("(values: \(values[0])"), "\(help.out)")
+        let flat = help.out.split(whereSeparator: \.isWhitespace).joined(separator: " ")
+        let option = args[args[0] == "model" ? 3 : 1]
+        // In the OPTIONS section (the usage line names every option too).
+        let options = flat.range(of: "OPTIONS:").map { flat[$0.upperBound...] } ?? ""
+        let listed = options.range(of: option + " <").flatMap { options[$0.upperBound...].range(of: "(values: ") }
+        #expect(listed != nil, "\(flat)")
+        if let listed { for v in values { #expect(options[listed.upperBound...].prefix(120).contains(v), "\(option): \(v)") } }
     }
 
     /// Numbers have ranges and lists are never empty: refused before anything starts (64).
@@ -317,7 +325,10 @@ extension StackTests {
                       ["bench", "--min-time-ms", "700000"], ["bench", "--path", ""], ["bench", "--path", "pv,,nvmx"], ["bench", "--path", "pv,pv"],
                       ["bench", "--test", ""], ["stat", "--iterations", "0"], ["trace", "--iterations", "0", "--out", "/tmp/never.json"],
                       ["model", "explain", "cpuid", "--iterations", "0"], ["calibrate", "--runs", "0"], ["calibrate", "--iterations", "0"],
-                      ["launch", "--host-memory-mib", "10"], ["fuzz", "--path", ""], ["chaos", "--path", "pv,"]])
+                      ["launch", "--host-memory-mib", "10"], ["fuzz", "--path", ""], ["chaos", "--path", "pv,"],
+                      ["bench", "--pv-features", ""], ["bench", "--pv-features", ","], ["bench", "--pv-features", "direct-cpuid,direct-cpuid"],
+                      ["bench", "--pv-features", "-direct-msr,,-direct-cpuid"], ["launch", "--program", "ept_first_touch", "--args", "100000"],
+                      ["stat", "ept_first_touch", "--iterations", "1000000"]])
     func anOutOfRangeNumberOrAnEmptyListIsAUsageError(_ args: [String]) throws {
         let r = try pvm(args)
         #expect(r.status == 64, "\(args): \(r.status.map(String.init) ?? "-") \(r.err)")
@@ -359,11 +370,14 @@ extension StackTests {
         #expect(hex.status == 0 && hex.out.contains("sync 0x300000 0xff "), "\(hex.out)\(hex.err)")
         // One level: nothing reaches an L1, and launch says so rather than printing an empty list.
         #expect(hex.out.contains("L1->L0 exits: none\ndelivered to L1: none\n"), "\(hex.out)")
+        // A comma list is the same as separate words.
+        let list = try pvm(["launch", "--path", "single", "--program", "memory-probe", "--args", "0x300000,255"])
+        #expect(list.status == 0 && list.out.contains("sync 0x300000 0xff "), "\(list.out)\(list.err)")
         let decimal = try pvm(["launch", "--path", "single", "--program", "memory-probe", "--args", "3145728", "255"])
         #expect(decimal.status == 0 && decimal.out.contains("sync 0x300000 0xff "), "\(decimal.out)\(decimal.err)")
-        for (args, problem) in [(["memory-probe", "--args", "1"], "memory-probe: gpa = 0x1 is not an L2 GPA, 8-byte aligned"),
+        for (args, problem) in [(["memory-probe", "--args", "1"], "memory-probe: gpa = 1 (0x1) is not an L2 GPA, 8-byte aligned"),
                                 (["cpuid-values", "--args", "1"], "cpuid-values takes no arguments"),
-                                (["l2-escape", "--args", "9"], "l2-escape: what = 0x9 is not 1-7"),
+                                (["l2-escape", "--args", "9"], "l2-escape: what = 9 (0x9) is not in 1-7"),
                                 (["memory-probe", "--args", "0xZZ"], "--args")] {
             let r = try pvm(["launch", "--program"] + args)
             #expect(r.status == 64 && r.err.contains(problem) && r.out.isEmpty, "\(args): \(r.err)")
@@ -372,7 +386,8 @@ extension StackTests {
 
     /// The memslot and host suites print their own tables: options that only shape the exit
     /// tests are refused with a message, not ignored.
-    @Test(arguments: [["--svg", "/tmp/x.svg"], ["--test", "cpuid"], ["--format", "vmexit"], ["--ablation"]])
+    @Test(arguments: [["--svg", "/tmp/x.svg"], ["--test", "cpuid"], ["--format", "vmexit"], ["--ablation"], ["--iterations", "5"],
+                      ["--path", "pv"], ["--min-time-ms", "0"], ["--pv-features", "none"], ["--tier-timeout", "2"]])
     func theOtherSuitesRefuseTheExitTestsOptions(_ extra: [String]) throws {
         for suite in ["memslot", "host"] {
             let r = try pvm(["bench", "--suite", suite] + extra)

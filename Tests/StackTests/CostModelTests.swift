@@ -220,4 +220,23 @@ final class SVGElements: NSObject, XMLParserDelegate {
         #expect(read.with(class: "legend-path").compactMap { $0["data-path"] } == ["single", "nvmx", "nvmx-noshadow", "pv"])
         #expect(read.with(class: "legend-part").count == 3)
     }
+
+    /// No priced event at all, and a label longer than the default column: still a chart, with
+    /// no NaN, no negative width, and the label column as wide as the label.
+    @Test func anEmptyResultAndALongLabelStillDrawCleanly() throws {
+        let long = BenchVariant(path: .pv, pvFeatures: [], l2MapMode: .perPage)
+        let empty = BenchResult(test: "ept_first_touch", variant: long, iterations: 1,
+                                latency: LatencyReport(samples: 1, minNanos: 1, medianNanos: 5, p99Nanos: 1, maxNanos: 1, totalNanos: 1),
+                                window: TransitionCounters())
+        let svg = SVGChart.render([empty], profile: try CostModel.defaultProfile())
+        let parser = XMLParser(data: Data(svg.utf8))
+        let read = SVGElements()
+        parser.delegate = read
+        #expect(parser.parse())
+        #expect(!svg.contains("nan") && !svg.contains("inf") && !svg.contains("width=\"-"), "\(svg)")
+        #expect(read.texts.contains("no priced events"))
+        let bar = try #require(read.with(class: "bar").first)
+        let labelRoom = Double(bar["x"]!)! - 12
+        #expect(labelRoom >= Double(long.label.count) * 7.2, "\(labelRoom) px for \(long.label)")
+    }
 }

@@ -57,9 +57,11 @@ import Testing
     @Test func everyOptionTheReadmeNamesExists() {
         let helps = PVM.configuration.subcommands.map { PVM.helpMessage(for: $0) }.joined(separator: "\n")
             + PVM.helpMessage(for: PVM.Model.Explain.self)
-        let named = Self.snippets.filter { $0.hasPrefix("--") } + Self.commands.flatMap { $0.filter { $0.hasPrefix("--") } }
+        // Every option token, in a span of options (`--vm-type tdx --one-time-setup ...`) or a command.
+        let named = Self.snippets.filter { $0.hasPrefix("--") }.flatMap { $0.split(separator: " ").filter { $0.hasPrefix("--") }.map(String.init) }
+            + Self.commands.flatMap { $0.filter { $0.hasPrefix("--") } }
         for option in named {
-            let name = String(option.split(separator: " ")[0].split(separator: "=")[0])
+            let name = String(option.split(separator: "=")[0])
             let known = helps.contains(name + " ") || helps.contains(name + "\n") || helps.contains("[\(name)]")
             #expect(known, "README names \(name), which no command has")
         }
@@ -79,5 +81,17 @@ import Testing
         #expect(Progress.left(elapsed: 10, done: 6, total: 6) == 0)
         #expect(Progress.format(0.2) == "under a second" && Progress.format(42) == "42 s" && Progress.format(125) == "2 min 5 s")
         #expect(Progress.format(7200) == "2 h 0 min")
+    }
+}
+
+/// Spans of launch options in the README (`--vm-type tdx --one-time-setup on-first-protected-vm`)
+/// are valid together, values included.
+@Suite struct ReadmeLaunchOptionTests {
+    @Test func launchOptionSpansParse() throws {
+        for span in ReadmeTests.snippets where span.hasPrefix("--vm-type") {
+            do { _ = try PVM.parseAsRoot(["launch"] + span.split(separator: " ").map(String.init)) } catch {
+                Issue.record("README: `\(span)` is refused by launch: \(PVM.message(for: error))")
+            }
+        }
     }
 }

@@ -38,7 +38,7 @@ public enum CalibrationError: Error, CustomStringConvertible, Equatable {
 /// (`CalibrationResult.profile(base:)`). Each kind runs `runs` times `iterations` iterations
 /// after a short warm-up; the figures are medians over the runs.
 public enum Calibration {
-    /// `progress` is told the kind of exit about to be measured, once per kind (for a progress line).
+    /// `progress` is told each kind of exit as its turn comes, measured or not (for a progress line).
     public static func run(devicePath: String = "/dev/kvm", iterations: Int = 20_000, runs: Int = 5,
                            progress: (CalibrationExitKind) -> Void = { _ in }) throws -> CalibrationResult {
         guard iterations > 0, runs > 0 else { throw CalibrationError.badArguments("iterations and runs must be > 0") }
@@ -47,12 +47,12 @@ public enum Calibration {
         var exits: [ExitCost] = []
         var notMeasured: [String: String] = [:]
         for kind in CalibrationExitKind.allCases {
+            progress(kind)
             if let why = setup.unavailable[kind] { notMeasured[kind.rawValue] = why; continue }
             if kind == .hypercall, let why = try setup.hypercallProblem() {
                 notMeasured[kind.rawValue] = why
                 continue
             }
-            progress(kind)
             _ = try setup.measure(kind, iterations: min(iterations, 1_000))   // warm-up: faults, caches
             let rs = try (0..<runs).map { _ in try setup.measure(kind, iterations: iterations) }
             exits.append(ExitCost(kind: kind, iterations: iterations, runs: rs,
