@@ -22,24 +22,6 @@ extension MemslotSuite.Row: Encodable {
     }
 }
 
-extension HostSuite.Row: Encodable {
-    enum CodingKeys: String, CodingKey {
-        case enableVirtAtLoad = "enable_virt_at_load", oneTimeSetup = "one_time_setup", loadNanos = "load_ns"
-        case firstVMNanos = "first_vm_ns", nextVMNanos = "next_vm_ns", destroyLastVMNanos = "destroy_last_vm_ns"
-        case firstProtectedVMNanos = "first_protected_vm_ns"
-    }
-    public func encode(to encoder: Encoder) throws {
-        var c = encoder.container(keyedBy: CodingKeys.self)
-        try c.encode(enableVirtAtLoad, forKey: .enableVirtAtLoad)
-        try c.encode(oneTimeSetup.rawValue, forKey: .oneTimeSetup)
-        try c.encode(loadNanos, forKey: .loadNanos)
-        try c.encode(firstVMNanos, forKey: .firstVMNanos)
-        try c.encode(nextVMNanos, forKey: .nextVMNanos)
-        try c.encode(destroyLastVMNanos, forKey: .destroyLastVMNanos)
-        try c.encode(firstProtectedVMNanos, forKey: .firstProtectedVMNanos)   // null when the setup is off
-    }
-}
-
 public enum SuiteFiles {
     struct Document<Row: Encodable>: Encodable {
         var suite: String
@@ -53,7 +35,8 @@ public enum SuiteFiles {
     }
 
     public static func json(_ rows: [MemslotSuite.Row]) throws -> String { try json("memslot", rows) }
-    public static func json(_ rows: [HostSuite.Row]) throws -> String { try json("host", rows) }
+    /// The host suite: the real host's figures and the emulated host's, each with its `source`.
+    public static func json(_ figures: [HostFigure]) throws -> String { try json("host", figures) }
 
     public static func csv(_ rows: [MemslotSuite.Row]) -> String {
         "scenario,policy,delete_us_median,entries_zapped,refaults,rebuild_ms_median\n" + rows.map {
@@ -61,10 +44,11 @@ public enum SuiteFiles {
         }.joined(separator: "\n") + "\n"
     }
 
-    public static func csv(_ rows: [HostSuite.Row]) -> String {
-        "enable_virt_at_load,one_time_setup,load_ns,first_vm_ns,next_vm_ns,destroy_last_vm_ns,first_protected_vm_ns\n" + rows.map {
-            "\($0.enableVirtAtLoad),\($0.oneTimeSetup.rawValue),\($0.loadNanos),\($0.firstVMNanos),\($0.nextVMNanos),"
-                + "\($0.destroyLastVMNanos),\($0.firstProtectedVMNanos.map(String.init) ?? "")"
+    public static func csv(_ figures: [HostFigure]) -> String {
+        func cell(_ s: String) -> String { s.contains(",") ? "\"\(s)\"" : s }
+        return "source,what,setting,samples,min_ns,median_ns,max_ns\n" + figures.map {
+            "\($0.source.rawValue),\(cell($0.what)),\(cell($0.setting)),\($0.samples),\($0.minNanos.map(String.init) ?? ""),"
+                + "\($0.medianNanos),\($0.maxNanos.map(String.init) ?? "")"
         }.joined(separator: "\n") + "\n"
     }
 }

@@ -119,6 +119,3 @@ struct Chaos: ParsableCommand {
     }
 }
 
-extension String {
-    func leftPad(_ n: Int) -> String { count >= n ? self : String(repeating: " ", count: n - count) + self }
-}

@@ -16,7 +16,8 @@ struct PVM: ParsableCommand {
         commandName: "pvm",
         abstract: "A paravirtual nested hypervisor prototype: L0, L1 and L2 as three processes.",
         discussion: "Measures what an L2 instruction costs under the PV ABI and under emulated nested VMX.",
-        subcommands: [Bench.self, Launch.self, Model.self, Stat.self, Trace.self, Calibrate.self, Chaos.self, Soak.self, Fuzz.self, Programs.self, Tier.self],
+        subcommands: [Bench.self, Launch.self, Model.self, Stat.self, Trace.self, Calibrate.self, Chaos.self, Soak.self, Fuzz.self, Programs.self, Tier.self,
+                      KVMLifecycle.self],
         defaultSubcommand: Bench.self)
 }
 
@@ -73,6 +74,8 @@ extension PVM {
         var tierTimeout: Double?
         @Flag(name: .long, help: "No progress line on stderr.")
         var quiet = false
+        @Option(name: .long, help: "The KVM device the host suite measures (default: /dev/kvm).")
+        var device: String = "/dev/kvm"
 
         static let defaultIterations: UInt64 = 1_000_000, defaultMinTimeMs: UInt64 = 100
 
@@ -87,6 +90,9 @@ extension PVM {
             _ = try Checks.profile(profile)
             for (option, file) in [("--csv", csv), ("--svg", svg), ("--json", json)] {
                 if let file { try Checks.writable(file, option: option) }
+            }
+            if device != "/dev/kvm" && suite != .host {
+                throw ValidationError("--device is for --suite host (the real KVM it measures)")
             }
             if suite != .exits {
                 // The memslot and host suites print their own table and write it with --json and
@@ -119,17 +125,34 @@ extension PVM {
                 if let csv { try writeOutput(Data(SuiteFiles.csv(rows).utf8), to: csv) }
                 return
             case .host:
-                // Fresh L0 hosts, each configuration `iterations` times.
-                let costs = HostSuite.Costs(), iterations = 7
-                var progress = Progress(total: HostSuite.configurationCount, quiet: quiet)
+                // The real host through /dev/kvm (fresh processes), then fresh emulated L0 hosts,
+                // each configuration `iterations` times.
+                let costs = HostSuite.Costs(), iterations = 7, processes = 7
+                var progress = Progress(total: processes + HostSuite.configurationCount, quiet: quiet)
                 defer { progress.finish() }
+                var figures: [HostFigure] = []
+                do {
+                    let real = try RealHostSuite.run(tierExecutable: selfExecutable(), device: device, processes: processes) { i in
+                        progress.step("host suite: the real KVM, fresh process \(i + 1) of \(processes)")
+                    }
+                    progress.finish()
+                    print(RealHostSuite.table(real))
+                    figures += real.figures
+                } catch let e as RealHostSuite.Unavailable {
+                    // No /dev/kvm, no permission: one line, and the emulated host still runs.
+                    progress.finish()
+                    print("\(e)\n")
+                    for _ in 0..<processes { progress.step("host suite: (no real KVM)") }
+                }
                 let rows = try HostSuite.measure(iterations: iterations, costs: costs) { atLoad, setup in
-                    progress.step("host suite: enable_virt_at_load=\(atLoad ? "Y" : "N"), one-time setup \(setup.rawValue)")
+                    progress.step("host suite: emulated L0, enable_virt_at_load=\(atLoad ? "Y" : "N"), one-time setup \(setup.rawValue)")
                 }
                 progress.finish()
+                print("Emulated L0 host:")
                 print(HostSuite.table(rows, costs: costs, iterations: iterations), terminator: "")
-                if let json { try writeOutput(Data(try SuiteFiles.json(rows).utf8), to: json) }
-                if let csv { try writeOutput(Data(SuiteFiles.csv(rows).utf8), to: csv) }
+                figures += HostSuite.figures(rows, iterations: iterations)
+                if let json { try writeOutput(Data(try SuiteFiles.json(figures).utf8), to: json) }
+                if let csv { try writeOutput(Data(SuiteFiles.csv(figures).utf8), to: csv) }
                 return
             }
             let paths = try path.map { try Checks.paths($0) } ?? NestingPath.allCases
@@ -451,6 +474,19 @@ extension PVM {
                 print("\(p.name)\t\(p.summary)")
                 for (i, a) in p.arguments.enumerated() { print("    --args \(i + 1). \(a.help)") }
             }
+        }
+    }
+
+    /// Internal: one VM lifecycle through /dev/kvm in this fresh process, as one JSON line (the
+    /// host suite runs it in several processes). Not for people.
+    struct KVMLifecycle: ParsableCommand {
+        static let configuration = CommandConfiguration(commandName: "__kvm-lifecycle", shouldDisplay: false)
+        @Option(name: .long) var device: String = "/dev/kvm"
+
+        func run() throws {
+            let times: KVMLifecycleTimes
+            do { times = try KVMLifecycleTimes.measure(device: device) } catch { throw Failure("\(device): \(error)") }
+            print(String(decoding: try JSONEncoder().encode(times), as: UTF8.self))
         }
     }
 

@@ -167,3 +167,28 @@ extension StackTests {
     }
 }
 
+
+/// The real host's facts and one VM lifecycle, through this machine's /dev/kvm (where there is
+/// one; without it, the read fails with the device named).
+@Suite struct RealHostTests {
+    @Test func theFactsMatchWhatTheKernelShows() throws {
+        guard let facts = try? KVMHostFacts.read() else {
+            #expect(throws: KVMError.self) { try KVMHostFacts.read() }
+            return
+        }
+        for m in KVMModule.allCases {
+            #expect(facts.modules.contains(m) == FileManager.default.fileExists(atPath: "/sys/module/\(m.rawValue)"))
+        }
+        let parameter = try? String(contentsOfFile: "/sys/module/kvm/parameters/enable_virt_at_load", encoding: .utf8)
+        #expect(facts.enableVirtAtLoad == parameter?.trimmingCharacters(in: .whitespacesAndNewlines))
+        // KVM_CAP_VM_TYPES, where answered, always has the default type (bit 0, KVM_X86_DEFAULT_VM).
+        if let mask = facts.vmTypeMask { #expect(mask.contains(.default), "\(mask)") }
+        #expect(throws: KVMError.cannotOpen(path: "/nonexistent/kvm", errno: ENOENT)) { try KVMHostFacts.read(device: "/nonexistent/kvm") }
+    }
+
+    @Test func aVMLifecycleIsTimedStepByStep() throws {
+        guard (try? KVMHostFacts.read()) != nil else { return }
+        let t = try KVMLifecycleTimes.measure()
+        #expect(t.firstCreateVMNanos > 0 && t.nextCreateVMNanos > 0 && t.createVCPUNanos > 0 && t.destroyLastVMNanos > 0, "\(t)")
+    }
+}

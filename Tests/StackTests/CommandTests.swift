@@ -3,6 +3,7 @@ import Bench
 import Foundation
 import L2Guest
 import Testing
+import Transport
 
 /// End to end: each `pvm` command as a user runs it, the built binary as a subprocess (see
 /// `PVMProcess`: output in temp files, read after exit; every output file a temp file removed
@@ -395,8 +396,10 @@ extension StackTests {
         }
     }
 
-    /// ...and write their figures with --json and --csv, as the exit tests do.
-    @Test func theHostSuiteWritesJSONAndCSV() throws {
+    /// ...and write their figures with --json and --csv, as the exit tests do: the host suite's
+    /// rows say where each figure comes from (`kvm` through /dev/kvm, `emulated`).
+    @Test func theHostSuiteWritesJSONAndCSVWithTheSourceOfEachFigure() throws {
+        let realKVM = (try? KVMHostFacts.read()) != nil
         try withTempFile(".json") { json in
             try withTempFile(".csv") { csv in
                 let r = try pvm(["bench", "--suite", "host", "--json", json.path, "--csv", csv.path, "--quiet"], seconds: 50)
@@ -404,10 +407,29 @@ extension StackTests {
                 let doc = try JSONSerialization.jsonObject(with: Data(contentsOf: json)) as? [String: Any]
                 #expect(doc?["suite"] as? String == "host")
                 let rows = doc?["rows"] as? [[String: Any]] ?? []
-                #expect(rows.count == 6 && rows.allSatisfy { $0["first_vm_ns"] != nil && $0["one_time_setup"] != nil }, "\(rows)")
+                let kvm = rows.filter { $0["source"] as? String == "kvm" }, emulated = rows.filter { $0["source"] as? String == "emulated" }
+                #expect(emulated.count == 6 * 4 + 4, "\(rows)")   // 6 configurations x 4 figures, + the protected VM where setup is on
+                #expect(kvm.count == (realKVM ? 4 : 0), "\(rows)")
+                for row in kvm {
+                    let (lo, mid, hi) = (row["min_ns"] as? Int ?? 0, row["median_ns"] as? Int ?? 0, row["max_ns"] as? Int ?? 0)
+                    #expect(0 < lo && lo <= mid && mid <= hi && row["samples"] as? Int == 7, "\(row)")
+                }
+                if realKVM { #expect(r.out.contains("KVM_CREATE_VM, a fresh process's first") && r.out.contains("enable_virt_at_load: "), "\(r.out)") }
                 let lines = try String(contentsOf: csv, encoding: .utf8).split(separator: "\n")
-                #expect(lines.count == 7 && lines[0].hasPrefix("enable_virt_at_load,one_time_setup,load_ns"), "\(lines)")
+                #expect(lines.count == 1 + rows.count && lines[0] == "source,what,setting,samples,min_ns,median_ns,max_ns", "\(lines)")
             }
+        }
+    }
+
+    /// Without a usable /dev/kvm the real host is one line, and the emulated host still runs.
+    @Test func withoutKVMTheHostSuiteSaysSoInOneLineAndRunsTheEmulatedHost() throws {
+        try withTempFile(".json") { json in
+            let r = try pvm(["bench", "--suite", "host", "--device", "/nonexistent/kvm", "--json", json.path, "--quiet"], seconds: 50)
+            #expect(r.status == 0, "\(r.err)")
+            #expect(r.out.hasPrefix("real KVM not measured: /nonexistent/kvm: No such file or directory\n"), "\(r.out)")
+            #expect(r.out.contains("Emulated L0 host:"), "\(r.out)")
+            let rows = (try JSONSerialization.jsonObject(with: Data(contentsOf: json)) as? [String: Any])?["rows"] as? [[String: Any]] ?? []
+            #expect(!rows.isEmpty && rows.allSatisfy { $0["source"] as? String == "emulated" })
         }
     }
     /// The host's refusals name the command-line flags, and nested VMX is refused in a TDX L1
