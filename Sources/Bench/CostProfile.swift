@@ -77,6 +77,12 @@ public struct CostProfile: Codable, Equatable, Sendable {
         case ept02Fill = "ept02_fill"
         /// Re-syncing one unsync leaf EPT12 table at INVEPT (re-protecting it; entries priced apart).
         case ept12Resync = "ept12_resync"
+        /// The host side (seeds/000-002), priced for `pvm bench --suite host`, never in an exit:
+        /// enabling virtualization on one CPU (kvm_enable_virtualization_cpu: VMXON and the
+        /// per-CPU work and cpuhp callback around it).
+        case cpuVirtualizationEnable = "cpu_virtualization_enable"
+        /// The one-time protected-VM setup (TDX module initialisation), one attempt.
+        case oneTimeSetup = "one_time_setup"
         /// An exit a VMM's userspace handles: KVM_EXIT_IO/MMIO to the VMM and back.
         case vmmUserspaceExit = "vmm_userspace_exit"
         /// A port access an in-kernel device emulates (beyond the exit itself).
@@ -109,9 +115,9 @@ public struct CostProfile: Codable, Equatable, Sendable {
         }
     }
 
-    /// The largest price a profile may set (a second at 1 GHz): every modelled total stays a
+    /// The largest price a profile may set (over 5 minutes at 3 GHz): every modelled total stays a
     /// finite number a table and a chart can print.
-    public static let maxCycles: Double = 1e9
+    public static let maxCycles: Double = 1e12
 
     /// Parses and validates a profile; errors name the file and the key.
     public static func decode(_ data: Data, file: String) throws -> CostProfile {
@@ -179,5 +185,7 @@ public struct CostProfile: Codable, Equatable, Sendable {
     }
 
     public func cycles(_ e: Event) -> Double { prices[e.rawValue]?.cycles ?? 0 }
+    /// `count` of `e` in nanoseconds at this profile's clock.
+    public func nanos(_ e: Event, count: Int = 1) -> Double { Double(count) * cycles(e) / ghz }
     public func range(_ e: Event) -> ClosedRange<Double> { prices[e.rawValue]?.range ?? 0...0 }
 }

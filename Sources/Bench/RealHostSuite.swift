@@ -95,20 +95,6 @@ public enum RealHostSuite {
     }
 }
 
-extension HostSuite {
-    /// The emulated host's rows as figures (one per configuration and operation).
-    public static func figures(_ rows: [Row], iterations: Int) -> [HostFigure] {
-        rows.flatMap { r -> [HostFigure] in
-            let setting = "enable_virt_at_load=\(r.enableVirtAtLoad ? "Y" : "N"), one-time setup \(r.oneTimeSetup.rawValue)"
-            func fig(_ what: String, _ v: UInt64) -> HostFigure {
-                HostFigure(source: .emulated, what: what, setting: setting, samples: iterations, minNanos: nil, medianNanos: v, maxNanos: nil)
-            }
-            return [fig("load", r.loadNanos), fig("first VM", r.firstVMNanos), fig("next VM", r.nextVMNanos),
-                    fig("destroy the last VM", r.destroyLastVMNanos)] + (r.firstProtectedVMNanos.map { [fig("first protected VM", $0)] } ?? [])
-        }
-    }
-}
-
 extension String {
     /// Right-aligned in `n` columns (as is when longer).
     public func leftPad(_ n: Int) -> String { count >= n ? self : String(repeating: " ", count: n - count) + self }

@@ -100,7 +100,8 @@ extension PVM {
                 let given = [("--test", test != nil), ("--path", path != nil), ("--iterations", iterations != nil),
                              ("--warmup", warmup != nil), ("--min-time-ms", minTimeMs != nil), ("--pv-features", pvFeatures != nil),
                              ("--l2-map", l2Map != nil), ("--ablation", ablation), ("--tier-timeout", tierTimeout != nil),
-                             ("--svg", svg != nil), ("--profile", profile != nil), ("--format", format != .table)].filter(\.1).map(\.0)
+                             ("--svg", svg != nil), ("--profile", profile != nil && suite == .memslot),
+                             ("--format", format != .table)].filter(\.1).map(\.0)
                 guard given.isEmpty else {
                     throw ValidationError("--suite \(suite.rawValue) prints its own table (and writes it with --json and --csv); "
                         + "it takes none of \(given.joined(separator: ", "))")
@@ -127,7 +128,8 @@ extension PVM {
             case .host:
                 // The real host through /dev/kvm (fresh processes), then fresh emulated L0 hosts,
                 // each configuration `iterations` times.
-                let costs = HostSuite.Costs(), iterations = 7, processes = 7
+                let iterations = 7, processes = 7, cpuCount = L0Host.machineCPUCount
+                let costs = try Checks.profile(profile)   // the prices of the modelled figures
                 var progress = Progress(total: processes + HostSuite.configurationCount, quiet: quiet)
                 defer { progress.finish() }
                 var figures: [HostFigure] = []
@@ -144,13 +146,13 @@ extension PVM {
                     print("\(e)\n")
                     for _ in 0..<processes { progress.step("host suite: (no real KVM)") }
                 }
-                let rows = try HostSuite.measure(iterations: iterations, costs: costs) { atLoad, setup in
+                let rows = try HostSuite.measure(iterations: iterations, cpuCount: cpuCount) { atLoad, setup in
                     progress.step("host suite: emulated L0, enable_virt_at_load=\(atLoad ? "Y" : "N"), one-time setup \(setup.rawValue)")
                 }
                 progress.finish()
                 print("Emulated L0 host:")
-                print(HostSuite.table(rows, costs: costs, iterations: iterations), terminator: "")
-                figures += HostSuite.figures(rows, iterations: iterations)
+                print(HostSuite.table(rows, profile: costs, cpuCount: cpuCount, iterations: iterations), terminator: "")
+                figures += HostSuite.figures(rows, profile: costs, iterations: iterations)
                 if let json { try writeOutput(Data(try SuiteFiles.json(figures).utf8), to: json) }
                 if let csv { try writeOutput(Data(SuiteFiles.csv(figures).utf8), to: csv) }
                 return

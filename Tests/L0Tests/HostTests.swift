@@ -10,8 +10,8 @@ import Testing
     static func host(cpus: Int = 4, atLoad: Bool, setup: OneTimeSetupPolicy = .off,
                      types: VMTypeMask = L0Host.defaultHardwareVMTypes,
                      failing: Set<Int> = [], failSetup: Bool = false) throws -> L0Host {
-        try L0Host(cpuCount: cpus, enableVirtAtLoad: atLoad, enableCostNanos: 0, oneTimeSetup: setup,
-                   oneTimeSetupCostNanos: 0, hardwareVMTypes: types, failingEnableCPUs: failing,
+        try L0Host(cpuCount: cpus, enableVirtAtLoad: atLoad, oneTimeSetup: setup,
+                   hardwareVMTypes: types, failingEnableCPUs: failing,
                    failOneTimeSetup: failSetup)
     }
     static let allCPUs: Set<Int> = [0, 1, 2, 3]

@@ -408,7 +408,10 @@ extension StackTests {
                 #expect(doc?["suite"] as? String == "host")
                 let rows = doc?["rows"] as? [[String: Any]] ?? []
                 let kvm = rows.filter { $0["source"] as? String == "kvm" }, emulated = rows.filter { $0["source"] as? String == "emulated" }
-                #expect(emulated.count == 6 * 4 + 4, "\(rows)")   // 6 configurations x 4 figures, + the protected VM where setup is on
+                let model = rows.filter { $0["source"] as? String == "model" }
+                // 6 configurations x 4 operations, + the protected VM where the setup is on; each
+                // operation once as the emulator's own work and once as modelled.
+                #expect(emulated.count == 6 * 4 + 4 && model.count == emulated.count, "\(rows)")
                 #expect(kvm.count == (realKVM ? 4 : 0), "\(rows)")
                 for row in kvm {
                     let (lo, mid, hi) = (row["min_ns"] as? Int ?? 0, row["median_ns"] as? Int ?? 0, row["max_ns"] as? Int ?? 0)
@@ -429,7 +432,7 @@ extension StackTests {
             #expect(r.out.hasPrefix("real KVM not measured: /nonexistent/kvm: No such file or directory\n"), "\(r.out)")
             #expect(r.out.contains("Emulated L0 host:"), "\(r.out)")
             let rows = (try JSONSerialization.jsonObject(with: Data(contentsOf: json)) as? [String: Any])?["rows"] as? [[String: Any]] ?? []
-            #expect(!rows.isEmpty && rows.allSatisfy { $0["source"] as? String == "emulated" })
+            #expect(!rows.isEmpty && rows.allSatisfy { ["emulated", "model"].contains($0["source"] as? String) })
         }
     }
     /// The host's refusals name the command-line flags, and nested VMX is refused in a TDX L1

@@ -240,3 +240,31 @@ final class SVGElements: NSObject, XMLParserDelegate {
         #expect(labelRoom >= Double(long.label.count) * 7.2, "\(labelRoom) px for \(long.label)")
     }
 }
+
+/// The emulated host suite spends nothing it models: each operation's modelled figure is the
+/// enables and setups it made at the profile's prices, exactly.
+@Suite struct HostSuiteModelTests {
+    @Test func theModelledFiguresAreTheCountedWorkAtTheProfilesPrices() throws {
+        let profile = try CostModel.defaultProfile()
+        let rows = try HostSuite.measure(iterations: 1, cpuCount: 2)
+        let enable = profile.nanos(.cpuVirtualizationEnable), setup = profile.nanos(.oneTimeSetup)
+        #expect(enable == profile.cycles(.cpuVirtualizationEnable) / profile.ghz && enable > 0 && setup > 0)
+        func row(_ atLoad: Bool, _ s: OneTimeSetupPolicy) throws -> HostSuite.Row {
+            try #require(rows.first { $0.enableVirtAtLoad == atLoad && $0.oneTimeSetup == s })
+        }
+        // enable_virt_at_load: the load enables both CPUs, the first VM none; without it, the reverse.
+        #expect(try row(true, .off).load.modelledNanos(profile) == 2 * enable)
+        #expect(try row(true, .off).firstVM.modelledNanos(profile) == 0)
+        #expect(try row(false, .off).firstVM.modelledNanos(profile) == 2 * enable)
+        #expect(try row(false, .off).load.modelledNanos(profile) == 0)
+        // The setup: at load (enabling around it when not held), or on the first protected VM.
+        #expect(try row(true, .atLoad).load.modelledNanos(profile) == 2 * enable + setup)
+        #expect(try row(false, .atLoad).load.modelledNanos(profile) == 2 * enable + setup)
+        #expect(try row(true, .onFirstProtectedVM).firstProtectedVM?.modelledNanos(profile) == setup)
+        #expect(try row(false, .onFirstProtectedVM).firstProtectedVM?.modelledNanos(profile) == 2 * enable + setup)
+        // Every figure comes in both kinds, and the modelled one says what it counted.
+        let figures = HostSuite.figures(rows, profile: profile, iterations: 1)
+        #expect(figures.filter { $0.source == .model }.count == figures.filter { $0.source == .emulated }.count)
+        #expect(figures.contains { $0.source == .model && $0.what == "load: 2 per-CPU enables, 1 one-time setups" })
+    }
+}

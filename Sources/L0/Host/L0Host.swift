@@ -4,17 +4,12 @@ import Synchronization
 /// The host side of KVM as a whole: the loaded module with its CPUs, the VMs it created, and
 /// when virtualization is enabled on each CPU. Every operation takes the one lock (KVM's
 /// `kvm_usage_lock` with the CPU-hotplug lock), so VM creation, VM destruction, hotplug and
-/// suspend/resume are serialized, and the per-CPU enable costs are spent while holding it, as
-/// cpuhp bring-up is serialized across CPUs.
+/// suspend/resume are serialized, as cpuhp bring-up is serialized across CPUs. What the per-CPU
+/// enables and the one-time setup cost is not spent here: the host counts them (`Status`), and
+/// the cost profile prices them (`pvm bench --suite host` prints those figures as modelled).
 ///
 /// The stacks `L0Stack` runs are one VM each; this object models what happens around them.
 public final class L0Host: Sendable {
-    /// One per-CPU enable: VMXON plus the per-CPU work around it and the cpuhp callback run on
-    /// that CPU. A configured figure of the right order (tens of microseconds), not a measurement.
-    public static let defaultEnableCostNanos: UInt64 = 20_000
-    /// The one-time setup (TDX module initialisation: global and per-package configuration, PAMT
-    /// allocation and initialisation). Order of 100 ms on a small host, more with more memory.
-    public static let defaultOneTimeSetupCostNanos: UInt64 = 100_000_000
     /// What the modelled hardware can run: an Intel host with TDX (VMXON is what enabling costs).
     public static let defaultHardwareVMTypes = VMTypeMask([.default, .swProtected, .tdx])
     /// The default CPU count: this machine's online CPUs.
@@ -47,9 +42,7 @@ public final class L0Host: Sendable {
     /// or the setup, fails until cleared (`setEnableFailure`, `setOneTimeSetupFailure`).
     public init(cpuCount: Int = L0Host.machineCPUCount,
                 enableVirtAtLoad: Bool = true,
-                enableCostNanos: UInt64 = L0Host.defaultEnableCostNanos,
                 oneTimeSetup: OneTimeSetupPolicy = .off,
-                oneTimeSetupCostNanos: UInt64 = L0Host.defaultOneTimeSetupCostNanos,
                 hardwareVMTypes: VMTypeMask = L0Host.defaultHardwareVMTypes,
                 failingEnableCPUs: Set<Int> = [],
                 failOneTimeSetup: Bool = false) throws(HostError) {
@@ -61,9 +54,8 @@ public final class L0Host: Sendable {
             ? VMTypeMask(hardwareVMTypes.types.filter { !VMCapabilities(type: $0).needsOneTimeSetup })
             : hardwareVMTypes
         var s = State(
-            enabling: VirtualizationEnabling(cpus: HostCPUs(count: cpuCount, enableCostNanos: enableCostNanos,
-                                                            failingEnable: failingEnableCPUs)),
-            setup: OneTimeSetup(policy: oneTimeSetup, costNanos: oneTimeSetupCostNanos, failing: failOneTimeSetup))
+            enabling: VirtualizationEnabling(cpus: HostCPUs(count: cpuCount, failingEnable: failingEnableCPUs)),
+            setup: OneTimeSetup(policy: oneTimeSetup, failing: failOneTimeSetup))
         if enableVirtAtLoad { try s.enabling.acquire() }
         if oneTimeSetup == .atLoad {
             // The setup needs every CPU enabled; without enable_virt_at_load, only for its duration.
@@ -181,8 +173,9 @@ public final class L0Host: Sendable {
         /// Successful one-time setups (0 or 1) and attempts, failed ones included.
         public var oneTimeSetupRuns: Int
         public var oneTimeSetupAttempts: Int
-        /// Per-CPU enables and disables since load.
+        /// Per-CPU enables and disables since load; enable attempts, failed ones included.
         public var perCPUEnables: Int
+        public var perCPUEnableAttempts: Int
         public var perCPUDisables: Int
         /// Outside suspend, the online CPUs are enabled iff usageCount > 0, and no offline CPU is.
         public var enablingRuleHolds: Bool
@@ -200,6 +193,7 @@ public final class L0Host: Sendable {
                    oneTimeSetupRuns: s.setup.runs,
                    oneTimeSetupAttempts: s.setup.attempts,
                    perCPUEnables: s.enabling.cpus.enables,
+                   perCPUEnableAttempts: s.enabling.cpus.enableAttempts,
                    perCPUDisables: s.enabling.cpus.disables,
                    enablingRuleHolds: s.enabling.invariantHolds)
         }

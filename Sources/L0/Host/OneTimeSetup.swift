@@ -10,22 +10,21 @@ public enum OneTimeSetupPolicy: String, Sendable, CaseIterable {
     case onFirstProtectedVM = "on-first-protected-vm"
 }
 
-/// The setup itself: done at most once successfully, with a configured cost that is spent. It
+/// The setup itself: done at most once successfully; its cost is what the cost profile prices
+/// (`one_time_setup`) per attempt, never spent here. It
 /// needs virtualization enabled on every CPU while it runs (TDX module initialisation needs VMXON
 /// on all of them); the caller holds a usage reference around it.
 struct OneTimeSetup {
     let policy: OneTimeSetupPolicy
-    let costNanos: UInt64
-    /// The test hook: while set, every attempt fails (after spending its cost).
+    /// The test hook: while set, every attempt fails.
     var failing: Bool
     private(set) var done = false
     /// Successful runs; never more than 1.
     private(set) var runs = 0
     private(set) var attempts = 0
 
-    init(policy: OneTimeSetupPolicy, costNanos: UInt64, failing: Bool) {
+    init(policy: OneTimeSetupPolicy, failing: Bool) {
         self.policy = policy
-        self.costNanos = costNanos
         self.failing = failing
     }
 
@@ -34,7 +33,6 @@ struct OneTimeSetup {
         guard !done else { return }
         precondition(policy != .off, "one-time setup requested while it is off")
         attempts += 1
-        busyWait(nanos: costNanos)
         if failing { throw .oneTimeSetupFailed }
         done = true
         runs += 1
