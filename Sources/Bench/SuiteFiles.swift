@@ -8,17 +8,45 @@ import L0
 
 extension MemslotSuite.Row: Encodable {
     enum CodingKeys: String, CodingKey {
-        case scenario, policy, deleteMicros = "delete_us_median", entriesZapped = "entries_zapped", refaults
+        case source, scenario, policy, deleteMicros = "delete_us_median", entriesZapped = "entries_zapped", refaults
         case rebuildMillis = "rebuild_ms_median"
     }
     public func encode(to encoder: Encoder) throws {
         var c = encoder.container(keyedBy: CodingKeys.self)
+        try c.encode("emulated", forKey: .source)
         try c.encode(scenario, forKey: .scenario)
         try c.encode(policy.rawValue, forKey: .policy)
         try c.encode(deleteMicros, forKey: .deleteMicros)
         try c.encode(entriesZapped, forKey: .entriesZapped)
         try c.encode(refaults, forKey: .refaults)
         try c.encode(rebuildMillis, forKey: .rebuildMillis)
+    }
+}
+
+/// One real-kernel memslot scenario as a row (`source: kvm`).
+struct RealMemslotRow: Encodable {
+    let result: RealMemslotProbe.Result
+    enum CodingKeys: String, CodingKey {
+        case source, scenario, targetMiB = "target_mib", otherMiB = "other_mib", rounds
+        case firstTouch = "first_touch_ns_per_page", delete = "delete_us_median", refault = "refault_ns_per_page_median"
+        case otherMapped = "other_mapped_ns_per_page", otherAfter = "other_after_ns_per_page_median", stats = "stats_across_delete"
+    }
+    func encode(to encoder: Encoder) throws {
+        var c = encoder.container(keyedBy: CodingKeys.self)
+        let r = result, med = RealMemslotSuite.median
+        try c.encode("kvm", forKey: .source)
+        try c.encode(r.scenario.name, forKey: .scenario)
+        try c.encode(r.scenario.targetBytes >> 20, forKey: .targetMiB)
+        try c.encode(r.scenario.otherBytes >> 20, forKey: .otherMiB)
+        try c.encode(r.rounds.count, forKey: .rounds)
+        try c.encode(r.firstTouchNanosPerPage, forKey: .firstTouch)
+        try c.encode(med(r.rounds.map { Double($0.deleteNanos) / 1e3 }), forKey: .delete)
+        try c.encode(med(r.rounds.map(\.targetRefaultNanosPerPage)), forKey: .refault)
+        if r.scenario.otherBytes > 0 {
+            try c.encode(r.otherMappedNanosPerPage, forKey: .otherMapped)
+            try c.encode(med(r.rounds.map(\.otherRetouchNanosPerPage)), forKey: .otherAfter)
+        }
+        try c.encode(r.rounds.first?.statsAcrossDelete ?? [:], forKey: .stats)
     }
 }
 
@@ -34,14 +62,36 @@ public enum SuiteFiles {
         return String(decoding: try e.encode(Document(suite: suite, rows: rows)), as: UTF8.self) + "\n"
     }
 
-    public static func json(_ rows: [MemslotSuite.Row]) throws -> String { try json("memslot", rows) }
+    /// The memslot suite: the emulated L0's rows (`source: emulated`), then the real kernel's (`kvm`).
+    public static func json(_ rows: [MemslotSuite.Row], real: [RealMemslotProbe.Result] = []) throws -> String {
+        struct Either: Encodable {
+            let emulated: MemslotSuite.Row?, real: RealMemslotRow?
+            func encode(to encoder: Encoder) throws { if let emulated { try emulated.encode(to: encoder) } else { try real?.encode(to: encoder) } }
+        }
+        return try json("memslot", rows.map { Either(emulated: $0, real: nil) } + real.map { Either(emulated: nil, real: RealMemslotRow(result: $0)) })
+    }
     /// The host suite: the real host's figures and the emulated host's, each with its `source`.
     public static func json(_ figures: [HostFigure]) throws -> String { try json("host", figures) }
 
-    public static func csv(_ rows: [MemslotSuite.Row]) -> String {
-        "scenario,policy,delete_us_median,entries_zapped,refaults,rebuild_ms_median\n" + rows.map {
-            "\($0.scenario),\($0.policy.rawValue),\(Report.fmt($0.deleteMicros, 2)),\($0.entriesZapped),\($0.refaults),\(Report.fmt($0.rebuildMillis, 3))"
-        }.joined(separator: "\n") + "\n"
+    /// One header for both kinds of row; a row leaves the other kind's columns empty.
+    public static func csv(_ rows: [MemslotSuite.Row], real: [RealMemslotProbe.Result] = []) -> String {
+        let med = RealMemslotSuite.median
+        let emulated = rows.map {
+            "emulated,\($0.scenario),\($0.policy.rawValue),\(Report.fmt($0.deleteMicros, 2)),\($0.entriesZapped),\($0.refaults),"
+                + "\(Report.fmt($0.rebuildMillis, 3)),,,,,,,,"
+        }
+        let kernel = real.map { r -> String in
+            let s = r.rounds.first?.statsAcrossDelete ?? [:]
+            let other = r.scenario.otherBytes > 0
+            return "kvm,\(r.scenario.name),,\(Report.fmt(med(r.rounds.map { Double($0.deleteNanos) / 1e3 }), 2)),,,,"
+                + "\(r.scenario.targetBytes >> 20),\(r.scenario.otherBytes >> 20),\(Report.fmt(r.firstTouchNanosPerPage, 0)),"
+                + "\(Report.fmt(med(r.rounds.map(\.targetRefaultNanosPerPage)), 0)),"
+                + "\(other ? Report.fmt(r.otherMappedNanosPerPage, 0) : ""),\(other ? Report.fmt(med(r.rounds.map(\.otherRetouchNanosPerPage)), 0) : ""),"
+                + "\(s["mmu_shadow_zapped"].map(String.init) ?? ""),\(s["remote_tlb_flush"].map(String.init) ?? "")"
+        }
+        return "source,scenario,policy,delete_us_median,entries_zapped,refaults,rebuild_ms_median,target_mib,other_mib,"
+            + "first_touch_ns_per_page,refault_ns_per_page,other_mapped_ns_per_page,other_after_ns_per_page,mmu_shadow_zapped,remote_tlb_flush\n"
+            + (emulated + kernel).joined(separator: "\n") + "\n"
     }
 
     public static func csv(_ figures: [HostFigure]) -> String {

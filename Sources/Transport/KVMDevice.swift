@@ -387,35 +387,11 @@ public final class KVMVCPU {
     }
 
     /// This vCPU's binary statistics (KVM_GET_STATS_FD, 5.14+): counter name -> value, the
-    /// cumulative u64 ones (`exits`, `io_exits`, `halt_exits`...). Throws if the kernel has none.
+    /// cumulative single-value ones (`exits`, `io_exits`, `halt_exits`...). Throws if the kernel has none.
     public func statistics() throws -> [String: UInt64] {
-        let sfd = ioctl(fd, KVMIoctl.getStatsFD)
-        guard sfd >= 0 else { throw KVMError.ioctlFailed(name: "KVM_GET_STATS_FD", errno: errno) }
-        defer { close(sfd) }
-        func read(_ count: Int, at offset: Int) throws -> [UInt8] {
-            var bytes = [UInt8](repeating: 0, count: count)
-            // pread into our own buffer of exactly `count` bytes.
-            let n = bytes.withUnsafeMutableBytes { pread(sfd, $0.baseAddress, count, off_t(offset)) }
-            guard n == count else { throw KVMError.ioctlFailed(name: "read(KVM stats fd)", errno: n < 0 ? errno : EIO) }
-            return bytes
-        }
-        func u32(_ b: [UInt8], _ o: Int) -> UInt32 { (0..<4).reduce(0) { $0 | UInt32(b[o + $1]) << (8 * $1) } }
-        func u16(_ b: [UInt8], _ o: Int) -> UInt16 { UInt16(b[o]) | UInt16(b[o + 1]) << 8 }
-        let headerSize = MemoryLayout<kvm_stats_header>.size
-        let h = try read(headerSize, at: 0)
-        let nameSize = Int(u32(h, 4)), count = Int(u32(h, 8)), descOffset = Int(u32(h, 16)), dataOffset = Int(u32(h, 20))
-        guard nameSize > 0, nameSize <= 256, count <= 4096 else { throw KVMError.ioctlFailed(name: "KVM stats header", errno: EINVAL) }
-        let descSize = MemoryLayout<kvm_stats_desc>.size + nameSize
-        let descs = try read(descSize * count, at: descOffset)
         var out: [String: UInt64] = [:]
-        for i in 0..<count {
-            let d = i * descSize
-            let flags = u32(descs, d), size = Int(u16(descs, d + 6)), offset = Int(u32(descs, d + 8))
-            let nameBytes = descs[(d + MemoryLayout<kvm_stats_desc>.size)..<(d + descSize)].prefix { $0 != 0 }
-            // Cumulative, linear u64 counters of one value only.
-            guard flags & UInt32(KVM_STATS_TYPE_MASK) == UInt32(KVM_STATS_TYPE_CUMULATIVE), size == 1 else { continue }
-            let v = try read(8, at: dataOffset + offset)
-            out[String(decoding: nameBytes, as: UTF8.self)] = (0..<8).reduce(0) { $0 | UInt64(v[$1]) << (8 * $1) }
+        for s in try KVMStatsReader.read(owner: fd) where s.kind == .cumulative {
+            if let v = s.value { out[s.name] = v }
         }
         return out
     }

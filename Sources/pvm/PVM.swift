@@ -74,8 +74,11 @@ extension PVM {
         var tierTimeout: Double?
         @Flag(name: .long, help: "No progress line on stderr.")
         var quiet = false
-        @Option(name: .long, help: "The KVM device the host suite measures (default: /dev/kvm).")
+        @Option(name: .long, help: "The KVM device the host and memslot suites measure (default: /dev/kvm).")
         var device: String = "/dev/kvm"
+        /// Tests: the memslot suite's sizes divided by this (1-1024), so it runs in seconds.
+        @Option(name: .customLong("memslot-divisor"), help: .hidden)
+        var memslotDivisor: Int = 1
 
         static let defaultIterations: UInt64 = 1_000_000, defaultMinTimeMs: UInt64 = 100
 
@@ -91,8 +94,9 @@ extension PVM {
             for (option, file) in [("--csv", csv), ("--svg", svg), ("--json", json)] {
                 if let file { try Checks.writable(file, option: option) }
             }
-            if device != "/dev/kvm" && suite != .host {
-                throw ValidationError("--device is for --suite host (the real KVM it measures)")
+            try Checks.range(memslotDivisor, 1...1024, "--memslot-divisor")
+            if device != "/dev/kvm" && suite == .exits {
+                throw ValidationError("--device is for --suite host and --suite memslot (the real KVM they measure)")
             }
             if suite != .exits {
                 // The memslot and host suites print their own table and write it with --json and
@@ -116,14 +120,26 @@ extension PVM {
             switch suite {
             case .exits: break
             case .memslot:
-                // In-process: L0's zap work on real memfds.
-                var progress = Progress(total: MemslotZapPolicy.allCases.count, quiet: quiet)
+                // In-process: L0's zap work on real memfds; then the same patterns on the real kernel.
+                let realScenarios = RealMemslotSuite.scenarios().count
+                var progress = Progress(total: MemslotZapPolicy.allCases.count + realScenarios, quiet: quiet)
                 defer { progress.finish() }
-                let rows = try MemslotSuite.run { progress.step("memslot suite: \($0.rawValue) zap, both scenarios") }
+                let rows = try MemslotSuite.run(scale: UInt64(memslotDivisor)) { progress.step("memslot suite: emulated L0, \($0.rawValue) zap, both scenarios") }
+                var real: [RealMemslotProbe.Result] = []
+                var realText: String
+                do {
+                    let report = try RealMemslotSuite.run(device: device, divisor: memslotDivisor) { progress.step("memslot suite: the real kernel, \($0)") }
+                    real = report.results
+                    realText = RealMemslotSuite.table(report)
+                } catch let e as RealHostSuite.Unavailable {
+                    realText = "\(e)\n"   // no /dev/kvm: one line; the emulated figures stand
+                }
                 progress.finish()
-                print(MemslotSuite.table(rows), terminator: "")
-                if let json { try writeOutput(Data(try SuiteFiles.json(rows).utf8), to: json) }
-                if let csv { try writeOutput(Data(SuiteFiles.csv(rows).utf8), to: csv) }
+                print("Emulated L0:")
+                print(MemslotSuite.table(rows))
+                print(realText, terminator: "")
+                if let json { try writeOutput(Data(try SuiteFiles.json(rows, real: real).utf8), to: json) }
+                if let csv { try writeOutput(Data(SuiteFiles.csv(rows, real: real).utf8), to: csv) }
                 return
             case .host:
                 // The real host through /dev/kvm (fresh processes), then fresh emulated L0 hosts,

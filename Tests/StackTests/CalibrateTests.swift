@@ -192,3 +192,29 @@ extension StackTests {
         #expect(t.firstCreateVMNanos > 0 && t.nextCreateVMNanos > 0 && t.createVCPUNanos > 0 && t.destroyLastVMNanos > 0, "\(t)")
     }
 }
+
+/// The VM's binary statistics and a memslot delete-and-recreate cycle on the real kernel.
+@Suite struct RealMemslotTests {
+    @Test func theStatsReaderReadsTheKernelsDescriptors() throws {
+        guard let vm = try? KVMDevice().createVM(memoryBytes: 2 << 20) else { return }
+        let stats = try vm.stats()
+        func stat(_ name: String) -> KVMStat? { stats.first { $0.name == name } }
+        // x86 KVM's VM statistics (arch/x86/kvm/x86.c, kvm_vm_stats_desc), as this kernel describes them.
+        #expect(stat("mmu_shadow_zapped")?.kind == .cumulative && stat("mmu_shadow_zapped")?.unit == KVMStat.Unit.none)
+        #expect(stat("remote_tlb_flush")?.kind == .cumulative)
+        #expect(stat("pages_4k")?.kind == .instant && stat("max_mmu_rmap_size")?.kind == .peak)
+        #expect(stats.allSatisfy { !$0.name.isEmpty && !$0.values.isEmpty && ($0.base == 10 || $0.base == 2) }, "\(stats)")
+        #expect(Set(stats.map(\.name)).count == stats.count)
+    }
+
+    @Test func deletingASlotZapsAndRefaultsAreTimed() throws {
+        guard (try? KVMDevice()) != nil else { return }
+        let r = try RealMemslotProbe.run(.init(name: "small", otherBytes: 4 << 20, targetBytes: 8 << 20, rounds: 2))
+        #expect(r.rounds.count == 2 && r.firstTouchNanosPerPage > 0 && r.otherMappedNanosPerPage > 0)
+        for round in r.rounds {
+            #expect(round.deleteNanos > 0 && round.targetRefaultNanosPerPage > 0 && round.otherRetouchNanosPerPage > 0)
+            // What the kernel says it did: the delete zapped shadow pages.
+            #expect((round.statsAcrossDelete["mmu_shadow_zapped"] ?? 0) >= 1, "\(round.statsAcrossDelete)")
+        }
+    }
+}

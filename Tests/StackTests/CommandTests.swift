@@ -454,5 +454,19 @@ extension StackTests {
         let quiet = try pvm(["bench", "--test", "cpuid,vmcall", "--path", "single", "--min-time-ms", "0", "--iterations", "50", "--quiet"])
         #expect(quiet.status == 0 && !quiet.err.contains("[1/2]") && quiet.out.contains("vmcall"), "\(quiet.err)")
     }
+    /// The memslot suite writes the emulated L0's rows (both policies) and the real kernel's.
+    @Test func theMemslotSuiteWritesEmulatedAndRealKernelRows() throws {
+        let realKVM = (try? KVMDevice()) != nil
+        try withTempFile(".json") { json in
+            let r = try pvm(["bench", "--suite", "memslot", "--memslot-divisor", "64", "--json", json.path, "--quiet"], seconds: 50)
+            #expect(r.status == 0, "\(r.err)")
+            let rows = (try JSONSerialization.jsonObject(with: Data(contentsOf: json)) as? [String: Any])?["rows"] as? [[String: Any]] ?? []
+            let emulated = rows.filter { $0["source"] as? String == "emulated" }, kvm = rows.filter { $0["source"] as? String == "kvm" }
+            #expect(Set(emulated.compactMap { $0["policy"] as? String }) == ["fast", "targeted"], "\(rows)")
+            #expect(kvm.count == (realKVM ? 2 : 0), "\(rows)")
+            for row in kvm { #expect((row["delete_us_median"] as? Double ?? 0) > 0 && row["stats_across_delete"] != nil, "\(row)") }
+            #expect(r.out.contains(realKVM ? "sizes divided by 64, as asked" : "real KVM not measured"), "\(r.out)")
+        }
+    }
 }
 }
