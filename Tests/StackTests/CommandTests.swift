@@ -467,6 +467,10 @@ extension StackTests {
             for row in kvm { #expect((row["delete_us_median"] as? Double ?? 0) > 0 && row["stats_across_delete"] != nil, "\(row)") }
             #expect(r.out.contains(realKVM ? "sizes divided by 64, as asked" : "real KVM not measured"), "\(r.out)")
         }
+        // Without /dev/kvm: one line, and the emulated rows still come.
+        let none = try pvm(["bench", "--suite", "memslot", "--memslot-divisor", "64", "--device", "/nonexistent/kvm", "--quiet"], seconds: 50)
+        #expect(none.status == 0 && none.out.contains("real KVM not measured: /nonexistent/kvm: No such file or directory\n"), "\(none.out)")
+        #expect(none.out.contains("recreate 2 GiB  targeted"), "\(none.out)")
     }
 }
 }
