@@ -81,6 +81,8 @@ public struct CostProfile: Codable, Equatable, Sendable {
         /// enabling virtualization on one CPU (kvm_enable_virtualization_cpu: VMXON and the
         /// per-CPU work and cpuhp callback around it).
         case cpuVirtualizationEnable = "cpu_virtualization_enable"
+        /// Disabling it again on one CPU (kvm_disable_virtualization_cpu: VMXOFF and the cpuhp callback).
+        case cpuVirtualizationDisable = "cpu_virtualization_disable"
         /// The one-time protected-VM setup (TDX module initialisation), one attempt.
         case oneTimeSetup = "one_time_setup"
         /// An exit a VMM's userspace handles: KVM_EXIT_IO/MMIO to the VMM and back.

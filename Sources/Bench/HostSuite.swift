@@ -12,13 +12,15 @@ public enum HostSuite {
     /// that the model prices.
     public struct Operation: Sendable, Equatable {
         public var emulatedNanos: UInt64
-        /// Per-CPU enable attempts and one-time setup attempts the operation made.
+        /// Per-CPU enable attempts, per-CPU disables and one-time setup attempts the operation made.
         public var cpuEnables: Int
+        public var cpuDisables: Int = 0
         public var setups: Int
 
-        /// The priced part: enables and setups at the profile's prices.
+        /// The priced part: enables, disables and setups at the profile's prices.
         public func modelledNanos(_ p: CostProfile) -> Double {
-            p.nanos(.cpuVirtualizationEnable, count: cpuEnables) + p.nanos(.oneTimeSetup, count: setups)
+            p.nanos(.cpuVirtualizationEnable, count: cpuEnables) + p.nanos(.cpuVirtualizationDisable, count: cpuDisables)
+                + p.nanos(.oneTimeSetup, count: setups)
         }
         /// What a user would wait: the priced work plus the emulator's own bookkeeping.
         public func totalNanos(_ p: CostProfile) -> Double { modelledNanos(p) + Double(emulatedNanos) }
@@ -58,7 +60,7 @@ public enum HostSuite {
         for (atLoad, setup) in configurations {
             progress(atLoad, setup)
             var times: [String: [UInt64]] = [:]
-            var work: [String: (Int, Int)] = [:]
+            var work: [String: (Int, Int, Int)] = [:]
             /// Times `body` on `host` and records the enables and setups it made.
             func timed<T>(_ name: String, _ host: () -> L0Host?, _ body: () throws(HostError) -> T) throws(HostError) -> T {
                 let before = host()?.status
@@ -67,6 +69,7 @@ public enum HostSuite {
                 times[name, default: []].append(monotonicNanos() - t)
                 let after = (r as? L0Host)?.status ?? host()?.status
                 work[name] = ((after?.perCPUEnableAttempts ?? 0) - (before?.perCPUEnableAttempts ?? 0),
+                              (after?.perCPUDisables ?? 0) - (before?.perCPUDisables ?? 0),
                               (after?.oneTimeSetupAttempts ?? 0) - (before?.oneTimeSetupAttempts ?? 0))
                 return r
             }
@@ -86,8 +89,8 @@ public enum HostSuite {
                 _ = try timed("protected", { other }) { () throws(HostError) in try other.createVM(type: .tdx) }
             }
             func op(_ name: String) -> Operation? {
-                guard let t = times[name], let (enables, setups) = work[name] else { return nil }
-                return Operation(emulatedNanos: Median.of(t), cpuEnables: enables, setups: setups)
+                guard let t = times[name], let (enables, disables, setups) = work[name] else { return nil }
+                return Operation(emulatedNanos: Median.of(t), cpuEnables: enables, cpuDisables: disables, setups: setups)
             }
             rows.append(Row(enableVirtAtLoad: atLoad, oneTimeSetup: setup, load: op("load")!, firstVM: op("first")!,
                             nextVM: op("next")!, destroyLastVM: op("destroy")!, firstProtectedVM: op("protected")))
@@ -98,6 +101,7 @@ public enum HostSuite {
     /// The table of what a user would wait (modelled), then what it shows in two lines.
     public static func table(_ rows: [Row], profile: CostProfile, cpuCount: Int, iterations: Int) -> String {
         var out = "host: \(cpuCount) CPUs; modelled: per-CPU enable \(duration(UInt64(profile.nanos(.cpuVirtualizationEnable)))), "
+            + "disable \(duration(UInt64(profile.nanos(.cpuVirtualizationDisable)))), "
             + "one-time setup \(duration(UInt64(profile.nanos(.oneTimeSetup)))) (profile \(profile.name), estimates), "
             + "plus the emulated host's own work, measured (median of \(max(1, iterations)) fresh hosts)\n\n"
         let header = ["enable_virt_at_load", "one-time setup", "load", "first VM", "next VM", "destroy last VM", "first VM (tdx)"]
@@ -113,7 +117,7 @@ public enum HostSuite {
         }
         let bookkeeping = rows.flatMap { [$0.load, $0.firstVM, $0.nextVM, $0.destroyLastVM] + ($0.firstProtectedVM.map { [$0] } ?? []) }
             .map(\.emulatedNanos).max() ?? 0
-        out += "(modelled: the enables and setups each operation made, at the profile's prices, plus the emulator's own "
+        out += "(modelled: the enables, disables and setups each operation made, at the profile's prices, plus the emulator's own "
             + "bookkeeping, measured: at most \(duration(bookkeeping)) here. first VM (tdx): the first VM of another fresh "
             + "host, a protected one, not offered while the setup it needs is off)\n\n"
         if let on = row(rows, true, .off), let off = row(rows, false, .off) {
@@ -138,7 +142,7 @@ public enum HostSuite {
             let ops = [("load", r.load), ("first VM", r.firstVM), ("next VM", r.nextVM), ("destroy the last VM", r.destroyLastVM)]
                 + (r.firstProtectedVM.map { [("first protected VM", $0)] } ?? [])
             return ops.flatMap { name, o in [
-                HostFigure(source: .model, what: "\(name): \(o.cpuEnables) per-CPU enables, \(o.setups) one-time setups",
+                HostFigure(source: .model, what: "\(name): \(o.cpuEnables) per-CPU enables, \(o.cpuDisables) disables, \(o.setups) one-time setups",
                            setting: setting, samples: 1, minNanos: nil, medianNanos: UInt64(o.modelledNanos(profile)), maxNanos: nil),
                 HostFigure(source: .emulated, what: "\(name): the emulated host's own work", setting: setting,
                            samples: max(1, iterations), minNanos: nil, medianNanos: o.emulatedNanos, maxNanos: nil),

@@ -19,6 +19,18 @@ public struct HostFigure: Sendable, Equatable, Encodable {
     enum CodingKeys: String, CodingKey {
         case source, what, setting, samples, minNanos = "min_ns", medianNanos = "median_ns", maxNanos = "max_ns"
     }
+
+    /// Every key in every row: min_ns and max_ns are null where a figure has only a median.
+    public func encode(to encoder: Encoder) throws {
+        var c = encoder.container(keyedBy: CodingKeys.self)
+        try c.encode(source, forKey: .source)
+        try c.encode(what, forKey: .what)
+        try c.encode(setting, forKey: .setting)
+        try c.encode(samples, forKey: .samples)
+        if let minNanos { try c.encode(minNanos, forKey: .minNanos) } else { try c.encodeNil(forKey: .minNanos) }
+        try c.encode(medianNanos, forKey: .medianNanos)
+        if let maxNanos { try c.encode(maxNanos, forKey: .maxNanos) } else { try c.encodeNil(forKey: .maxNanos) }
+    }
 }
 
 /// The real host's side of `pvm bench --suite host`: what serves /dev/kvm, its
@@ -30,10 +42,16 @@ public enum RealHostSuite {
         public var figures: [HostFigure]
     }
 
-    /// Why the real host was not measured, in one line.
+    /// Why the real host was not measured: the device cannot be opened (no KVM, no permission).
     public struct Unavailable: Error, CustomStringConvertible {
         public let reason: String
         public var description: String { "real KVM not measured: \(reason)" }
+    }
+
+    /// A measurement on a KVM that could be opened went wrong.
+    public struct Failed: Error, CustomStringConvertible {
+        public let reason: String
+        public var description: String { "real KVM measurement failed: \(reason)" }
     }
 
     public static func run(tierExecutable: String, device: String = "/dev/kvm", processes: Int = 7,
@@ -43,7 +61,7 @@ public enum RealHostSuite {
         var samples: [KVMLifecycleTimes] = []
         for i in 0..<max(1, processes) {
             progress(i)
-            samples.append(try lifecycleInFreshProcess(tierExecutable: tierExecutable, device: device))
+            samples.append(try lifecycleInFreshProcess(tierExecutable: tierExecutable, device: device))   // Failed: the caller says so
         }
         let setting = "enable_virt_at_load=\(facts.enableVirtAtLoad ?? "absent") (read-only at run time)"
         func figure(_ what: String, _ pick: (KVMLifecycleTimes) -> UInt64) -> HostFigure {
@@ -64,15 +82,17 @@ public enum RealHostSuite {
         let p = Process()
         p.executableURL = URL(fileURLWithPath: tierExecutable)
         p.arguments = ["__kvm-lifecycle", "--device", device]
-        let out = Pipe(), err = Pipe()
+        // One pipe for both streams, read to the end: the JSON line is the last one on success,
+        // the error the last one on failure (two pipes read one after the other could block).
+        let out = Pipe()
         p.standardOutput = out
-        p.standardError = err
-        do { try p.run() } catch { throw Unavailable(reason: "cannot start \(tierExecutable): \(error)") }
-        let data = out.fileHandleForReading.readDataToEndOfFile()
-        let message = String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        p.standardError = out
+        do { try p.run() } catch { throw Failed(reason: "cannot start \(tierExecutable): \(error)") }
+        let text = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
         p.waitUntilExit()
-        guard p.terminationStatus == 0, let times = try? JSONDecoder().decode(KVMLifecycleTimes.self, from: data) else {
-            throw Unavailable(reason: message.split(separator: "\n").last.map(String.init) ?? "the lifecycle probe failed")
+        let last = text.split(separator: "\n").last.map(String.init) ?? ""
+        guard p.terminationStatus == 0, let times = try? JSONDecoder().decode(KVMLifecycleTimes.self, from: Data(last.utf8)) else {
+            throw Failed(reason: last.isEmpty ? "the lifecycle probe failed" : last)
         }
         return times
     }

@@ -5,6 +5,7 @@ import Transport
 /// zap policies run, through /dev/kvm (`RealMemslotProbe`), sized to what this machine can back.
 public enum RealMemslotSuite {
     public struct Report: Sendable {
+        public var device: String
         public var results: [RealMemslotProbe.Result]
         /// Why the sizes are smaller than the pattern's, if they are.
         public var scaledNote: String?
@@ -40,23 +41,23 @@ public enum RealMemslotSuite {
         var results: [RealMemslotProbe.Result] = []
         for s in scenarios(divisor: d) {
             progress(s.name)
-            do { results.append(try RealMemslotProbe.run(s, device: device)) } catch let e as KVMError {
-                throw RealHostSuite.Unavailable(reason: "\(e)")
-            }
+            results.append(try RealMemslotProbe.run(s, device: device))
         }
-        return Report(results: results, scaledNote: note)
+        return Report(device: device, results: results, scaledNote: note)
     }
 
     static func median(_ v: [Double]) -> Double { v.sorted()[v.count / 2] }
 
     public static func table(_ r: Report) -> String {
-        var s = "Real kernel (through /dev/kvm; the guest stores one byte per 4 KiB page; medians over the rounds):\n"
+        var s = "Real kernel (through \(r.device); the guest stores one byte per 4 KiB page; times are medians over the rounds):\n"
         if let note = r.scaledNote { s += "  (\(note))\n" }
         s += "  " + "scenario".padding(toLength: 16, withPad: " ", startingAt: 0) + "target".leftPad(9) + "other".leftPad(9)
             + "first touch".leftPad(13) + "delete".leftPad(11) + "refault".leftPad(11) + "other mapped".leftPad(14)
-            + "other after".leftPad(13) + "  kernel stats across the delete\n"
+            + "other after".leftPad(13) + "  kernel stats across the first delete (before it)\n"
         for x in r.results {
-            let stats = RealMemslotProbe.reportedStats.compactMap { k in x.rounds.first?.statsAcrossDelete[k].map { "\(k) \($0 >= 0 ? "+" : "")\($0)" } }
+            let stats = RealMemslotProbe.reportedStats.compactMap { k in
+                x.rounds.first?.statsAcrossDelete[k].map { "\(k) \($0 >= 0 ? "+" : "")\($0) (\(x.rounds.first?.statsBeforeDelete[k] ?? 0))" }
+            }
             let delete = HostSuite.duration(UInt64(median(x.rounds.map { Double($0.deleteNanos) })))
             let refault = Bench.Report.fmt(median(x.rounds.map(\.targetRefaultNanosPerPage)), 0) + " ns/pg"
             let mapped = x.scenario.otherBytes > 0 ? Bench.Report.fmt(x.otherMappedNanosPerPage, 0) + " ns/pg" : "-"

@@ -1,6 +1,7 @@
 import ABI
 import Foundation
 import L0
+import Transport
 
 // The memslot and host suites as files, so a user can script their figures as they can the exit
 // tests': `pvm bench --suite memslot|host --json FILE --csv FILE`. Keys are snake_case, times in
@@ -53,13 +54,15 @@ struct RealMemslotRow: Encodable {
 public enum SuiteFiles {
     struct Document<Row: Encodable>: Encodable {
         var suite: String
+        /// The real host's facts (host suite, where /dev/kvm could be opened).
+        var host: KVMHostFacts?
         var rows: [Row]
     }
 
-    static func json<Row: Encodable>(_ suite: String, _ rows: [Row]) throws -> String {
+    static func json<Row: Encodable>(_ suite: String, _ rows: [Row], host: KVMHostFacts? = nil) throws -> String {
         let e = JSONEncoder()
         e.outputFormatting = [.prettyPrinted, .sortedKeys]
-        return String(decoding: try e.encode(Document(suite: suite, rows: rows)), as: UTF8.self) + "\n"
+        return String(decoding: try e.encode(Document(suite: suite, host: host, rows: rows)), as: UTF8.self) + "\n"
     }
 
     /// The memslot suite: the emulated L0's rows (`source: emulated`), then the real kernel's (`kvm`).
@@ -71,7 +74,7 @@ public enum SuiteFiles {
         return try json("memslot", rows.map { Either(emulated: $0, real: nil) } + real.map { Either(emulated: nil, real: RealMemslotRow(result: $0)) })
     }
     /// The host suite: the real host's figures and the emulated host's, each with its `source`.
-    public static func json(_ figures: [HostFigure]) throws -> String { try json("host", figures) }
+    public static func json(_ figures: [HostFigure], host: KVMHostFacts? = nil) throws -> String { try json("host", figures, host: host) }
 
     /// One header for both kinds of row; a row leaves the other kind's columns empty.
     public static func csv(_ rows: [MemslotSuite.Row], real: [RealMemslotProbe.Result] = []) -> String {
@@ -90,12 +93,15 @@ public enum SuiteFiles {
                 + "\(s["mmu_shadow_zapped"].map(String.init) ?? ""),\(s["remote_tlb_flush"].map(String.init) ?? "")"
         }
         return "source,scenario,policy,delete_us_median,entries_zapped,refaults,rebuild_ms_median,target_mib,other_mib,"
-            + "first_touch_ns_per_page,refault_ns_per_page,other_mapped_ns_per_page,other_after_ns_per_page,mmu_shadow_zapped,remote_tlb_flush\n"
+            + "first_touch_ns_per_page,refault_ns_per_page_median,other_mapped_ns_per_page,other_after_ns_per_page_median,"
+            + "mmu_shadow_zapped,remote_tlb_flush\n"
             + (emulated + kernel).joined(separator: "\n") + "\n"
     }
 
     public static func csv(_ figures: [HostFigure]) -> String {
-        func cell(_ s: String) -> String { s.contains(",") ? "\"\(s)\"" : s }
+        func cell(_ s: String) -> String {
+            s.contains(",") || s.contains("\"") ? "\"" + s.replacingOccurrences(of: "\"", with: "\"\"") + "\"" : s
+        }
         return "source,what,setting,samples,min_ns,median_ns,max_ns\n" + figures.map {
             "\($0.source.rawValue),\(cell($0.what)),\(cell($0.setting)),\($0.samples),\($0.minNanos.map(String.init) ?? ""),"
                 + "\($0.medianNanos),\($0.maxNanos.map(String.init) ?? "")"

@@ -111,7 +111,8 @@ public final class KVMExtraSlot {
         let p = mmap(nil, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
         guard let p, p != MAP_FAILED else { throw KVMError.mapFailed(what: "memslot \(slot)", bytes: bytes, errno: errno) }
         self.vm = vm; self.slot = slot; self.guestPhysicalAddress = guestPhysicalAddress; self.bytes = bytes; self.memory = p
-        do { try create() } catch { munmap(p, bytes); throw error }
+        // On a failure deinit runs (every property is set) and unmaps the memory: not here too.
+        try create()
     }
 
     deinit {

@@ -74,7 +74,7 @@ extension PVM {
         var tierTimeout: Double?
         @Flag(name: .long, help: "No progress line on stderr.")
         var quiet = false
-        @Option(name: .long, help: "The KVM device the host and memslot suites measure (default: /dev/kvm).")
+        @Option(name: .long, help: "The KVM device the host and memslot suites measure.")
         var device: String = "/dev/kvm"
         /// Tests: the memslot suite's sizes divided by this (1-1024), so it runs in seconds.
         @Option(name: .customLong("memslot-divisor"), help: .hidden)
@@ -95,6 +95,7 @@ extension PVM {
                 if let file { try Checks.writable(file, option: option) }
             }
             try Checks.range(memslotDivisor, 1...1024, "--memslot-divisor")
+            if memslotDivisor != 1 && suite != .memslot { throw ValidationError("--memslot-divisor is for --suite memslot") }
             if device != "/dev/kvm" && suite == .exits {
                 throw ValidationError("--device is for --suite host and --suite memslot (the real KVM they measure)")
             }
@@ -133,6 +134,8 @@ extension PVM {
                     realText = RealMemslotSuite.table(report)
                 } catch let e as RealHostSuite.Unavailable {
                     realText = "\(e)\n"   // no /dev/kvm: one line; the emulated figures stand
+                } catch {
+                    realText = "real KVM measurement failed: \(error)\n"   // one line; the emulated figures stand
                 }
                 progress.finish()
                 print("Emulated L0:")
@@ -149,6 +152,7 @@ extension PVM {
                 var progress = Progress(total: processes + HostSuite.configurationCount, quiet: quiet)
                 defer { progress.finish() }
                 var figures: [HostFigure] = []
+                var facts: KVMHostFacts?
                 do {
                     let real = try RealHostSuite.run(tierExecutable: selfExecutable(), device: device, processes: processes) { i in
                         progress.step("host suite: the real KVM, fresh process \(i + 1) of \(processes)")
@@ -156,11 +160,13 @@ extension PVM {
                     progress.finish()
                     print(RealHostSuite.table(real))
                     figures += real.figures
-                } catch let e as RealHostSuite.Unavailable {
-                    // No /dev/kvm, no permission: one line, and the emulated host still runs.
+                    facts = real.facts
+                } catch {
+                    // No /dev/kvm, no permission, or a probe that failed: one line, and the
+                    // emulated host still runs.
                     progress.finish()
-                    print("\(e)\n")
-                    for _ in 0..<processes { progress.step("host suite: (no real KVM)") }
+                    print("\(error is RealHostSuite.Unavailable ? "\(error)" : "real KVM measurement failed: \(error)")\n")
+                    while progress.done < processes { progress.step("host suite: (no real KVM figures)") }
                 }
                 let rows = try HostSuite.measure(iterations: iterations, cpuCount: cpuCount) { atLoad, setup in
                     progress.step("host suite: emulated L0, enable_virt_at_load=\(atLoad ? "Y" : "N"), one-time setup \(setup.rawValue)")
@@ -169,7 +175,7 @@ extension PVM {
                 print("Emulated L0 host:")
                 print(HostSuite.table(rows, profile: costs, cpuCount: cpuCount, iterations: iterations), terminator: "")
                 figures += HostSuite.figures(rows, profile: costs, iterations: iterations)
-                if let json { try writeOutput(Data(try SuiteFiles.json(figures).utf8), to: json) }
+                if let json { try writeOutput(Data(try SuiteFiles.json(figures, host: facts).utf8), to: json) }
                 if let csv { try writeOutput(Data(SuiteFiles.csv(figures).utf8), to: csv) }
                 return
             }

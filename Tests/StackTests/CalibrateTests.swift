@@ -170,12 +170,9 @@ extension StackTests {
 
 /// The real host's facts and one VM lifecycle, through this machine's /dev/kvm (where there is
 /// one; without it, the read fails with the device named).
-@Suite struct RealHostTests {
+@Suite(.enabled(if: (try? KVMDevice()) != nil, "needs a usable /dev/kvm")) struct RealHostTests {
     @Test func theFactsMatchWhatTheKernelShows() throws {
-        guard let facts = try? KVMHostFacts.read() else {
-            #expect(throws: KVMError.self) { try KVMHostFacts.read() }
-            return
-        }
+        let facts = try KVMHostFacts.read()
         for m in KVMModule.allCases {
             #expect(facts.modules.contains(m) == FileManager.default.fileExists(atPath: "/sys/module/\(m.rawValue)"))
         }
@@ -187,16 +184,15 @@ extension StackTests {
     }
 
     @Test func aVMLifecycleIsTimedStepByStep() throws {
-        guard (try? KVMHostFacts.read()) != nil else { return }
         let t = try KVMLifecycleTimes.measure()
         #expect(t.firstCreateVMNanos > 0 && t.nextCreateVMNanos > 0 && t.createVCPUNanos > 0 && t.destroyLastVMNanos > 0, "\(t)")
     }
 }
 
 /// The VM's binary statistics and a memslot delete-and-recreate cycle on the real kernel.
-@Suite struct RealMemslotTests {
+@Suite(.enabled(if: (try? KVMDevice()) != nil, "needs a usable /dev/kvm")) struct RealMemslotTests {
     @Test func theStatsReaderReadsTheKernelsDescriptors() throws {
-        guard let vm = try? KVMDevice().createVM(memoryBytes: 2 << 20) else { return }
+        let vm = try KVMDevice().createVM(memoryBytes: 2 << 20)
         let stats = try vm.stats()
         func stat(_ name: String) -> KVMStat? { stats.first { $0.name == name } }
         // x86 KVM's VM statistics (arch/x86/kvm/x86.c, kvm_vm_stats_desc), as this kernel describes them.
@@ -208,13 +204,15 @@ extension StackTests {
     }
 
     @Test func deletingASlotZapsAndRefaultsAreTimed() throws {
-        guard (try? KVMDevice()) != nil else { return }
         let r = try RealMemslotProbe.run(.init(name: "small", otherBytes: 4 << 20, targetBytes: 8 << 20, rounds: 2))
         #expect(r.rounds.count == 2 && r.firstTouchNanosPerPage > 0 && r.otherMappedNanosPerPage > 0)
         for round in r.rounds {
             #expect(round.deleteNanos > 0 && round.targetRefaultNanosPerPage > 0 && round.otherRetouchNanosPerPage > 0)
-            // What the kernel says it did: the delete zapped shadow pages.
-            #expect((round.statsAcrossDelete["mmu_shadow_zapped"] ?? 0) >= 1, "\(round.statsAcrossDelete)")
+            // What the kernel says it did: the shadow MMU counts zapped shadow pages, the TDP MMU
+            // the mapped pages that went (pages_4k/pages_2m fall); one or the other moved.
+            let d = round.statsAcrossDelete
+            let shadowZapped = (d["mmu_shadow_zapped"] ?? 0) >= 1, unmapped = (d["pages_4k"] ?? 0) + (d["pages_2m"] ?? 0) < 0
+            #expect(shadowZapped || unmapped, "\(d)")
         }
     }
 }

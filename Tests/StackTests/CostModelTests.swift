@@ -259,12 +259,17 @@ final class SVGElements: NSObject, XMLParserDelegate {
         #expect(try row(false, .off).load.modelledNanos(profile) == 0)
         // The setup: at load (enabling around it when not held), or on the first protected VM.
         #expect(try row(true, .atLoad).load.modelledNanos(profile) == 2 * enable + setup)
-        #expect(try row(false, .atLoad).load.modelledNanos(profile) == 2 * enable + setup)
+        // Without enable_virt_at_load, the setup at load enables both CPUs around it and disables them after.
+        #expect(try row(false, .atLoad).load.modelledNanos(profile) == 2 * enable + setup + 2 * profile.nanos(.cpuVirtualizationDisable))
         #expect(try row(true, .onFirstProtectedVM).firstProtectedVM?.modelledNanos(profile) == setup)
         #expect(try row(false, .onFirstProtectedVM).firstProtectedVM?.modelledNanos(profile) == 2 * enable + setup)
         // Every figure comes in both kinds, and the modelled one says what it counted.
         let figures = HostSuite.figures(rows, profile: profile, iterations: 1)
         #expect(figures.filter { $0.source == .model }.count == figures.filter { $0.source == .emulated }.count)
-        #expect(figures.contains { $0.source == .model && $0.what == "load: 2 per-CPU enables, 1 one-time setups" })
+        #expect(figures.contains { $0.source == .model && $0.what == "load: 2 per-CPU enables, 0 disables, 1 one-time setups" })
+        // Destroying the last VM without enable_virt_at_load disables both CPUs, and that is priced too.
+        let disable = profile.nanos(.cpuVirtualizationDisable)
+        #expect(try row(false, .off).destroyLastVM.modelledNanos(profile) == 2 * disable && disable > 0)
+        #expect(try row(true, .off).destroyLastVM.modelledNanos(profile) == 0)
     }
 }

@@ -25,6 +25,8 @@ public enum RealMemslotProbe {
         public var otherRetouchNanosPerPage: Double
         /// What the kernel says the delete did: statistic -> change across the delete ioctl.
         public var statsAcrossDelete: [String: Int64]
+        /// The statistics just before the delete (instant ones like pages_4k say what was mapped).
+        public var statsBeforeDelete: [String: UInt64]
     }
 
     public struct Result: Sendable {
@@ -51,7 +53,8 @@ public enum RealMemslotProbe {
 
     public static func run(_ s: Scenario, device: String = "/dev/kvm") throws -> Result {
         precondition(s.otherBytes % (2 << 20) == 0 && s.targetBytes % (2 << 20) == 0 && s.otherBytes <= 1 << 30
-                     && s.targetBytes <= 4 << 30, "memslot probe sizes: 2 MiB multiples, other <= 1 GiB, target <= 4 GiB")
+                     && s.targetBytes >= 2 << 20 && s.targetBytes <= 4 << 30,
+                     "memslot probe sizes: 2 MiB multiples, other <= 1 GiB, target 2 MiB to 4 GiB")
         let kvm = try KVMDevice(path: device)
         let vm = try kvm.createVM(memoryBytes: CalibrationGuest.memoryBytes)
         let vcpu = try vm.createVCPU()
@@ -120,7 +123,7 @@ public enum RealMemslotProbe {
             }
             rounds.append(Round(deleteNanos: deleteNanos, targetRefaultNanosPerPage: Double(refault) / pages,
                                 otherRetouchNanosPerPage: other.map { Double(retouch) / Double($0.bytes / 4096) } ?? 0,
-                                statsAcrossDelete: delta))
+                                statsAcrossDelete: delta, statsBeforeDelete: before))
         }
         return Result(scenario: s, firstTouchNanosPerPage: Double(first) / pages, otherMappedNanosPerPage: mapped, rounds: rounds)
     }
