@@ -49,6 +49,7 @@ let package = Package(
             "ABI", "Transport", "TestSupport", .product(name: "PropertyBased", package: "swift-property-based"),
         ]),
         .testTarget(name: "TransportTests", dependencies: ["ABI", "Transport"]),
+        .testTarget(name: "L2GuestTests", dependencies: ["ABI", "L2Guest", "TestSupport"]),
         .testTarget(name: "L0Tests", dependencies: [
             "ABI", "Transport", "GuestDevices", "L0", "L1PV", "TestSupport",
             .product(name: "PropertyBased", package: "swift-property-based"),

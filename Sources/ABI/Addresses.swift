@@ -46,6 +46,16 @@ public struct L1GPA: AddressSpaceValue {
     public var description: String { "L1GPA(0x\(String(raw, radix: 16)))" }
 }
 
+/// A guest-virtual (linear) address of the nested guest L2: what its programs use once it has
+/// page tables; L2's own 4-level tables translate it to an `L2GPA` (`PageWalk`).
+public struct L2GVA: AddressSpaceValue {
+    public let raw: UInt64
+    public init(_ raw: UInt64) { self.raw = raw }
+    public var description: String { "L2GVA(0x\(String(raw, radix: 16)))" }
+    /// Bits 63:47 all equal (x86-64 with 4-level paging): otherwise any access is #GP.
+    public var isCanonical: Bool { let top = raw >> 47; return top == 0 || top == 0x1_FFFF }
+}
+
 /// A guest-physical address of the nested guest L2.
 public struct L2GPA: AddressSpaceValue {
     public let raw: UInt64
