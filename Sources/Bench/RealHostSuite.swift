@@ -65,9 +65,9 @@ public enum RealHostSuite {
         }
         let setting = "enable_virt_at_load=\(facts.enableVirtAtLoad ?? "absent") (read-only at run time)"
         func figure(_ what: String, _ pick: (KVMLifecycleTimes) -> UInt64) -> HostFigure {
-            let v = samples.map(pick).sorted()
-            return HostFigure(source: .kvm, what: what, setting: setting, samples: v.count, minNanos: v.first,
-                              medianNanos: v[v.count / 2], maxNanos: v.last)
+            let v = samples.map(pick)
+            return HostFigure(source: .kvm, what: what, setting: setting, samples: v.count, minNanos: v.min(),
+                              medianNanos: Median.of(v), maxNanos: v.max())
         }
         return Report(facts: facts, figures: [
             figure("KVM_CREATE_VM, a fresh process's first", \.firstCreateVMNanos),
@@ -116,6 +116,6 @@ public enum RealHostSuite {
 }
 
 extension String {
-    /// Right-aligned in `n` columns (as is when longer).
-    public func leftPad(_ n: Int) -> String { count >= n ? self : String(repeating: " ", count: n - count) + self }
+    /// Right-aligned in `n` columns (as is when longer): `Report.pad`, for the command line too.
+    public func leftPad(_ n: Int) -> String { Report.pad(self, n, right: true) }
 }

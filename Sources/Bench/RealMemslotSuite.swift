@@ -46,8 +46,6 @@ public enum RealMemslotSuite {
         return Report(device: device, results: results, scaledNote: note)
     }
 
-    static func median(_ v: [Double]) -> Double { v.sorted()[v.count / 2] }
-
     public static func table(_ r: Report) -> String {
         var s = "Real kernel (through \(r.device); the guest stores one byte per 4 KiB page; times are medians over the rounds):\n"
         if let note = r.scaledNote { s += "  (\(note))\n" }
@@ -58,10 +56,10 @@ public enum RealMemslotSuite {
             let stats = RealMemslotProbe.reportedStats.compactMap { k in
                 x.rounds.first?.statsAcrossDelete[k].map { "\(k) \($0 >= 0 ? "+" : "")\($0) (\(x.rounds.first?.statsBeforeDelete[k] ?? 0))" }
             }
-            let delete = HostSuite.duration(UInt64(median(x.rounds.map { Double($0.deleteNanos) })))
-            let refault = Bench.Report.fmt(median(x.rounds.map(\.targetRefaultNanosPerPage)), 0) + " ns/pg"
+            let delete = HostSuite.duration(UInt64(Median.of(x.rounds.map { Double($0.deleteNanos) })))
+            let refault = Bench.Report.fmt(Median.of(x.rounds.map(\.targetRefaultNanosPerPage)), 0) + " ns/pg"
             let mapped = x.scenario.otherBytes > 0 ? Bench.Report.fmt(x.otherMappedNanosPerPage, 0) + " ns/pg" : "-"
-            let after = x.scenario.otherBytes > 0 ? Bench.Report.fmt(median(x.rounds.map(\.otherRetouchNanosPerPage)), 0) + " ns/pg" : "-"
+            let after = x.scenario.otherBytes > 0 ? Bench.Report.fmt(Median.of(x.rounds.map(\.otherRetouchNanosPerPage)), 0) + " ns/pg" : "-"
             var line = "  " + x.scenario.name.padding(toLength: 16, withPad: " ", startingAt: 0)
             line += "\(x.scenario.targetBytes >> 20) MiB".leftPad(9) + "\(x.scenario.otherBytes >> 20) MiB".leftPad(9)
             line += (Bench.Report.fmt(x.firstTouchNanosPerPage, 0) + " ns/pg").leftPad(13) + delete.leftPad(11) + refault.leftPad(11)

@@ -34,7 +34,7 @@ struct RealMemslotRow: Encodable {
     }
     func encode(to encoder: Encoder) throws {
         var c = encoder.container(keyedBy: CodingKeys.self)
-        let r = result, med = RealMemslotSuite.median
+        let r = result, med: ([Double]) -> Double = Median.of
         try c.encode("kvm", forKey: .source)
         try c.encode(r.scenario.name, forKey: .scenario)
         try c.encode(r.scenario.targetBytes >> 20, forKey: .targetMiB)
@@ -78,7 +78,7 @@ public enum SuiteFiles {
 
     /// One header for both kinds of row; a row leaves the other kind's columns empty.
     public static func csv(_ rows: [MemslotSuite.Row], real: [RealMemslotProbe.Result] = []) -> String {
-        let med = RealMemslotSuite.median
+        let med: ([Double]) -> Double = Median.of
         let emulated = rows.map {
             "emulated,\($0.scenario),\($0.policy.rawValue),\(Report.fmt($0.deleteMicros, 2)),\($0.entriesZapped),\($0.refaults),"
                 + "\(Report.fmt($0.rebuildMillis, 3)),,,,,,,,"

@@ -149,9 +149,6 @@ public final class SharedRegion: @unchecked Sendable {
         }
     }
 
-    /// The memfd's seals (F_GET_SEALS), or nil for anonymous memory.
-    public var seals: Int32? { fd >= 0 ? pvm_memfd_seals(fd) : nil }
-
     /// The descriptor is gone (closed by the sandbox, which closes every one above 2); the
     /// mapping stays.
     func forgetDescriptor() { fd = -1 }

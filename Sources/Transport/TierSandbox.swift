@@ -32,9 +32,6 @@ public enum TierSandbox {
         }
         return names
     }
-
-    /// The signal a tier killed by its filter dies of.
-    public static let violationSignal: Int32 = SIGSYS
 }
 
 /// What a hostile tier tries against its sandbox: used only by the guest programs that test

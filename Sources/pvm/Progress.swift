@@ -11,7 +11,6 @@ struct Progress {
     let total: Int
     let quiet: Bool
     let started = Date()
-    let onTerminal = isatty(2) == 1
     private(set) var done = 0
 
     init(total: Int, quiet: Bool) {
@@ -49,12 +48,12 @@ struct Progress {
         var size = winsize()
         let columns = ioctl(2, UInt(TIOCGWINSZ), &size) == 0 && size.ws_col > 0 ? Int(size.ws_col) : 80
         let shown = line.count < columns ? line : String(line.prefix(max(1, columns - 1)))
-        // Carriage return, the line, erase to the end of the line.
-        let text = "\r" + shown + "\u{1B}[K"
-        text.withCString { p in _ = write(2, p, strlen(p)) }
+        clear()
+        shown.withCString { p in _ = write(2, p, strlen(p)) }
     }
 
-    /// Clears a status line left on the terminal (nothing elsewhere).
+    /// Clears a status line left on the terminal (nothing elsewhere): carriage return, erase to
+    /// the end of the line.
     static func clear() {
         guard isatty(2) == 1 else { return }
         "\r\u{1B}[K".withCString { p in _ = write(2, p, strlen(p)) }
@@ -63,7 +62,7 @@ struct Progress {
     /// Clears the line on a terminal, so what follows (the table, an error) starts on a clean
     /// one. Safe to call however the work ended (`defer`).
     func finish() {
-        guard !quiet, onTerminal, done > 0 else { return }
-        "\r\u{1B}[K".withCString { p in _ = write(2, p, strlen(p)) }
+        guard !quiet, done > 0 else { return }
+        Self.clear()
     }
 }

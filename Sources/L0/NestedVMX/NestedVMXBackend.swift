@@ -111,12 +111,14 @@ public final class NestedVMXBackend: NestingBackend {
     /// shadowed field (bit index = encoding bits 14:0). Read-only fields are VMREAD-only. They
     /// are the VM's, not a vCPU's: every vCPU's backend writes the same bits.
     static func initializeFieldBitmaps(_ control: ControlMemory) {
-        control.vmreadBitmap.setAll(true)
-        control.vmwriteBitmap.setAll(true)
-        for f in ShadowedFields.readOnly { control.vmreadBitmap[UInt64(f.rawValue & 0x7FFF)] = false }
+        // The views once (each `control.` accessor builds one).
+        let vmread = control.vmreadBitmap, vmwrite = control.vmwriteBitmap
+        vmread.setAll(true)
+        vmwrite.setAll(true)
+        for f in ShadowedFields.readOnly { vmread[UInt64(f.rawValue & 0x7FFF)] = false }
         for f in ShadowedFields.readWrite {
-            control.vmreadBitmap[UInt64(f.rawValue & 0x7FFF)] = false
-            control.vmwriteBitmap[UInt64(f.rawValue & 0x7FFF)] = false
+            vmread[UInt64(f.rawValue & 0x7FFF)] = false
+            vmwrite[UInt64(f.rawValue & 0x7FFF)] = false
         }
     }
 
