@@ -54,6 +54,9 @@ public struct L2GVA: AddressSpaceValue {
     public var description: String { "L2GVA(0x\(String(raw, radix: 16)))" }
     /// Bits 63:47 all equal (x86-64 with 4-level paging): otherwise any access is #GP.
     public var isCanonical: Bool { let top = raw >> 47; return top == 0 || top == 0x1_FFFF }
+    /// Where L2's kernel reaches guest-physical `gpa`: its direct map is the identity (the
+    /// guest programs' page tables build it so), the one place an L2 GPA becomes an L2 GVA.
+    public init(directMap gpa: L2GPA) { self.raw = gpa.raw }
 }
 
 /// A guest-physical address of the nested guest L2.

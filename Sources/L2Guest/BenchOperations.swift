@@ -7,13 +7,19 @@ public struct BenchOperation: Sendable {
     public let summary: String
     /// What the operation needs from the runner, as data (nil: it can repeat forever).
     public let needs: Needs?
-    public let body: @Sendable (GuestCPU, UInt64) -> Void
+    /// Sets the operation up on the guest CPU (outside the measurement: page tables, handlers,
+    /// user mode) and returns the operation, called once per iteration with its number.
+    public let prepare: @Sendable (GuestCPU) -> (UInt64) -> Void
 
     public init(name: String, summary: String, needs: Needs? = nil, body: @escaping @Sendable (GuestCPU, UInt64) -> Void) {
+        self.init(name: name, summary: summary, needs: needs, prepare: { cpu in { i in body(cpu, i) } })
+    }
+
+    public init(name: String, summary: String, needs: Needs? = nil, prepare: @escaping @Sendable (GuestCPU) -> (UInt64) -> Void) {
         self.name = name
         self.summary = summary
         self.needs = needs
-        self.body = body
+        self.prepare = prepare
     }
 
     /// Every iteration is new work on a page L2 never touched: the run takes at most `pages`
@@ -104,7 +110,7 @@ public enum BenchOperations {
         BenchOperation(name: "ept_first_touch", summary: "first write to a new L2 page", needs: .init(freshPages: firstTouchPages)) { cpu, i in
             cpu.write64(L2GPA(firstTouchBase + i * pageSize), i)
         },
-    ]
+    ] + PagingOperations.all
 
     public static func named(_ n: String) -> BenchOperation? { all.first { $0.name == n } }
 }

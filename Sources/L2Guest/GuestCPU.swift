@@ -30,6 +30,14 @@ public final class GuestCPU {
     let tables: SharedRegion
     var cr0 = ControlRegisterBits.initialCR0
     var cr4 = ControlRegisterBits.initialCR4
+    /// L2's first stage (its own page tables, from CR3) and its TLB: nil until the program loads
+    /// CR3, and then a guest-virtual address is walked through L2's tables. Before that (the
+    /// GPA-only programs) a virtual address is the guest-physical one, as if through an identity
+    /// map the TLB never misses.
+    var addressSpace: PageWalk.Context?
+    var tlb = GuestTLB<L2GPA>()
+    /// Privilege and the exception/syscall entry (GuestPrivilege.swift).
+    var privilege = Privilege()
     /// Where this guest keeps its ucall block (guest-physical, in its own RAM).
     public var ucallBlock = L2GPA(0x1000)
     var rip: UInt64 = 0
@@ -145,8 +153,14 @@ public final class GuestCPU {
     public func wbinvd() { while vmexit(.wbinvd, length: 2) == .retry {} }
 
     /// MOV to CR0/CR3/CR4/CR8 from RAX. CR0 and CR4: no exit when only bits the guest owns
-    /// change (the guest/host mask the hypervisors set); otherwise, and for CR3 and CR8, an exit.
+    /// change (the guest/host mask the hypervisors set). CR3: no exit on these paths, as KVM
+    /// clears CR3-load exiting when it has EPT (and a KVM L1 does too): it switches L2's page
+    /// tables and flushes its TLB (0 turns L2's first stage off again). CR8: an exit.
     public func writeCR(_ n: UInt64, _ value: UInt64) {
+        if n == 3 {
+            loadCR3(value)
+            return
+        }
         if n == 0 || n == 4 {
             let current = n == 0 ? cr0 : cr4
             if (value ^ current) & crMasks[n == 0 ? 0 : 1] == 0 {
@@ -159,10 +173,12 @@ public final class GuestCPU {
         if n == 0 { cr0 = value } else if n == 4 { cr4 = value }
     }
 
-    /// MOV from CR0/CR4 (never an exit: the CPU has them) or CR3/CR8 (an exit) into RAX.
+    /// MOV from CR0/CR3/CR4 (never an exit: the CPU has them, CR3 as CR3-store exiting is off
+    /// with EPT) or CR8 (an exit) into RAX.
     public func readCR(_ n: UInt64) -> UInt64 {
         if n == 0 { return cr0 }
         if n == 4 { return cr4 }
+        if n == 3 { return addressSpace?.cr3 ?? 0 }
         while vmexit(.crAccess, length: 3,
                      qualification: CRAccessQualification.make(cr: n, type: CRAccessQualification.movFromCR, register: .rax)) == .retry {}
         return run[register: .rax]
@@ -195,6 +211,7 @@ public final class GuestCPU {
 
     /// Fetches one instruction byte at `gpa` (a jump there): needs execute permission.
     public func fetch(_ gpa: L2GPA) -> UInt8 {
+        let gpa = firstStage(L2GVA(directMap: gpa), .fetch)
         while true {
             if let host = translate(gpa, access: EPT.execute), let b: UInt8 = try? memory.load(at: host) { return b }
             run[register: .rax] = 0
@@ -205,10 +222,10 @@ public final class GuestCPU {
         }
     }
 
-    /// A naturally aligned load or store of 1, 2, 4 or 8 bytes (`mov` with RAX as the data
-    /// register). Exits as an EPT violation when unmapped; if the hypervisor emulates it (MMIO),
-    /// the loaded value comes back in RAX.
-    func access(_ gpa: L2GPA, size: Int, write: Bool, value: UInt64 = 0) -> UInt64 {
+    /// A naturally aligned load or store of 1, 2, 4 or 8 bytes at a guest-physical address
+    /// (`mov` with RAX as the data register): the second stage alone. Exits as an EPT violation
+    /// when unmapped; if the hypervisor emulates it (MMIO), the loaded value comes back in RAX.
+    func physicalAccess(_ gpa: L2GPA, size: Int, write: Bool, value: UInt64 = 0) -> UInt64 {
         guard gpa.raw % UInt64(size) == 0 else {
             // A program's bug, reported as its own failed assertion (the stack stops with it).
             guestAssert(false, "\(size)-byte access at \(gpa) is not naturally aligned")
@@ -250,10 +267,14 @@ public final class GuestCPU {
         }
     }
 
-    public func read64(_ gpa: L2GPA) -> UInt64 { access(gpa, size: 8, write: false) }
-    public func write64(_ gpa: L2GPA, _ v: UInt64) { _ = access(gpa, size: 8, write: true, value: v) }
-    public func read32(_ gpa: L2GPA) -> UInt32 { UInt32(truncatingIfNeeded: access(gpa, size: 4, write: false)) }
-    public func write32(_ gpa: L2GPA, _ v: UInt32) { _ = access(gpa, size: 4, write: true, value: UInt64(v)) }
-    public func read8(_ gpa: L2GPA) -> UInt8 { UInt8(truncatingIfNeeded: access(gpa, size: 1, write: false)) }
-    public func write8(_ gpa: L2GPA, _ v: UInt8) { _ = access(gpa, size: 1, write: true, value: UInt64(v)) }
+    // An L2GPA given to these is reached as L2's kernel reaches physical memory: directly while
+    // L2 has no page tables, through its direct map (the same virtual address) once it has.
+    public func read64(_ gpa: L2GPA) -> UInt64 { access(L2GVA(directMap: gpa), size: 8, write: false) }
+    public func write64(_ gpa: L2GPA, _ v: UInt64) { _ = access(L2GVA(directMap: gpa), size: 8, write: true, value: v) }
+    public func read32(_ gpa: L2GPA) -> UInt32 { UInt32(truncatingIfNeeded: access(L2GVA(directMap: gpa), size: 4, write: false)) }
+    public func write32(_ gpa: L2GPA, _ v: UInt32) { _ = access(L2GVA(directMap: gpa), size: 4, write: true, value: UInt64(v)) }
+    public func read8(_ gpa: L2GPA) -> UInt8 { UInt8(truncatingIfNeeded: access(L2GVA(directMap: gpa), size: 1, write: false)) }
+    public func write8(_ gpa: L2GPA, _ v: UInt8) { _ = access(L2GVA(directMap: gpa), size: 1, write: true, value: UInt64(v)) }
+    public func read64(_ gva: L2GVA) -> UInt64 { access(gva, size: 8, write: false) }
+    public func write64(_ gva: L2GVA, _ v: UInt64) { _ = access(gva, size: 8, write: true, value: v) }
 }

@@ -83,7 +83,7 @@ public let l2AddressLimit: UInt64 = 4 << 30
 public let unmappedProbeGPA = L2GPA(0x8000_0000)
 
 public enum GuestPrograms {
-    public static let all: [GuestProgram] = [cpuidValues, memoryProbe, instructionTour, permissionProbe, msrPolicyProbe, balloonProbe, cpuidForever, l1IOForever, l2Escape]
+    public static let all: [GuestProgram] = [cpuidValues, memoryProbe, pagingProbe, instructionTour, permissionProbe, msrPolicyProbe, balloonProbe, cpuidForever, l1IOForever, l2Escape]
         + BenchOperations.all.map { op in
             GuestProgram(name: op.name, summary: op.summary, arguments: measureLoopArguments, rule: op.iterationLimit.map { limit in
                 // Every iteration (warm-up included) must be new work: at most `limit` of them, no doubling.
@@ -96,7 +96,8 @@ public enum GuestPrograms {
                     return nil
                 }
             }) { cpu, args in
-                measureLoop(cpu, args) { i in op.body(cpu, i) }
+                let body = op.prepare(cpu)
+                measureLoop(cpu, args, body)
                 cpu.done()
             }
         }

@@ -4,6 +4,10 @@ import ABI
 /// block in its own memory and points the ucall port at it (RDI holds the block's GPA).
 extension GuestCPU {
     func ucall(_ cmd: UcallCommand, _ args: [UInt64], message: String = "") {
+        asKernel { kernelUcall(cmd, args, message: message) }
+    }
+
+    private func kernelUcall(_ cmd: UcallCommand, _ args: [UInt64], message: String) {
         write64(ucallBlock, cmd.rawValue)
         for i in 0..<Ucall.argCount {
             write64(ucallBlock + Ucall.argsOffset + UInt64(i) * 8, i < args.count ? args[i] : 0)
