@@ -129,3 +129,8 @@ public struct AddressRange<Space: AddressSpaceValue>: Hashable, Sendable, Custom
         }
     }
 }
+
+extension UInt64 {
+    /// self - x, or 0 (counts that a guest reports, or that must not wrap).
+    public func subtractingClamped(_ x: UInt64) -> UInt64 { self > x ? self - x : 0 }
+}

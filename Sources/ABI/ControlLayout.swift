@@ -7,7 +7,7 @@
 //   l1Exchange   rw   rw   -    handoff lane | L1 run page |         -
 //                               shadow VMCS
 //   l2Exchange   rw   -    rw   handoff lane | L2 run page |         -
-//                               pass-through MSR values
+//                               pass-through MSR values, L2's event counters
 //   l1Tables     rw   r    -    (page 0: header) shadow-VMCS-active  VMREAD bitmap | VMWRITE bitmap |
 //                               flag                                 L1 write-protect bitmap (32 pages)
 //   l2Tables     rw   -    r    (page 0: header) L2 MSR bitmap |     EPT02 (one u64 per L2 page frame)
@@ -79,6 +79,9 @@ public struct ControlLayout: Sendable, Equatable {
     public func shadowVMCS(_ i: Int) -> ControlOffset { exchangeBase(i) + 2 * pageSize }
     /// l2Exchange: L2's pass-through MSR values (what the hardware MSRs hold for L2).
     public func l2MSRValues(_ i: Int) -> ControlOffset { exchangeBase(i) + 2 * pageSize }
+    /// l2Exchange: what L2's CPU counts of its own work that no exit shows (`L2EventCounter`),
+    /// as a PMU would; in the second half of the MSR-values page.
+    public func l2EventCounters(_ i: Int) -> ControlOffset { l2MSRValues(i) + pageSize / 2 }
     public var exchangeSize: UInt64 { pageSize * UInt64(vcpuCount) * Self.exchangePagesPerVCPU }
 
     // MARK: l1Tables
@@ -188,5 +191,32 @@ public enum MSRBitmap {
 /// control layout, the run page and handoff. Bump it with any change to them; a child whose
 /// version (or build) differs from L0's refuses to start.
 public enum LaunchABI {
-    public static let version: UInt64 = 3
+    public static let version: UInt64 = 4
+}
+
+/// What L2's CPU counts of its own work, on every path, as a PMU counts events: the cost model
+/// prices it (the same work costs the same natively; what differs by path is what else it
+/// takes). L0 reads the counters at the harness's window edges; L2 writes them, so they are L2's
+/// claims, clamped on use.
+public enum L2EventCounter: Int, CaseIterable, Sendable {
+    /// SYSCALL/SYSRET round trips.
+    case syscalls
+    /// Exceptions delivered to L2's handlers (#PF, #BP...) and returned from (IRET).
+    case exceptions
+    /// TLB misses while L2's paging is on: a walk of L2's tables through EPT02 (two
+    /// dimensions) on the EPT paths, a walk of L1's shadow tables (one dimension) on pvm-rfc.
+    case tlbMisses
+    /// INVLPGs and CR3 loads L2 executed (on pvm-rfc they also exit to L1).
+    case invlpgs
+    case cr3Loads
+
+    public var key: String {
+        switch self {
+        case .syscalls: "l2_syscalls"
+        case .exceptions: "l2_exceptions"
+        case .tlbMisses: "l2_tlb_misses"
+        case .invlpgs: "l2_invlpgs"
+        case .cr3Loads: "l2_cr3_loads"
+        }
+    }
 }

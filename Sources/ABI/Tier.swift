@@ -14,8 +14,17 @@ public enum NestingPath: String, Sendable, CaseIterable, Codable {
     case nvmx
     case nvmxNoShadow = "nvmx-noshadow"
     case nvmxEVMCS = "nvmx-evmcs"
+    /// The PVM RFC's design: L1 runs L2 deprivileged behind a switcher, with shadow page
+    /// tables; L2's exits go straight to L1, and L1 is an ordinary one-level guest of L0.
+    case pvmRFC = "pvm-rfc"
 
-    public var usesVMX: Bool { self != .pv && self != .single }
+    public var usesVMX: Bool { self != .pv && self != .single && self != .pvmRFC }
+    /// L2's second stage is L1's shadow page tables (no EPT02), and its exits go to L1 through
+    /// the switcher, not to L0.
+    public var usesSwitcher: Bool { self == .pvmRFC }
+    /// L1 maps L2's memory in one of the `L2MapMode`s (pv's map hypercalls, nvmx's EPT12); on
+    /// pvm-rfc the shadow MMU fills on demand whatever the mode.
+    public var hasMapModes: Bool { isNested && !usesSwitcher }
     public var isNested: Bool { self != .single }
     /// The nested paths, for what only a nested stack has.
     public static let nestedCases: [NestingPath] = allCases.filter(\.isNested)

@@ -32,4 +32,17 @@ public struct BenchResult: Sendable {
     public var l2ExitsByReasonPerOp: [(ExitReason, Double)] {
         TransitionCounters.byReason(window.l2Exits).sorted { $0.key < $1.key }.map { ($0.key, perOp($0.value)) }
     }
+    /// pvm-rfc: L2 -> L1 exits through the switcher, and what the switcher and L1's shadow MMU did.
+    public var switcherExitsPerOp: Double { perOp(window.totalSwitcherExits) }
+    public var switcherExitsByReasonPerOp: [(ExitReason, Double)] {
+        TransitionCounters.byReason(window.switcherExits).sorted { $0.key < $1.key }.map { ($0.key, perOp($0.value)) }
+    }
+    /// The switcher's counters other than its entries (which follow its exits), non-zero only.
+    public var switcherEventsPerOp: [(SwitcherCounter, Double)] {
+        SwitcherCounter.allCases.filter { $0 != .entries && window[switcher: $0] > 0 }.map { ($0, perOp(window[switcher: $0])) }
+    }
+    /// L2's own events (syscalls, exceptions, TLB misses), every path.
+    public var l2EventsPerOp: [(L2EventCounter, Double)] {
+        L2EventCounter.allCases.map { ($0, perOp(window[l2: $0])) }
+    }
 }

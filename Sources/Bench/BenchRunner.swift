@@ -102,7 +102,7 @@ public struct BenchRunner: Sendable {
     /// how L1 maps L2's memory (fresh pages), with each map mode on the nested paths.
     public static func defaultVariants(for op: BenchOperation, paths: [NestingPath]) -> [BenchVariant] {
         paths.flatMap { p -> [BenchVariant] in
-            op.dependsOnMapMode && p.isNested ? L2MapMode.allCases.map { BenchVariant(path: p, l2MapMode: $0) } : [BenchVariant(path: p)]
+            op.dependsOnMapMode && p.hasMapModes ? L2MapMode.allCases.map { BenchVariant(path: p, l2MapMode: $0) } : [BenchVariant(path: p)]
         }
     }
 

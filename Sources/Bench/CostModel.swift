@@ -10,6 +10,8 @@ public enum CostModel {
     public struct Line: Equatable, Sendable {
         public var what: String
         public var event: CostProfile.Event
+        /// Whose work it is: a world switch (hardware or the switcher), L0's, L1's or L2's own.
+        public var part: Part
         public var countPerOp: Double
         public var unitCycles: Double
         /// The price's range ([low, high] for an estimate, the price itself otherwise).
@@ -18,14 +20,19 @@ public enum CostModel {
         public var subtotalRange: ClosedRange<Double> { countPerOp * unitRange.lowerBound...countPerOp * unitRange.upperBound }
     }
 
+    /// Whose cycles a line's are (the chart's split).
+    public enum Part: String, CaseIterable, Sendable {
+        case worldSwitch = "world-switches", l0 = "l0-work", l1 = "l1-work", l2 = "l2-work"
+    }
+
     /// The priced lines for one result's measurement window.
     public static func lines(_ r: BenchResult, _ p: CostProfile) -> [Line] {
-        lines(window: r.window, iterations: r.iterations, p)
+        lines(window: r.window, iterations: r.iterations, path: r.variant.path, p)
     }
 
     /// Every counted event, priced once. (Shadow-VMCS field copies are the hardware VMREADs and
     /// VMWRITEs counted by kind; VMCS switches are the VMPTRLDs.)
-    public static func lines(window w: TransitionCounters, iterations: UInt64, _ p: CostProfile) -> [Line] {
+    public static func lines(window w: TransitionCounters, iterations: UInt64, path: NestingPath, _ p: CostProfile) -> [Line] {
         let n = Double(max(iterations, 1))
         func per(_ x: UInt64) -> Double { Double(x) / n }
         let l1 = TransitionCounters.byReason(w.l1Exits)
@@ -35,14 +42,15 @@ public enum CostModel {
         let otherL1 = w.totalL1Exits.subtractingClamped(vmAccess + vmcalls + w.nestedVMEntries + invepts + w.ept12WriteTraps)
         let handledInL0 = w.totalL2Exits.subtractingClamped(w.totalDeliveries)
         typealias E = CostProfile.Event
-        func line(_ what: String, _ e: E, _ count: UInt64) -> Line {
-            Line(what: what, event: e, countPerOp: per(count), unitCycles: p.cycles(e), unitRange: p.range(e))
+        func line(_ what: String, _ e: E, _ count: UInt64, _ part: Part = .l0) -> Line {
+            Line(what: what, event: e, part: part, countPerOp: per(count), unitCycles: p.cycles(e), unitRange: p.range(e))
         }
+        let sw = { (c: SwitcherCounter) in w[switcher: c] }
         var out: [Line] = [
-            line("L2 -> L0 exits and entries (world switch)", .exitRoundTrip, w.totalL2Exits),
+            line("L2 -> L0 exits and entries (world switch)", .exitRoundTrip, w.totalL2Exits, .worldSwitch),
             line("L2 exits L0 handles itself", .l0SimpleExit, handledInL0),
-            line("exits delivered to L1, handled there", .l1ExitHandling, w.totalDeliveries),
-            line("L1 -> L0 exits and entries (world switch)", .exitRoundTrip, w.totalL1Exits),
+            line("exits delivered to L1, handled there", .l1ExitHandling, w.totalDeliveries, .l1),
+            line("L1 -> L0 exits and entries (world switch)", .exitRoundTrip, w.totalL1Exits, .worldSwitch),
             line("exiting VMREAD/VMWRITE emulated by L0", .l0VMXInstruction, vmAccess),
             line("hypercalls handled by L0 (PV enter-L2 apart)", .l0Hypercall, vmcalls.subtractingClamped(w.pvEntries)),
             line("PV enter-L2: the streamlined entry", .pvEntry, w.pvEntries),
@@ -71,6 +79,34 @@ public enum CostModel {
             line("exits a VMM's userspace handles (I/O, MMIO, unbacked memory)", .vmmUserspaceExit,
                  w.vmmUserspaceExits + w.unbackedAccesses),
             line("port accesses an in-kernel device emulates", .kernelDeviceEmulation, w.kernelDeviceAccesses),
+            // pvm-rfc: the switcher and L1's shadow MMU (L1's counts).
+            line("L2 -> L1 exits and entries through the switcher", .switcherRoundTrip, w.totalSwitcherExits, .worldSwitch),
+            line("switcher exits L1 handles (dispatch and handler)", .l1ExitHandling, w.totalSwitcherExits, .l1),
+            line("switcher direct switches (SYSCALL, SYSRET, IRET)", .directSwitch, sw(.directSwitches), .worldSwitch),
+            line("events L1 injects into L2 through the switcher", .eventInjection, sw(.injectedEvents), .l1),
+            line("shadow entries filled", .shadowFill, sw(.shadowFills), .l1),
+            line("L2 page-table entries L1 read (walks, syncs)", .guestPTERead, sw(.guestPTEReads), .l1),
+            line("L2 page-table A/D flags L1 set", .guestADUpdate, sw(.guestADUpdates), .l1),
+            line("L2 page-table writes and MMIO accesses L1 emulated", .shadowEmulatedWrite,
+                 sw(.emulatedPTEWrites) + sw(.mmioEmulations), .l1),
+            line("shadow pages unsynced", .shadowUnsync, sw(.unsyncs), .l1),
+            line("shadow pages or entries synced again", .shadowResync, sw(.resyncs), .l1),
+            line("CR3 loads from the cache of roots", .rootCacheHit, sw(.rootCacheHits), .l1),
+            line("CR3 loads that build a root", .rootBuild, sw(.rootBuilds), .l1),
+            line("INVLPGs L1 handled", .shadowINVLPG, sw(.invlpgs), .l1),
+            line("shadow pages zapped", .shadowPageZap, sw(.shadowPageZaps), .l1),
+            line("L2 pages write-protected for shadowing", .writeProtect, sw(.writeProtects), .l1),
+            line("L2 TLB flushes L1 asked for", .tlbFlush, sw(.tlbFlushes), .l1),
+            line("exits L1's VMM userspace handles", .vmmUserspaceExit, sw(.vmmUserspaceExits), .l1),
+            line("port accesses L1's in-kernel device emulates", .kernelDeviceEmulation, sw(.kernelDeviceAccesses), .l1),
+            // L2's own work, on every path.
+            line("L2 system calls (SYSCALL/SYSRET)", .l2Syscall, w[l2: .syscalls], .l2),
+            line("L2 exceptions delivered through its IDT (and IRET)", .l2Exception, w[l2: .exceptions], .l2),
+            line("L2 INVLPGs (the TLB entry dropped)", .l2INVLPG, w[l2: .invlpgs], .l2),
+            line("L2 CR3 loads (the TLB flushed)", .l2CR3Load, w[l2: .cr3Loads], .l2),
+            path.usesSwitcher
+                ? line("L2 TLB misses, walked on the shadow tables (one dimension)", .l2TLBMissShadow, w[l2: .tlbMisses], .l2)
+                : line("L2 TLB misses, walked through EPT02 (two dimensions)", .l2TLBMiss2D, w[l2: .tlbMisses], .l2),
         ]
         out.removeAll { $0.countPerOp == 0 }
         return out
@@ -123,9 +159,4 @@ public enum CostModel {
         }
         return try CostProfile.decode(data, file: url.path)
     }
-}
-
-extension UInt64 {
-    /// self - x, or 0.
-    func subtractingClamped(_ x: UInt64) -> UInt64 { self > x ? self - x : 0 }
 }

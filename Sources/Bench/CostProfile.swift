@@ -97,6 +97,49 @@ public struct CostProfile: Codable, Equatable, Sendable {
         case pvEntry = "pv_entry"
         /// The PV path's delivery of an L2 exit into the exit page.
         case pvDelivery = "pv_delivery"
+
+        // L2's own work, the same on every path (L2EventCounter): what the native kernel pays.
+        /// A SYSCALL/SYSRET round trip.
+        case l2Syscall = "l2_syscall"
+        /// An exception delivered through L2's IDT and its IRET.
+        case l2Exception = "l2_exception"
+        /// A TLB miss walked in two dimensions (L2's tables through EPT02): the EPT paths.
+        case l2TLBMiss2D = "l2_tlb_miss_2d"
+        /// A TLB miss walked in one dimension (L1's shadow tables): pvm-rfc.
+        case l2TLBMissShadow = "l2_tlb_miss_shadow"
+        /// INVLPG of one page, and a CR3 load with its TLB flush (no PCID).
+        case l2INVLPG = "l2_invlpg"
+        case l2CR3Load = "l2_cr3_load"
+
+        // The PVM RFC's design (pvm-rfc): the switcher and L1's shadow MMU.
+        /// An L2 exit into L1 through the switcher and L1's entry back (no L0).
+        case switcherRoundTrip = "switcher_round_trip"
+        /// One crossing of the switcher's direct path (SYSCALL, SYSRET, IRET) with no L1.
+        case directSwitch = "direct_switch"
+        /// The switcher delivering an event L1 injected into L2's kernel.
+        case eventInjection = "event_injection"
+        /// One shadow entry installed after the walk (FNAME(fetch) and its SPTE).
+        case shadowFill = "shadow_fill"
+        /// Reading one of L2's page-table entries (a walk or a sync).
+        case guestPTERead = "guest_pte_read"
+        /// Setting accessed/dirty flags in one of L2's page-table entries.
+        case guestADUpdate = "guest_ad_update"
+        /// Emulating L2's write to a write-protected page table, or an MMIO access (the emulator).
+        case shadowEmulatedWrite = "shadow_emulated_write"
+        /// Marking a leaf shadow page unsync (kvm_unsync_page).
+        case shadowUnsync = "shadow_unsync"
+        /// Syncing one unsync shadow page again, or one entry at INVLPG (entries priced apart).
+        case shadowResync = "shadow_resync"
+        /// A CR3 load whose root is in the cache of roots (fast_pgd_switch).
+        case rootCacheHit = "root_cache_hit"
+        /// A CR3 load that builds a root.
+        case rootBuild = "root_build"
+        /// L1's INVLPG handling (the shadow walk to the entry).
+        case shadowINVLPG = "shadow_invlpg"
+        /// Zapping one shadow page (write flooding, a pool running dry).
+        case shadowPageZap = "shadow_page_zap"
+        /// Write-protecting one L2 page's leaf shadow entries (an rmap walk).
+        case writeProtect = "write_protect"
     }
 
     public enum LoadError: Error, CustomStringConvertible, Equatable {

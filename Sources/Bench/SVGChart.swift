@@ -14,20 +14,8 @@ import L0
 /// Every bar carries `class`, `data-test`, `data-variant` (and `data-part` for a segment) so a
 /// test, or a user's script, can read the chart's structure back.
 public enum SVGChart {
-    /// Where a priced event's cycles go in the second panel.
-    enum Part: String, CaseIterable {
-        case worldSwitch = "world-switches", l0 = "l0-work", l1 = "l1-work"
-        var color: String { switch self { case .worldSwitch: "#8d99a6"; case .l0: "#2f6fb3"; case .l1: "#d9822b" } }
-        var label: String { switch self { case .worldSwitch: "world switches"; case .l0: "L0 work"; case .l1: "L1 work" } }
-    }
-
-    static func part(_ e: CostProfile.Event) -> Part {
-        switch e {
-        case .exitRoundTrip: .worldSwitch
-        case .l1ExitHandling: .l1
-        default: .l0
-        }
-    }
+    /// Where a priced line's cycles go in the second panel (the model says whose work it is).
+    typealias Part = CostModel.Part
 
     /// Each path's colour (colour-blind-safe, Okabe-Ito), the same in every chart.
     public static func color(of path: NestingPath) -> String {
@@ -37,6 +25,7 @@ public enum SVGChart {
         case .nvmx: "#0072b2"
         case .nvmxNoShadow: "#cc79a7"
         case .nvmxEVMCS: "#e69f00"
+        case .pvmRFC: "#d55e00"
         }
     }
 
@@ -64,7 +53,7 @@ public enum SVGChart {
     /// The part of each result's modelled cycles that goes to each part of the second panel.
     static func split(_ r: BenchResult, _ profile: CostProfile) -> [(Part, Double)] {
         let lines = CostModel.lines(r, profile)
-        return Part.allCases.map { p in (p, lines.filter { part($0.event) == p }.reduce(0) { $0 + $1.subtotal }) }
+        return Part.allCases.map { p in (p, lines.filter { $0.part == p }.reduce(0) { $0 + $1.subtotal }) }
     }
 
     static func splitText(_ parts: [(Part, Double)]) -> String {
@@ -178,5 +167,14 @@ public enum SVGChart {
         }
         s += "\n</g>\n</svg>\n"
         return s
+    }
+}
+
+extension CostModel.Part {
+    var color: String {
+        switch self { case .worldSwitch: "#8d99a6"; case .l0: "#2f6fb3"; case .l1: "#d9822b"; case .l2: "#6a9f58" }
+    }
+    var label: String {
+        switch self { case .worldSwitch: "world switches"; case .l0: "L0 work"; case .l1: "L1 work"; case .l2: "L2's own work" }
     }
 }

@@ -7,8 +7,8 @@ import Glibc
 /// One three-tier stack: L0 is this process; it starts L1, and L2 when L1 asks for an L2 vCPU.
 ///
 /// Shutdown order (the only place it is written):
-///   1. store "stop" in both handoff lanes and wake every sleeper: each child tier, waiting for
-///      its turn, sees it and exits 0;
+///   1. store "stop" in both handoff lanes (and pvm-rfc's switcher lane) and wake every sleeper:
+///      each child tier, waiting for its turn, sees it and exits 0;
 ///   2. reap L2 (SIGKILL after a grace period if it does not go);
 ///   3. reap L1 the same way;
 ///   4. destroy L1's VM in L0's host model and unload it (virtualization disabled on its CPUs);
@@ -21,6 +21,9 @@ public final class L0Stack {
     let hostMemory: SharedRegion
     /// The handoff lanes between L0 and each child tier (vCPU 0).
     let l1Lane: Handoff, l2Lane: Handoff
+    /// pvm-rfc: the lane L1 and L2 hand the vCPU over on, in L1's memory. L0 never passes it;
+    /// it only stops it with the others.
+    let switcherLane: Handoff?
     public let vcpu: L0VCPU
     var l1: ChildProcess?
     var l2: ChildProcess?
@@ -56,6 +59,12 @@ public final class L0Stack {
         do { try slots.add(config.l1Slot) } catch { throw StackError.badConfig("\(error)") }
         l1Lane = control.handoff(.l1, vcpu: 0)
         l2Lane = control.handoff(.l2, vcpu: 0)
+        do {
+            switcherLane = config.path.usesSwitcher
+                ? try SwitcherView(memory: HostMemory(region: hostMemory), l1Base: config.l1HostOffset).lane : nil
+        } catch let e as TransportError {
+            throw StackError.hostMemory(e)
+        }
         vcpu = L0VCPU(id: 0, path: config.path, control: control,
                       l1Memory: L1MemoryAccess(memslots: slots, host: HostMemory(region: hostMemory)))
         vcpu.backend.configure(config)
@@ -83,7 +92,7 @@ public final class L0Stack {
             throw StackError.otherBuild(executable: executable, expected: expected, found: found)
         }
         var spec = TierLaunch(tier: tier, parent: getpid(), path: config.path, vcpu: 0, layout: config.layout,
-                              l1Slot: config.l1Slot, cpu: config.placement.cpu(for: tier),
+                              l1Slot: config.l1Slot, cpu: config.placement.cpu(for: tier, path: config.path),
                               program: config.program, programArguments: config.programArguments)
         spec.pvFeatures = config.pvFeatures
         spec.l2MapMode = config.l2MapMode
@@ -113,6 +122,7 @@ public final class L0Stack {
         shutDown = true
         l1Lane.stop()
         l2Lane.stop()
+        switcherLane?.stop()
         for child in [l2, l1].compactMap({ $0 }) {
             if child.wait(timeoutNanos: 2_000_000_000) == nil { child.killAndReap() }
         }

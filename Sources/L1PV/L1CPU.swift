@@ -119,6 +119,13 @@ public final class L1CPU: L1StoreTrap {
         return page < writeProtect.bitCount && writeProtect[page]
     }
 
+    /// The harness's ucall port, from L1 itself: pvm-rfc's L1 passes its L2's ucall on to L0
+    /// (as a VMM passes a guest's port I/O to its host), with the block's L1 GPA in RDI.
+    public func ucall(block: L1GPA) throws {
+        run[register: .rdi] = block.raw
+        try vmexit(.ioInstruction, length: 1, qualification: IOQualification.make(port: Ucall.port, size: 1, isIn: true))
+    }
+
     /// WRMSR / RDMSR of one of L1's own MSRs: an exit to L0.
     public func wrmsr(_ msr: UInt32, _ value: UInt64) throws {
         run[register: .rcx] = UInt64(msr)

@@ -16,6 +16,7 @@ public enum L1Main {
             switch launch.path {
             case .single: throw L1Fault.unexpectedExit(.vmcall, "the one-level path has no L1")
             case .pv: try PVHypervisor(cpu: cpu, memory: memory, features: launch.pvFeatures, mapMode: launch.l2MapMode).run()
+            case .pvmRFC: try PVMHypervisor(cpu: cpu, memory: memory, session: session).run()
             case .nvmx, .nvmxNoShadow, .nvmxEVMCS:
                 try NestedVMXHypervisor(cpu: cpu, memory: memory, enlightened: launch.path.enlightenedVMCS,
                                         mapMode: launch.l2MapMode).run()

@@ -26,6 +26,8 @@ public final class GuestCPU {
     /// The CR0/CR4 guest/host masks L2 runs with (index 0 CR0, 1 CR4), and this CPU's own CR0
     /// and CR4: a MOV to CR0/CR4 that changes only guest-owned bits completes with no exit.
     let crMasks: U64TableView
+    /// What this CPU counts of its own work (`L2EventCounter`): syscalls, exceptions, TLB misses.
+    let events: U64TableView
     /// L0's tables as this process maps them (read-only): only the defence-testing programs touch it.
     let tables: SharedRegion
     var cr0 = ControlRegisterBits.initialCR0
@@ -42,16 +44,34 @@ public final class GuestCPU {
     public var ucallBlock = L2GPA(0x1000)
     var rip: UInt64 = 0
 
+    /// pvm-rfc: the switcher area in L1's memory. L2's exits go to L1 through it, and its MMU
+    /// walks L1's shadow tables (GuestShadowMMU.swift) instead of L2's tables and EPT02.
+    let switcher: SwitcherView?
+    var shadowTLB = GuestTLB<L1GPA>()
+    /// The switcher's flush generation this CPU's TLB is current with.
+    var flushSeen: UInt64 = 0
+
     init(session: TierSession) throws {
-        self.port = ExitPort(session: session)
+        if session.launch.path.usesSwitcher {
+            let sw = try SwitcherView(memory: session.hostMemory, l1Base: session.launch.l1Slot.hostOffset)
+            self.switcher = sw
+            self.port = ExitPort(session: session, switcher: sw)
+        } else {
+            self.switcher = nil
+            self.port = ExitPort(session: session)
+        }
         self.memory = session.hostMemory
         let control = session.l2Control()
         self.ept02 = control.ept02
         self.msrBitmap = control.msrBitmap
         self.passthroughMSRs = control.passthroughMSRs
         self.crMasks = control.crGuestHostMasks
+        self.events = control.events
         self.tables = control.tables
     }
+
+    @inline(__always)
+    func count(_ e: L2EventCounter) { events[UInt64(e.rawValue)] &+= 1 }
 
     /// Waits for the first entry and takes the RIP L0 entered with.
     func waitForFirstEntry() {
@@ -64,6 +84,7 @@ public final class GuestCPU {
     /// One exit to L0 and back. The run page carries the exit; RIP tells what happened.
     @inline(__always)
     func vmexit(_ reason: ExitReason, length: UInt64, qualification: UInt64 = 0, gpa: L2GPA = L2GPA(0), info: UInt64 = 0) -> Resumption {
+        if switcher != nil { return switcherExit(reason, length: length, qualification: qualification, gpa: gpa, info: info) }
         run[register: .rip] = rip
         let event = port.exit(reason, length: length, qualification: qualification, gpa: gpa, info: info)
         let newRIP = run[register: .rip]
@@ -90,7 +111,7 @@ public final class GuestCPU {
     /// L2's MSR bitmap lets this access through without an exit (a pass-through MSR, bit clear).
     @inline(__always)
     func passesThrough(_ msr: UInt32, write: Bool) -> Bool {
-        PassthroughMSRs.contains(msr) && !msrBitmap.intercepts(msr, write: write)
+        switcher == nil && PassthroughMSRs.contains(msr) && !msrBitmap.intercepts(msr, write: write)
     }
 
     /// RDMSR; the vector if it faulted (selftests' rdmsr_safe).
@@ -156,12 +177,13 @@ public final class GuestCPU {
     /// change (the guest/host mask the hypervisors set). CR3: no exit on these paths, as KVM
     /// clears CR3-load exiting when it has EPT (and a KVM L1 does too): it switches L2's page
     /// tables and flushes its TLB (0 turns L2's first stage off again). CR8: an exit.
+    /// On pvm-rfc L2 runs deprivileged: every MOV to a CR traps to L1 through the switcher.
     public func writeCR(_ n: UInt64, _ value: UInt64) {
-        if n == 3 {
+        if n == 3 && switcher == nil {
             loadCR3(value)
             return
         }
-        if n == 0 || n == 4 {
+        if (n == 0 || n == 4) && switcher == nil {
             let current = n == 0 ? cr0 : cr4
             if (value ^ current) & crMasks[n == 0 ? 0 : 1] == 0 {
                 if n == 0 { cr0 = value } else { cr4 = value }
@@ -170,7 +192,7 @@ public final class GuestCPU {
         }
         repeat { run[register: .rax] = value } while vmexit(.crAccess, length: 3,
             qualification: CRAccessQualification.make(cr: n, type: CRAccessQualification.movToCR, register: .rax)) == .retry
-        if n == 0 { cr0 = value } else if n == 4 { cr4 = value }
+        if n == 0 { cr0 = value } else if n == 4 { cr4 = value } else if n == 3 { loadCR3(value) }
     }
 
     /// MOV from CR0/CR3/CR4 (never an exit: the CPU has them, CR3 as CR3-store exiting is off
@@ -211,6 +233,9 @@ public final class GuestCPU {
 
     /// Fetches one instruction byte at `gpa` (a jump there): needs execute permission.
     public func fetch(_ gpa: L2GPA) -> UInt8 {
+        if switcher != nil {
+            return UInt8(truncatingIfNeeded: shadowAccess(L2GVA(directMap: gpa), size: 1, kind: [.fetch]))
+        }
         let gpa = firstStage(L2GVA(directMap: gpa), .fetch)
         while true {
             if let host = translate(gpa, access: EPT.execute), let b: UInt8 = try? memory.load(at: host) { return b }

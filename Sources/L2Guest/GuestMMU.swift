@@ -9,6 +9,7 @@ import ABI
 extension GuestCPU {
     /// A load or store at a guest-virtual address.
     func access(_ va: L2GVA, size: Int, write: Bool, value: UInt64 = 0) -> UInt64 {
+        if switcher != nil { return shadowAccess(va, size: size, kind: write ? [.write] : [], value: value) }
         var kind: PageWalk.Access = write ? [.write] : []
         if privilege.cpl == 3 { kind.insert(.user) }
         let gpa = firstStage(va, kind)
@@ -23,6 +24,7 @@ extension GuestCPU {
         if privilege.cpl == 3 { kind.insert(.user) }
         while true {
             if let e = tlb.lookup(va, kind) { return e.frame + va.offsetInPage }
+            count(.tlbMisses)
             switch PageWalk.translate(va, kind, in: space,
                                       read: { physicalAccess($0, size: 8, write: false) },
                                       write: { _ = physicalAccess($0, size: 8, write: true, value: $1) }) {
@@ -44,12 +46,20 @@ extension GuestCPU {
 
     /// MOV to CR3: L2's page tables switch and its TLB is flushed (no PCID modelled).
     func loadCR3(_ value: UInt64) {
+        count(.cr3Loads)
         addressSpace = value == 0 ? nil : PageWalk.Context(cr3: value)
         tlb.flushAll()
+        shadowTLB.flushAll()
     }
 
-    /// INVLPG: no exit with EPT (KVM clears INVLPG exiting); drops the page's TLB entry.
+    /// INVLPG: no exit with EPT (KVM clears INVLPG exiting); drops the page's TLB entry. On
+    /// pvm-rfc it traps to L1 (the RFC's TLB_INVLPG), which syncs the shadow entry.
     public func invlpg(_ va: L2GVA) {
+        count(.invlpgs)
+        if switcher != nil {
+            while vmexit(.invlpg, length: 3, qualification: va.raw) == .retry {}
+            shadowTLB.flush(va)
+        }
         tlb.flush(va)
     }
 }

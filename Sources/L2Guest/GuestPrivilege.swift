@@ -1,13 +1,5 @@
 import ABI
 
-/// The vectors L2's handlers are installed for (SDM vol. 3, table 6-1).
-public enum ExceptionVector: UInt8, Sendable {
-    case breakpoint = 3
-    case invalidOpcode = 6
-    case generalProtection = 13
-    case pageFault = 14
-}
-
 /// What an exception handler is given: what the CPU pushes, and CR2 for a #PF.
 public struct ExceptionFrame: Sendable, Equatable {
     public var vector: ExceptionVector
@@ -27,9 +19,6 @@ struct Privilege {
     var syscall: ((GuestCPU, UInt64, [UInt64]) -> UInt64)?
     /// Nested deliveries in progress (a fault in a handler): the third is a triple fault.
     var depth = 0
-    /// Exceptions delivered and syscalls taken, for the tests.
-    var delivered: UInt64 = 0
-    var syscalls: UInt64 = 0
 }
 
 extension GuestCPU {
@@ -60,15 +49,22 @@ extension GuestCPU {
             guestAssert(false, "SYSCALL with no entry point installed")
             return 0
         }
-        privilege.syscalls &+= 1
+        count(.syscalls)
+        // pvm-rfc: the switcher's direct switch, both ways, with no L1 (the RFC's "direct switching").
+        switcher?.count(.directSwitches, 2)
         privilege.cpl = 0
         let r = handler(self, nr, args)
         privilege.cpl = 3
         return r
     }
 
-    /// INT3: a #BP trap delivered to L2's handler, which returns after the instruction.
+    /// INT3: a #BP trap delivered to L2's handler, which returns after the instruction. On
+    /// pvm-rfc it traps to L1, which delivers it back through the switcher.
     public func int3() {
+        if switcher != nil {
+            while switcherExit(.exceptionNMI, length: 1, interruption: ExceptionVector.breakpoint.rawValue) == .retry {}
+            return
+        }
         raise(.breakpoint, errorCode: 0, address: L2GVA(0))
     }
 
@@ -85,7 +81,7 @@ extension GuestCPU {
             return
         }
         let from = privilege.cpl
-        privilege.delivered &+= 1
+        count(.exceptions)
         privilege.depth += 1
         privilege.cpl = 0
         handler(self, ExceptionFrame(vector: vector, errorCode: errorCode, address: address, fromUser: from == 3))

@@ -124,6 +124,18 @@ public struct CPUPlacement: Sendable, Equatable {
 
     public func cpu(for tier: Tier) -> Int? { tier == .l0 ? l0CPU : guestCPU }
 
+    /// Where `tier` runs on `path`. On pvm-rfc L1 and L2 hand the vCPU to each other without
+    /// L0, so they take the two cores (L2 beside L0, which sleeps), not one core between them.
+    public func cpu(for tier: Tier, path: NestingPath) -> Int? {
+        path.usesSwitcher && tier == .l2 ? l0CPU : cpu(for: tier)
+    }
+
+    /// L0's wait policy on `path`: on pvm-rfc L0 is idle while L1 and L2 run (L2 shares its core),
+    /// so it yields briefly and then sleeps instead of spinning.
+    public func l0WaitPolicy(on path: NestingPath) -> WaitPolicy {
+        path.usesSwitcher ? WaitPolicy(spin: .yield, spinBudgetNanos: 50_000) : waitPolicy(for: .l0)
+    }
+
     /// Pins the calling process as `tier`; false if the kernel refused.
     @discardableResult
     public func apply(as tier: Tier) -> Bool {

@@ -109,6 +109,7 @@ public struct ControlMemory: @unchecked Sendable {
     public func l2MSRBitmap(vcpu: Int) -> MSRBitmapView { l2View(vcpu: vcpu).msrBitmap }
     public func l2PassthroughMSRs(vcpu: Int) -> PassthroughMSRValues { l2View(vcpu: vcpu).passthroughMSRs }
     public func l2CRGuestHostMasks(vcpu: Int) -> U64TableView { l2View(vcpu: vcpu).crGuestHostMasks }
+    public func l2EventCounters(vcpu: Int) -> U64TableView { l2View(vcpu: vcpu).events }
     public var ept02: EPT02TableView { l2View(vcpu: 0).ept02 }
 }
 
@@ -151,6 +152,8 @@ public struct L2ControlView: @unchecked Sendable {
     public let msrBitmap: MSRBitmapView
     /// The CR0 and CR4 guest/host masks L2 runs with: index 0 CR0, 1 CR4.
     public let crGuestHostMasks: U64TableView
+    /// L2's event counters (`L2EventCounter`), which L2's CPU writes.
+    public let events: U64TableView
     public let ept02: EPT02TableView
     /// The tables region (for the probes of the programs that test L0's defences).
     public let tables: SharedRegion
@@ -162,6 +165,7 @@ public struct L2ControlView: @unchecked Sendable {
                                                                    count: UInt64(PassthroughMSRs.all.count)))
         msrBitmap = MSRBitmapView(bits: BitmapView(region: tables, base: layout.l2MSRBitmap(vcpu), byteCount: pageSize))
         crGuestHostMasks = U64TableView(region: tables, base: layout.l2CRGuestHostMasks(vcpu), count: 2)
+        events = U64TableView(region: exchange, base: layout.l2EventCounters(vcpu), count: UInt64(L2EventCounter.allCases.count))
         ept02 = EPT02TableView(entries: U64TableView(region: tables, base: layout.ept02, count: layout.ept02Entries),
                                generation: SharedU64(region: tables, at: ControlLayout.ept02GenerationOffset))
         self.tables = tables

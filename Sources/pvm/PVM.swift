@@ -231,7 +231,7 @@ extension PVM {
                 print(Report.vmexitFormat(results), terminator: "")
             } else {
                 print(Report.table(results, profile: costs), terminator: "")
-                let ratios = Report.ratios(results)
+                let ratios = Report.ratios(results, profile: costs)
                 if !ratios.isEmpty { print("\n" + ratios, terminator: "") }
             }
             if let csv { try writeOutput(Data(Report.csv(results, profile: costs).utf8), to: csv) }

@@ -47,7 +47,7 @@ extension StackTests {
                 let header = try #require(lines.first)
                 var at = header.startIndex
                 for column in ["test", "path", "iters", "median ns", "p99 ns", "model cyc", "L2 exits", "L2 entries",
-                               "L1 entries", "L1 exits", "hcalls", "L1 exits by reason (per op)"] {
+                               "L1 entries", "L1 exits", "hcalls", "L2->L1", "L1 exits by reason"] {
                     let found = header.range(of: column, range: at..<header.endIndex)
                     #expect(found != nil, "column '\(column)' missing or out of order in: \(header)")
                     if let found { at = found.upperBound }
@@ -59,11 +59,11 @@ extension StackTests {
                 let single = try #require(row("single"), "\(r.out)")
                 let pv = try #require(row("pv"), "\(r.out)")
                 let noShadow = try #require(row("nvmx-noshadow"), "\(r.out)")
-                // test path iters median p99 model (range) | L2 exits, L2 entries, L1 entries, L1 exits, hcalls | reasons
-                #expect(single[0] == "cpuid" && single[2] == "200" && Array(single[5...12]) == ["1100", "-", "1.00", "1.00", "0.00", "0.00", "0.00", "-"])
-                #expect(pv[2] == "200" && Array(pv[5...12]) == ["1100", "-", "1.00", "1.00", "0.00", "0.00", "0.00", "-"])
-                #expect(Array(noShadow[7...11]) == ["1.00", "1.00", "8.00", "8.00", "0.00"], "\(noShadow)")
-                #expect(Array(noShadow[12...]) == ["VMREAD=6.00", "VMRESUME=1.00", "VMWRITE=1.00"], "\(noShadow)")
+                // test path iters median p99 model (range) | L2 exits, L2 entries, L1 entries, L1 exits, hcalls, L2->L1 | reasons
+                #expect(single[0] == "cpuid" && single[2] == "200" && Array(single[5...13]) == ["1100", "-", "1.00", "1.00", "0.00", "0.00", "0.00", "0.00", "-"])
+                #expect(pv[2] == "200" && Array(pv[5...13]) == ["1100", "-", "1.00", "1.00", "0.00", "0.00", "0.00", "0.00", "-"])
+                #expect(Array(noShadow[7...12]) == ["1.00", "1.00", "8.00", "8.00", "0.00", "0.00"], "\(noShadow)")
+                #expect(Array(noShadow[13...]) == ["VMREAD=6.00", "VMRESUME=1.00", "VMWRITE=1.00"], "\(noShadow)")
                 // The nested row's model: estimates give it a low-high range around it.
                 let bounds = noShadow[6].split(separator: "-").compactMap { Double($0) }
                 #expect(bounds.count == 2 && bounds[0] < Double(noShadow[5])! && Double(noShadow[5])! < bounds[1], "\(noShadow)")
@@ -94,7 +94,8 @@ extension StackTests {
                                               Self.number(ns["p99"]) ?? -1, Self.number(ns["max"]) ?? -1)
                     #expect(Self.number(ns["mean"]) != nil && mn > 0 && mn <= med && med <= p99 && p99 <= mx, "\(ns)")
                     let perOp = try #require(res["per_op"] as? [String: Any])
-                    #expect(Set(perOp.keys) == ["l2_exits", "l1_entries", "l1_exits", "l2_entries", "deliveries_to_l1", "hypercalls"])
+                    #expect(Set(perOp.keys) == ["l2_exits", "l1_entries", "l1_exits", "l2_entries", "deliveries_to_l1", "hypercalls", "switcher_exits"])
+                    #expect(Self.number(perOp["switcher_exits"]) == 0 && (res["switcher_events"] as? [String: Any])?.isEmpty == true)
                     #expect(Self.number(perOp["l2_exits"]) == 1 && Self.number(perOp["l2_entries"]) == 1)
                     let byReason = try #require(res["l1_exits_by_reason"] as? [String: Any])
                     let l2ByReason = try #require(res["l2_exits_by_reason"] as? [String: Any])
@@ -112,11 +113,11 @@ extension StackTests {
 
                 // CSV: header and one row per result, same columns.
                 let csvLines = try String(contentsOf: csv, encoding: .utf8).split(separator: "\n").map(String.init)
-                #expect(csvLines.first == "test,path,variant,iterations,median_ns,p99_ns,model_cycles,model_cycles_low,model_cycles_high,l2_exits,l2_entries,l1_entries,l1_exits,hypercalls")
+                #expect(csvLines.first == "test,path,variant,iterations,median_ns,p99_ns,model_cycles,model_cycles_low,model_cycles_high,l2_exits,l2_entries,l1_entries,l1_exits,hypercalls,switcher_exits")
                 #expect(csvLines.count == 4)
                 for (line, path) in zip(csvLines.dropFirst(), ["single", "pv", "nvmx-noshadow"]) {
                     let cells = line.split(separator: ",", omittingEmptySubsequences: false).map(String.init)
-                    #expect(cells.count == 14 && Array(cells[0...3]) == ["cpuid", path, path, "200"], "\(line)")
+                    #expect(cells.count == 15 && Array(cells[0...3]) == ["cpuid", path, path, "200"], "\(line)")
                     #expect(cells[9] == "1.0000" && cells[12] == (path == "nvmx-noshadow" ? "8.0000" : "0.0000"), "\(line)")
                 }
             }

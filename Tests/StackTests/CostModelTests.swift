@@ -79,7 +79,7 @@ import Testing
             "unbackedAccesses", "consistencyChecks", "ept12ADUpdates", "msrBitmapMerges", "hwVMREADs", "hwVMWRITEs",
             "hwVMPTRLDs", "hwVMCLEARs", "mmuRootSwitches", "tlbFlushes", "rareFieldSyncs", "fullEntryChecks",
             "vmmUserspaceExits", "kernelDeviceAccesses", "pvEntries", "pvDeliveries", "nestedVMExits",
-            "nestedVMEntries", "ept12Resyncs",
+            "nestedVMEntries", "ept12Resyncs", "switcher", "l2Events",
         ]
         let pricedThroughAnother: [String: String] = [
             "shadowVMCSFieldCopies": "the hardware VMREADs/VMWRITEs of the shadow copies",
@@ -91,6 +91,29 @@ import Testing
             #expect(pricedByALine.contains(label) || pricedThroughAnother[label] != nil, "\(label) is counted but its cost is nowhere")
         }
         // l1Entries/l2Entries are the entries of the world switches priced with the exits.
+    }
+
+    /// The same for what L1 counts on pvm-rfc and what L2 counts of itself: one of each, and a
+    /// line of the model prices it (the switcher's entries go with its exits).
+    @Test(arguments: NestingPath.allCases)
+    func everySwitcherAndL2EventIsPriced(_ path: NestingPath) throws {
+        let p = try CostModel.defaultProfile()
+        let base = CostModel.lines(window: TransitionCounters(), iterations: 1, path: path, p)
+        #expect(base.isEmpty)
+        for c in SwitcherCounter.allCases where c != .entries {
+            var w = TransitionCounters()
+            w.switcher[SwitcherLayout.reasonSlots + c.rawValue] = 1
+            #expect(CostModel.lines(window: w, iterations: 1, path: path, p).count == 1, "\(c.key) is counted but not priced")
+        }
+        for e in L2EventCounter.allCases {
+            var w = TransitionCounters()
+            w.l2Events[e.rawValue] = 1
+            let ls = CostModel.lines(window: w, iterations: 1, path: path, p)
+            #expect(ls.count == 1 && ls[0].part == .l2, "\(e.key) is counted but not priced as L2's own work")
+        }
+        var w = TransitionCounters()
+        w.l2Events[L2EventCounter.tlbMisses.rawValue] = 1
+        #expect(CostModel.lines(window: w, iterations: 1, path: path, p).first?.event == (path.usesSwitcher ? .l2TLBMissShadow : .l2TLBMiss2D))
     }
 
     @Test func theShippedProfileIsPublishedFiguresAndGivesSingleLevelCPUIDItsFigure() throws {
@@ -218,7 +241,7 @@ final class SVGElements: NSObject, XMLParserDelegate {
         #expect(Set(segments.compactMap { $0["data-part"] }) == ["world-switches", "l0-work", "l1-work"])
         // Legends: every path present, every part.
         #expect(read.with(class: "legend-path").compactMap { $0["data-path"] } == ["single", "nvmx", "nvmx-noshadow", "pv"])
-        #expect(read.with(class: "legend-part").count == 3)
+        #expect(read.with(class: "legend-part").count == CostModel.Part.allCases.count)
     }
 
     /// No priced event at all, and a label longer than the default column: still a chart, with

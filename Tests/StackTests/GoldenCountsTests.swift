@@ -29,16 +29,17 @@ extension StackTests {
     static let header = """
         # Golden per-op transition counts (Tests/StackTests/GoldenCountsTests.swift). Regenerate with PVM_UPDATE_GOLDEN=1 swift test --filter GoldenCountsTests
         # One line per (test, variant): BenchRunner(iterations: 32, warmup: 4), minNanos nil, the whole measurement window, non-zero values only, keys sorted.
-        # Keys: l2_exit.R / l1_exit.R / delivery.R by exit reason name; hypercall.NAME by PV hypercall; l1_entries, l2_entries; work counters in snake_case.
+        # Keys: l2_exit.R / l1_exit.R / delivery.R / switcher_exit.R by exit reason name; hypercall.NAME by PV hypercall; l1_entries, l2_entries; work counters, the switcher's (pvm-rfc) and L2's own events in snake_case.
         """
 
     /// Every variant the table covers: single; each nested path in each map mode; the pv ablation
     /// (eager). Labels are unique (the ablation's full-feature row is plain `pv`, already there).
     static var variants: [BenchVariant] {
         var out: [BenchVariant] = [BenchVariant(path: .single)]
-        for p in NestingPath.allCases where p.isNested {
+        for p in NestingPath.allCases where p.hasMapModes {
             for m in L2MapMode.allCases { out.append(BenchVariant(path: p, l2MapMode: m)) }
         }
+        out.append(BenchVariant(path: .pvmRFC))
         out += BenchVariant.ablation()
         var seen = Set<String>()
         return out.filter { seen.insert($0.label).inserted }
@@ -55,6 +56,9 @@ extension StackTests {
         for (r, n) in TransitionCounters.byReason(w.l1Exits) { kv["l1_exit.\(r.name)"] = n }
         for (r, n) in TransitionCounters.byReason(w.deliveries) { kv["delivery.\(r.name)"] = n }
         for (nr, n) in w.hypercalls { kv["hypercall.\(hypercallName(nr))"] = n }
+        for (r, n) in TransitionCounters.byReason(w.switcherExits) { kv["switcher_exit.\(r.name)"] = n }
+        for c in SwitcherCounter.allCases { kv[c.key] = w[switcher: c] }
+        for e in L2EventCounter.allCases { kv[e.key] = w[l2: e] }
         let work: [(String, UInt64)] = [
             ("l1_entries", w.l1Entries), ("l2_entries", w.l2Entries),
             ("vmcs12_field_reads", w.vmcs12FieldReads), ("vmcs12_field_writes", w.vmcs12FieldWrites),

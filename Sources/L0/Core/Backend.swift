@@ -52,6 +52,7 @@ extension NestingPath {
         switch self {
         case .single: SingleLevelBackend()
         case .pv: PVBackend()
+        case .pvmRFC: PVMRFCBackend()
         case .nvmx, .nvmxNoShadow, .nvmxEVMCS: NestedVMXBackend(variant: NestedVMXBackend.Variant(self)!, control: control, vcpu: vcpu)
         }
     }

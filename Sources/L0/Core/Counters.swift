@@ -70,6 +70,21 @@ public struct TransitionCounters: Equatable, Sendable {
     public var nestedVMEntries: UInt64 = 0
     /// Unsync leaf EPT12 tables re-synced at INVEPT (write-protected again, entries re-read).
     public var ept12Resyncs: UInt64 = 0
+    /// pvm-rfc: what the switcher and L1's shadow MMU counted (`SwitcherLayout`: L2 -> L1 exits
+    /// by reason, then the `SwitcherCounter`s), as L1 reported them at the harness's last call.
+    /// L0 sees none of it happen; a window subtracts with clamping, so L1 lowering a counter
+    /// cannot make a figure wrap.
+    public var switcher = [UInt64](repeating: 0, count: SwitcherLayout.counterWords)
+
+    /// L2's own event counters (`L2EventCounter`) as L2's CPU reported them at the harness's
+    /// last call (its claims, like a guest's PMU; clamped in a window).
+    public var l2Events = [UInt64](repeating: 0, count: L2EventCounter.allCases.count)
+    public subscript(l2 e: L2EventCounter) -> UInt64 { l2Events[e.rawValue] }
+
+    /// One switcher counter, and the L2 -> L1 exits (pvm-rfc).
+    public subscript(switcher c: SwitcherCounter) -> UInt64 { switcher[SwitcherLayout.reasonSlots + c.rawValue] }
+    public var switcherExits: [UInt64] { Array(switcher[0..<SwitcherLayout.reasonSlots]) }
+    public var totalSwitcherExits: UInt64 { switcherExits.reduce(0, &+) }
 
     public init() {}
 
@@ -128,6 +143,8 @@ public struct TransitionCounters: Equatable, Sendable {
         d.nestedVMExits = nestedVMExits - earlier.nestedVMExits
         d.nestedVMEntries = nestedVMEntries - earlier.nestedVMEntries
         d.ept12Resyncs = ept12Resyncs - earlier.ept12Resyncs
+        d.switcher = zip(switcher, earlier.switcher).map { $0.subtractingClamped($1) }
+        d.l2Events = zip(l2Events, earlier.l2Events).map { $0.subtractingClamped($1) }
         return d
     }
 }

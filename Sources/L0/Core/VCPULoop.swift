@@ -147,7 +147,7 @@ extension L0Stack {
         var log: TransitionLog? = config.recordTransitions ? TransitionLog() : nil
         TierProcess.setName(.l0)
         config.placement.apply(as: .l0)
-        let policy = config.placement.waitPolicy(for: .l0)
+        let policy = config.placement.l0WaitPolicy(on: config.path)
         defer { shutdown() }
 
         l1 = vcpu.backend.runsL1 ? try launch(.l1) : nil

@@ -47,7 +47,7 @@ public final class NestedVMXBackend: NestingBackend {
             case .nvmx: self = .shadowing
             case .nvmxNoShadow: self = .noShadowing
             case .nvmxEVMCS: self = .enlightened
-            case .single, .pv: return nil
+            case .single, .pv, .pvmRFC: return nil
             }
         }
     }

@@ -46,17 +46,20 @@ public enum PageWalk {
         public static let fetch: UInt32 = 1 << 4
     }
 
-    public enum Outcome: Equatable, Sendable {
-        /// The L2 GPA, and the size of the page that maps it (4 KiB, 2 MiB or 1 GiB).
-        case mapped(L2GPA, pageBytes: UInt64)
+    /// What a walk ends in, in the address space its tables point into: L2 GPAs for L2's own
+    /// tables, L1 GPAs for the shadow tables of pvm-rfc (the same format, walked the same way).
+    public enum Walk<Frame: AddressSpaceValue>: Equatable, Sendable {
+        /// The frame address, and the size of the page that maps it (4 KiB, 2 MiB or 1 GiB).
+        case mapped(Frame, pageBytes: UInt64)
         /// A page fault with its error code (CR2 is the address walked).
         case pageFault(errorCode: UInt32)
         /// A non-canonical address: #GP, no walk.
         case generalProtection
-        /// A table the walk needed could not be read (outside L2's RAM): the caller's EPT
-        /// violation or machine check, not a #PF.
-        case tableUnreadable(L2GPA)
+        /// A table the walk needed could not be read (outside the memory given): the caller's
+        /// EPT violation or machine check, not a #PF.
+        case tableUnreadable(Frame)
     }
+    public typealias Outcome = Walk<L2GPA>
 
     /// CR3 and EFER.NXE, as the walk needs them.
     public struct Context: Sendable, Equatable {
@@ -71,6 +74,13 @@ public enum PageWalk {
     /// entry whose accessed/dirty flags changed.
     public static func translate(_ gva: L2GVA, _ access: Access, in context: Context,
                                  read: (L2GPA) -> UInt64?, write: (L2GPA, UInt64) -> Void) -> Outcome {
+        translate(gva, access, root: context.root, nxe: context.nxe, read: read, write: write)
+    }
+
+    /// The same walk from a root in any address space (the shadow tables' L1 GPAs).
+    public static func translate<Frame: AddressSpaceValue>(_ gva: L2GVA, _ access: Access, root: Frame, nxe: Bool,
+                                                           read: (Frame) -> UInt64?, write: (Frame, UInt64) -> Void) -> Walk<Frame> {
+        let context = (root: root, nxe: nxe)
         guard gva.isCanonical else { return .generalProtection }
         var errorBase: UInt32 = 0
         if access.contains(.write) { errorBase |= ErrorCode.write }
@@ -79,7 +89,7 @@ public enum PageWalk {
 
         var table = context.root
         var writable = true, user = true, executable = true
-        var used: [(L2GPA, UInt64)] = []
+        var used: [(Frame, UInt64)] = []
         // Levels 4 (PML4) to 1 (PT); each indexes 9 bits of the address.
         for level in stride(from: 4, through: 1, by: -1) {
             let index = (gva.raw >> (12 + 9 * UInt64(level - 1))) & 0x1FF
@@ -108,10 +118,18 @@ public enum PageWalk {
                     if updated != e { write(gpa, updated) }
                 }
                 let frame = entry & Bit.addressMask & ~(pageBytes - 1)
-                return .mapped(L2GPA(frame | (gva.raw & (pageBytes - 1))), pageBytes: pageBytes)
+                return .mapped(Frame(frame | (gva.raw & (pageBytes - 1))), pageBytes: pageBytes)
             }
-            table = L2GPA(entry & Bit.addressMask)
+            table = Frame(entry & Bit.addressMask)
         }
         return .pageFault(errorCode: errorBase)   // unreachable: level 1 is always a leaf
     }
+}
+
+/// The vectors L2's handlers are installed for (SDM vol. 3, table 6-1).
+public enum ExceptionVector: UInt8, Sendable {
+    case breakpoint = 3
+    case invalidOpcode = 6
+    case generalProtection = 13
+    case pageFault = 14
 }

@@ -1,0 +1,409 @@
+import ABI
+
+/// What the shadow MMU reads and writes in L1's memory: L2's page tables (in L2's RAM, which L1
+/// backs) and its own shadow pages. nil / false: outside L1's memory.
+public protocol ShadowMMUMemory {
+    func load(_ gpa: L1GPA) -> UInt64?
+    @discardableResult func store(_ gpa: L1GPA, _ value: UInt64) -> Bool
+}
+
+/// L1's shadow MMU for L2 on pvm-rfc, after KVM's (mmu.c, paging_tmpl.h; kvm-nested-work.md):
+/// shadow tables translate L2's guest-virtual addresses straight to L1 GPAs, built from L2's own
+/// tables on demand.
+///
+/// - A fault walks L2's tables (setting their accessed/dirty flags), then fills the shadow path
+///   down to one leaf entry. A shadow page shadows one L2 table (keyed by the table's L2 GPA and
+///   level), or, for L2 without paging or a guest 2 MiB page, a range of addresses ("direct").
+/// - Every L2 page that a shadow page shadows is write-protected: leaf shadow entries mapping it
+///   lose W (found through the reverse map). A write to it faults: a leaf table goes unsync
+///   (writable to L2, synced again at the next CR3 load or INVLPG), any other table has the
+///   write emulated and the affected shadow entry zapped; three emulated writes in a row zap
+///   the shadow page (write flooding).
+/// - A clean guest page (D = 0) is mapped read-only, so the first write faults and sets D.
+/// - CR3 loads switch roots through a cache of the last roots (KVM keeps 3 previous ones),
+///   building a root on a miss, then sync every unsync page.
+/// - When its pool runs low it zaps everything and starts again (kvm_mmu_zap_all).
+///
+/// Pure over `ShadowMMUMemory`: tested with made-up tables and no process (ShadowMMUTests).
+public final class ShadowMMU {
+    public typealias Bit = PageWalk.Bit
+
+    /// How L2 GPAs map to L1 GPAs (L1's memory for L2), and the rights L1 itself allows there.
+    public struct Backing {
+        public var translate: (L2GPA) -> L1GPA?
+        public init(translate: @escaping (L2GPA) -> L1GPA?) { self.translate = translate }
+    }
+
+    /// What a fault comes to.
+    public enum FaultOutcome: Equatable, Sendable {
+        /// The shadow maps it now: L2 retries.
+        case fixed
+        /// L2's own tables do not allow it: deliver #PF with this error code to L2.
+        case inject(errorCode: UInt32)
+        /// Not L2 RAM: the access is emulated (a device, or unassigned).
+        case mmio(L2GPA)
+        /// A write to a write-protected L2 page table that L1 must emulate: L1 stores the value
+        /// at this L2 GPA, then calls `emulatedWrite(at:)`, and L2 goes on after the instruction.
+        case emulateWrite(L2GPA)
+    }
+
+    /// One shadow page: what it shadows, and where it is.
+    struct Key: Hashable {
+        /// The L2 table page it shadows, or (direct) the first L2 GPA it covers.
+        var base: UInt64
+        var level: Int
+        var direct: Bool
+        /// Direct pages only: the rights their leaves give (W 1, U 2), as KVM's role.access.
+        var rights: UInt8 = 0
+    }
+    struct ShadowPage {
+        let key: Key
+        let page: L1GPA
+        var unsync = false
+        var emulatedWrites = 0
+        /// Shadow entries (addresses) pointing to this page.
+        var parents: Set<L1GPA> = []
+    }
+
+    let memory: ShadowMMUMemory
+    let backing: Backing
+    let count: (SwitcherCounter, UInt64) -> Void
+    /// L1 GPA pages for shadow tables.
+    private var free: [L1GPA]
+    private let poolPages: Int
+    private var pages: [Key: ShadowPage] = [:]
+    private var keyOfPage: [L1GPA: Key] = [:]
+    /// L2 table pages with shadow pages, and which.
+    private var shadowed: [L2GPA: Set<Key>] = [:]
+    /// Leaf shadow entries mapping each L2 page (KVM's rmap), and each leaf entry's L2 page.
+    private var rmap: [L2GPA: Set<L1GPA>] = [:]
+    private var leafTarget: [L1GPA: L2GPA] = [:]
+    /// The current root (what the L2 CPU walks) and the cache of previous ones, by guest CR3
+    /// (0: L2 without paging).
+    public private(set) var root: L1GPA
+    private(set) var rootCR3: UInt64 = 0
+    private var previousRoots: [(cr3: UInt64, key: Key)] = []
+    public static let previousRootCapacity = 3
+    /// Set when an entry lost rights or went away since the last `takeFlushRequest()`.
+    private var flushNeeded = false
+    /// L2 pages L1 took back (balloon): never mapped again.
+    private var removed: Set<L2GPA> = []
+
+    public init(memory: ShadowMMUMemory, pool: AddressRange<L1GPA>, backing: Backing,
+                count: @escaping (SwitcherCounter, UInt64) -> Void) {
+        self.memory = memory
+        self.backing = backing
+        self.count = count
+        self.free = Array(pool.pages).reversed()
+        self.poolPages = free.count
+        self.root = L1GPA(0)
+        self.root = page(for: Self.rootKey(cr3: 0)).page
+    }
+
+    static func rootKey(cr3: UInt64) -> Key {
+        cr3 == 0 ? Key(base: 0, level: 4, direct: true, rights: 3) : Key(base: cr3 & Bit.addressMask, level: 4, direct: false)
+    }
+
+    /// Whether the L2 CPU must flush its TLB (and clears the request).
+    public func takeFlushRequest() -> Bool {
+        defer { flushNeeded = false }
+        if flushNeeded { count(.tlbFlushes, 1) }
+        return flushNeeded
+    }
+
+    // MARK: shadow pages
+
+    /// The shadow page for `key`, made (zeroed, and its L2 table write-protected) if new.
+    private func page(for key: Key) -> ShadowPage {
+        if let sp = pages[key] { return sp }
+        let p = free.popLast()!        // callers keep the pool from running dry (`reserve`)
+        for i in 0..<UInt64(512) { memory.store(p + i * 8, 0) }
+        let sp = ShadowPage(key: key, page: p)
+        pages[key] = sp
+        keyOfPage[p] = key
+        if !key.direct {
+            let gfn = L2GPA(key.base)
+            shadowed[gfn, default: []].insert(key)
+            writeProtect(gfn)
+        }
+        return sp
+    }
+
+    /// Leaf entries mapping `gfn` lose W.
+    private func writeProtect(_ gfn: L2GPA) {
+        var did = false
+        for spte in rmap[gfn] ?? [] {
+            guard let e = memory.load(spte), e & Bit.writable != 0 else { continue }
+            memory.store(spte, e & ~Bit.writable)
+            did = true
+        }
+        if did { count(.writeProtects, 1); flushNeeded = true }
+    }
+
+    /// A leaf shadow entry goes away (`flush`: L2's whole TLB must forget it; INVLPG's own
+    /// entry needs no more than the INVLPG the L2 CPU does itself).
+    private func clearLeaf(_ spte: L1GPA, flush: Bool = true) {
+        if let gfn = leafTarget.removeValue(forKey: spte) {
+            rmap[gfn]?.remove(spte)
+            if rmap[gfn]?.isEmpty == true { rmap[gfn] = nil }
+        }
+        memory.store(spte, 0)
+        if flush { flushNeeded = true }
+    }
+
+    /// Zaps one shadow page: its entries, its links from parents, its place in the cache.
+    private func zap(_ key: Key) {
+        guard let sp = pages.removeValue(forKey: key) else { return }
+        keyOfPage[sp.page] = nil
+        for i in 0..<UInt64(512) {
+            let spte = sp.page + i * 8
+            guard let e = memory.load(spte), e & Bit.present != 0 else { continue }
+            if key.level == 1 || leafTarget[spte] != nil {
+                clearLeaf(spte)
+            } else if let child = keyOfPage[L1GPA(e & Bit.addressMask)] {
+                pages[child]?.parents.remove(spte)
+                memory.store(spte, 0)
+            }
+        }
+        for parent in sp.parents { memory.store(parent, 0) }
+        if !key.direct {
+            shadowed[L2GPA(key.base)]?.remove(key)
+            if shadowed[L2GPA(key.base)]?.isEmpty == true { shadowed[L2GPA(key.base)] = nil }
+        }
+        previousRoots.removeAll { $0.key == key }
+        free.append(sp.page)
+        flushNeeded = true
+        count(.shadowPageZaps, 1)
+        if sp.page == root {
+            // The current root went: build it again (L2 is between instructions).
+            root = page(for: Self.rootKey(cr3: rootCR3)).page
+            count(.rootBuilds, 1)
+        }
+    }
+
+    /// Makes sure a fill can take what it needs (4 pages): else zap everything, as KVM does
+    /// when its shadow pages run out, and build the current root again.
+    private func reserve() {
+        guard free.count < 8 else { return }
+        for key in Array(pages.keys) where pages[key] != nil { zap(key) }
+        if pages.isEmpty || keyOfPage[root] == nil {
+            root = page(for: Self.rootKey(cr3: rootCR3)).page
+        }
+    }
+
+    // MARK: faults
+
+    /// A shadow fault at `gva` for `access` while L2's CR3 is `cr3` (0: no paging).
+    public func fault(_ gva: L2GVA, _ access: PageWalk.Access, cr3: UInt64) -> FaultOutcome {
+        reserve()
+        // 1. L2's own translation, as its CPU would do it (A/D flags set in L2's tables).
+        var tables: [L2GPA] = []
+        var entries: [UInt64] = []
+        let gpa: L2GPA, pageBytes: UInt64
+        if cr3 == 0 {
+            gpa = L2GPA(gva.raw); pageBytes = 1 << 30
+        } else {
+            let walk = PageWalk.translate(gva, access, in: PageWalk.Context(cr3: cr3), read: { at in
+                self.count(.guestPTEReads, 1)
+                guard let l1 = self.backing.translate(at), let e = self.memory.load(l1) else { return nil }
+                tables.append(at.pageBase)
+                entries.append(e)
+                return e
+            }, write: { at, e in
+                self.count(.guestADUpdates, 1)
+                if let l1 = self.backing.translate(at) { self.memory.store(l1, e) }
+                if let i = tables.firstIndex(of: at.pageBase), i < entries.count { entries[i] = e }
+            })
+            switch walk {
+            case .mapped(let g, let bytes): gpa = g; pageBytes = bytes
+            case .pageFault(let code): return .inject(errorCode: code)
+            case .generalProtection: return .inject(errorCode: 0)
+            case .tableUnreadable: return .inject(errorCode: PageWalk.ErrorCode.protection | PageWalk.ErrorCode.reserved)
+            }
+        }
+        let gfn = gpa.pageBase
+        guard let frame = backing.translate(gfn), !removed.contains(gfn) else { return .mmio(gpa) }
+
+        // 2. A write to an L2 page table: unsync a leaf table, emulate anything else.
+        var protected = false
+        if let keys = shadowed[gfn], !keys.isEmpty {
+            let synced = keys.filter { pages[$0]?.unsync == false }
+            if access.contains(.write), !synced.isEmpty {
+                if synced.allSatisfy({ $0.level == 1 }) {
+                    for k in synced { pages[k]?.unsync = true }
+                    count(.unsyncs, UInt64(synced.count))
+                } else {
+                    return .emulateWrite(gpa)
+                }
+            } else {
+                protected = !synced.isEmpty
+            }
+        }
+
+        // 3. Fill the shadow path down to the leaf.
+        let leafWritable: Bool, leafUser: Bool, leafDirty: Bool
+        if cr3 == 0 {
+            leafWritable = true; leafUser = true; leafDirty = true
+        } else {
+            leafWritable = entries.allSatisfy { $0 & Bit.writable != 0 }
+            leafUser = entries.allSatisfy { $0 & Bit.user != 0 }
+            leafDirty = (entries.last ?? 0) & Bit.dirty != 0
+        }
+        var table = root
+        for level in stride(from: 4, through: 2, by: -1) {
+            let spte = table + ((gva.raw >> (12 + 9 * UInt64(level - 1))) & 0x1FF) * 8
+            let e = memory.load(spte) ?? 0
+            if e & Bit.present != 0, keyOfPage[L1GPA(e & Bit.addressMask)] != nil {
+                table = L1GPA(e & Bit.addressMask)
+                continue
+            }
+            // The child shadows L2's table one level down, or (no paging, or a guest huge page
+            // above it) covers an address range directly.
+            let childLevel = level - 1
+            let walkIndex = 4 - childLevel            // tables[0] is the PML4, [1] the PDPT...
+            let key: Key
+            if cr3 != 0, walkIndex < tables.count, pageBytes == pageSize || childLevel > (pageBytes == 1 << 21 ? 1 : 2) {
+                key = Key(base: tables[walkIndex].raw, level: childLevel, direct: false)
+            } else {
+                // Keyed by what it maps (L2 GPAs from the page's base, with these rights), so
+                // every address space mapping that guest page shares it.
+                let span: UInt64 = 1 << (12 + 9 * UInt64(childLevel))
+                key = Key(base: gpa.raw & ~(span - 1), level: childLevel, direct: true,
+                          rights: (leafWritable ? 1 : 0) | (leafUser ? 2 : 0))
+            }
+            var child = page(for: key)
+            // The table just shadowed may be the page being filled (a table mapping itself).
+            if !key.direct, L2GPA(key.base) == gfn { protected = true }
+            child.parents.insert(spte)
+            pages[key] = child
+            memory.store(spte, child.page.raw | Bit.present | Bit.writable | Bit.user | Bit.accessed)
+            pages[key]?.emulatedWrites = 0
+            table = child.page
+        }
+        let spte = table + ((gva.raw >> 12) & 0x1FF) * 8
+        if leafTarget[spte] != nil { clearLeaf(spte) }
+        let writable = leafWritable && (leafDirty || access.contains(.write)) && !protected
+        var e = frame.raw | Bit.present | Bit.accessed
+        if writable { e |= Bit.writable | Bit.dirty }
+        if leafUser { e |= Bit.user }
+        if entries.contains(where: { $0 & Bit.executeDisable != 0 }) { e |= Bit.executeDisable }
+        memory.store(spte, e)
+        rmap[gfn, default: []].insert(spte)
+        leafTarget[spte] = gfn
+        count(.shadowFills, 1)
+        return .fixed
+    }
+
+    /// L1 stored L2's write at `gpa` (an L2 page table): the shadow entries it changes go, and
+    /// a shadow page written three times in a row without being used goes too.
+    public func emulatedWrite(at gpa: L2GPA) {
+        count(.emulatedPTEWrites, 1)
+        let index = (gpa.raw & (pageSize - 1)) / 8
+        for key in shadowed[gpa.pageBase] ?? [] {
+            guard var sp = pages[key] else { continue }
+            let spte = sp.page + index * 8
+            if let e = memory.load(spte), e & Bit.present != 0 {
+                if let child = keyOfPage[L1GPA(e & Bit.addressMask)], key.level > 1, leafTarget[spte] == nil {
+                    pages[child]?.parents.remove(spte)
+                    memory.store(spte, 0)
+                    flushNeeded = true
+                } else {
+                    clearLeaf(spte)
+                }
+            }
+            sp.emulatedWrites += 1
+            pages[key] = sp
+            if sp.emulatedWrites >= 3 { zap(key) }
+        }
+    }
+
+    // MARK: CR3, INVLPG, sync
+
+    /// MOV to CR3: the root for `cr3` from the cache or built, then every unsync page synced.
+    public func loadCR3(_ cr3: UInt64) {
+        reserve()
+        let key = Self.rootKey(cr3: cr3)
+        let oldKey = keyOfPage[root]
+        if let i = previousRoots.firstIndex(where: { $0.cr3 == cr3 }), pages[previousRoots[i].key] != nil {
+            previousRoots.remove(at: i)
+            count(.rootCacheHits, 1)
+        } else if cr3 == rootCR3, oldKey == key {
+            count(.rootCacheHits, 1)
+        } else {
+            count(.rootBuilds, 1)
+        }
+        if let oldKey, oldKey != key {
+            previousRoots.insert((rootCR3, oldKey), at: 0)
+            if previousRoots.count > Self.previousRootCapacity { previousRoots.removeLast() }
+        }
+        root = page(for: key).page
+        rootCR3 = cr3
+        syncAll()
+        flushNeeded = true
+    }
+
+    /// Every unsync page brought back in line with L2's table and write-protected again.
+    func syncAll() {
+        for key in Array(pages.keys) where pages[key]?.unsync == true { sync(key) }
+    }
+
+    private func sync(_ key: Key) {
+        guard let sp = pages[key] else { return }
+        count(.resyncs, 1)
+        for i in 0..<UInt64(512) {
+            let spte = sp.page + i * 8
+            guard leafTarget[spte] != nil else { continue }
+            resyncEntry(spte, guestEntryAt: L2GPA(key.base) + i * 8)
+        }
+        pages[key]?.unsync = false
+        writeProtect(L2GPA(key.base))
+    }
+
+    /// One leaf shadow entry against L2's entry: dropped if L2's went or changed frame, else
+    /// given L2's rights (W only if dirty).
+    private func resyncEntry(_ spte: L1GPA, guestEntryAt at: L2GPA, flush: Bool = true) {
+        count(.guestPTEReads, 1)
+        guard let l1 = backing.translate(at), let g = memory.load(l1), g & Bit.present != 0,
+              let frame = backing.translate(L2GPA(g & Bit.addressMask)),
+              let old = memory.load(spte), old & Bit.addressMask == frame.raw else {
+            clearLeaf(spte, flush: flush)
+            return
+        }
+        var e = frame.raw | Bit.present | Bit.accessed
+        if g & Bit.user != 0 { e |= Bit.user }
+        if g & Bit.writable != 0, g & Bit.dirty != 0, old & Bit.writable != 0 { e |= Bit.writable | Bit.dirty }
+        if e != old { memory.store(spte, e); if flush { flushNeeded = true } }
+    }
+
+    /// INVLPG: the leaf entry for `gva`, synced if its page is unsync. The L2 CPU drops its own
+    /// TLB entry for `gva`; nothing else needs flushing.
+    public func invlpg(_ gva: L2GVA) {
+        count(.invlpgs, 1)
+        var table = root
+        for level in stride(from: 4, through: 2, by: -1) {
+            let spte = table + ((gva.raw >> (12 + 9 * UInt64(level - 1))) & 0x1FF) * 8
+            guard let e = memory.load(spte), e & Bit.present != 0, keyOfPage[L1GPA(e & Bit.addressMask)] != nil else { return }
+            table = L1GPA(e & Bit.addressMask)
+        }
+        guard let key = keyOfPage[table], let sp = pages[key], sp.unsync, !key.direct else { return }
+        let index = (gva.raw >> 12) & 0x1FF
+        let spte = table + index * 8
+        guard leafTarget[spte] != nil else { return }
+        count(.resyncs, 1)
+        resyncEntry(spte, guestEntryAt: L2GPA(key.base) + index * 8, flush: false)
+    }
+
+    /// L1 took `gfn` back from L2 (balloon): every shadow entry mapping it goes.
+    public func remove(_ gfn: L2GPA) {
+        removed.insert(gfn.pageBase)
+        for spte in rmap[gfn.pageBase] ?? [] { clearLeaf(spte) }
+    }
+
+    /// For tests: the shadow pages in use, and whether an L2 page is shadowed and how.
+    public var shadowPageCount: Int { pages.count }
+    public var freePageCount: Int { free.count }
+    public func isShadowed(_ gfn: L2GPA) -> Bool { !(shadowed[gfn.pageBase] ?? []).isEmpty }
+    public func isUnsync(_ gfn: L2GPA) -> Bool {
+        (shadowed[gfn.pageBase] ?? []).contains { pages[$0]?.unsync == true }
+    }
+}

@@ -1,0 +1,52 @@
+import ABI
+
+/// The pvm-rfc switcher area (`SwitcherLayout`) in L1's memory, as L1, the L2 CPU and L0 map
+/// it: the L1 <-> L2 handoff lane, L2's run page, the shadow root and flush generation, and the
+/// counters. Every word is inside the mapping (checked once here: the area is at a fixed L1 GPA
+/// of a slot the caller's memory covers). L0 only stops the lane and reads the counters; it
+/// trusts nothing it reads here.
+public struct SwitcherView: @unchecked Sendable {
+    public let memory: HostMemory
+    /// The host offset of L1 GPA 0 (L1's memslot).
+    public let l1Base: HostOffset
+    public let lane: Handoff
+    public let run: RunPageView
+
+    public init(memory: HostMemory, l1Base: HostOffset) throws {
+        self.memory = memory
+        self.l1Base = l1Base
+        let area = l1Base + SwitcherLayout.base.raw
+        try memory.region.check(memory.local(area), SwitcherLayout.bytes)
+        self.lane = Handoff(region: memory.region, base: ControlOffset(memory.local(area)))
+        self.run = try memory.runPage(at: l1Base + SwitcherLayout.runPage.raw)
+    }
+
+    @inline(__always)
+    func host(_ gpa: L1GPA) -> HostOffset { l1Base + gpa.raw }
+
+    /// One u64 of the area (a layout address: in bounds, checked at init).
+    @inline(__always)
+    public subscript(word: L1GPA) -> UInt64 {
+        get { memory.region.unchecked(load: UInt64.self, at: memory.local(host(word))) }
+        nonmutating set { memory.region.unchecked(store: newValue, at: memory.local(host(word))) }
+    }
+
+    public func count(_ c: SwitcherCounter, _ n: UInt64 = 1) { self[SwitcherLayout.counter(c)] &+= n }
+    public func countExit(_ r: ExitReason) { self[SwitcherLayout.exitCounter(r)] &+= 1 }
+
+    /// Every counter word, exits by reason first (what L0 snapshots at a window edge).
+    public func counterWords() -> [UInt64] {
+        (0..<SwitcherLayout.counterWords).map { self[SwitcherLayout.counters + UInt64($0) * 8] }
+    }
+
+    /// Zeroes the area's state, run page and counters (L1, before L2 first runs); not the lane,
+    /// which L2 may already be waiting on.
+    public func reset() throws {
+        try memory.fill(0, at: host(SwitcherLayout.shadowRoot), count: SwitcherLayout.bytes - 0x200)
+    }
+
+    /// Waits for `tier`'s turn on the switcher lane: false when L0 stopped the stack.
+    public func wait(for tier: Tier, policy: WaitPolicy) -> Bool {
+        lane.wait(for: tier, policy: policy) == .myTurn
+    }
+}
