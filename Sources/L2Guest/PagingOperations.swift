@@ -29,6 +29,9 @@ public enum PagingOperations {
 
     public static func user(_ page: UInt64) -> L2GVA { L2Kernel.userBase + page * pageSize }
 
+    /// User pages `tlb_miss` reads in turn: four times the TLB, so every read misses.
+    public static let tlbMissPages: UInt64 = 256
+
     public static let all: [BenchOperation] = [
         BenchOperation(name: "syscall", summary: "a null system call from L2's user mode (getpid: one load in L2's kernel)") { cpu in
             _ = boot(cpu, userPages: 1)
@@ -68,6 +71,12 @@ public enum PagingOperations {
                 cpu.writeCR(3, (i & 1 == 0 ? b : a).cr3)
                 _ = cpu.read64(user(0))
             }
+        },
+        BenchOperation(name: "tlb_miss", summary: "a user read of the next of \(tlbMissPages) mapped pages: every one misses L2's TLB and is walked (two dimensions through EPT02, or one on the shadow tables)") { cpu in
+            _ = boot(cpu, userPages: tlbMissPages)
+            for p in 0..<tlbMissPages { _ = cpu.read64(user(p)) }         // every shadow entry filled once
+            cpu.enterUserMode()
+            return { i in _ = cpu.read64(user(i % tlbMissPages)) }
         },
         BenchOperation(name: "fork", summary: "fork + exit of a \(forkPages)-page process: copy its tables write-protected, the child and then the parent write every page (copy-on-write)") { cpu in
             let (kernel, parent, _) = boot(cpu, userPages: forkPages)

@@ -27,7 +27,7 @@ extension StackTests {
 
     /// Two-dimensional paging: L2's page faults, page-table writes, INVLPGs, CR3 writes,
     /// syscalls and #BP stay inside L2 on single, pv and nvmx (no exit at all in the window).
-    @Test(arguments: ["syscall", "exception", "page_fault", "cr3_switch", "fork"])
+    @Test(arguments: ["syscall", "exception", "page_fault", "cr3_switch", "tlb_miss", "fork"])
     func theKernelOperationsCauseNoExitWithTwoDimensionalPaging(_ test: String) throws {
         for path: NestingPath in [.single, .pv, .nvmx] {
             let r = try bench(path, test: test, iterations: 16, warmup: 2)

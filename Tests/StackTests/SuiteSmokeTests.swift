@@ -21,13 +21,16 @@ extension StackTests {
                 // Pass-through MSRs, and CR bits KVM with EPT lets the guest own: no exit at all.
                 // L2's own kernel work (the paging tests) never exits with two-dimensional paging.
                 // On pvm-rfc nothing reaches L0: every operation but a syscall (the switcher's
-                // direct path) exits to L1 through the switcher.
+                // direct path) and a TLB miss (a walk of shadow entries already filled) exits to
+                // L1 through the switcher.
                 let passThrough = op.name.hasSuffix("kernel_gs_base") || op.name.hasPrefix("toggle_cr")
                 let kernelWork = PagingOperations.all.contains { $0.name == op.name }
                 if v.path.usesSwitcher {
                     #expect(r.window.totalL2Exits == 0 && r.window.totalL1Exits == 0, "\(what)")
                     if op.name == "syscall" {
                         #expect(r.switcherExitsPerOp == 0 && r.window[switcher: .directSwitches] == 2 * n, "\(what)")
+                    } else if op.name == "tlb_miss" {
+                        #expect(r.switcherExitsPerOp == 0 && r.window[l2: .tlbMisses] == n, "\(what)")
                     } else {
                         #expect(r.switcherExitsPerOp >= 1.0, "\(what): \(r.switcherExitsPerOp) switcher exits per op")
                     }
