@@ -30,7 +30,7 @@ extension StackTests {
                     if op.name == "syscall" {
                         #expect(r.switcherExitsPerOp == 0 && r.window[switcher: .directSwitches] == 2 * n, "\(what)")
                     } else if op.name == "tlb_miss" {
-                        #expect(r.switcherExitsPerOp == 0 && r.window[l2: .tlbMisses] == n, "\(what)")
+                        #expect(r.switcherExitsPerOp == 0 && r.window[l2: .tlbMisses] >= n, "\(what)")
                     } else {
                         #expect(r.switcherExitsPerOp >= 1.0, "\(what): \(r.switcherExitsPerOp) switcher exits per op")
                     }
