@@ -1,4 +1,3 @@
-import ABI
 
 /// L2's MMU, first stage: the x86-64 4-level page walk (SDM vol. 3, 4.5) from a guest-virtual
 /// address to an L2 GPA, through page tables that live in L2's own RAM. Pure: it reads and writes

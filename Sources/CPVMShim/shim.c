@@ -342,3 +342,35 @@ int pvm_file_build_id(const char *path, uint8_t *out, int cap) {
     close(fd);
     return result;
 }
+
+static uint64_t pvm_now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (uint64_t)t.tv_sec * 1000000000ull + (uint64_t)t.tv_nsec;
+}
+
+uint64_t pvm_time_native_cpuid(uint32_t leaf, uint64_t n) {
+    uint64_t start = pvm_now_ns();
+    for (uint64_t i = 0; i < n; i++) {
+        uint32_t a = leaf, b, c = 0, d;
+        __asm__ volatile("cpuid" : "+a"(a), "=b"(b), "+c"(c), "=d"(d) :: "memory");
+    }
+    return pvm_now_ns() - start;
+}
+
+uint64_t pvm_time_getpid(uint64_t n) {
+    uint64_t start = pvm_now_ns();
+    for (uint64_t i = 0; i < n; i++) (void)syscall(SYS_getpid);
+    return pvm_now_ns() - start;
+}
+
+uint64_t pvm_time_page_faults(uint64_t pages) {
+    size_t bytes = (size_t)pages * 4096;
+    volatile uint8_t *p = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) return 0;
+    uint64_t start = pvm_now_ns();
+    for (uint64_t i = 0; i < pages; i++) p[i * 4096] = 1;
+    uint64_t elapsed = pvm_now_ns() - start;
+    munmap((void *)p, bytes);
+    return elapsed;
+}

@@ -488,6 +488,27 @@ extension PVM {
             try writeOutput(try result.profile().encoded(), to: out)
             let full = URL(fileURLWithPath: out).standardizedFileURL.path
             print("wrote \(full): use it with `pvm bench --profile \(out)` or `pvm model explain TEST --profile \(out)`")
+            if comparePVM { try comparePVMRFC(result) }
+        }
+
+        @Flag(name: .customLong("no-pvm-rfc"), inversion: .prefixedNo, help: "Also run pvm-rfc's stack for cpuid, inl_from_qemu and syscall and print its model, priced from this machine's one-level figures, next to the real PVM's figures.")
+        var comparePVM = true
+
+        /// The pvm-rfc model of the tests the calibration guest can compare, from real stacks.
+        func comparePVMRFC(_ result: CalibrationResult) throws {
+            guard let profile = result.oneLevelProfile(base: try CostModel.defaultProfile()) else {
+                print("pvm-rfc against the real PVM: not compared (no native CPUID figure in this run)")
+                return
+            }
+            let runner = BenchRunner(tierExecutable: selfExecutable(), iterations: 2_000, warmup: 200)
+            var rows: [(test: String, result: BenchResult)] = []
+            for test in ["cpuid", "inl_from_qemu", "syscall", "page_fault"] {
+                do { rows.append((test, try runner.run(test, on: BenchVariant(path: .pvmRFC)))) } catch {
+                    throw Failure("pvm calibrate: the pvm-rfc stack for \(test) failed: \(error)")
+                }
+            }
+            print("")
+            print(CalibrationResult.comparison(rows, profile: profile, real: result.realPVMNanos(for:)).joined(separator: "\n"))
         }
     }
 

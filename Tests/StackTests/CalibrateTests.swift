@@ -88,6 +88,11 @@ extension StackTests {
             #expect(e.nanosPerExit > cpuid.nanosPerExit, "\(e.kind): \(e.nanosPerExit) ns vs CPUID \(cpuid.nanosPerExit) ns")
         }
 
+        // This machine's own one-level costs, in the same run.
+        let native = try #require(r.native)
+        #expect(native.runs == 3 && (native.cpuidNanos ?? 0) > 0 && (native.syscallNanos ?? 0) > 0 && (native.pageFaultNanos ?? 0) > 0)
+        #expect(r.summary.contains("this machine's own one-level costs"))
+
         let p = r.profile(base: Self.base)
         let back = try CostProfile.decode(try p.encoded(), file: "calibrated")
         #expect(back == p)
@@ -139,6 +144,29 @@ extension StackTests {
         _ = try CostProfile.decode(try p.encoded(), file: "thin")
         #expect(p.cycles(unmeasurable) == 0)
         #expect(p.prices[unmeasurable.rawValue]!.source.contains("no price"))
+    }
+
+    /// pvm-rfc's model priced from this machine's one-level figures, next to the real PVM's
+    /// (made-up figures; the counts come from a real pvm-rfc stack).
+    @Test func thePVMRFCModelIsPricedFromTheOneLevelFiguresAndSetBesideTheRealPVM() throws {
+        var r = CalibrationResult(devicePath: "/dev/kvm", iterations: 100, runsPerKind: 1, tscGHz: 2.0, vendor: "AuthenticAMD",
+                                  exits: [ExitCost(kind: .cpuid, iterations: 100, runs: [], cyclesPerExit: 6_000, nanosPerExit: 3_000)],
+                                  notMeasured: [:])
+        #expect(r.oneLevelProfile(base: Self.base) == nil)              // no native figures: nothing to price from
+        r.native = NativeCosts(cpuidNanos: 1_200, syscallNanos: 100, pageFaultNanos: 900, runs: 1)
+        let p = try #require(r.oneLevelProfile(base: Self.base))
+        _ = try CostProfile.decode(try p.encoded(), file: "one-level")
+        #expect(p.cycles(.exitRoundTrip) == 200 && p.cycles(.l1ExitHandling) == 2_200 && p.cycles(.l2Syscall) == 200)
+        #expect(p.prices["l1_exit_handling"]!.source.contains("native CPUID") && p.cycles(.switcherRoundTrip) == Self.base.cycles(.switcherRoundTrip))
+
+        let cpuid = try bench(.pvmRFC, test: "cpuid", iterations: 64, warmup: 8)
+        let syscall = try bench(.pvmRFC, test: "syscall", iterations: 64, warmup: 8)
+        let lines = CalibrationResult.comparison([("cpuid", cpuid), ("syscall", syscall)], profile: p, real: r.realPVMNanos(for:))
+        // One switcher round trip and L1's handler: (switcher_round_trip + 2,200) cycles at 2 GHz.
+        let model = (Self.base.cycles(.switcherRoundTrip) + 2_200) / 2.0
+        let row = try #require(lines.first { $0.hasPrefix("cpuid") }).split(separator: " ")
+        #expect(Double(row[1]).map { abs($0 - model) <= 0.5 } == true && row[3] == "3000", "\(lines)")
+        #expect(lines.contains { $0.hasPrefix("syscall") && $0.contains("not measured: a PVM guest takes its syscalls") })
     }
 }
 }

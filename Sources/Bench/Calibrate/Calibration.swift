@@ -61,7 +61,21 @@ public enum Calibration {
         }
         let ghz = Median.of(exits.flatMap(\.runs).map { Double($0.guestCycles) / Double(max(1, $0.wallNanos)) })
         return CalibrationResult(devicePath: devicePath, iterations: iterations, runsPerKind: runs, tscGHz: ghz,
-                                 vendor: setup.vendor, exits: exits, notMeasured: notMeasured, modules: KVMModule.loaded())
+                                 vendor: setup.vendor, exits: exits, notMeasured: notMeasured, modules: KVMModule.loaded(),
+                                 native: measureNative(iterations: iterations, runs: runs))
+    }
+
+    /// This machine's own one-level costs in the same run: CPUID, a system call, a page fault.
+    static func measureNative(iterations: Int, runs: Int) -> NativeCosts {
+        let n = UInt64(min(iterations, 20_000)), pages: UInt64 = 4_096
+        func median(_ probe: () -> Double?) -> Double? {
+            _ = probe()                                                  // warm-up
+            let xs = (0..<runs).compactMap { _ in probe() }
+            return xs.count == runs ? Median.of(xs) : nil
+        }
+        return NativeCosts(cpuidNanos: median { NativeProbe.cpuidNanos(count: n) },
+                           syscallNanos: median { NativeProbe.syscallNanos(count: n) },
+                           pageFaultNanos: median { NativeProbe.pageFaultNanos(pages: pages) }, runs: runs)
     }
 }
 

@@ -78,6 +78,21 @@ public struct ExitCost: Codable, Equatable, Sendable {
     }
 }
 
+/// This machine's own one-level costs, timed in `pvm calibrate`'s process (`NativeProbe`):
+/// medians over the runs, in ns. nil where the probe failed.
+public struct NativeCosts: Codable, Equatable, Sendable {
+    /// A CPUID executed here: on a VM it traps to the hypervisor below (a one-level exit).
+    public var cpuidNanos: Double?
+    /// A getpid system call (SYSCALL/SYSRET and a null handler).
+    public var syscallNanos: Double?
+    /// A first write to a fresh anonymous page (a minor fault).
+    public var pageFaultNanos: Double?
+    public var runs: Int
+    public init(cpuidNanos: Double?, syscallNanos: Double?, pageFaultNanos: Double?, runs: Int) {
+        self.cpuidNanos = cpuidNanos; self.syscallNanos = syscallNanos; self.pageFaultNanos = pageFaultNanos; self.runs = runs
+    }
+}
+
 /// Everything `pvm calibrate` measured: what each exit kind costs on this host, one level deep.
 public struct CalibrationResult: Codable, Equatable, Sendable {
     public var devicePath: String
@@ -93,12 +108,14 @@ public struct CalibrationResult: Codable, Equatable, Sendable {
     public var notMeasured: [String: String]
     /// The modules serving /dev/kvm (/sys/module): kvm_intel, kvm_amd or kvm_pvm.
     public var modules: [KVMModule]
+    /// This machine's own one-level costs, measured in the same run (nil in a hand-made result).
+    public var native: NativeCosts?
 
     public init(devicePath: String, iterations: Int, runsPerKind: Int, tscGHz: Double, vendor: String,
-                exits: [ExitCost], notMeasured: [String: String], modules: [KVMModule] = []) {
+                exits: [ExitCost], notMeasured: [String: String], modules: [KVMModule] = [], native: NativeCosts? = nil) {
         self.devicePath = devicePath; self.iterations = iterations; self.runsPerKind = runsPerKind
         self.tscGHz = tscGHz; self.vendor = vendor; self.exits = exits; self.notMeasured = notMeasured
-        self.modules = modules
+        self.modules = modules; self.native = native
     }
 
     /// What the figures are: one-level KVM exits, or (kvm_pvm) PVM's nested exits.
@@ -138,6 +155,10 @@ public struct CalibrationResult: Codable, Equatable, Sendable {
         for (k, why) in notMeasured.sorted(by: { $0.key < $1.key }) { lines.append("\(k): not measured: \(why)") }
         lines += statisticsCheck
         lines.append(whatWasMeasured)
+        if let n = native {
+            func f(_ x: Double?) -> String { x.map { calibrationFormat($0, 0) + " ns" } ?? "not measured" }
+            lines.append("this machine's own one-level costs (median of \(n.runs) runs, in this process): native CPUID \(f(n.cpuidNanos)) (an exit to the hypervisor below), getpid system call \(f(n.syscallNanos)), first touch of a page \(f(n.pageFaultNanos))")
+        }
         lines.append("TSC \(calibrationFormat(tscGHz, 3)) GHz (guest TSC cycles / wall time); vendor \(vendor); device \(devicePath)")
         return lines.joined(separator: "\n")
     }

@@ -80,6 +80,14 @@ int pvm_ignore_stop_signals(void);
 int pvm_self_build_id(uint8_t *out, int cap);
 int pvm_file_build_id(const char *path, uint8_t *out, int cap);
 
+// This machine's own one-level costs, for `pvm calibrate` (each returns CLOCK_MONOTONIC ns for the
+// whole loop, or 0 on error): `n` CPUID instructions of `leaf` executed natively (inside a VM they
+// trap to the hypervisor below it: one-level exits); `n` getpid system calls (SYSCALL/SYSRET and
+// a null handler, no exit); first writes to `pages` fresh anonymous pages (a minor fault each).
+uint64_t pvm_time_native_cpuid(uint32_t leaf, uint64_t n);
+uint64_t pvm_time_getpid(uint64_t n);
+uint64_t pvm_time_page_faults(uint64_t pages);
+
 // A compiler barrier plus a CPU pause hint for spin loops.
 static inline void pvm_cpu_relax(void) { __builtin_ia32_pause(); }
 
