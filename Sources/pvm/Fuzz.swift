@@ -13,7 +13,7 @@ struct Fuzz: ParsableCommand {
     var cases: UInt64 = 100_000
     @Option(name: .long, help: "Seed.")
     var seed: UInt64 = 1
-    @Option(name: .long, help: "Comma-separated paths: single, pv, nvmx, nvmx-noshadow, nvmx-evmcs.")
+    @Option(name: .long, help: "Comma-separated paths: single, pv, nvmx, nvmx-noshadow, nvmx-evmcs, pvm-rfc.")
     var path: String = NestingPath.allCases.map(\.rawValue).joined(separator: ",")
     @Flag(name: .long, help: "Print the report as JSON.")
     var json = false

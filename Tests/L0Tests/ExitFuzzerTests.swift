@@ -16,6 +16,15 @@ import Testing
         }
     }
 
+    /// pvm-rfc: L1's own exits, half of them harness calls passed on with garbage block
+    /// addresses and garbage blocks (window edges in any order, counters L1 scribbled): L0 never
+    /// traps on an overflow, never builds EPT02, never hands L2 anything.
+    @Test func thePVMRFCBackendSurvivesHostileL1Exits() throws {
+        let r = try ExitFuzzer.run(path: .pvmRFC, cases: 20_000, seed: 0x5EED)
+        #expect(r.violations.isEmpty, "\(r.violations)")
+        #expect(r.l1Exits > 5_000 && r.l2Exits == 0 && r.stops > 1_000 && r.ept02EntriesChecked == 0, "\(r)")
+    }
+
     @Test func theSingleLevelBackendSurvivesHostileL2Exits() throws {
         let r = try ExitFuzzer.run(path: .single, cases: 150, seed: 0x5EED)
         #expect(r.violations.isEmpty, "\(r.violations)")

@@ -103,46 +103,48 @@ public struct TransitionCounters: Equatable, Sendable {
         return d
     }
 
-    /// self - earlier, field by field: the transitions of a measurement window.
+    /// self - earlier, field by field: the transitions of a measurement window. Clamped at 0:
+    /// the guest decides when a window starts and ends (and on pvm-rfc writes some of the
+    /// counters), so no field may wrap whatever it does.
     public func since(_ earlier: TransitionCounters) -> TransitionCounters {
         var d = TransitionCounters()
         for i in 0..<Self.reasonSlots {
-            d.l2Exits[i] = l2Exits[i] - earlier.l2Exits[i]
-            d.l1Exits[i] = l1Exits[i] - earlier.l1Exits[i]
-            d.deliveries[i] = deliveries[i] - earlier.deliveries[i]
+            d.l2Exits[i] = l2Exits[i].subtractingClamped(earlier.l2Exits[i])
+            d.l1Exits[i] = l1Exits[i].subtractingClamped(earlier.l1Exits[i])
+            d.deliveries[i] = deliveries[i].subtractingClamped(earlier.deliveries[i])
         }
-        d.l1Entries = l1Entries - earlier.l1Entries
-        d.l2Entries = l2Entries - earlier.l2Entries
+        d.l1Entries = l1Entries.subtractingClamped(earlier.l1Entries)
+        d.l2Entries = l2Entries.subtractingClamped(earlier.l2Entries)
         d.hypercalls = hypercalls.since(earlier.hypercalls)
-        d.vmcs12FieldReads = vmcs12FieldReads - earlier.vmcs12FieldReads
-        d.vmcs12FieldWrites = vmcs12FieldWrites - earlier.vmcs12FieldWrites
-        d.shadowVMCSFieldCopies = shadowVMCSFieldCopies - earlier.shadowVMCSFieldCopies
-        d.evmcsFieldCopies = evmcsFieldCopies - earlier.evmcsFieldCopies
-        d.vmcsSwitches = vmcsSwitches - earlier.vmcsSwitches
-        d.ept12EntriesWalked = ept12EntriesWalked - earlier.ept12EntriesWalked
-        d.ept02Fills = ept02Fills - earlier.ept02Fills
-        d.ept12WriteTraps = ept12WriteTraps - earlier.ept12WriteTraps
-        d.ept12Unsyncs = ept12Unsyncs - earlier.ept12Unsyncs
-        d.msrBitmapMerges = msrBitmapMerges - earlier.msrBitmapMerges
-        d.unbackedAccesses = unbackedAccesses - earlier.unbackedAccesses
-        d.consistencyChecks = consistencyChecks - earlier.consistencyChecks
-        d.memslotZaps = memslotZaps - earlier.memslotZaps
-        d.ept12ADUpdates = ept12ADUpdates - earlier.ept12ADUpdates
-        d.hwVMREADs = hwVMREADs - earlier.hwVMREADs
-        d.hwVMWRITEs = hwVMWRITEs - earlier.hwVMWRITEs
-        d.hwVMPTRLDs = hwVMPTRLDs - earlier.hwVMPTRLDs
-        d.hwVMCLEARs = hwVMCLEARs - earlier.hwVMCLEARs
-        d.mmuRootSwitches = mmuRootSwitches - earlier.mmuRootSwitches
-        d.tlbFlushes = tlbFlushes - earlier.tlbFlushes
-        d.rareFieldSyncs = rareFieldSyncs - earlier.rareFieldSyncs
-        d.fullEntryChecks = fullEntryChecks - earlier.fullEntryChecks
-        d.vmmUserspaceExits = vmmUserspaceExits - earlier.vmmUserspaceExits
-        d.pvEntries = pvEntries - earlier.pvEntries
-        d.kernelDeviceAccesses = kernelDeviceAccesses - earlier.kernelDeviceAccesses
-        d.pvDeliveries = pvDeliveries - earlier.pvDeliveries
-        d.nestedVMExits = nestedVMExits - earlier.nestedVMExits
-        d.nestedVMEntries = nestedVMEntries - earlier.nestedVMEntries
-        d.ept12Resyncs = ept12Resyncs - earlier.ept12Resyncs
+        d.vmcs12FieldReads = vmcs12FieldReads.subtractingClamped(earlier.vmcs12FieldReads)
+        d.vmcs12FieldWrites = vmcs12FieldWrites.subtractingClamped(earlier.vmcs12FieldWrites)
+        d.shadowVMCSFieldCopies = shadowVMCSFieldCopies.subtractingClamped(earlier.shadowVMCSFieldCopies)
+        d.evmcsFieldCopies = evmcsFieldCopies.subtractingClamped(earlier.evmcsFieldCopies)
+        d.vmcsSwitches = vmcsSwitches.subtractingClamped(earlier.vmcsSwitches)
+        d.ept12EntriesWalked = ept12EntriesWalked.subtractingClamped(earlier.ept12EntriesWalked)
+        d.ept02Fills = ept02Fills.subtractingClamped(earlier.ept02Fills)
+        d.ept12WriteTraps = ept12WriteTraps.subtractingClamped(earlier.ept12WriteTraps)
+        d.ept12Unsyncs = ept12Unsyncs.subtractingClamped(earlier.ept12Unsyncs)
+        d.msrBitmapMerges = msrBitmapMerges.subtractingClamped(earlier.msrBitmapMerges)
+        d.unbackedAccesses = unbackedAccesses.subtractingClamped(earlier.unbackedAccesses)
+        d.consistencyChecks = consistencyChecks.subtractingClamped(earlier.consistencyChecks)
+        d.memslotZaps = memslotZaps.subtractingClamped(earlier.memslotZaps)
+        d.ept12ADUpdates = ept12ADUpdates.subtractingClamped(earlier.ept12ADUpdates)
+        d.hwVMREADs = hwVMREADs.subtractingClamped(earlier.hwVMREADs)
+        d.hwVMWRITEs = hwVMWRITEs.subtractingClamped(earlier.hwVMWRITEs)
+        d.hwVMPTRLDs = hwVMPTRLDs.subtractingClamped(earlier.hwVMPTRLDs)
+        d.hwVMCLEARs = hwVMCLEARs.subtractingClamped(earlier.hwVMCLEARs)
+        d.mmuRootSwitches = mmuRootSwitches.subtractingClamped(earlier.mmuRootSwitches)
+        d.tlbFlushes = tlbFlushes.subtractingClamped(earlier.tlbFlushes)
+        d.rareFieldSyncs = rareFieldSyncs.subtractingClamped(earlier.rareFieldSyncs)
+        d.fullEntryChecks = fullEntryChecks.subtractingClamped(earlier.fullEntryChecks)
+        d.vmmUserspaceExits = vmmUserspaceExits.subtractingClamped(earlier.vmmUserspaceExits)
+        d.pvEntries = pvEntries.subtractingClamped(earlier.pvEntries)
+        d.kernelDeviceAccesses = kernelDeviceAccesses.subtractingClamped(earlier.kernelDeviceAccesses)
+        d.pvDeliveries = pvDeliveries.subtractingClamped(earlier.pvDeliveries)
+        d.nestedVMExits = nestedVMExits.subtractingClamped(earlier.nestedVMExits)
+        d.nestedVMEntries = nestedVMEntries.subtractingClamped(earlier.nestedVMEntries)
+        d.ept12Resyncs = ept12Resyncs.subtractingClamped(earlier.ept12Resyncs)
         d.switcher = zip(switcher, earlier.switcher).map { $0.subtractingClamped($1) }
         d.l2Events = zip(l2Events, earlier.l2Events).map { $0.subtractingClamped($1) }
         return d

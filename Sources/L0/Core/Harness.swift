@@ -96,7 +96,7 @@ extension L0VCPU {
                     end.l1Exits[io] = end.l1Exits[io].subtractingClamped(1)
                     end.switcher[io] = end.switcher[io].subtractingClamped(1)
                 } else {
-                    end.l2Exits[io] -= 1            // this ucall's own exit
+                    end.l2Exits[io] = end.l2Exits[io].subtractingClamped(1)   // this ucall's own exit
                 }
                 harness.windows.append(end.since(start))
                 harness.windowStart = nil

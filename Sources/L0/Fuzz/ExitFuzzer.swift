@@ -100,7 +100,8 @@ public enum ExitFuzzer {
         /// 256 KiB) or eVMCS (named in the VP assist page), VMLAUNCH.
         func begin(_ g: inout FuzzRandom) throws -> NextStep {
             var next = try vcpu.start()
-            guard case .resume(.l1) = next, g.below(4) != 0 else { return next }
+            // pvm-rfc: L1 is a one-level guest; there is nothing to set up for L0.
+            guard case .resume(.l1) = next, g.below(4) != 0, !vcpu.path.usesSwitcher else { return next }
             let l1 = vcpu.l1Run
             func exit(_ reason: ExitReason, operand: UInt64 = 0, _ regs: [Register: UInt64] = [:]) -> NextStep {
                 for (r, v) in regs { l1[register: r] = v }
@@ -204,6 +205,7 @@ public enum ExitFuzzer {
         func writeL1Exit(_ g: inout FuzzRandom) -> Bool {
             let reason = g.pick(Self.l1Reasons)
             Self.writeExit(vcpu.l1Run, reason: reason, &g)
+            if vcpu.path.usesSwitcher, g.below(2) == 0 { writeForwardedUcall(&g) }
             guard reason == .vmcall, g.below(4) != 0 else { return false }
             let call = g.pick(PVHypercall.allCases)
             vcpu.l1Run[register: .rax] = call.rawValue
@@ -212,6 +214,20 @@ public enum ExitFuzzer {
             vcpu.l1Run[register: .rdx] = g.below(2) == 0 ? g.below(64) << 12 : g.edge()
             vcpu.l1Run[register: .rsi] = g.below(2) == 0 ? g.below(16) : g.edge()
             return true
+        }
+
+        /// pvm-rfc: L1 passing on a ucall, with the block's L1 GPA in RDI (anywhere, often in
+        /// L1's memory) and, half the time, a plausible block there.
+        func writeForwardedUcall(_ g: inout FuzzRandom) {
+            vcpu.l1Run.exitReason = .ioInstruction
+            vcpu.l1Run[RunPage.exitQualification] = IOQualification.make(port: Ucall.port, size: 1, isIn: true)
+            let block = Self.l1Address(&g)
+            vcpu.l1Run[register: .rdi] = block
+            guard g.below(2) == 0, block < ExitFuzzer.slotSize - 8 else { return }
+            let commands: [UcallCommand] = [.sync, .sync, .report, .printf, .abort, .done]
+            try? host.store(g.below(8) == 0 ? g.edge() : g.pick(commands).rawValue, at: ExitFuzzer.slotHost.raw + block)
+            try? host.store(g.below(2) == 0 ? g.pick([UcallStage.measureStart, UcallStage.measureEnd]) : g.edge(),
+                            at: ExitFuzzer.slotHost.raw + block + 8)
         }
 
         func writeL2Exit(_ g: inout FuzzRandom) {
@@ -230,6 +246,9 @@ public enum ExitFuzzer {
                 if h.raw < low || h.raw >= high {
                     return (checked, "EPT02 maps L2 \(gpa) to host offset 0x\(String(h.raw, radix: 16)), outside L1's memory")
                 }
+            }
+            if vcpu.path.usesSwitcher, checked > 0 {
+                return (checked, "pvm-rfc: L0 built EPT02 entries for an L2 it never runs")
             }
             if let pv = vcpu.backend as? PVBackend {
                 for m in pv.map.mappings {
