@@ -31,6 +31,13 @@ public struct SwitcherView: @unchecked Sendable {
         nonmutating set { memory.region.unchecked(store: newValue, at: memory.local(host(word))) }
     }
 
+    /// Whose turn the switcher lane gives (L1 or L2), or nil (stopped, or a value no tier has):
+    /// on pvm-rfc the tier L0 names when the vCPU stops coming back.
+    public var turnHolder: Tier? {
+        let t = Tier(rawValue: lane.turn.load(ordering: .relaxed))
+        return t == .l1 || t == .l2 ? t : nil
+    }
+
     public func count(_ c: SwitcherCounter, _ n: UInt64 = 1) { self[SwitcherLayout.counter(c)] &+= n }
     public func countExit(_ r: ExitReason) { self[SwitcherLayout.exitCounter(r)] &+= 1 }
 

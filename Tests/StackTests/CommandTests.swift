@@ -31,6 +31,37 @@ extension StackTests {
 
     // MARK: bench
 
+    /// Issue 14's check, through the binary: the four designs run every paging test; on pvm-rfc
+    /// CPUID makes no L0 transition (one switcher exit), and a page fault and a fork show the
+    /// shadow MMU's events; the ratio lines carry the model's ratio too.
+    @Test func benchRunsThePVMRFCPathBesideTheOthersAndShowsItsShadowMMU() throws {
+        try withTempFile(".json") { json in
+            let r = try pvm(["bench", "--test", "cpuid,page_fault,fork", "--path", "single,pv,nvmx,pvm-rfc", "--min-time-ms", "0",
+                             "--iterations", "16", "--warmup", "2", "--quiet", "--json", json.path])
+            #expect(r.status == 0, "\(r.err)")
+            let doc = try #require(try JSONSerialization.jsonObject(with: Data(contentsOf: json)) as? [String: Any])
+            let rows = try #require(doc["results"] as? [[String: Any]])
+            #expect(rows.count == 12)
+            func row(_ test: String, _ path: String) throws -> [String: Any] {
+                try #require(rows.first { $0["test"] as? String == test && $0["path"] as? String == path }, "\(test) on \(path)")
+            }
+            let cpuid = try row("cpuid", "pvm-rfc")
+            let perOp = try #require(cpuid["per_op"] as? [String: Any])
+            #expect(Self.number(perOp["l2_exits"]) == 0 && Self.number(perOp["l1_exits"]) == 0 && Self.number(perOp["l1_entries"]) == 0
+                    && Self.number(perOp["switcher_exits"]) == 1, "\(perOp)")
+            for test in ["page_fault", "fork"] {
+                let events = try #require(try row(test, "pvm-rfc")["switcher_events"] as? [String: Any])
+                #expect(Self.number(events["shadow_fills"]).map { $0 >= 1 } == true
+                        && Self.number(events["injected_events"]).map { $0 >= 1 } == true, "\(test): \(events)")
+                for path in ["single", "pv", "nvmx"] {
+                    let p = try #require(try row(test, path)["per_op"] as? [String: Any])
+                    #expect(Self.number(p["l2_exits"]) == 0 && Self.number(p["switcher_exits"]) == 0, "\(test) on \(path): \(p)")
+                }
+            }
+            #expect(r.out.contains("fork: pvm-rfc / single = ") && r.out.contains(" x (model)"), "\(r.out)")
+        }
+    }
+
     @Test func benchPrintsTheTableAndRatiosAndWritesJSONAndCSV() throws {
         try withTempFile(".json") { json in
             try withTempFile(".csv") { csv in
