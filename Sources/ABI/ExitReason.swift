@@ -125,3 +125,9 @@ public struct ExitReason: RawRepresentable, Hashable, Sendable, Comparable, Cust
         return Dictionary(uniqueKeysWithValues: table.map { (UInt32($0.0), $0.1) })
     }()
 }
+
+extension ExitReason {
+    /// Counters kept by basic exit reason (L0's, and the pvm-rfc switcher's) have this many
+    /// slots; reasons from the last slot up share it.
+    public static let countedSlots = 80
+}

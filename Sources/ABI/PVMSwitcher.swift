@@ -17,15 +17,11 @@ public enum SwitcherLayout {
     public static let flushGeneration = base + 0x208
     /// u64: CR2 for a #PF L1 injects (the PVCS's cr2).
     public static let injectedCR2 = base + 0x210
-    /// u64: L2's guest CR3 as L1 last loaded it (L2 reads CR3 without an exit).
-    public static let guestCR3 = base + 0x218
-    /// u64: 1 while L2's first stage is on (a CR3 was loaded), so the switcher runs L2 in paging mode.
-    public static let paging = base + 0x220
     /// L2's exits to L1 and L1's entries back: a RunPage.
     public static let runPage = base + pageSize
     /// u64 counters: exits by basic reason (`reasonSlots`), then `SwitcherCounter`s.
     public static let counters = base + 2 * pageSize
-    public static let reasonSlots = 80
+    public static let reasonSlots = ExitReason.countedSlots
     public static func exitCounter(_ r: ExitReason) -> L1GPA {
         counters + UInt64(min(Int(r.basic.rawValue), reasonSlots - 1)) * 8
     }

@@ -21,6 +21,8 @@ public enum PageWalk {
         public static let dirty: UInt64 = 1 << 6
         public static let pageSize: UInt64 = 1 << 7
         public static let executeDisable: UInt64 = 1 << 63
+        /// A 2 MiB or 1 GiB page's PAT bit (bit 7 is PS there).
+        public static let hugePAT: UInt64 = 1 << 12
         /// Bits 51:12: the next table's or the page's physical address.
         public static let addressMask: UInt64 = 0x000F_FFFF_FFFF_F000
     }
@@ -99,7 +101,7 @@ public enum PageWalk {
             let isLeaf = level == 1 || (level <= 3 && entry & Bit.pageSize != 0)
             let pageBytes: UInt64 = 1 << (12 + 9 * UInt64(level - 1))
             var reserved = (!context.nxe && entry & Bit.executeDisable != 0) || (level == 4 && entry & Bit.pageSize != 0)
-            if isLeaf && level > 1 { reserved = reserved || entry & Bit.addressMask & (pageBytes - 1) != 0 }
+            if isLeaf && level > 1 { reserved = reserved || entry & Bit.addressMask & (pageBytes - 1) & ~Bit.hugePAT != 0 }
             if reserved { return .pageFault(errorCode: errorBase | ErrorCode.protection | ErrorCode.reserved) }
             writable = writable && entry & Bit.writable != 0
             user = user && entry & Bit.user != 0

@@ -96,7 +96,7 @@ public enum CostModel {
             line("INVLPGs L1 handled", .shadowINVLPG, sw(.invlpgs), .l1),
             line("shadow pages zapped", .shadowPageZap, sw(.shadowPageZaps), .l1),
             line("L2 pages write-protected for shadowing", .writeProtect, sw(.writeProtects), .l1),
-            line("L2 TLB flushes L1 asked for", .tlbFlush, sw(.tlbFlushes), .l1),
+            line("L2 TLB flushes L1 asked for (shadow entries lost rights)", .shadowTLBFlush, sw(.tlbFlushes), .l1),
             line("exits L1's VMM userspace handles", .vmmUserspaceExit, sw(.vmmUserspaceExits), .l1),
             line("port accesses L1's in-kernel device emulates", .kernelDeviceEmulation, sw(.kernelDeviceAccesses), .l1),
             // L2's own work, on every path.

@@ -140,6 +140,8 @@ public struct CostProfile: Codable, Equatable, Sendable {
         case shadowPageZap = "shadow_page_zap"
         /// Write-protecting one L2 page's leaf shadow entries (an rmap walk).
         case writeProtect = "write_protect"
+        /// L2's TLB flushed at its next entry because shadow entries lost rights or went.
+        case shadowTLBFlush = "shadow_tlb_flush"
     }
 
     public enum LoadError: Error, CustomStringConvertible, Equatable {

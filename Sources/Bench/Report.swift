@@ -8,7 +8,8 @@ public enum Report {
         s.count >= w ? s : (right ? String(repeating: " ", count: w - s.count) + s : s + String(repeating: " ", count: w - s.count))
     }
     static func fmt(_ d: Double, _ digits: Int = 2) -> String {
-        if digits == 0 { return d.isFinite ? String(Int(d.rounded())) : "\(d)" }
+        // Counts a guest claims can make a figure huge: printed, never converted past Int.
+        if digits == 0 { return d.isFinite && abs(d) < 9e18 ? String(Int(d.rounded())) : String(format: "%.3g", d) }
         let m = pow10(digits)
         let v = (d * m).rounded() / m
         var s = "\(v)"

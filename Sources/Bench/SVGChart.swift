@@ -57,7 +57,7 @@ public enum SVGChart {
     }
 
     static func splitText(_ parts: [(Part, Double)]) -> String {
-        let shown = parts.filter { $0.1 > 0 }.map { "\($0.0.label) \(Int($0.1.rounded()))" }
+        let shown = parts.filter { $0.1 > 0 }.map { "\($0.0.label) \(Report.fmt($0.1, 0))" }
         return shown.isEmpty ? "no priced events" : shown.joined(separator: ", ")
     }
 
@@ -67,7 +67,7 @@ public enum SVGChart {
         let totals = results.map { r -> Double in let t = CostModel.cyclesPerOp(r, profile); return t.isFinite ? max(0, t) : 0 }
         let splits = results.map { split($0, profile) }
         let labelWidth = max(150, (results.map { textWidth($0.variant.label) + 12 } + results.map { textWidth($0.test) }).max() ?? 0) + 16
-        let valueTexts = results.indices.map { "\(Int(totals[$0].rounded())) cyc, \(results[$0].latency.medianNanos) ns measured" }
+        let valueTexts = results.indices.map { "\(Report.fmt(totals[$0], 0)) cyc, \(results[$0].latency.medianNanos) ns measured" }
         let valueWidth = max(200, (valueTexts.map { textWidth($0) } + splits.map { textWidth(splitText($0), px: 11) }).max() ?? 0) + 16
         // Groups in the order tests first appear; rows in run order within a test.
         var tests: [String] = []

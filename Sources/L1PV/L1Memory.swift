@@ -47,6 +47,11 @@ public struct L1Memory {
         if let trap, trap.isWriteProtected(gpa) { return try trap.trappedStore(UInt64(v), size: 1, at: gpa) }
         try host.store(v, at: at)
     }
+    public func store16(_ v: UInt16, _ gpa: L1GPA) throws {
+        let at = try hostOffset(gpa, length: 2)
+        if let trap, trap.isWriteProtected(gpa) { return try trap.trappedStore(UInt64(v), size: 2, at: gpa) }
+        try host.store(v, at: at)
+    }
     public func zero(_ gpa: L1GPA, length: UInt64) throws {
         let at = try hostOffset(gpa, length: length)
         if let trap {

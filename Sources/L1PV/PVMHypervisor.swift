@@ -75,16 +75,16 @@ public final class PVMHypervisor {
                 try shadowFault(page, gva: L2GVA(q), errorCode: UInt32(truncatingIfNeeded: page[RunPage.exitInterruptionErrorCode]))
                 return
             }
-            // Anything else L2 raised is L2's to handle: delivered back to its handler.
+            // Anything else L2 raised is L2's to handle: delivered back to its handler. #BP is a
+            // trap (L2 goes on after INT3); the others are faults (the instruction runs again).
             guard let v = ExceptionVector(rawValue: vector) else { throw L1Fault.unexpectedExit(reason, "vector \(vector)") }
             inject(v, errorCode: UInt32(truncatingIfNeeded: page[RunPage.exitInterruptionErrorCode]), page)
-            page[register: .rip] &+= page[RunPage.instructionLength]   // #BP is a trap: after INT3
+            if v == .breakpoint { page[register: .rip] &+= page[RunPage.instructionLength] }
             return
         case .crAccess where CRAccessQualification.cr(q) == 3 && CRAccessQualification.type(q) == CRAccessQualification.movToCR:
             guard let reg = CRAccessQualification.register(q) else { throw L1Fault.unexpectedExit(reason, "no register") }
             guestCR3 = regs[reg]
             mmu.loadCR3(guestCR3)
-            switcher[SwitcherLayout.guestCR3] = guestCR3
         case .invlpg:
             mmu.invlpg(L2GVA(q))
         case .ioInstruction where IOQualification.port(q) == Ucall.port:
@@ -121,6 +121,9 @@ public final class PVMHypervisor {
         case .inject(let code):
             inject(.pageFault, errorCode: code, cr2: gva.raw, page)
             return
+        case .injectGeneralProtection:
+            inject(.generalProtection, page)
+            return
         case .mmio(let gpa):
             switcher.count(.mmioEmulations)
             let q = access.contains(.write) ? EPTViolationQualification.dataWrite : EPTViolationQualification.dataRead
@@ -131,6 +134,7 @@ public final class PVMHypervisor {
             let value = regs[.rax]
             switch size {
             case 1: try memory.store8(UInt8(truncatingIfNeeded: value), l1)
+            case 2: try memory.store16(UInt16(truncatingIfNeeded: value), l1)
             case 4: try memory.store32(UInt32(truncatingIfNeeded: value), l1)
             default: try memory.store64(value, l1)
             }

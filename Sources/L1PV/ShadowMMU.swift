@@ -28,7 +28,7 @@ public protocol ShadowMMUMemory {
 public final class ShadowMMU {
     public typealias Bit = PageWalk.Bit
 
-    /// How L2 GPAs map to L1 GPAs (L1's memory for L2), and the rights L1 itself allows there.
+    /// How L2 GPAs map to L1 GPAs (L1's memory for L2).
     public struct Backing {
         public var translate: (L2GPA) -> L1GPA?
         public init(translate: @escaping (L2GPA) -> L1GPA?) { self.translate = translate }
@@ -38,8 +38,11 @@ public final class ShadowMMU {
     public enum FaultOutcome: Equatable, Sendable {
         /// The shadow maps it now: L2 retries.
         case fixed
-        /// L2's own tables do not allow it: deliver #PF with this error code to L2.
+        /// L2's own tables do not allow it: deliver #PF with this error code to L2. (A table
+        /// outside L2's RAM is this model's reserved-bit #PF: the walk cannot read it.)
         case inject(errorCode: UInt32)
+        /// A non-canonical address: deliver #GP to L2.
+        case injectGeneralProtection
         /// Not L2 RAM: the access is emulated (a device, or unassigned).
         case mmio(L2GPA)
         /// A write to a write-protected L2 page table that L1 must emulate: L1 stores the value
@@ -53,8 +56,30 @@ public final class ShadowMMU {
         var base: UInt64
         var level: Int
         var direct: Bool
-        /// Direct pages only: the rights their leaves give (W 1, U 2), as KVM's role.access.
-        var rights: UInt8 = 0
+        /// The rights L2's entries above this page allow (`Rights`), as KVM's role.access: two
+        /// paths to one L2 table with different rights get different shadow pages, so a leaf
+        /// filled for one never serves the other.
+        var rights: UInt8 = Rights.all
+    }
+
+    /// Rights accumulated over a walk's entries: W and U while every entry has them, XD once one
+    /// has it.
+    enum Rights {
+        static let write: UInt8 = 1, user: UInt8 = 2, executeDisable: UInt8 = 4
+        static let all: UInt8 = write | user
+        static func of<S: Sequence>(_ entries: S) -> UInt8 where S.Element == UInt64 {
+            var r = all
+            for e in entries {
+                if e & Bit.writable == 0 { r &= ~write }
+                if e & Bit.user == 0 { r &= ~user }
+                if e & Bit.executeDisable != 0 { r |= executeDisable }
+            }
+            return r
+        }
+        /// The rights of two stretches of one walk: W and U if both have them, XD if either does.
+        static func combine(_ a: UInt8, _ b: UInt8) -> UInt8 {
+            (a & b & all) | ((a | b) & executeDisable)
+        }
     }
     struct ShadowPage {
         let key: Key
@@ -101,7 +126,7 @@ public final class ShadowMMU {
     }
 
     static func rootKey(cr3: UInt64) -> Key {
-        cr3 == 0 ? Key(base: 0, level: 4, direct: true, rights: 3) : Key(base: cr3 & Bit.addressMask, level: 4, direct: false)
+        cr3 == 0 ? Key(base: 0, level: 4, direct: true) : Key(base: cr3 & Bit.addressMask, level: 4, direct: false)
     }
 
     /// Whether the L2 CPU must flush its TLB (and clears the request).
@@ -217,7 +242,7 @@ public final class ShadowMMU {
             switch walk {
             case .mapped(let g, let bytes): gpa = g; pageBytes = bytes
             case .pageFault(let code): return .inject(errorCode: code)
-            case .generalProtection: return .inject(errorCode: 0)
+            case .generalProtection: return .injectGeneralProtection
             case .tableUnreadable: return .inject(errorCode: PageWalk.ErrorCode.protection | PageWalk.ErrorCode.reserved)
             }
         }
@@ -240,58 +265,69 @@ public final class ShadowMMU {
             }
         }
 
-        // 3. Fill the shadow path down to the leaf.
-        let leafWritable: Bool, leafUser: Bool, leafDirty: Bool
-        if cr3 == 0 {
-            leafWritable = true; leafUser = true; leafDirty = true
-        } else {
-            leafWritable = entries.allSatisfy { $0 & Bit.writable != 0 }
-            leafUser = entries.allSatisfy { $0 & Bit.user != 0 }
-            leafDirty = (entries.last ?? 0) & Bit.dirty != 0
-        }
+        // 3. Fill the shadow path down to the leaf. Every page the fill walks counts as used
+        // (its write-flooding count starts again, as FNAME(fetch) clears it).
+        let leafRights = Rights.of(entries)
+        let leafDirty = cr3 == 0 || (entries.last ?? 0) & Bit.dirty != 0
         var table = root
+        pages[Self.rootKey(cr3: rootCR3)]?.emulatedWrites = 0
         for level in stride(from: 4, through: 2, by: -1) {
             let spte = table + ((gva.raw >> (12 + 9 * UInt64(level - 1))) & 0x1FF) * 8
             let e = memory.load(spte) ?? 0
-            if e & Bit.present != 0, keyOfPage[L1GPA(e & Bit.addressMask)] != nil {
+            if e & Bit.present != 0, let key = keyOfPage[L1GPA(e & Bit.addressMask)] {
+                pages[key]?.emulatedWrites = 0
                 table = L1GPA(e & Bit.addressMask)
                 continue
             }
-            // The child shadows L2's table one level down, or (no paging, or a guest huge page
-            // above it) covers an address range directly.
+            // The child shadows L2's table one level down (keyed with the rights of the entries
+            // above it), or (no paging, or a guest huge page above it) covers a range of L2 GPAs
+            // directly, keyed with the rights of the whole walk, so every address space mapping
+            // that guest page the same way shares it.
             let childLevel = level - 1
             let walkIndex = 4 - childLevel            // tables[0] is the PML4, [1] the PDPT...
             let key: Key
             if cr3 != 0, walkIndex < tables.count, pageBytes == pageSize || childLevel > (pageBytes == 1 << 21 ? 1 : 2) {
-                key = Key(base: tables[walkIndex].raw, level: childLevel, direct: false)
+                key = Key(base: tables[walkIndex].raw, level: childLevel, direct: false, rights: Rights.of(entries.prefix(walkIndex)))
             } else {
-                // Keyed by what it maps (L2 GPAs from the page's base, with these rights), so
-                // every address space mapping that guest page shares it.
                 let span: UInt64 = 1 << (12 + 9 * UInt64(childLevel))
-                key = Key(base: gpa.raw & ~(span - 1), level: childLevel, direct: true,
-                          rights: (leafWritable ? 1 : 0) | (leafUser ? 2 : 0))
+                key = Key(base: gpa.raw & ~(span - 1), level: childLevel, direct: true, rights: leafRights)
             }
             var child = page(for: key)
             // The table just shadowed may be the page being filled (a table mapping itself).
             if !key.direct, L2GPA(key.base) == gfn { protected = true }
             child.parents.insert(spte)
+            child.emulatedWrites = 0
             pages[key] = child
             memory.store(spte, child.page.raw | Bit.present | Bit.writable | Bit.user | Bit.accessed)
-            pages[key]?.emulatedWrites = 0
             table = child.page
         }
         let spte = table + ((gva.raw >> 12) & 0x1FF) * 8
-        if leafTarget[spte] != nil { clearLeaf(spte) }
-        let writable = leafWritable && (leafDirty || access.contains(.write)) && !protected
+        let writable = leafRights & Rights.write != 0 && (leafDirty || access.contains(.write)) && !protected
         var e = frame.raw | Bit.present | Bit.accessed
         if writable { e |= Bit.writable | Bit.dirty }
-        if leafUser { e |= Bit.user }
-        if entries.contains(where: { $0 & Bit.executeDisable != 0 }) { e |= Bit.executeDisable }
+        if leafRights & Rights.user != 0 { e |= Bit.user }
+        if leafRights & Rights.executeDisable != 0 { e |= Bit.executeDisable }
+        setLeaf(spte, e, gfn: gfn)
+        count(.shadowFills, 1)
+        return .fixed
+    }
+
+    /// Writes a leaf shadow entry for `gfn`, keeping the reverse map; L2's TLB must be flushed
+    /// only if the entry it replaces mapped another frame or allowed more (rights that only grow
+    /// need no flush: the CPU walks again when its cached entry does not allow an access).
+    private func setLeaf(_ spte: L1GPA, _ e: UInt64, gfn: L2GPA) {
+        if let old = memory.load(spte), old & Bit.present != 0 {
+            let lost = (old & Bit.writable != 0 && e & Bit.writable == 0) || (old & Bit.user != 0 && e & Bit.user == 0)
+                || (old & Bit.executeDisable == 0 && e & Bit.executeDisable != 0)
+            if lost || old & Bit.addressMask != e & Bit.addressMask { flushNeeded = true }
+        }
+        if let before = leafTarget[spte], before != gfn {
+            rmap[before]?.remove(spte)
+            if rmap[before]?.isEmpty == true { rmap[before] = nil }
+        }
         memory.store(spte, e)
         rmap[gfn, default: []].insert(spte)
         leafTarget[spte] = gfn
-        count(.shadowFills, 1)
-        return .fixed
     }
 
     /// L1 stored L2's write at `gpa` (an L2 page table): the shadow entries it changes go, and
@@ -339,7 +375,8 @@ public final class ShadowMMU {
         root = page(for: key).page
         rootCR3 = cr3
         syncAll()
-        flushNeeded = true
+        // The CPU's own CR3 load flushes its TLB (no PCID): nothing more to ask for.
+        flushNeeded = false
     }
 
     /// Every unsync page brought back in line with L2's table and write-protected again.
@@ -353,25 +390,30 @@ public final class ShadowMMU {
         for i in 0..<UInt64(512) {
             let spte = sp.page + i * 8
             guard leafTarget[spte] != nil else { continue }
-            resyncEntry(spte, guestEntryAt: L2GPA(key.base) + i * 8)
+            resyncEntry(spte, guestEntryAt: L2GPA(key.base) + i * 8, upper: key.rights)
         }
         pages[key]?.unsync = false
         writeProtect(L2GPA(key.base))
     }
 
-    /// One leaf shadow entry against L2's entry: dropped if L2's went or changed frame, else
-    /// given L2's rights (W only if dirty).
-    private func resyncEntry(_ spte: L1GPA, guestEntryAt at: L2GPA, flush: Bool = true) {
+    /// One leaf shadow entry against L2's entry, under the rights of the entries above it
+    /// (`upper`, the shadow page's role): dropped if L2's entry went, changed frame or lost its
+    /// accessed flag (the next access faults and sets it again, as an OS aging pages expects:
+    /// KVM's prefetch_invalid_gpte); else given the rights of the whole walk (W only if dirty,
+    /// and only if it had it: a protected table stays protected).
+    private func resyncEntry(_ spte: L1GPA, guestEntryAt at: L2GPA, upper: UInt8, flush: Bool = true) {
         count(.guestPTEReads, 1)
-        guard let l1 = backing.translate(at), let g = memory.load(l1), g & Bit.present != 0,
-              let frame = backing.translate(L2GPA(g & Bit.addressMask)),
+        guard let l1 = backing.translate(at), let g = memory.load(l1), g & Bit.present != 0, g & Bit.accessed != 0,
+              let frame = backing.translate(L2GPA(g & Bit.addressMask & ~(pageSize - 1))),
               let old = memory.load(spte), old & Bit.addressMask == frame.raw else {
             clearLeaf(spte, flush: flush)
             return
         }
+        let rights = Rights.combine(upper, Rights.of([g]))
         var e = frame.raw | Bit.present | Bit.accessed
-        if g & Bit.user != 0 { e |= Bit.user }
-        if g & Bit.writable != 0, g & Bit.dirty != 0, old & Bit.writable != 0 { e |= Bit.writable | Bit.dirty }
+        if rights & Rights.user != 0 { e |= Bit.user }
+        if rights & Rights.executeDisable != 0 { e |= Bit.executeDisable }
+        if rights & Rights.write != 0, g & Bit.dirty != 0, old & Bit.writable != 0 { e |= Bit.writable | Bit.dirty }
         if e != old { memory.store(spte, e); if flush { flushNeeded = true } }
     }
 
@@ -390,7 +432,7 @@ public final class ShadowMMU {
         let spte = table + index * 8
         guard leafTarget[spte] != nil else { return }
         count(.resyncs, 1)
-        resyncEntry(spte, guestEntryAt: L2GPA(key.base) + index * 8, flush: false)
+        resyncEntry(spte, guestEntryAt: L2GPA(key.base) + index * 8, upper: key.rights, flush: false)
     }
 
     /// L1 took `gfn` back from L2 (balloon): every shadow entry mapping it goes.

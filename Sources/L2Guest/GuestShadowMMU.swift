@@ -73,8 +73,15 @@ extension GuestCPU {
                         return 0
                     }
                 case .generalProtection:
-                    guestAssert(false, "non-canonical access at \(va)")
-                    return 0
+                    // A non-canonical address: #GP, which traps to L1 like every exception L2
+                    // takes, and comes back to L2's handler; then the access runs again.
+                    if case .fault(let v) = switcherExit(.exceptionNMI, length: 3, qualification: va.raw,
+                                                         interruption: ExceptionVector.generalProtection.rawValue) {
+                        raise(.generalProtection, errorCode: 0, address: va)
+                        switcher.count(.directSwitches)              // its IRET
+                        guestAssert(v == ExceptionVector.generalProtection.rawValue, "#GP at \(va) came back as vector \(v)")
+                    }
+                    continue
                 case .tableUnreadable(let at):
                     guestAssert(false, "L1's shadow tables point outside its memory at \(at)")
                     return 0

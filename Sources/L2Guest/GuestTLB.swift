@@ -18,9 +18,6 @@ struct GuestTLB<Frame: AddressSpaceValue> {
     }
     static var size: Int { 64 }
     private var entries = [Entry](repeating: Entry(), count: 64)
-    /// Lookups that hit, and walks (misses), for tests and `pvm stat`-style checks.
-    private(set) var hits: UInt64 = 0
-    private(set) var misses: UInt64 = 0
 
     @inline(__always)
     static func slot(_ gva: L2GVA) -> Int { Int(truncatingIfNeeded: gva.pageNumber & 63) }
@@ -33,10 +30,8 @@ struct GuestTLB<Frame: AddressSpaceValue> {
               !access.contains(.write) || (e.writable && e.dirty),
               !access.contains(.user) || e.user,
               !access.contains(.fetch) || e.executable else {
-            misses &+= 1
             return nil
         }
-        hits &+= 1
         return e
     }
 

@@ -4,6 +4,8 @@ import ABI
 /// block in its own memory and points the ucall port at it (RDI holds the block's GPA).
 extension GuestCPU {
     func ucall(_ cmd: UcallCommand, _ args: [UInt64], message: String = "") {
+        inHarness = true
+        defer { inHarness = false }
         asKernel { kernelUcall(cmd, args, message: message) }
     }
 

@@ -24,11 +24,23 @@ public struct SwitcherView: @unchecked Sendable {
     @inline(__always)
     func host(_ gpa: L1GPA) -> HostOffset { l1Base + gpa.raw }
 
-    /// One u64 of the area (a layout address: in bounds, checked at init).
+    /// One u64 of the area, by its `SwitcherLayout` address (the area's bounds were checked at
+    /// init; a word outside it traps).
     @inline(__always)
     public subscript(word: L1GPA) -> UInt64 {
-        get { memory.region.unchecked(load: UInt64.self, at: memory.local(host(word))) }
-        nonmutating set { memory.region.unchecked(store: newValue, at: memory.local(host(word))) }
+        get {
+            precondition(Self.inArea(word), "\(word) is not a word of the switcher area")
+            return memory.region.unchecked(load: UInt64.self, at: memory.local(host(word)))
+        }
+        nonmutating set {
+            precondition(Self.inArea(word), "\(word) is not a word of the switcher area")
+            memory.region.unchecked(store: newValue, at: memory.local(host(word)))
+        }
+    }
+
+    @inline(__always)
+    static func inArea(_ word: L1GPA) -> Bool {
+        word.raw >= SwitcherLayout.base.raw && word.raw - SwitcherLayout.base.raw <= SwitcherLayout.bytes - 8
     }
 
     /// Whose turn the switcher lane gives (L1 or L2), or nil (stopped, or a value no tier has):

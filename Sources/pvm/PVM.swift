@@ -491,7 +491,7 @@ extension PVM {
             if comparePVM { try comparePVMRFC(result) }
         }
 
-        @Flag(name: .customLong("no-pvm-rfc"), inversion: .prefixedNo, help: "Also run pvm-rfc's stack for cpuid, inl_from_qemu and syscall and print its model, priced from this machine's one-level figures, next to the real PVM's figures.")
+        @Flag(name: .customLong("pvm-rfc"), inversion: .prefixedNo, help: "Also run pvm-rfc's stacks for cpuid, inl_from_qemu, syscall and page_fault and print their model, priced from this machine's one-level figures, next to the real PVM's figures (--no-pvm-rfc: skip it).")
         var comparePVM = true
 
         /// The pvm-rfc model of the tests the calibration guest can compare, from real stacks.

@@ -36,7 +36,7 @@ final class ShadowRig {
     /// (A fill keeps the rights its walk checked: a supervisor read does not serve a user one.)
     var tlb: [UInt64: (frame: L1GPA, user: Bool)] = [:]
 
-    enum Result: Equatable { case frame(L1GPA), pageFault(UInt32), mmio(L2GPA) }
+    enum Result: Equatable { case frame(L1GPA), pageFault(UInt32), generalProtection, mmio(L2GPA) }
 
     func table() -> L2GPA { defer { nextTable = nextTable + pageSize }; return nextTable }
 
@@ -55,12 +55,13 @@ final class ShadowRig {
         PageWalk.translate(L2GVA(gva), access, in: PageWalk.Context(cr3: cr3), read: { self.memory[l2: $0] }, write: { _, _ in })
     }
 
-    /// The leaf entry of `gva` in L2's tables (building them, directly in memory, as set-up).
-    func setupMap(_ gva: UInt64, to gpa: UInt64, flags: UInt64) {
+    /// The leaf entry of `gva` in L2's tables (building them, directly in memory, as set-up);
+    /// a table it has to make gets `upper` in the entry that points to it.
+    func setupMap(_ gva: UInt64, to gpa: UInt64, flags: UInt64, upper: () -> UInt64 = { Bit.present | Bit.writable | Bit.user }) {
         var t = L2GPA(cr3)
         for level in stride(from: 4, through: 2, by: -1) {
             let at = t + ((gva >> (12 + 9 * UInt64(level - 1))) & 0x1FF) * 8
-            if memory[l2: at] & Bit.present == 0 { memory[l2: at] = table().raw | Bit.present | Bit.writable | Bit.user }
+            if memory[l2: at] & Bit.present == 0 { memory[l2: at] = table().raw | upper() }
             t = L2GPA(memory[l2: at] & Bit.addressMask)
         }
         memory[l2: t + ((gva >> 12) & 0x1FF) * 8] = gpa | flags
@@ -88,12 +89,14 @@ final class ShadowRig {
     /// exit L1 answers (fix and retry, inject, MMIO, or an emulated write with `value`).
     func access(_ gva: UInt64, _ kind: PageWalk.Access, value: UInt64 = 0) -> Result {
         for _ in 0..<8 {
-            if let e = tlb[gva >> 12], !kind.contains(.write), e.user || !kind.contains(.user) { return .frame(e.frame + (gva & 0xFFF)) }
+            if let e = tlb[gva >> 12], !kind.contains(.write), !kind.contains(.fetch), e.user || !kind.contains(.user) {
+                return .frame(e.frame + (gva & 0xFFF))
+            }
             let walk = PageWalk.translate(L2GVA(gva), kind, root: mmu.root, nxe: true,
                                           read: { self.memory.load($0) }, write: { self.memory.store($0, $1) })
             switch walk {
             case .mapped(let f, _):
-                if !kind.contains(.write) { tlb[gva >> 12] = (f.pageBase, kind.contains(.user)) }
+                if !kind.contains(.write) && !kind.contains(.fetch) { tlb[gva >> 12] = (f.pageBase, kind.contains(.user)) }
                 if kind.contains(.write) { memory.store(f, value) }
                 return .frame(f)
             case .pageFault(let code):
@@ -102,6 +105,7 @@ final class ShadowRig {
                 switch outcome {
                 case .fixed: continue
                 case .inject(let c): return .pageFault(c)
+                case .injectGeneralProtection: return .generalProtection
                 case .mmio(let g): return .mmio(g)
                 case .emulateWrite(let g):
                     memory[l2: g] = value
@@ -132,7 +136,9 @@ final class ShadowRig {
                 #expect(got == .mmio(gpa), sourceLocation: sourceLocation)
             }
         case .pageFault(let code):
-            #expect(got == .pageFault(code), "0x\(String(gva, radix: 16))", sourceLocation: sourceLocation)
+            #expect(got == .pageFault(code), "0x\(String(gva, radix: 16)) \(kind)", sourceLocation: sourceLocation)
+        case .generalProtection:
+            #expect(got == .generalProtection, sourceLocation: sourceLocation)
         default:
             Issue.record("reference walk failed", sourceLocation: sourceLocation)
         }
@@ -209,6 +215,21 @@ final class ShadowRig {
         #expect(rig.counts[.shadowPageZaps, default: 0] >= 1 && !rig.mmu.isShadowed(pde))
     }
 
+    /// Write flooding counts writes in a row: a use of the page in between starts it again.
+    @Test func aShadowPageUsedBetweenEmulatedWritesIsNotZapped() {
+        let rig = ShadowRig()
+        rig.loadCR3(rig.newSpace().raw)
+        rig.setupMap(0x4000_0000, to: 0x30_0000, flags: Self.data)
+        let pml4 = L2GPA(rig.cr3)
+        for i in 1..<UInt64(4) { rig.setupMap(0x4000_0000 + i * pageSize, to: 0x30_0000 + i * pageSize, flags: Self.data) }
+        for i in 0..<UInt64(4) {
+            rig.writePTE(pml4 + (100 + i) * 8, 0)                                // an unused entry of the root
+            rig.tlb = [:]
+            rig.expectMatchesReference(0x4000_0000 + i * pageSize)                // a fill walks through the root
+        }
+        #expect(rig.counts[.emulatedPTEWrites] == 4 && rig.counts[.shadowPageZaps, default: 0] == 0)
+    }
+
     @Test func aCR3SwitchUsesTheCacheOfRootsAndSyncsWhatWentUnsync() {
         let rig = ShadowRig()
         let a = rig.newSpace(), b = rig.newSpace()
@@ -243,13 +264,33 @@ final class ShadowRig {
                 let frame = g.chance(0.9) ? (0x20_0000 + g.below(512) * pageSize) : (FakeL1Memory.ramSize + g.below(16) * pageSize)
                 return frame | Bit.present | (g.chance(0.7) ? Bit.writable : 0) | (g.chance(0.8) ? Bit.user : 0)
             }
-            for v in gvas { rig.setupMap(v, to: 0, flags: 0); rig.memory[l2: rig.pteAddress(v)] = randomEntry() }
+            // Upper levels with random rights too (the PDEs: W, U and XD each may be off), and the
+            // last 2 MiB sharing the first one's page table through a PDE of other rights.
+            func randomUpper() -> UInt64 {
+                Bit.present | (g.chance(0.8) ? Bit.writable : 0) | (g.chance(0.8) ? Bit.user : 0) | (g.chance(0.15) ? Bit.executeDisable : 0)
+            }
+            for v in gvas where (v - 0x4000_0000) >> 21 < 5 {
+                rig.setupMap(v, to: 0, flags: 0, upper: randomUpper)
+                rig.memory[l2: rig.pteAddress(v)] = randomEntry()
+            }
+            let shared = rig.pdeAddress(0x4000_0000 + 5 * (2 << 20))
+            rig.memory[l2: shared] = (rig.memory[l2: rig.pdeAddress(0x4000_0000)] & Bit.addressMask) | randomUpper()
             for _ in 0..<g.int(20...60) {
                 let v = g.pick(gvas)
                 var kind: PageWalk.Access = []
-                if g.chance(0.4) { kind.insert(.write) }
+                if g.chance(0.4) { kind.insert(.write) } else if g.chance(0.2) { kind.insert(.fetch) }
                 if g.chance(0.5) { kind.insert(.user) }
-                switch g.below(13) {
+                switch g.below(14) {
+                case 13:
+                    // The OS clears the accessed flag (page aging) and INVLPGs: the next access
+                    // must set it again, so the shadow may not keep serving the page silently.
+                    let pte = rig.pteAddress(v)
+                    rig.writePTE(pte, rig.memory[l2: pte] & ~Bit.accessed)
+                    rig.invlpg(v)
+                    if case .frame = rig.access(v, []) {
+                        if rig.memory[l2: pte] & Bit.accessed == 0 { Issue.record("0x\(String(v, radix: 16)) used with its accessed flag clear") }
+                    }
+                    coverage.hit("accessed cleared")
                 case 10, 11:
                     // L2's kernel reads its own entries through its direct map (a read fill of a
                     // page-table page, which must stay read-only while it is shadowed and synced).
@@ -263,10 +304,14 @@ final class ShadowRig {
                     coverage.hit("pde write")
                 case 0..<5:
                     rig.expectMatchesReference(v, kind)
-                    coverage.hit(kind.contains(.write) ? "write" : "read")
+                    coverage.hit(kind.contains(.write) ? "write" : kind.contains(.fetch) ? "fetch" : "read")
+                    if case .pageFault(let c) = rig.reference(v, kind), c & PageWalk.ErrorCode.protection != 0 { coverage.hit("denied") }
                 case 5..<8:
+                    // The page table is shared by two 2 MiB ranges: an OS flushes both addresses.
                     rig.writePTE(rig.pteAddress(v), randomEntry())
                     rig.invlpg(v)
+                    let offset = (v - 0x4000_0000) % (2 << 20), range = (v - 0x4000_0000) >> 21
+                    if range == 0 || range == 5 { rig.invlpg(0x4000_0000 + (5 - range) * (2 << 20) + offset) }
                     coverage.hit("pte write + invlpg")
                     rig.expectMatchesReference(v, kind)
                 default:
@@ -286,7 +331,8 @@ final class ShadowRig {
             if rig.counts[.unsyncs, default: 0] > 0 { coverage.hit("unsync") }
             if rig.counts[.emulatedPTEWrites, default: 0] > 0 { coverage.hit("emulated") }
         }
-        if ok { coverage.expectAtLeast(["read": 100, "write": 50, "pte write + invlpg": 50, "pte write + cr3": 20, "pte read": 20, "pde write": 10, "unsync": 10, "emulated": 5]) }
+        if ok { coverage.expectAtLeast(["read": 100, "write": 50, "pte write + invlpg": 50, "pte write + cr3": 20, "pte read": 20, "pde write": 10, "unsync": 10, "emulated": 5,
+                                        "accessed cleared": 10, "fetch": 20, "denied": 50]) }
     }
 
     /// A pool that runs dry is zapped whole and the MMU goes on (KVM's kvm_mmu_zap_all).

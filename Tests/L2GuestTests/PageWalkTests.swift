@@ -80,8 +80,13 @@ import TestSupport
         // PS in a PML4E is reserved; a 2 MiB page's frame must be 2 MiB aligned.
         t.memory[t.cr3 + 8] = 0x5000 | B.present | B.writable | B.pageSize
         #expect(t.walk(1 << 39, []) == .pageFault(errorCode: E.protection | E.reserved))
-        t.map(0x4000_0000, to: 0x20_1000, level: 2)
+        t.map(0x4000_0000, to: 0x20_2000, level: 2)
         #expect(t.walk(0x4000_0000, []) == .pageFault(errorCode: E.protection | E.reserved))
+        // Bit 12 of a 2 MiB or 1 GiB entry is its PAT bit, not an address bit: not reserved.
+        t.map(0x4000_0000, to: 0x20_0000 | B.hugePAT, level: 2)
+        #expect(t.walk(0x4000_1234, []) == .mapped(L2GPA(0x20_1234), pageBytes: 2 << 20))
+        t.map(0x100_0000_0000, to: 0x4000_0000 | B.hugePAT, level: 3)
+        #expect(t.walk(0x100_0000_5678, []) == .mapped(L2GPA(0x4000_5678), pageBytes: 1 << 30))
         #expect(t.walk(0x0000_8000_0000_0000, []) == .generalProtection)
         #expect(t.walk(0xFFFF_8000_0000_0000, []) == .pageFault(errorCode: 0))   // canonical, unmapped
     }

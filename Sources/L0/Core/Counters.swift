@@ -3,7 +3,7 @@ import ABI
 /// Every transition of one vCPU, counted by L0 (every transition passes through L0), plus the
 /// work L0 does that hardware would do on a real nested path, for the cost model.
 public struct TransitionCounters: Equatable, Sendable {
-    static let reasonSlots = 80
+    static let reasonSlots = ExitReason.countedSlots
 
     /// L2 -> L0 exits, by basic exit reason.
     public var l2Exits = [UInt64](repeating: 0, count: reasonSlots)
@@ -84,7 +84,14 @@ public struct TransitionCounters: Equatable, Sendable {
     /// One switcher counter, and the L2 -> L1 exits (pvm-rfc).
     public subscript(switcher c: SwitcherCounter) -> UInt64 { switcher[SwitcherLayout.reasonSlots + c.rawValue] }
     public var switcherExits: [UInt64] { Array(switcher[0..<SwitcherLayout.reasonSlots]) }
-    public var totalSwitcherExits: UInt64 { switcherExits.reduce(0, &+) }
+    public var totalSwitcherExits: UInt64 {
+        switcherExits.reduce(0) { let (s, o) = $0.addingReportingOverflow($1); return o ? .max : s }
+    }
+
+    /// The most a window may hold of an event a guest counts itself (L2's events, L1's
+    /// switcher counters): beyond any real run (10^12), and small enough that every figure the
+    /// report derives from it stays printable.
+    public static let guestClaimCap: UInt64 = 1 << 40
 
     public init() {}
 
@@ -145,8 +152,8 @@ public struct TransitionCounters: Equatable, Sendable {
         d.nestedVMExits = nestedVMExits.subtractingClamped(earlier.nestedVMExits)
         d.nestedVMEntries = nestedVMEntries.subtractingClamped(earlier.nestedVMEntries)
         d.ept12Resyncs = ept12Resyncs.subtractingClamped(earlier.ept12Resyncs)
-        d.switcher = zip(switcher, earlier.switcher).map { $0.subtractingClamped($1) }
-        d.l2Events = zip(l2Events, earlier.l2Events).map { $0.subtractingClamped($1) }
+        d.switcher = zip(switcher, earlier.switcher).map { min($0.subtractingClamped($1), Self.guestClaimCap) }
+        d.l2Events = zip(l2Events, earlier.l2Events).map { min($0.subtractingClamped($1), Self.guestClaimCap) }
         return d
     }
 }

@@ -170,6 +170,8 @@ public enum FatalError: Equatable, Sendable, CustomStringConvertible {
     case singleLevelFault(L2GPA)
     /// The ucall block is not mapped for L2, unreadable, or names an unknown command.
     case ucallUnmapped(L2GPA)
+    /// pvm-rfc: L1 passed on a ucall whose block is not inside its memory.
+    case forwardedUcallUnmapped(L1GPA)
     case unknownUcall(UInt64)
     /// An L2 exit on pv before L1 registered its PV exit page.
     case noPVExitPage(ExitReason)
@@ -195,6 +197,7 @@ public enum FatalError: Equatable, Sendable, CustomStringConvertible {
         case .unhandledL2Exit(let r): "L2 exit \(r) kept by L0 has no handler"
         case .singleLevelFault(let g): "one-level guest faulted at \(g), inside RAM L0 mapped"
         case .ucallUnmapped(let g): "ucall block at \(g) is not mapped for L2"
+        case .forwardedUcallUnmapped(let g): "L1 passed on a ucall block at \(g), outside its memory"
         case .unknownUcall(let c): "unknown ucall command \(c) from L2"
         case .noPVExitPage(let r): "L2 exit \(r) with no PV exit page registered"
         case .noCurrentVMCS12: "L2 exit with no current vmcs12"

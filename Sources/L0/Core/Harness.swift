@@ -52,10 +52,10 @@ extension L0VCPU {
     func handleForwardedUcall(blockGPA: L1GPA, switcher: SwitcherView) -> NextStep {
         guard blockGPA.offsetInPage + Ucall.size <= pageSize,
               let host = try? l1Memory.memslots.translate(blockGPA, length: Ucall.size) else {
-            return .stop(.fatal(.ucallUnmapped(L2GPA(blockGPA.raw))))
+            return .stop(.fatal(.forwardedUcallUnmapped(blockGPA)))
         }
         counters.switcher = switcher.counterWords()
-        return handleUcall(at: host, from: .l1, unmapped: .ucallUnmapped(L2GPA(blockGPA.raw)))
+        return handleUcall(at: host, from: .l1, unmapped: .forwardedUcallUnmapped(blockGPA))
     }
 
     /// Acts on the ucall block at `host`, which `tier`'s exit handed L0. The window's edges
