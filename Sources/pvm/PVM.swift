@@ -406,6 +406,12 @@ extension PVM {
 
         /// The recorded run, and the signal that interrupted it (nil: it finished).
         func record() throws -> (log: TransitionLog, interrupted: Int32?) {
+            let (log, interrupted, _) = try recordWithCounters()
+            return (log, interrupted)
+        }
+
+        /// The same, with the run's final counters (what L1 and L2 reported at its last ucall).
+        func recordWithCounters() throws -> (log: TransitionLog, interrupted: Int32?, counters: TransitionCounters) {
             var config = StackConfig(path: path, program: test, programArguments: [iterations, 0, 0], tierExecutable: selfExecutable())
             config.recordTransitions = true
             StopSignals.install()
@@ -413,10 +419,10 @@ extension PVM {
             if case .interrupted(let s) = result.stop, let log = result.log {
                 // ^C: the stack stopped in order; what was recorded until then is still worth a report.
                 printError("pvm: \(result.stop) after \(log.spans.count) run spans; reporting those")
-                return (log, s)
+                return (log, s, result.counters)
             }
             guard result.succeeded, let log = result.log else { throw Failure("the run did not finish: \(result.stop)") }
-            return (log, nil)
+            return (log, nil, result.counters)
         }
 
         /// The exit status for a run that was interrupted (128 + the signal), once reported.
@@ -430,8 +436,14 @@ extension PVM {
             abstract: "Run a test and report L0's exit handling per tier and reason, like `perf kvm stat report`.")
         @OptionGroup var recorded: RecordedRun
         func run() throws {
-            let (log, interrupted) = try recorded.record()
+            let (log, interrupted, counters) = try recorded.recordWithCounters()
             print(ExitStats.report(ExitStats.rows(log)), terminator: "")
+            if recorded.path.usesSwitcher {
+                // L0 handles none of L2's exits on this path: say what L1's switcher took instead.
+                let byReason = TransitionCounters.byReason(counters.switcherExits).sorted { $0.key < $1.key }
+                    .map { "\($0.key.name)=\($0.value)" }.joined(separator: " ")
+                print("\npvm-rfc: L2's exits go to L1 through the switcher, not to L0; L1 counted \(counters.totalSwitcherExits) (\(byReason.isEmpty ? "none" : byReason)) over the whole run")
+            }
             try RecordedRun.finish(interrupted)
         }
     }
