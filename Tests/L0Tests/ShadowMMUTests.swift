@@ -11,7 +11,7 @@ final class FakeL1Memory: ShadowMMUMemory {
     static let ramBase: UInt64 = 0x1000_0000
     static let ramSize: UInt64 = 64 << 20
     func load(_ gpa: L1GPA) -> UInt64? { gpa.raw < 0x2000_0000 ? words[gpa.raw] ?? 0 : nil }
-    func store(_ gpa: L1GPA, _ value: UInt64) -> Bool {
+    @discardableResult func store(_ gpa: L1GPA, _ value: UInt64) -> Bool {
         guard gpa.raw < 0x2000_0000 else { return false }
         words[gpa.raw] = value
         return true
@@ -99,7 +99,7 @@ final class ShadowRig {
                 if !kind.contains(.write) && !kind.contains(.fetch) { tlb[gva >> 12] = (f.pageBase, kind.contains(.user)) }
                 if kind.contains(.write) { memory.store(f, value) }
                 return .frame(f)
-            case .pageFault(let code):
+            case .pageFault:
                 let outcome = mmu.fault(L2GVA(gva), kind, cr3: cr3)
                 if mmu.takeFlushRequest() { tlb = [:] }
                 switch outcome {
