@@ -236,11 +236,14 @@ public final class GuestCPU {
     func translate(_ gpa: L2GPA, access: UInt64) -> HostOffset? { ept02.lookup(gpa, access: access) }
 
     /// Fetches one instruction byte at `gpa` (a jump there): needs execute permission.
-    public func fetch(_ gpa: L2GPA) -> UInt8 {
+    public func fetch(_ gpa: L2GPA) -> UInt8 { fetch(L2GVA(directMap: gpa)) }
+
+    /// Fetches one instruction byte at `gva` (a jump there): L2's tables must allow execution.
+    public func fetch(_ gva: L2GVA) -> UInt8 {
         if switcher != nil {
-            return UInt8(truncatingIfNeeded: shadowAccess(L2GVA(directMap: gpa), size: 1, kind: [.fetch]))
+            return UInt8(truncatingIfNeeded: shadowAccess(gva, size: 1, kind: [.fetch]))
         }
-        let gpa = firstStage(L2GVA(directMap: gpa), .fetch)
+        let gpa = firstStage(gva, .fetch)
         while true {
             if let host = translate(gpa, access: EPT.execute), let b: UInt8 = try? memory.load(at: host) { return b }
             run[register: .rax] = 0

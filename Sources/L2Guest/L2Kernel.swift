@@ -97,6 +97,17 @@ public final class L2Kernel {
         return table + ((va.raw >> 12) & 0x1FF) * 8
     }
 
+    /// Where the page-directory entry for user address `va` is (nil: no such table yet).
+    public func directoryEntry(_ space: AddressSpace, _ va: L2GVA) -> L2GPA? {
+        var table = space.root
+        for level in stride(from: 4, through: 3, by: -1) {
+            let e = cpu.read64(table + ((va.raw >> (12 + 9 * UInt64(level - 1))) & 0x1FF) * 8)
+            guard e & Bit.present != 0 else { return nil }
+            table = L2GPA(e & Bit.addressMask)
+        }
+        return table + ((va.raw >> 21) & 0x1FF) * 8
+    }
+
     /// Maps user page `va` to `frame` (a PTE store; the caller flushes the TLB if it replaced one).
     public func map(_ space: AddressSpace, _ va: L2GVA, to frame: L2GPA, writable: Bool) {
         guard let pte = leafEntry(space, va, create: true) else { return }

@@ -139,7 +139,11 @@ extension GuestPrograms {
     /// 3. a PTE rewritten + INVLPG: the new frame's value is read; 4. a not-present page: L2's
     /// #PF handler runs once (address, error code 0), maps it, the read completes;
     /// 5. a user write to a read-only user page: #PF error code P|W|U (7), the handler grants it;
-    /// 6. a CR3 switch and back: each address space's own page.
+    /// 6. a CR3 switch and back: each address space's own page;
+    /// 7. a fetch from an execute-disabled page: #PF P|I (0x11), the handler clears XD;
+    /// 8. a user read under a supervisor-only directory entry: #PF P|U (5), the handler sets U
+    ///    there (and INVLPGs);
+    /// 9. the accessed flag cleared (and INVLPG), then a read: the flag is set again.
     public static let pagingProbe = GuestProgram(name: "paging-probe", summary: "L2's page tables: A/D bits, INVLPG, #PF to L2's handler, CR3 switch") { cpu, _ in
         typealias Bit = PageWalk.Bit
         let (kernel, space, frames) = PagingOperations.boot(cpu, userPages: 2)
@@ -175,6 +179,38 @@ extension GuestPrograms {
             let a = cpu.read64(u0)
             cpu.writeCR(3, space.cr3)
             cpu.sync(6, a, cpu.read64(u0))
+
+            // 7. Execute-disable.
+            faults = []
+            cpu.write8(frames[0], 0xC3)
+            kernel.setEntry(space, u1, frames[0].raw | Bit.present | Bit.writable | Bit.user | Bit.executeDisable)
+            cpu.setHandler(.pageFault) { _, f in
+                faults.append(f)
+                kernel.setEntry(space, u1, kernel.entry(space, u1) & ~Bit.executeDisable)
+            }
+            let byte = cpu.fetch(u1)
+            cpu.sync(7, UInt64(faults.count), UInt64(faults.first?.errorCode ?? 99), UInt64(byte))
+
+            // 8. A supervisor-only directory entry above a user page.
+            faults = []
+            let pde = kernel.directoryEntry(space, u0)!
+            cpu.write64(pde, cpu.read64(pde) & ~Bit.user)
+            cpu.invlpg(u0)
+            cpu.setHandler(.pageFault) { cpu, f in
+                faults.append(f)
+                cpu.write64(pde, cpu.read64(pde) | Bit.user)
+                cpu.invlpg(f.address)
+            }
+            return 0
+        }
+        _ = cpu.syscall(0)
+        let userRead = cpu.read64(u0)                          // back in user mode (SYSRET)
+        cpu.setSyscallHandler { cpu, _, _ in
+            cpu.sync(8, UInt64(faults.count), UInt64(faults.first?.errorCode ?? 99), userRead)
+            // 9. The accessed flag, cleared by the kernel (page aging), comes back on the next access.
+            kernel.setEntry(space, u0, kernel.entry(space, u0) & ~Bit.accessed)
+            _ = cpu.read64(u0)
+            cpu.sync(9, kernel.entry(space, u0) & Bit.accessed)
             return 0
         }
         _ = cpu.syscall(0)

@@ -16,6 +16,9 @@ extension StackTests {
         [4, 1, PagingOperations.user(1).raw, 0, 0x1111, 0],                 // #PF to L2, not present
         [5, 1, 7, 0x2222, 0, 0],                                            // user write, read-only
         [6, 0x0B0B, 0x2222, 0, 0, 0],                                       // CR3 switch and back
+        [7, 1, 0x11, 0xC3, 0, 0],                                           // fetch, XD: P|I
+        [8, 1, 5, 0x2222, 0, 0],                                            // user read, supervisor PDE: P|U
+        [9, PageWalk.Bit.accessed, 0, 0, 0, 0],                             // A cleared, set again
     ]
 
     @Test(arguments: NestingPath.allCases)
