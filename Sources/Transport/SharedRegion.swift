@@ -14,6 +14,8 @@ public enum TransportError: Error, CustomStringConvertible, Equatable {
     case sealFailed(name: String, errno: Int32)
     /// A child was handed a memfd without the seals L0 puts on every region it shares.
     case unsealed(name: String, seals: Int32)
+    /// The raw ring's echo process stopped answering (`RawRing`).
+    case ringEchoGone(status: String)
 
     public var description: String {
         switch self {
@@ -24,6 +26,7 @@ public enum TransportError: Error, CustomStringConvertible, Equatable {
         case let .spawnFailed(path, e): "cannot start \(path): \(String(cString: strerror(e)))"
         case let .sealFailed(name, e): "sealing \(name) failed: \(String(cString: strerror(e)))"
         case let .unsealed(name, seals): "\(name) came without L0's seals (F_GET_SEALS 0x\(String(seals, radix: 16)))"
+        case let .ringEchoGone(status): "the raw ring's echo process stopped answering (\(status))"
         }
     }
 }

@@ -17,7 +17,7 @@ struct Chaos: ParsableCommand {
     var trials: Int = 20
     @Option(name: .long, help: "Seed for the tier, signal and moment of each trial.")
     var seed: UInt64 = 1
-    @Option(name: .long, help: "Nested paths to run on, comma-separated: pv, nvmx, nvmx-noshadow, nvmx-evmcs.")
+    @Option(name: .long, help: "Nested paths to run on, comma-separated: pv, nvmx, nvmx-noshadow, nvmx-evmcs, pvm-rfc.")
     var path: String = "pv,nvmx"
     @Option(name: .long, help: "The stack's watchdog, seconds in (0, 60] (what catches a frozen tier).")
     var tierTimeout: Double = 1
@@ -30,7 +30,7 @@ struct Chaos: ParsableCommand {
         guard (1...10_000).contains(trials) else { throw ValidationError("--trials must be in 1...10000") }
         guard tierTimeout > 0, tierTimeout <= 60 else { throw ValidationError("--tier-timeout must be in (0, 60] seconds") }
         guard try Checks.paths(path).allSatisfy(\.isNested) else {
-            throw ValidationError("chaos runs on nested paths (three tiers): pv, nvmx, nvmx-noshadow, nvmx-evmcs")
+            throw ValidationError("chaos runs on nested paths (three tiers): pv, nvmx, nvmx-noshadow, nvmx-evmcs, pvm-rfc")
         }
     }
 

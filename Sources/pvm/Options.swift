@@ -39,7 +39,7 @@ enum OutputFormat: String, ExpressibleByArgument, CaseIterable {
 
 /// `pvm bench --suite`.
 enum BenchSuite: String, ExpressibleByArgument, CaseIterable {
-    case exits, memslot, host
+    case exits, memslot, host, transport
 }
 
 /// A runtime failure: one line (what, which file or tier, why), no usage text, exit 1.

@@ -17,7 +17,7 @@ struct PVM: ParsableCommand {
         abstract: "A paravirtual nested hypervisor prototype: L0, L1 and L2 as three processes.",
         discussion: "Measures what an L2 instruction costs under the PV ABI and under emulated nested VMX.",
         subcommands: [Bench.self, Launch.self, Model.self, Stat.self, Trace.self, Calibrate.self, Chaos.self, Soak.self, Fuzz.self, Programs.self, Tier.self,
-                      KVMLifecycle.self],
+                      KVMLifecycle.self, Ring.self],
         defaultSubcommand: Bench.self)
 }
 
@@ -42,11 +42,11 @@ extension PVM {
             abstract: "Run benchmark tests on each path and print ns/op and transitions per tier.",
             discussion: "Tests: " + BenchOperations.all.map(\.name).joined(separator: ", "))
 
-        @Option(name: .long, help: "exits (the per-instruction tests), memslot (zap policies) or host (virtualization enabling, one-time setup).")
+        @Option(name: .long, help: "exits (the per-instruction tests), memslot (zap policies), host (virtualization enabling, one-time setup) or transport (each path's cost per hop against a raw two-process ring, measured in the same run).")
         var suite: BenchSuite = .exits
         @Option(name: .long, help: "Comma-separated tests to run (default: all).")
         var test: String?
-        @Option(name: .long, help: "Comma-separated paths: single, pv, nvmx, nvmx-noshadow, nvmx-evmcs (default: all of them).")
+        @Option(name: .long, help: "Comma-separated paths: single, pv, nvmx, nvmx-noshadow, nvmx-evmcs, pvm-rfc (default: all of them).")
         var path: String?
         @Option(name: .long, help: "Iterations per test and path, 1-1000000000: a fixed count with --min-time-ms 0, else the ceiling for doubling (default: 1000000).")
         var iterations: UInt64?
@@ -99,10 +99,13 @@ extension PVM {
             if device != "/dev/kvm" && suite == .exits {
                 throw ValidationError("--device is for --suite host and --suite memslot (the real KVM they measure)")
             }
+            if device != "/dev/kvm" && suite == .transport {
+                throw ValidationError("--device is for --suite host and --suite memslot (the real KVM they measure)")
+            }
             if suite != .exits {
                 // The memslot and host suites print their own table and write it with --json and
                 // --csv; the options that shape the exit tests' runs and chart do not apply.
-                let given = [("--test", test != nil), ("--path", path != nil), ("--iterations", iterations != nil),
+                let given = [("--test", test != nil), ("--path", path != nil && suite != .transport), ("--iterations", iterations != nil),
                              ("--warmup", warmup != nil), ("--min-time-ms", minTimeMs != nil), ("--pv-features", pvFeatures != nil),
                              ("--l2-map", l2Map != nil), ("--ablation", ablation), ("--tier-timeout", tierTimeout != nil),
                              ("--svg", svg != nil), ("--profile", profile != nil && suite == .memslot),
@@ -120,6 +123,16 @@ extension PVM {
             #endif
             switch suite {
             case .exits: break
+            case .transport:
+                let paths = try path.map { try Checks.paths($0) } ?? [.single, .pv, .nvmx, .pvmRFC]
+                var progress = Progress(total: paths.count + 2, quiet: quiet)
+                defer { progress.finish() }
+                let result = try TransportSuite.run(tierExecutable: selfExecutable(), paths: paths) { progress.step($0) }
+                progress.finish()
+                print(TransportSuite.table(result), terminator: "")
+                if let json { try writeOutput(Data(try TransportSuite.json(result).utf8), to: json) }
+                if let csv { try writeOutput(Data(TransportSuite.csv(result).utf8), to: csv) }
+                return
             case .memslot:
                 // In-process: L0's zap work on real memfds; then the same patterns on the real kernel.
                 let realScenarios = RealMemslotSuite.scenarios().count
@@ -545,6 +558,14 @@ extension PVM {
             do { times = try KVMLifecycleTimes.measure(device: device) } catch { throw Failure("\(device): \(error)") }
             print(String(decoding: try JSONEncoder().encode(times), as: UTF8.self))
         }
+    }
+
+    /// Internal: the echo end of `pvm bench --suite transport`'s raw ring (descriptor 3 is its
+    /// lane). Not for people.
+    struct Ring: ParsableCommand {
+        static let configuration = CommandConfiguration(commandName: "__ring", shouldDisplay: false)
+        @Option(name: .long) var cpu: Int?
+        func run() throws { RawRing.echo(cpu: cpu) }
     }
 
     /// Internal: how L0 starts a child tier. Not for people.

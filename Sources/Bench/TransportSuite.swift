@@ -1,0 +1,95 @@
+import ABI
+import Foundation
+import L0
+import Transport
+
+/// `pvm bench --suite transport`: what one hop of each path costs against the raw two-process
+/// ring (`RawRing`) measured in the same run. A path's hop count per operation is what its
+/// window counted (each exit and each entry is one hop: L2<->L0 on single and pv, four hops
+/// through L1 on nvmx, L2<->L1 through the switcher on pvm-rfc); its median time per operation
+/// over that count is its per-hop cost, and the ratio to the ring's is what the tiers' own work
+/// and the transport's extra costs add to a bare handoff.
+public enum TransportSuite {
+    public struct Row: Codable, Equatable, Sendable {
+        public var path: String
+        public var test: String
+        public var medianNanos: UInt64
+        public var hopsPerOp: Double
+        public var nanosPerHop: Double
+        public var overRawHop: Double
+    }
+    public struct Result: Codable, Equatable, Sendable {
+        /// ns per hop of the raw ring, median of its runs, and every run's.
+        public var rawNanosPerHop: Double
+        public var rawRuns: [Double]
+        public var rows: [Row]
+    }
+
+    /// Hops per operation in a window: every exit and every entry, through L0 or the switcher.
+    public static func hops(_ r: BenchResult) -> Double {
+        let w = r.window
+        let switcherEntries = w[switcher: .entries]
+        let n = w.totalL2Exits &+ w.l2Entries &+ w.totalL1Exits &+ w.l1Entries &+ w.totalSwitcherExits &+ switcherEntries
+        return r.iterations == 0 ? 0 : Double(n) / Double(r.iterations)
+    }
+
+    /// The ring, then `test` on each path, then the ring again (its runs from both ends
+    /// together, so a machine that slows down during the run shows in the ring's spread).
+    public static func run(tierExecutable: String, paths: [NestingPath], test: String = "cpuid",
+                           placement: CPUPlacement = .automatic(), progress: (String) -> Void = { _ in }) throws -> Result {
+        let ringArguments = ["__ring"] + (placement.guestCPU.map { ["--cpu", "\($0)"] } ?? [])
+        func ring() throws -> [Double] {
+            try RawRing.measure(executable: tierExecutable, arguments: ringArguments, placement: placement,
+                                roundTrips: 100_000, runs: 3)
+        }
+        progress("transport suite: the raw ring")
+        var rawRuns = try ring()
+        var results: [BenchResult] = []
+        var runner = BenchRunner(tierExecutable: tierExecutable, iterations: 1_000_000, warmup: 1_000)
+        runner.minNanos = 100_000_000            // as the exit tests: double until a run lasts 100 ms
+        runner.placement = placement
+        for p in paths {
+            progress("transport suite: \(test) on \(p.rawValue)")
+            results.append(try runner.run(test, on: BenchVariant(path: p)))
+        }
+        progress("transport suite: the raw ring again")
+        rawRuns += try ring()
+        let raw = Median.of(rawRuns)
+        let rows = results.map { r -> Row in
+            let h = hops(r)
+            let perHop = h > 0 ? Double(r.latency.medianNanos) / h : 0
+            return Row(path: r.variant.label, test: r.test, medianNanos: r.latency.medianNanos, hopsPerOp: h,
+                       nanosPerHop: perHop, overRawHop: raw > 0 ? perHop / raw : 0)
+        }
+        return Result(rawNanosPerHop: raw, rawRuns: rawRuns, rows: rows)
+    }
+
+    public static func table(_ r: Result) -> String {
+        var out = "raw two-process ring: \(Report.fmt(r.rawNanosPerHop, 0)) ns per hop (median of \(r.rawRuns.count) runs of 100,000 round trips, "
+            + "\(Report.fmt(r.rawRuns.min() ?? 0, 0))-\(Report.fmt(r.rawRuns.max() ?? 0, 0)))\n"
+        out += Report.pad("path", 16) + Report.pad("test", 8) + Report.pad("median ns", 11, right: true) + Report.pad("hops/op", 9, right: true)
+            + Report.pad("ns/hop", 9, right: true) + Report.pad("x raw hop", 11, right: true) + "\n"
+        for row in r.rows {
+            out += Report.pad(row.path, 16) + Report.pad(row.test, 8) + Report.pad("\(row.medianNanos)", 11, right: true)
+                + Report.pad(Report.fmt(row.hopsPerOp), 9, right: true) + Report.pad(Report.fmt(row.nanosPerHop, 0), 9, right: true)
+                + Report.pad(Report.fmt(row.overRawHop), 11, right: true) + "\n"
+        }
+        return out
+    }
+
+    public static func json(_ r: Result) throws -> String {
+        let e = JSONEncoder()
+        e.outputFormatting = [.prettyPrinted, .sortedKeys]
+        e.keyEncodingStrategy = .convertToSnakeCase
+        return String(decoding: try e.encode(r), as: UTF8.self) + "\n"
+    }
+
+    public static func csv(_ r: Result) -> String {
+        var out = "path,test,median_ns,hops_per_op,ns_per_hop,over_raw_hop,raw_ns_per_hop\n"
+        for row in r.rows {
+            out += [row.path, row.test, "\(row.medianNanos)", Report.fmt(row.hopsPerOp, 4), Report.fmt(row.nanosPerHop, 1),
+                    Report.fmt(row.overRawHop, 3), Report.fmt(r.rawNanosPerHop, 1)].joined(separator: ",") + "\n"
+        }
+        return out
+    }
+}
