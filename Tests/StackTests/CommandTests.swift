@@ -422,9 +422,35 @@ extension StackTests {
     @Test(arguments: [["--svg", "/tmp/x.svg"], ["--test", "cpuid"], ["--format", "vmexit"], ["--ablation"], ["--iterations", "5"],
                       ["--path", "pv"], ["--min-time-ms", "0"], ["--pv-features", "none"], ["--tier-timeout", "2"]])
     func theOtherSuitesRefuseTheExitTestsOptions(_ extra: [String]) throws {
-        for suite in ["memslot", "host"] {
+        for suite in ["memslot", "host", "transport"] where !(suite == "transport" && extra[0] == "--path") {
             let r = try pvm(["bench", "--suite", suite] + extra)
             #expect(r.status == 64 && r.err.contains("--suite \(suite) prints its own table") && r.err.contains("takes none of \(extra[0])"), "\(r.err)")
+        }
+    }
+
+    /// The transport suite: the raw ring and each path's hops, per hop, in one run, as a table
+    /// and as JSON and CSV.
+    @Test func theTransportSuiteSetsEachPathsHopBesideTheRawRing() throws {
+        try withTempFile(".json") { json in
+            try withTempFile(".csv") { csv in
+                let r = try pvm(["bench", "--suite", "transport", "--path", "pv,pvm-rfc", "--json", json.path, "--csv", csv.path, "--quiet"],
+                                seconds: 50)
+                #expect(r.status == 0, "\(r.err)")
+                #expect(r.out.hasPrefix("raw two-process ring: ") && r.out.contains("x raw hop"), "\(r.out)")
+                let doc = try #require(try JSONSerialization.jsonObject(with: Data(contentsOf: json)) as? [String: Any])
+                let raw = try #require(Self.number(doc["raw_nanos_per_hop"]))
+                #expect(raw > 0 && (doc["raw_runs"] as? [Any])?.count == 6)
+                let rows = try #require(doc["rows"] as? [[String: Any]])
+                #expect(rows.map { $0["path"] as? String } == ["pv", "pvm-rfc"])
+                for row in rows {
+                    // CPUID: one exit and one entry, to L0 on pv and to L1 through the switcher on pvm-rfc.
+                    #expect(Self.number(row["hops_per_op"]) == 2, "\(row)")
+                    let perHop = try #require(Self.number(row["nanos_per_hop"]))
+                    #expect(perHop > 0 && abs(Self.number(row["over_raw_hop"])! - perHop / raw) < 0.01, "\(row)")
+                }
+                let lines = try String(contentsOf: csv, encoding: .utf8).split(separator: "\n")
+                #expect(lines.count == 3 && lines[0] == "path,test,median_ns,hops_per_op,ns_per_hop,over_raw_hop,raw_ns_per_hop", "\(lines)")
+            }
         }
     }
 

@@ -39,3 +39,27 @@ extension StackTests {
     }
 }
 }
+
+/// The transport suite's hop count, from made-up windows: every exit and entry, through L0 or
+/// L1's switcher.
+@Suite struct TransportHopTests {
+    func result(_ path: NestingPath, _ w: TransitionCounters) -> BenchResult {
+        BenchResult(test: "cpuid", variant: BenchVariant(path: path), iterations: 10,
+                    latency: LatencyReport(samples: 10, minNanos: 1, medianNanos: 1, p99Nanos: 1, maxNanos: 1, totalNanos: 10), window: w)
+    }
+
+    @Test func aHopIsAnExitOrAnEntryWhoeverTakesIt() {
+        var pv = TransitionCounters()
+        for _ in 0..<10 { pv.countL2Exit(.cpuid) }
+        pv.l2Entries = 10
+        #expect(TransportSuite.hops(result(.pv, pv)) == 2)
+        var nvmx = pv
+        for _ in 0..<10 { nvmx.countL1Exit(.vmresume) }
+        nvmx.l1Entries = 10
+        #expect(TransportSuite.hops(result(.nvmx, nvmx)) == 4)
+        var rfc = TransitionCounters()
+        rfc.switcher[Int(ExitReason.cpuid.rawValue)] = 10
+        rfc.switcher[SwitcherLayout.reasonSlots + SwitcherCounter.entries.rawValue] = 10
+        #expect(TransportSuite.hops(result(.pvmRFC, rfc)) == 2)
+    }
+}
