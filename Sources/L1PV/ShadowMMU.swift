@@ -224,6 +224,7 @@ public final class ShadowMMU {
         // 1. L2's own translation, as its CPU would do it (A/D flags set in L2's tables).
         var tables: [L2GPA] = []
         var entries: [UInt64] = []
+        var addrs: [L2GPA] = []
         let gpa: L2GPA, pageBytes: UInt64
         if cr3 == 0 {
             gpa = L2GPA(gva.raw); pageBytes = 1 << 30
@@ -233,11 +234,12 @@ public final class ShadowMMU {
                 guard let l1 = self.backing.translate(at), let e = self.memory.load(l1) else { return nil }
                 tables.append(at.pageBase)
                 entries.append(e)
+                addrs.append(at)
                 return e
             }, write: { at, e in
                 self.count(.guestADUpdates, 1)
                 if let l1 = self.backing.translate(at) { self.memory.store(l1, e) }
-                if let i = tables.firstIndex(of: at.pageBase), i < entries.count { entries[i] = e }
+                for i in addrs.indices where addrs[i] == at { entries[i] = e }
             })
             switch walk {
             case .mapped(let g, let bytes): gpa = g; pageBytes = bytes
@@ -274,11 +276,6 @@ public final class ShadowMMU {
         for level in stride(from: 4, through: 2, by: -1) {
             let spte = table + ((gva.raw >> (12 + 9 * UInt64(level - 1))) & 0x1FF) * 8
             let e = memory.load(spte) ?? 0
-            if e & Bit.present != 0, let key = keyOfPage[L1GPA(e & Bit.addressMask)] {
-                pages[key]?.emulatedWrites = 0
-                table = L1GPA(e & Bit.addressMask)
-                continue
-            }
             // The child shadows L2's table one level down (keyed with the rights of the entries
             // above it), or (no paging, or a guest huge page above it) covers a range of L2 GPAs
             // directly, keyed with the rights of the whole walk, so every address space mapping
@@ -290,8 +287,24 @@ public final class ShadowMMU {
                 key = Key(base: tables[walkIndex].raw, level: childLevel, direct: false, rights: Rights.of(entries.prefix(walkIndex)))
             } else {
                 let span: UInt64 = 1 << (12 + 9 * UInt64(childLevel))
-                key = Key(base: gpa.raw & ~(span - 1), level: childLevel, direct: true, rights: leafRights)
+                key = Key(base: gpa.raw & ~(span - 1), level: childLevel, direct: true,
+                          rights: leafDirty ? leafRights : leafRights & ~Rights.write)
             }
+            if e & Bit.present != 0, let existing = keyOfPage[L1GPA(e & Bit.addressMask)] {
+                if existing == key {
+                    pages[key]?.emulatedWrites = 0
+                    table = L1GPA(e & Bit.addressMask)
+                    continue
+                }
+                // A direct child made for other rights (the huge page's D flag changed): unlink it
+                // (KVM's validate_direct_spte).
+                pages[existing]?.parents.remove(spte)
+                memory.store(spte, 0)
+                flushNeeded = true
+            }
+            // Linking a page that already exists: pages under it may be unsync, and nothing has
+            // synced them for this address space (KVM: unsync_children -> KVM_REQ_MMU_SYNC).
+            if pages[key] != nil { syncAll() }
             var child = page(for: key)
             // The table just shadowed may be the page being filled (a table mapping itself).
             if !key.direct, L2GPA(key.base) == gfn { protected = true }
@@ -302,6 +315,8 @@ public final class ShadowMMU {
             table = child.page
         }
         let spte = table + ((gva.raw >> 12) & 0x1FF) * 8
+        // A sync above may have write-protected gfn again.
+        protected = (shadowed[gfn] ?? []).contains { pages[$0]?.unsync == false }
         let writable = leafRights & Rights.write != 0 && (leafDirty || access.contains(.write)) && !protected
         var e = frame.raw | Bit.present | Bit.accessed
         if writable { e |= Bit.writable | Bit.dirty }
