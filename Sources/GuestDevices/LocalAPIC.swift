@@ -1,0 +1,178 @@
+import ABI
+
+/// The local APICs of one VM's vCPUs, as much of them as interrupts between vCPUs need (SDM vol.
+/// 3, ch. 11; issue 15): the ICR in its x2APIC form (MSR 0x830, one 64-bit write) and its xAPIC
+/// form (two 32-bit registers, the high half first), x2APIC SELF_IPI (MSR 0x83F), the TPR, EOI,
+/// IRR and ISR with the processor priority they give, and HLT until an interrupt. Fixed IPIs by
+/// physical destination or shorthand; logical destinations, lowest priority, NMI/INIT/SIPI and
+/// timers are not modelled yet.
+///
+/// Pure: a hypervisor (L0, or L1 for its L2) asks it what a write means and acts on the answer:
+/// a target that runs must be notified (a posted interrupt, or an IPI to its CPU), a halted one
+/// woken, one that is not running finds the interrupt pending when it next runs.
+public struct LocalAPICs: Sendable {
+    /// What a vCPU is doing, as the hypervisor that runs it knows.
+    public enum VCPUState: Sendable, Equatable { case running, halted, notRunning }
+
+    /// What an accepted interrupt asks of the hypervisor for its target.
+    public enum Delivery: Sendable, Equatable {
+        case notify(vcpu: Int)      // running: make it see the interrupt now
+        case wake(vcpu: Int)        // halted: runnable again (HLT ends)
+        case pending(vcpu: Int)     // not running: nothing to do until it runs
+    }
+
+    public enum APICError: Error, Sendable, Equatable {
+        /// A fixed interrupt with a vector below 16 (the APIC's "send illegal vector" error).
+        case illegalVector(UInt8)
+        /// A delivery mode or destination mode this model does not have.
+        case unsupported(String)
+    }
+
+    /// The ICR, decoded (SDM vol. 3, 11.6.1 and, for x2APIC, 11.12.9).
+    public struct ICR: Sendable, Equatable {
+        public enum Shorthand: UInt64, Sendable { case none = 0, selfOnly = 1, allIncludingSelf = 2, allExcludingSelf = 3 }
+        public var vector: UInt8
+        public var deliveryMode: UInt8           // 0 fixed
+        public var logical: Bool
+        public var shorthand: Shorthand
+        public var destination: UInt32
+
+        /// x2APIC: destination in bits 63:32.
+        public init(x2apic v: UInt64) {
+            vector = UInt8(truncatingIfNeeded: v)
+            deliveryMode = UInt8((v >> 8) & 7)
+            logical = (v >> 11) & 1 == 1
+            shorthand = Shorthand(rawValue: (v >> 18) & 3)!
+            destination = UInt32(truncatingIfNeeded: v >> 32)
+        }
+        /// xAPIC: ICR low (0x300) and high (0x310, destination in bits 31:24).
+        public init(xapicLow low: UInt32, high: UInt32) {
+            self.init(x2apic: UInt64(low))
+            destination = high >> 24
+        }
+        public static func fixed(_ vector: UInt8, to destination: UInt32) -> ICR {
+            ICR(x2apic: UInt64(vector) | UInt64(destination) << 32)
+        }
+    }
+
+    public enum MSR {
+        public static let tpr: UInt32 = 0x808
+        public static let eoi: UInt32 = 0x80B
+        public static let icr: UInt32 = 0x830
+        public static let selfIPI: UInt32 = 0x83F
+    }
+
+    struct APIC: Sendable {
+        var irr = [UInt64](repeating: 0, count: 4)
+        var isr = [UInt64](repeating: 0, count: 4)
+        var tpr: UInt8 = 0
+        var state = VCPUState.running
+        /// xAPIC: the ICR high half, written before the low half sends.
+        var icrHigh: UInt32 = 0
+
+        static func bit(_ v: UInt8) -> (Int, UInt64) { (Int(v >> 6), 1 << UInt64(v & 63)) }
+        func has(_ words: [UInt64], _ v: UInt8) -> Bool { let (w, b) = Self.bit(v); return words[w] & b != 0 }
+        static func highest(_ words: [UInt64]) -> UInt8? {
+            for w in stride(from: 3, through: 0, by: -1) where words[w] != 0 {
+                return UInt8(w * 64 + 63 - words[w].leadingZeroBitCount)
+            }
+            return nil
+        }
+        /// PPR: the TPR or the highest in-service vector's class, whichever is higher.
+        var processorPriority: UInt8 {
+            let isrv = Self.highest(isr) ?? 0
+            return (tpr >> 4) >= (isrv >> 4) ? tpr : isrv & 0xF0
+        }
+    }
+
+    var apics: [APIC]
+
+    public init(count: Int) {
+        precondition(count > 0 && count <= 255, "1-255 vCPUs")
+        apics = [APIC](repeating: APIC(), count: count)
+    }
+
+    public var count: Int { apics.count }
+    public func state(_ v: Int) -> VCPUState { apics[v].state }
+    public mutating func setState(_ v: Int, _ s: VCPUState) { apics[v].state = s }
+    public func tpr(_ v: Int) -> UInt8 { apics[v].tpr }
+
+    /// Sends an IPI from vCPU `from`: the deliveries it makes (an IRR bit already set takes the
+    /// new one in: interrupts of one vector coalesce until acknowledged, as on hardware).
+    public mutating func send(from: Int, _ icr: ICR) throws(APICError) -> [Delivery] {
+        guard icr.deliveryMode == 0 else { throw .unsupported("delivery mode \(icr.deliveryMode)") }
+        guard icr.vector >= 16 else { throw .illegalVector(icr.vector) }
+        let targets: [Int]
+        switch icr.shorthand {
+        case .selfOnly: targets = [from]
+        case .allIncludingSelf: targets = Array(apics.indices)
+        case .allExcludingSelf: targets = apics.indices.filter { $0 != from }
+        case .none:
+            guard !icr.logical else { throw .unsupported("logical destination mode") }
+            if icr.destination == 0xFFFF_FFFF || icr.destination == 0xFF { targets = Array(apics.indices) }   // broadcast
+            else if Int(icr.destination) < apics.count { targets = [Int(icr.destination)] }
+            else { targets = [] }                                                          // no such APIC: dropped
+        }
+        return targets.map { accept(icr.vector, at: $0) }
+    }
+
+    /// An interrupt arrives at `v`'s APIC.
+    mutating func accept(_ vector: UInt8, at v: Int) -> Delivery {
+        let (w, b) = APIC.bit(vector)
+        apics[v].irr[w] |= b
+        switch apics[v].state {
+        case .running: return .notify(vcpu: v)
+        case .halted:
+            apics[v].state = .running
+            return .wake(vcpu: v)
+        case .notRunning: return .pending(vcpu: v)
+        }
+    }
+
+    /// The highest pending vector `v` can take now (above its processor priority's class).
+    public func deliverable(_ v: Int) -> UInt8? {
+        guard let irrv = APIC.highest(apics[v].irr) else { return nil }
+        return (irrv >> 4) > (apics[v].processorPriority >> 4) ? irrv : nil
+    }
+
+    /// `v` takes its highest deliverable interrupt: IRR to ISR. nil if none is deliverable.
+    public mutating func acknowledge(_ v: Int) -> UInt8? {
+        guard let vector = deliverable(v) else { return nil }
+        let (w, b) = APIC.bit(vector)
+        apics[v].irr[w] &= ~b
+        apics[v].isr[w] |= b
+        return vector
+    }
+
+    /// EOI: the highest in-service interrupt is done.
+    public mutating func endOfInterrupt(_ v: Int) {
+        guard let vector = APIC.highest(apics[v].isr) else { return }
+        let (w, b) = APIC.bit(vector)
+        apics[v].isr[w] &= ~b
+    }
+
+    /// HLT on `v`: false if an interrupt is already deliverable (HLT ends at once), else it halts.
+    public mutating func halt(_ v: Int) -> Bool {
+        if deliverable(v) != nil { return false }
+        apics[v].state = .halted
+        return true
+    }
+
+    /// An x2APIC MSR write by `v` (TPR, EOI, ICR, SELF_IPI): the deliveries it makes; nil if
+    /// `msr` is not one of these.
+    public mutating func writeMSR(_ v: Int, _ msr: UInt32, _ value: UInt64) throws(APICError) -> [Delivery]? {
+        switch msr {
+        case MSR.tpr: apics[v].tpr = UInt8(truncatingIfNeeded: value); return []
+        case MSR.eoi: endOfInterrupt(v); return []
+        case MSR.icr: return try send(from: v, ICR(x2apic: value))
+        case MSR.selfIPI: return try send(from: v, ICR(x2apic: value & 0xFF | ICR.Shorthand.selfOnly.rawValue << 18))
+        default: return nil
+        }
+    }
+
+    /// An xAPIC ICR write by `v`: the high half is kept; the low half sends.
+    public mutating func writeICR(_ v: Int, low: UInt32) throws(APICError) -> [Delivery] {
+        try send(from: v, ICR(xapicLow: low, high: apics[v].icrHigh))
+    }
+    public mutating func writeICR(_ v: Int, high: UInt32) { apics[v].icrHigh = high }
+}

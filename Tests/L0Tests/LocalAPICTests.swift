@@ -1,0 +1,112 @@
+// The local APIC model (GuestDevices/LocalAPIC.swift): issue 15's interrupts between vCPUs,
+// tested alone with made-up writes before any stack uses it.
+import GuestDevices
+import Testing
+import TestSupport
+
+@Suite struct LocalAPICTests {
+    typealias D = LocalAPICs.Delivery
+
+    @Test func aFixedIPIReachesItsTargetInEveryState() throws {
+        var a = LocalAPICs(count: 3)
+        a.setState(1, .halted)
+        a.setState(2, .notRunning)
+        #expect(try a.send(from: 0, .fixed(0x40, to: 1)) == [D.wake(vcpu: 1)])
+        #expect(a.state(1) == .running)
+        #expect(try a.send(from: 0, .fixed(0x41, to: 2)) == [D.pending(vcpu: 2)])
+        #expect(try a.send(from: 1, .fixed(0x42, to: 0)) == [D.notify(vcpu: 0)])
+        #expect(a.acknowledge(1) == 0x40 && a.acknowledge(2) == 0x41 && a.acknowledge(0) == 0x42)
+        #expect(a.acknowledge(0) == nil)
+        #expect(try a.send(from: 0, .fixed(0x43, to: 9)).isEmpty)          // no such APIC: dropped
+    }
+
+    @Test func shorthandsSelfIPIAndBothICRForms() throws {
+        var a = LocalAPICs(count: 3)
+        #expect(try a.writeMSR(1, LocalAPICs.MSR.selfIPI, 0x55) == [D.notify(vcpu: 1)])
+        #expect(a.acknowledge(1) == 0x55)
+        // x2APIC ICR: all excluding self (shorthand 3, bits 19:18).
+        #expect(try a.writeMSR(0, LocalAPICs.MSR.icr, 0x60 | 3 << 18) == [D.notify(vcpu: 1), D.notify(vcpu: 2)])
+        // xAPIC: the high half (destination in 31:24) first, the low half sends.
+        a.writeICR(2, high: 1 << 24)
+        #expect(try a.writeICR(2, low: 0x70) == [D.notify(vcpu: 1)])
+        #expect(a.acknowledge(1) == 0x70 && a.acknowledge(1) == nil)       // 0x60 is below 0x70's class now
+        a.endOfInterrupt(1)
+        #expect(a.acknowledge(1) == 0x60)
+        #expect(try a.send(from: 0, .fixed(0x80, to: 0xFFFF_FFFF)).count == 3)   // broadcast
+    }
+
+    @Test func theTPRAndWhatIsInServiceHoldBackLowerClasses() throws {
+        var a = LocalAPICs(count: 1)
+        _ = try a.writeMSR(0, LocalAPICs.MSR.tpr, 0x50)
+        _ = try a.send(from: 0, .fixed(0x51, to: 0))
+        #expect(a.deliverable(0) == nil)                                   // class 5 is not above TPR's 5
+        _ = try a.send(from: 0, .fixed(0x61, to: 0))
+        #expect(a.acknowledge(0) == 0x61)
+        _ = try a.writeMSR(0, LocalAPICs.MSR.tpr, 0)
+        #expect(a.deliverable(0) == nil)                                   // 0x61 in service holds class 5
+        _ = try a.writeMSR(0, LocalAPICs.MSR.eoi, 0)
+        #expect(a.acknowledge(0) == 0x51)
+    }
+
+    @Test func hltWaitsOnlyWhenNothingIsDeliverable() throws {
+        var a = LocalAPICs(count: 2)
+        #expect(a.halt(0) && a.state(0) == .halted)
+        #expect(try a.send(from: 1, .fixed(0x30, to: 0)) == [D.wake(vcpu: 0)])
+        let haltedWithOnePending = a.halt(0)
+        #expect(haltedWithOnePending == false)                              // pending: HLT ends at once
+        #expect(a.acknowledge(0) == 0x30 && a.halt(0))
+    }
+
+    @Test func badIPIsAreRefusedNotDelivered() {
+        var a = LocalAPICs(count: 2)
+        #expect(throws: LocalAPICs.APICError.illegalVector(3)) { try a.send(from: 0, .fixed(3, to: 1)) }
+        #expect(throws: LocalAPICs.APICError.self) { try a.send(from: 0, LocalAPICs.ICR(x2apic: 0x40 | 1 << 11 | 1 << 32)) }
+        #expect(throws: LocalAPICs.APICError.self) { try a.send(from: 0, LocalAPICs.ICR(x2apic: 0x40 | 4 << 8 | 1 << 32)) }
+        #expect(a.deliverable(1) == nil)
+    }
+
+    /// A storm of IPIs between every vCPU in every state, with acknowledgements and EOIs
+    /// interleaved: every IPI is taken exactly once by the vCPU it was sent to, unless the same
+    /// vector was still pending there (it then coalesces, as on hardware); none is lost.
+    @Test func noIPIIsLostOrDuplicatedInAStorm() async {
+        _ = await seededCheck(count: 100) { g in
+            let n = g.int(2...8)
+            var a = LocalAPICs(count: n)
+            var pending = [Set<UInt8>](repeating: [], count: n)            // what was sent and not yet taken
+            var sent = 0, coalesced = 0, taken = 0
+            for _ in 0..<g.int(50...400) {
+                let v = g.int(0...(n - 1))
+                switch g.below(6) {
+                case 0, 1, 2:
+                    let to = g.int(0...(n - 1)), vector = UInt8(16 + g.below(240))
+                    a.setState(to, g.pick([.running, .halted, .notRunning]))
+                    let d = try a.send(from: v, .fixed(vector, to: UInt32(to)))
+                    #expect(d.count == 1)
+                    sent += 1
+                    if pending[to].contains(vector) { coalesced += 1 } else { pending[to].insert(vector) }
+                case 3:
+                    if let got = a.acknowledge(v) {
+                        let sentToIt = pending[v].remove(got) != nil
+                        #expect(sentToIt, "vCPU \(v) took \(got), which nobody sent it")
+                        taken += 1
+                    }
+                case 4: a.endOfInterrupt(v)
+                default: _ = try a.writeMSR(v, LocalAPICs.MSR.tpr, UInt64(g.below(16)) << 4)
+                }
+            }
+            // Drain: no priority held back, everything taken.
+            for v in 0..<n {
+                _ = try a.writeMSR(v, LocalAPICs.MSR.tpr, 0)
+                for _ in 0..<512 { a.endOfInterrupt(v) }
+                while let got = a.acknowledge(v) {
+                    let sentToIt = pending[v].remove(got) != nil
+                    #expect(sentToIt)
+                    taken += 1
+                    a.endOfInterrupt(v)
+                }
+                #expect(pending[v].isEmpty, "vCPU \(v) never took \(pending[v].sorted())")
+            }
+            #expect(taken == sent - coalesced)
+        }
+    }
+}
