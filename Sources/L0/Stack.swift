@@ -21,9 +21,9 @@ public final class L0Stack {
     let hostMemory: SharedRegion
     /// The handoff lanes between L0 and each child tier (vCPU 0).
     let l1Lane: Handoff, l2Lane: Handoff
-    /// pvm-rfc: the switcher area in L1's memory, where L1 and L2 hand the vCPU over. L0 never
-    /// passes its lane; it stops it with the others, and reads its entry count as a sign of life.
-    let switcher: SwitcherView?
+    /// pvm-rfc: the lane L1 and L2 hand the vCPU over on, in L1's memory. L0 never passes it;
+    /// it only stops it with the others.
+    let switcherLane: Handoff?
     public let vcpu: L0VCPU
     var l1: ChildProcess?
     var l2: ChildProcess?
@@ -60,8 +60,8 @@ public final class L0Stack {
         l1Lane = control.handoff(.l1, vcpu: 0)
         l2Lane = control.handoff(.l2, vcpu: 0)
         do {
-            switcher = config.path.usesSwitcher
-                ? try SwitcherView(memory: HostMemory(region: hostMemory), l1Base: config.l1HostOffset) : nil
+            switcherLane = config.path.usesSwitcher
+                ? try SwitcherView(memory: HostMemory(region: hostMemory), l1Base: config.l1HostOffset).lane : nil
         } catch let e as TransportError {
             throw StackError.hostMemory(e)
         }
@@ -122,7 +122,7 @@ public final class L0Stack {
         shutDown = true
         l1Lane.stop()
         l2Lane.stop()
-        switcher?.lane.stop()
+        switcherLane?.stop()
         for child in [l2, l1].compactMap({ $0 }) {
             if child.wait(timeoutNanos: 2_000_000_000) == nil { child.killAndReap() }
         }

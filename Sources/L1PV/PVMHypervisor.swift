@@ -18,8 +18,6 @@ public final class PVMHypervisor {
     let policy: WaitPolicy
     var devices = L1Devices()
     var mmu: ShadowMMU!
-    /// L2's CR3 as it last loaded it (0: no paging yet).
-    var guestCR3: UInt64 = 0
 
     public init(cpu: L1CPU, memory: L1Memory, session: TierSession) throws {
         self.cpu = cpu
@@ -83,8 +81,7 @@ public final class PVMHypervisor {
             return
         case .crAccess where CRAccessQualification.cr(q) == 3 && CRAccessQualification.type(q) == CRAccessQualification.movToCR:
             guard let reg = CRAccessQualification.register(q) else { throw L1Fault.unexpectedExit(reason, "no register") }
-            guestCR3 = regs[reg]
-            mmu.loadCR3(guestCR3)
+            mmu.loadCR3(regs[reg])
         case .invlpg:
             mmu.invlpg(L2GVA(q))
         case .ioInstruction where IOQualification.port(q) == Ucall.port:
@@ -115,7 +112,7 @@ public final class PVMHypervisor {
         if errorCode & PageWalk.ErrorCode.fetch != 0 { access.insert(.fetch) }
         let size = page[RunPage.instructionInfo]
         var regs = page
-        switch mmu.fault(gva, access, cr3: guestCR3) {
+        switch mmu.fault(gva, access) {
         case .fixed:
             return
         case .inject(let code):

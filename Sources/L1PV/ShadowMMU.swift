@@ -106,7 +106,8 @@ public final class ShadowMMU {
     /// The current root (what the L2 CPU walks) and the cache of previous ones, by guest CR3
     /// (0: L2 without paging).
     public private(set) var root: L1GPA
-    private(set) var rootCR3: UInt64 = 0
+    /// L2's CR3 as it last loaded it (0: no paging yet).
+    public private(set) var rootCR3: UInt64 = 0
     private var previousRoots: [(cr3: UInt64, key: Key)] = []
     public static let previousRootCapacity = 3
     /// Set when an entry lost rights or went away since the last `takeFlushRequest()`.
@@ -218,9 +219,10 @@ public final class ShadowMMU {
 
     // MARK: faults
 
-    /// A shadow fault at `gva` for `access` while L2's CR3 is `cr3` (0: no paging).
-    public func fault(_ gva: L2GVA, _ access: PageWalk.Access, cr3: UInt64) -> FaultOutcome {
+    /// A shadow fault at `gva` for `access`, under the CR3 L2 last loaded (0: no paging).
+    public func fault(_ gva: L2GVA, _ access: PageWalk.Access) -> FaultOutcome {
         reserve()
+        let cr3 = rootCR3
         // 1. L2's own translation, as its CPU would do it (A/D flags set in L2's tables).
         var tables: [L2GPA] = []
         var entries: [UInt64] = []

@@ -254,6 +254,27 @@ public final class GuestCPU {
         }
     }
 
+    /// The load or store itself, in host memory, once a translation gave `host`: 1, 2, 4 or 8
+    /// bytes; a load returns the value, a store 0. Throws outside this process's mapping.
+    @inline(__always)
+    func hostAccess(_ host: HostOffset, size: Int, write: Bool, value: UInt64) throws -> UInt64 {
+        if write {
+            switch size {
+            case 1: try memory.store(UInt8(truncatingIfNeeded: value), at: host)
+            case 2: try memory.store(UInt16(truncatingIfNeeded: value), at: host)
+            case 4: try memory.store(UInt32(truncatingIfNeeded: value), at: host)
+            default: try memory.store(value, at: host)
+            }
+            return 0
+        }
+        switch size {
+        case 1: return UInt64(try memory.load(UInt8.self, at: host))
+        case 2: return UInt64(try memory.load(UInt16.self, at: host))
+        case 4: return UInt64(try memory.load(UInt32.self, at: host))
+        default: return try memory.load(UInt64.self, at: host)
+        }
+    }
+
     /// A naturally aligned load or store of 1, 2, 4 or 8 bytes at a guest-physical address
     /// (`mov` with RAX as the data register): the second stage alone. Exits as an EPT violation
     /// when unmapped; if the hypervisor emulates it (MMIO), the loaded value comes back in RAX.
@@ -267,21 +288,7 @@ public final class GuestCPU {
         while true {
             if let host = translate(gpa, access: write ? EPT.write : EPT.read) {
                 do {
-                    if write {
-                        switch size {
-                        case 1: try memory.store(UInt8(truncatingIfNeeded: value), at: host)
-                        case 2: try memory.store(UInt16(truncatingIfNeeded: value), at: host)
-                        case 4: try memory.store(UInt32(truncatingIfNeeded: value), at: host)
-                        default: try memory.store(value, at: host)
-                        }
-                        return 0
-                    }
-                    switch size {
-                    case 1: return UInt64(try memory.load(UInt8.self, at: host))
-                    case 2: return UInt64(try memory.load(UInt16.self, at: host))
-                    case 4: return UInt64(try memory.load(UInt32.self, at: host))
-                    default: return try memory.load(UInt64.self, at: host)
-                    }
+                    return try hostAccess(host, size: size, write: write, value: value)
                 } catch {
                     // EPT02 pointing outside host memory would be an L0 bug; never touch it.
                     fatalError("L2 MMU: EPT02 entry for \(gpa) points outside host memory")

@@ -87,23 +87,8 @@ extension GuestCPU {
                     return 0
                 }
             }
-            let host = switcher.l1Base + frame.raw
             do {
-                if write {
-                    switch size {
-                    case 1: try memory.store(UInt8(truncatingIfNeeded: value), at: host)
-                    case 2: try memory.store(UInt16(truncatingIfNeeded: value), at: host)
-                    case 4: try memory.store(UInt32(truncatingIfNeeded: value), at: host)
-                    default: try memory.store(value, at: host)
-                    }
-                    return 0
-                }
-                switch size {
-                case 1: return UInt64(try memory.load(UInt8.self, at: host))
-                case 2: return UInt64(try memory.load(UInt16.self, at: host))
-                case 4: return UInt64(try memory.load(UInt32.self, at: host))
-                default: return try memory.load(UInt64.self, at: host)
-                }
+                return try hostAccess(switcher.l1Base + frame.raw, size: size, write: write, value: value)
             } catch {
                 guestAssert(false, "L1's shadow entry for \(va) points outside its memory")
                 return 0

@@ -100,7 +100,7 @@ final class ShadowRig {
                 if kind.contains(.write) { memory.store(f, value) }
                 return .frame(f)
             case .pageFault:
-                let outcome = mmu.fault(L2GVA(gva), kind, cr3: cr3)
+                let outcome = mmu.fault(L2GVA(gva), kind)
                 if mmu.takeFlushRequest() { tlb = [:] }
                 switch outcome {
                 case .fixed: continue

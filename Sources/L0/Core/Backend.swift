@@ -37,6 +37,15 @@ public protocol NestingBackend: AnyObject {
 
     /// The last PV request L0 refused, and why (for `pvm launch` to print); nil on other paths.
     var refusal: PVRefusal? { get }
+
+    /// Transitions the vCPU made that L0 never saw (pvm-rfc: L1's entries into L2 through its
+    /// switcher), which the watchdog counts as progress. The guest's own claim: it can only
+    /// postpone the watchdog, as real exits to L0 could; the stack's time limit still holds.
+    var progressOutsideL0: UInt64 { get }
+
+    /// Which tier really holds the vCPU L0 gave to `tier` (pvm-rfc: L1 or L2, by its switcher),
+    /// for the watchdog to name.
+    func holder(of tier: Tier) -> Tier
 }
 
 extension NestingBackend {
@@ -44,6 +53,8 @@ extension NestingBackend {
     public var initialL0Devices: L0Devices { .platformDefault }
     public func configure(_ config: StackConfig) {}
     public var refusal: PVRefusal? { nil }
+    public var progressOutsideL0: UInt64 { 0 }
+    public func holder(of tier: Tier) -> Tier { tier }
 }
 
 extension NestingPath {

@@ -222,13 +222,10 @@ extension L0Stack {
     /// sleeping L0 checks on every futex timeout anyway. One check is two waitpid(WNOHANG).
     static let livenessCheckInterval: UInt64 = 1024
 
-    /// The watchdog (`TurnWatchdog`), fed the entry count L0 keeps anyway; on pvm-rfc also the
-    /// switcher's entries into L2, since L1 holds L0's turn for as long as L1 and L2 run. (An L1
-    /// could fake that count, as it could make real exits to L0 to keep the watchdog quiet; the
-    /// stack's time limit still ends it.)
+    /// The watchdog (`TurnWatchdog`), fed the entry count L0 keeps anyway and the progress the
+    /// path made where L0 does not see it (`NestingBackend.progressOutsideL0`).
     func turnHeldTooLong(now: UInt64) -> Bool {
-        let switched = switcher?[SwitcherLayout.counter(.entries)] ?? 0
-        return watchdog.expired(entries: vcpu.counters.l1Entries &+ vcpu.counters.l2Entries &+ switched, now: now)
+        watchdog.expired(entries: vcpu.counters.l1Entries &+ vcpu.counters.l2Entries &+ vcpu.backend.progressOutsideL0, now: now)
     }
 
     /// nil when it is L0's turn; otherwise why the stack must stop.
@@ -251,9 +248,7 @@ extension L0Stack {
             if let (t, s) = deadTier() { return .tierDied(t, s) }
             if turnHeldTooLong(now: monotonicNanos()) {
                 let doing = lastExit.map { "after L0 handled \($0.0)'s \($0.1.name) exit" } ?? "since the stack started"
-                // pvm-rfc: L1 holds L0's turn while L1 and L2 run; the switcher says which of them has it.
-                let holder = tier == .l1 ? switcher?.turnHolder ?? tier : tier
-                return .fatal(.tierTimeout(holder, seconds: Double(config.tierTimeoutNanos) / 1e9, doing: doing))
+                return .fatal(.tierTimeout(vcpu.backend.holder(of: tier), seconds: Double(config.tierTimeoutNanos) / 1e9, doing: doing))
             }
             return .fatal(.timeLimit(seconds: config.timeoutNanos / 1_000_000_000))
         }

@@ -44,6 +44,12 @@ public final class PVMRFCBackend: NestingBackend {
         return next
     }
 
+    /// L1's entries into L2 through the switcher, as L1 counted them.
+    public var progressOutsideL0: UInt64 { switcher?[SwitcherLayout.counter(.entries)] ?? 0 }
+
+    /// L1 holds L0's turn while L1 and L2 run; the switcher lane says which of them has it.
+    public func holder(of tier: Tier) -> Tier { tier == .l1 ? switcher?.turnHolder ?? tier : tier }
+
     /// L1's memory went: the switcher area may have gone with it (L1's own business; L0 only
     /// stops reading it).
     public func memoryRemoved(_ range: AddressRange<L1GPA>, slot: UInt32, fastZap: Bool, _ vcpu: L0VCPU) {
