@@ -33,7 +33,10 @@ let package = Package(
         ]),
         .target(name: "GuestDevices", dependencies: ["ABI", "Transport"]),
         .target(name: "L0", dependencies: ["ABI", "Transport", "GuestDevices"]),
-        .target(name: "L1PV", dependencies: ["ABI", "Transport", "GuestDevices"]),
+        .target(name: "L1PV", dependencies: [
+            "ABI", "Transport", "GuestDevices",
+            .product(name: "Atomics", package: "swift-atomics"),
+        ]),
         .target(name: "L2Guest", dependencies: [
             "ABI", "Transport",
             .product(name: "Histogram", package: "hdrhistogram-swift"),

@@ -191,7 +191,7 @@ public enum MSRBitmap {
 /// control layout, the run page and handoff. Bump it with any change to them; a child whose
 /// version (or build) differs from L0's refuses to start.
 public enum LaunchABI {
-    public static let version: UInt64 = 4
+    public static let version: UInt64 = 5
 }
 
 /// What L2's CPU counts of its own work, on every path, as a PMU counts events: the cost model

@@ -34,6 +34,24 @@ int pvm_futex_wake(uint32_t *addr, int count) {
     return r >= 0 ? (int)r : -errno;
 }
 
+int pvm_futex_waitv(uint32_t *const *addrs, const uint32_t *expected, int count, int64_t timeout_ns) {
+    if (count <= 0 || count > PVM_FUTEX_WAITV_MAX) return -EINVAL;
+    struct futex_waitv w[PVM_FUTEX_WAITV_MAX];
+    for (int i = 0; i < count; i++) {
+        w[i] = (struct futex_waitv){ .val = expected[i], .uaddr = (uint64_t)(uintptr_t)addrs[i], .flags = FUTEX_32 };
+    }
+    struct timespec now, *deadline = NULL, at;
+    if (timeout_ns >= 0) {
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        int64_t ns = now.tv_nsec + timeout_ns % 1000000000LL;
+        at.tv_sec = now.tv_sec + timeout_ns / 1000000000LL + ns / 1000000000LL;
+        at.tv_nsec = ns % 1000000000LL;
+        deadline = &at;
+    }
+    long r = syscall(SYS_futex_waitv, w, (unsigned)count, 0, deadline, CLOCK_MONOTONIC);
+    return r >= 0 ? (int)r : -errno;
+}
+
 int pvm_memfd_create(const char *name) {
     int fd = memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING);
     return fd >= 0 ? fd : -errno;

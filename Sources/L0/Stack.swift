@@ -7,7 +7,7 @@ import Glibc
 /// One three-tier stack: L0 is this process; it starts L1, and L2 when L1 asks for an L2 vCPU.
 ///
 /// Shutdown order (the only place it is written):
-///   1. store "stop" in both handoff lanes (and pvm-rfc's switcher lane) and wake every sleeper:
+///   1. store "stop" in every vCPU's handoff lanes (and pvm-rfc's switcher lane) and wake every sleeper:
 ///      each child tier, waiting for its turn, sees it and exits 0;
 ///   2. reap L2 (SIGKILL after a grace period if it does not go);
 ///   3. reap L1 the same way;
@@ -19,12 +19,15 @@ public final class L0Stack {
     public let config: StackConfig
     let control: ControlMemory
     let hostMemory: SharedRegion
-    /// The handoff lanes between L0 and each child tier (vCPU 0).
-    let l1Lane: Handoff, l2Lane: Handoff
+    /// The handoff lanes between L0 and each child tier, one per vCPU.
+    let l1Lanes: [Handoff], l2Lanes: [Handoff]
     /// pvm-rfc: the lane L1 and L2 hand the vCPU over on, in L1's memory. L0 never passes it;
     /// it only stops it with the others.
     let switcherLane: Handoff?
-    public let vcpu: L0VCPU
+    /// The VM's vCPUs, one state machine each in L0's loop; they share `L0VMState`.
+    public let vcpus: [L0VCPU]
+    /// vCPU 0 (the only one unless `StackConfig.vcpuCount` says more).
+    public var vcpu: L0VCPU { vcpus[0] }
     var l1: ChildProcess?
     var l2: ChildProcess?
     /// The host L0 models, and L1's VM in it.
@@ -36,6 +39,12 @@ public final class L0Stack {
         guard config.l1HostOffset.isPageAligned,
               config.l1HostOffset.raw + config.l1MemoryBytes <= config.hostMemoryBytes else {
             throw StackError.badConfig("L1 memory (\(config.l1MemoryBytes) bytes at host offset \(config.l1HostOffset.raw)) does not fit in \(config.hostMemoryBytes) bytes of host memory")
+        }
+        guard (1...StackConfig.vcpuLimit).contains(config.vcpuCount) else {
+            throw StackError.badConfig("\(config.vcpuCount) vCPUs: a stack runs 1 to \(StackConfig.vcpuLimit)")
+        }
+        guard config.vcpuCount == 1 || !config.path.usesSwitcher else {
+            throw StackError.badConfig("pvm-rfc runs one vCPU (its switcher area in L1's memory is one vCPU's)")
         }
         self.config = config
         let layout = config.layout
@@ -57,18 +66,19 @@ public final class L0Stack {
         }
         var slots = L1Memslots(hostSize: config.hostMemoryBytes)
         do { try slots.add(config.l1Slot) } catch { throw StackError.badConfig("\(error)") }
-        l1Lane = control.handoff(.l1, vcpu: 0)
-        l2Lane = control.handoff(.l2, vcpu: 0)
+        let mem = control
+        l1Lanes = (0..<layout.vcpuCount).map { mem.handoff(.l1, vcpu: $0) }
+        l2Lanes = (0..<layout.vcpuCount).map { mem.handoff(.l2, vcpu: $0) }
         do {
             switcherLane = config.path.usesSwitcher
                 ? try SwitcherView(memory: HostMemory(region: hostMemory), l1Base: config.l1HostOffset).lane : nil
         } catch let e as TransportError {
             throw StackError.hostMemory(e)
         }
-        vcpu = L0VCPU(id: 0, path: config.path, control: control,
-                      l1Memory: L1MemoryAccess(memslots: slots, host: HostMemory(region: hostMemory)))
-        vcpu.backend.configure(config)
-        vcpu.vm = vm
+        vcpus = L0VCPU.makeVCPUs(count: layout.vcpuCount, path: config.path, control: mem,
+                                 l1Memory: L1MemoryAccess(memslots: slots, host: HostMemory(region: hostMemory)))
+        for v in vcpus { v.backend.configure(config) }
+        vcpus[0].vm = vm
         // Everything L0 writes before a child maps it is written (the backends' bitmaps
         // included): from here the tables can only be written through L0's own mapping, and no
         // shared memfd can be shrunk under L0.
@@ -80,9 +90,9 @@ public final class L0Stack {
         }
     }
 
-    /// The lane between L0 and `tier` (L1 or L2).
+    /// The lane between L0 and `tier` (L1 or L2) of vCPU `i`.
     @inline(__always)
-    func lane(_ tier: Tier) -> Handoff { tier == .l1 ? l1Lane : l2Lane }
+    func lane(_ i: Int, _ tier: Tier) -> Handoff { tier == .l1 ? l1Lanes[i] : l2Lanes[i] }
 
     func launch(_ tier: Tier) throws -> ChildProcess {
         // A tier executable rebuilt since it was resolved (a bench running while someone builds)
@@ -120,8 +130,7 @@ public final class L0Stack {
     func shutdown() {
         guard !shutDown else { return }
         shutDown = true
-        l1Lane.stop()
-        l2Lane.stop()
+        for l in l1Lanes + l2Lanes { l.stop() }
         switcherLane?.stop()
         for child in [l2, l1].compactMap({ $0 }) {
             if child.wait(timeoutNanos: 2_000_000_000) == nil { child.killAndReap() }

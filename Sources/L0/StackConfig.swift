@@ -37,6 +37,10 @@ public struct StackConfig: Sendable {
     public var enableVirtAtLoad = true
     public var oneTimeSetup: OneTimeSetupPolicy = .off
     public var cpuCount = L0Host.machineCPUCount
+    /// The VM's vCPUs: L1 and L2 each get this many (one thread per vCPU in each child), and
+    /// L0 runs one state machine per vCPU.
+    public var vcpuCount = 1
+    public static let vcpuLimit = 16
     /// Record every run span (for `pvm stat` / `pvm trace`).
     public var recordTransitions = false
 
@@ -58,14 +62,17 @@ public struct StackConfig: Sendable {
     public var l1Slot: MemorySlot {
         MemorySlot(slot: 0, guestPhysAddr: L1GPA(0), memorySize: l1MemoryBytes, hostOffset: l1HostOffset)
     }
-    public var layout: ControlLayout { ControlLayout(vcpuCount: 1, l2AddressLimit: l2AddressLimit) }
+    public var layout: ControlLayout { ControlLayout(vcpuCount: vcpuCount, l2AddressLimit: l2AddressLimit) }
 }
 
 /// What a finished run leaves behind.
 public struct StackResult: Sendable {
     public var stop: StopReason
+    /// vCPU 0's counts and harness log (the only vCPU unless the stack had more).
     public var counters: TransitionCounters
     public var harness: Harness
+    /// Every vCPU's counts and harness log, in vCPU order (vCPU 0's first).
+    public var perVCPU: [VCPUOutcome] = []
     public var l1Status: ExitStatus?
     public var l2Status: ExitStatus?
     /// The child tiers' process ids (reaped by the time the result exists).
@@ -82,6 +89,12 @@ public struct StackResult: Sendable {
     public var succeeded: Bool {
         stop == .guestDone && (l1Status?.isSuccess ?? true) && (l2Status?.isSuccess ?? false)
     }
+}
+
+/// What one vCPU of a finished run counted, and what its guest told the harness.
+public struct VCPUOutcome: Sendable {
+    public var counters: TransitionCounters
+    public var harness: Harness
 }
 
 /// Errors that stop a stack before it runs, each saying what to fix.

@@ -133,6 +133,18 @@ public enum L1MemoryPlan {
     /// An MSR no CPU has: L1 asks L0 to answer it with #GP.
     public static let bogusMSR: UInt32 = 0x4B56_4DFF
 
+    /// vCPU `i`'s copy of one of the per-vCPU pages above (the VMXON region, vmcs12, the PV exit
+    /// page, the bitmaps, the eVMCS and VP assist page, [0x10_0000, 0x10_9000)): vCPU 0 keeps the
+    /// addresses above; vCPU i > 0 has a 64 KiB block of its own at 8 MiB + i x 64 KiB.
+    public static func perVCPU(_ page: L1GPA, vcpu i: Int) -> L1GPA {
+        precondition(page.raw >= vmxonRegion.raw && page.raw < vmxonRegion.raw + perVCPUBlock, "\(page) is not a per-vCPU page")
+        precondition(i >= 0 && i < 64, "vCPU \(i)")
+        guard i > 0 else { return page }
+        return perVCPUArea + (UInt64(i) * perVCPUBlock + (page.raw - vmxonRegion.raw))
+    }
+    static let perVCPUArea = L1GPA(0x0080_0000)
+    static let perVCPUBlock: UInt64 = 0x1_0000
+
     /// L2's entry point and stack (values only: L2's code is the guest program).
     public static let l2EntryRIP: UInt64 = 0x10_0000
     public static let l2StackTop: UInt64 = 0x80_0000

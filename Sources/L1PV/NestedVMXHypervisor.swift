@@ -1,16 +1,52 @@
 import ABI
+import Atomics
 import GuestDevices
 import Transport
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// What a nested-VMX L1's vCPUs share: the L2 VM's EPT12 (vCPU 0 builds it), its device model,
+/// and a lock over them (every exit L1 handles may touch either).
+public final class NestedL1VM: @unchecked Sendable {
+    var ept12: EPT12Builder
+    var devices = L1Devices()
+    let lock = L1Lock()
+    /// vCPU 0 has built EPT12: the other vCPUs may set up their VMCSs and launch.
+    let ready = ManagedAtomic<Bool>(false)
+
+    public init(memory: L1Memory) throws {
+        self.ept12 = try EPT12Builder(memory: memory, pool: L1MemoryPlan.ept12Pool, poolSize: L1MemoryPlan.ept12PoolSize)
+    }
+}
 
 /// L1 as KVM runs an L2 on VMX: VMXON, a vmcs12 set up with VMWRITEs, EPT12 tables, VMLAUNCH,
 /// and for each VM exit the VMREADs and VMWRITEs KVM's handlers do, with KVM's register-cache
 /// laziness (nested-vmx-facts 1.4): VM_EXIT_REASON and IDT_VECTORING_INFO_FIELD on every exit;
 /// everything else only when a handler needs it; GUEST_RIP / GUEST_RSP written back only if dirty.
+///
+/// With several vCPUs there is one `NestedVMXHypervisor` per vCPU thread, each with its own
+/// VMXON region, vmcs12, MSR bitmap and VPID, over one `NestedL1VM`: one EPT12 for the L2 VM
+/// (vCPU 0 builds it), one device model, and a lock over them.
 public final class NestedVMXHypervisor {
     let cpu: L1CPU
     let memory: L1Memory
-    var devices = L1Devices()
-    var ept12: EPT12Builder
+    let vm: NestedL1VM
+    let index: Int
+    var devices: L1Devices {
+        get { vm.devices }
+        set { vm.devices = newValue }
+    }
+    /// The VM's EPT12, storing through this vCPU's CPU (a store to a table L0 write-protects
+    /// traps on this vCPU).
+    var ept12: EPT12Builder {
+        get {
+            var b = vm.ept12
+            b.memory = memory
+            return b
+        }
+        set { vm.ept12 = newValue }
+    }
     /// L2's GPRs, saved at each VM exit and loaded before each entry (KVM: vcpu->arch.regs).
     var guestRegisters = SavedGuestRegisters()
     /// KVM's register cache for RIP and RSP: nil until read this exit; dirty once written.
@@ -24,13 +60,21 @@ public final class NestedVMXHypervisor {
     /// them in), one page or a 64-page window at a time.
     let mapMode: L2MapMode
 
-    public init(cpu: L1CPU, memory: L1Memory, enlightened: Bool = false, mapMode: L2MapMode = .eager) throws {
+    public convenience init(cpu: L1CPU, memory: L1Memory, enlightened: Bool = false, mapMode: L2MapMode = .eager) throws {
+        self.init(cpu: cpu, memory: memory, vm: try NestedL1VM(memory: memory), vcpu: 0, enlightened: enlightened, mapMode: mapMode)
+    }
+
+    public init(cpu: L1CPU, memory: L1Memory, vm: NestedL1VM, vcpu: Int, enlightened: Bool, mapMode: L2MapMode) {
         self.cpu = cpu
         self.memory = memory
+        self.vm = vm
+        self.index = vcpu
         self.enlightened = enlightened
         self.mapMode = mapMode
-        self.ept12 = try EPT12Builder(memory: memory, pool: L1MemoryPlan.ept12Pool, poolSize: L1MemoryPlan.ept12PoolSize)
     }
+
+    /// This vCPU's copy of a per-vCPU page.
+    func mine(_ page: L1GPA) -> L1GPA { L1MemoryPlan.perVCPU(page, vcpu: index) }
 
     func check(_ what: String, _ r: VMXInstructionResult) throws {
         guard r == .succeed else { throw L1Fault.vmxFailure(what, r) }
@@ -45,8 +89,10 @@ public final class NestedVMXHypervisor {
                 throw L1Fault.vmxFailure(launch ? "VMLAUNCH" : "VMRESUME", r)
             case .vmExit:
                 launch = false
-                try handleExit()
-                try writeBackDirtyRegisters()
+                try vm.lock.withLock {
+                    try handleExit()
+                    try writeBackDirtyRegisters()
+                }
             }
         }
     }
@@ -54,23 +100,23 @@ public final class NestedVMXHypervisor {
     // MARK: setup (KVM: vmx_vcpu_setup + nested setup of L2's VMCS)
 
     func setUpVMX() throws {
-        try memory.zero(L1MemoryPlan.vmxonRegion, length: pageSize)
-        try memory.store32(VMCS12Layout.revisionID, L1MemoryPlan.vmxonRegion)
-        try check("VMXON", cpu.vmxon(L1MemoryPlan.vmxonRegion))
+        try memory.zero(mine(L1MemoryPlan.vmxonRegion), length: pageSize)
+        try memory.store32(VMCS12Layout.revisionID, mine(L1MemoryPlan.vmxonRegion))
+        try check("VMXON", cpu.vmxon(mine(L1MemoryPlan.vmxonRegion)))
         if enlightened {
             // Hyper-V style: the eVMCS is named in the VP assist page, enabled by an MSR write.
-            try memory.zero(L1MemoryPlan.evmcs, length: pageSize)
-            try memory.store32(EnlightenedVMCS.revision, L1MemoryPlan.evmcs)
-            try memory.zero(L1MemoryPlan.vpAssistPage, length: pageSize)
-            try memory.store64(L1MemoryPlan.evmcs.raw, L1MemoryPlan.vpAssistPage + VPAssistPage.currentNestedVMCS)
-            try memory.store8(1, L1MemoryPlan.vpAssistPage + VPAssistPage.enlightenVMEntry)
-            try cpu.wrmsr(VPAssistPage.msr, L1MemoryPlan.vpAssistPage.raw | VPAssistPage.enable)
-            cpu.useEnlightenedVMCS(try memory.vmcs(L1MemoryPlan.evmcs))
+            try memory.zero(mine(L1MemoryPlan.evmcs), length: pageSize)
+            try memory.store32(EnlightenedVMCS.revision, mine(L1MemoryPlan.evmcs))
+            try memory.zero(mine(L1MemoryPlan.vpAssistPage), length: pageSize)
+            try memory.store64(mine(L1MemoryPlan.evmcs).raw, mine(L1MemoryPlan.vpAssistPage) + VPAssistPage.currentNestedVMCS)
+            try memory.store8(1, mine(L1MemoryPlan.vpAssistPage) + VPAssistPage.enlightenVMEntry)
+            try cpu.wrmsr(VPAssistPage.msr, mine(L1MemoryPlan.vpAssistPage).raw | VPAssistPage.enable)
+            cpu.useEnlightenedVMCS(try memory.vmcs(mine(L1MemoryPlan.evmcs)))
         } else {
-            try memory.zero(L1MemoryPlan.vmcs12, length: pageSize)
-            try memory.store32(VMCS12Layout.revisionID, L1MemoryPlan.vmcs12)
-            try check("VMCLEAR", cpu.vmclear(L1MemoryPlan.vmcs12))
-            try check("VMPTRLD", cpu.vmptrld(L1MemoryPlan.vmcs12))
+            try memory.zero(mine(L1MemoryPlan.vmcs12), length: pageSize)
+            try memory.store32(VMCS12Layout.revisionID, mine(L1MemoryPlan.vmcs12))
+            try check("VMCLEAR", cpu.vmclear(mine(L1MemoryPlan.vmcs12)))
+            try check("VMPTRLD", cpu.vmptrld(mine(L1MemoryPlan.vmcs12)))
         }
 
         // No I/O bitmaps: KVM's vmx_exec_control clears USE_IO_BITMAPS and keeps unconditional
@@ -78,18 +124,24 @@ public final class NestedVMXHypervisor {
         // bitmap: intercept everything except the MSRs KVM passes through (FS/GS base,
         // KERNEL_GS_BASE).
         for i in stride(from: UInt64(0), to: pageSize, by: 8) {
-            try memory.store64(~0, L1MemoryPlan.msrBitmap + i)
+            try memory.store64(~0, mine(L1MemoryPlan.msrBitmap) + i)
         }
         for msr: UInt32 in [0xC000_0100, 0xC000_0101, 0xC000_0102] {
             for base: UInt64 in [0x400, 0xC00] {
                 let bit = UInt64(msr - 0xC000_0000)
-                let byte = L1MemoryPlan.msrBitmap + base + bit / 8
+                let byte = mine(L1MemoryPlan.msrBitmap) + base + bit / 8
                 try memory.store8(try memory.load8(byte) & ~(1 << UInt8(bit % 8)), byte)
             }
         }
 
-        // EPT12 for all of L2's RAM, 4 KiB pages, unless it is made at first touch.
-        if mapMode == .eager { try mapEPT12(from: L2GPA(0), pages: L1MemoryPlan.l2RAMSize / pageSize) }
+        // EPT12 for all of L2's RAM, 4 KiB pages, unless it is made at first touch: the VM's,
+        // made by vCPU 0 (the others use it once it is there).
+        if index == 0 {
+            if mapMode == .eager { try mapEPT12(from: L2GPA(0), pages: L1MemoryPlan.l2RAMSize / pageSize) }
+            vm.ready.store(true, ordering: .releasing)
+        } else {
+            while !vm.ready.load(ordering: .acquiring) { sched_yield() }
+        }
 
         let cr0 = ControlRegisterBits.initialCR0, cr4 = ControlRegisterBits.initialCR4, efer: UInt64 = 0x500
         let fields: [(VMCSField, UInt64)] = [
@@ -98,8 +150,8 @@ public final class NestedVMXHypervisor {
                 | CPUBased.activateSecondaryControls),
             (.secondaryVMExecControl, SecondaryExec.enableEPT | SecondaryExec.enableVPID | SecondaryExec.rdtscp),
             (.exceptionBitmap, 1 << 1 | 1 << 6 | 1 << 17 | 1 << 18),
-            (.msrBitmap, L1MemoryPlan.msrBitmap.raw),
-            (.eptPointer, ept12.eptp), (.virtualProcessorID, 1), (.vmcsLinkPointer, ~0),
+            (.msrBitmap, mine(L1MemoryPlan.msrBitmap).raw),
+            (.eptPointer, ept12.eptp), (.virtualProcessorID, 1 + UInt64(index)), (.vmcsLinkPointer, ~0),
             (.vmEntryControls, VMEntryControl.ia32eModeGuest | VMEntryControl.loadIA32EFER),
             (.vmExitControls, VMExitControl.hostAddressSpaceSize | VMExitControl.ackInterruptOnExit | VMExitControl.loadIA32EFER),
             // KVM with EPT lets its guest own CR0.TS/WP and CR4.PGE and the like.
@@ -234,7 +286,7 @@ public final class NestedVMXHypervisor {
 /// Builds EPT12: real 4-level EPT tables in L1's memory, the way a KVM L1 builds the tables it
 /// points vmcs12's EPT_POINTER at. Table pages come from a pool in L1 memory.
 public struct EPT12Builder {
-    let memory: L1Memory
+    var memory: L1Memory
     let poolEnd: L1GPA
     var next: L1GPA
     public let root: L1GPA

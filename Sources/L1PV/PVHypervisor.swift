@@ -1,29 +1,73 @@
 import ABI
+import Atomics
 import GuestDevices
 import Transport
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// L1 as a PV hypervisor: no VMCS, no EPT tables. It negotiates the ABI, registers what L0 may
 /// handle directly (CPUID table, MSR policies, ports), maps L2's memory by hypercall (keeping its
 /// own `L2MemoryMap`), and runs L2 with enter-L2, handling the exits L0 delivers in the PV exit page.
+///
+/// With several vCPUs there is one `PVHypervisor` per vCPU thread, over one `PVL1VM`: vCPU 0
+/// negotiates, registers and maps for the VM; the others wait for that, then each creates its
+/// L2 vCPU with an exit page of its own and runs it.
 public final class PVHypervisor {
     let cpu: L1CPU
     let memory: L1Memory
-    let wanted: PVFeatures
-    let mapMode: L2MapMode
-    var enabled: PVFeatures = []
-    var devices = L1Devices()
-    public private(set) var map = PVMap()
+    let vm: PVL1VM
+    let index: Int
+    var wanted: PVFeatures { vm.wanted }
+    var mapMode: L2MapMode { vm.mapMode }
+    var enabled: PVFeatures {
+        get { vm.enabled }
+        set { vm.enabled = newValue }
+    }
+    var devices: L1Devices {
+        get { vm.devices }
+        set { vm.devices = newValue }
+    }
+    public var map: PVMap {
+        get { vm.map }
+        set { vm.map = newValue }
+    }
     /// Pages mapped around each first touch in batch mode.
     static let faultAroundPages: UInt64 = 64
 
-    public init(cpu: L1CPU, memory: L1Memory, features: PVFeatures = .all, mapMode: L2MapMode = .eager) {
+    public convenience init(cpu: L1CPU, memory: L1Memory, features: PVFeatures = .all, mapMode: L2MapMode = .eager) {
+        self.init(cpu: cpu, memory: memory, vm: PVL1VM(features: features, mapMode: mapMode), vcpu: 0)
+    }
+
+    public init(cpu: L1CPU, memory: L1Memory, vm: PVL1VM, vcpu: Int) {
         self.cpu = cpu
         self.memory = memory
-        self.wanted = features
-        self.mapMode = mapMode
+        self.vm = vm
+        self.index = vcpu
     }
 
     public func run() throws -> Never {
+        if index == 0 {
+            try setUpVM()
+            vm.ready.store(true, ordering: .releasing)
+        } else {
+            while !vm.ready.load(ordering: .acquiring) { sched_yield() }
+        }
+        let exitPage = L1MemoryPlan.perVCPU(L1MemoryPlan.pvExitPage, vcpu: index)
+        try memory.zero(exitPage, length: RunPage.size)
+        try cpu.hypercall(.createVCPU, exitPage)
+        let page = try memory.runPage(exitPage)
+        page[register: .rip] = L1MemoryPlan.l2EntryRIP
+        page[register: .rsp] = L1MemoryPlan.l2StackTop
+        page[register: .rflags] = 0x2
+        while true {
+            try cpu.hypercall(.enterL2)
+            try vm.lock.withLock { try handleExit(page) }
+        }
+    }
+
+    /// What vCPU 0 does for the VM: negotiate, register what L0 handles, map L2's RAM.
+    func setUpVM() throws {
         try negotiate()
         if enabled.contains(.directCPUID) { try registerCPUID() }
         if enabled.contains(.directMSR) { try registerMSRPolicies() }
@@ -31,16 +75,6 @@ public final class PVHypervisor {
             try cpu.hypercall(.registerL0Ports, UInt64(L0PortsPlan.kernelPort), UInt64(2), PVL0Device.latch.rawValue)
         }
         if mapMode == .eager { try mapAllOfL2RAM() }
-        try memory.zero(L1MemoryPlan.pvExitPage, length: RunPage.size)
-        try cpu.hypercall(.createVCPU, L1MemoryPlan.pvExitPage)
-        let page = try memory.runPage(L1MemoryPlan.pvExitPage)
-        page[register: .rip] = L1MemoryPlan.l2EntryRIP
-        page[register: .rsp] = L1MemoryPlan.l2StackTop
-        page[register: .rflags] = 0x2
-        while true {
-            try cpu.hypercall(.enterL2)
-            try handleExit(page)
-        }
     }
 
     /// Version check and feature negotiation: enable what L1 wants and L0 offers.
@@ -174,6 +208,24 @@ public final class PVHypervisor {
             throw L1Fault.unexpectedExit(reason, "the PV L1 has no handler")
         }
         page[register: .rip] &+= page[RunPage.instructionLength]
+    }
+}
+
+/// What a PV L1's vCPUs share: the features it enabled, its device model, its PV map, and a
+/// lock over them (an exit L1 handles may map memory or touch a device).
+public final class PVL1VM: @unchecked Sendable {
+    let wanted: PVFeatures
+    let mapMode: L2MapMode
+    var enabled: PVFeatures = []
+    var devices = L1Devices()
+    var map = PVMap()
+    let lock = L1Lock()
+    /// vCPU 0 has negotiated, registered and mapped: the other vCPUs may create theirs.
+    let ready = ManagedAtomic<Bool>(false)
+
+    public init(features: PVFeatures, mapMode: L2MapMode) {
+        self.wanted = features
+        self.mapMode = mapMode
     }
 }
 

@@ -40,8 +40,12 @@ public final class GuestCPU {
     var tlb = GuestTLB<L2GPA>()
     /// Privilege and the exception/syscall entry (GuestPrivilege.swift).
     var privilege = Privilege()
-    /// Where this guest keeps its ucall block (guest-physical, in its own RAM).
+    /// Where this guest keeps its ucall block (guest-physical, in its own RAM): each vCPU its
+    /// own, side by side in one page.
     public var ucallBlock = L2GPA(0x1000)
+    /// This CPU's vCPU index and how many the VM has (KVM selftests hand guest_code its vCPU id).
+    public let vcpuIndex: Int
+    public let vcpuCount: Int
     var rip: UInt64 = 0
 
     /// pvm-rfc: the switcher area in L1's memory. L2's exits go to L1 through it, and its MMU
@@ -52,6 +56,10 @@ public final class GuestCPU {
     var flushSeen: UInt64 = 0
 
     init(session: TierSession) throws {
+        self.vcpuIndex = session.vcpu
+        self.vcpuCount = session.launch.layout.vcpuCount
+        precondition(UInt64(vcpuCount) * Ucall.size <= pageSize, "\(vcpuCount) ucall blocks do not fit in a page")
+        self.ucallBlock = L2GPA(0x1000) + UInt64(session.vcpu) * Ucall.size
         if session.launch.path.usesSwitcher {
             let sw = try SwitcherView(memory: session.hostMemory, l1Base: session.launch.l1Slot.hostOffset)
             self.switcher = sw

@@ -16,15 +16,30 @@ public enum L2Main {
             exit(2)
         }
         do {
-            let session = try TierSession(.l2, launch)
+            // vCPUs past the first run on threads of their own, started before the sandbox.
+            let threads = TierThreads()
+            let session = try TierSession(.l2, launch) { session in
+                threads.start(1..<launch.layout.vcpuCount) { i in runVCPU(session.vcpu(i), program, launch) }
+            }
+            threads.open()
+            runVCPU(session, program, launch)
+        } catch {
+            printError("pvm-l2: \(error)")
+            exit(3)
+        }
+    }
+
+    /// One vCPU: wait to be entered, run the program, say done, wait for L0's stop.
+    static func runVCPU(_ session: TierSession, _ program: GuestProgram, _ launch: TierLaunch) -> Never {
+        do {
             let cpu = try GuestCPU(session: session)
             cpu.waitForFirstEntry()
             program.body(cpu, launch.programArguments)
             cpu.done()
-            session.waitForTurn()   // L0 answers `done` with stop: exits 0 inside
+            session.waitForTurn()   // L0 answers the last `done` with stop: exits 0 inside
             exit(0)
         } catch {
-            printError("pvm-l2: \(error)")
+            printError("pvm-l2: vCPU \(session.vcpu): \(error)")
             exit(3)
         }
     }

@@ -143,8 +143,13 @@ public struct CPUPlacement: Sendable, Equatable {
         return pvm_pin_to_cpu(Int32(c)) == 0
     }
 
-    /// The wait policy that goes with this placement.
-    public func waitPolicy(for tier: Tier) -> WaitPolicy {
+    /// The wait policy that goes with this placement. A child tier with several vCPUs has that
+    /// many threads on its core, most of them waiting at any time: each yields for a short
+    /// while and then sleeps, so only the vCPUs that have work keep the core busy.
+    public func waitPolicy(for tier: Tier, vcpus: Int = 1) -> WaitPolicy {
+        if vcpus > 1 && tier != .l0 {
+            return WaitPolicy(spin: .yield, spinBudgetNanos: 200_000)
+        }
         if isPinned {
             return tier == .l0
                 ? WaitPolicy(spin: .pause, spinBudgetNanos: 2_000_000)

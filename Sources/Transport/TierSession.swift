@@ -9,17 +9,22 @@ import Glibc
 /// Once mapped, the tier enters its sandbox (`TierSandbox`).
 public struct TierSession: @unchecked Sendable {
     public let tier: Tier
-    public let launch: TierLaunch
+    public private(set) var launch: TierLaunch
     public let exchange: SharedRegion
     public let tables: SharedRegion
     public let hostMemory: HostMemory
-    public let handoff: Handoff
+    public private(set) var handoff: Handoff
     public let policy: WaitPolicy
+    /// The vCPU this session's lane and run page are (`launch.vcpu` at first; `vcpu(_:)`).
+    public var vcpu: Int { launch.vcpu }
 
     /// Takes the tier's name, dies with L0, pins itself, maps the memfds and enters the
     /// sandbox. Exits the process if its parent is already gone; throws if the memfds are not
     /// what L0 hands a tier of this build (sizes, seals, header) or cannot be mapped.
-    public init(_ tier: Tier, _ launch: TierLaunch) throws {
+    /// `beforeSandbox` runs once everything is mapped and before the sandbox closes: where a
+    /// tier with several vCPUs starts its other vCPUs' threads (`TierThreads`), which the
+    /// sandbox then covers too (it is entered for every thread of the process).
+    public init(_ tier: Tier, _ launch: TierLaunch, beforeSandbox: (TierSession) -> Void = { _ in }) throws {
         TierProcess.setName(tier)
         guard TierProcess.dieWithParent(expectedParent: launch.parent) else { exit(1) }
         StopSignals.ignore()
@@ -54,8 +59,18 @@ public struct TierSession: @unchecked Sendable {
         self.tables = tables
         self.hostMemory = HostMemory(region: host, base: slot.hostOffset)
         self.handoff = Handoff(region: exchange, base: layout.handoff(launch.vcpu))
-        self.policy = placement.waitPolicy(for: tier)
+        self.policy = placement.waitPolicy(for: tier, vcpus: layout.vcpuCount)
+        beforeSandbox(self)
         try TierSandbox.enter(closing: [exchange, tables, host])
+    }
+
+    /// The same session on vCPU `i`: its lane and run page (for that vCPU's thread).
+    public func vcpu(_ i: Int) -> TierSession {
+        precondition(i >= 0 && i < launch.layout.vcpuCount, "vCPU \(i) of \(launch.layout.vcpuCount)")
+        var s = self
+        s.launch.vcpu = i
+        s.handoff = Handoff(region: exchange, base: launch.layout.handoff(i))
+        return s
     }
 
     /// L1's view of L0's control memory on its vCPU.

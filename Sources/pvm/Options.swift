@@ -51,6 +51,17 @@ struct Failure: Error, CustomStringConvertible {
 }
 
 enum Checks {
+    /// `--vcpus`: within what a stack runs, and more than one only where the path has them.
+    static func vcpus(_ n: Int, path: NestingPath) throws {
+        try vcpus(n, paths: [path])
+    }
+    static func vcpus(_ n: Int, paths: [NestingPath]) throws {
+        try range(n, 1...StackConfig.vcpuLimit, "--vcpus")
+        if n > 1, let p = paths.first(where: \.usesSwitcher) {
+            throw ValidationError("--vcpus \(n): \(p.rawValue) runs one vCPU (its switcher area in L1's memory is one vCPU's)")
+        }
+    }
+
     /// A comma-separated list of paths, none unknown, at least one, no repeats.
     static func paths(_ list: String, option: String = "--path") throws -> [NestingPath] {
         let parts = list.split(separator: ",", omittingEmptySubsequences: false).map(String.init)

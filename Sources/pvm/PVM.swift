@@ -304,6 +304,8 @@ extension PVM {
         var enableVirtAtLoad = true
         @Option(name: .long, help: "Watchdog: seconds a tier may hold the vCPU before the stack is stopped, in (0, 3600].")
         var tierTimeout: Double = Double(StackConfig.defaultTierTimeoutNanos) / 1e9
+        @Option(name: .long, help: "vCPUs in L1 and in L2, 1 to \(StackConfig.vcpuLimit); every vCPU runs the program with its own index (not on pvm-rfc).")
+        var vcpus: Int = 1
         /// Tests of L0's defences: `l1=PATH` or `l2=PATH` runs PATH as that tier instead of pvm
         /// (a hostile stand-in speaking the tier protocol). Hidden: not for measuring anything.
         @Option(name: .customLong("stand-in"), parsing: .singleValue, help: .hidden)
@@ -312,6 +314,7 @@ extension PVM {
         func validate() throws {
             guard tierTimeout > 0, tierTimeout <= 3600 else { throw ValidationError("--tier-timeout must be in (0, 3600] seconds") }
             try Checks.range(hostMemoryMiB, 768...65_536, "--host-memory-mib")
+            try Checks.vcpus(vcpus, path: path)
             guard let guest = GuestPrograms.named(program) else {
                 throw ValidationError("unknown guest program '\(program)' (known: \(GuestPrograms.all.map(\.name).joined(separator: ", ")); `pvm programs` says what each does)")
             }
@@ -344,6 +347,7 @@ extension PVM {
             config.enableVirtAtLoad = enableVirtAtLoad
             config.tierTimeoutNanos = UInt64(tierTimeout * 1e9)
             config.standIns = try standIns()
+            config.vcpuCount = vcpus
             StopSignals.install()
             let result = try L0Stack(config: config).run()
             let c = result.counters
@@ -364,6 +368,12 @@ extension PVM {
             print("L1->L0 exits: " + byReason(c.l1Exits))
             print("delivered to L1: " + byReason(c.deliveries))
             print("entries: L1=\(c.l1Entries) L2=\(c.l2Entries)")
+            if result.perVCPU.count > 1 {
+                for (i, v) in result.perVCPU.enumerated() {
+                    let e = v.counters
+                    print("vCPU \(i): L2->L0 exits \(e.l2Exits.reduce(0, +)), L1->L0 exits \(e.l1Exits.reduce(0, +)), entries L1=\(e.l1Entries) L2=\(e.l2Entries)")
+                }
+            }
             if case .interrupted(let s) = result.stop { throw ExitCode(128 + s) }
             if !result.succeeded { throw ExitCode(1) }
         }

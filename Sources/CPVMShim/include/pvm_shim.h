@@ -16,6 +16,12 @@
 int pvm_futex_wait(uint32_t *addr, uint32_t expected, int64_t timeout_ns);
 // Wakes up to `count` waiters; returns how many were woken, or -errno.
 int pvm_futex_wake(uint32_t *addr, int count);
+// futex_waitv(2) (Linux 5.16): sleeps until any of `count` shared 32-bit words is woken or no
+// longer holds its expected value, or `timeout_ns` passes (relative, CLOCK_MONOTONIC). Returns
+// the index of the woken word, or -errno (-EAGAIN: a word already differed; -ETIMEDOUT).
+// At most PVM_FUTEX_WAITV_MAX words.
+#define PVM_FUTEX_WAITV_MAX 128
+int pvm_futex_waitv(uint32_t *const *addrs, const uint32_t *expected, int count, int64_t timeout_ns);
 
 // memfd_create(2) with MFD_CLOEXEC | MFD_ALLOW_SEALING; returns the fd or -errno.
 int pvm_memfd_create(const char *name);

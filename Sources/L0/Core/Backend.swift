@@ -57,14 +57,32 @@ extension NestingBackend {
     public func holder(of tier: Tier) -> Tier { tier }
 }
 
+/// The state a path keeps for the whole VM, which every vCPU's backend shares.
+public enum BackendVMState {
+    case none
+    case pv(PVVMState)
+    case nestedVMX(NestedVMXVMState)
+}
+
 extension NestingPath {
-    /// The backend that runs this path.
-    func makeBackend(control: ControlMemory, vcpu: Int) -> any NestingBackend {
+    /// One VM's path state (made once per stack).
+    func makeBackendVMState() -> BackendVMState {
         switch self {
-        case .single: SingleLevelBackend()
-        case .pv: PVBackend()
-        case .pvmRFC: PVMRFCBackend()
-        case .nvmx, .nvmxNoShadow, .nvmxEVMCS: NestedVMXBackend(variant: NestedVMXBackend.Variant(self)!, control: control, vcpu: vcpu)
+        case .single, .pvmRFC: .none
+        case .pv: .pv(PVVMState())
+        case .nvmx, .nvmxNoShadow, .nvmxEVMCS: .nestedVMX(NestedVMXVMState())
+        }
+    }
+
+    /// The backend that runs this path on vCPU `vcpu` of the VM whose path state is `vm`.
+    func makeBackend(control: ControlMemory, vcpu: Int, vm: BackendVMState) -> any NestingBackend {
+        switch (self, vm) {
+        case (.single, _): SingleLevelBackend()
+        case (.pv, .pv(let state)): PVBackend(vmState: state)
+        case (.pvmRFC, _): PVMRFCBackend()
+        case (.nvmx, .nestedVMX(let state)), (.nvmxNoShadow, .nestedVMX(let state)), (.nvmxEVMCS, .nestedVMX(let state)):
+            NestedVMXBackend(variant: NestedVMXBackend.Variant(self)!, control: control, vcpu: vcpu, vmState: state)
+        default: preconditionFailure("\(self) has no \(vm) state")
         }
     }
 }

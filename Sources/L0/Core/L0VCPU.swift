@@ -13,9 +13,15 @@ public final class L0VCPU {
     public var counters = TransitionCounters()
     public let l2Run: RunPageView
     public let l1Run: RunPageView
-    public var l1Memory: L1MemoryAccess
+    public var l1Memory: L1MemoryAccess {
+        get { shared.l1Memory }
+        set { shared.l1Memory = newValue }
+    }
     public let ept02: EPT02
     public var harness = Harness()
+    /// What this vCPU shares with the VM's other vCPUs (L1's memory and memslots, L0's
+    /// devices, the VM): one object per stack, so a memslot change made on one vCPU holds on all.
+    public let shared: L0VMState
     /// vmcs02's MSR bitmap for L2 (a set bit exits) and the pass-through MSR values L2 reaches
     /// without an exit.
     public let l2MSRBitmap: MSRBitmapView
@@ -26,27 +32,51 @@ public final class L0VCPU {
     /// L1's own MSRs (the VP assist page among them), kept by L0.
     public var l1MSRs: [UInt32: UInt64] = [:]
     public static let l1MSRCapacity = 512
-    /// L1's VM: its type and capability booleans (the PV path needs one without protected state).
-    public var vm = VMHandle(id: 0, type: .default)
-    /// How deleting or moving one of L1's memslots drops derived mappings (KVM's default: fast).
-    public var memslotZapPolicy: MemslotZapPolicy = .fast
-    /// Devices L0 runs on ports (its in-kernel devices): fixed on nvmx, registered by L1 on pv.
-    public var l0Devices: L0Devices
+    public var vm: VMHandle {
+        get { shared.vm }
+        set { shared.vm = newValue }
+    }
+    public var memslotZapPolicy: MemslotZapPolicy {
+        get { shared.memslotZapPolicy }
+        set { shared.memslotZapPolicy = newValue }
+    }
+    public var l0Devices: L0Devices {
+        get { shared.l0Devices }
+        set { shared.l0Devices = newValue }
+    }
     /// The path's own state and handlers.
     public let backend: any NestingBackend
 
-    public init(id: Int, path: NestingPath, control: ControlMemory, l1Memory: L1MemoryAccess) {
+    /// A VM's only vCPU (in-process drivers and tests).
+    public convenience init(id: Int, path: NestingPath, control: ControlMemory, l1Memory: L1MemoryAccess) {
+        self.init(id: id, path: path, control: control, shared: L0VMState(l1Memory: l1Memory),
+                  backend: path.makeBackend(control: control, vcpu: id, vm: path.makeBackendVMState()))
+    }
+
+    init(id: Int, path: NestingPath, control: ControlMemory, shared: L0VMState, backend: any NestingBackend) {
         self.id = id
         self.path = path
         self.control = control
+        self.shared = shared
         self.l2Run = control.runPage(.l2, vcpu: id)
         self.l1Run = control.runPage(.l1, vcpu: id)
-        self.l1Memory = l1Memory
         self.ept02 = EPT02(control.ept02)
         self.l2MSRBitmap = control.l2MSRBitmap(vcpu: id)
         self.l2PassthroughMSRs = control.l2PassthroughMSRs(vcpu: id)
-        self.backend = path.makeBackend(control: control, vcpu: id)
-        self.l0Devices = backend.initialL0Devices
+        self.backend = backend
+        if id == 0 { shared.l0Devices = backend.initialL0Devices }
+    }
+
+    /// Every vCPU of a VM of `count` vCPUs: one shared VM state and one path state for the
+    /// VM (`NestingPath.makeBackendVMState`), one backend per vCPU.
+    public static func makeVCPUs(count: Int, path: NestingPath, control: ControlMemory, l1Memory: L1MemoryAccess) -> [L0VCPU] {
+        precondition(count >= 1 && count <= control.layout.vcpuCount, "\(count) vCPUs in a layout of \(control.layout.vcpuCount)")
+        let shared = L0VMState(l1Memory: l1Memory)
+        let vmState = path.makeBackendVMState()
+        return (0..<count).map { i in
+            L0VCPU(id: i, path: path, control: control, shared: shared,
+                   backend: path.makeBackend(control: control, vcpu: i, vm: vmState))
+        }
     }
 
     /// Control memory's initial contents: L2's MSR bitmaps intercept everything, and L2 runs

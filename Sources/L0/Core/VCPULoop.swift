@@ -136,11 +136,17 @@ extension L0VCPU {
     }
 }
 
-/// The vCPU state machine. Every arrow goes through L0: it waits for its turn, decodes the exit
-/// of the tier that ran, asks the backend for the next step, counts the entry and passes the
-/// turn. One branch per next step; none per path.
+/// The vCPU state machines. Every arrow goes through L0: it waits for its turn on any vCPU,
+/// decodes the exit of the tier that ran, asks that vCPU's backend for the next step, counts the
+/// entry and passes the turn. One branch per next step; none per path. With several vCPUs L0 is
+/// still one thread: it runs one state machine per vCPU and takes whichever lane hands it the
+/// turn (`LaneSet`), as one physical CPU would serve vCPUs that exit in turn.
 extension L0Stack {
-    enum State { case running(Tier), stopping(StopReason) }
+    enum State {
+        case running(Tier)
+        /// The vCPU's guest said done; the stack ends when every vCPU has.
+        case finished
+    }
 
     public func run() throws -> StackResult {
         let started = monotonicNanos()
@@ -157,64 +163,86 @@ extension L0Stack {
             return self.deadTier() == nil && now < deadline && !self.turnHeldTooLong(now: now) && StopSignals.received == nil
         }
 
-        var state = State.stopping(.guestDone)
+        var states = [State](repeating: .finished, count: vcpus.count)
+        var stopping: StopReason?
         /// The exit L0 handled last (what the watchdog says a hung tier was doing).
         var lastExit: (Tier, ExitReason)?
-        /// L1 created its L2 vCPU (PV create-vCPU, the first VMLAUNCH; on one level, from the
-        /// start): its process starts now, before L1 or L2 runs again.
-        func startL2IfCreated(_ next: NextStep) -> NextStep {
-            guard l2 == nil, vcpu.backend.hasL2VCPU else { return next }
+        /// L1 created an L2 vCPU (PV create-vCPU, the first VMLAUNCH; on one level, from the
+        /// start): L2's process starts now, before L1 or L2 runs again.
+        func startL2IfCreated(_ v: L0VCPU, _ next: NextStep) -> NextStep {
+            guard l2 == nil, v.backend.hasL2VCPU else { return next }
             do { l2 = try launch(.l2) } catch { return .stop(.fatal(.cannotStartL2("\(error)"))) }
             return next
         }
-        func enter(_ next: NextStep) {
+        func enter(_ i: Int, _ next: NextStep) {
+            let v = vcpus[i]
             switch next {
             case .resume(let tier):
-                if tier == .l1 { vcpu.counters.l1Entries += 1 } else { vcpu.counters.l2Entries += 1 }
-                lane(tier).pass(to: tier)
-                state = .running(tier)
+                if tier == .l1 { v.counters.l1Entries += 1 } else { v.counters.l2Entries += 1 }
+                lane(i, tier).pass(to: tier)
+                states[i] = .running(tier)
             case .enterL2:
-                vcpu.counters.l2Entries += 1
-                l2Lane.pass(to: .l2)
-                state = .running(.l2)
+                v.counters.l2Entries += 1
+                l2Lanes[i].pass(to: .l2)
+                states[i] = .running(.l2)
+            case .stop(.guestDone) where vcpus.count > 1:
+                states[i] = .finished
+                if !states.contains(where: { if case .running = $0 { true } else { false } }) { stopping = .guestDone }
             case .stop(let r):
-                state = .stopping(r)
+                stopping = r
             }
         }
-        let first = startL2IfCreated(try vcpu.start())
-        log?.started(at: monotonicNanos())
-        enter(first)
+        for i in vcpus.indices {
+            let first = startL2IfCreated(vcpus[i], try vcpus[i].start())
+            if i == 0 { log?.started(at: monotonicNanos()) }
+            enter(i, first)
+            if stopping != nil { break }
+        }
 
-        while true {
-            switch state {
-            case .running(let tier):
-                if let stop = waitForTurn(policy, alive, running: tier, after: lastExit) {
-                    state = .stopping(stop)
+        /// The lanes L0 waits on (the running vCPUs'), rebuilt when a vCPU changes tier.
+        var next = 0
+        while stopping == nil {
+            let running: [(Int, Tier)] = states.indices.compactMap { i in
+                if case .running(let t) = states[i] { (i, t) } else { nil }
+            }
+            let (i, tier): (Int, Tier)
+            if running.count == 1 {
+                (i, tier) = running[0]
+                if let stop = waitForTurn(policy, alive, vcpu: i, running: tier, after: lastExit) {
+                    stopping = stop
                     continue
                 }
-                let received = log == nil ? 0 : monotonicNanos()
-                // The exit is read from the run page once: what is logged, named by the watchdog
-                // and handled is the same exit, whatever the tier writes there meanwhile.
-                let l1Info = tier == .l1 ? vcpu.l1Run.exitInfo(L1GPA.self) : nil
-                let l2Info = tier == .l2 ? vcpu.l2Run.exitInfo(L2GPA.self) : nil
-                let reason = l1Info?.reason ?? l2Info?.reason ?? ExitReason(rawValue: UInt32.max)
-                lastExit = (tier, reason)
-                log?.guestExited(tier, reason: reason, at: received)
-                let step: NextStep = if let l1Info { vcpu.handle(l1: l1Info) }
-                    else if let l2Info { vcpu.handle(l2: l2Info) }
-                    else { .stop(.fatal(.impossibleExit(tier, reason))) }
-                enter(startL2IfCreated(step))
-                log?.l0Handed(from: tier, reason: reason, received: received, at: monotonicNanos())
-            case .stopping(let reason):
-                shutdown()
-                var pids: [Tier: Int32] = [:]
-                for c in [l1, l2].compactMap({ $0 }) { pids[c.tier] = c.pid }
-                return StackResult(stop: reason, counters: vcpu.counters, harness: vcpu.harness,
-                                   l1Status: l1?.status, l2Status: l2?.status, tierPIDs: pids,
-                                   pvRefusal: vcpu.backend.refusal, log: log,
-                                   wallNanos: monotonicNanos() - started)
+            } else {
+                guard let (k, stop) = waitForAnyTurn(policy, alive, running, from: next, after: lastExit) else { continue }
+                if let stop { stopping = stop; continue }
+                (i, tier) = running[k]
+                next = k + 1
             }
+            let v = vcpus[i]
+            let received = log == nil ? 0 : monotonicNanos()
+            // The exit is read from the run page once: what is logged, named by the watchdog
+            // and handled is the same exit, whatever the tier writes there meanwhile.
+            let l1Info = tier == .l1 ? v.l1Run.exitInfo(L1GPA.self) : nil
+            let l2Info = tier == .l2 ? v.l2Run.exitInfo(L2GPA.self) : nil
+            let reason = l1Info?.reason ?? l2Info?.reason ?? ExitReason(rawValue: UInt32.max)
+            lastExit = (tier, reason)
+            log?.guestExited(tier, reason: reason, at: received)
+            let step: NextStep = if let l1Info { v.handle(l1: l1Info) }
+                else if let l2Info { v.handle(l2: l2Info) }
+                else { .stop(.fatal(.impossibleExit(tier, reason))) }
+            enter(i, startL2IfCreated(v, step))
+            log?.l0Handed(from: tier, reason: reason, received: received, at: monotonicNanos())
         }
+
+        shutdown()
+        var pids: [Tier: Int32] = [:]
+        for c in [l1, l2].compactMap({ $0 }) { pids[c.tier] = c.pid }
+        var result = StackResult(stop: stopping ?? .guestDone, counters: vcpu.counters, harness: vcpu.harness,
+                                 l1Status: l1?.status, l2Status: l2?.status, tierPIDs: pids,
+                                 pvRefusal: vcpu.backend.refusal, log: log,
+                                 wallNanos: monotonicNanos() - started)
+        result.perVCPU = vcpus.map { VCPUOutcome(counters: $0.counters, harness: $0.harness) }
+        return result
     }
 
     /// Handoffs between liveness checks while L0 is busy. A tier that dies while the others
@@ -225,13 +253,32 @@ extension L0Stack {
     /// The watchdog (`TurnWatchdog`), fed the entry count L0 keeps anyway and the progress the
     /// path made where L0 does not see it (`NestingBackend.progressOutsideL0`).
     func turnHeldTooLong(now: UInt64) -> Bool {
-        watchdog.expired(entries: vcpu.counters.l1Entries &+ vcpu.counters.l2Entries &+ vcpu.backend.progressOutsideL0, now: now)
+        var entries: UInt64 = 0
+        for v in vcpus { entries &+= v.counters.l1Entries &+ v.counters.l2Entries &+ v.backend.progressOutsideL0 }
+        return watchdog.expired(entries: entries, now: now)
     }
 
     /// nil when it is L0's turn; otherwise why the stack must stop.
     @inline(__always)
-    func waitForTurn(_ policy: WaitPolicy, _ alive: () -> Bool, running tier: Tier,
+    func waitForTurn(_ policy: WaitPolicy, _ alive: () -> Bool, vcpu i: Int, running tier: Tier,
                      after lastExit: (Tier, ExitReason)?) -> StopReason? {
+        if let stop = periodicCheck() { return stop }
+        return stopReason(lane(i, tier).wait(for: .l0, policy: policy, isPeerAlive: alive), tier, after: lastExit)
+    }
+
+    /// The same over several running vCPUs: the index in `running` of the one whose turn came,
+    /// or why the stack must stop.
+    func waitForAnyTurn(_ policy: WaitPolicy, _ alive: () -> Bool, _ running: [(Int, Tier)], from start: Int,
+                        after lastExit: (Tier, ExitReason)?) -> (Int, StopReason?)? {
+        if let stop = periodicCheck() { return (0, stop) }
+        let (outcome, k) = LaneSet.wait(for: .l0, on: running.map { lane($0.0, $0.1) }, from: start % running.count,
+                                        policy: policy, isPeerAlive: alive)
+        return (k, stopReason(outcome, running[k].1, after: lastExit))
+    }
+
+    /// Every `livenessCheckInterval` handoffs: a stop request, or a child that died.
+    @inline(__always)
+    func periodicCheck() -> StopReason? {
         handoffsSinceCheck &+= 1
         if handoffsSinceCheck >= Self.livenessCheckInterval {
             handoffsSinceCheck = 0
@@ -239,7 +286,12 @@ extension L0Stack {
             if let s = StopSignals.received { return .interrupted(signal: s) }
             if let (t, s) = deadTier() { return .tierDied(t, s) }
         }
-        switch lane(tier).wait(for: .l0, policy: policy, isPeerAlive: alive) {
+        return nil
+    }
+
+    /// What a wait's outcome means for the stack (nil: L0's turn came).
+    func stopReason(_ outcome: WaitOutcome, _ tier: Tier, after lastExit: (Tier, ExitReason)?) -> StopReason? {
+        switch outcome {
         case .myTurn: return nil
         case .stop: return .fatal(.stopFromGuest)
         case .peerGone:

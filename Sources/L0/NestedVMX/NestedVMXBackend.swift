@@ -73,13 +73,22 @@ public final class NestedVMXBackend: NestingBackend {
     public internal(set) var vmcs12Dirty = true
     /// The controls L2 runs with now (rebuilt with the rest of vmcs02 when vmcs12 changed).
     public internal(set) var vmcs02 = VMCS02Controls()
+    /// What the VM's vCPUs share: EPT02 is one table, so the EPT12 it shadows and the
+    /// shadow bookkeeping are the VM's (KVM's shadow pages hang off `struct kvm`).
+    public let vmState: NestedVMXVMState
     /// The EPTP whose EPT12 the current EPT02 shadows.
-    public internal(set) var shadowedEPTP: UInt64?
+    public internal(set) var shadowedEPTP: UInt64? {
+        get { vmState.shadowedEPTP }
+        set { vmState.shadowedEPTP = newValue }
+    }
     /// The VP assist page L1 enabled (nvmx-evmcs names its eVMCS there), and that eVMCS.
     public internal(set) var vpAssistPage: L1GPA?
     public internal(set) var evmcs: VMCSImage?
     /// EPT12 pages shadowed into EPT02.
-    public internal(set) var shadows = EPT12ShadowTracker()
+    public internal(set) var shadows: EPT12ShadowTracker {
+        get { vmState.shadows }
+        set { vmState.shadows = newValue }
+    }
     /// L2's control registers where L1 does not own them (L0 keeps those, as KVM's kernel would).
     var l2ControlRegisters = GuestControlRegisters()
     /// The clean-field bits of the last eVMCS load (0 on VMLAUNCH or a new eVMCS).
@@ -94,8 +103,9 @@ public final class NestedVMXBackend: NestingBackend {
     /// A VMLAUNCH succeeded once: L1 has an L2 vCPU.
     public private(set) var hasL2VCPU = false
 
-    init(variant: Variant, control: ControlMemory, vcpu: Int) {
+    init(variant: Variant, control: ControlMemory, vcpu: Int, vmState: NestedVMXVMState = NestedVMXVMState()) {
         self.variant = variant
+        self.vmState = vmState
         self.shadowVMCS = control.shadowVMCS(vcpu: vcpu)
         self.cachedVMCS12 = control.cachedVMCS12(vcpu: vcpu)
         self.shadowActive = control.shadowVMCSActive(vcpu: vcpu)
@@ -147,4 +157,12 @@ public final class NestedVMXBackend: NestingBackend {
             setWriteProtected(page, false)
         }
     }
+}
+
+/// The nested-VMX state of one VM, shared by its vCPUs' backends: the EPTP whose EPT12 the one
+/// EPT02 shadows, and which EPT12 pages are shadowed (write-protected or unsync).
+public final class NestedVMXVMState {
+    public var shadowedEPTP: UInt64?
+    public var shadows = EPT12ShadowTracker()
+    public init() {}
 }

@@ -6,19 +6,42 @@ import Transport
 /// (L2 GPA -> L1 GPA) and the PV exit page. L0 emulates the hot L2 exits from what L1
 /// registered and delivers the rest to L1 through the exit page.
 public final class PVBackend: NestingBackend {
-    /// What this L0 offers (a stack option, so a test can offer less).
-    public var offered: PVFeatures = .all
-    /// Set by a successful `negotiate`: the features L1 enabled and its argument page.
-    public internal(set) var negotiated = false
-    public internal(set) var enabled: PVFeatures = []
-    public internal(set) var argumentPage: L1GPA?
-    /// The last refused negotiation or vCPU creation, as a value (naming both versions on a
-    /// major mismatch, the host's reason for a protected-state VM).
-    public internal(set) var refusal: PVRefusal?
-    public internal(set) var cpuid: CPUIDTable?
-    public internal(set) var msrPolicy: [UInt32: MSRPolicy] = [:]
-    public internal(set) var map = PVMap()
-    /// The PV exit page L1 registered with create-vCPU: where L2 exits L1 must see are written.
+    /// The PV state of the VM, which every vCPU's backend shares: L1 negotiates and registers
+    /// once, on any vCPU, for all of them.
+    public let vmState: PVVMState
+    public var offered: PVFeatures {
+        get { vmState.offered }
+        set { vmState.offered = newValue }
+    }
+    public var negotiated: Bool {
+        get { vmState.negotiated }
+        set { vmState.negotiated = newValue }
+    }
+    public var enabled: PVFeatures {
+        get { vmState.enabled }
+        set { vmState.enabled = newValue }
+    }
+    public var argumentPage: L1GPA? {
+        get { vmState.argumentPage }
+        set { vmState.argumentPage = newValue }
+    }
+    public var refusal: PVRefusal? {
+        get { vmState.refusal }
+        set { vmState.refusal = newValue }
+    }
+    public var cpuid: CPUIDTable? {
+        get { vmState.cpuid }
+        set { vmState.cpuid = newValue }
+    }
+    public var msrPolicy: [UInt32: MSRPolicy] {
+        get { vmState.msrPolicy }
+        set { vmState.msrPolicy = newValue }
+    }
+    public var map: PVMap {
+        get { vmState.map }
+        set { vmState.map = newValue }
+    }
+    /// This vCPU's PV exit page, registered with create-vCPU: where L2 exits L1 must see are written.
     public internal(set) var exitPageGPA: L1GPA?
     public var vcpuCreated: Bool { exitPageGPA != nil }
     public var hasL2VCPU: Bool { vcpuCreated }
@@ -26,7 +49,7 @@ public final class PVBackend: NestingBackend {
     /// KVM_MAX_CPUID_ENTRIES.
     public static let maxCPUIDEntries: UInt64 = 256
 
-    public init() {}
+    public init(vmState: PVVMState = PVVMState()) { self.vmState = vmState }
 
     /// L1 hands L0 its ports itself (`registerL0Ports`).
     public var initialL0Devices: L0Devices { L0Devices() }
@@ -147,6 +170,22 @@ public final class PVBackend: NestingBackend {
             map.remove(AddressRange(start: l2, length: gone.length)!)
         }
     }
+}
+
+/// The PV state of one VM: what this L0 offers (a stack option, so a test can offer less), what
+/// L1 negotiated and its argument page, the CPUID table and MSR policies L1 registered, the PV
+/// map (L2 GPA -> L1 GPA, one for the VM, as L2's memory is), and the last refusal (naming both
+/// versions on a major mismatch, the host's reason for a protected-state VM).
+public final class PVVMState {
+    public var offered: PVFeatures = .all
+    public var negotiated = false
+    public var enabled: PVFeatures = []
+    public var argumentPage: L1GPA?
+    public var refusal: PVRefusal?
+    public var cpuid: CPUIDTable?
+    public var msrPolicy: [UInt32: MSRPolicy] = [:]
+    public var map = PVMap()
+    public init() {}
 }
 
 /// An MSR policy L1 registered for its L2.

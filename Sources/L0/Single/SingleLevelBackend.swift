@@ -25,15 +25,20 @@ public final class SingleLevelBackend: NestingBackend {
     /// Maps the guest's RAM, opens the pass-through MSRs, sets the first registers; the guest
     /// runs first.
     public func start(_ vcpu: L0VCPU, l2 regs: inout RegisterFile) throws -> NextStep {
-        // L0's own 1:1 backing of the guest's RAM: one memslot range, translated once.
-        let host = try vcpu.l1Memory.memslots.translate(Self.ramBacking, length: Self.ram.length)
-        let slot = vcpu.l1Memory.memslots.slot(containing: Self.ramBacking)!.slot
-        vcpu.ept02.install(Self.ram, host: host, permissions: EPT.rwxMask, memslot: slot)
+        // L0's own 1:1 backing of the guest's RAM: one memslot range, translated once, for the
+        // VM (EPT02 is one table for every vCPU: vCPU 0 maps it).
+        if vcpu.id == 0 { try mapRAM(vcpu) }
         for msr in PassthroughMSRs.all { vcpu.setL2Intercept(msr, false) }
         regs[.rip] = Self.entryRIP
         regs[.rsp] = Self.stackTop
         regs[.rflags] = 0x2
         return .enterL2
+    }
+
+    func mapRAM(_ vcpu: L0VCPU) throws {
+        let host = try vcpu.l1Memory.memslots.translate(Self.ramBacking, length: Self.ram.length)
+        let slot = vcpu.l1Memory.memslots.slot(containing: Self.ramBacking)!.slot
+        vcpu.ept02.install(Self.ram, host: host, permissions: EPT.rwxMask, memslot: slot)
     }
 
     /// Every exit of a one-level guest stays in L0.

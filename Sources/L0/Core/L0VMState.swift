@@ -1,0 +1,21 @@
+import ABI
+import GuestDevices
+import Transport
+
+/// What every vCPU of one VM shares in L0, as KVM keeps it in `struct kvm` rather than in each
+/// `kvm_vcpu`: L1's memory and memslots, L0's in-kernel devices, the VM handle and its memslot
+/// zap policy. The vCPUs of a stack hold the same object (L0's vCPU loop runs them on one
+/// thread, so nothing here needs a lock).
+public final class L0VMState {
+    public var l1Memory: L1MemoryAccess
+    /// L1's VM: its type and capability booleans (the PV path needs one without protected state).
+    public var vm = VMHandle(id: 0, type: .default)
+    /// How deleting or moving one of L1's memslots drops derived mappings (KVM's default: fast).
+    public var memslotZapPolicy: MemslotZapPolicy = .fast
+    /// Devices L0 runs on ports (its in-kernel devices): fixed on nvmx, registered by L1 on pv.
+    public var l0Devices = L0Devices()
+
+    public init(l1Memory: L1MemoryAccess) {
+        self.l1Memory = l1Memory
+    }
+}
