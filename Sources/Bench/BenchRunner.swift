@@ -39,12 +39,14 @@ public enum BenchError: Error, CustomStringConvertible {
     case unknownTest(String)
     case runFailed(test: String, variant: String, StopReason)
     case noMeasurement(test: String, variant: String)
+    case oneVCPUOnly(test: String)
 
     public var description: String {
         switch self {
         case .unknownTest(let t): "unknown test '\(t)' (known: \(BenchOperations.all.map(\.name).joined(separator: ", ")))"
         case let .runFailed(t, v, r): "\(t) on \(v) did not finish: \(r)"
         case let .noMeasurement(t, v): "\(t) on \(v) reported no measurement window"
+        case .oneVCPUOnly(let t): "\(t) runs on one vCPU (it needs fresh pages or L2's page tables of its own)"
         }
     }
 }
@@ -81,7 +83,14 @@ public struct BenchRunner: Sendable {
     }
 
     public func run(_ test: String, on variant: BenchVariant) throws -> BenchResult {
+        try run(test, on: variant, vcpus: 1)[0]
+    }
+
+    /// `test` on every vCPU of one stack with `vcpus` of them, measured at the same time (the
+    /// vCPUs meet before their measured loops): one result per vCPU, vCPU 0's first.
+    public func run(_ test: String, on variant: BenchVariant, vcpus: Int) throws -> [BenchResult] {
         guard let op = BenchOperations.named(test) else { throw BenchError.unknownTest(test) }
+        guard vcpus == 1 || op.runsOnSeveralVCPUs else { throw BenchError.oneVCPUOnly(test: test) }
         let (n, w) = budget(for: op)
         let doubling = op.iterationLimit == nil ? (minNanos ?? 0) : 0
         var config = StackConfig(path: variant.path, program: op.name, programArguments: [n, w, doubling], tierExecutable: tierExecutable,
@@ -90,12 +99,15 @@ public struct BenchRunner: Sendable {
         config.tierTimeoutNanos = tierTimeoutNanos
         config.pvFeatures = variant.pvFeatures
         config.l2MapMode = variant.l2MapMode
+        config.vcpuCount = vcpus
         let result = try L0Stack(config: config).run()
         guard result.succeeded else { throw BenchError.runFailed(test: test, variant: variant.label, result.stop) }
-        guard let window = result.harness.windows.first, let latency = result.harness.reports.first else {
-            throw BenchError.noMeasurement(test: test, variant: variant.label)
+        return try result.perVCPU.map { v in
+            guard let window = v.harness.windows.first, let latency = v.harness.reports.first else {
+                throw BenchError.noMeasurement(test: test, variant: variant.label)
+            }
+            return BenchResult(test: test, variant: variant, iterations: latency.samples, latency: latency, window: window)
         }
-        return BenchResult(test: test, variant: variant, iterations: latency.samples, latency: latency, window: window)
     }
 
     /// The variants a test runs on by default: every path; an operation whose cost depends on

@@ -32,6 +32,10 @@ public struct BenchOperation: Sendable {
     public var iterationLimit: UInt64? { needs?.freshPages }
     /// The runner measures it under every L2 map mode on the nested paths.
     public var dependsOnMapMode: Bool { needs != nil }
+    /// Whether every vCPU of a VM with several can run it at once: not the tests that need
+    /// fresh pages (the vCPUs would share them) nor those on L2's paging (one L2 kernel's page
+    /// pool, built by one vCPU).
+    public var runsOnSeveralVCPUs: Bool { needs == nil && !PagingOperations.all.contains { $0.name == name } }
 }
 
 public enum BenchOperations {

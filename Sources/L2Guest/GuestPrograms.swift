@@ -13,10 +13,14 @@ public struct GuestProgram: Sendable {
     /// together, or nil.
     public let rule: (@Sendable ([UInt64]) -> String?)?
     public let body: @Sendable (GuestCPU, [UInt64]) -> Void
+    /// Whether it can run on every vCPU of a VM with several at once (each with its vCPU
+    /// index); not a program that builds L2's page tables or needs memory of its own.
+    public let severalVCPUs: Bool
 
     public init(name: String, summary: String, arguments: [Argument] = [], rule: (@Sendable ([UInt64]) -> String?)? = nil,
-                body: @escaping @Sendable (GuestCPU, [UInt64]) -> Void) {
+                severalVCPUs: Bool = true, body: @escaping @Sendable (GuestCPU, [UInt64]) -> Void) {
         self.name = name
+        self.severalVCPUs = severalVCPUs
         self.summary = summary
         self.arguments = arguments
         self.rule = rule
@@ -83,7 +87,7 @@ public let l2AddressLimit: UInt64 = 4 << 30
 public let unmappedProbeGPA = L2GPA(0x8000_0000)
 
 public enum GuestPrograms {
-    public static let all: [GuestProgram] = [cpuidValues, memoryProbe, pagingProbe, instructionTour, permissionProbe, msrPolicyProbe, balloonProbe, cpuidForever, l1IOForever, l2Escape]
+    public static let all: [GuestProgram] = [cpuidValues, memoryProbe, pagingProbe, instructionTour, permissionProbe, msrPolicyProbe, balloonProbe, vcpuProbe, cpuidForever, l1IOForever, l2Escape]
         + BenchOperations.all.map { op in
             GuestProgram(name: op.name, summary: op.summary, arguments: measureLoopArguments, rule: op.iterationLimit.map { limit in
                 // Every iteration (warm-up included) must be new work: at most `limit` of them, no doubling.
@@ -95,7 +99,7 @@ public enum GuestPrograms {
                     }
                     return nil
                 }
-            }) { cpu, args in
+            }, severalVCPUs: op.runsOnSeveralVCPUs) { cpu, args in
                 let body = op.prepare(cpu)
                 measureLoop(cpu, args, body)
                 cpu.done()
@@ -121,6 +125,7 @@ public enum GuestPrograms {
         let warmup = args.count > 1 ? args[1] : ceiling / 10
         let minNanos = args.count > 2 ? args[2] : 0
         for i in 0..<warmup { op(i) }
+        cpu.rendezvous()                  // several vCPUs: all measure at the same time
         var next = warmup                 // the next iteration number (first touch needs fresh ones)
         var iterations = ceiling
         if minNanos > 0 {
@@ -232,6 +237,19 @@ public enum GuestPrograms {
         cpu.sync(cpu.vmcall(0x4C32_0001, gpa.raw))
         cpu.sync(gpa.raw, cpu.read64(gpa))
         cpu.done()
+    }
+
+    /// Every vCPU says who it is, meets the others, leaves a mark in memory they share, meets
+    /// them again and sums every vCPU's mark: a vCPU that ran on another's lane, ucall block or
+    /// memory shows in the syncs (KVM selftests' multi-vCPU guests check each other the same way).
+    public static let vcpuProbe = GuestProgram(name: "vcpu-probe", summary: "each vCPU: its index, a rendezvous, the sum of every vCPU's mark") { cpu, _ in
+        let marks = L2GPA(0x4000)
+        cpu.sync(0x5C, UInt64(cpu.vcpuIndex), UInt64(cpu.vcpuCount))
+        cpu.write64(marks + UInt64(cpu.vcpuIndex) * 8, 0x100 + UInt64(cpu.vcpuIndex))
+        cpu.rendezvous()
+        var sum: UInt64 = 0
+        for i in 0..<cpu.vcpuCount { sum &+= cpu.read64(marks + UInt64(i) * 8) }
+        cpu.sync(0x5D, sum)
     }
 
     /// CPUID until the stack is stopped or a tier is killed (for lifecycle tests).

@@ -144,7 +144,8 @@ extension GuestPrograms {
     /// 8. a user read under a supervisor-only directory entry: #PF P|U (5), the handler sets U
     ///    there (and INVLPGs);
     /// 9. the accessed flag cleared (and INVLPG), then a read: the flag is set again.
-    public static let pagingProbe = GuestProgram(name: "paging-probe", summary: "L2's page tables: A/D bits, INVLPG, #PF to L2's handler, CR3 switch") { cpu, _ in
+    public static let pagingProbe = GuestProgram(name: "paging-probe", summary: "L2's page tables: A/D bits, INVLPG, #PF to L2's handler, CR3 switch",
+                                                 severalVCPUs: false) { cpu, _ in
         typealias Bit = PageWalk.Bit
         let (kernel, space, frames) = PagingOperations.boot(cpu, userPages: 2)
         let u0 = PagingOperations.user(0), u1 = PagingOperations.user(1)

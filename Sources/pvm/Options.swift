@@ -55,6 +55,19 @@ enum Checks {
     static func vcpus(_ n: Int, path: NestingPath) throws {
         try vcpus(n, paths: [path])
     }
+    /// `pvm bench --vcpus`: one count or a comma-separated list, each in range, no repeats.
+    static func vcpuCounts(_ list: String) throws -> [Int] {
+        let parts = list.split(separator: ",", omittingEmptySubsequences: false).map(String.init)
+        var counts: [Int] = []
+        for p in parts {
+            guard let n = Int(p) else { throw ValidationError("--vcpus takes a count or a comma-separated list of counts (got '\(list)')") }
+            try range(n, 1...StackConfig.vcpuLimit, "--vcpus")
+            guard !counts.contains(n) else { throw ValidationError("--vcpus names \(n) twice") }
+            counts.append(n)
+        }
+        return counts
+    }
+
     static func vcpus(_ n: Int, paths: [NestingPath]) throws {
         try range(n, 1...StackConfig.vcpuLimit, "--vcpus")
         if n > 1, let p = paths.first(where: \.usesSwitcher) {

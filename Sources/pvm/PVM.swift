@@ -66,6 +66,8 @@ extension PVM {
         var l2Map: L2MapMode?
         @Flag(name: .long, help: "On pv, one row per feature set: all, each feature off, none.")
         var ablation = false
+        @Option(name: .long, help: "vCPUs per stack, or a comma-separated list of counts to scale over (each 1-\(StackConfig.vcpuLimit)): every vCPU runs the test at once; with more than one, a scaling table per test and path (per-vCPU and total rate, ns per hop beside the raw ring's) (default: 1).")
+        var vcpus: String?
         @Option(name: .long, help: "Also write the results as JSON to this file.")
         var json: String?
         @Option(name: .long, help: "Cost profile for the modelled-cycles column (default: the shipped published-figures profile).")
@@ -89,6 +91,10 @@ extension PVM {
             if let warmup { try Checks.range(warmup, 0...1_000_000_000, "--warmup") }
             if let path { _ = try Checks.paths(path) }
             if let test { _ = try Checks.tests(test) }
+            if let vcpus {
+                let counts = try Checks.vcpuCounts(vcpus)
+                if counts != [1] { try validateScaling(counts) }
+            }
             if let pvFeatures { _ = try PVM.parseFeatures(pvFeatures) }
             _ = try Checks.profile(profile)
             for (option, file) in [("--csv", csv), ("--svg", svg), ("--json", json)] {
@@ -117,12 +123,56 @@ extension PVM {
             }
         }
 
+        /// The runner the exit tests use, from --iterations, --min-time-ms, --warmup, --tier-timeout.
+        func makeRunner() -> BenchRunner {
+            let iterations = self.iterations ?? Self.defaultIterations, minTimeMs = self.minTimeMs ?? Self.defaultMinTimeMs
+            let tierTimeout = self.tierTimeout ?? Double(StackConfig.defaultTierTimeoutNanos) / 1e9
+            var runner = BenchRunner(tierExecutable: selfExecutable(), iterations: iterations,
+                                     warmup: warmup ?? (minTimeMs > 0 ? 1_000 : iterations / 10))
+            runner.minNanos = minTimeMs > 0 ? minTimeMs * 1_000_000 : nil
+            runner.tierTimeoutNanos = UInt64(tierTimeout * 1e9)
+            return runner
+        }
+
+        /// The scaling table: each test on each path with each vCPU count, the raw ring around them.
+        func runScaling(_ counts: [Int]) throws {
+            let paths = try Checks.paths(path ?? "")
+            let tests = try Checks.tests(test ?? "")
+            StopSignals.install()
+            var progress = Progress(total: tests.count * paths.count * counts.count + 2, quiet: quiet)
+            defer { progress.finish() }
+            let result = try ScalingSuite.run(runner: makeRunner(), tests: tests, paths: paths, vcpuCounts: counts) { progress.step($0) }
+            progress.finish()
+            print(ScalingSuite.table(result), terminator: "")
+            if let json { try writeOutput(Data(try ScalingSuite.json(result).utf8), to: json) }
+            if let csv { try writeOutput(Data(ScalingSuite.csv(result).utf8), to: csv) }
+        }
+
+        /// `--vcpus` past one: the exit tests' scaling table, which takes only what shapes it.
+        func validateScaling(_ counts: [Int]) throws {
+            guard suite == .exits else { throw ValidationError("--vcpus is for the exit tests (--suite exits)") }
+            try Checks.vcpus(counts.max() ?? 1, paths: try path.map { try Checks.paths($0) } ?? [])
+            if path == nil { throw ValidationError("--vcpus \(vcpus ?? ""): name the paths (--path pv,nvmx; not pvm-rfc, which runs one vCPU)") }
+            let tests = try test.map(Checks.tests) ?? []
+            if tests.isEmpty { throw ValidationError("--vcpus \(vcpus ?? ""): name the tests (--test cpuid)") }
+            for t in tests where BenchOperations.named(t)?.runsOnSeveralVCPUs == false {
+                throw ValidationError("--vcpus \(vcpus ?? ""): \(t) runs on one vCPU (it needs fresh pages or L2's page tables of its own)")
+            }
+            let given = [("--format", format != .table), ("--svg", svg != nil), ("--ablation", ablation), ("--l2-map", l2Map != nil),
+                         ("--pv-features", pvFeatures != nil), ("--profile", profile != nil)].filter(\.1).map(\.0)
+            guard given.isEmpty else {
+                throw ValidationError("--vcpus with more than one vCPU prints the scaling table (and writes it with --json and --csv); it takes none of \(given.joined(separator: ", "))")
+            }
+        }
+
         func run() throws {
             #if DEBUG
             printError("warning: this is a debug build; time it with `swift run -c release pvm bench`")
             #endif
             switch suite {
-            case .exits: break
+            case .exits:
+                let counts = try vcpus.map(Checks.vcpuCounts) ?? [1]
+                if counts != [1] { return try runScaling(counts) }
             case .transport:
                 let paths = try path.map { try Checks.paths($0) } ?? [.single, .pv, .nvmx, .pvmRFC]
                 var progress = Progress(total: paths.count + 2, quiet: quiet)
@@ -195,14 +245,9 @@ extension PVM {
             let paths = try path.map { try Checks.paths($0) } ?? NestingPath.allCases
             let tests = try test.map(Checks.tests) ?? BenchOperations.all.map(\.name)
             let features = try PVM.parseFeatures(pvFeatures ?? "all")
-            let iterations = self.iterations ?? Self.defaultIterations, minTimeMs = self.minTimeMs ?? Self.defaultMinTimeMs
-            let tierTimeout = self.tierTimeout ?? Double(StackConfig.defaultTierTimeoutNanos) / 1e9
+            let runner = makeRunner()
             let mode = l2Map
             let costs = try Checks.profile(profile)
-            var runner = BenchRunner(tierExecutable: selfExecutable(), iterations: iterations,
-                                     warmup: warmup ?? (minTimeMs > 0 ? 1_000 : iterations / 10))
-            runner.minNanos = minTimeMs > 0 ? minTimeMs * 1_000_000 : nil
-            runner.tierTimeoutNanos = UInt64(tierTimeout * 1e9)
             var results: [BenchResult] = []
             var plan: [(String, BenchVariant)] = []
             for t in tests {
@@ -319,6 +364,9 @@ extension PVM {
                 throw ValidationError("unknown guest program '\(program)' (known: \(GuestPrograms.all.map(\.name).joined(separator: ", ")); `pvm programs` says what each does)")
             }
             if let problem = guest.problem(with: args.flatMap(\.values)) { throw ValidationError("--args: \(problem)") }
+            if vcpus > 1 && !guest.severalVCPUs {
+                throw ValidationError("--vcpus \(vcpus): \(program) runs on one vCPU (it builds L2's page tables or needs pages of its own)")
+            }
             _ = try PVM.parseFeatures(pvFeatures)
             _ = try standIns()
         }

@@ -62,6 +62,44 @@ extension StackTests {
         }
     }
 
+    /// `--vcpus` with more than one count: the scaling table, the raw ring beside it, each
+    /// vCPU's figures in the JSON and CSV.
+    @Test func benchScalesOverVCPUCountsBesideTheRawRing() throws {
+        try withTempFile(".json") { json in
+            try withTempFile(".csv") { csv in
+                let r = try pvm(["bench", "--vcpus", "1,3", "--test", "cpuid", "--path", "pv,nvmx", "--min-time-ms", "0",
+                                 "--iterations", "500", "--warmup", "10", "--quiet", "--json", json.path, "--csv", csv.path])
+                #expect(r.status == 0, "\(r.err)")
+                #expect(r.out.contains("raw two-process ring: ") && r.out.contains("x raw hop"), "\(r.out)")
+                let doc = try #require(try JSONSerialization.jsonObject(with: Data(contentsOf: json)) as? [String: Any])
+                #expect(Self.number(doc["raw_nanos_per_hop"]).map { $0 > 0 } == true)
+                let rows = try #require(doc["rows"] as? [[String: Any]])
+                #expect(rows.count == 4)
+                for row in rows {
+                    let n = try #require(Self.number(row["vcpus"]))
+                    #expect((row["per_vcpu_median_nanos"] as? [Any])?.count == Int(n), "\(row)")
+                    #expect(Self.number(row["hops_per_op"]) == (row["path"] as? String == "pv" ? 2 : 4), "\(row)")
+                    #expect(Self.number(row["nanos_per_hop"]).map { $0 > 0 } == true)
+                }
+                let lines = try String(contentsOf: csv, encoding: .utf8).split(separator: "\n")
+                #expect(lines.count == 1 + 2 * (1 + 3), "\(lines)")
+            }
+        }
+    }
+
+    /// What `--vcpus` refuses, before any stack starts: a count out of range, pvm-rfc, a test
+    /// that needs pages of its own, a table option the scaling table does not take.
+    @Test(arguments: [
+        ["launch", "--vcpus", "0"], ["launch", "--vcpus", "2", "--path", "pvm-rfc"], ["launch", "--vcpus", "2", "--program", "paging-probe"],
+        ["bench", "--vcpus", "2,2", "--test", "cpuid", "--path", "pv"], ["bench", "--vcpus", "1,2", "--test", "page_fault", "--path", "pv"],
+        ["bench", "--vcpus", "2", "--test", "cpuid", "--path", "pv,pvm-rfc"], ["bench", "--vcpus", "2", "--test", "cpuid"],
+        ["bench", "--vcpus", "2", "--test", "cpuid", "--path", "pv", "--svg", "/tmp/x.svg"], ["bench", "--vcpus", "17", "--test", "cpuid", "--path", "pv"],
+    ])
+    func vcpusIsAUsageErrorWhereItCannotApply(_ args: [String]) throws {
+        let r = try pvm(args)
+        #expect(r.status == 64 && r.err.contains("--vcpus"), "\(args): \(r.err)")
+    }
+
     @Test func benchPrintsTheTableAndRatiosAndWritesJSONAndCSV() throws {
         try withTempFile(".json") { json in
             try withTempFile(".csv") { csv in

@@ -199,21 +199,32 @@ extension L0Stack {
             if stopping != nil { break }
         }
 
-        /// The lanes L0 waits on (the running vCPUs'), rebuilt when a vCPU changes tier.
+        /// The running vCPUs and their lanes, gathered before each wait (in place: no allocation
+        /// per hop). With one vCPU there is one lane and the wait is `Handoff.wait`, as it always was.
+        var running: [(Int, Tier)] = []
+        var runningLanes: [Handoff] = []
+        running.reserveCapacity(vcpus.count)
+        runningLanes.reserveCapacity(vcpus.count)
         var next = 0
         while stopping == nil {
-            let running: [(Int, Tier)] = states.indices.compactMap { i in
-                if case .running(let t) = states[i] { (i, t) } else { nil }
-            }
             let (i, tier): (Int, Tier)
-            if running.count == 1 {
-                (i, tier) = running[0]
-                if let stop = waitForTurn(policy, alive, vcpu: i, running: tier, after: lastExit) {
+            if vcpus.count == 1 {
+                guard case .running(let t) = states[0] else { break }
+                (i, tier) = (0, t)
+                if let stop = waitForTurn(policy, alive, vcpu: 0, running: t, after: lastExit) {
                     stopping = stop
                     continue
                 }
             } else {
-                guard let (k, stop) = waitForAnyTurn(policy, alive, running, from: next, after: lastExit) else { continue }
+                running.removeAll(keepingCapacity: true)
+                runningLanes.removeAll(keepingCapacity: true)
+                for k in states.indices {
+                    if case .running(let t) = states[k] {
+                        running.append((k, t))
+                        runningLanes.append(lane(k, t))
+                    }
+                }
+                let (k, stop) = waitForAnyTurn(policy, alive, runningLanes, from: next, after: lastExit) { running[$0].1 }
                 if let stop { stopping = stop; continue }
                 (i, tier) = running[k]
                 next = k + 1
@@ -268,12 +279,11 @@ extension L0Stack {
 
     /// The same over several running vCPUs: the index in `running` of the one whose turn came,
     /// or why the stack must stop.
-    func waitForAnyTurn(_ policy: WaitPolicy, _ alive: () -> Bool, _ running: [(Int, Tier)], from start: Int,
-                        after lastExit: (Tier, ExitReason)?) -> (Int, StopReason?)? {
+    func waitForAnyTurn(_ policy: WaitPolicy, _ alive: () -> Bool, _ lanes: [Handoff], from start: Int,
+                        after lastExit: (Tier, ExitReason)?, tier: (Int) -> Tier) -> (Int, StopReason?) {
         if let stop = periodicCheck() { return (0, stop) }
-        let (outcome, k) = LaneSet.wait(for: .l0, on: running.map { lane($0.0, $0.1) }, from: start % running.count,
-                                        policy: policy, isPeerAlive: alive)
-        return (k, stopReason(outcome, running[k].1, after: lastExit))
+        let (outcome, k) = LaneSet.wait(for: .l0, on: lanes, from: start % lanes.count, policy: policy, isPeerAlive: alive)
+        return (k, stopReason(outcome, tier(k), after: lastExit))
     }
 
     /// Every `livenessCheckInterval` handoffs: a stop request, or a child that died.

@@ -1,0 +1,62 @@
+import ABI
+import Foundation
+import Testing
+import Transport
+
+/// L0's wait on several vCPUs' lanes at once (`LaneSet`).
+@Suite struct LaneSetTests {
+    let region: SharedRegion
+    let lanes: [Handoff]
+    init() throws {
+        let r = try SharedRegion(create: "lane-set-test", size: 4 * pageSize)
+        region = r
+        lanes = (0..<4).map { Handoff(region: r, base: ControlOffset(UInt64($0) * pageSize)) }
+        for l in lanes { l.pass(to: .l2) }
+    }
+
+    /// Whichever lane hands L0 the turn is the one the wait returns, asleep or spinning; a lane
+    /// already L0's is found at once.
+    @Test(arguments: [0, 3], [false, true])
+    func theWaitReturnsTheLaneThatGaveL0TheTurn(_ which: Int, _ afterSleep: Bool) {
+        let ls = lanes
+        let policy = WaitPolicy(spin: .yield, spinBudgetNanos: 50_000, sleepSliceNanos: 20_000_000)
+        let result = onThread { LaneSet.wait(for: .l0, on: ls, from: 1, policy: policy) }
+        if afterSleep { usleep(100_000) }          // the waiter is in futex_waitv by now
+        lanes[which].pass(to: .l0)
+        let (outcome, i) = result()
+        #expect(outcome == .myTurn && i == which)
+    }
+
+    /// Sleeping on four lanes costs no CPU to speak of; a stop on any lane ends the wait.
+    @Test func aSleepingWaiterUsesLittleCPUAndSeesAStop() {
+        let ls = lanes
+        let policy = WaitPolicy(spin: .pause, spinBudgetNanos: 1_000_000, sleepSliceNanos: 50_000_000)
+        let result = onThread { () -> ((WaitOutcome, Int), UInt64) in
+            let cpu0 = threadCPUNanos()
+            let r = LaneSet.wait(for: .l0, on: ls, from: 0, policy: policy)
+            return (r, threadCPUNanos() - cpu0)
+        }
+        usleep(300_000)
+        lanes[2].stop()
+        let ((outcome, i), cpu) = result()
+        #expect(outcome == .stop && i == 2)
+        #expect(cpu < 60_000_000, "waiter used \(cpu / 1_000_000) ms of CPU in 300 ms")
+    }
+
+    /// Every lane ready at once: a wait from each starting point takes the first at or after
+    /// it, so a busy vCPU cannot starve the others.
+    @Test func theScanStartsWhereItIsToldSoNoLaneStarves() {
+        for l in lanes { l.pass(to: .l0) }
+        for start in 0..<4 {
+            let (_, i) = LaneSet.wait(for: .l0, on: lanes, from: start, policy: WaitPolicy(spin: .yield, spinBudgetNanos: 0))
+            #expect(i == start)
+        }
+    }
+
+    @Test func aSleepingWaiterNoticesThatItsPeersAreGone() {
+        let ls = lanes
+        let policy = WaitPolicy(spin: .yield, spinBudgetNanos: 10_000, sleepSliceNanos: 10_000_000)
+        let (outcome, _) = onThread { LaneSet.wait(for: .l0, on: ls, from: 0, policy: policy, isPeerAlive: { false }) }()
+        #expect(outcome == .peerGone)
+    }
+}
