@@ -42,14 +42,19 @@ public struct PVFeatures: OptionSet, Hashable, Sendable, CustomStringConvertible
     public static let l0Ports = PVFeatures(rawValue: 1 << 2)
     /// Many ranges in one mapping hypercall (`mapGPABatch`).
     public static let batchMap = PVFeatures(rawValue: 1 << 3)
+    /// L0 runs L2's local APICs (`LocalAPICs`): L2's x2APIC ICR/SELF_IPI/EOI/TPR writes, its
+    /// KVM_HC_SEND_IPI, and its HLT until an interrupt are L0's, and an IPI between L2 vCPUs
+    /// never reaches L1 (as KVM's in-kernel LAPIC with PV IPIs does for a one-level guest).
+    public static let directAPIC = PVFeatures(rawValue: 1 << 4)
 
-    public static let all: PVFeatures = [.directCPUID, .directMSR, .l0Ports, .batchMap]
+    public static let all: PVFeatures = [.directCPUID, .directMSR, .l0Ports, .batchMap, .directAPIC]
     /// Bits this version defines; any other bit is refused.
     public static let known = all
 
     /// Command-line names, in bit order.
     public static let names: [(String, PVFeatures)] = [
         ("direct-cpuid", .directCPUID), ("direct-msr", .directMSR), ("l0-ports", .l0Ports), ("batch-map", .batchMap),
+        ("direct-apic", .directAPIC),
     ]
     public var description: String {
         let n = Self.names.filter { contains($0.1) }.map(\.0)
@@ -192,4 +197,13 @@ public struct HypercallError: Error, Hashable, Sendable, CustomStringConvertible
         return all.first { $0.code == -v } ?? HypercallError(code: -v, name: "-\(-v)")
     }
     public var description: String { name }
+}
+
+/// KVM's own PV interface to a guest (<linux/kvm_para.h>, taken through the shim), as L0
+/// offers it to the guest whose local APIC it runs.
+public enum KVMHypercall {
+    /// KVM_HC_SEND_IPI: RBX/RCX = a 128-bit bitmap of destination APIC IDs from RDX (the lowest
+    /// ID), RSI = the ICR's low word (vector and delivery mode). RAX <- the number of vCPUs the
+    /// IPI was delivered to, or -KVM_EINVAL.
+    public static let sendIPI = UInt64(KVM_HC_SEND_IPI)
 }

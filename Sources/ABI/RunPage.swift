@@ -35,6 +35,11 @@ public enum RunPage {
     /// The tier's own interruptibility state (SDM 25.4.2): bit 0 blocking by STI, bit 1 blocking
     /// by MOV SS. A VMLAUNCH/VMRESUME under MOV-SS blocking VMfails (error 26).
     public static let interruptibility: UInt64 = 0x070
+    /// Written by L0 while the tier runs: nonzero when an interrupt waits for this vCPU (a
+    /// kick, kvm_vcpu_kick's IPI). The tier's CPU takes an EXTERNAL_INTERRUPT exit at its next
+    /// interrupt window (with RFLAGS.IF set: a PAUSE, an exit, an STI), and L0 injects the
+    /// interrupt at the entry after.
+    public static let kick: UInt64 = 0x078
 
     /// General-purpose registers, RIP and RFLAGS, 8 bytes each, in `Register` order.
     public static let registers: UInt64 = 0x100

@@ -55,12 +55,7 @@ public struct LocalAPICs: Sendable {
         }
     }
 
-    public enum MSR {
-        public static let tpr: UInt32 = 0x808
-        public static let eoi: UInt32 = 0x80B
-        public static let icr: UInt32 = 0x830
-        public static let selfIPI: UInt32 = 0x83F
-    }
+    public typealias MSR = LocalAPICMSR
 
     struct APIC: Sendable {
         var irr = [UInt64](repeating: 0, count: 4)

@@ -40,6 +40,8 @@ public final class GuestCPU {
     var tlb = GuestTLB<L2GPA>()
     /// Privilege and the exception/syscall entry (GuestPrivilege.swift).
     var privilege = Privilege()
+    /// RFLAGS.IF and the interrupt handlers (GuestSMP.swift).
+    var interrupts = GuestInterrupts()
     /// Where this guest keeps its ucall block (guest-physical, in its own RAM): each vCPU its
     /// own, side by side in one page.
     public var ucallBlock = L2GPA(0x1000)
@@ -98,13 +100,17 @@ public final class GuestCPU {
     func vmexit(_ reason: ExitReason, length: UInt64, qualification: UInt64 = 0, gpa: L2GPA = L2GPA(0), info: UInt64 = 0) -> Resumption {
         if switcher != nil { return switcherExit(reason, length: length, qualification: qualification, gpa: gpa, info: info) }
         run[register: .rip] = rip
+        run[register: .rflags] = interrupts.enabled ? 0x202 : 0x2
         let event = port.exit(reason, length: length, qualification: qualification, gpa: gpa, info: info)
         let newRIP = run[register: .rip]
-        // No IDT in this guest model: an injected exception becomes the instruction's fault,
-        // which the program sees (as selftests' rdmsr_safe does); other events are dropped.
+        // An injected exception becomes the instruction's fault, which the program sees (as
+        // selftests' rdmsr_safe does); an external interrupt is taken after the instruction,
+        // through the program's handler (GuestSMP.swift).
         if let event, event.isHardwareException { return .fault(event.vector) }
-        defer { rip = newRIP }
-        return newRIP == rip ? .retry : .completed
+        let outcome: Resumption = newRIP == rip ? .retry : .completed
+        rip = newRIP
+        if let event, event.isExternalInterrupt { takeInterrupt(event.vector) }
+        return outcome
     }
 
     // MARK: instructions that always exit

@@ -25,6 +25,68 @@ extension GuestCPU {
         }
     }
 
-    /// PAUSE in a spin loop.
-    public func pause() { sched_yield() }
+    /// PAUSE in a spin loop: an interrupt window (a kick is taken here) and a chance for the
+    /// host to run another vCPU thread.
+    public func pause() {
+        pollInterrupts()
+        sched_yield()
+    }
+}
+
+/// RFLAGS.IF and the program's interrupt handlers (its IDT's external-interrupt entries).
+struct GuestInterrupts {
+    var enabled = false
+    var handlers: [UInt8: (GuestCPU, UInt8) -> Void] = [:]
+}
+
+/// Interrupts from the local APIC: handlers, STI/CLI, HLT until one comes, and the x2APIC
+/// writes that send them (ICR, SELF_IPI), end them (EOI), or KVM's PV IPI hypercall.
+extension GuestCPU {
+    /// Installs the handler for external-interrupt `vector`. It runs with interrupts off and
+    /// returns as IRET does (interrupts back as they were); it should `eoi()`.
+    public func setInterruptHandler(_ vector: UInt8, _ handler: @escaping (GuestCPU, UInt8) -> Void) {
+        interrupts.handlers[vector] = handler
+    }
+
+    /// STI: interrupts on; one waiting is taken at once.
+    public func sti() {
+        interrupts.enabled = true
+        pollInterrupts()
+    }
+    public func cli() { interrupts.enabled = false }
+    public var interruptsEnabled: Bool { interrupts.enabled }
+
+    /// An interrupt window: if the hypervisor kicked this CPU, exit (EXTERNAL_INTERRUPT) so it
+    /// can inject the interrupt at the entry after.
+    func pollInterrupts() {
+        guard interrupts.enabled, switcher == nil, run[RunPage.kick] != 0 else { return }
+        _ = vmexit(.externalInterrupt, length: 0)
+    }
+
+    /// Delivery through the IDT: the handler with interrupts off, then IRET.
+    func takeInterrupt(_ vector: UInt8) {
+        let was = interrupts.enabled
+        interrupts.enabled = false
+        if let h = interrupts.handlers[vector] { h(self, vector) }
+        else { guestAssert(false, "interrupt \(vector) with no handler") }
+        interrupts.enabled = was
+    }
+
+    /// x2APIC ICR: a fixed IPI of `vector` to the vCPU whose APIC ID is `destination`.
+    public func sendIPI(_ vector: UInt8, to destination: Int) {
+        wrmsr(LocalAPICMSR.icr, UInt64(vector) | UInt64(destination) << 32)
+    }
+    /// x2APIC ICR with the all-excluding-self shorthand.
+    public func sendIPIToOthers(_ vector: UInt8) {
+        wrmsr(LocalAPICMSR.icr, UInt64(vector) | 3 << 18)
+    }
+    /// x2APIC SELF_IPI.
+    public func selfIPI(_ vector: UInt8) { wrmsr(LocalAPICMSR.selfIPI, UInt64(vector)) }
+    /// EOI: the interrupt in service is done.
+    public func eoi() { wrmsr(LocalAPICMSR.eoi, 0) }
+    /// KVM_HC_SEND_IPI: `vector` to every APIC ID set in the 128-bit bitmap from `minID`;
+    /// returns how many vCPUs it reached (or -KVM_EINVAL).
+    public func pvSendIPI(_ vector: UInt8, bitmapLow: UInt64, bitmapHigh: UInt64 = 0, minID: UInt64 = 0) -> UInt64 {
+        vmcall(KVMHypercall.sendIPI, bitmapLow, bitmapHigh, minID, UInt64(vector))
+    }
 }

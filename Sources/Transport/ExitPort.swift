@@ -41,6 +41,8 @@ public struct ExitPort: @unchecked Sendable {
         public var vector: UInt8 { UInt8(truncatingIfNeeded: info) }
         /// Type 3: a hardware exception.
         public var isHardwareException: Bool { (info >> 8) & 7 == 3 }
+        /// Type 0: an external interrupt (from a local APIC).
+        public var isExternalInterrupt: Bool { (info >> 8) & 7 == 0 }
     }
 
     /// One exit and back. Returns the injected event, cleared from the page.

@@ -70,6 +70,21 @@ public struct TransitionCounters: Equatable, Sendable {
     public var nestedVMEntries: UInt64 = 0
     /// Unsync leaf EPT12 tables re-synced at INVEPT (write-protected again, entries re-read).
     public var ept12Resyncs: UInt64 = 0
+    // Interrupts between vCPUs, where L0 runs the local APICs (`L0APIC.swift`).
+    /// Interrupts a local APIC L0 runs accepted from an IPI (one per target), and self-IPIs.
+    public var apicIPIs: UInt64 = 0
+    /// APIC register accesses L0 emulated (x2APIC MSRs: ICR, SELF_IPI, EOI, TPR, ID).
+    public var apicAccesses: UInt64 = 0
+    /// KVM_HC_SEND_IPI hypercalls L0 handled (one per call, whatever the bitmap).
+    public var pvIPIHypercalls: UInt64 = 0
+    /// Running targets made to exit so they take an interrupt (kvm_vcpu_kick's IPI).
+    public var apicKicks: UInt64 = 0
+    /// HLTs that blocked the vCPU in L0, and halted vCPUs an interrupt woke.
+    public var haltsBlocked: UInt64 = 0
+    public var apicWakeups: UInt64 = 0
+    /// Interrupts L0 injected at an entry (VM_ENTRY_INTR_INFO, external interrupt).
+    public var interruptsInjected: UInt64 = 0
+
     /// pvm-rfc: what the switcher and L1's shadow MMU counted (`SwitcherLayout`: L2 -> L1 exits
     /// by reason, then the `SwitcherCounter`s), as L1 reported them at the harness's last call.
     /// L0 sees none of it happen; a window subtracts with clamping, so L1 lowering a counter
@@ -110,50 +125,49 @@ public struct TransitionCounters: Equatable, Sendable {
         return d
     }
 
+    /// Every plain count, for the field-by-field operations below (keep it complete: a field
+    /// missing here would be left out of every window). Immutable key paths: nothing to race on.
+    nonisolated(unsafe) static let scalarFields: [WritableKeyPath<TransitionCounters, UInt64>] = [
+        \.l1Entries, \.l2Entries, \.vmcs12FieldReads, \.vmcs12FieldWrites, \.shadowVMCSFieldCopies, \.evmcsFieldCopies,
+        \.vmcsSwitches, \.ept12EntriesWalked, \.ept02Fills, \.ept12WriteTraps, \.ept12Unsyncs, \.msrBitmapMerges,
+        \.unbackedAccesses, \.consistencyChecks, \.memslotZaps, \.ept12ADUpdates, \.hwVMREADs, \.hwVMWRITEs, \.hwVMPTRLDs,
+        \.hwVMCLEARs, \.mmuRootSwitches, \.tlbFlushes, \.rareFieldSyncs, \.fullEntryChecks, \.vmmUserspaceExits, \.pvEntries,
+        \.kernelDeviceAccesses, \.pvDeliveries, \.nestedVMExits, \.nestedVMEntries, \.ept12Resyncs,
+        \.apicIPIs, \.apicAccesses, \.pvIPIHypercalls, \.apicKicks, \.haltsBlocked, \.apicWakeups, \.interruptsInjected,
+    ]
+
     /// self - earlier, field by field: the transitions of a measurement window. Clamped at 0:
     /// the guest decides when a window starts and ends (and on pvm-rfc writes some of the
     /// counters), so no field may wrap whatever it does.
     public func since(_ earlier: TransitionCounters) -> TransitionCounters {
-        var d = TransitionCounters()
-        for i in 0..<Self.reasonSlots {
-            d.l2Exits[i] = l2Exits[i].subtractingClamped(earlier.l2Exits[i])
-            d.l1Exits[i] = l1Exits[i].subtractingClamped(earlier.l1Exits[i])
-            d.deliveries[i] = deliveries[i].subtractingClamped(earlier.deliveries[i])
-        }
-        d.l1Entries = l1Entries.subtractingClamped(earlier.l1Entries)
-        d.l2Entries = l2Entries.subtractingClamped(earlier.l2Entries)
+        var d = combined(with: earlier) { $0.subtractingClamped($1) }
         d.hypercalls = hypercalls.since(earlier.hypercalls)
-        d.vmcs12FieldReads = vmcs12FieldReads.subtractingClamped(earlier.vmcs12FieldReads)
-        d.vmcs12FieldWrites = vmcs12FieldWrites.subtractingClamped(earlier.vmcs12FieldWrites)
-        d.shadowVMCSFieldCopies = shadowVMCSFieldCopies.subtractingClamped(earlier.shadowVMCSFieldCopies)
-        d.evmcsFieldCopies = evmcsFieldCopies.subtractingClamped(earlier.evmcsFieldCopies)
-        d.vmcsSwitches = vmcsSwitches.subtractingClamped(earlier.vmcsSwitches)
-        d.ept12EntriesWalked = ept12EntriesWalked.subtractingClamped(earlier.ept12EntriesWalked)
-        d.ept02Fills = ept02Fills.subtractingClamped(earlier.ept02Fills)
-        d.ept12WriteTraps = ept12WriteTraps.subtractingClamped(earlier.ept12WriteTraps)
-        d.ept12Unsyncs = ept12Unsyncs.subtractingClamped(earlier.ept12Unsyncs)
-        d.msrBitmapMerges = msrBitmapMerges.subtractingClamped(earlier.msrBitmapMerges)
-        d.unbackedAccesses = unbackedAccesses.subtractingClamped(earlier.unbackedAccesses)
-        d.consistencyChecks = consistencyChecks.subtractingClamped(earlier.consistencyChecks)
-        d.memslotZaps = memslotZaps.subtractingClamped(earlier.memslotZaps)
-        d.ept12ADUpdates = ept12ADUpdates.subtractingClamped(earlier.ept12ADUpdates)
-        d.hwVMREADs = hwVMREADs.subtractingClamped(earlier.hwVMREADs)
-        d.hwVMWRITEs = hwVMWRITEs.subtractingClamped(earlier.hwVMWRITEs)
-        d.hwVMPTRLDs = hwVMPTRLDs.subtractingClamped(earlier.hwVMPTRLDs)
-        d.hwVMCLEARs = hwVMCLEARs.subtractingClamped(earlier.hwVMCLEARs)
-        d.mmuRootSwitches = mmuRootSwitches.subtractingClamped(earlier.mmuRootSwitches)
-        d.tlbFlushes = tlbFlushes.subtractingClamped(earlier.tlbFlushes)
-        d.rareFieldSyncs = rareFieldSyncs.subtractingClamped(earlier.rareFieldSyncs)
-        d.fullEntryChecks = fullEntryChecks.subtractingClamped(earlier.fullEntryChecks)
-        d.vmmUserspaceExits = vmmUserspaceExits.subtractingClamped(earlier.vmmUserspaceExits)
-        d.pvEntries = pvEntries.subtractingClamped(earlier.pvEntries)
-        d.kernelDeviceAccesses = kernelDeviceAccesses.subtractingClamped(earlier.kernelDeviceAccesses)
-        d.pvDeliveries = pvDeliveries.subtractingClamped(earlier.pvDeliveries)
-        d.nestedVMExits = nestedVMExits.subtractingClamped(earlier.nestedVMExits)
-        d.nestedVMEntries = nestedVMEntries.subtractingClamped(earlier.nestedVMEntries)
-        d.ept12Resyncs = ept12Resyncs.subtractingClamped(earlier.ept12Resyncs)
         d.switcher = zip(switcher, earlier.switcher).map { min($0.subtractingClamped($1), Self.guestClaimCap) }
         d.l2Events = zip(l2Events, earlier.l2Events).map { min($0.subtractingClamped($1), Self.guestClaimCap) }
+        return d
+    }
+
+    /// self + other, field by field, saturating: the windows of several vCPUs of one run taken
+    /// together (a test whose work spans vCPUs, an IPI's sender and its target). PV hypercalls
+    /// by number are self's only (they are per vCPU and L1's choice).
+    public func adding(_ other: TransitionCounters) -> TransitionCounters {
+        func sum(_ a: UInt64, _ b: UInt64) -> UInt64 { let (s, o) = a.addingReportingOverflow(b); return o ? .max : s }
+        var d = combined(with: other, sum)
+        d.hypercalls = hypercalls
+        d.switcher = zip(switcher, other.switcher).map { min(sum($0, $1), Self.guestClaimCap) }
+        d.l2Events = zip(l2Events, other.l2Events).map { min(sum($0, $1), Self.guestClaimCap) }
+        return d
+    }
+
+    /// The exits by reason and every plain count, each `f(self's, other's)`.
+    func combined(with other: TransitionCounters, _ f: (UInt64, UInt64) -> UInt64) -> TransitionCounters {
+        var d = TransitionCounters()
+        for i in 0..<Self.reasonSlots {
+            d.l2Exits[i] = f(l2Exits[i], other.l2Exits[i])
+            d.l1Exits[i] = f(l1Exits[i], other.l1Exits[i])
+            d.deliveries[i] = f(deliveries[i], other.deliveries[i])
+        }
+        for k in Self.scalarFields { d[keyPath: k] = f(self[keyPath: k], other[keyPath: k]) }
         return d
     }
 }

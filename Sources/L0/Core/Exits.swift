@@ -127,6 +127,9 @@ public enum NextStep: Equatable, Sendable {
     /// L1 asked to run L2 (VMLAUNCH/VMRESUME, PV enter-L2) and L0 entered it. The first one
     /// starts the L2 process.
     case enterL2
+    /// The vCPU halted in L0 (HLT with interrupts on and none pending): `tier` runs again
+    /// when an interrupt wakes it.
+    case block(Tier)
     case stop(StopReason)
 }
 
@@ -159,6 +162,9 @@ public enum StopReason: Equatable, Sendable, CustomStringConvertible {
 
 /// The conditions that stop a stack because no tier can go on, each a value a test can match.
 public enum FatalError: Equatable, Sendable, CustomStringConvertible {
+    /// Every vCPU that has not finished is halted with no interrupt on its way: nothing can
+    /// ever run again (a guest that halts waiting for an IPI nobody sends).
+    case allVCPUsHalted(Int)
     /// A tier's run page held an exit reason no CPU reports (not one <asm/vmx.h> names, or
     /// with flag bits): L0 neither handles nor reflects it.
     case impossibleExit(Tier, ExitReason)
@@ -204,6 +210,7 @@ public enum FatalError: Equatable, Sendable, CustomStringConvertible {
         case .beyondL2AddressLimit(let g): "\(g) is beyond the L2 address limit of this L0"
         case .l1StoreOutsideMemory(let g): "L1 stored to \(g), outside its memory"
         case .cannotStartL2(let e): "cannot start L2: \(e)"
+        case .allVCPUsHalted(let n): "every running vCPU halted (\(n)) with no interrupt on its way: the guest can never run again"
         case .stopFromGuest: "a handoff lane says stop, but only L0 may stop the stack"
         case .timeLimit(let s): "run exceeded its time limit of \(s) s"
         case let .tierTimeout(t, s, doing): "\(t) (\(TierProcess.name(of: t))) did not give the vCPU back within \(s) s \(doing) (stopped, hung or looping)"

@@ -14,6 +14,15 @@ public final class L0VMState {
     public var memslotZapPolicy: MemslotZapPolicy = .fast
     /// Devices L0 runs on ports (its in-kernel devices): fixed on nvmx, registered by L1 on pv.
     public var l0Devices = L0Devices()
+    /// The local APICs L0 runs, one per vCPU: L2's on single, and on pv when L1 enabled
+    /// `directAPIC`; nil where another tier runs them (L1 for its L2 on nvmx).
+    public var apics: LocalAPICs?
+    /// Halted vCPUs an interrupt woke while L0 handled another vCPU's exit: the loop enters
+    /// them after that exit (`L0Stack.run`).
+    public var wakeups: [Int] = []
+    /// Whether each vCPU's guest tier holds its turn now (in guest mode, as KVM's vcpu->mode
+    /// says): only such a target needs a kick to see an interrupt. Kept by the loop.
+    public var inGuestMode: [Bool] = []
 
     public init(l1Memory: L1MemoryAccess) {
         self.l1Memory = l1Memory

@@ -144,6 +144,8 @@ extension L0VCPU {
 extension L0Stack {
     enum State {
         case running(Tier)
+        /// Halted in L0 until an interrupt wakes it (then `Tier` runs).
+        case halted(Tier)
         /// The vCPU's guest said done; the stack ends when every vCPU has.
         case finished
     }
@@ -164,6 +166,7 @@ extension L0Stack {
         }
 
         var states = [State](repeating: .finished, count: vcpus.count)
+        vcpu.shared.inGuestMode = [Bool](repeating: false, count: vcpus.count)
         var stopping: StopReason?
         /// The exit L0 handled last (what the watchdog says a hung tier was doing).
         var lastExit: (Tier, ExitReason)?
@@ -174,28 +177,57 @@ extension L0Stack {
             do { l2 = try launch(.l2) } catch { return .stop(.fatal(.cannotStartL2("\(error)"))) }
             return next
         }
+        /// Nothing runs any more: every vCPU finished (done), or those left are halted for good.
+        func checkAllStopped() {
+            var halted = 0
+            for s in states {
+                switch s {
+                case .running: return
+                case .halted: halted += 1
+                case .finished: break
+                }
+            }
+            if !vcpu.shared.wakeups.isEmpty { return }
+            stopping = halted == 0 ? .guestDone : .fatal(.allVCPUsHalted(halted))
+        }
         func enter(_ i: Int, _ next: NextStep) {
             let v = vcpus[i]
             switch next {
             case .resume(let tier):
-                if tier == .l1 { v.counters.l1Entries += 1 } else { v.counters.l2Entries += 1 }
+                if tier == .l1 { v.counters.l1Entries += 1 } else {
+                    v.counters.l2Entries += 1
+                    if v.shared.apics != nil { v.injectPendingInterrupt() }
+                    v.shared.inGuestMode[i] = true
+                }
                 lane(i, tier).pass(to: tier)
                 states[i] = .running(tier)
             case .enterL2:
                 v.counters.l2Entries += 1
+                if v.shared.apics != nil { v.injectPendingInterrupt() }
+                v.shared.inGuestMode[i] = true
                 l2Lanes[i].pass(to: .l2)
                 states[i] = .running(.l2)
+            case .block(let tier):
+                states[i] = .halted(tier)
+                checkAllStopped()
             case .stop(.guestDone) where vcpus.count > 1:
                 states[i] = .finished
-                if !states.contains(where: { if case .running = $0 { true } else { false } }) { stopping = .guestDone }
+                checkAllStopped()
             case .stop(let r):
                 stopping = r
+            }
+        }
+        /// Enters the halted vCPUs an interrupt woke while L0 handled an exit.
+        func enterWoken() {
+            while let j = vcpu.shared.wakeups.popLast() {
+                if case .halted(let t) = states[j] { enter(j, .resume(t)) }
             }
         }
         for i in vcpus.indices {
             let first = startL2IfCreated(vcpus[i], try vcpus[i].start())
             if i == 0 { log?.started(at: monotonicNanos()) }
             enter(i, first)
+            enterWoken()
             if stopping != nil { break }
         }
 
@@ -230,6 +262,7 @@ extension L0Stack {
                 next = k + 1
             }
             let v = vcpus[i]
+            if tier == .l2 { v.shared.inGuestMode[i] = false }
             let received = log == nil ? 0 : monotonicNanos()
             // The exit is read from the run page once: what is logged, named by the watchdog
             // and handled is the same exit, whatever the tier writes there meanwhile.
@@ -242,6 +275,7 @@ extension L0Stack {
                 else if let l2Info { v.handle(l2: l2Info) }
                 else { .stop(.fatal(.impossibleExit(tier, reason))) }
             enter(i, startL2IfCreated(v, step))
+            if !v.shared.wakeups.isEmpty { enterWoken() }
             log?.l0Handed(from: tier, reason: reason, received: received, at: monotonicNanos())
         }
 

@@ -53,16 +53,16 @@ public enum ExitFuzzer {
                 life = try Life(path: path)
                 next = try life.begin(&rng)
                 continue
-            case .resume(.l1):
+            case .resume(.l1), .block(.l1):     // a halted vCPU: the fuzzer runs it on, as an interrupt would
                 let isHypercall = life.writeL1Exit(&rng)
                 if isHypercall { report.hypercalls += 1 }
                 report.l1Exits += 1
                 next = life.vcpu.handleL1Exit()
-            case .resume(.l2), .enterL2:
+            case .resume(.l2), .enterL2, .block(.l2):
                 life.writeL2Exit(&rng)
                 report.l2Exits += 1
                 next = life.vcpu.handleL2Exit()
-            case .resume(.l0):
+            case .resume(.l0), .block(.l0):
                 report.violations.append("case \(report.cases): a next step resumed L0 itself")
                 next = .stop(.guestDone)
             }

@@ -271,6 +271,7 @@ extension PVBackend {
         guard exitPage.isPageAligned else { return .failure(.invalid) }
         guard (try? vcpu.l1Memory.memslots.translate(exitPage, length: RunPage.size)) != nil else { return .failure(.fault) }
         exitPageGPA = exitPage
+        if enabled.contains(.directAPIC) { vcpu.enableLocalAPICs(count: vcpu.control.layout.vcpuCount) }
         return .success(UInt64(vcpu.id))
     }
 

@@ -28,6 +28,7 @@ public final class SingleLevelBackend: NestingBackend {
         // L0's own 1:1 backing of the guest's RAM: one memslot range, translated once, for the
         // VM (EPT02 is one table for every vCPU: vCPU 0 maps it).
         if vcpu.id == 0 { try mapRAM(vcpu) }
+        vcpu.enableLocalAPICs(count: vcpu.control.layout.vcpuCount)
         for msr in PassthroughMSRs.all { vcpu.setL2Intercept(msr, false) }
         regs[.rip] = Self.entryRIP
         regs[.rsp] = Self.stackTop
@@ -48,6 +49,15 @@ public final class SingleLevelBackend: NestingBackend {
             return vcpu.handleL0PortIO(io, exit, &regs)
         case .msrRead(let msr) where PassthroughMSRs.contains(msr), .msrWrite(let msr, _) where PassthroughMSRs.contains(msr):
             return vcpu.handleL0MSR(exit, &regs)
+        // KVM's in-kernel local APIC: x2APIC registers, PV IPIs, HLT until an interrupt, kicks.
+        case .msrRead(let msr) where L0VCPU.isX2APICMSR(msr), .msrWrite(let msr, _) where L0VCPU.isX2APICMSR(msr):
+            return vcpu.handleAPICMSR(exit, &regs)
+        case .vmcall(KVMHypercall.sendIPI):
+            return vcpu.handlePVSendIPI(exit, &regs)
+        case .hlt where regs[.rflags] & L0VCPU.interruptFlag != 0:
+            return vcpu.handleHalt(exit, &regs)
+        case .other where exit.info.reason == .externalInterrupt:
+            return vcpu.handleKickExit(&regs)
         case .vmcall:
             devices.l2Hypercall(&regs, isRAM: { Self.ram.contains($0) }) { gpa in vcpu.ept02.remove(page: gpa) }
         case .eptViolation(let gpa, _, _) where Self.ram.contains(gpa) && !devices.isBallooned(gpa):

@@ -1,0 +1,116 @@
+import ABI
+import GuestDevices
+import Transport
+
+/// The local APICs L0 runs for the guest tier it runs directly (L2 on single, and on pv with
+/// `PVFeatures.directAPIC`), as KVM's in-kernel LAPIC does: x2APIC ICR / SELF_IPI / EOI / TPR
+/// writes, KVM_HC_SEND_IPI, HLT until an interrupt, and the interrupt's way to its target:
+/// injected at the target's next entry, with a kick first if the target is in guest mode, or
+/// a wake-up if it halted. Every value comes from the guest: a bad vector or mode is the APIC's
+/// own error (the write is dropped, as an illegal-vector IPI is), never a fault in L0.
+extension L0VCPU {
+    /// RFLAGS.IF: the guest takes interrupts.
+    static let interruptFlag: UInt64 = 1 << 9
+
+    /// Starts the APIC model for a VM of `count` vCPUs (once, by whichever vCPU asks first).
+    func enableLocalAPICs(count: Int) {
+        if shared.apics == nil { shared.apics = LocalAPICs(count: count) }
+    }
+
+    /// The x2APIC MSR range (0x800-0x8FF).
+    static func isX2APICMSR(_ msr: UInt32) -> Bool { LocalAPICMSR.range.contains(msr) }
+
+    /// RDMSR/WRMSR of an x2APIC register by this vCPU's guest. Unknown registers read 0 and
+    /// ignore writes (the model has no more of them).
+    func handleAPICMSR(_ exit: L2Exit, _ regs: inout RegisterFile) -> NextStep {
+        counters.apicAccesses += 1
+        switch exit.kind {
+        case let .msrWrite(msr, value):
+            do {
+                if let deliveries = try shared.apics?.writeMSR(id, msr, value) { deliver(deliveries) }
+            } catch {
+                // An illegal vector or an unsupported mode: the APIC drops the IPI (its ESR says why).
+            }
+        case let .msrRead(msr):
+            switch msr {
+            case LocalAPICMSR.id: regs.edxEax = UInt64(id)                      // x2APIC ID: the vCPU index
+            case LocalAPICs.MSR.tpr: regs.edxEax = UInt64(shared.apics?.tpr(id) ?? 0)
+            default: regs.edxEax = 0
+            }
+        default: break
+        }
+        regs.skipInstruction(length: exit.info.instructionLength)
+        return .resume(.l2)
+    }
+
+    /// KVM_HC_SEND_IPI (kvm_pv_send_ipi): a 128-bit bitmap of APIC IDs from `minID`, one fixed
+    /// vector. RAX <- how many it reached; a bad vector or mode is -KVM_EINVAL.
+    func handlePVSendIPI(_ exit: L2Exit, _ regs: inout RegisterFile) -> NextStep {
+        counters.pvIPIHypercalls += 1
+        let low = regs[.rbx], high = regs[.rcx], minID = regs[.rdx], icr = regs[.rsi]
+        var reached: UInt64 = 0
+        var failed = false
+        for bit in 0..<128 where (bit < 64 ? low >> UInt64(bit) : high >> UInt64(bit - 64)) & 1 != 0 {
+            let (target, overflow) = minID.addingReportingOverflow(UInt64(bit))
+            guard !overflow, target < UInt64(shared.apics?.count ?? 0) else { continue }
+            do {
+                let d = try shared.apics?.send(from: id, .init(x2apic: icr & 0x7FF | UInt64(target) << 32)) ?? []
+                deliver(d)
+                reached += UInt64(d.count)
+            } catch {
+                failed = true
+                break
+            }
+        }
+        regs[.rax] = failed ? HypercallError.invalid.returnValue : reached
+        regs.skipInstruction(length: exit.info.instructionLength)
+        return .resume(.l2)
+    }
+
+    /// What accepted interrupts ask of L0: a kick for a target in guest mode (not this vCPU,
+    /// which is in L0 now and takes it at its entry), a wake-up for a halted one.
+    func deliver(_ deliveries: [LocalAPICs.Delivery]) {
+        for d in deliveries {
+            counters.apicIPIs += 1
+            switch d {
+            case .notify(let j) where j != id && j < shared.inGuestMode.count && shared.inGuestMode[j]:
+                control.runPage(.l2, vcpu: j)[RunPage.kick] = 1
+                counters.apicKicks += 1
+            case .wake(let j):
+                shared.wakeups.append(j)
+                counters.apicWakeups += 1
+            case .notify, .pending:
+                break
+            }
+        }
+    }
+
+    /// HLT: with interrupts enabled and none deliverable, the vCPU blocks in L0 until one
+    /// arrives; otherwise (interrupts off, as the one-vCPU `hlt` test runs, or one pending) it
+    /// resumes at once.
+    func handleHalt(_ exit: L2Exit, _ regs: inout RegisterFile) -> NextStep {
+        regs.skipInstruction(length: exit.info.instructionLength)
+        guard regs[.rflags] & Self.interruptFlag != 0, shared.apics?.halt(id) == true else { return .resume(.l2) }
+        counters.haltsBlocked += 1
+        return .block(.l2)
+    }
+
+    /// EXTERNAL_INTERRUPT: the guest took its kick. Nothing to emulate; the interrupt goes in
+    /// at the entry.
+    func handleKickExit(_ regs: inout RegisterFile) -> NextStep {
+        l2Run[RunPage.kick] = 0
+        return .resume(.l2)
+    }
+
+    /// Before L0 enters its guest tier: the highest deliverable interrupt, if the guest takes
+    /// interrupts and no other event is queued, goes into VM_ENTRY_INTR_INFO (an external
+    /// interrupt); the kick it answers is cleared.
+    func injectPendingInterrupt() {
+        guard shared.apics != nil, l2Run[RunPage.eventInjection] & (1 << 31) == 0,
+              l2Run[register: .rflags] & Self.interruptFlag != 0,
+              let vector = shared.apics?.acknowledge(id) else { return }
+        l2Run[RunPage.eventInjection] = 1 << 31 | UInt64(vector)     // type 0: external interrupt
+        l2Run[RunPage.kick] = 0
+        counters.interruptsInjected += 1
+    }
+}
