@@ -35,11 +35,14 @@ public enum RunPage {
     /// The tier's own interruptibility state (SDM 25.4.2): bit 0 blocking by STI, bit 1 blocking
     /// by MOV SS. A VMLAUNCH/VMRESUME under MOV-SS blocking VMfails (error 26).
     public static let interruptibility: UInt64 = 0x070
-    /// Written by L0 while the tier runs: nonzero when an interrupt waits for this vCPU (a
-    /// kick, kvm_vcpu_kick's IPI). The tier's CPU takes an EXTERNAL_INTERRUPT exit at its next
-    /// interrupt window (with RFLAGS.IF set: a PAUSE, an exit, an STI), and L0 injects the
-    /// interrupt at the entry after.
+    /// Written by L0 while the tier runs: nonzero when an interrupt waits for this vCPU.
+    /// `kickExternal` (kvm_vcpu_kick's IPI): the tier's CPU takes an EXTERNAL_INTERRUPT exit at
+    /// its next interrupt window; `kickWindow` (interrupt-window exiting, requested at an
+    /// entry with interrupts off): an INTERRUPT_WINDOW exit once interrupts are on. Either
+    /// way L0 injects the interrupt at the entry after.
     public static let kick: UInt64 = 0x078
+    public static let kickExternal: UInt64 = 1
+    public static let kickWindow: UInt64 = 2
 
     /// General-purpose registers, RIP and RFLAGS, 8 bytes each, in `Register` order.
     public static let registers: UInt64 = 0x100

@@ -22,6 +22,16 @@ public enum NestingPath: String, Sendable, CaseIterable, Codable {
     /// L2's second stage is L1's shadow page tables (no EPT02), and its exits go to L1 through
     /// the switcher, not to L0.
     public var usesSwitcher: Bool { self == .pvmRFC }
+    /// Whether L2 has a local APIC here (interrupts between its vCPUs): L0's on single, and
+    /// on pv with `directAPIC`; not on pvm-rfc, nor yet on the nested-VMX paths, whose L1
+    /// would run it.
+    public func hasLocalAPIC(pvFeatures: PVFeatures) -> Bool {
+        switch self {
+        case .single: true
+        case .pv: pvFeatures.contains(.directAPIC)
+        case .nvmx, .nvmxNoShadow, .nvmxEVMCS, .pvmRFC: false
+        }
+    }
     /// L1 maps L2's memory in one of the `L2MapMode`s (pv's map hypercalls, nvmx's EPT12); on
     /// pvm-rfc the shadow MMU fills on demand whatever the mode.
     public var hasMapModes: Bool { isNested && !usesSwitcher }

@@ -40,12 +40,14 @@ public enum BenchError: Error, CustomStringConvertible {
     case runFailed(test: String, variant: String, StopReason)
     case noMeasurement(test: String, variant: String)
     case oneVCPUOnly(test: String)
+    case noLocalAPIC(test: String, variant: String)
 
     public var description: String {
         switch self {
         case .unknownTest(let t): "unknown test '\(t)' (known: \(BenchOperations.all.map(\.name).joined(separator: ", ")))"
         case let .runFailed(t, v, r): "\(t) on \(v) did not finish: \(r)"
         case let .noMeasurement(t, v): "\(t) on \(v) reported no measurement window"
+        case let .noLocalAPIC(t, v): "\(t) needs a local APIC for L2, which \(v) does not model"
         case .oneVCPUOnly(let t): "\(t) runs on one vCPU (it needs fresh pages or L2's page tables of its own)"
         }
     }
@@ -91,6 +93,9 @@ public struct BenchRunner: Sendable {
     public func run(_ test: String, on variant: BenchVariant, vcpus: Int) throws -> [BenchResult] {
         guard let op = BenchOperations.named(test) else { throw BenchError.unknownTest(test) }
         guard vcpus == 1 || op.runsOnSeveralVCPUs else { throw BenchError.oneVCPUOnly(test: test) }
+        guard !op.needsLocalAPIC || variant.path.hasLocalAPIC(pvFeatures: variant.pvFeatures) else {
+            throw BenchError.noLocalAPIC(test: test, variant: variant.label)
+        }
         let (n, w) = budget(for: op)
         let doubling = op.iterationLimit == nil ? (minNanos ?? 0) : 0
         var config = StackConfig(path: variant.path, program: op.name, programArguments: [n, w, doubling], tierExecutable: tierExecutable,
@@ -99,9 +104,18 @@ public struct BenchRunner: Sendable {
         config.tierTimeoutNanos = tierTimeoutNanos
         config.pvFeatures = variant.pvFeatures
         config.l2MapMode = variant.l2MapMode
-        config.vcpuCount = vcpus
+        config.vcpuCount = max(vcpus, op.vcpus)
         let result = try L0Stack(config: config).run()
         guard result.succeeded else { throw BenchError.runFailed(test: test, variant: variant.label, result.stop) }
+        if op.helper != nil {
+            // One operation across vCPUs (an IPI and its target): vCPU 0's time, every vCPU's counts.
+            guard let latency = result.harness.reports.first,
+                  let windows = Optional(result.perVCPU.compactMap { $0.harness.windows.first }), windows.count == result.perVCPU.count else {
+                throw BenchError.noMeasurement(test: test, variant: variant.label)
+            }
+            let window = windows.dropFirst().reduce(windows[0]) { $0.adding($1) }
+            return [BenchResult(test: test, variant: variant, iterations: latency.samples, latency: latency, window: window)]
+        }
         return try result.perVCPU.map { v in
             guard let window = v.harness.windows.first, let latency = v.harness.reports.first else {
                 throw BenchError.noMeasurement(test: test, variant: variant.label)
@@ -113,7 +127,7 @@ public struct BenchRunner: Sendable {
     /// The variants a test runs on by default: every path; an operation whose cost depends on
     /// how L1 maps L2's memory (fresh pages), with each map mode on the nested paths.
     public static func defaultVariants(for op: BenchOperation, paths: [NestingPath]) -> [BenchVariant] {
-        paths.flatMap { p -> [BenchVariant] in
+        paths.filter { !op.needsLocalAPIC || $0.hasLocalAPIC(pvFeatures: .all) }.flatMap { p -> [BenchVariant] in
             op.dependsOnMapMode && p.hasMapModes ? L2MapMode.allCases.map { BenchVariant(path: p, l2MapMode: $0) } : [BenchVariant(path: p)]
         }
     }

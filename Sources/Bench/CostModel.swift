@@ -99,6 +99,13 @@ public enum CostModel {
             line("L2 TLB flushes L1 asked for (shadow entries lost rights)", .shadowTLBFlush, sw(.tlbFlushes), .l1),
             line("exits L1's VMM userspace handles", .vmmUserspaceExit, sw(.vmmUserspaceExits), .l1),
             line("port accesses L1's in-kernel device emulates", .kernelDeviceEmulation, sw(.kernelDeviceAccesses), .l1),
+            // Interrupts between vCPUs, where L0 runs the local APICs.
+            line("IPIs accepted by the local APICs L0 runs (one per target)", .apicIPIEmulation, w.apicIPIs),
+            line("KVM_HC_SEND_IPI hypercalls (the bitmap walk)", .pvIPIHypercall, w.pvIPIHypercalls),
+            line("kicks: physical IPIs that make a target in guest mode exit", .vcpuKick, w.apicKicks),
+            line("vCPUs blocked at HLT", .haltBlock, w.haltsBlocked),
+            line("halted vCPUs woken", .vcpuWakeup, w.apicWakeups),
+            line("interrupts injected at an entry", .interruptInjection, w.interruptsInjected),
             // L2's own work, on every path.
             line("L2 system calls (SYSCALL/SYSRET)", .l2Syscall, w[l2: .syscalls], .l2),
             line("L2 exceptions delivered through its IDT (and IRET)", .l2Exception, w[l2: .exceptions], .l2),

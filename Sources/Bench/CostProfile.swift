@@ -142,6 +142,20 @@ public struct CostProfile: Codable, Equatable, Sendable {
         case writeProtect = "write_protect"
         /// L2's TLB flushed at its next entry because shadow entries lost rights or went.
         case shadowTLBFlush = "shadow_tlb_flush"
+
+        // Interrupts between vCPUs, where a hypervisor runs the local APICs (issue 15).
+        /// Emulating one IPI's acceptance: the ICR decoded and the target's IRR set (beyond the exit).
+        case apicIPIEmulation = "apic_ipi_emulation"
+        /// KVM_HC_SEND_IPI's own work beyond the exit: the bitmap walked (targets priced apart).
+        case pvIPIHypercall = "pv_ipi_hypercall"
+        /// A kick: the physical IPI that makes a target in guest mode exit (its exit priced apart).
+        case vcpuKick = "vcpu_kick"
+        /// A vCPU blocked at HLT (halt-polling, then scheduled out).
+        case haltBlock = "halt_block"
+        /// A halted vCPU woken and scheduled back in on its CPU.
+        case vcpuWakeup = "vcpu_wakeup"
+        /// An interrupt acknowledged and injected at a VM entry (VM_ENTRY_INTR_INFO).
+        case interruptInjection = "interrupt_injection"
     }
 
     public enum LoadError: Error, CustomStringConvertible, Equatable {

@@ -133,10 +133,16 @@ int pvm_enter_tier_sandbox(void) {
     // mremap: refused with ENOSYS, the tier lives on.
     JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_mremap, 0, 1);
     STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | ENOSYS);
-    // futex: wait and wake only (with or without the private and realtime-clock flags); no
-    // requeue, wake-op or PI operation that could move another tier's waiters.
-    JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_futex, 0, 7);
+    // futex: wait and wake (with or without the private and realtime-clock flags), and the
+    // priority-inheritance lock operations on private futexes only (the Swift runtime's locks
+    // use them when a tier's vCPU threads contend); no requeue, wake-op, or PI operation on a
+    // shared futex that could touch another tier's waiters.
+    JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_futex, 0, 11);
     STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, args[1]));
+    JUMP(BPF_JMP | BPF_JEQ | BPF_K, FUTEX_LOCK_PI | FUTEX_PRIVATE_FLAG, 8, 0);
+    JUMP(BPF_JMP | BPF_JEQ | BPF_K, FUTEX_UNLOCK_PI | FUTEX_PRIVATE_FLAG, 7, 0);
+    JUMP(BPF_JMP | BPF_JEQ | BPF_K, FUTEX_TRYLOCK_PI | FUTEX_PRIVATE_FLAG, 6, 0);
+    JUMP(BPF_JMP | BPF_JEQ | BPF_K, FUTEX_LOCK_PI2 | FUTEX_PRIVATE_FLAG, 5, 0);
     STMT(BPF_ALU | BPF_AND | BPF_K, FUTEX_CMD_MASK);
     JUMP(BPF_JMP | BPF_JEQ | BPF_K, FUTEX_WAIT, 3, 0);
     JUMP(BPF_JMP | BPF_JEQ | BPF_K, FUTEX_WAKE, 2, 0);

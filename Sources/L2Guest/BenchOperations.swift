@@ -11,16 +11,39 @@ public struct BenchOperation: Sendable {
     /// user mode) and returns the operation, called once per iteration with its number.
     public let prepare: @Sendable (GuestCPU) -> (UInt64) -> Void
 
-    public init(name: String, summary: String, needs: Needs? = nil, body: @escaping @Sendable (GuestCPU, UInt64) -> Void) {
-        self.init(name: name, summary: summary, needs: needs, prepare: { cpu in { i in body(cpu, i) } })
+    /// What the vCPUs past vCPU 0 do while it measures (the target of an IPI), if the test
+    /// needs any: nil for a one-vCPU operation.
+    public let helper: Helper?
+
+    public init(name: String, summary: String, needs: Needs? = nil, helper: Helper? = nil,
+                body: @escaping @Sendable (GuestCPU, UInt64) -> Void) {
+        self.init(name: name, summary: summary, needs: needs, helper: helper, prepare: { cpu in { i in body(cpu, i) } })
     }
 
-    public init(name: String, summary: String, needs: Needs? = nil, prepare: @escaping @Sendable (GuestCPU) -> (UInt64) -> Void) {
+    public init(name: String, summary: String, needs: Needs? = nil, helper: Helper? = nil,
+                prepare: @escaping @Sendable (GuestCPU) -> (UInt64) -> Void) {
         self.name = name
         self.summary = summary
         self.needs = needs
+        self.helper = helper
         self.prepare = prepare
     }
+
+    /// vCPUs 1..<vcpus of a test whose operation involves them: `setUp` before vCPU 0's
+    /// warm-up, then `body` (one wait: a HLT, a PAUSE) over and over until vCPU 0 sets the stop
+    /// word; `stop` runs on vCPU 0 after that, to make the helpers see it (a wake-up IPI).
+    public struct Helper: Sendable {
+        public var vcpus: Int
+        public var setUp: @Sendable (GuestCPU) -> Void
+        public var body: @Sendable (GuestCPU) -> Void
+        public var stop: @Sendable (GuestCPU) -> Void
+        /// L2 words the vCPUs share: vCPU 0 measuring (the helpers open their windows), and done.
+        static let measuringWord = L2GPA(0x3800)
+        static let stopWord = L2GPA(0x3808)
+    }
+
+    /// The vCPUs a run of this operation takes (at least).
+    public var vcpus: Int { helper?.vcpus ?? 1 }
 
     /// Every iteration is new work on a page L2 never touched: the run takes at most `pages`
     /// iterations and no warm-up, and what one costs depends on how L1 maps L2's memory.
@@ -35,7 +58,9 @@ public struct BenchOperation: Sendable {
     /// Whether every vCPU of a VM with several can run it at once: not the tests that need
     /// fresh pages (the vCPUs would share them) nor those on L2's paging (one L2 kernel's page
     /// pool, built by one vCPU).
-    public var runsOnSeveralVCPUs: Bool { needs == nil && !PagingOperations.all.contains { $0.name == name } }
+    public var runsOnSeveralVCPUs: Bool { needs == nil && helper == nil && !PagingOperations.all.contains { $0.name == name } }
+    /// It needs a local APIC model for L2 (interrupts): where a path has none, it does not run.
+    public var needsLocalAPIC: Bool { helper != nil || InterruptOperations.all.contains { $0.name == name } }
 }
 
 public enum BenchOperations {
@@ -114,7 +139,7 @@ public enum BenchOperations {
         BenchOperation(name: "ept_first_touch", summary: "first write to a new L2 page", needs: .init(freshPages: firstTouchPages)) { cpu, i in
             cpu.write64(L2GPA(firstTouchBase + i * pageSize), i)
         },
-    ] + PagingOperations.all
+    ] + PagingOperations.all + InterruptOperations.all
 
     public static func named(_ n: String) -> BenchOperation? { all.first { $0.name == n } }
 }

@@ -16,11 +16,14 @@ public struct GuestProgram: Sendable {
     /// Whether it can run on every vCPU of a VM with several at once (each with its vCPU
     /// index); not a program that builds L2's page tables or needs memory of its own.
     public let severalVCPUs: Bool
+    /// The vCPUs it needs at least (an IPI test needs a target).
+    public let minimumVCPUs: Int
 
     public init(name: String, summary: String, arguments: [Argument] = [], rule: (@Sendable ([UInt64]) -> String?)? = nil,
-                severalVCPUs: Bool = true, body: @escaping @Sendable (GuestCPU, [UInt64]) -> Void) {
+                severalVCPUs: Bool = true, minimumVCPUs: Int = 1, body: @escaping @Sendable (GuestCPU, [UInt64]) -> Void) {
         self.name = name
         self.severalVCPUs = severalVCPUs
+        self.minimumVCPUs = minimumVCPUs
         self.summary = summary
         self.arguments = arguments
         self.rule = rule
@@ -87,7 +90,8 @@ public let l2AddressLimit: UInt64 = 4 << 30
 public let unmappedProbeGPA = L2GPA(0x8000_0000)
 
 public enum GuestPrograms {
-    public static let all: [GuestProgram] = [cpuidValues, memoryProbe, pagingProbe, instructionTour, permissionProbe, msrPolicyProbe, balloonProbe, vcpuProbe, cpuidForever, l1IOForever, l2Escape]
+    public static let all: [GuestProgram] = [cpuidValues, memoryProbe, pagingProbe, instructionTour, permissionProbe, msrPolicyProbe, balloonProbe, vcpuProbe, SMPPrograms.ipiStorm, SMPPrograms.haltRing, SMPPrograms.haltAll,
+                                                 cpuidForever, l1IOForever, l2Escape]
         + BenchOperations.all.map { op in
             GuestProgram(name: op.name, summary: op.summary, arguments: measureLoopArguments, rule: op.iterationLimit.map { limit in
                 // Every iteration (warm-up included) must be new work: at most `limit` of them, no doubling.
@@ -99,9 +103,17 @@ public enum GuestPrograms {
                     }
                     return nil
                 }
-            }, severalVCPUs: op.runsOnSeveralVCPUs) { cpu, args in
-                let body = op.prepare(cpu)
-                measureLoop(cpu, args, body)
+            }, severalVCPUs: op.runsOnSeveralVCPUs || op.helper != nil, minimumVCPUs: op.vcpus) { cpu, args in
+                if let helper = op.helper, cpu.vcpuIndex > 0 {
+                    helperLoop(cpu, helper)
+                } else {
+                    let body = op.prepare(cpu)
+                    measureLoop(cpu, args, helped: op.helper != nil, body)
+                    if let helper = op.helper {
+                        cpu.write64(BenchOperation.Helper.stopWord, 1)
+                        helper.stop(cpu)
+                    }
+                }
                 cpu.done()
             }
         }
@@ -116,16 +128,34 @@ public enum GuestPrograms {
               accepts: .range(0...600_000_000_000)),
     ]
 
+    /// A helper vCPU of a multi-vCPU test: ready when vCPU 0 starts its warm-up, its window
+    /// open while vCPU 0 measures (and until vCPU 0 stops it).
+    static func helperLoop(_ cpu: GuestCPU, _ helper: BenchOperation.Helper) {
+        helper.setUp(cpu)
+        cpu.rendezvous()
+        var open = false
+        while cpu.read64(BenchOperation.Helper.stopWord) == 0 {
+            // vCPU 0 opened its window: open ours (within one of the helper's waits of it).
+            if !open && cpu.read64(BenchOperation.Helper.measuringWord) != 0 {
+                cpu.sync(UcallStage.measureStart, 0)
+                open = true
+            }
+            helper.body(cpu)
+        }
+        if !open { cpu.sync(UcallStage.measureStart, 0) }
+        cpu.sync(UcallStage.measureEnd, 0)
+    }
+
     /// Times one operation per iteration between two syncs that bracket the measurement window.
     /// args: [iterations, warmup, minNanos]. With minNanos > 0, `iterations` is a ceiling: as
     /// vmexit.c does, the count doubles from 32 until one run lasts minNanos; that count is then
     /// measured again inside the window.
-    static func measureLoop(_ cpu: GuestCPU, _ args: [UInt64], _ op: (UInt64) -> Void) {
+    static func measureLoop(_ cpu: GuestCPU, _ args: [UInt64], helped: Bool = false, _ op: (UInt64) -> Void) {
         let ceiling = args.count > 0 ? args[0] : 10_000
         let warmup = args.count > 1 ? args[1] : ceiling / 10
         let minNanos = args.count > 2 ? args[2] : 0
+        cpu.rendezvous()                  // several vCPUs: every one is ready (an IPI's target too)
         for i in 0..<warmup { op(i) }
-        cpu.rendezvous()                  // several vCPUs: all measure at the same time
         var next = warmup                 // the next iteration number (first touch needs fresh ones)
         var iterations = ceiling
         if minNanos > 0 {
@@ -138,6 +168,11 @@ public enum GuestPrograms {
                 n = min(n * 2, ceiling)
             }
             iterations = n
+        }
+        if helped {
+            cpu.write64(BenchOperation.Helper.measuringWord, 1)   // the helpers open their windows
+        } else {
+            cpu.rendezvous()              // several vCPUs: all measure at the same time
         }
         let first = next
         var h = Histogram<UInt64>(highestTrackableValue: 60_000_000_000, numberOfSignificantValueDigits: .three)

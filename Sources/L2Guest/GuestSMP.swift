@@ -1,4 +1,5 @@
 import ABI
+import Transport
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -25,6 +26,11 @@ extension GuestCPU {
         }
     }
 
+    /// MFENCE: this vCPU's stores are visible before its later loads (x86 may otherwise
+    /// reorder a store after a later load, and two vCPUs that each store a flag and read the
+    /// other's could both miss).
+    public func mfence() { MemoryFence.full() }
+
     /// PAUSE in a spin loop: an interrupt window (a kick is taken here) and a chance for the
     /// host to run another vCPU thread.
     public func pause() {
@@ -48,19 +54,23 @@ extension GuestCPU {
         interrupts.handlers[vector] = handler
     }
 
-    /// STI: interrupts on; one waiting is taken at once.
-    public func sti() {
-        interrupts.enabled = true
-        pollInterrupts()
-    }
+    /// STI: interrupts on, from the instruction after the next (STI's interrupt shadow: `sti;
+    /// hlt` wakes on an interrupt that was already waiting).
+    public func sti() { interrupts.enabled = true }
+    /// NOP: an instruction boundary, where a waiting interrupt is taken.
+    public func nop() { pollInterrupts() }
     public func cli() { interrupts.enabled = false }
     public var interruptsEnabled: Bool { interrupts.enabled }
 
     /// An interrupt window: if the hypervisor kicked this CPU, exit (EXTERNAL_INTERRUPT) so it
     /// can inject the interrupt at the entry after.
     func pollInterrupts() {
-        guard interrupts.enabled, switcher == nil, run[RunPage.kick] != 0 else { return }
-        _ = vmexit(.externalInterrupt, length: 0)
+        guard interrupts.enabled, switcher == nil else { return }
+        switch run[RunPage.kick] {
+        case 0: return
+        case RunPage.kickWindow: _ = vmexit(.interruptWindow, length: 0)
+        default: _ = vmexit(.externalInterrupt, length: 0)
+        }
     }
 
     /// Delivery through the IDT: the handler with interrupts off, then IRET.

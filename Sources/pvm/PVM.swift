@@ -364,6 +364,9 @@ extension PVM {
                 throw ValidationError("unknown guest program '\(program)' (known: \(GuestPrograms.all.map(\.name).joined(separator: ", ")); `pvm programs` says what each does)")
             }
             if let problem = guest.problem(with: args.flatMap(\.values)) { throw ValidationError("--args: \(problem)") }
+            if vcpus < guest.minimumVCPUs {
+                throw ValidationError("--vcpus \(vcpus): \(program) needs \(guest.minimumVCPUs) vCPUs (vCPU 0 measures, the others take its IPIs)")
+            }
             if vcpus > 1 && !guest.severalVCPUs {
                 throw ValidationError("--vcpus \(vcpus): \(program) runs on one vCPU (it builds L2's page tables or needs pages of its own)")
             }

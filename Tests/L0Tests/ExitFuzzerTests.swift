@@ -26,7 +26,7 @@ import Testing
     }
 
     @Test func theSingleLevelBackendSurvivesHostileL2Exits() throws {
-        let r = try ExitFuzzer.run(path: .single, cases: 150, seed: 0x5EED)
+        let r = try ExitFuzzer.run(path: .single, cases: 300, seed: 0x5EED)
         #expect(r.violations.isEmpty, "\(r.violations)")
         #expect(r.l2Exits > 50 && r.ept02EntriesChecked > 0, "\(r)")
     }

@@ -136,7 +136,7 @@ final class Fixture {
         switch outcome {
         case .resume(.l2), .enterL2: vcpu.counters.l2Entries += 1
         case .resume: vcpu.counters.l1Entries += 1
-        case .stop: break
+        case .stop, .block: break
         }
         return outcome
     }

@@ -64,7 +64,7 @@ import Transport
                 #expect([0, 1, 2].contains(result) || failedEntry, "\(written)")
             case .stop(let r):
                 Issue.record("garbage vmcs12 stopped the stack: \(r); \(written)")
-            case .resume:
+            case .resume, .block:
                 Issue.record("a VM entry must enter L2 or return to L1, not \(outcome); \(written)")
             }
         }
@@ -169,7 +169,7 @@ import Transport
                 } else {
                     Issue.record("garbage EPT12 stopped the stack: \(r); \(what)")
                 }
-            case .enterL2, .resume(.l0):
+            case .enterL2, .resume(.l0), .block:
                 Issue.record("an EPT violation must resume L2 or reach L1, not \(outcome); \(what)")
             }
         }

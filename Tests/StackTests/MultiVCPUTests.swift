@@ -4,6 +4,7 @@ import Bench
 import L0
 import L2Guest
 import Testing
+import Transport
 
 extension StackTests {
 @Suite struct MultiVCPUTests {
@@ -50,6 +51,74 @@ extension StackTests {
     @Test func eightVCPUsOnTwoCoresFinish() throws {
         let rs = try BenchRunner(tierExecutable: PVMBinary.path, iterations: 2_000, warmup: 10).run("cpuid", on: BenchVariant(path: .nvmx), vcpus: 8)
         #expect(rs.count == 8 && rs.allSatisfy { $0.iterations == 2_000 })
+    }
+
+    static let apicPaths: [BenchVariant] = [BenchVariant(path: .single), BenchVariant(path: .pv)]
+
+    /// Every vCPU IPIs every other and waits for each, while the others do the same: targets
+    /// are running, halted or in L0 when their IPIs come. Each takes exactly `rounds` from each
+    /// sender (none lost, none twice), through kicks, wake-ups and pending injections.
+    @Test(arguments: [(NestingPath.single, 2), (.single, 4), (.pv, 3)])
+    func everyIPIIsTakenExactlyOnceByItsTargetWhateverItIsDoing(_ path: NestingPath, _ n: Int) throws {
+        let rounds: UInt64 = 40
+        let r = try run(path, program: "ipi-storm", vcpus: n, args: [rounds])
+        #expect(r.succeeded, "\(r.stop)")
+        for (i, v) in r.perVCPU.enumerated() {
+            // [0x57, vCPU, senders whose count is off (a bitmask), total taken from the others]
+            #expect(Array(v.harness.syncs) == [[0x57, UInt64(i), 0, UInt64(n - 1) * rounds, 0, 0]], "vCPU \(i) on \(path)")
+        }
+        let all = r.perVCPU.map(\.counters).reduce(TransitionCounters()) { $0.adding($1) }
+        // Each IPI accepted once and injected once; the final wake-up broadcast on top.
+        let ipis = UInt64(n * (n - 1)) * rounds
+        #expect(all.apicIPIs >= ipis && all.apicIPIs <= ipis + 2 * UInt64(n - 1), "\(all.apicIPIs) of \(ipis)")
+        #expect(all.interruptsInjected == all.apicIPIs, "\(all.interruptsInjected) injected, \(all.apicIPIs) accepted")
+        #expect(all.apicKicks + all.apicWakeups > 0)
+    }
+
+    /// The IPI tests, measured: one IPI accepted and one interrupt injected per operation, for a
+    /// target that runs (a kick), halts (a wake-up) or takes it by PV IPI.
+    @Test(arguments: apicPaths, ["ipi", "ipi_halt", "pv_ipi"])
+    func eachIPITestTakesExactlyOneInterruptPerOperation(_ variant: BenchVariant, _ test: String) throws {
+        let r = try BenchRunner(tierExecutable: PVMBinary.path, iterations: 200, warmup: 10).run(test, on: variant)
+        let w = r.window
+        // The target's window closes after the wake-up that stops it: one injection more at most.
+        #expect(w.apicIPIs == 200 && (200...201).contains(w.interruptsInjected),
+                "\(test) on \(variant.label): \(w.apicIPIs) IPIs, \(w.interruptsInjected) injected")
+        #expect(w.pvIPIHypercalls == (test == "pv_ipi" ? 200 : 0))
+        if test != "ipi" { #expect(w.apicWakeups > 100, "\(test): \(w.apicWakeups) wake-ups in 200") }
+        // Nothing reached L1: the sender's write, the target's HLT, kick and EOI are all L0's.
+        #expect(w.totalDeliveries == 0 && w.totalL1Exits == 0)
+    }
+
+    /// A token passed round a ring of vCPUs that halt until it comes: all are halted nearly
+    /// all the time and the stack still ends, every vCPU having seen every pass.
+    @Test(arguments: [(NestingPath.single, 4), (.pv, 2)])
+    func vCPUsThatHaltWaitingForEachOtherNeverDeadlock(_ path: NestingPath, _ n: Int) throws {
+        let laps: UInt64 = 15
+        let r = try run(path, program: "halt-ring", vcpus: n, args: [laps])
+        #expect(r.succeeded, "\(r.stop)")
+        for (i, v) in r.perVCPU.enumerated() {
+            #expect(Array(v.harness.syncs) == [[0x58, UInt64(i), laps * UInt64(n), 0, 0, 0]], "vCPU \(i)")
+        }
+        #expect(r.perVCPU.allSatisfy { $0.counters.haltsBlocked > 0 })
+    }
+
+    /// Halted for good: L0 says so and stops the stack at once, instead of waiting for the
+    /// watchdog or the time limit.
+    @Test func aStackWhoseVCPUsAllHaltForGoodStopsSayingSo() throws {
+        let started = monotonicNanos()
+        let r = try run(.single, program: "halt-all", vcpus: 3)
+        #expect(r.stop == .fatal(.allVCPUsHalted(3)))
+        #expect(monotonicNanos() - started < 3_000_000_000)
+    }
+
+    /// The interrupt tests run only where L2 has a local APIC: pv with `directAPIC` off, and
+    /// nvmx (whose L1 would run it), refuse them with a typed error.
+    @Test func theInterruptTestsNeedALocalAPIC() throws {
+        let runner = BenchRunner(tierExecutable: PVMBinary.path, iterations: 10, warmup: 1)
+        for v in [BenchVariant(path: .pv, pvFeatures: PVFeatures.all.subtracting(.directAPIC)), BenchVariant(path: .nvmx)] {
+            #expect(throws: BenchError.self) { _ = try runner.run("ipi", on: v) }
+        }
     }
 
     /// pvm-rfc's switcher area is one vCPU's: a stack of two is refused before anything runs,

@@ -74,7 +74,7 @@ extension L0VCPU {
             counters.apicIPIs += 1
             switch d {
             case .notify(let j) where j != id && j < shared.inGuestMode.count && shared.inGuestMode[j]:
-                control.runPage(.l2, vcpu: j)[RunPage.kick] = 1
+                control.runPage(.l2, vcpu: j)[RunPage.kick] = RunPage.kickExternal
                 counters.apicKicks += 1
             case .wake(let j):
                 shared.wakeups.append(j)
@@ -95,8 +95,8 @@ extension L0VCPU {
         return .block(.l2)
     }
 
-    /// EXTERNAL_INTERRUPT: the guest took its kick. Nothing to emulate; the interrupt goes in
-    /// at the entry.
+    /// EXTERNAL_INTERRUPT or INTERRUPT_WINDOW: the guest took its kick. Nothing to emulate;
+    /// the interrupt goes in at the entry.
     func handleKickExit(_ regs: inout RegisterFile) -> NextStep {
         l2Run[RunPage.kick] = 0
         return .resume(.l2)
@@ -104,11 +104,15 @@ extension L0VCPU {
 
     /// Before L0 enters its guest tier: the highest deliverable interrupt, if the guest takes
     /// interrupts and no other event is queued, goes into VM_ENTRY_INTR_INFO (an external
-    /// interrupt); the kick it answers is cleared.
+    /// interrupt); the kick it answers is cleared. With interrupts off, one waiting asks for an
+    /// interrupt window instead (the CPU exits once they are on).
     func injectPendingInterrupt() {
-        guard shared.apics != nil, l2Run[RunPage.eventInjection] & (1 << 31) == 0,
-              l2Run[register: .rflags] & Self.interruptFlag != 0,
-              let vector = shared.apics?.acknowledge(id) else { return }
+        guard shared.apics?.deliverable(id) != nil, l2Run[RunPage.eventInjection] & (1 << 31) == 0 else { return }
+        guard l2Run[register: .rflags] & Self.interruptFlag != 0 else {
+            l2Run[RunPage.kick] = RunPage.kickWindow
+            return
+        }
+        guard let vector = shared.apics?.acknowledge(id) else { return }
         l2Run[RunPage.eventInjection] = 1 << 31 | UInt64(vector)     // type 0: external interrupt
         l2Run[RunPage.kick] = 0
         counters.interruptsInjected += 1

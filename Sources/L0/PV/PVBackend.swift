@@ -106,7 +106,7 @@ public final class PVBackend: NestingBackend {
             return vcpu.handlePVSendIPI(exit, &regs)
         case .hlt where regs[.rflags] & L0VCPU.interruptFlag != 0:
             return vcpu.handleHalt(exit, &regs)
-        case .other where exit.info.reason == .externalInterrupt:
+        case .other where exit.info.reason == .externalInterrupt || exit.info.reason == .interruptWindow:
             return vcpu.handleKickExit(&regs)
         default:
             return nil

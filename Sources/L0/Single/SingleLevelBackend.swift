@@ -56,7 +56,7 @@ public final class SingleLevelBackend: NestingBackend {
             return vcpu.handlePVSendIPI(exit, &regs)
         case .hlt where regs[.rflags] & L0VCPU.interruptFlag != 0:
             return vcpu.handleHalt(exit, &regs)
-        case .other where exit.info.reason == .externalInterrupt:
+        case .other where exit.info.reason == .externalInterrupt || exit.info.reason == .interruptWindow:
             return vcpu.handleKickExit(&regs)
         case .vmcall:
             devices.l2Hypercall(&regs, isRAM: { Self.ram.contains($0) }) { gpa in vcpu.ept02.remove(page: gpa) }

@@ -1,0 +1,94 @@
+import ABI
+
+/// Programs for several vCPUs that check the interrupt model end to end (MultiVCPUTests): every
+/// IPI taken exactly once by its target whatever the target is doing, and halted vCPUs that
+/// wake each other without ever all sleeping for good.
+public enum SMPPrograms {
+    /// received[target][sender]: interrupts each vCPU's handler took from each sender (vector
+    /// `base + sender`), one u64 each; then the words the vCPUs share.
+    static let received = L2GPA(0x6000)
+    static let finished = L2GPA(0x6900)
+    static let allDone = L2GPA(0x6808)
+    static let ringToken = L2GPA(0x6810)
+    static let base: UInt8 = 0x40
+    static let wakeVector: UInt8 = 0x3F
+
+    static func slot(_ target: Int, _ sender: Int) -> L2GPA { received + UInt64(target * 16 + sender) * 8 }
+
+    /// Every vCPU sends `rounds` IPIs to every other one, each waited for (so none coalesce),
+    /// while the others send theirs: targets are running, halted (those done with their own
+    /// rounds halt on even vCPUs, PAUSE on odd ones) or in the hypervisor. The last one done
+    /// wakes them all with a broadcast; each syncs what it took from each sender.
+    public static let ipiStorm = GuestProgram(name: "ipi-storm", summary: "every vCPU IPIs every other, waits for each; counts per sender",
+                                              arguments: [.init("rounds", "IPIs from each vCPU to each other", default: "50", accepts: .range(1...100_000))],
+                                              minimumVCPUs: 2) { cpu, args in
+        let rounds = args.first ?? 50
+        let me = cpu.vcpuIndex, n = cpu.vcpuCount
+        for sender in 0..<n {
+            cpu.setInterruptHandler(base + UInt8(sender)) { c, v in
+                let w = slot(c.vcpuIndex, Int(v - base))
+                c.write64(w, c.read64(w) &+ 1)
+                c.eoi()
+            }
+        }
+        cpu.setInterruptHandler(wakeVector) { c, _ in c.eoi() }
+        cpu.sti()
+        cpu.rendezvous()
+        for _ in 0..<rounds {
+            for target in 0..<n where target != me {
+                let w = slot(target, me)
+                let before = cpu.read64(w)
+                cpu.sendIPI(base + UInt8(me), to: target)
+                while cpu.read64(w) == before { cpu.pause() }
+            }
+        }
+        // Done sending; keep taking the others' IPIs until everyone is. The last to finish
+        // (or the last two, who may both see it) sets allDone and wakes the rest.
+        cpu.write64(finished + UInt64(me) * 8, 1)
+        cpu.mfence()
+        if (0..<n).allSatisfy({ cpu.read64(finished + UInt64($0) * 8) == 1 }) {
+            cpu.write64(allDone, 1)
+            cpu.sendIPIToOthers(wakeVector)
+        }
+        while cpu.read64(allDone) == 0 {
+            if me % 2 == 0 { cpu.hlt() } else { cpu.pause() }
+        }
+        cpu.sync(0x57, UInt64(me), (0..<n).reduce(0) { $0 | ($1 == me || cpu.read64(slot(me, $1)) == rounds ? 0 : 1 << UInt64($1)) },
+                 (0..<n).reduce(0) { $0 + ($1 == me ? 0 : cpu.read64(slot(me, $1))) })
+    }
+
+    /// A token passed around a ring of halted vCPUs: each halts until the one before it sends
+    /// the token on, `laps` times round. Every vCPU but the token's holder is halted, and at the
+    /// end all are: a lost wake-up would leave nobody to run (L0 stops the stack saying so).
+    public static let haltRing = GuestProgram(name: "halt-ring", summary: "a token passed by IPI round a ring of halted vCPUs",
+                                              arguments: [.init("laps", "times round the ring", default: "20", accepts: .range(1...100_000))],
+                                              minimumVCPUs: 2) { cpu, args in
+        let laps = args.first ?? 20
+        let me = cpu.vcpuIndex, n = cpu.vcpuCount
+        cpu.setInterruptHandler(base) { c, _ in c.eoi() }
+        cpu.sti()
+        cpu.rendezvous()
+        let passes = laps * UInt64(n)
+        // The token is the number of passes made; vCPU (token % n) holds it.
+        while true {
+            let t = cpu.read64(ringToken)
+            if t >= passes { break }
+            if Int(t % UInt64(n)) == me {
+                cpu.write64(ringToken, t + 1)
+                cpu.sendIPI(base, to: (me + 1) % n)
+            } else {
+                cpu.hlt()
+            }
+        }
+        // The last pass wakes the next vCPU, which sees the end and wakes its own next.
+        cpu.sendIPI(base, to: (me + 1) % n)
+        cpu.sync(0x58, UInt64(me), cpu.read64(ringToken))
+    }
+
+    /// Every vCPU halts with interrupts on and nobody sends anything: L0 must say so and stop.
+    public static let haltAll = GuestProgram(name: "halt-all", summary: "every vCPU halts with nobody to wake it (L0 stops the stack)") { cpu, _ in
+        cpu.sti()
+        cpu.hlt()
+        cpu.guestAssert(false, "woken with nobody to wake it")
+    }
+}
