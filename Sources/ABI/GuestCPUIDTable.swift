@@ -34,4 +34,10 @@ public enum L2Hypercall: UInt64, Sendable {
     /// Give the page at RBX back: it is unmapped and never mapped again. Returns 0, or
     /// -KVM_EINVAL for a GPA outside the guest's RAM.
     case balloonPage = 0x4C32_0001
+    /// To L0 itself (on one level; on pv when L1 enabled `PVFeatures.directTLBFlush`; delivered
+    /// to L1 otherwise): RBX = a bitmap of the vCPUs (by index) whose TLBs to flush, RCX = the
+    /// guest-virtual address (~0: everything). Returns once no named vCPU can still use an old
+    /// entry: those in guest mode were made to exit. RAX <- 0, or -KVM_EINVAL for a vCPU that
+    /// does not exist.
+    case flushTLB = 0x5056_1000
 }

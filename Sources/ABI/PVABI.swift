@@ -47,14 +47,19 @@ public struct PVFeatures: OptionSet, Hashable, Sendable, CustomStringConvertible
     /// never reaches L1 (as KVM's in-kernel LAPIC with PV IPIs does for a one-level guest).
     public static let directAPIC = PVFeatures(rawValue: 1 << 4)
 
-    public static let all: PVFeatures = [.directCPUID, .directMSR, .l0Ports, .batchMap, .directAPIC]
+    /// L0 handles L2's `L2Hypercall.flushTLB`: it flushes the TLBs of the vCPUs L2 names
+    /// itself, kicking those in guest mode, with no IPI in L2 and nothing for L1 (as KVM's
+    /// Hyper-V "L2 TLB flush" lets L0 answer L2's flush hypercall without L1).
+    public static let directTLBFlush = PVFeatures(rawValue: 1 << 5)
+
+    public static let all: PVFeatures = [.directCPUID, .directMSR, .l0Ports, .batchMap, .directAPIC, .directTLBFlush]
     /// Bits this version defines; any other bit is refused.
     public static let known = all
 
     /// Command-line names, in bit order.
     public static let names: [(String, PVFeatures)] = [
         ("direct-cpuid", .directCPUID), ("direct-msr", .directMSR), ("l0-ports", .l0Ports), ("batch-map", .batchMap),
-        ("direct-apic", .directAPIC),
+        ("direct-apic", .directAPIC), ("direct-tlb-flush", .directTLBFlush),
     ]
     public var description: String {
         let n = Self.names.filter { contains($0.1) }.map(\.0)
@@ -206,4 +211,19 @@ public enum KVMHypercall {
     /// ID), RSI = the ICR's low word (vector and delivery mode). RAX <- the number of vCPUs the
     /// IPI was delivered to, or -KVM_EINVAL.
     public static let sendIPI = UInt64(KVM_HC_SEND_IPI)
+}
+
+/// KVM's steal-time area (`struct kvm_steal_time`, <asm/kvm_para.h>): a guest registers one per
+/// vCPU with MSR_KVM_STEAL_TIME; its hypervisor sets `preempted` while the vCPU runs no guest
+/// code, and a guest flushing TLBs sets KVM_VCPU_FLUSH_TLB there instead of sending that vCPU
+/// an IPI (KVM_FEATURE_PV_TLB_FLUSH): the hypervisor flushes at the vCPU's next entry.
+public enum KVMStealTime {
+    public static let msr = UInt32(MSR_KVM_STEAL_TIME)
+    /// Bit 0 of the MSR value: the area is enabled; the rest is its 64-byte-aligned GPA.
+    public static let enable: UInt64 = 1
+    public static let size: UInt64 = 64
+    /// The u64 at this offset holds `preempted` in its low byte (then padding).
+    public static let preemptedOffset: UInt64 = 16
+    public static let preempted = UInt64(KVM_VCPU_PREEMPTED)
+    public static let flushTLB = UInt64(KVM_VCPU_FLUSH_TLB)
 }

@@ -43,6 +43,10 @@ public enum RunPage {
     public static let kick: UInt64 = 0x078
     public static let kickExternal: UInt64 = 1
     public static let kickWindow: UInt64 = 2
+    /// Written by L0 before an entry (or while the tier runs, with a kick): nonzero asks the
+    /// tier's CPU to flush its whole TLB before it runs guest code again (KVM's
+    /// KVM_REQ_TLB_FLUSH_GUEST); the CPU clears it.
+    public static let flushTLB: UInt64 = 0x080
 
     /// General-purpose registers, RIP and RFLAGS, 8 bytes each, in `Register` order.
     public static let registers: UInt64 = 0x100

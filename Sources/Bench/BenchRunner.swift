@@ -47,7 +47,7 @@ public enum BenchError: Error, CustomStringConvertible {
         case .unknownTest(let t): "unknown test '\(t)' (known: \(BenchOperations.all.map(\.name).joined(separator: ", ")))"
         case let .runFailed(t, v, r): "\(t) on \(v) did not finish: \(r)"
         case let .noMeasurement(t, v): "\(t) on \(v) reported no measurement window"
-        case let .noLocalAPIC(t, v): "\(t) needs a local APIC for L2, which \(v) does not model"
+        case let .noLocalAPIC(t, v): "\(t) needs a local APIC for L2 (and L0's flush hypercall, for tlb_shootdown_hypercall), which \(v) does not model"
         case .oneVCPUOnly(let t): "\(t) runs on one vCPU (it needs fresh pages or L2's page tables of its own)"
         }
     }
@@ -93,7 +93,7 @@ public struct BenchRunner: Sendable {
     public func run(_ test: String, on variant: BenchVariant, vcpus: Int) throws -> [BenchResult] {
         guard let op = BenchOperations.named(test) else { throw BenchError.unknownTest(test) }
         guard vcpus == 1 || op.runsOnSeveralVCPUs else { throw BenchError.oneVCPUOnly(test: test) }
-        guard !op.needsLocalAPIC || variant.path.hasLocalAPIC(pvFeatures: variant.pvFeatures) else {
+        guard op.runs(on: variant.path, pvFeatures: variant.pvFeatures) else {
             throw BenchError.noLocalAPIC(test: test, variant: variant.label)
         }
         let (n, w) = budget(for: op)
@@ -127,7 +127,7 @@ public struct BenchRunner: Sendable {
     /// The variants a test runs on by default: every path; an operation whose cost depends on
     /// how L1 maps L2's memory (fresh pages), with each map mode on the nested paths.
     public static func defaultVariants(for op: BenchOperation, paths: [NestingPath]) -> [BenchVariant] {
-        paths.filter { !op.needsLocalAPIC || $0.hasLocalAPIC(pvFeatures: .all) }.flatMap { p -> [BenchVariant] in
+        paths.filter { op.runs(on: $0, pvFeatures: .all) }.flatMap { p -> [BenchVariant] in
             op.dependsOnMapMode && p.hasMapModes ? L2MapMode.allCases.map { BenchVariant(path: p, l2MapMode: $0) } : [BenchVariant(path: p)]
         }
     }

@@ -106,6 +106,8 @@ public enum CostModel {
             line("vCPUs blocked at HLT", .haltBlock, w.haltsBlocked),
             line("halted vCPUs woken", .vcpuWakeup, w.apicWakeups),
             line("interrupts injected at an entry", .interruptInjection, w.interruptsInjected),
+            line("vCPUs named in L2's flush hypercalls (requests; the hypercall's exit priced above)", .tlbFlushRequest, w.tlbFlushRequests),
+            line("L2 TLB flushes L0 did at an entry (steal-time KVM_VCPU_FLUSH_TLB)", .tlbFlush, w.tlbFlushesAtEntry),
             // L2's own work, on every path.
             line("L2 system calls (SYSCALL/SYSRET)", .l2Syscall, w[l2: .syscalls], .l2),
             line("L2 exceptions delivered through its IDT (and IRET)", .l2Exception, w[l2: .exceptions], .l2),

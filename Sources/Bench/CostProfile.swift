@@ -156,6 +156,8 @@ public struct CostProfile: Codable, Equatable, Sendable {
         case vcpuWakeup = "vcpu_wakeup"
         /// An interrupt acknowledged and injected at a VM entry (VM_ENTRY_INTR_INFO).
         case interruptInjection = "interrupt_injection"
+        /// One vCPU named in L2's flush hypercall: its request set (its kick priced apart).
+        case tlbFlushRequest = "tlb_flush_request"
     }
 
     public enum LoadError: Error, CustomStringConvertible, Equatable {

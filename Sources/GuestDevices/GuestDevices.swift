@@ -166,6 +166,10 @@ public struct L1Devices {
             try unmap(gpa)
             balloon(gpa)
             regs[.rax] = 0
+        case .flushTLB:
+            // L0's hypercall, reaching a hypervisor that does not run L2's TLBs for it (L1 on
+            // pv without `directTLBFlush`, on nvmx): not implemented there.
+            regs[.rax] = HypercallError.noSys.returnValue
         }
     }
 

@@ -61,6 +61,13 @@ public struct BenchOperation: Sendable {
     public var runsOnSeveralVCPUs: Bool { needs == nil && helper == nil && !PagingOperations.all.contains { $0.name == name } }
     /// It needs a local APIC model for L2 (interrupts): where a path has none, it does not run.
     public var needsLocalAPIC: Bool { helper != nil || InterruptOperations.all.contains { $0.name == name } }
+    /// It uses L0's flush hypercall: where L0 does not handle it, it does not run.
+    public var needsL0TLBFlush: Bool { name == "tlb_shootdown_hypercall" }
+    /// Whether `path` (with these PV features) has what this operation needs.
+    public func runs(on path: NestingPath, pvFeatures: PVFeatures) -> Bool {
+        (!needsLocalAPIC || path.hasLocalAPIC(pvFeatures: pvFeatures))
+            && (!needsL0TLBFlush || path == .single || (path == .pv && pvFeatures.contains(.directTLBFlush)))
+    }
 }
 
 public enum BenchOperations {
@@ -139,7 +146,7 @@ public enum BenchOperations {
         BenchOperation(name: "ept_first_touch", summary: "first write to a new L2 page", needs: .init(freshPages: firstTouchPages)) { cpu, i in
             cpu.write64(L2GPA(firstTouchBase + i * pageSize), i)
         },
-    ] + PagingOperations.all + InterruptOperations.all
+    ] + PagingOperations.all + InterruptOperations.all + TLBShootdown.all
 
     public static func named(_ n: String) -> BenchOperation? { all.first { $0.name == n } }
 }

@@ -91,6 +91,7 @@ public final class GuestCPU {
     func waitForFirstEntry() {
         port.waitForFirstEntry()
         rip = run[register: .rip]
+        honourFlushRequest()
     }
 
     enum Resumption: Equatable { case completed, retry, fault(UInt8) }
@@ -102,6 +103,7 @@ public final class GuestCPU {
         run[register: .rip] = rip
         run[register: .rflags] = interrupts.enabled ? 0x202 : 0x2
         let event = port.exit(reason, length: length, qualification: qualification, gpa: gpa, info: info)
+        honourFlushRequest()
         let newRIP = run[register: .rip]
         // An injected exception becomes the instruction's fault, which the program sees (as
         // selftests' rdmsr_safe does); an external interrupt is taken after the instruction,

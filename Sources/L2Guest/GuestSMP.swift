@@ -26,6 +26,32 @@ extension GuestCPU {
         }
     }
 
+    /// LOCK CMPXCHG on an aligned u64 of L2's RAM (by guest-physical address, second stage
+    /// only): true if it held `expected` and now holds `desired`.
+    public func compareExchange64(_ gpa: L2GPA, expected: UInt64, desired: UInt64) -> Bool {
+        guard gpa.raw % 8 == 0, let host = translate(gpa, access: EPT.read | EPT.write),
+              let r = try? memory.compareExchange64(at: host, expected: expected, desired: desired) else {
+            guestAssert(false, "LOCK CMPXCHG at \(gpa): not aligned RAM")
+            return false
+        }
+        return r.exchanged
+    }
+
+    /// LOCK INC on an aligned u64 of L2's RAM.
+    public func atomicIncrement(_ gpa: L2GPA) {
+        while true {
+            let v = read64(gpa)
+            if compareExchange64(gpa, expected: v, desired: v &+ 1) { return }
+        }
+    }
+
+    /// A full flush of this CPU's TLB (a CR3 reload of the current tables, as a flush of a range
+    /// past Linux's ceiling does).
+    public func flushTLB() {
+        count(.cr3Loads)
+        tlb.flushAll()
+    }
+
     /// MFENCE: this vCPU's stores are visible before its later loads (x86 may otherwise
     /// reorder a store after a later load, and two vCPUs that each store a flag and read the
     /// other's could both miss).
@@ -62,15 +88,25 @@ extension GuestCPU {
     public func cli() { interrupts.enabled = false }
     public var interruptsEnabled: Bool { interrupts.enabled }
 
-    /// An interrupt window: if the hypervisor kicked this CPU, exit (EXTERNAL_INTERRUPT) so it
-    /// can inject the interrupt at the entry after.
+    /// An instruction boundary: a kick from the hypervisor (its own IPI, which exits whatever
+    /// RFLAGS.IF says) is an EXTERNAL_INTERRUPT exit; an interrupt-window request exits
+    /// (INTERRUPT_WINDOW) once interrupts are on. Either way the hypervisor injects, or
+    /// flushes, at the entry after.
     func pollInterrupts() {
-        guard interrupts.enabled, switcher == nil else { return }
+        guard switcher == nil else { return }
         switch run[RunPage.kick] {
         case 0: return
-        case RunPage.kickWindow: _ = vmexit(.interruptWindow, length: 0)
+        case RunPage.kickWindow: if interrupts.enabled { _ = vmexit(.interruptWindow, length: 0) }
         default: _ = vmexit(.externalInterrupt, length: 0)
         }
+    }
+
+    /// A flush the hypervisor asked for at this entry (KVM_REQ_TLB_FLUSH_GUEST): the whole TLB.
+    @inline(__always)
+    func honourFlushRequest() {
+        guard run[RunPage.flushTLB] != 0 else { return }
+        run[RunPage.flushTLB] = 0
+        tlb.flushAll()
     }
 
     /// Delivery through the IDT: the handler with interrupts off, then IRET.

@@ -35,6 +35,14 @@ public struct HostMemory: @unchecked Sendable {
     public func fill(_ byte: UInt8, at o: HostOffset, count: UInt64) throws {
         try region.fill(byte, at: local(o), count: count)
     }
+    /// LOCK CMPXCHG / XCHG of an aligned u64 (guest memory two vCPUs, or a vCPU and its
+    /// hypervisor, update at once: KVM's steal-time `preempted` byte).
+    public func compareExchange64(at o: HostOffset, expected: UInt64, desired: UInt64) throws -> (exchanged: Bool, original: UInt64) {
+        try region.compareExchange64(at: local(o), expected: expected, desired: desired)
+    }
+    public func exchange64(at o: HostOffset, _ v: UInt64) throws -> UInt64 {
+        try region.exchange64(at: local(o), v)
+    }
     /// A run page that lives in host memory (the PV exit page L1 registered).
     public func runPage(at o: HostOffset) throws -> RunPageView {
         try RunPageView(region: region, base: local(o))

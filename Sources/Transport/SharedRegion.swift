@@ -1,4 +1,5 @@
 import ABI
+import Atomics
 import CPVMShim
 #if canImport(Glibc)
 import Glibc
@@ -252,6 +253,26 @@ public final class SharedRegion: @unchecked Sendable {
         precondition(offset <= size && UInt64(MemoryLayout<T>.size) <= size - offset, "store outside the shared region")
         // Unaligned-safe store into the shared mapping.
         (base + Int(offset)).storeBytes(of: value, as: T.self)
+    }
+
+    /// An atomic compare-and-exchange of the 8-byte-aligned u64 at `offset` (LOCK CMPXCHG):
+    /// true if it held `expected` and now holds `desired`. Offsets from a guest: checked, and a
+    /// misaligned one throws (a CPU's LOCK on it would split; the model refuses it).
+    public func compareExchange64(at offset: UInt64, expected: UInt64, desired: UInt64) throws -> (exchanged: Bool, original: UInt64) {
+        try check(offset, 8)
+        guard offset % 8 == 0 else { throw TransportError.outOfBounds(offset: offset, length: 8, regionSize: size) }
+        // Aligned and in bounds (checked above); accessed atomically by every party.
+        let word = UnsafeAtomic<UInt64>(at: UnsafeMutableRawPointer(base + Int(offset)).assumingMemoryBound(to: UInt64.AtomicRepresentation.self))
+        return word.compareExchange(expected: expected, desired: desired, ordering: .sequentiallyConsistent)
+    }
+
+    /// An atomic exchange of the 8-byte-aligned u64 at `offset` (XCHG): what it held.
+    public func exchange64(at offset: UInt64, _ value: UInt64) throws -> UInt64 {
+        try check(offset, 8)
+        guard offset % 8 == 0 else { throw TransportError.outOfBounds(offset: offset, length: 8, regionSize: size) }
+        // Aligned and in bounds (checked above); accessed atomically by every party.
+        let word = UnsafeAtomic<UInt64>(at: UnsafeMutableRawPointer(base + Int(offset)).assumingMemoryBound(to: UInt64.AtomicRepresentation.self))
+        return word.exchange(value, ordering: .sequentiallyConsistent)
     }
 
     /// The address of a 4-byte-aligned u32 used as an atomic/futex word.

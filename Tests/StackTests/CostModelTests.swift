@@ -81,6 +81,7 @@ import Testing
             "vmmUserspaceExits", "kernelDeviceAccesses", "pvEntries", "pvDeliveries", "nestedVMExits",
             "nestedVMEntries", "ept12Resyncs", "switcher", "l2Events",
             "apicIPIs", "pvIPIHypercalls", "apicKicks", "haltsBlocked", "apicWakeups", "interruptsInjected",
+            "tlbFlushRequests", "tlbFlushesAtEntry",
         ]
         let pricedThroughAnother: [String: String] = [
             "shadowVMCSFieldCopies": "the hardware VMREADs/VMWRITEs of the shadow copies",
@@ -88,6 +89,7 @@ import Testing
             "ept12Unsyncs": "the emulated store that made the table unsync",
             "memslotZaps": "the memslot suite's own timings; no bench operation deletes a memslot",
             "apicAccesses": "the exits L0 handles itself (each APIC register access is one)",
+            "tlbFlushHypercalls": "the hypercall exit L0 handles, and its tlbFlushRequests",
         ]
         for label in Mirror(reflecting: TransitionCounters()).children.compactMap(\.label) {
             #expect(pricedByALine.contains(label) || pricedThroughAnother[label] != nil, "\(label) is counted but its cost is nowhere")

@@ -75,7 +75,8 @@ extension StackTests {
             ("pv_deliveries", w.pvDeliveries), ("nested_vmexits", w.nestedVMExits), ("nested_vmentries", w.nestedVMEntries),
             ("apic_ipis", w.apicIPIs), ("apic_accesses", w.apicAccesses), ("pv_ipi_hypercalls", w.pvIPIHypercalls),
             ("apic_kicks", w.apicKicks), ("halts_blocked", w.haltsBlocked), ("apic_wakeups", w.apicWakeups),
-            ("interrupts_injected", w.interruptsInjected),
+            ("interrupts_injected", w.interruptsInjected), ("tlb_flush_hypercalls", w.tlbFlushHypercalls),
+            ("tlb_flush_requests", w.tlbFlushRequests), ("tlb_flushes_at_entry", w.tlbFlushesAtEntry),
         ]
         for (k, n) in work { kv[k] = n }
         let fields = kv.filter { $0.value != 0 }.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }
@@ -99,7 +100,7 @@ extension StackTests {
         // The IPI tests run on two vCPUs whose interleaving decides what they count (a kick or
         // none, a wake-up or a HLT that ends at once): MultiVCPUTests checks them by property.
         for op in BenchOperations.all where op.helper == nil {
-            for v in Self.variants where !op.needsLocalAPIC || v.path.hasLocalAPIC(pvFeatures: v.pvFeatures) {
+            for v in Self.variants where op.runs(on: v.path, pvFeatures: v.pvFeatures) {
                 let r = try runner.run(op.name, on: v)
                 actual.append(Self.row(test: op.name, label: v.label, iterations: r.iterations, r.window))
             }
@@ -136,7 +137,7 @@ extension StackTests {
         // Same order as the golden file, so a regenerated file diffs cleanly.
         #expect(got.map(\.key) == expected.map(\.key) || !problems.isEmpty, "rows are in a different order than the golden file")
         let planned = BenchOperations.all.filter { $0.helper == nil }.reduce(0) { n, op in
-            n + Self.variants.filter { !op.needsLocalAPIC || $0.path.hasLocalAPIC(pvFeatures: $0.pvFeatures) }.count
+            n + Self.variants.filter { op.runs(on: $0.path, pvFeatures: $0.pvFeatures) }.count
         }
         #expect(actual.count == planned && planned > 0)
     }

@@ -121,6 +121,37 @@ extension StackTests {
         }
     }
 
+    /// vCPU 0 remaps a page every vCPU has in its TLB and shoots it down: afterwards every
+    /// vCPU reads the new frame (0xB1), not its stale entry (0xA0), by IPIs, by KVM's PV TLB
+    /// flush (the halted helpers skipped, flushed at their next entry) and by L0's flush
+    /// hypercall (running helpers kicked, no IPI). Without a shootdown the stale entries stay:
+    /// the TLB is real, so the check can fail.
+    @Test(arguments: [NestingPath.single, .pv], TLBShootdown.Method.allCases)
+    func aShootdownMakesEveryVCPUMissTheOldTranslation(_ path: NestingPath, _ method: TLBShootdown.Method) throws {
+        let n = 3
+        let r = try run(path, program: "tlb-shootdown-probe", vcpus: n, args: [method.rawValue])
+        #expect(r.succeeded, "\(r.stop)")
+        let expected: UInt64 = method == .none ? 0xA0 : 0xB1
+        #expect(Array(r.perVCPU[0].harness.syncs) == [[0x59, 0, 0xB1, 0, 0, 0]])
+        for v in 1..<n {
+            #expect(Array(r.perVCPU[v].harness.syncs) == [[0x59, 0xA0, expected, 0, 0, 0]], "vCPU \(v), \(method.name) on \(path)")
+        }
+        let all = r.perVCPU.map(\.counters).reduce(TransitionCounters()) { $0.adding($1) }
+        switch method {
+        case .pvFlush:
+            // Both helpers were preempted: a flag each, no flush IPI, a flush at each one's entry.
+            #expect(all.tlbFlushesAtEntry == UInt64(n - 1), "\(all.tlbFlushesAtEntry)")
+            #expect(all.apicIPIs == UInt64(n - 1), "only the wake-ups: \(all.apicIPIs)")
+        case .hypercall:
+            #expect(all.tlbFlushHypercalls == 1 && all.tlbFlushRequests == UInt64(n - 1))
+            #expect(all.apicIPIs == UInt64(n - 1), "only the wake-ups: \(all.apicIPIs)")
+        case .ipi:
+            #expect(all.apicIPIs == UInt64(2 * (n - 1)), "a flush IPI and a wake-up each: \(all.apicIPIs)")
+        case .none:
+            #expect(all.tlbFlushesAtEntry == 0 && all.tlbFlushRequests == 0)
+        }
+    }
+
     /// pvm-rfc's switcher area is one vCPU's: a stack of two is refused before anything runs,
     /// as is a count past the limit.
     @Test func pvmRFCAndTooManyVCPUsAreRefused() throws {

@@ -84,6 +84,11 @@ public struct TransitionCounters: Equatable, Sendable {
     public var apicWakeups: UInt64 = 0
     /// Interrupts L0 injected at an entry (VM_ENTRY_INTR_INFO, external interrupt).
     public var interruptsInjected: UInt64 = 0
+    /// L2 TLB flushes: L2's flush hypercalls L0 handled, the per-vCPU flush requests they made,
+    /// and the flushes L0 did at an entry for a steal-time KVM_VCPU_FLUSH_TLB.
+    public var tlbFlushHypercalls: UInt64 = 0
+    public var tlbFlushRequests: UInt64 = 0
+    public var tlbFlushesAtEntry: UInt64 = 0
 
     /// pvm-rfc: what the switcher and L1's shadow MMU counted (`SwitcherLayout`: L2 -> L1 exits
     /// by reason, then the `SwitcherCounter`s), as L1 reported them at the harness's last call.
@@ -134,6 +139,7 @@ public struct TransitionCounters: Equatable, Sendable {
         \.hwVMCLEARs, \.mmuRootSwitches, \.tlbFlushes, \.rareFieldSyncs, \.fullEntryChecks, \.vmmUserspaceExits, \.pvEntries,
         \.kernelDeviceAccesses, \.pvDeliveries, \.nestedVMExits, \.nestedVMEntries, \.ept12Resyncs,
         \.apicIPIs, \.apicAccesses, \.pvIPIHypercalls, \.apicKicks, \.haltsBlocked, \.apicWakeups, \.interruptsInjected,
+        \.tlbFlushHypercalls, \.tlbFlushRequests, \.tlbFlushesAtEntry,
     ]
 
     /// self - earlier, field by field: the transitions of a measurement window. Clamped at 0:

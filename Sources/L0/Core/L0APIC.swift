@@ -92,6 +92,7 @@ extension L0VCPU {
         regs.skipInstruction(length: exit.info.instructionLength)
         guard regs[.rflags] & Self.interruptFlag != 0, shared.apics?.halt(id) == true else { return .resume(.l2) }
         counters.haltsBlocked += 1
+        markPreempted()
         return .block(.l2)
     }
 
@@ -100,6 +101,12 @@ extension L0VCPU {
     func handleKickExit(_ regs: inout RegisterFile) -> NextStep {
         l2Run[RunPage.kick] = 0
         return .resume(.l2)
+    }
+
+    /// Before L0 enters its guest tier: a steal-time flush honoured, then an interrupt injected.
+    func prepareL2Entry() {
+        if !shared.stealTime.isEmpty { takeStealTimeFlush() }
+        if shared.apics != nil { injectPendingInterrupt() }
     }
 
     /// Before L0 enters its guest tier: the highest deliverable interrupt, if the guest takes

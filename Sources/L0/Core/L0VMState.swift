@@ -23,6 +23,12 @@ public final class L0VMState {
     /// Whether each vCPU's guest tier holds its turn now (in guest mode, as KVM's vcpu->mode
     /// says): only such a target needs a kick to see an interrupt. Kept by the loop.
     public var inGuestMode: [Bool] = []
+    /// Each vCPU's steal-time area (`KVMStealTime`), as its guest registered it: a guest GPA,
+    /// translated through EPT02 at every use (the guest may unmap it).
+    public var stealTime: [L2GPA?] = []
+    /// L2's flush hypercall: for each vCPU waiting in it, the vCPUs it kicked that have not yet
+    /// left guest mode. One entry per sender at most (bounded by the vCPU count).
+    public var flushWaits: [Int: Set<Int>] = [:]
 
     public init(l1Memory: L1MemoryAccess) {
         self.l1Memory = l1Memory

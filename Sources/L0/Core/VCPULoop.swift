@@ -196,14 +196,14 @@ extension L0Stack {
             case .resume(let tier):
                 if tier == .l1 { v.counters.l1Entries += 1 } else {
                     v.counters.l2Entries += 1
-                    if v.shared.apics != nil { v.injectPendingInterrupt() }
+                    if v.shared.apics != nil || !v.shared.stealTime.isEmpty { v.prepareL2Entry() }
                     v.shared.inGuestMode[i] = true
                 }
                 lane(i, tier).pass(to: tier)
                 states[i] = .running(tier)
             case .enterL2:
                 v.counters.l2Entries += 1
-                if v.shared.apics != nil { v.injectPendingInterrupt() }
+                if v.shared.apics != nil || !v.shared.stealTime.isEmpty { v.prepareL2Entry() }
                 v.shared.inGuestMode[i] = true
                 l2Lanes[i].pass(to: .l2)
                 states[i] = .running(.l2)
@@ -262,7 +262,10 @@ extension L0Stack {
                 next = k + 1
             }
             let v = vcpus[i]
-            if tier == .l2 { v.shared.inGuestMode[i] = false }
+            if tier == .l2 {
+                v.shared.inGuestMode[i] = false
+                if !v.shared.flushWaits.isEmpty { v.leftGuestMode(i) }
+            }
             let received = log == nil ? 0 : monotonicNanos()
             // The exit is read from the run page once: what is logged, named by the watchdog
             // and handled is the same exit, whatever the tier writes there meanwhile.

@@ -62,6 +62,13 @@ public final class PVBackend: NestingBackend {
 
     public func handleL2Exit(_ exit: L2Exit, _ regs: inout RegisterFile, _ vcpu: L0VCPU) -> NextStep {
         if enabled.contains(.directAPIC), let next = handleAPICExit(exit, &regs, vcpu) { return next }
+        if enabled.contains(.directTLBFlush) {
+            switch exit.kind {
+            case .vmcall(L2Hypercall.flushTLB.rawValue): return vcpu.handleFlushHypercall(exit, &regs)
+            case .other where exit.info.reason == .externalInterrupt: return vcpu.handleKickExit(&regs)
+            default: break
+            }
+        }
         switch exit.kind {
         case let .cpuid(leaf, subleaf):
             guard enabled.contains(.directCPUID), let table = cpuid else { return deliver(exit, regs, vcpu) }
@@ -104,6 +111,8 @@ public final class PVBackend: NestingBackend {
             return vcpu.handleAPICMSR(exit, &regs)
         case .vmcall(KVMHypercall.sendIPI):
             return vcpu.handlePVSendIPI(exit, &regs)
+        case .msrRead(KVMStealTime.msr), .msrWrite(KVMStealTime.msr, _):
+            return vcpu.handleStealTimeMSR(exit, &regs)
         case .hlt where regs[.rflags] & L0VCPU.interruptFlag != 0:
             return vcpu.handleHalt(exit, &regs)
         case .other where exit.info.reason == .externalInterrupt || exit.info.reason == .interruptWindow:

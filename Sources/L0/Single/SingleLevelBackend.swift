@@ -54,6 +54,10 @@ public final class SingleLevelBackend: NestingBackend {
             return vcpu.handleAPICMSR(exit, &regs)
         case .vmcall(KVMHypercall.sendIPI):
             return vcpu.handlePVSendIPI(exit, &regs)
+        case .msrRead(KVMStealTime.msr), .msrWrite(KVMStealTime.msr, _):
+            return vcpu.handleStealTimeMSR(exit, &regs)
+        case .vmcall(L2Hypercall.flushTLB.rawValue):
+            return vcpu.handleFlushHypercall(exit, &regs)
         case .hlt where regs[.rflags] & L0VCPU.interruptFlag != 0:
             return vcpu.handleHalt(exit, &regs)
         case .other where exit.info.reason == .externalInterrupt || exit.info.reason == .interruptWindow:
