@@ -23,13 +23,13 @@ public enum NestingPath: String, Sendable, CaseIterable, Codable {
     /// the switcher, not to L0.
     public var usesSwitcher: Bool { self == .pvmRFC }
     /// Whether L2 has a local APIC here (interrupts between its vCPUs): L0's on single, and
-    /// on pv with `directAPIC`; not on pvm-rfc, nor yet on the nested-VMX paths, whose L1
-    /// would run it.
+    /// on pv with `directAPIC`; L1's on the nested-VMX paths (with L0 running L1's own); not on
+    /// pvm-rfc.
     public func hasLocalAPIC(pvFeatures: PVFeatures) -> Bool {
         switch self {
-        case .single: true
+        case .single, .nvmx, .nvmxNoShadow, .nvmxEVMCS: true
         case .pv: pvFeatures.contains(.directAPIC)
-        case .nvmx, .nvmxNoShadow, .nvmxEVMCS, .pvmRFC: false
+        case .pvmRFC: false
         }
     }
     /// L1 maps L2's memory in one of the `L2MapMode`s (pv's map hypercalls, nvmx's EPT12); on

@@ -40,14 +40,26 @@ public final class L1CPU: L1StoreTrap {
 
     public func waitForFirstEntry() { port.waitForFirstEntry() }
 
-    /// Exits to L0 and waits to be entered again. Throws if L0 injected #UD.
+    /// The vector one L1 vCPU kicks another with (Linux's RESCHEDULE_VECTOR).
+    public static let kickVector: UInt8 = 0xFD
+
+    /// Exits to L0 and waits to be entered again. Throws if L0 injected #UD. An interrupt L0
+    /// injected (another vCPU's kick) is taken after the instruction: its handler is an EOI,
+    /// and what the kick was about is looked at before the next VMRESUME.
     func vmexit(_ reason: ExitReason, length: UInt64, operand: UInt64 = 0, info: UInt64 = 0,
                 qualification: UInt64 = 0, gpa: L1GPA = L1GPA(0)) throws {
-        if let event = port.exit(reason, length: length, qualification: qualification, gpa: gpa, info: info, operand: operand),
-           event.vector == 6 {
-            throw L1Fault.undefinedOpcode(reason.name)
+        guard let event = port.exit(reason, length: length, qualification: qualification, gpa: gpa, info: info, operand: operand) else { return }
+        if event.isHardwareException && event.vector == 6 { throw L1Fault.undefinedOpcode(reason.name) }
+        if event.isExternalInterrupt {
+            // Saved across the handler: the instruction's results are in the run page.
+            let saved = run.registers
+            try wrmsr(LocalAPICMSR.eoi, 0)
+            run.registers = saved
         }
     }
+
+    /// HLT: L1's vCPU has nothing to run until an interrupt comes (L0 blocks it until then).
+    public func hlt() throws { try vmexit(.hlt, length: 1) }
 
     /// The register file as L1 left it or L0 loaded it (after a VM exit: L2's GPRs).
     public subscript(r: Register) -> UInt64 {

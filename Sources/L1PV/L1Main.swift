@@ -21,7 +21,7 @@ public enum L1Main {
             let memory = L1Memory(slot: launch.l1Slot, host: session.hostMemory, trap: cpu)
             switch launch.path {
             case .pv: shared.pv = PVL1VM(features: launch.pvFeatures, mapMode: launch.l2MapMode)
-            case .nvmx, .nvmxNoShadow, .nvmxEVMCS: shared.nestedVMX = try NestedL1VM(memory: memory)
+            case .nvmx, .nvmxNoShadow, .nvmxEVMCS: shared.nestedVMX = try NestedL1VM(memory: memory, vcpus: launch.layout.vcpuCount)
             case .single, .pvmRFC: break
             }
             shared.made.store(true, ordering: .releasing)

@@ -11,12 +11,17 @@ import Glibc
 public final class NestedL1VM: @unchecked Sendable {
     var ept12: EPT12Builder
     var devices = L1Devices()
+    /// L2's local APICs, which this L1 runs (KVM's in-kernel LAPIC for its guest): one per L2
+    /// vCPU, each vCPU's state kept as L1 knows it (in L2, halted, or in L1).
+    var l2APICs: LocalAPICs
     let lock = L1Lock()
     /// vCPU 0 has built EPT12: the other vCPUs may set up their VMCSs and launch.
     let ready = ManagedAtomic<Bool>(false)
 
-    public init(memory: L1Memory) throws {
+    public init(memory: L1Memory, vcpus: Int = 1) throws {
         self.ept12 = try EPT12Builder(memory: memory, pool: L1MemoryPlan.ept12Pool, poolSize: L1MemoryPlan.ept12PoolSize)
+        self.l2APICs = LocalAPICs(count: vcpus)
+        for v in 0..<vcpus { l2APICs.setState(v, .notRunning) }
     }
 }
 
@@ -52,6 +57,11 @@ public final class NestedVMXHypervisor {
     /// KVM's register cache for RIP and RSP: nil until read this exit; dirty once written.
     var cachedRIP: UInt64?
     var ripDirty = false
+    var cachedRFLAGS: UInt64?
+    /// Interrupt-window exiting is on in vmcs12 (an interrupt waits for L2's RFLAGS.IF).
+    var windowRequested = false
+    /// The primary processor-based controls this L1 runs L2 with.
+    let cpuBasedControls = CPUBased.hltExiting | CPUBased.unconditionalIOExiting | CPUBased.useMSRBitmaps | CPUBased.activateSecondaryControls
 
     /// Use an enlightened VMCS (Hyper-V eVMCS) instead of VMCLEAR/VMPTRLD and VMREAD/VMWRITE.
     let enlightened: Bool
@@ -82,6 +92,7 @@ public final class NestedVMXHypervisor {
 
     public func run() throws -> Never {
         try setUpVMX()
+        vm.lock.withLock { vm.l2APICs.setState(index, .running) }      // L2 runs from the VMLAUNCH on
         var launch = true
         while true {
             switch try cpu.enter(launch: launch, guestRegisters: &guestRegisters) {
@@ -89,10 +100,13 @@ public final class NestedVMXHypervisor {
                 throw L1Fault.vmxFailure(launch ? "VMLAUNCH" : "VMRESUME", r)
             case .vmExit:
                 launch = false
-                try vm.lock.withLock {
-                    try handleExit()
-                    try writeBackDirtyRegisters()
+                let halted = try vm.lock.withLock { () -> Bool in
+                    vm.l2APICs.setState(index, .notRunning)
+                    let halt = try handleExit()
+                    if !halt { try enterPrepared() }
+                    return halt
                 }
+                if halted { try waitForL2Interrupt() }
             }
         }
     }
@@ -146,8 +160,7 @@ public final class NestedVMXHypervisor {
         let cr0 = ControlRegisterBits.initialCR0, cr4 = ControlRegisterBits.initialCR4, efer: UInt64 = 0x500
         let fields: [(VMCSField, UInt64)] = [
             (.pinBasedVMExecControl, PinBased.externalInterruptExiting | PinBased.nmiExiting),
-            (.cpuBasedVMExecControl, CPUBased.hltExiting | CPUBased.unconditionalIOExiting | CPUBased.useMSRBitmaps
-                | CPUBased.activateSecondaryControls),
+            (.cpuBasedVMExecControl, cpuBasedControls),
             (.secondaryVMExecControl, SecondaryExec.enableEPT | SecondaryExec.enableVPID | SecondaryExec.rdtscp),
             (.exceptionBitmap, 1 << 1 | 1 << 6 | 1 << 17 | 1 << 18),
             (.msrBitmap, mine(L1MemoryPlan.msrBitmap).raw),
@@ -181,6 +194,85 @@ public final class NestedVMXHypervisor {
 
     // MARK: exit handling (KVM: vmx_handle_exit and the per-reason handlers)
 
+    /// Before VMRESUME (under the lock): L2's interrupt, if one is deliverable and L2 takes
+    /// interrupts, goes into VM_ENTRY_INTR_INFO (kvm_inject_pending_event); dirty registers
+    /// are written back; L2 counts as running for the other vCPUs' IPIs.
+    func enterPrepared() throws {
+        if vm.l2APICs.deliverable(index) != nil {
+            if try readRFLAGS() & (1 << 9) != 0, let vector = vm.l2APICs.acknowledge(index) {
+                try check("VMWRITE", cpu.vmwrite(.vmEntryIntrInfoField, 1 << 31 | UInt64(vector)))
+            } else if !windowRequested {
+                // Interrupts off in L2: ask for an exit as soon as they are on (enable_irq_window).
+                try check("VMWRITE", cpu.vmwrite(.cpuBasedVMExecControl, cpuBasedControls | CPUBased.interruptWindowExiting))
+                windowRequested = true
+            }
+        }
+        try writeBackDirtyRegisters()
+        vm.l2APICs.setState(index, .running)
+    }
+
+    /// L2 halted with interrupts on and nothing to take: this vCPU of L1 halts too (its own
+    /// HLT, an exit to L0) until an interrupt wakes it, then looks again.
+    func waitForL2Interrupt() throws {
+        while true {
+            let ready = vm.lock.withLock { vm.l2APICs.deliverable(index) != nil }
+            if ready { break }
+            try cpu.hlt()
+        }
+        try vm.lock.withLock { try enterPrepared() }
+    }
+
+    /// An IPI of L2's local APIC (ICR, SELF_IPI, KVM_HC_SEND_IPI) was accepted: a target L2
+    /// vCPU that runs in L2 or halted needs its L1 vCPU's attention, so this L1 vCPU sends
+    /// that one its own IPI (through L0, which runs L1's APICs); one in L1 will see it before
+    /// its next VMRESUME. This vCPU takes its own at its VMRESUME.
+    func kick(_ deliveries: [LocalAPICs.Delivery]) throws {
+        for d in deliveries {
+            switch d {
+            case .notify(let k) where k != index, .wake(let k) where k != index:
+                try cpu.wrmsr(LocalAPICMSR.icr, UInt64(L1CPU.kickVector) | UInt64(k) << 32)
+            default: break
+            }
+        }
+    }
+
+    /// The reflected RDMSR/WRMSR names an x2APIC register (ECX).
+    var isX2APICAccess: Bool { LocalAPICMSR.range.contains(UInt32(truncatingIfNeeded: guestRegisters[.rcx])) }
+
+    /// An x2APIC register access of L2's (reflected by the MSR bitmap).
+    func emulateL2APIC(_ reason: ExitReason) throws {
+        let msr = UInt32(truncatingIfNeeded: guestRegisters[.rcx])
+        if reason == .msrWrite {
+            let value = EDXEAX.combine(edx: guestRegisters[.rdx], eax: guestRegisters[.rax])
+            // A bad vector or mode: the APIC drops the IPI.
+            if let d = try? vm.l2APICs.writeMSR(index, msr, value) { try kick(d) }
+        } else {
+            let v: UInt64 = msr == LocalAPICMSR.id ? UInt64(index) : msr == LocalAPICMSR.tpr ? UInt64(vm.l2APICs.tpr(index)) : 0
+            (guestRegisters[.rdx], guestRegisters[.rax]) = EDXEAX.split(v)
+        }
+    }
+
+    /// KVM_HC_SEND_IPI from L2 (kvm_pv_send_ipi), as the KVM in L1 answers it.
+    func emulatePVSendIPI() throws {
+        let low = guestRegisters[.rbx], high = guestRegisters[.rcx], minID = guestRegisters[.rdx], icr = guestRegisters[.rsi]
+        var reached: UInt64 = 0
+        for bit in 0..<128 where (bit < 64 ? low >> UInt64(bit) : high >> UInt64(bit - 64)) & 1 != 0 {
+            let (target, overflow) = minID.addingReportingOverflow(UInt64(bit))
+            guard !overflow, target < UInt64(vm.l2APICs.count),
+                  let d = try? vm.l2APICs.send(from: index, .init(x2apic: icr & 0x7FF | target << 32)) else { continue }
+            try kick(d)
+            reached += UInt64(d.count)
+        }
+        guestRegisters[.rax] = reached
+    }
+
+    func readRFLAGS() throws -> UInt64 {
+        if let r = cachedRFLAGS { return r }
+        let r = try cpu.vmread(.guestRFLAGS)
+        cachedRFLAGS = r
+        return r
+    }
+
     func readRIP() throws -> UInt64 {
         if let r = cachedRIP { return r }
         let r = try cpu.vmread(.guestRIP)
@@ -191,7 +283,7 @@ public final class NestedVMXHypervisor {
     /// kvm_skip_emulated_instruction: RFLAGS (the single-step check), RIP +=
     /// VM_EXIT_INSTRUCTION_LEN, and drop STI/MOV-SS blocking.
     func skipInstruction() throws {
-        _ = try cpu.vmread(.guestRFLAGS)
+        _ = try readRFLAGS()
         let rip = try readRIP()
         let len = try cpu.vmread(.vmExitInstructionLen)
         let interruptibility = try cpu.vmread(.guestInterruptibilityInfo)
@@ -206,12 +298,35 @@ public final class NestedVMXHypervisor {
         if ripDirty, let rip = cachedRIP { try check("VMWRITE GUEST_RIP", cpu.vmwrite(.guestRIP, rip)) }
         ripDirty = false
         cachedRIP = nil
+        cachedRFLAGS = nil
     }
 
-    func handleExit() throws {
+    /// One exit of L2's; true when L2 halted and this vCPU must wait for an interrupt.
+    func handleExit() throws -> Bool {
         let reason = ExitReason(rawValue: UInt32(truncatingIfNeeded: try cpu.vmread(.vmExitReason)))
         _ = try cpu.vmread(.idtVectoringInfoField)     // vmx_complete_interrupts, every exit
         switch reason {
+        case .interruptWindow:
+            // L2 takes interrupts again: the window is closed, the interrupt goes in at VMRESUME.
+            try check("VMWRITE", cpu.vmwrite(.cpuBasedVMExecControl, cpuBasedControls))
+            windowRequested = false
+            return false
+        case .externalInterrupt:
+            // L1's own interrupt, acknowledged on exit (VM_EXIT_INTR_INFO): the kick another
+            // vCPU sent. Its handler is an EOI; L2's interrupt goes in at the VMRESUME.
+            _ = try cpu.vmread(.vmExitIntrInfo)
+            try cpu.wrmsr(LocalAPICMSR.eoi, 0)
+            return false                                 // no instruction to skip
+        case .msrRead where isX2APICAccess, .msrWrite where isX2APICAccess:
+            try emulateL2APIC(reason)
+        case .hlt where try readRFLAGS() & (1 << 9) != 0:
+            // kvm_emulate_halt with interrupts on: L2 sleeps until one is deliverable.
+            try skipInstruction()
+            return vm.l2APICs.halt(index)
+        case .vmcall where guestRegisters[.rax] == KVMHypercall.sendIPI:
+            _ = try cpu.vmread(.guestCSARBytes)
+            _ = try cpu.vmread(.guestSSARBytes)
+            try emulatePVSendIPI()
         case .cpuid, .hlt, .msrRead, .msrWrite:
             // Handlers that need only GPRs (kvm_emulate_cpuid, kvm_emulate_halt, the MSR paths).
             _ = devices.emulate(reason, qualification: 0, accessSize: 0, &guestRegisters)
@@ -257,7 +372,7 @@ public final class NestedVMXHypervisor {
                     try ept12.map(gpa.pageBase, to: l1.pageBase, permissions: allowed | (q & EPT.rwxMask))
                     try check("INVEPT", cpu.invept(type: 1, eptp: ept12.eptp))
                 }
-                return
+                return false
             }
             // No memslot in L1 for this GPA: MMIO to nothing. The emulator fetches and decodes
             // the instruction (GUEST_RIP, CS access rights) and completes it.
@@ -278,6 +393,7 @@ public final class NestedVMXHypervisor {
             throw L1Fault.unexpectedExit(reason, "no handler in this L1")
         }
         try skipInstruction()
+        return false
     }
 }
 

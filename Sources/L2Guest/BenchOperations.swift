@@ -63,10 +63,14 @@ public struct BenchOperation: Sendable {
     public var needsLocalAPIC: Bool { helper != nil || InterruptOperations.all.contains { $0.name == name } }
     /// It uses L0's flush hypercall: where L0 does not handle it, it does not run.
     public var needsL0TLBFlush: Bool { name == "tlb_shootdown_hypercall" }
+    /// It needs KVM's steal-time area for L2 (a halted target seen as preempted): L0's, on
+    /// single and on pv with `directAPIC`; the nested-VMX L1 does not offer one.
+    public var needsStealTime: Bool { name == "tlb_shootdown_pv" || name == "tlb_shootdown_halted" }
     /// Whether `path` (with these PV features) has what this operation needs.
     public func runs(on path: NestingPath, pvFeatures: PVFeatures) -> Bool {
         (!needsLocalAPIC || path.hasLocalAPIC(pvFeatures: pvFeatures))
             && (!needsL0TLBFlush || path == .single || (path == .pv && pvFeatures.contains(.directTLBFlush)))
+            && (!needsStealTime || path == .single || (path == .pv && pvFeatures.contains(.directAPIC)))
     }
 }
 

@@ -42,9 +42,9 @@ extension StackTests {
                 } else if passThrough {
                     #expect(r.l2ExitsPerOp < 0.1, "\(what)")
                 } else if op.name == "tlb_shootdown_pv" {
-                    // The target is idle (preempted): a steal-time flag, no exit at all once it
-                    // halted (the first operations may still find it awake).
-                    #expect(r.l2ExitsPerOp < 0.5 && r.window.tlbFlushesAtEntry == 0, "\(what)")
+                    // The target is idle (preempted): a steal-time flag, no exit at all; it
+                    // flushes once, at the entry the stop wakes it for.
+                    #expect(r.l2ExitsPerOp < 0.5 && r.window.tlbFlushesAtEntry <= 1, "\(what)")
                 } else if op.name != "ept_first_touch" {
                     #expect(r.l2ExitsPerOp >= 1.0, "\(what)")
                 } else {

@@ -12,9 +12,13 @@ extension L0VCPU {
     /// RFLAGS.IF: the guest takes interrupts.
     static let interruptFlag: UInt64 = 1 << 9
 
-    /// Starts the APIC model for a VM of `count` vCPUs (once, by whichever vCPU asks first).
-    func enableLocalAPICs(count: Int) {
-        if shared.apics == nil { shared.apics = LocalAPICs(count: count) }
+    /// Starts the APIC model for a VM of `count` vCPUs (once, by whichever vCPU asks first),
+    /// for `tier`'s vCPUs.
+    func enableLocalAPICs(count: Int, for tier: Tier = .l2) {
+        if shared.apics == nil {
+            shared.apics = LocalAPICs(count: count)
+            shared.apicTier = tier
+        }
     }
 
     /// The x2APIC MSR range (0x800-0x8FF).
@@ -23,24 +27,42 @@ extension L0VCPU {
     /// RDMSR/WRMSR of an x2APIC register by this vCPU's guest. Unknown registers read 0 and
     /// ignore writes (the model has no more of them).
     func handleAPICMSR(_ exit: L2Exit, _ regs: inout RegisterFile) -> NextStep {
-        counters.apicAccesses += 1
         switch exit.kind {
-        case let .msrWrite(msr, value):
-            do {
-                if let deliveries = try shared.apics?.writeMSR(id, msr, value) { deliver(deliveries) }
-            } catch {
-                // An illegal vector or an unsupported mode: the APIC drops the IPI (its ESR says why).
-            }
-        case let .msrRead(msr):
-            switch msr {
-            case LocalAPICMSR.id: regs.edxEax = UInt64(id)                      // x2APIC ID: the vCPU index
-            case LocalAPICs.MSR.tpr: regs.edxEax = UInt64(shared.apics?.tpr(id) ?? 0)
-            default: regs.edxEax = 0
-            }
+        case let .msrWrite(msr, value): apicWrite(msr, value)
+        case let .msrRead(msr): regs.edxEax = apicRead(msr)
         default: break
         }
         regs.skipInstruction(length: exit.info.instructionLength)
         return .resume(.l2)
+    }
+
+    /// The same for L1's own x2APIC (nvmx: L0 runs L1's APICs).
+    func handleL1APICMSR(_ exit: L1Exit, _ regs: inout RegisterFile) -> NextStep {
+        switch exit.kind {
+        case let .msrWrite(msr, value): apicWrite(msr, value)
+        case let .msrRead(msr): regs.edxEax = apicRead(msr)
+        default: break
+        }
+        regs.skipInstruction(length: exit.info.instructionLength)
+        return .resume(.l1)
+    }
+
+    func apicWrite(_ msr: UInt32, _ value: UInt64) {
+        counters.apicAccesses += 1
+        do {
+            if let deliveries = try shared.apics?.writeMSR(id, msr, value) { deliver(deliveries) }
+        } catch {
+            // An illegal vector or an unsupported mode: the APIC drops the IPI (its ESR says why).
+        }
+    }
+
+    func apicRead(_ msr: UInt32) -> UInt64 {
+        counters.apicAccesses += 1
+        switch msr {
+        case LocalAPICMSR.id: return UInt64(id)                      // x2APIC ID: the vCPU index
+        case LocalAPICMSR.tpr: return UInt64(shared.apics?.tpr(id) ?? 0)
+        default: return 0
+        }
     }
 
     /// KVM_HC_SEND_IPI (kvm_pv_send_ipi): a 128-bit bitmap of APIC IDs from `minID`, one fixed
@@ -68,7 +90,9 @@ extension L0VCPU {
     }
 
     /// What accepted interrupts ask of L0: a kick for a target in guest mode (not this vCPU,
-    /// which is in L0 now and takes it at its entry), a wake-up for a halted one.
+    /// which is in L0 now and takes it at its entry), a wake-up for a halted one. On nvmx the
+    /// APICs are L1's: a target whose L2 runs is kicked out of L2 (L0 then gives L1 its
+    /// interrupt as an EXTERNAL_INTERRUPT VM exit); one in L1 takes it at its next entry.
     func deliver(_ deliveries: [LocalAPICs.Delivery]) {
         for d in deliveries {
             counters.apicIPIs += 1
@@ -83,6 +107,24 @@ extension L0VCPU {
                 break
             }
         }
+    }
+
+    /// L1's own HLT (nvmx: an L1 vCPU with nothing to run): it blocks until an interrupt for
+    /// it comes, or goes on at once if one is deliverable.
+    func handleL1Halt(_ exit: L1Exit, _ regs: inout RegisterFile) -> NextStep {
+        regs.skipInstruction(length: exit.info.instructionLength)
+        guard shared.apics?.halt(id) == true else { return .resume(.l1) }
+        counters.haltsBlocked += 1
+        return .block(.l1)
+    }
+
+    /// Before L0 enters L1 (nvmx): L1's highest deliverable interrupt goes in, unless another
+    /// event is queued (L1 runs with interrupts on: its kernel's hypervisor loop).
+    func prepareL1Entry() {
+        guard shared.apics?.deliverable(id) != nil, l1Run[RunPage.eventInjection] & (1 << 31) == 0,
+              let vector = shared.apics?.acknowledge(id) else { return }
+        l1Run[RunPage.eventInjection] = 1 << 31 | UInt64(vector)
+        counters.interruptsInjected += 1
     }
 
     /// HLT: with interrupts enabled and none deliverable, the vCPU blocks in L0 until one
@@ -106,7 +148,7 @@ extension L0VCPU {
     /// Before L0 enters its guest tier: a steal-time flush honoured, then an interrupt injected.
     func prepareL2Entry() {
         if !shared.stealTime.isEmpty { takeStealTimeFlush() }
-        if shared.apics != nil { injectPendingInterrupt() }
+        if shared.apics != nil && shared.apicTier == .l2 { injectPendingInterrupt() }
     }
 
     /// Before L0 enters its guest tier: the highest deliverable interrupt, if the guest takes

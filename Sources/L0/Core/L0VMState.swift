@@ -17,6 +17,9 @@ public final class L0VMState {
     /// The local APICs L0 runs, one per vCPU: L2's on single, and on pv when L1 enabled
     /// `directAPIC`; nil where another tier runs them (L1 for its L2 on nvmx).
     public var apics: LocalAPICs?
+    /// The tier whose local APICs those are: L2 (single, pv), or L1 (nvmx: L1's own APICs,
+    /// while L1 runs its L2's).
+    public var apicTier: Tier = .l2
     /// Halted vCPUs an interrupt woke while L0 handled another vCPU's exit: the loop enters
     /// them after that exit (`L0Stack.run`).
     public var wakeups: [Int] = []

@@ -194,7 +194,10 @@ extension L0Stack {
             let v = vcpus[i]
             switch next {
             case .resume(let tier):
-                if tier == .l1 { v.counters.l1Entries += 1 } else {
+                if tier == .l1 {
+                    v.counters.l1Entries += 1
+                    if v.shared.apicTier == .l1, v.shared.apics != nil { v.prepareL1Entry() }
+                } else {
                     v.counters.l2Entries += 1
                     if v.shared.apics != nil || !v.shared.stealTime.isEmpty { v.prepareL2Entry() }
                     v.shared.inGuestMode[i] = true
@@ -204,6 +207,8 @@ extension L0Stack {
             case .enterL2:
                 v.counters.l2Entries += 1
                 if v.shared.apics != nil || !v.shared.stealTime.isEmpty { v.prepareL2Entry() }
+                // nvmx: an interrupt L1 has waiting ends the L2 run at once (a nested exit).
+                if v.shared.apicTier == .l1, v.shared.apics?.deliverable(i) != nil { v.l2Run[RunPage.kick] = RunPage.kickExternal }
                 v.shared.inGuestMode[i] = true
                 l2Lanes[i].pass(to: .l2)
                 states[i] = .running(.l2)

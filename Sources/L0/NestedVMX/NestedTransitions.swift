@@ -10,6 +10,7 @@ import Transport
 extension NestedVMXBackend {
     public func handleL2Exit(_ exit: L2Exit, _ regs: inout RegisterFile, _ vcpu: L0VCPU) -> NextStep {
         guard let vmcs12 else { return .stop(.fatal(.noCurrentVMCS12)) }
+        if exit.info.reason == .externalInterrupt { return handleL1InterruptInL2(exit, regs, vmcs12, vcpu) }
         if NestedExitRules.reflects(exit, vmcs12: vmcs12, registers: regs, l1Memory: vcpu.l1Memory) {
             vcpu.countVMMUserspaceExit(exit)
             return reflect(exit.info, l2: regs, vcpu)
@@ -48,6 +49,20 @@ extension NestedVMXBackend {
                 return .stop(.fatal(.unhandledL2Exit(exit.info.reason)))
             }
         }
+    }
+
+    /// L2 was kicked out because L1 has an interrupt waiting (L0 runs L1's APIC): with
+    /// external-interrupt exiting, L1 gets it as an EXTERNAL_INTERRUPT VM exit, acknowledged on
+    /// the way (VM_EXIT_INTR_INFO holds the vector, as with "acknowledge interrupt on exit");
+    /// KVM's vmx_check_nested_events. Nothing waiting (a kick that raced an entry): L2 goes on.
+    func handleL1InterruptInL2(_ exit: L2Exit, _ regs: RegisterFile, _ v: VMCSImage, _ vcpu: L0VCPU) -> NextStep {
+        vcpu.l2Run[RunPage.kick] = 0
+        guard v[.pinBasedVMExecControl] & PinBased.externalInterruptExiting != 0,
+              let vector = vcpu.shared.apics?.acknowledge(vcpu.id) else { return .resume(.l2) }
+        vcpu.counters.interruptsInjected += 1
+        var info = exit.info
+        info.interruptionInfo = 1 << 31 | UInt64(vector)      // type 0: external interrupt
+        return reflect(info, l2: regs, vcpu)
     }
 
     /// nested_vmx_vmexit: sync L2's state into vmcs12, write the exit information, refresh the
@@ -171,6 +186,12 @@ extension NestedVMXBackend {
         countTransitionTLBFlush(entering: true, vmcs12, vcpu)
         vcpu.counters.mmuRootSwitches += 1       // nested_ept_init_mmu_context: the shadow-EPT root
         if launch { vmcs12.launched = true }
+        // L1 asked for an interrupt window (it has an interrupt for L2, which had interrupts
+        // off): L2 exits INTERRUPT_WINDOW as soon as they are on (a vmcs12 field in L0's
+        // memory, as KVM's nested_cpu_has reads it: no VMREAD).
+        if vmcs12[.cpuBasedVMExecControl] & CPUBased.interruptWindowExiting != 0 {
+            vcpu.l2Run[RunPage.kick] = RunPage.kickWindow
+        }
         guestMode = true
         vcpu.counters.vmcsSwitches += 1          // vmcs01 -> vmcs02
         vcpu.counters.nestedVMEntries += 1

@@ -113,7 +113,11 @@ public final class NestedVMXBackend: NestingBackend {
         Self.initializeFieldBitmaps(control)
     }
 
-    public func start(_ vcpu: L0VCPU, l2: inout RegisterFile) throws -> NextStep { .resume(.l1) }
+    /// L1 starts; L0 runs L1's local APICs (its vCPUs' IPIs to each other).
+    public func start(_ vcpu: L0VCPU, l2: inout RegisterFile) throws -> NextStep {
+        vcpu.enableLocalAPICs(count: vcpu.control.layout.vcpuCount, for: .l1)
+        return .resume(.l1)
+    }
 
     func launched() { hasL2VCPU = true }
 
