@@ -47,6 +47,8 @@ public enum ExitFuzzer {
             report.cases += 1
             if report.cases & 0xFFFF == 0 { progress?(report.cases) }
             if rng.below(8) == 0 { life.scribbleL1Memory(&rng) }
+            // The stack's loop enters woken vCPUs after each exit; here the one vCPU runs on.
+            life.vcpu.shared.wakeups.removeAll(keepingCapacity: true)
             switch next {
             case .stop:
                 report.stops += 1
@@ -182,7 +184,7 @@ public enum ExitFuzzer {
                                               .cpuid, .eptViolation, .hlt, .ioInstruction, .crAccess]
         static let l2Reasons: [ExitReason] = [.cpuid, .ioInstruction, .msrRead, .msrWrite, .eptViolation, .eptMisconfig,
                                               .vmcall, .hlt, .crAccess, .drAccess, .wbinvd, .rdtsc, .exceptionNMI, .invlpg,
-                                              .xsetbv, .pause, .vmread, .vmlaunch]
+                                              .xsetbv, .pause, .vmread, .vmlaunch, .externalInterrupt, .interruptWindow]
 
         /// Garbage in every exit field and register of `page`, with `reason`.
         static func writeExit(_ page: RunPageView, reason: ExitReason, _ g: inout FuzzRandom) {
@@ -231,7 +233,25 @@ public enum ExitFuzzer {
         }
 
         func writeL2Exit(_ g: inout FuzzRandom) {
-            Self.writeExit(vcpu.l2Run, reason: g.pick(Self.l2Reasons), &g)
+            let reason = g.pick(Self.l2Reasons)
+            Self.writeExit(vcpu.l2Run, reason: reason, &g)
+            let run = vcpu.l2Run
+            // Half the time, aim at the interrupt and TLB handlers: x2APIC and steal-time MSRs
+            // (any value: ICRs with garbage vectors, modes and destinations; steal-time GPAs
+            // anywhere), KVM_HC_SEND_IPI and the flush hypercall with garbage bitmaps, RFLAGS.IF
+            // on, and the kick words scribbled.
+            guard g.below(2) == 0 else { return }
+            run[register: .rflags] = g.below(2) == 0 ? 0x202 : g.edge()
+            switch reason {
+            case .msrRead, .msrWrite:
+                run[register: .rcx] = g.below(2) == 0 ? UInt64(LocalAPICMSR.range.lowerBound) + g.below(0x100)
+                    : UInt64(g.pick([LocalAPICMSR.icr, LocalAPICMSR.selfIPI, LocalAPICMSR.eoi, KVMStealTime.msr]))
+            case .vmcall:
+                run[register: .rax] = g.pick([KVMHypercall.sendIPI, L2Hypercall.flushTLB.rawValue])
+            default: break
+            }
+            if g.below(4) == 0 { run[RunPage.kick] = g.edge() }
+            if g.below(4) == 0 { run[RunPage.flushTLB] = g.edge() }
         }
 
         /// Every present EPT02 entry (and every PV mapping) inside L1's memory; the first one
