@@ -42,9 +42,10 @@ extension StackTests {
                 } else if passThrough {
                     #expect(r.l2ExitsPerOp < 0.1, "\(what)")
                 } else if op.name == "tlb_shootdown_pv" {
-                    // The target is idle (preempted): a steal-time flag, no exit at all; it
-                    // flushes once, at the entry the stop wakes it for.
-                    #expect(r.l2ExitsPerOp < 0.5 && r.window.tlbFlushesAtEntry <= 1, "\(what)")
+                    // The target is idle (preempted): a steal-time flag instead of an IPI, so no
+                    // IPI at all and next to no exit (the target's own HLT may fall in its window;
+                    // its flush comes at its next entry, after it: MultiVCPUTests counts it).
+                    #expect(r.window.apicIPIs == 0 && r.l2ExitsPerOp < 0.5, "\(what)")
                 } else if op.name != "ept_first_touch" {
                     #expect(r.l2ExitsPerOp >= 1.0, "\(what)")
                 } else {

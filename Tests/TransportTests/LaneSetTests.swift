@@ -19,12 +19,18 @@ import Transport
     @Test(arguments: [0, 3], [false, true])
     func theWaitReturnsTheLaneThatGaveL0TheTurn(_ which: Int, _ afterSleep: Bool) {
         let ls = lanes
-        let policy = WaitPolicy(spin: .yield, spinBudgetNanos: 50_000, sleepSliceNanos: 20_000_000)
-        let result = onThread { LaneSet.wait(for: .l0, on: ls, from: 1, policy: policy) }
+        // A 5 s sleep slice: only the wake-up from `pass` can end a sleep in time.
+        let policy = WaitPolicy(spin: .yield, spinBudgetNanos: 50_000, sleepSliceNanos: 5_000_000_000)
+        let result = onThread { () -> ((WaitOutcome, Int), UInt64) in
+            let r = LaneSet.wait(for: .l0, on: ls, from: 1, policy: policy)
+            return (r, monotonicNanos())
+        }
         if afterSleep { usleep(100_000) }          // the waiter is in futex_waitv by now
+        let passed = monotonicNanos()
         lanes[which].pass(to: .l0)
-        let (outcome, i) = result()
+        let ((outcome, i), returned) = result()
         #expect(outcome == .myTurn && i == which)
+        #expect(returned &- passed < 1_000_000_000, "woken \((returned &- passed) / 1_000_000) ms after the pass: the wake-up was lost")
     }
 
     /// Sleeping on four lanes costs no CPU to speak of; a stop on any lane ends the wait.

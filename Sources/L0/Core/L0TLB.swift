@@ -7,16 +7,22 @@ import Transport
 /// A flush is a request in the vCPU's run page that its CPU honours before it runs guest code
 /// again; a vCPU in guest mode is kicked first. Every GPA and bitmap comes from the guest.
 extension L0VCPU {
-    /// WRMSR MSR_KVM_STEAL_TIME: the area's GPA (64-byte aligned, enable bit 0). A disabled or
-    /// misaligned area is dropped; an unmapped one is only found unmapped when used.
+    /// WRMSR MSR_KVM_STEAL_TIME: the area's GPA (64-byte aligned), enable bit 0. Reserved bits
+    /// (1-5) set: #GP, as KVM refuses them (KVM_STEAL_RESERVED_MASK). An area past what EPT02
+    /// covers is dropped; an unmapped one is only found unmapped when used.
     func handleStealTimeMSR(_ exit: L2Exit, _ regs: inout RegisterFile) -> NextStep {
         if case let .msrWrite(_, value) = exit.kind {
+            guard value & (KVMStealTime.size - 1) & ~KVMStealTime.enable == 0 else {
+                inject(into: .l2, vector: 13, errorCode: 0)
+                return .resume(.l2)
+            }
             if shared.stealTime.count < control.layout.vcpuCount {
                 shared.stealTime = [L2GPA?](repeating: nil, count: control.layout.vcpuCount)
             }
             let gpa = value & ~(KVMStealTime.size - 1)
-            shared.stealTime[id] = value & KVMStealTime.enable != 0 && gpa + KVMStealTime.size <= control.layout.l2AddressLimit
-                ? L2GPA(gpa) : nil
+            // The guest's number: compared without an addition that could wrap.
+            let fits = gpa <= control.layout.l2AddressLimit && control.layout.l2AddressLimit - gpa >= KVMStealTime.size
+            shared.stealTime[id] = value & KVMStealTime.enable != 0 && fits ? L2GPA(gpa) : nil
         } else if case .msrRead = exit.kind {
             regs.edxEax = shared.stealTime.count > id ? (shared.stealTime[id].map { $0.raw | KVMStealTime.enable } ?? 0) : 0
         }

@@ -261,6 +261,12 @@ extension L0Stack {
                         runningLanes.append(lane(k, t))
                     }
                 }
+                // Nothing runs and nothing was woken (`checkAllStopped` should have said so):
+                // stop rather than wait on no lane at all.
+                guard !running.isEmpty else {
+                    stopping = .fatal(.allVCPUsHalted(states.filter { if case .halted = $0 { true } else { false } }.count))
+                    continue
+                }
                 let (k, stop) = waitForAnyTurn(policy, alive, runningLanes, from: next, after: lastExit) { running[$0].1 }
                 if let stop { stopping = stop; continue }
                 (i, tier) = running[k]

@@ -246,6 +246,11 @@ public enum ExitFuzzer {
             case .msrRead, .msrWrite:
                 run[register: .rcx] = g.below(2) == 0 ? UInt64(LocalAPICMSR.range.lowerBound) + g.below(0x100)
                     : UInt64(g.pick([LocalAPICMSR.icr, LocalAPICMSR.selfIPI, LocalAPICMSR.eoi, KVMStealTime.msr]))
+                // The value in EDX:EAX: a small GPA with the enable bit, or an edge (a GPA that
+                // wraps, reserved bits).
+                let value = g.below(2) == 0 ? (g.below(1 << 20) & ~0x3F) | 1 : g.edge()
+                run[register: .rdx] = value >> 32
+                run[register: .rax] = value & 0xFFFF_FFFF
             case .vmcall:
                 run[register: .rax] = g.pick([KVMHypercall.sendIPI, L2Hypercall.flushTLB.rawValue])
             default: break

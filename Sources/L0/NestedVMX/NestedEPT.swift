@@ -40,6 +40,14 @@ extension NestedVMXBackend {
     /// and retry L2 silently.
     func handleEPTViolation(_ exit: L2Exit, gpa: L2GPA, access: UInt64, _ vmcs12: VMCSImage,
                             _ regs: inout RegisterFile, _ vcpu: L0VCPU) -> NextStep {
+        // EPT02 is one table for the VM and shadows one EPTP: a vCPU whose EPTP is another
+        // (an L1 running two L2 VMs, or one that switched) takes it over first, so nothing
+        // filled from one EPT12 is ever used under the other (nor escapes its INVEPT).
+        let eptp = vmcs12[.eptPointer]
+        if shadowedEPTP != eptp {
+            dropEPT02Shadows(vcpu)
+            shadowedEPTP = eptp
+        }
         let walk = EPT12Walker(memory: vcpu.l1Memory).walk(eptp: vmcs12[.eptPointer], gpa: gpa, write: access & EPT.write != 0)
         vcpu.counters.ept12EntriesWalked += UInt64(walk.entriesRead)
         vcpu.counters.ept12ADUpdates += UInt64(walk.adUpdates)
