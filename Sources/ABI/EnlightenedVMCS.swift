@@ -9,6 +9,11 @@ public enum EnlightenedVMCS {
     /// u32 hv_clean_fields: a set bit means "this group did not change since L0 last read it".
     /// Fields sit in the same 8-byte slots as vmcs12 (`VMCS12Layout`); this word is in the header.
     public static let cleanFieldsOffset: UInt64 = 16
+    /// u32 hv_enlightenments_control (header): bit 0 `nested_flush_hypercall`: with the VP
+    /// assist page's direct hypercalls on, L0 answers L2's TLB-flush hypercall itself instead of
+    /// reflecting it (KVM's "L2 TLB flush", kvm_hv_l2_tlb_flush_exposed).
+    public static let enlightenmentsControlOffset: UInt64 = 20
+    public static let nestedFlushHypercall: UInt32 = 1 << 0
 
     /// HV_VMX_ENLIGHTENED_CLEAN_FIELD_* (TLFS), bit numbers.
     public enum Group: Int, CaseIterable, Sendable {
@@ -75,6 +80,9 @@ public enum EnlightenedVMCS {
 public enum VPAssistPage {
     public static let msr: UInt32 = 0x4000_0073
     public static let enable: UInt64 = 1
+    /// u32 nested_control.features: bit 0 `directhypercall` (L2's hypercalls may go to L0).
+    public static let nestedControlFeatures: UInt64 = 32
+    public static let directHypercall: UInt32 = 1 << 0
     /// u8: nonzero = VMLAUNCH/VMRESUME use the eVMCS named by `currentNestedVMCS`.
     public static let enlightenVMEntry: UInt64 = 40
     /// u64: L1 GPA of the current eVMCS.

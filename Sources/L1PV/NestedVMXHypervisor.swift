@@ -126,6 +126,11 @@ public final class NestedVMXHypervisor {
             try memory.store8(1, mine(L1MemoryPlan.vpAssistPage) + VPAssistPage.enlightenVMEntry)
             try cpu.wrmsr(VPAssistPage.msr, mine(L1MemoryPlan.vpAssistPage).raw | VPAssistPage.enable)
             cpu.useEnlightenedVMCS(try memory.vmcs(mine(L1MemoryPlan.evmcs)))
+            // Hyper-V's "L2 TLB flush" (as KVM on Hyper-V turns it on): direct hypercalls in the
+            // VP assist page and nested_flush_hypercall in the eVMCS, so L0 answers L2's flush
+            // hypercall without this L1.
+            try memory.store32(VPAssistPage.directHypercall, mine(L1MemoryPlan.vpAssistPage) + VPAssistPage.nestedControlFeatures)
+            cpu.evmcs?.evmcsEnlightenmentsControl = EnlightenedVMCS.nestedFlushHypercall
         } else {
             try memory.zero(mine(L1MemoryPlan.vmcs12), length: pageSize)
             try memory.store32(VMCS12Layout.revisionID, mine(L1MemoryPlan.vmcs12))

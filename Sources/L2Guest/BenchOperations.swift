@@ -69,7 +69,7 @@ public struct BenchOperation: Sendable {
     /// Whether `path` (with these PV features) has what this operation needs.
     public func runs(on path: NestingPath, pvFeatures: PVFeatures) -> Bool {
         (!needsLocalAPIC || path.hasLocalAPIC(pvFeatures: pvFeatures))
-            && (!needsL0TLBFlush || path == .single || (path == .pv && pvFeatures.contains(.directTLBFlush)))
+            && (!needsL0TLBFlush || path == .single || path == .nvmxEVMCS || (path == .pv && pvFeatures.contains(.directTLBFlush)))
             && (!needsStealTime || path == .single || (path == .pv && pvFeatures.contains(.directAPIC)))
     }
 }

@@ -62,6 +62,11 @@ public struct VMCSImage: @unchecked Sendable {
         get { region.unchecked(load: UInt32.self, at: base + EnlightenedVMCS.cleanFieldsOffset) }
         nonmutating set { region.unchecked(store: newValue, at: base + EnlightenedVMCS.cleanFieldsOffset) }
     }
+    /// An eVMCS's hv_enlightenments_control word.
+    public var evmcsEnlightenmentsControl: UInt32 {
+        get { region.unchecked(load: UInt32.self, at: base + EnlightenedVMCS.enlightenmentsControlOffset) }
+        nonmutating set { region.unchecked(store: newValue, at: base + EnlightenedVMCS.enlightenmentsControlOffset) }
+    }
     public var launched: Bool {
         get { region.unchecked(load: UInt32.self, at: base + VMCS12Layout.launchStateOffset) != 0 }
         nonmutating set { region.unchecked(store: UInt32(newValue ? 1 : 0), at: base + VMCS12Layout.launchStateOffset) }

@@ -11,6 +11,9 @@ extension NestedVMXBackend {
     public func handleL2Exit(_ exit: L2Exit, _ regs: inout RegisterFile, _ vcpu: L0VCPU) -> NextStep {
         guard let vmcs12 else { return .stop(.fatal(.noCurrentVMCS12)) }
         if exit.info.reason == .externalInterrupt { return handleL1InterruptInL2(exit, regs, vmcs12, vcpu) }
+        if case .vmcall(L2Hypercall.flushTLB.rawValue) = exit.kind, l2TLBFlushEnlightened(vcpu) {
+            return vcpu.handleFlushHypercall(exit, &regs)
+        }
         if NestedExitRules.reflects(exit, vmcs12: vmcs12, registers: regs, l1Memory: vcpu.l1Memory) {
             vcpu.countVMMUserspaceExit(exit)
             return reflect(exit.info, l2: regs, vcpu)
@@ -49,6 +52,17 @@ extension NestedVMXBackend {
                 return .stop(.fatal(.unhandledL2Exit(exit.info.reason)))
             }
         }
+    }
+
+    /// Hyper-V's "L2 TLB flush": L1 turned on direct hypercalls in its VP assist page and
+    /// `nested_flush_hypercall` in the eVMCS, so L0 answers L2's flush hypercall itself (KVM's
+    /// kvm_hv_l2_tlb_flush_exposed; a VMCALL is otherwise always L1's). Both read from L1's
+    /// memory at the exit, as KVM reads them.
+    func l2TLBFlushEnlightened(_ vcpu: L0VCPU) -> Bool {
+        guard variant == .enlightened, let assist = vpAssistPage, let image = evmcs,
+              let features: UInt32 = try? vcpu.l1Memory.load(assist + VPAssistPage.nestedControlFeatures),
+              features & VPAssistPage.directHypercall != 0 else { return false }
+        return image.evmcsEnlightenmentsControl & EnlightenedVMCS.nestedFlushHypercall != 0
     }
 
     /// L2 was kicked out because L1 has an interrupt waiting (L0 runs L1's APIC): with
