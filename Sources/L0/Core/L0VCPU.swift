@@ -13,9 +13,10 @@ public final class L0VCPU {
     public var counters = TransitionCounters()
     public let l2Run: RunPageView
     public let l1Run: RunPageView
+    // The VM's state, reached in place (no copy of the struct, and of its references, per use).
     public var l1Memory: L1MemoryAccess {
-        get { shared.l1Memory }
-        set { shared.l1Memory = newValue }
+        _read { yield shared.l1Memory }
+        _modify { yield &shared.l1Memory }
     }
     public let ept02: EPT02
     public var harness = Harness()
@@ -41,8 +42,8 @@ public final class L0VCPU {
         set { shared.memslotZapPolicy = newValue }
     }
     public var l0Devices: L0Devices {
-        get { shared.l0Devices }
-        set { shared.l0Devices = newValue }
+        _read { yield shared.l0Devices }
+        _modify { yield &shared.l0Devices }
     }
     /// The path's own state and handlers.
     public let backend: any NestingBackend
