@@ -8,6 +8,12 @@ public enum SwitcherLayout {
     /// Three pages at L1 GPA `base`: the lane and state, the run page, the counters.
     public static let base = L1GPA(0x0012_0000)
     public static let bytes: UInt64 = 3 * pageSize
+    /// With several vCPUs, vCPU i's area is `bytes * i` past vCPU 0's (the addresses below are
+    /// vCPU 0's): at most this many, in L1 GPA [0x12_0000, 0x15_0000).
+    public static let maxVCPUs = 16
+    public static func area(of vcpu: Int) -> AddressRange<L1GPA> {
+        AddressRange(start: base + UInt64(vcpu) * bytes, length: bytes)!
+    }
     /// The L1 <-> L2 handoff lane (HandoffLayout inside).
     public static let lane = base
     /// u64: the L1 GPA of the shadow PML4 the L2 CPU walks (hardware CR3 while L2 runs).

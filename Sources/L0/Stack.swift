@@ -7,7 +7,7 @@ import Glibc
 /// One three-tier stack: L0 is this process; it starts L1, and L2 when L1 asks for an L2 vCPU.
 ///
 /// Shutdown order (the only place it is written):
-///   1. store "stop" in every vCPU's handoff lanes (and pvm-rfc's switcher lane) and wake every sleeper:
+///   1. store "stop" in every vCPU's handoff lanes (and pvm-rfc's switcher lanes) and wake every sleeper:
 ///      each child tier, waiting for its turn, sees it and exits 0;
 ///   2. reap L2 (SIGKILL after a grace period if it does not go);
 ///   3. reap L1 the same way;
@@ -21,9 +21,9 @@ public final class L0Stack {
     let hostMemory: SharedRegion
     /// The handoff lanes between L0 and each child tier, one per vCPU.
     let l1Lanes: [Handoff], l2Lanes: [Handoff]
-    /// pvm-rfc: the lane L1 and L2 hand the vCPU over on, in L1's memory. L0 never passes it;
-    /// it only stops it with the others.
-    let switcherLane: Handoff?
+    /// pvm-rfc: the lanes L1 and L2 hand each vCPU over on, in L1's memory. L0 never passes
+    /// them; it only stops them with the others.
+    let switcherLanes: [Handoff]
     /// The VM's vCPUs, one state machine each in L0's loop; they share `L0VMState`.
     public let vcpus: [L0VCPU]
     /// vCPU 0 (the only one unless `StackConfig.vcpuCount` says more).
@@ -43,8 +43,8 @@ public final class L0Stack {
         guard (1...StackConfig.vcpuLimit).contains(config.vcpuCount) else {
             throw StackError.badConfig("\(config.vcpuCount) vCPUs: a stack runs 1 to \(StackConfig.vcpuLimit)")
         }
-        guard config.vcpuCount == 1 || !config.path.usesSwitcher else {
-            throw StackError.badConfig("pvm-rfc runs one vCPU (its switcher area in L1's memory is one vCPU's)")
+        guard !config.path.usesSwitcher || config.vcpuCount <= SwitcherLayout.maxVCPUs else {
+            throw StackError.badConfig("pvm-rfc runs at most \(SwitcherLayout.maxVCPUs) vCPUs (one switcher area each)")
         }
         self.config = config
         let layout = config.layout
@@ -70,8 +70,9 @@ public final class L0Stack {
         l1Lanes = (0..<layout.vcpuCount).map { mem.handoff(.l1, vcpu: $0) }
         l2Lanes = (0..<layout.vcpuCount).map { mem.handoff(.l2, vcpu: $0) }
         do {
-            switcherLane = config.path.usesSwitcher
-                ? try SwitcherView(memory: HostMemory(region: hostMemory), l1Base: config.l1HostOffset).lane : nil
+            let host = HostMemory(region: hostMemory), base = config.l1HostOffset
+            switcherLanes = config.path.usesSwitcher
+                ? try (0..<layout.vcpuCount).map { try SwitcherView(memory: host, l1Base: base, vcpu: $0).lane } : []
         } catch let e as TransportError {
             throw StackError.hostMemory(e)
         }
@@ -131,7 +132,7 @@ public final class L0Stack {
         guard !shutDown else { return }
         shutDown = true
         for l in l1Lanes + l2Lanes { l.stop() }
-        switcherLane?.stop()
+        for l in switcherLanes { l.stop() }
         for child in [l2, l1].compactMap({ $0 }) {
             if child.wait(timeoutNanos: 2_000_000_000) == nil { child.killAndReap() }
         }

@@ -18,19 +18,26 @@ public final class PVMHypervisor {
     let policy: WaitPolicy
     var devices = L1Devices()
     var mmu: ShadowMMU!
+    /// This vCPU, and how many the VM has: each vCPU's shadow MMU has its own slice of the pool
+    /// (several vCPUs run only the programs without L2 paging, whose shadow tables are each
+    /// vCPU's own identity map).
+    let index: Int, vcpus: Int
 
     public init(cpu: L1CPU, memory: L1Memory, session: TierSession) throws {
         self.cpu = cpu
         self.memory = memory
-        self.switcher = try SwitcherView(memory: session.hostMemory, l1Base: session.launch.l1Slot.hostOffset)
+        self.switcher = try SwitcherView(memory: session.hostMemory, l1Base: session.launch.l1Slot.hostOffset, vcpu: session.vcpu)
         self.policy = session.policy
+        self.index = session.vcpu
+        self.vcpus = session.launch.layout.vcpuCount
     }
 
     public func run() throws -> Never {
         try switcher.reset()
         let sw = switcher
+        let slice = L1MemoryPlan.ept12PoolSize / UInt64(vcpus) / pageSize * pageSize
         mmu = ShadowMMU(memory: L1ShadowMemory(memory: memory),
-                        pool: AddressRange(start: L1MemoryPlan.ept12Pool, length: L1MemoryPlan.ept12PoolSize)!,
+                        pool: AddressRange(start: L1MemoryPlan.ept12Pool + UInt64(index) * slice, length: slice)!,
                         backing: .init(translate: L1MemoryPlan.backing(of:)),
                         count: { c, n in sw.count(c, n) })
         let page = switcher.run

@@ -63,7 +63,7 @@ public final class GuestCPU {
         precondition(UInt64(vcpuCount) * Ucall.size <= pageSize, "\(vcpuCount) ucall blocks do not fit in a page")
         self.ucallBlock = L2GPA(0x1000) + UInt64(session.vcpu) * Ucall.size
         if session.launch.path.usesSwitcher {
-            let sw = try SwitcherView(memory: session.hostMemory, l1Base: session.launch.l1Slot.hostOffset)
+            let sw = try SwitcherView(memory: session.hostMemory, l1Base: session.launch.l1Slot.hostOffset, vcpu: session.vcpu)
             self.switcher = sw
             self.port = ExitPort(session: session, switcher: sw)
         } else {

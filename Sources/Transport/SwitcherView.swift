@@ -11,18 +11,23 @@ public struct SwitcherView: @unchecked Sendable {
     public let l1Base: HostOffset
     public let lane: Handoff
     public let run: RunPageView
+    /// Where this vCPU's area is past vCPU 0's (`SwitcherLayout.area(of:)`).
+    let areaShift: UInt64
 
-    public init(memory: HostMemory, l1Base: HostOffset) throws {
+    /// vCPU `vcpu`'s switcher area (each vCPU has its own, `SwitcherLayout.bytes` apart).
+    public init(memory: HostMemory, l1Base: HostOffset, vcpu: Int = 0) throws {
+        precondition(vcpu >= 0 && vcpu < SwitcherLayout.maxVCPUs, "vCPU \(vcpu) has no switcher area")
         self.memory = memory
         self.l1Base = l1Base
-        let area = l1Base + SwitcherLayout.base.raw
+        self.areaShift = UInt64(vcpu) * SwitcherLayout.bytes
+        let area = l1Base + SwitcherLayout.base.raw + areaShift
         try memory.region.check(memory.local(area), SwitcherLayout.bytes)
         self.lane = Handoff(region: memory.region, base: ControlOffset(memory.local(area)))
-        self.run = try memory.runPage(at: l1Base + SwitcherLayout.runPage.raw)
+        self.run = try memory.runPage(at: l1Base + SwitcherLayout.runPage.raw + areaShift)
     }
 
     @inline(__always)
-    func host(_ gpa: L1GPA) -> HostOffset { l1Base + gpa.raw }
+    func host(_ gpa: L1GPA) -> HostOffset { l1Base + gpa.raw + areaShift }
 
     /// One u64 of the area, by its `SwitcherLayout` address (the area's bounds were checked at
     /// init; a word outside it traps).

@@ -70,9 +70,6 @@ enum Checks {
 
     static func vcpus(_ n: Int, paths: [NestingPath]) throws {
         try range(n, 1...StackConfig.vcpuLimit, "--vcpus")
-        if n > 1, let p = paths.first(where: \.usesSwitcher) {
-            throw ValidationError("--vcpus \(n): \(p.rawValue) runs one vCPU (its switcher area in L1's memory is one vCPU's)")
-        }
     }
 
     /// A comma-separated list of paths, none unknown, at least one, no repeats.

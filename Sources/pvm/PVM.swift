@@ -152,7 +152,7 @@ extension PVM {
         func validateScaling(_ counts: [Int]) throws {
             guard suite == .exits else { throw ValidationError("--vcpus is for the exit tests (--suite exits)") }
             try Checks.vcpus(counts.max() ?? 1, paths: try path.map { try Checks.paths($0) } ?? [])
-            if path == nil { throw ValidationError("--vcpus \(vcpus ?? ""): name the paths (--path pv,nvmx; not pvm-rfc, which runs one vCPU)") }
+            if path == nil { throw ValidationError("--vcpus \(vcpus ?? ""): name the paths (--path pv,nvmx)") }
             let tests = try test.map(Checks.tests) ?? []
             if tests.isEmpty { throw ValidationError("--vcpus \(vcpus ?? ""): name the tests (--test cpuid)") }
             for t in tests where BenchOperations.named(t)?.runsOnSeveralVCPUs == false {
@@ -349,7 +349,7 @@ extension PVM {
         var enableVirtAtLoad = true
         @Option(name: .long, help: "Watchdog: seconds a tier may hold the vCPU before the stack is stopped, in (0, 3600].")
         var tierTimeout: Double = Double(StackConfig.defaultTierTimeoutNanos) / 1e9
-        @Option(name: .long, help: "vCPUs in L1 and in L2, 1 to \(StackConfig.vcpuLimit); every vCPU runs the program with its own index (not on pvm-rfc).")
+        @Option(name: .long, help: "vCPUs in L1 and in L2, 1 to \(StackConfig.vcpuLimit); every vCPU runs the program with its own index.")
         var vcpus: Int = 1
         /// Tests of L0's defences: `l1=PATH` or `l2=PATH` runs PATH as that tier instead of pvm
         /// (a hostile stand-in speaking the tier protocol). Hidden: not for measuring anything.

@@ -87,12 +87,12 @@ extension StackTests {
         }
     }
 
-    /// What `--vcpus` refuses, before any stack starts: a count out of range, pvm-rfc, a test
-    /// that needs pages of its own, a table option the scaling table does not take.
+    /// What `--vcpus` refuses, before any stack starts: a count out of range, a program that
+    /// needs pages of its own (or more vCPUs), a table option the scaling table does not take.
     @Test(arguments: [
-        ["launch", "--vcpus", "0"], ["launch", "--vcpus", "2", "--path", "pvm-rfc"], ["launch", "--vcpus", "2", "--program", "paging-probe"],
+        ["launch", "--vcpus", "0"], ["launch", "--vcpus", "2", "--program", "paging-probe"], ["launch", "--vcpus", "1", "--program", "ipi"],
         ["bench", "--vcpus", "2,2", "--test", "cpuid", "--path", "pv"], ["bench", "--vcpus", "1,2", "--test", "page_fault", "--path", "pv"],
-        ["bench", "--vcpus", "2", "--test", "cpuid", "--path", "pv,pvm-rfc"], ["bench", "--vcpus", "2", "--test", "cpuid"],
+        ["bench", "--vcpus", "2", "--test", "cpuid"],
         ["bench", "--vcpus", "2", "--test", "cpuid", "--path", "pv", "--svg", "/tmp/x.svg"], ["bench", "--vcpus", "17", "--test", "cpuid", "--path", "pv"],
     ])
     func vcpusIsAUsageErrorWhereItCannotApply(_ args: [String]) throws {

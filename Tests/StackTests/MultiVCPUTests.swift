@@ -8,7 +8,7 @@ import Transport
 
 extension StackTests {
 @Suite struct MultiVCPUTests {
-    static let paths: [NestingPath] = NestingPath.allCases.filter { !$0.usesSwitcher }
+    static let paths: [NestingPath] = NestingPath.allCases
 
     func run(_ path: NestingPath, program: String, vcpus: Int, args: [UInt64] = []) throws -> StackResult {
         var config = StackConfig(path: path, program: program, programArguments: args, tierExecutable: PVMBinary.path)
@@ -43,6 +43,7 @@ extension StackTests {
             #expect(r.window.l2Exits == one.window.l2Exits, "vCPU \(i) on \(path)")
             #expect(r.window.l1Exits == one.window.l1Exits, "vCPU \(i) on \(path)")
             #expect(r.window.deliveries == one.window.deliveries, "vCPU \(i) on \(path)")
+            #expect(r.window.switcherExits == one.window.switcherExits, "vCPU \(i) on \(path): its own switcher area")
         }
     }
 
@@ -180,15 +181,13 @@ extension StackTests {
         }
     }
 
-    /// pvm-rfc's switcher area is one vCPU's: a stack of two is refused before anything runs,
-    /// as is a count past the limit.
-    @Test func pvmRFCAndTooManyVCPUsAreRefused() throws {
+    /// A count past the limit (or none) is refused before anything runs.
+    @Test func tooManyOrNoVCPUsAreRefused() throws {
         var config = StackConfig(path: .pvmRFC, program: "cpuid", tierExecutable: PVMBinary.path)
-        config.vcpuCount = 2
-        #expect(throws: StackError.self) { _ = try L0Stack(config: config) }
-        config.path = .pv
-        config.vcpuCount = StackConfig.vcpuLimit + 1
-        #expect(throws: StackError.self) { _ = try L0Stack(config: config) }
+        for n in [0, StackConfig.vcpuLimit + 1] {
+            config.vcpuCount = n
+            #expect(throws: StackError.self) { _ = try L0Stack(config: config) }
+        }
     }
 }
 }

@@ -16,15 +16,20 @@ public final class PVMRFCBackend: NestingBackend {
     /// L2's process exists from the start: it waits on the switcher lane until L1 enters it.
     public var hasL2VCPU: Bool { true }
 
+    /// The vCPU whose area `switcher` is.
+    var areaVCPU = 0
+
     public func start(_ vcpu: L0VCPU, l2 regs: inout RegisterFile) throws -> NextStep {
+        areaVCPU = vcpu.id
         switcher = try Self.switcher(vcpu)
         return .resume(.l1)
     }
 
-    /// The switcher area in L1's memory as L0 maps it (inside L1's memslot, or nil).
+    /// This vCPU's switcher area in L1's memory as L0 maps it (inside L1's memslot, or nil).
     static func switcher(_ vcpu: L0VCPU) throws -> SwitcherView {
-        let area = try vcpu.l1Memory.memslots.translate(SwitcherLayout.base, length: SwitcherLayout.bytes)
-        return try SwitcherView(memory: vcpu.l1Memory.host, l1Base: HostOffset(area.raw - SwitcherLayout.base.raw))
+        let range = SwitcherLayout.area(of: vcpu.id)
+        let area = try vcpu.l1Memory.memslots.translate(range.start, length: range.length)
+        return try SwitcherView(memory: vcpu.l1Memory.host, l1Base: HostOffset(area.raw - range.start.raw), vcpu: vcpu.id)
     }
 
     /// L2 never exits to L0 on this path: one that says it did is not following the design.
@@ -53,6 +58,6 @@ public final class PVMRFCBackend: NestingBackend {
     /// L1's memory went: the switcher area may have gone with it (L1's own business; L0 only
     /// stops reading it).
     public func memoryRemoved(_ range: AddressRange<L1GPA>, slot: UInt32, fastZap: Bool, _ vcpu: L0VCPU) {
-        if range.contains(SwitcherLayout.base) { switcher = nil }
+        if range.intersection(SwitcherLayout.area(of: areaVCPU)) != nil { switcher = nil }
     }
 }
