@@ -90,7 +90,8 @@ public enum ScalingSuite {
                 + Report.pad(Report.fmt(row.overRawHop), 11, right: true) + "\n"
         }
         out += "ns/op: each vCPU's median (lowest-highest over the vCPUs); kops/s per vCPU: its operations over its own loop; "
-            + "total: every vCPU's operations over the longest loop; ns/hop: that loop over every vCPU's hops (L0 takes them one at a time).\n"
+            + "total: every vCPU's operations over the longest loop; ns/hop: that loop over every vCPU's hops (L0 takes them one at a time; "
+            + "on pvm-rfc, L2's threads share one core).\n"
         return out
     }
 
