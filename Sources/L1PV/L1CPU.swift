@@ -51,10 +51,13 @@ public final class L1CPU: L1StoreTrap {
         guard let event = port.exit(reason, length: length, qualification: qualification, gpa: gpa, info: info, operand: operand) else { return }
         if event.isHardwareException && event.vector == 6 { throw L1Fault.undefinedOpcode(reason.name) }
         if event.isExternalInterrupt {
-            // Saved across the handler: the instruction's results are in the run page.
+            // Saved across the handler: the instruction's results and the exit it reports are
+            // in the run page (its registers and the exit and entry slots, 0x000-0x077).
             let saved = run.registers
+            let slots = stride(from: UInt64(0), to: RunPage.kick, by: 8).map { run[$0] }
             try wrmsr(LocalAPICMSR.eoi, 0)
             run.registers = saved
+            for (i, v) in slots.enumerated() where UInt64(i) * 8 != RunPage.eventInjection { run[UInt64(i) * 8] = v }
         }
     }
 

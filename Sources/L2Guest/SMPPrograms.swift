@@ -85,6 +85,25 @@ public enum SMPPrograms {
         cpu.sync(0x58, UInt64(me), cpu.read64(ringToken))
     }
 
+    /// A self-IPI with interrupts off, taken at the NOP after STI (an interrupt window), then
+    /// more NOPs and PAUSEs with interrupts on and nothing pending: those are no exits on any
+    /// path (a window request left armed would make each one an exit). Five rounds.
+    public static let interruptWindowProbe = GuestProgram(name: "interrupt-window-probe", summary: "self-IPIs taken at an interrupt window, then NOPs that must not exit") { cpu, _ in
+        let w = received + UInt64(cpu.vcpuIndex) * 8
+        cpu.setInterruptHandler(base) { c, _ in
+            c.write64(w, c.read64(w) &+ 1)
+            c.eoi()
+        }
+        for _ in 0..<5 {
+            cpu.cli()
+            cpu.selfIPI(base)
+            cpu.sti()
+            cpu.nop()
+            for _ in 0..<4 { cpu.nop(); cpu.pause() }
+        }
+        cpu.sync(0x5A, cpu.read64(w))
+    }
+
     /// Every vCPU halts with interrupts on and nobody sends anything: L0 must say so and stop.
     public static let haltAll = GuestProgram(name: "halt-all", summary: "every vCPU halts with nobody to wake it (L0 stops the stack)") { cpu, _ in
         cpu.sti()

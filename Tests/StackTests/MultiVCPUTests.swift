@@ -125,6 +125,19 @@ extension StackTests {
         #expect(r.perVCPU.allSatisfy { $0.counters.haltsBlocked > 0 }, "on nvmx, L1's vCPUs halt as their L2s do")
     }
 
+    /// An interrupt window opens once per self-IPI: the NOPs and PAUSEs after it cost no exit,
+    /// on nvmx as on one level (a window request left armed in the kick word, found by a cold
+    /// review, made each one an INTERRUPT_WINDOW exit through L1).
+    @Test(arguments: [NestingPath.single, .pv, .nvmx, .nvmxEVMCS])
+    func anInterruptWindowOpensOncePerInterrupt(_ path: NestingPath) throws {
+        let r = try run(path, program: "interrupt-window-probe", vcpus: 1)
+        #expect(r.succeeded, "\(r.stop)")
+        #expect(Array(r.harness.syncs) == [[0x5A, 5, 0, 0, 0, 0]])
+        // Per round: the SELF_IPI write, one window exit, the EOI (plus the ucalls: sync, done).
+        let window = r.counters.l2Exits[Int(ExitReason.interruptWindow.rawValue)]
+        #expect(window == 5, "\(window) INTERRUPT_WINDOW exits on \(path)")
+    }
+
     /// Halted for good: L0 says so and stops the stack at once, instead of waiting for the
     /// watchdog or the time limit.
     @Test func aStackWhoseVCPUsAllHaltForGoodStopsSayingSo() throws {

@@ -74,10 +74,12 @@ public final class L0VCPU {
         precondition(count >= 1 && count <= control.layout.vcpuCount, "\(count) vCPUs in a layout of \(control.layout.vcpuCount)")
         let shared = L0VMState(l1Memory: l1Memory)
         let vmState = path.makeBackendVMState()
-        return (0..<count).map { i in
+        let vcpus = (0..<count).map { i in
             L0VCPU(id: i, path: path, control: control, shared: shared,
                    backend: path.makeBackend(control: control, vcpu: i, vm: vmState))
         }
+        shared.backends = vcpus.map(\.backend)
+        return vcpus
     }
 
     /// Control memory's initial contents: L2's MSR bitmaps intercept everything, and L2 runs

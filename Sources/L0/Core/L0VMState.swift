@@ -32,6 +32,9 @@ public final class L0VMState {
     /// L2's flush hypercall: for each vCPU waiting in it, the vCPUs it kicked that have not yet
     /// left guest mode. One entry per sender at most (bounded by the vCPU count).
     public var flushWaits: [Int: Set<Int>] = [:]
+    /// Every vCPU's backend, for what one vCPU does to the whole VM (a memslot deleted: each
+    /// backend drops what it derived, pvm-rfc's switcher view of its own area included).
+    public var backends: [any NestingBackend] = []
 
     public init(l1Memory: L1MemoryAccess) {
         self.l1Memory = l1Memory

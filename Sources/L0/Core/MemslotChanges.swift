@@ -25,7 +25,10 @@ extension L0VCPU {
             zapped = ept02.present.count
             ept02.invalidateAllFast()
         }
-        backend.memoryRemoved(gone.guestRange, slot: gone.slot, fastZap: !targeted, self)
+        // Every vCPU's backend (the VM-wide ones drop their shared state once; again is a no-op).
+        for b in shared.backends.isEmpty ? [backend] : shared.backends {
+            b.memoryRemoved(gone.guestRange, slot: gone.slot, fastZap: !targeted, self)
+        }
         counters.memslotZaps += 1
         return zapped
     }

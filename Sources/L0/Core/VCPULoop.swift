@@ -200,6 +200,9 @@ extension L0Stack {
                 } else {
                     v.counters.l2Entries += 1
                     if v.shared.apics != nil || !v.shared.stealTime.isEmpty { v.prepareL2Entry() }
+                    // nvmx: an interrupt L1 got while L0 held this vCPU in L2's context (a flush
+                    // hypercall's wait, say) must still end this L2 run (a nested exit).
+                    if v.shared.apicTier == .l1, v.shared.apics?.deliverable(i) != nil { v.l2Run[RunPage.kick] = RunPage.kickExternal }
                     v.shared.inGuestMode[i] = true
                 }
                 lane(i, tier).pass(to: tier)

@@ -207,6 +207,10 @@ public enum ExitFuzzer {
         func writeL1Exit(_ g: inout FuzzRandom) -> Bool {
             let reason = g.pick(Self.l1Reasons)
             Self.writeExit(vcpu.l1Run, reason: reason, &g)
+            // Half of L1's MSR accesses aim at its own x2APIC (nvmx: L0 runs L1's APICs).
+            if reason == .msrRead || reason == .msrWrite, g.below(2) == 0 {
+                vcpu.l1Run[register: .rcx] = UInt64(LocalAPICMSR.range.lowerBound) + g.below(0x100)
+            }
             if vcpu.path.usesSwitcher, g.below(2) == 0 { writeForwardedUcall(&g) }
             guard reason == .vmcall, g.below(4) != 0 else { return false }
             let call = g.pick(PVHypercall.allCases)

@@ -11,6 +11,12 @@ extension NestedVMXBackend {
     public func handleL2Exit(_ exit: L2Exit, _ regs: inout RegisterFile, _ vcpu: L0VCPU) -> NextStep {
         guard let vmcs12 else { return .stop(.fatal(.noCurrentVMCS12)) }
         if exit.info.reason == .externalInterrupt { return handleL1InterruptInL2(exit, regs, vmcs12, vcpu) }
+        if exit.info.reason == .interruptWindow {
+            // The window L1 asked for (interrupt-window exiting in vmcs12) is open: L1's exit.
+            // One L1 did not ask for (it turned the control off meanwhile) ends here.
+            vcpu.l2Run[RunPage.kick] = 0
+            guard Self.wantsInterruptWindow(vmcs12) else { return .resume(.l2) }
+        }
         if case .vmcall(L2Hypercall.flushTLB.rawValue) = exit.kind, l2TLBFlushEnlightened(vcpu) {
             return vcpu.handleFlushHypercall(exit, &regs)
         }
@@ -54,6 +60,12 @@ extension NestedVMXBackend {
         }
     }
 
+    /// L1 asked for an interrupt-window exit (a vmcs12 field in L0's memory, as KVM's
+    /// nested_cpu_has reads it: no VMREAD counted).
+    static func wantsInterruptWindow(_ v: VMCSImage) -> Bool {
+        v[.cpuBasedVMExecControl] & CPUBased.interruptWindowExiting != 0
+    }
+
     /// Hyper-V's "L2 TLB flush": L1 turned on direct hypercalls in its VP assist page and
     /// `nested_flush_hypercall` in the eVMCS, so L0 answers L2's flush hypercall itself (KVM's
     /// kvm_hv_l2_tlb_flush_exposed; a VMCALL is otherwise always L1's). Both read from L1's
@@ -70,7 +82,8 @@ extension NestedVMXBackend {
     /// the way (VM_EXIT_INTR_INFO holds the vector, as with "acknowledge interrupt on exit");
     /// KVM's vmx_check_nested_events. Nothing waiting (a kick that raced an entry): L2 goes on.
     func handleL1InterruptInL2(_ exit: L2Exit, _ regs: RegisterFile, _ v: VMCSImage, _ vcpu: L0VCPU) -> NextStep {
-        vcpu.l2Run[RunPage.kick] = 0
+        // The kick may have overwritten a window request L1 still has on: it stays.
+        vcpu.l2Run[RunPage.kick] = Self.wantsInterruptWindow(v) ? RunPage.kickWindow : 0
         guard v[.pinBasedVMExecControl] & PinBased.externalInterruptExiting != 0,
               let vector = vcpu.shared.apics?.acknowledge(vcpu.id) else { return .resume(.l2) }
         vcpu.counters.interruptsInjected += 1
@@ -203,7 +216,7 @@ extension NestedVMXBackend {
         // L1 asked for an interrupt window (it has an interrupt for L2, which had interrupts
         // off): L2 exits INTERRUPT_WINDOW as soon as they are on (a vmcs12 field in L0's
         // memory, as KVM's nested_cpu_has reads it: no VMREAD).
-        if vmcs12[.cpuBasedVMExecControl] & CPUBased.interruptWindowExiting != 0 {
+        if Self.wantsInterruptWindow(vmcs12) {
             vcpu.l2Run[RunPage.kick] = RunPage.kickWindow
         }
         guestMode = true
