@@ -154,7 +154,7 @@ public enum TLBShootdown {
             let (kernel, space, _, b) = build(cpu)
             join(cpu)
             while cpu.read64(helpersReady) < helpers { cpu.pause() }
-            if method == .pvFlush || method == .none {
+            if method == .pvFlush {
                 // Every helper halted, so preempted in its steal-time area.
                 for v in 1..<cpu.vcpuCount { while !isPreempted(cpu, v) { cpu.pause() } }
             }
@@ -171,7 +171,7 @@ public enum TLBShootdown {
             let seen = cpu.read64(PagingOperations.user(0))
             cpu.asKernel { cpu.atomicIncrement(helpersReady) }
             while cpu.read64(round) == 0 {
-                if method == .pvFlush || method == .none { cpu.hlt() } else { cpu.pause() }
+                if method == .pvFlush { cpu.hlt() } else { cpu.pause() }
             }
             cpu.sync(0x59, seen, cpu.read64(PagingOperations.user(0)))
         }

@@ -163,7 +163,7 @@ extension StackTests {
     /// the TLB is real, so the check can fail.
     @Test(arguments: [(NestingPath.single, TLBShootdown.Method.ipi), (.single, .pvFlush), (.single, .hypercall), (.single, .none),
                       (.pv, .ipi), (.pv, .pvFlush), (.pv, .hypercall), (.pv, .none),
-                      (.nvmx, .ipi), (.nvmxEVMCS, .ipi), (.nvmxEVMCS, .hypercall)])
+                      (.nvmx, .ipi), (.nvmx, .none), (.nvmxEVMCS, .ipi), (.nvmxEVMCS, .hypercall), (.nvmxEVMCS, .none)])
     func aShootdownMakesEveryVCPUMissTheOldTranslation(_ path: NestingPath, _ method: TLBShootdown.Method) throws {
         let n = 3
         let r = try run(path, program: "tlb-shootdown-probe", vcpus: n, args: [method.rawValue])
