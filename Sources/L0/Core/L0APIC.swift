@@ -2,8 +2,9 @@ import ABI
 import GuestDevices
 import Transport
 
-/// The local APICs L0 runs for the guest tier it runs directly (L2 on single, and on pv with
-/// `PVFeatures.directAPIC`), as KVM's in-kernel LAPIC does: x2APIC ICR / SELF_IPI / EOI / TPR
+/// The local APICs L0 runs: L2's where it runs L2 directly (single, and pv with
+/// `PVFeatures.directAPIC`), L1's own on nested VMX (`L0VMState.apicTier`), as KVM's in-kernel
+/// LAPIC does: x2APIC ICR / SELF_IPI / EOI / TPR
 /// writes, KVM_HC_SEND_IPI, HLT until an interrupt, and the interrupt's way to its target:
 /// injected at the target's next entry, with a kick first if the target is in guest mode, or
 /// a wake-up if it halted. Every value comes from the guest: a bad vector or mode is the APIC's
