@@ -47,12 +47,7 @@ public enum ScalingSuite {
     /// The ring, then each test on each path with each vCPU count, then the ring again.
     public static func run(runner: BenchRunner, tests: [String], paths: [NestingPath], vcpuCounts: [Int],
                            progress: (String) -> Void = { _ in }) throws -> Result {
-        let placement = runner.placement
-        let ringArguments = ["__ring"] + (placement.guestCPU.map { ["--cpu", "\($0)"] } ?? [])
-        func ring() throws -> [Double] {
-            try RawRing.measure(executable: runner.tierExecutable, arguments: ringArguments, placement: placement,
-                                roundTrips: 100_000, runs: 3)
-        }
+        func ring() throws -> [Double] { try TransportSuite.rawRingRuns(tierExecutable: runner.tierExecutable, placement: runner.placement) }
         progress("vCPU scaling: the raw ring")
         var rawRuns = try ring()
         var measured: [([BenchResult], Int)] = []
@@ -71,8 +66,7 @@ public enum ScalingSuite {
     }
 
     public static func table(_ r: Result) -> String {
-        var out = "raw two-process ring: \(Report.fmt(r.rawNanosPerHop, 0)) ns per hop (median of \(r.rawRuns.count) runs of 100,000 round trips, "
-            + "\(Report.fmt(r.rawRuns.min() ?? 0, 0))-\(Report.fmt(r.rawRuns.max() ?? 0, 0)))\n"
+        var out = TransportSuite.rawRingLine(r.rawNanosPerHop, runs: r.rawRuns)
         out += Report.pad("test", 8) + Report.pad("path", 15) + Report.pad("vCPUs", 6, right: true)
             + Report.pad("ns/op per vCPU", 17, right: true) + Report.pad("kops/s per vCPU", 17, right: true)
             + Report.pad("total kops/s", 14, right: true) + Report.pad("hops/op", 9, right: true)
@@ -95,12 +89,7 @@ public enum ScalingSuite {
         return out
     }
 
-    public static func json(_ r: Result) throws -> String {
-        let e = JSONEncoder()
-        e.outputFormatting = [.prettyPrinted, .sortedKeys]
-        e.keyEncodingStrategy = .convertToSnakeCase
-        return String(decoding: try e.encode(r), as: UTF8.self) + "\n"
-    }
+    public static func json(_ r: Result) throws -> String { try SuiteFiles.snakeCaseJSON(r) }
 
     public static func csv(_ r: Result) -> String {
         var out = "test,path,vcpus,vcpu,median_ns,ops_per_second,total_ops_per_second,hops_per_op,ns_per_hop,over_raw_hop,raw_ns_per_hop\n"

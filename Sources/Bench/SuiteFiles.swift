@@ -59,6 +59,14 @@ public enum SuiteFiles {
         var rows: [Row]
     }
 
+    /// A suite's own result type as pretty, sorted, snake_case JSON (the transport and scaling suites).
+    static func snakeCaseJSON<T: Encodable>(_ value: T) throws -> String {
+        let e = JSONEncoder()
+        e.outputFormatting = [.prettyPrinted, .sortedKeys]
+        e.keyEncodingStrategy = .convertToSnakeCase
+        return String(decoding: try e.encode(value), as: UTF8.self) + "\n"
+    }
+
     static func json<Row: Encodable>(_ suite: String, _ rows: [Row], host: KVMHostFacts? = nil) throws -> String {
         let e = JSONEncoder()
         e.outputFormatting = [.prettyPrinted, .sortedKeys]

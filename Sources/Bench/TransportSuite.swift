@@ -35,13 +35,16 @@ public enum TransportSuite {
 
     /// The ring, then `test` on each path, then the ring again (its runs from both ends
     /// together, so a machine that slows down during the run shows in the ring's spread).
+    /// Three runs of 100,000 round trips of the raw ring, its echo on the guest core: what the
+    /// transport and scaling suites set their hops beside.
+    static func rawRingRuns(tierExecutable: String, placement: CPUPlacement) throws -> [Double] {
+        try RawRing.measure(executable: tierExecutable, arguments: ["__ring"] + (placement.guestCPU.map { ["--cpu", "\($0)"] } ?? []),
+                            placement: placement, roundTrips: 100_000, runs: 3)
+    }
+
     public static func run(tierExecutable: String, paths: [NestingPath], test: String = "cpuid",
                            placement: CPUPlacement = .automatic(), progress: (String) -> Void = { _ in }) throws -> Result {
-        let ringArguments = ["__ring"] + (placement.guestCPU.map { ["--cpu", "\($0)"] } ?? [])
-        func ring() throws -> [Double] {
-            try RawRing.measure(executable: tierExecutable, arguments: ringArguments, placement: placement,
-                                roundTrips: 100_000, runs: 3)
-        }
+        func ring() throws -> [Double] { try rawRingRuns(tierExecutable: tierExecutable, placement: placement) }
         progress("transport suite: the raw ring")
         var rawRuns = try ring()
         var results: [BenchResult] = []
@@ -64,9 +67,14 @@ public enum TransportSuite {
         return Result(rawNanosPerHop: raw, rawRuns: rawRuns, rows: rows)
     }
 
+    /// The table's first line: the raw ring's hop, its runs and their spread.
+    static func rawRingLine(_ perHop: Double, runs: [Double]) -> String {
+        "raw two-process ring: \(Report.fmt(perHop, 0)) ns per hop (median of \(runs.count) runs of 100,000 round trips, "
+            + "\(Report.fmt(runs.min() ?? 0, 0))-\(Report.fmt(runs.max() ?? 0, 0)))\n"
+    }
+
     public static func table(_ r: Result) -> String {
-        var out = "raw two-process ring: \(Report.fmt(r.rawNanosPerHop, 0)) ns per hop (median of \(r.rawRuns.count) runs of 100,000 round trips, "
-            + "\(Report.fmt(r.rawRuns.min() ?? 0, 0))-\(Report.fmt(r.rawRuns.max() ?? 0, 0)))\n"
+        var out = rawRingLine(r.rawNanosPerHop, runs: r.rawRuns)
         out += Report.pad("path", 16) + Report.pad("test", 8) + Report.pad("median ns", 11, right: true) + Report.pad("hops/op", 9, right: true)
             + Report.pad("ns/hop", 9, right: true) + Report.pad("x raw hop", 11, right: true) + "\n"
         for row in r.rows {
@@ -77,12 +85,7 @@ public enum TransportSuite {
         return out
     }
 
-    public static func json(_ r: Result) throws -> String {
-        let e = JSONEncoder()
-        e.outputFormatting = [.prettyPrinted, .sortedKeys]
-        e.keyEncodingStrategy = .convertToSnakeCase
-        return String(decoding: try e.encode(r), as: UTF8.self) + "\n"
-    }
+    public static func json(_ r: Result) throws -> String { try SuiteFiles.snakeCaseJSON(r) }
 
     public static func csv(_ r: Result) -> String {
         var out = "path,test,median_ns,hops_per_op,ns_per_hop,over_raw_hop,raw_ns_per_hop\n"

@@ -86,7 +86,6 @@ extension GuestCPU {
     /// NOP: an instruction boundary, where a waiting interrupt is taken.
     public func nop() { pollInterrupts() }
     public func cli() { interrupts.enabled = false }
-    public var interruptsEnabled: Bool { interrupts.enabled }
 
     /// An instruction boundary: a kick from the hypervisor (its own IPI, which exits whatever
     /// RFLAGS.IF says) is an EXTERNAL_INTERRUPT exit; an interrupt-window request exits
