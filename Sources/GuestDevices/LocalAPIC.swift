@@ -57,17 +57,20 @@ public struct LocalAPICs: Sendable {
 
     public typealias MSR = LocalAPICMSR
 
+    /// 256 bits, in place (no heap: the hypervisor asks at every entry whether one is pending).
+    typealias Vectors = InlineArray<4, UInt64>
+
     struct APIC: Sendable {
-        var irr = [UInt64](repeating: 0, count: 4)
-        var isr = [UInt64](repeating: 0, count: 4)
+        var irr = Vectors(repeating: 0)
+        var isr = Vectors(repeating: 0)
         var tpr: UInt8 = 0
         var state = VCPUState.running
         /// xAPIC: the ICR high half, written before the low half sends.
         var icrHigh: UInt32 = 0
 
         static func bit(_ v: UInt8) -> (Int, UInt64) { (Int(v >> 6), 1 << UInt64(v & 63)) }
-        func has(_ words: [UInt64], _ v: UInt8) -> Bool { let (w, b) = Self.bit(v); return words[w] & b != 0 }
-        static func highest(_ words: [UInt64]) -> UInt8? {
+        func has(_ words: Vectors, _ v: UInt8) -> Bool { let (w, b) = Self.bit(v); return words[w] & b != 0 }
+        static func highest(_ words: Vectors) -> UInt8? {
             for w in stride(from: 3, through: 0, by: -1) where words[w] != 0 {
                 return UInt8(w * 64 + 63 - words[w].leadingZeroBitCount)
             }
@@ -126,7 +129,8 @@ public struct LocalAPICs: Sendable {
 
     /// The highest pending vector `v` can take now (above its processor priority's class).
     public func deliverable(_ v: Int) -> UInt8? {
-        guard let irrv = APIC.highest(apics[v].irr) else { return nil }
+        let irr = apics[v].irr
+        guard irr[0] | irr[1] | irr[2] | irr[3] != 0, let irrv = APIC.highest(irr) else { return nil }
         return (irrv >> 4) > (apics[v].processorPriority >> 4) ? irrv : nil
     }
 

@@ -22,6 +22,29 @@ extension L0VCPU {
         }
     }
 
+    /// The exits of a guest whose local APICs (`apic`) and flush hypercall (`flushHypercall`)
+    /// L0 runs, routed to their handlers: x2APIC and steal-time MSRs, KVM_HC_SEND_IPI, HLT with
+    /// interrupts on, L2's flush hypercall, and the exit a kick makes. nil: none of them. One
+    /// table for every backend that offers them (single; pv by its features).
+    func handleInterruptExit(_ exit: L2Exit, _ regs: inout RegisterFile, apic: Bool, flushHypercall: Bool) -> NextStep? {
+        switch exit.kind {
+        case .msrRead(let msr) where apic && Self.isX2APICMSR(msr), .msrWrite(let msr, _) where apic && Self.isX2APICMSR(msr):
+            return handleAPICMSR(exit, &regs)
+        case .msrRead(KVMStealTime.msr) where apic, .msrWrite(KVMStealTime.msr, _) where apic:
+            return handleStealTimeMSR(exit, &regs)
+        case .vmcall(KVMHypercall.sendIPI) where apic:
+            return handlePVSendIPI(exit, &regs)
+        case .vmcall(L2Hypercall.flushTLB.rawValue) where flushHypercall:
+            return handleFlushHypercall(exit, &regs)
+        case .hlt where apic && regs[.rflags] & Self.interruptFlag != 0:
+            return handleHalt(exit, &regs)
+        case .other where exit.info.reason == .externalInterrupt || (apic && exit.info.reason == .interruptWindow):
+            return handleKickExit(&regs)
+        default:
+            return nil
+        }
+    }
+
     /// The x2APIC MSR range (0x800-0x8FF).
     static func isX2APICMSR(_ msr: UInt32) -> Bool { LocalAPICMSR.range.contains(msr) }
 
@@ -122,7 +145,7 @@ extension L0VCPU {
     /// Before L0 enters L1 (nvmx): L1's highest deliverable interrupt goes in, unless another
     /// event is queued (L1 runs with interrupts on: its kernel's hypervisor loop).
     func prepareL1Entry() {
-        guard shared.apics?.deliverable(id) != nil, l1Run[RunPage.eventInjection] & (1 << 31) == 0,
+        guard shared.apicTier == .l1, shared.apics?.deliverable(id) != nil, l1Run[RunPage.eventInjection] & (1 << 31) == 0,
               let vector = shared.apics?.acknowledge(id) else { return }
         l1Run[RunPage.eventInjection] = 1 << 31 | UInt64(vector)
         counters.interruptsInjected += 1
@@ -146,10 +169,16 @@ extension L0VCPU {
         return .resume(.l2)
     }
 
-    /// Before L0 enters its guest tier: a steal-time flush honoured, then an interrupt injected.
+    /// Before L0 enters L2: a steal-time flush honoured, then L2's interrupt injected where L0
+    /// runs L2's APICs.
+    /// On nvmx (L0 runs L1's APICs), an interrupt L1 has waiting ends the L2 run at once: a kick
+    /// (then a nested EXTERNAL_INTERRUPT exit), also after L0 held the vCPU in L2's context (a
+    /// flush hypercall's wait).
     func prepareL2Entry() {
         if !shared.stealTime.isEmpty { takeStealTimeFlush() }
-        if shared.apics != nil && shared.apicTier == .l2 { injectPendingInterrupt() }
+        guard shared.apics != nil else { return }
+        if shared.apicTier == .l2 { injectPendingInterrupt() }
+        else if shared.apics?.deliverable(id) != nil { l2Run[RunPage.kick] = RunPage.kickExternal }
     }
 
     /// Before L0 enters its guest tier: the highest deliverable interrupt, if the guest takes

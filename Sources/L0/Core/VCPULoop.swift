@@ -193,32 +193,21 @@ extension L0Stack {
         func enter(_ i: Int, _ next: NextStep) {
             let v = vcpus[i]
             switch next {
-            case .resume(let tier):
-                if tier == .l1 {
-                    v.counters.l1Entries += 1
-                    if v.shared.apicTier == .l1, v.shared.apics != nil { v.prepareL1Entry() }
-                } else {
-                    v.counters.l2Entries += 1
-                    if v.shared.apics != nil || !v.shared.stealTime.isEmpty { v.prepareL2Entry() }
-                    // nvmx: an interrupt L1 got while L0 held this vCPU in L2's context (a flush
-                    // hypercall's wait, say) must still end this L2 run (a nested exit).
-                    if v.shared.apicTier == .l1, v.shared.apics?.deliverable(i) != nil { v.l2Run[RunPage.kick] = RunPage.kickExternal }
-                    v.shared.inGuestMode[i] = true
-                }
-                lane(i, tier).pass(to: tier)
-                states[i] = .running(tier)
-            case .enterL2:
+            case .resume(.l1):
+                v.counters.l1Entries += 1
+                if v.shared.apics != nil { v.prepareL1Entry() }
+                l1Lanes[i].pass(to: .l1)
+                states[i] = .running(.l1)
+            case .resume, .enterL2:
                 v.counters.l2Entries += 1
                 if v.shared.apics != nil || !v.shared.stealTime.isEmpty { v.prepareL2Entry() }
-                // nvmx: an interrupt L1 has waiting ends the L2 run at once (a nested exit).
-                if v.shared.apicTier == .l1, v.shared.apics?.deliverable(i) != nil { v.l2Run[RunPage.kick] = RunPage.kickExternal }
                 v.shared.inGuestMode[i] = true
                 l2Lanes[i].pass(to: .l2)
                 states[i] = .running(.l2)
             case .block(let tier):
                 states[i] = .halted(tier)
                 checkAllStopped()
-            case .stop(.guestDone) where vcpus.count > 1:
+            case .stop(.guestDone):
                 states[i] = .finished
                 checkAllStopped()
             case .stop(let r):

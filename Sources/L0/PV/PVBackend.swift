@@ -61,14 +61,10 @@ public final class PVBackend: NestingBackend {
     // MARK: L2 exits
 
     public func handleL2Exit(_ exit: L2Exit, _ regs: inout RegisterFile, _ vcpu: L0VCPU) -> NextStep {
-        if enabled.contains(.directAPIC), let next = handleAPICExit(exit, &regs, vcpu) { return next }
-        if enabled.contains(.directTLBFlush) {
-            switch exit.kind {
-            case .vmcall(L2Hypercall.flushTLB.rawValue): return vcpu.handleFlushHypercall(exit, &regs)
-            case .other where exit.info.reason == .externalInterrupt: return vcpu.handleKickExit(&regs)
-            default: break
-            }
-        }
+        // L2's local APICs and its flush hypercall, where L1 enabled L0 to run them.
+        if !enabled.isDisjoint(with: [.directAPIC, .directTLBFlush]),
+           let next = vcpu.handleInterruptExit(exit, &regs, apic: enabled.contains(.directAPIC),
+                                               flushHypercall: enabled.contains(.directTLBFlush)) { return next }
         switch exit.kind {
         case let .cpuid(leaf, subleaf):
             guard enabled.contains(.directCPUID), let table = cpuid else { return deliver(exit, regs, vcpu) }
@@ -100,25 +96,6 @@ public final class PVBackend: NestingBackend {
             return deliver(e, regs, vcpu)
         default:
             return deliver(exit, regs, vcpu)
-        }
-    }
-
-    /// L2's local APIC, which L0 runs when L1 enabled `directAPIC`: its x2APIC registers, its
-    /// PV IPIs, its HLT with interrupts on, and the exit a kick makes. nil: not an APIC exit.
-    func handleAPICExit(_ exit: L2Exit, _ regs: inout RegisterFile, _ vcpu: L0VCPU) -> NextStep? {
-        switch exit.kind {
-        case .msrRead(let msr) where L0VCPU.isX2APICMSR(msr), .msrWrite(let msr, _) where L0VCPU.isX2APICMSR(msr):
-            return vcpu.handleAPICMSR(exit, &regs)
-        case .vmcall(KVMHypercall.sendIPI):
-            return vcpu.handlePVSendIPI(exit, &regs)
-        case .msrRead(KVMStealTime.msr), .msrWrite(KVMStealTime.msr, _):
-            return vcpu.handleStealTimeMSR(exit, &regs)
-        case .hlt where regs[.rflags] & L0VCPU.interruptFlag != 0:
-            return vcpu.handleHalt(exit, &regs)
-        case .other where exit.info.reason == .externalInterrupt || exit.info.reason == .interruptWindow:
-            return vcpu.handleKickExit(&regs)
-        default:
-            return nil
         }
     }
 

@@ -44,24 +44,13 @@ public final class SingleLevelBackend: NestingBackend {
 
     /// Every exit of a one-level guest stays in L0.
     public func handleL2Exit(_ exit: L2Exit, _ regs: inout RegisterFile, _ vcpu: L0VCPU) -> NextStep {
+        // KVM's in-kernel local APIC, PV IPIs and TLB flushes, HLT until an interrupt, kicks.
+        if let next = vcpu.handleInterruptExit(exit, &regs, apic: true, flushHypercall: true) { return next }
         switch exit.kind {
         case .io(let io) where io.port == Ucall.port || vcpu.l0Devices.owns(io.port):
             return vcpu.handleL0PortIO(io, exit, &regs)
         case .msrRead(let msr) where PassthroughMSRs.contains(msr), .msrWrite(let msr, _) where PassthroughMSRs.contains(msr):
             return vcpu.handleL0MSR(exit, &regs)
-        // KVM's in-kernel local APIC: x2APIC registers, PV IPIs, HLT until an interrupt, kicks.
-        case .msrRead(let msr) where L0VCPU.isX2APICMSR(msr), .msrWrite(let msr, _) where L0VCPU.isX2APICMSR(msr):
-            return vcpu.handleAPICMSR(exit, &regs)
-        case .vmcall(KVMHypercall.sendIPI):
-            return vcpu.handlePVSendIPI(exit, &regs)
-        case .msrRead(KVMStealTime.msr), .msrWrite(KVMStealTime.msr, _):
-            return vcpu.handleStealTimeMSR(exit, &regs)
-        case .vmcall(L2Hypercall.flushTLB.rawValue):
-            return vcpu.handleFlushHypercall(exit, &regs)
-        case .hlt where regs[.rflags] & L0VCPU.interruptFlag != 0:
-            return vcpu.handleHalt(exit, &regs)
-        case .other where exit.info.reason == .externalInterrupt || exit.info.reason == .interruptWindow:
-            return vcpu.handleKickExit(&regs)
         case .vmcall:
             devices.l2Hypercall(&regs, isRAM: { Self.ram.contains($0) }) { gpa in vcpu.ept02.remove(page: gpa) }
         case .eptViolation(let gpa, _, _) where Self.ram.contains(gpa) && !devices.isBallooned(gpa):
