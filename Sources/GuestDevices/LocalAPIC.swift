@@ -93,7 +93,6 @@ public struct LocalAPICs: Sendable {
     public var count: Int { apics.count }
     public func state(_ v: Int) -> VCPUState { apics[v].state }
     public mutating func setState(_ v: Int, _ s: VCPUState) { apics[v].state = s }
-    public func tpr(_ v: Int) -> UInt8 { apics[v].tpr }
 
     /// Sends an IPI from vCPU `from`: the deliveries it makes (an IRR bit already set takes the
     /// new one in: interrupts of one vector coalesce until acknowledged, as on hardware).
@@ -167,6 +166,29 @@ public struct LocalAPICs: Sendable {
         case MSR.selfIPI: return try send(from: v, ICR(x2apic: value & 0xFF | ICR.Shorthand.selfOnly.rawValue << 18))
         default: return nil
         }
+    }
+
+    /// An x2APIC MSR read by `v`: its ID (the vCPU index) and TPR; the rest read 0.
+    public func readMSR(_ v: Int, _ msr: UInt32) -> UInt64 {
+        switch msr {
+        case MSR.id: UInt64(v)
+        case MSR.tpr: UInt64(apics[v].tpr)
+        default: 0
+        }
+    }
+
+    /// KVM_HC_SEND_IPI by `v` (kvm_pv_send_ipi): the fixed IPI in `icr`'s low bits to every APIC
+    /// ID set in the 128-bit bitmap from `minID`. IDs past the VM's (or past 2^64) are skipped;
+    /// a bad vector or mode stops the walk with the APIC's error (what was delivered stays).
+    public mutating func sendPV(from v: Int, bitmapLow: UInt64, bitmapHigh: UInt64, minID: UInt64, icr: UInt64)
+        -> (deliveries: [Delivery], error: APICError?) {
+        var out: [Delivery] = []
+        for bit in 0..<128 where (bit < 64 ? bitmapLow >> UInt64(bit) : bitmapHigh >> UInt64(bit - 64)) & 1 != 0 {
+            let (target, overflow) = minID.addingReportingOverflow(UInt64(bit))
+            guard !overflow, target < UInt64(apics.count) else { continue }
+            do { out += try send(from: v, ICR(x2apic: icr & 0x7FF | target << 32)) } catch { return (out, error) }
+        }
+        return (out, nil)
     }
 
     /// An xAPIC ICR write by `v`: the high half is kept; the low half sends.

@@ -252,23 +252,16 @@ public final class NestedVMXHypervisor {
             // A bad vector or mode: the APIC drops the IPI.
             if let d = try? vm.l2APICs.writeMSR(index, msr, value) { try kick(d) }
         } else {
-            let v: UInt64 = msr == LocalAPICMSR.id ? UInt64(index) : msr == LocalAPICMSR.tpr ? UInt64(vm.l2APICs.tpr(index)) : 0
-            (guestRegisters[.rdx], guestRegisters[.rax]) = EDXEAX.split(v)
+            (guestRegisters[.rdx], guestRegisters[.rax]) = EDXEAX.split(vm.l2APICs.readMSR(index, msr))
         }
     }
 
     /// KVM_HC_SEND_IPI from L2 (kvm_pv_send_ipi), as the KVM in L1 answers it.
     func emulatePVSendIPI() throws {
-        let low = guestRegisters[.rbx], high = guestRegisters[.rcx], minID = guestRegisters[.rdx], icr = guestRegisters[.rsi]
-        var reached: UInt64 = 0
-        for bit in 0..<128 where (bit < 64 ? low >> UInt64(bit) : high >> UInt64(bit - 64)) & 1 != 0 {
-            let (target, overflow) = minID.addingReportingOverflow(UInt64(bit))
-            guard !overflow, target < UInt64(vm.l2APICs.count),
-                  let d = try? vm.l2APICs.send(from: index, .init(x2apic: icr & 0x7FF | target << 32)) else { continue }
-            try kick(d)
-            reached += UInt64(d.count)
-        }
-        guestRegisters[.rax] = reached
+        let sent = vm.l2APICs.sendPV(from: index, bitmapLow: guestRegisters[.rbx], bitmapHigh: guestRegisters[.rcx],
+                                     minID: guestRegisters[.rdx], icr: guestRegisters[.rsi])
+        try kick(sent.deliveries)
+        guestRegisters[.rax] = sent.error == nil ? UInt64(sent.deliveries.count) : HypercallError.invalid.returnValue
     }
 
     func readRFLAGS() throws -> UInt64 {

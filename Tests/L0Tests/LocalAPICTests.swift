@@ -109,4 +109,18 @@ import TestSupport
             #expect(taken == sent - coalesced)
         }
     }
+
+    /// KVM_HC_SEND_IPI's bitmap walk: IDs from `minID`, those past the VM's or past 2^64
+    /// skipped, a bad vector stopping it with the APIC's error; and the ID/TPR reads.
+    @Test func thePVIPIBitmapAndTheRegisterReads() {
+        var a = LocalAPICs(count: 4)
+        let all = a.sendPV(from: 0, bitmapLow: 0b1111, bitmapHigh: 1 << 63, minID: 1, icr: 0x40)
+        #expect(all.error == nil && all.deliveries == [.notify(vcpu: 1), .notify(vcpu: 2), .notify(vcpu: 3)])
+        let wrapped = a.sendPV(from: 0, bitmapLow: ~0, bitmapHigh: ~0, minID: UInt64.max - 1, icr: 0x41)
+        #expect(wrapped.error == nil && wrapped.deliveries.isEmpty)
+        let bad = a.sendPV(from: 0, bitmapLow: 0b11, bitmapHigh: 0, minID: 0, icr: 0x05)
+        #expect(bad.error == .illegalVector(5) && bad.deliveries.isEmpty)
+        _ = try? a.writeMSR(2, LocalAPICs.MSR.tpr, 0x30)
+        #expect(a.readMSR(2, LocalAPICs.MSR.id) == 2 && a.readMSR(2, LocalAPICs.MSR.tpr) == 0x30 && a.readMSR(2, 0x8FF) == 0)
+    }
 }

@@ -82,33 +82,17 @@ extension L0VCPU {
 
     func apicRead(_ msr: UInt32) -> UInt64 {
         counters.apicAccesses += 1
-        switch msr {
-        case LocalAPICMSR.id: return UInt64(id)                      // x2APIC ID: the vCPU index
-        case LocalAPICMSR.tpr: return UInt64(shared.apics?.tpr(id) ?? 0)
-        default: return 0
-        }
+        return shared.apics?.readMSR(id, msr) ?? 0
     }
 
     /// KVM_HC_SEND_IPI (kvm_pv_send_ipi): a 128-bit bitmap of APIC IDs from `minID`, one fixed
     /// vector. RAX <- how many it reached; a bad vector or mode is -KVM_EINVAL.
     func handlePVSendIPI(_ exit: L2Exit, _ regs: inout RegisterFile) -> NextStep {
         counters.pvIPIHypercalls += 1
-        let low = regs[.rbx], high = regs[.rcx], minID = regs[.rdx], icr = regs[.rsi]
-        var reached: UInt64 = 0
-        var failed = false
-        for bit in 0..<128 where (bit < 64 ? low >> UInt64(bit) : high >> UInt64(bit - 64)) & 1 != 0 {
-            let (target, overflow) = minID.addingReportingOverflow(UInt64(bit))
-            guard !overflow, target < UInt64(shared.apics?.count ?? 0) else { continue }
-            do {
-                let d = try shared.apics?.send(from: id, .init(x2apic: icr & 0x7FF | UInt64(target) << 32)) ?? []
-                deliver(d)
-                reached += UInt64(d.count)
-            } catch {
-                failed = true
-                break
-            }
+        if let sent = shared.apics?.sendPV(from: id, bitmapLow: regs[.rbx], bitmapHigh: regs[.rcx], minID: regs[.rdx], icr: regs[.rsi]) {
+            deliver(sent.deliveries)
+            regs[.rax] = sent.error == nil ? UInt64(sent.deliveries.count) : HypercallError.invalid.returnValue
         }
-        regs[.rax] = failed ? HypercallError.invalid.returnValue : reached
         regs.skipInstruction(length: exit.info.instructionLength)
         return .resume(.l2)
     }
