@@ -14,6 +14,28 @@ public struct BenchOperation: Sendable {
     /// What the vCPUs past vCPU 0 do while it measures (the target of an IPI), if the test
     /// needs any: nil for a one-vCPU operation.
     public let helper: Helper?
+    /// What of the machine model it uses, which a path may not have.
+    public private(set) var requires: Requirements = []
+
+    public struct Requirements: OptionSet, Sendable {
+        public let rawValue: UInt8
+        public init(rawValue: UInt8) { self.rawValue = rawValue }
+        /// L2's own page tables (one L2 kernel's page pool, built by one vCPU).
+        public static let l2Paging = Requirements(rawValue: 1 << 0)
+        /// A local APIC for L2 (interrupts).
+        public static let localAPIC = Requirements(rawValue: 1 << 1)
+        /// KVM's steal-time area for L2 (a halted target seen as preempted).
+        public static let stealTime = Requirements(rawValue: 1 << 2)
+        /// L2's flush hypercall answered by L0.
+        public static let l0TLBFlush = Requirements(rawValue: 1 << 3)
+    }
+
+    /// The same operation, needing `r` too.
+    func requiring(_ r: Requirements) -> BenchOperation {
+        var op = self
+        op.requires.formUnion(r)
+        return op
+    }
 
     public init(name: String, summary: String, needs: Needs? = nil, helper: Helper? = nil,
                 body: @escaping @Sendable (GuestCPU, UInt64) -> Void) {
@@ -56,21 +78,16 @@ public struct BenchOperation: Sendable {
     /// The runner measures it under every L2 map mode on the nested paths.
     public var dependsOnMapMode: Bool { needs != nil }
     /// Whether every vCPU of a VM with several can run it at once: not the tests that need
-    /// fresh pages (the vCPUs would share them) nor those on L2's paging (one L2 kernel's page
-    /// pool, built by one vCPU).
-    public var runsOnSeveralVCPUs: Bool { needs == nil && helper == nil && !PagingOperations.all.contains { $0.name == name } }
-    /// It needs a local APIC model for L2 (interrupts): where a path has none, it does not run.
-    public var needsLocalAPIC: Bool { helper != nil || InterruptOperations.all.contains { $0.name == name } }
-    /// It uses L0's flush hypercall: where L0 does not handle it, it does not run.
-    public var needsL0TLBFlush: Bool { name == "tlb_shootdown_hypercall" }
-    /// It needs KVM's steal-time area for L2 (a halted target seen as preempted): L0's, on
-    /// single and on pv with `directAPIC`; the nested-VMX L1 does not offer one.
-    public var needsStealTime: Bool { name == "tlb_shootdown_pv" || name == "tlb_shootdown_halted" }
+    /// fresh pages (the vCPUs would share them), split roles (a helper), or L2's paging.
+    public var runsOnSeveralVCPUs: Bool { needs == nil && helper == nil && !requires.contains(.l2Paging) }
     /// Whether `path` (with these PV features) has what this operation needs.
+    /// The steal-time area is L0's (single; pv with `directAPIC`): the nested-VMX L1 offers none.
+    /// L0 answers L2's flush hypercall on single, on pv with `directTLBFlush`, and on nvmx-evmcs
+    /// (Hyper-V's L2 TLB flush).
     public func runs(on path: NestingPath, pvFeatures: PVFeatures) -> Bool {
-        (!needsLocalAPIC || path.hasLocalAPIC(pvFeatures: pvFeatures))
-            && (!needsL0TLBFlush || path == .single || path == .nvmxEVMCS || (path == .pv && pvFeatures.contains(.directTLBFlush)))
-            && (!needsStealTime || path == .single || (path == .pv && pvFeatures.contains(.directAPIC)))
+        (!requires.contains(.localAPIC) || path.hasLocalAPIC(pvFeatures: pvFeatures))
+            && (!requires.contains(.l0TLBFlush) || path == .single || path == .nvmxEVMCS || (path == .pv && pvFeatures.contains(.directTLBFlush)))
+            && (!requires.contains(.stealTime) || path == .single || (path == .pv && pvFeatures.contains(.directAPIC)))
     }
 }
 
@@ -150,7 +167,8 @@ public enum BenchOperations {
         BenchOperation(name: "ept_first_touch", summary: "first write to a new L2 page", needs: .init(freshPages: firstTouchPages)) { cpu, i in
             cpu.write64(L2GPA(firstTouchBase + i * pageSize), i)
         },
-    ] + PagingOperations.all + InterruptOperations.all + TLBShootdown.all
+    ] + PagingOperations.all.map { $0.requiring(.l2Paging) } + InterruptOperations.all.map { $0.requiring(.localAPIC) }
+        + TLBShootdown.all
 
     public static func named(_ n: String) -> BenchOperation? { all.first { $0.name == n } }
 }

@@ -113,7 +113,10 @@ public enum TLBShootdown {
     /// The benchmark tests: vCPU 0 remaps user page 0 and shoots it down each iteration, while
     /// vCPU 1 reads the page in a loop (running) or halts between wake-ups (idle).
     static func test(_ name: String, _ method: Method, halting: Bool, _ summary: String) -> BenchOperation {
-        BenchOperation(name: name, summary: summary, helper: BenchOperation.Helper(vcpus: 2, setUp: { cpu in
+        var requires: BenchOperation.Requirements = [.localAPIC]
+        if halting { requires.insert(.stealTime) }            // it waits for the target to look preempted
+        if method == .hypercall { requires.insert(.l0TLBFlush) }
+        return BenchOperation(name: name, summary: summary, helper: BenchOperation.Helper(vcpus: 2, setUp: { cpu in
             adopt(cpu)
         }, body: { cpu in
             _ = cpu.read64(PagingOperations.user(0))
@@ -130,7 +133,7 @@ public enum TLBShootdown {
                 kernel.map(space, PagingOperations.user(0), to: i & 1 == 0 ? b : a, writable: true)
                 shootdown(cpu, PagingOperations.user(0), method: method)
             }
-        })
+        }).requiring(requires)
     }
 
     public static let all: [BenchOperation] = [
