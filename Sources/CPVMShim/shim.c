@@ -257,6 +257,13 @@ int pvm_pin_to_cpu(int cpu) {
     return sched_setaffinity(0, sizeof(set), &set) == 0 ? 0 : -errno;
 }
 
+int pvm_set_allowed_cpus(uint64_t mask) {
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    for (int i = 0; i < 64; i++) if (mask & (1ULL << i)) CPU_SET(i, &set);
+    return sched_setaffinity(0, sizeof(set), &set) == 0 ? 0 : -errno;
+}
+
 uint64_t pvm_allowed_cpus(void) {
     cpu_set_t set;
     CPU_ZERO(&set);

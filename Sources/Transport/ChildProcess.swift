@@ -112,6 +112,9 @@ public struct CPUPlacement: Sendable, Equatable {
         self.guestCPU = guestCPU
     }
 
+    /// The CPUs the calling thread may run on, bit i for CPU i (0 if the kernel would not say).
+    public static var allowedCPUMask: UInt64 { pvm_allowed_cpus() }
+
     /// Two distinct allowed CPUs if there are two; otherwise no pinning.
     public static func automatic() -> CPUPlacement {
         let mask = pvm_allowed_cpus()

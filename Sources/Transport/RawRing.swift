@@ -1,4 +1,5 @@
 import ABI
+import CPVMShim
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -28,8 +29,31 @@ public enum RawRing {
 
     /// One ring: `executable` started as the echo (`arguments`), then `runs` runs of
     /// `roundTrips` round trips after a warm-up; ns per hop (half a round trip) of each run.
+    /// This end runs as L0 does: on L0's core, spinning.
     public static func measure(executable: String, arguments: [String], placement: CPUPlacement,
                                roundTrips: Int, runs: Int) throws -> [Double] {
+        placement.apply(as: .l0)
+        return try ring(executable: executable, arguments: arguments, policy: placement.waitPolicy(for: .l0),
+                        roundTrips: roundTrips, runs: runs)
+    }
+
+    /// The same ring with this end on the echo's core (`cpu`), yielding as a child tier waits:
+    /// each hop is one process giving the core to another, what the guest core pays twice per
+    /// nVMX round trip, where L1 and L2 share it (L2 exits, L1 runs; L1 resumes L2). The calling
+    /// thread's CPU affinity is what it was afterwards.
+    public static func measureSameCore(executable: String, arguments: [String], cpu: Int,
+                                       roundTrips: Int, runs: Int) throws -> [Double] {
+        let allowed = pvm_allowed_cpus()
+        defer { if allowed != 0 { _ = pvm_set_allowed_cpus(allowed) } }
+        let pinned = pvm_pin_to_cpu(Int32(cpu))
+        guard pinned == 0 else { throw TransportError.cannotRunOnCPU(cpu, errno: -pinned) }
+        return try ring(executable: executable, arguments: arguments,
+                        policy: CPUPlacement(l0CPU: nil, guestCPU: cpu).waitPolicy(for: .l1),
+                        roundTrips: roundTrips, runs: runs)
+    }
+
+    static func ring(executable: String, arguments: [String], policy: WaitPolicy,
+                     roundTrips: Int, runs: Int) throws -> [Double] {
         let region = try SharedRegion(create: "pvm-ring", size: pageSize)
         try region.seal(name: "pvm-ring", futureWrite: false)   // as every memfd L0 shares: no shrinking
         let lane = Handoff(region: region, base: ControlOffset(0))
@@ -38,8 +62,6 @@ public enum RawRing {
             lane.stop()
             if echo.wait(timeoutNanos: 2_000_000_000) == nil { echo.killAndReap() }
         }
-        placement.apply(as: .l0)
-        let policy = placement.waitPolicy(for: .l0)
         let alive = { echo.poll() == nil }
         func roundTrip() throws {
             lane.pass(to: .l1)

@@ -17,6 +17,8 @@ public enum TransportError: Error, CustomStringConvertible, Equatable {
     case unsealed(name: String, seals: Int32)
     /// The raw ring's echo process stopped answering (`RawRing`).
     case ringEchoGone(status: String)
+    /// sched_setaffinity refused a CPU a measurement must run on.
+    case cannotRunOnCPU(Int, errno: Int32)
 
     public var description: String {
         switch self {
@@ -28,6 +30,7 @@ public enum TransportError: Error, CustomStringConvertible, Equatable {
         case let .sealFailed(name, e): "sealing \(name) failed: \(String(cString: strerror(e)))"
         case let .unsealed(name, seals): "\(name) came without L0's seals (F_GET_SEALS 0x\(String(seals, radix: 16)))"
         case let .ringEchoGone(status): "the raw ring's echo process stopped answering (\(status))"
+        case let .cannotRunOnCPU(cpu, e): "cannot run on CPU \(cpu): \(String(cString: strerror(e)))"
         }
     }
 }

@@ -42,7 +42,7 @@ extension PVM {
             abstract: "Run benchmark tests on each path and print ns/op and transitions per tier.",
             discussion: "Tests: " + BenchOperations.all.map(\.name).joined(separator: ", "))
 
-        @Option(name: .long, help: "exits (the per-instruction tests), memslot (zap policies), host (virtualization enabling, one-time setup) or transport (each path's cost per hop against a raw two-process ring, measured in the same run).")
+        @Option(name: .long, help: "exits (the per-instruction tests), memslot (zap policies), host (virtualization enabling, one-time setup) or transport (each path's cost per hop against a raw two-process ring, and a process switch on the guest core, measured in the same run).")
         var suite: BenchSuite = .exits
         @Option(name: .long, help: "Comma-separated tests to run (default: all).")
         var test: String?

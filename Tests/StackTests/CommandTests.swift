@@ -478,6 +478,16 @@ extension StackTests {
                 let doc = try #require(try JSONSerialization.jsonObject(with: Data(contentsOf: json)) as? [String: Any])
                 let raw = try #require(Self.number(doc["raw_nanos_per_hop"]))
                 #expect(raw > 0 && (doc["raw_runs"] as? [Any])?.count == 6)
+                // The guest core's switch floor, measured in the same run wherever the tiers are
+                // pinned (two CPUs or more); nothing claimed where they are not.
+                let pinned = CPUPlacement.automatic().isPinned
+                #expect(r.out.contains("\nsame-core switch: ") == pinned, "\(r.out)")
+                if pinned {
+                    let floor = try #require(Self.number(doc["same_core_switch_nanos"]))
+                    #expect(floor > 0 && (doc["same_core_runs"] as? [Any])?.count == 6, "\(doc)")
+                } else {
+                    #expect(doc["same_core_switch_nanos"] == nil && (doc["same_core_runs"] as? [Any])?.count == 0, "\(doc)")
+                }
                 let rows = try #require(doc["rows"] as? [[String: Any]])
                 #expect(rows.map { $0["path"] as? String } == ["pv", "pvm-rfc"])
                 for row in rows {
@@ -487,7 +497,10 @@ extension StackTests {
                     #expect(perHop > 0 && abs(Self.number(row["over_raw_hop"])! - perHop / raw) < 0.01, "\(row)")
                 }
                 let lines = try String(contentsOf: csv, encoding: .utf8).split(separator: "\n")
-                #expect(lines.count == 3 && lines[0] == "path,test,median_ns,hops_per_op,ns_per_hop,over_raw_hop,raw_ns_per_hop", "\(lines)")
+                #expect(lines.count == 3 && lines[0] == "path,test,median_ns,hops_per_op,ns_per_hop,over_raw_hop,raw_ns_per_hop,same_core_switch_ns",
+                        "\(lines)")
+                #expect(lines.dropFirst().allSatisfy { ($0.split(separator: ",", omittingEmptySubsequences: false).last?.isEmpty ?? true) == !pinned },
+                        "\(lines)")
             }
         }
     }

@@ -70,6 +70,8 @@ int pvm_set_process_name(const char *name);
 int pvm_pin_to_cpu(int cpu);
 // The CPUs this process may run on, as a bitmask of the first 64 (0 on error).
 uint64_t pvm_allowed_cpus(void);
+// The calling thread's CPU affinity set back to `mask` (bit i = CPU i); 0 or -errno.
+int pvm_set_allowed_cpus(uint64_t mask);
 
 // SIGINT/SIGTERM for L0: the first one is recorded (pvm_stop_signal returns it) so the stack can
 // stop in order and report; a second one of either restores the default action and re-raises it.
