@@ -9,3 +9,23 @@ public enum LocalAPICMSR {
     /// The whole x2APIC MSR range.
     public static let range: ClosedRange<UInt32> = 0x800...0x8FF
 }
+
+/// The xAPIC registers as memory (SDM vol. 3, 11.4.1, table 11-1): the 4 KiB page at the
+/// APIC's default base, each register a 32-bit word on a 16-byte boundary. The same registers
+/// as `LocalAPICMSR`, reached by MOVs to memory no RAM backs (an MMIO exit) instead of WRMSR.
+public enum XAPIC {
+    /// IA32_APIC_BASE's default: where every vCPU's APIC page sits.
+    public static let base: UInt64 = 0xFEE0_0000
+    public static let id: UInt64 = 0x20
+    public static let tpr: UInt64 = 0x80
+    public static let eoi: UInt64 = 0xB0
+    /// ICR bits 31:0: writing it sends.
+    public static let icrLow: UInt64 = 0x300
+    /// ICR bits 63:32: the destination in bits 31:24.
+    public static let icrHigh: UInt64 = 0x310
+    /// The APIC page's offset of `gpa` (a guest-physical address of the guest whose APIC it
+    /// is), or nil if `gpa` is not in the page.
+    public static func offset<A: AddressSpaceValue>(of gpa: A) -> UInt64? {
+        gpa.raw >= base && gpa.raw - base < pageSize ? gpa.raw - base : nil
+    }
+}

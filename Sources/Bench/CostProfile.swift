@@ -146,6 +146,8 @@ public struct CostProfile: Codable, Equatable, Sendable {
         // Interrupts between vCPUs, where a hypervisor runs the local APICs (issue 15).
         /// Emulating one IPI's acceptance: the ICR decoded and the target's IRR set (beyond the exit).
         case apicIPIEmulation = "apic_ipi_emulation"
+        /// Completing an access to the xAPIC page through the instruction emulator.
+        case apicMMIOEmulation = "apic_mmio_emulation"
         /// KVM_HC_SEND_IPI's own work beyond the exit: the bitmap walked (targets priced apart).
         case pvIPIHypercall = "pv_ipi_hypercall"
         /// A kick: the physical IPI that makes a target in guest mode exit (its exit priced apart).

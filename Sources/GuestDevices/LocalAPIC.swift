@@ -2,10 +2,11 @@ import ABI
 
 /// The local APICs of one VM's vCPUs, as much of them as interrupts between vCPUs need (SDM vol.
 /// 3, ch. 11; issue 15): the ICR in its x2APIC form (MSR 0x830, one 64-bit write) and its xAPIC
-/// form (two 32-bit registers, the high half first), x2APIC SELF_IPI (MSR 0x83F), the TPR, EOI,
-/// IRR and ISR with the processor priority they give, and HLT until an interrupt. Fixed IPIs by
-/// physical destination or shorthand; logical destinations, lowest priority, NMI/INIT/SIPI and
-/// timers are not modelled yet.
+/// form (two 32-bit registers in the APIC page, the high half first), x2APIC SELF_IPI (MSR
+/// 0x83F), the TPR and EOI as MSRs or in the APIC page, IRR and ISR with the processor priority
+/// they give, and HLT until an interrupt. Fixed IPIs by physical destination or shorthand;
+/// logical destinations, lowest priority, NMI/INIT/SIPI and timers are not modelled yet, and
+/// both register interfaces are live at once (no xAPIC/x2APIC mode switch).
 ///
 /// Pure: a hypervisor (L0, or L1 for its L2) asks it what a write means and acts on the answer:
 /// a target that runs must be notified (a posted interrupt, or an IPI to its CPU), a halted one
@@ -189,6 +190,35 @@ public struct LocalAPICs: Sendable {
             do { out += try send(from: v, ICR(x2apic: icr & 0x7FF | target << 32)) } catch { return (out, error) }
         }
         return (out, nil)
+    }
+
+    /// An xAPIC register write by `v` through its APIC page (`XAPIC`): the deliveries it makes.
+    /// Only a 32-bit store at a register's 16-byte boundary reaches a register (SDM 11.4.1);
+    /// any other store, and one to a register this model does not have, is dropped, as KVM's
+    /// apic_mmio_write drops them.
+    public mutating func writeMMIO(_ v: Int, offset: UInt64, size: UInt64, _ value: UInt64) throws(APICError) -> [Delivery] {
+        guard size == 4, offset & 0xF == 0 else { return [] }
+        let word = UInt32(truncatingIfNeeded: value)
+        switch offset {
+        case XAPIC.tpr: apics[v].tpr = UInt8(truncatingIfNeeded: word)
+        case XAPIC.eoi: endOfInterrupt(v)
+        case XAPIC.icrHigh: writeICR(v, high: word)
+        case XAPIC.icrLow: return try writeICR(v, low: word)
+        default: break
+        }
+        return []
+    }
+
+    /// An xAPIC register read by `v`: its ID (in bits 31:24), the TPR and the ICR's high half;
+    /// the rest, and any read that is not 32 bits at a 16-byte boundary, read 0.
+    public func readMMIO(_ v: Int, offset: UInt64, size: UInt64) -> UInt64 {
+        guard size == 4, offset & 0xF == 0 else { return 0 }
+        switch offset {
+        case XAPIC.id: return UInt64(v) << 24
+        case XAPIC.tpr: return UInt64(apics[v].tpr)
+        case XAPIC.icrHigh: return UInt64(apics[v].icrHigh)
+        default: return 0
+        }
     }
 
     /// An xAPIC ICR write by `v`: the high half is kept; the low half sends.

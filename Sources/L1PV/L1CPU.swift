@@ -176,6 +176,11 @@ public final class L1CPU: L1StoreTrap {
         return lastResult
     }
 
+    /// The decoded access size of the faulting load or store behind the last VM exit (an EPT
+    /// violation's): what L1's instruction emulator would learn by decoding the instruction
+    /// from L2's memory, as L0 hands it over with the exit.
+    public private(set) var exitAccessSize: UInt64 = 0
+
     /// VMLAUNCH / VMRESUME with L2's GPRs loaded from `guestRegisters` (KVM loads them from its
     /// vcpu struct right before the instruction); on a VM exit, L2's GPRs are saved back there.
     public func enter(launch: Bool, guestRegisters: inout SavedGuestRegisters) throws -> VMEntryOutcome {
@@ -187,6 +192,9 @@ public final class L1CPU: L1StoreTrap {
         for r in Register.gprsOutsideVMCS {
             guestRegisters[r] = run[register: r]
         }
+        // Taken now: the run page's word is this CPU's own exit information, which L1's next
+        // exiting VMREAD (nvmx-noshadow) overwrites.
+        exitAccessSize = run[RunPage.instructionInfo]
         return .vmExit
     }
 }

@@ -256,6 +256,16 @@ public final class NestedVMXHypervisor {
         }
     }
 
+    /// A MOV to or from L2's xAPIC page (apic_mmio_write / apic_mmio_read): the value in RAX.
+    func emulateL2APICPage(offset: UInt64, write: Bool, size: UInt64) throws {
+        if write {
+            // A bad vector or mode: the APIC drops the IPI.
+            if let d = try? vm.l2APICs.writeMMIO(index, offset: offset, size: size, guestRegisters[.rax]) { try kick(d) }
+        } else {
+            guestRegisters[.rax] = vm.l2APICs.readMMIO(index, offset: offset, size: size)
+        }
+    }
+
     /// KVM_HC_SEND_IPI from L2 (kvm_pv_send_ipi), as the KVM in L1 answers it.
     func emulatePVSendIPI() throws {
         let sent = vm.l2APICs.sendPV(from: index, bitmapLow: guestRegisters[.rbx], bitmapHigh: guestRegisters[.rcx],
@@ -372,11 +382,17 @@ public final class NestedVMXHypervisor {
                 }
                 return false
             }
-            // No memslot in L1 for this GPA: MMIO to nothing. The emulator fetches and decodes
-            // the instruction (GUEST_RIP, CS access rights) and completes it.
+            // No memslot in L1 for this GPA: MMIO. The emulator fetches and decodes the
+            // instruction (GUEST_RIP, CS access rights) and completes it: against L2's local
+            // APIC in its xAPIC page, else against the device model (or nothing).
             _ = try readRIP()
             _ = try cpu.vmread(.guestCSARBytes)
-            _ = devices.emulate(reason, qualification: q, accessSize: cpu.run[RunPage.instructionInfo], gpa: gpa, &guestRegisters)
+            if let offset = XAPIC.offset(of: gpa) {
+                try emulateL2APICPage(offset: offset, write: q & EPTViolationQualification.dataWrite != 0,
+                                      size: cpu.exitAccessSize)
+            } else {
+                _ = devices.emulate(reason, qualification: q, accessSize: cpu.exitAccessSize, gpa: gpa, &guestRegisters)
+            }
         case .eptMisconfig:
             throw L1Fault.unexpectedExit(reason, "EPT12 is misconfigured at \(L2GPA(try cpu.vmread(.guestPhysicalAddress)))")
         case .vmcall:

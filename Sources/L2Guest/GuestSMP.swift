@@ -129,6 +129,26 @@ extension GuestCPU {
     public func selfIPI(_ vector: UInt8) { wrmsr(LocalAPICMSR.selfIPI, UInt64(vector)) }
     /// EOI: the interrupt in service is done.
     public func eoi() { wrmsr(LocalAPICMSR.eoi, 0) }
+    /// x2APIC TPR: interrupts of a priority class at or below `tpr >> 4` wait.
+    public func setTPR(_ tpr: UInt8) { wrmsr(LocalAPICMSR.tpr, UInt64(tpr)) }
+
+    // The same registers in the xAPIC page (`XAPIC`): 32-bit MOVs to memory no RAM backs, each
+    // an MMIO exit to the hypervisor that runs this vCPU's local APIC.
+
+    /// A 32-bit store to an xAPIC register.
+    public func xapicWrite(_ offset: UInt64, _ value: UInt32) { write32(L2GPA(XAPIC.base + offset), value) }
+    /// A 32-bit load of an xAPIC register.
+    public func xapicRead(_ offset: UInt64) -> UInt32 { read32(L2GPA(XAPIC.base + offset)) }
+    /// xAPIC self-IPI as kvm-unit-tests' xapic_icr_write sends it: the ICR's high half (no
+    /// destination), then its low half with the self shorthand, which sends.
+    public func xapicSelfIPI(_ vector: UInt8) {
+        xapicWrite(XAPIC.icrHigh, 0)
+        xapicWrite(XAPIC.icrLow, UInt32(vector) | 1 << 18)     // bits 19:18 = 01: to self
+    }
+    /// xAPIC EOI.
+    public func xapicEOI() { xapicWrite(XAPIC.eoi, 0) }
+    /// xAPIC TPR.
+    public func xapicSetTPR(_ tpr: UInt8) { xapicWrite(XAPIC.tpr, UInt32(tpr)) }
     /// KVM_HC_SEND_IPI: `vector` to every APIC ID set in the 128-bit bitmap from `minID`;
     /// returns how many vCPUs it reached (or -KVM_EINVAL).
     public func pvSendIPI(_ vector: UInt8, bitmapLow: UInt64, bitmapHigh: UInt64 = 0, minID: UInt64 = 0) -> UInt64 {

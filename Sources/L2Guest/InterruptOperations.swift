@@ -1,8 +1,8 @@
 import ABI
 
 /// The interrupt tests of kvm-unit-tests' x86/vmexit.c, on the local APIC model: an IPI to a
-/// running vCPU and to a halted one, KVM's PV IPI hypercall, and x2APIC self-IPIs taken at STI
-/// and at HLT. The IPI tests run on two vCPUs: vCPU 0 sends and measures; vCPU 1 takes the
+/// running vCPU and to a halted one, KVM's PV IPI hypercall, and the ten self-IPI tests (xAPIC
+/// and x2APIC; taken at STI;NOP, at STI;HLT, or when the TPR comes down). The IPI tests run on two vCPUs: vCPU 0 sends and measures; vCPU 1 takes the
 /// interrupt in its handler, counts it where vCPU 0 sees it, and EOIs.
 public enum InterruptOperations {
     /// The vector the tests send (vmexit.c's IPI_TEST_VECTOR).
@@ -15,12 +15,13 @@ public enum InterruptOperations {
 
     static func receivedWord(_ v: Int) -> L2GPA { received + UInt64(v) * 8 }
 
-    /// The handler every test installs: count, then EOI.
-    static func installHandler(_ cpu: GuestCPU) {
+    /// The handler every test installs: count, then EOI (through the xAPIC page for the xAPIC
+    /// tests, as their guest's APIC is in xAPIC mode).
+    static func installHandler(_ cpu: GuestCPU, xapic: Bool = false) {
         cpu.setInterruptHandler(vector) { c, _ in
             let w = receivedWord(c.vcpuIndex)
             c.write64(w, c.read64(w) &+ 1)
-            c.eoi()
+            if xapic { c.xapicEOI() } else { c.eoi() }
         }
     }
 
@@ -55,15 +56,59 @@ public enum InterruptOperations {
         while cpu.read64(w) == before { cpu.pause() }
     }
 
-    /// A self-IPI with interrupts off, taken at the STI (or the HLT) that follows.
-    static func selfIPI(_ cpu: GuestCPU, halt: Bool) {
+    /// How a self-IPI test reaches its APIC: the xAPIC page (vmexit.c's self_ipi_*) or x2APIC
+    /// MSRs (x2apic_self_ipi_*).
+    enum APICInterface { case xapic, x2apic }
+
+    /// What a self-IPI test does around the IPI (vmexit.c's five): interrupts off until an STI
+    /// followed by a NOP or a HLT, or on throughout; and the TPR raised to class 15 before the
+    /// IPI (so it waits in the IRR) and lowered to 0 after it (so it is taken then).
+    struct SelfIPIShape {
+        var sti: Bool
+        var halt: Bool
+        var tpr: Bool
+    }
+
+    /// The TPR value that holds back every vector (class 15, what CR8 = 0xF means), written to
+    /// the APIC's own TPR register: this model keeps CR8 apart from the APIC.
+    static let blockingTPR: UInt8 = 0xF0
+
+    /// One self-IPI, taken exactly once at the point its shape says.
+    static func selfIPI(_ cpu: GuestCPU, _ apic: APICInterface, _ shape: SelfIPIShape) {
         let w = receivedWord(cpu.vcpuIndex)
         let before = cpu.read64(w)
-        cpu.cli()
-        cpu.selfIPI(vector)
-        cpu.sti()
-        if halt { cpu.hlt() } else { cpu.nop() }
-        cpu.guestAssert(cpu.read64(w) == before &+ 1, "the self-IPI was not taken")
+        if shape.sti { cpu.cli() }
+        func setTPR(_ t: UInt8) { if apic == .xapic { cpu.xapicSetTPR(t) } else { cpu.setTPR(t) } }
+        if shape.tpr { setTPR(blockingTPR) }
+        if apic == .xapic { cpu.xapicSelfIPI(vector) } else { cpu.selfIPI(vector) }
+        if shape.tpr {
+            cpu.guestAssert(cpu.read64(w) == before, "the self-IPI was taken under a TPR of class 15")
+            setTPR(0)
+        }
+        if shape.sti { cpu.sti() }
+        if shape.halt { cpu.hlt() } else { cpu.nop() }
+        cpu.guestAssert(cpu.read64(w) == before &+ 1, "the self-IPI was not taken exactly once")
+    }
+
+    /// vmexit.c's five self-IPI tests on one APIC interface.
+    static func selfIPITests(_ apic: APICInterface) -> [BenchOperation] {
+        let prefix = apic == .xapic ? "self_ipi" : "x2apic_self_ipi"
+        let how = apic == .xapic ? "xAPIC ICR (the APIC page: high half, then low half)" : "x2APIC SELF_IPI (MSR 0x83f)"
+        let tprHow = apic == .xapic ? "the xAPIC TPR (0x80)" : "the x2APIC TPR (MSR 0x808)"
+        let shapes: [(String, SelfIPIShape, String)] = [
+            ("sti_nop", SelfIPIShape(sti: true, halt: false, tpr: false), "interrupts off; taken at STI;NOP"),
+            ("sti_hlt", SelfIPIShape(sti: true, halt: true, tpr: false), "interrupts off; STI;HLT ends at once"),
+            ("tpr", SelfIPIShape(sti: false, halt: false, tpr: true), "interrupts on, TPR class 15 then 0 through \(tprHow): taken at the lowering"),
+            ("tpr_sti_nop", SelfIPIShape(sti: true, halt: false, tpr: true), "interrupts off, TPR 15 then 0: taken at STI;NOP"),
+            ("tpr_sti_hlt", SelfIPIShape(sti: true, halt: true, tpr: true), "interrupts off, TPR 15 then 0: STI;HLT ends at once"),
+        ]
+        return shapes.map { suffix, shape, what in
+            BenchOperation(name: "\(prefix)_\(suffix)", summary: "self-IPI by \(how), \(what) (vmexit.c)", prepare: { cpu in
+                installHandler(cpu, xapic: apic == .xapic)
+                cpu.sti()
+                return { _ in selfIPI(cpu, apic, shape) }
+            })
+        }
     }
 
     public static let all: [BenchOperation] = [
@@ -79,13 +124,6 @@ public enum InterruptOperations {
                        helper: target(halting: true)) { cpu, _ in
             ipiRoundTrip(cpu, halting: true) { _ = $0.pvSendIPI(vector, bitmapLow: 1 << 1) }
         },
-        BenchOperation(name: "x2apic_self_ipi_sti_nop", summary: "self-IPI with interrupts off, taken at STI (vmexit.c)", prepare: { cpu in
-            installHandler(cpu)
-            return { _ in selfIPI(cpu, halt: false) }
-        }),
-        BenchOperation(name: "x2apic_self_ipi_sti_hlt", summary: "self-IPI with interrupts off, then STI; HLT: the HLT ends at once (vmexit.c)", prepare: { cpu in
-            installHandler(cpu)
-            return { _ in selfIPI(cpu, halt: true) }
-        }),
-    ]
+    ] + selfIPITests(.xapic) + selfIPITests(.x2apic)
 }
+

@@ -30,6 +30,42 @@ import Transport
         #expect(f.vcpu.shared.stealTime.first == L2GPA(0x7000))
     }
 
+    /// A MOV to the xAPIC page (an EPT violation at 0xFEE00xxx, size in the exit): on single
+    /// and on pv with direct-apic, L0's APIC takes it through its emulator, RIP moves on, and a
+    /// load's value lands in RAX; garbage sizes, offsets and vectors are dropped or read 0; the
+    /// page next to it is not the APIC's.
+    @Test(arguments: [NestingPath.single, .pv])
+    func theXAPICPageIsL0sAPICAndGarbageThereIsDropped(_ path: NestingPath) throws {
+        let f = try Fixture(path)
+        f.vcpu.enableLocalAPICs(count: 1)        // as the backend's start (single) or PV negotiation (pv) does
+        func access(_ offset: UInt64, write: Bool, size: UInt64, _ value: UInt64 = 0) -> NextStep {
+            f.l2Run[register: .rax] = value
+            let q = write ? EPTViolationQualification.dataWrite : EPTViolationQualification.dataRead
+            return f.l2Exit(L2ExitInfo(reason: .eptViolation, qualification: q, guestPhysicalAddress: L2GPA(XAPIC.base + offset),
+                                       instructionLength: 3, instructionInfo: size))
+        }
+        let rip = f.l2Run[register: .rip]
+        #expect(access(XAPIC.icrHigh, write: true, size: 4, 0) == .resume(.l2))
+        #expect(access(XAPIC.icrLow, write: true, size: 4, 0xB0 | 1 << 18) == .resume(.l2))      // a self-IPI
+        #expect(f.l2Run[register: .rip] == rip + 6)
+        #expect(f.vcpu.shared.apics?.deliverable(0) == 0xB0)
+        #expect(access(XAPIC.id, write: false, size: 4, ~0) == .resume(.l2) && f.l2Run[register: .rax] == 0)
+        #expect(f.vcpu.counters.apicMMIOEmulations == 3 && f.vcpu.counters.apicIPIs == 1 && f.vcpu.counters.totalDeliveries == 0)
+        for (offset, size, value): (UInt64, UInt64, UInt64) in [(XAPIC.icrLow, 8, 0xB1 | 1 << 18), (XAPIC.icrLow + 2, 4, ~0),
+                                                               (0xFFF, 1, ~0), (XAPIC.icrLow, 4, 0x7 << 8 | 0x3), (XAPIC.icrLow, 4, ~0)] {
+            #expect(access(offset, write: true, size: size, value) == .resume(.l2))
+            #expect(access(offset, write: false, size: size, ~0) == .resume(.l2) && f.l2Run[register: .rax] == 0,
+                    "offset \(offset) size \(size)")
+        }
+        #expect(f.vcpu.counters.apicIPIs == 1, "nothing more was sent")
+        // One page on: memory no RAM backs, not the APIC (L0's device model or L1's).
+        let before = f.vcpu.counters.apicMMIOEmulations
+        f.l2Run[register: .rax] = 0x1234
+        _ = f.l2Exit(L2ExitInfo(reason: .eptViolation, qualification: EPTViolationQualification.dataWrite,
+                                guestPhysicalAddress: L2GPA(XAPIC.base + pageSize), instructionLength: 3, instructionInfo: 4))
+        #expect(f.vcpu.counters.apicMMIOEmulations == before)
+    }
+
     /// ICRs with every garbage vector, mode and destination, and PV IPIs with every bitmap:
     /// accepted, dropped or refused, never a trap; a flush hypercall naming vCPUs the VM does
     /// not have is -KVM_EINVAL.

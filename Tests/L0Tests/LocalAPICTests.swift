@@ -1,3 +1,4 @@
+import ABI
 // The local APIC model (GuestDevices/LocalAPIC.swift): issue 15's interrupts between vCPUs,
 // tested alone with made-up writes before any stack uses it.
 import GuestDevices
@@ -33,6 +34,33 @@ import TestSupport
         a.endOfInterrupt(1)
         #expect(a.acknowledge(1) == 0x60)
         #expect(try a.send(from: 0, .fixed(0x80, to: 0xFFFF_FFFF)).count == 3)   // broadcast
+    }
+
+    /// The xAPIC page: the same registers as 32-bit words on 16-byte boundaries; any other
+    /// store is dropped and any other load reads 0, as KVM's apic_mmio_write/read treat them.
+    @Test func theXAPICPageReachesTheSameRegisters() throws {
+        var a = LocalAPICs(count: 3)
+        #expect(try a.writeMMIO(2, offset: XAPIC.icrHigh, size: 4, 1 << 24).isEmpty)
+        #expect(a.readMMIO(2, offset: XAPIC.icrHigh, size: 4) == 1 << 24)
+        #expect(try a.writeMMIO(2, offset: XAPIC.icrLow, size: 4, 0x70) == [D.notify(vcpu: 1)])
+        #expect(try a.writeMMIO(0, offset: XAPIC.icrLow, size: 4, 0x71 | 1 << 18) == [D.notify(vcpu: 0)])   // self shorthand
+        #expect(a.readMMIO(1, offset: XAPIC.id, size: 4) == 1 << 24)
+        // TPR class 7 holds 0x70 back; EOI through the page ends the one in service.
+        #expect(try a.writeMMIO(1, offset: XAPIC.tpr, size: 4, 0x70).isEmpty)
+        #expect(a.readMMIO(1, offset: XAPIC.tpr, size: 4) == 0x70 && a.deliverable(1) == nil)
+        _ = try a.writeMMIO(1, offset: XAPIC.tpr, size: 4, 0)
+        #expect(a.acknowledge(1) == 0x70)
+        _ = try a.writeMMIO(1, offset: XAPIC.eoi, size: 4, 0)
+        #expect(a.acknowledge(1) == nil && a.deliverable(1) == nil)
+        // Wrong sizes and alignments: nothing sent, nothing changed, loads read 0.
+        for (offset, size): (UInt64, UInt64) in [(XAPIC.icrLow, 8), (XAPIC.icrLow, 1), (XAPIC.icrLow + 4, 4), (XAPIC.tpr + 1, 4), (0xFF0, 2)] {
+            #expect(try a.writeMMIO(0, offset: offset, size: size, 0x72).isEmpty, "offset \(offset) size \(size)")
+            #expect(a.readMMIO(1, offset: offset, size: size) == 0)
+        }
+        #expect(a.readMMIO(1, offset: XAPIC.tpr, size: 4) == 0 && a.deliverable(0) == 0x71)
+        #expect(throws: LocalAPICs.APICError.illegalVector(0x5)) { try a.writeMMIO(0, offset: XAPIC.icrLow, size: 4, 0x5) }
+        #expect(XAPIC.offset(of: L2GPA(0xFEE0_0FFF)) == 0xFFF && XAPIC.offset(of: L2GPA(0xFEE0_1000)) == nil
+                && XAPIC.offset(of: L2GPA(0xFEDF_FFFF)) == nil)
     }
 
     @Test func theTPRAndWhatIsInServiceHoldBackLowerClasses() throws {

@@ -112,6 +112,41 @@ extension StackTests {
         #expect(w.totalDeliveries == 0 && w.totalL1Exits == 0)
     }
 
+    /// vmexit.c's ten self-IPI tests (xAPIC page or x2APIC MSRs; taken at STI;NOP, at STI;HLT,
+    /// or when the TPR comes down from class 15): each operation's own check says its IPI was
+    /// taken exactly once and never under the raised TPR; here, that every register access is
+    /// one exit, the xAPIC ones through the instruction emulator, the one interrupt injected by
+    /// whoever runs L2's APICs, and nothing else.
+    @Test(arguments: apicPaths, ["self_ipi", "x2apic_self_ipi"])
+    func everySelfIPITestTakesItsInterruptOnceWhereItsShapeSays(_ variant: BenchVariant, _ prefix: String) throws {
+        let xapic = prefix == "self_ipi"
+        for (suffix, sti, tpr) in [("sti_nop", true, false), ("sti_hlt", true, false), ("tpr", false, true),
+                                   ("tpr_sti_nop", true, true), ("tpr_sti_hlt", true, true)] {
+            let test = "\(prefix)_\(suffix)"
+            let r = try BenchRunner(tierExecutable: PVMBinary.path, iterations: 100, warmup: 10).run(test, on: variant)
+            let w = r.window, n = r.iterations
+            // The IPI (xAPIC: ICR high then low), the EOI, the TPR up and down, and where an
+            // interrupt that waited with interrupts off is taken.
+            let accesses: UInt64 = (xapic ? 3 : 2) + (tpr ? 2 : 0)
+            let exits = accesses + (sti ? 1 : 0)
+            #expect(w.totalL2Exits == exits * n, "\(test) on \(variant.label): \(w.totalL2Exits) exits in \(n)")
+            // STI;NOP: the window exit; STI;HLT: the HLT, which ends at once.
+            let halt = suffix.hasSuffix("hlt")
+            #expect(w.l2Exits[Int(ExitReason.interruptWindow.rawValue)] == (sti && !halt ? n : 0), "\(test) on \(variant.label)")
+            #expect(w.l2Exits[Int(ExitReason.hlt.rawValue)] == (halt ? n : 0), "\(test) on \(variant.label)")
+            #expect(w.l2Exits[Int(ExitReason.eptViolation.rawValue)] == (xapic ? accesses * n : 0), "\(test) on \(variant.label)")
+            if variant.path.usesVMX {
+                // L1 runs L2's APICs: every exit is L1's to handle, and L0's APIC model (L1's) sees none of it.
+                #expect(w.totalDeliveries == exits * n && w.apicIPIs == 0 && w.apicMMIOEmulations == 0 && w.interruptsInjected == 0,
+                        "\(test) on \(variant.label)")
+            } else {
+                #expect(w.totalDeliveries == 0 && w.totalL1Exits == 0, "\(test) on \(variant.label)")
+                #expect(w.apicIPIs == n && w.interruptsInjected == n && w.apicAccesses == accesses * n, "\(test) on \(variant.label)")
+                #expect(w.apicMMIOEmulations == (xapic ? accesses * n : 0), "\(test) on \(variant.label)")
+            }
+        }
+    }
+
     /// A token passed round a ring of vCPUs that halt until it comes: all are halted nearly
     /// all the time and the stack still ends, every vCPU having seen every pass.
     @Test(arguments: [(NestingPath.single, 4), (.pv, 2), (.nvmx, 3)])

@@ -73,8 +73,12 @@ public struct TransitionCounters: Equatable, Sendable {
     // Interrupts between vCPUs, where L0 runs the local APICs (`L0APIC.swift`).
     /// Interrupts a local APIC L0 runs accepted from an IPI (one per target), and self-IPIs.
     public var apicIPIs: UInt64 = 0
-    /// APIC register accesses L0 emulated (x2APIC MSRs: ICR, SELF_IPI, EOI, TPR, ID).
+    /// APIC register accesses L0 emulated (x2APIC MSRs: ICR, SELF_IPI, EOI, TPR, ID; and the
+    /// same registers in the xAPIC page).
     public var apicAccesses: UInt64 = 0
+    /// Of those, the xAPIC page's: each an MMIO exit KVM completes through its instruction
+    /// emulator (fetch, decode, then the APIC's MMIO handler), where WRMSR needs none.
+    public var apicMMIOEmulations: UInt64 = 0
     /// KVM_HC_SEND_IPI hypercalls L0 handled (one per call, whatever the bitmap).
     public var pvIPIHypercalls: UInt64 = 0
     /// Running targets made to exit so they take an interrupt (kvm_vcpu_kick's IPI).
@@ -138,7 +142,7 @@ public struct TransitionCounters: Equatable, Sendable {
         \.unbackedAccesses, \.consistencyChecks, \.memslotZaps, \.ept12ADUpdates, \.hwVMREADs, \.hwVMWRITEs, \.hwVMPTRLDs,
         \.hwVMCLEARs, \.mmuRootSwitches, \.tlbFlushes, \.rareFieldSyncs, \.fullEntryChecks, \.vmmUserspaceExits, \.pvEntries,
         \.kernelDeviceAccesses, \.pvDeliveries, \.nestedVMExits, \.nestedVMEntries, \.ept12Resyncs,
-        \.apicIPIs, \.apicAccesses, \.pvIPIHypercalls, \.apicKicks, \.haltsBlocked, \.apicWakeups, \.interruptsInjected,
+        \.apicIPIs, \.apicAccesses, \.apicMMIOEmulations, \.pvIPIHypercalls, \.apicKicks, \.haltsBlocked, \.apicWakeups, \.interruptsInjected,
         \.tlbFlushHypercalls, \.tlbFlushRequests, \.tlbFlushesAtEntry,
     ]
 

@@ -5,7 +5,7 @@ import Transport
 /// The local APICs L0 runs: L2's where it runs L2 directly (single, and pv with
 /// `PVFeatures.directAPIC`), L1's own on nested VMX (`L0VMState.apicTier`), as KVM's in-kernel
 /// LAPIC does: x2APIC ICR / SELF_IPI / EOI / TPR
-/// writes, KVM_HC_SEND_IPI, HLT until an interrupt, and the interrupt's way to its target:
+/// writes (as MSRs, or in the xAPIC page), KVM_HC_SEND_IPI, HLT until an interrupt, and the interrupt's way to its target:
 /// injected at the target's next entry, with a kick first if the target is in guest mode, or
 /// a wake-up if it halted. Every value comes from the guest: a bad vector or mode is the APIC's
 /// own error (the write is dropped, as an illegal-vector IPI is), never a fault in L0.
@@ -23,7 +23,7 @@ extension L0VCPU {
     }
 
     /// The exits of a guest whose local APICs (`apic`) and flush hypercall (`flushHypercall`)
-    /// L0 runs, routed to their handlers: x2APIC and steal-time MSRs, KVM_HC_SEND_IPI, HLT with
+    /// L0 runs, routed to their handlers: x2APIC and steal-time MSRs, the xAPIC page, KVM_HC_SEND_IPI, HLT with
     /// interrupts on, L2's flush hypercall, and the exit a kick makes. nil: none of them. One
     /// table for every backend that offers them (single; pv by its features).
     func handleInterruptExit(_ exit: L2Exit, _ regs: inout RegisterFile, apic: Bool, flushHypercall: Bool) -> NextStep? {
@@ -32,6 +32,8 @@ extension L0VCPU {
             return handleAPICMSR(exit, &regs)
         case .msrRead(KVMStealTime.msr) where apic, .msrWrite(KVMStealTime.msr, _) where apic:
             return handleStealTimeMSR(exit, &regs)
+        case .eptViolation(let gpa, let access, let size) where apic && XAPIC.offset(of: gpa) != nil:
+            return handleAPICMMIO(offset: XAPIC.offset(of: gpa)!, write: access & EPT.write != 0, size: size, exit, &regs)
         case .vmcall(KVMHypercall.sendIPI) where apic:
             return handlePVSendIPI(exit, &regs)
         case .vmcall(L2Hypercall.flushTLB.rawValue) where flushHypercall:
@@ -55,6 +57,26 @@ extension L0VCPU {
         case let .msrWrite(msr, value): apicWrite(msr, value)
         case let .msrRead(msr): regs.edxEax = apicRead(msr)
         default: break
+        }
+        regs.skipInstruction(length: exit.info.instructionLength)
+        return .resume(.l2)
+    }
+
+    /// A MOV to or from this vCPU's xAPIC page (the MMIO exit of memory no RAM backs): the
+    /// value is RAX, as the guest's store put it (a load's result goes back there). KVM gets
+    /// here through its instruction emulator; a store of another size or alignment is dropped,
+    /// a load of one reads 0 (`LocalAPICs.writeMMIO`).
+    func handleAPICMMIO(offset: UInt64, write: Bool, size: UInt64, _ exit: L2Exit, _ regs: inout RegisterFile) -> NextStep {
+        counters.apicAccesses += 1
+        counters.apicMMIOEmulations += 1
+        if write {
+            do {
+                if let deliveries = try shared.apics?.writeMMIO(id, offset: offset, size: size, regs[.rax]) { deliver(deliveries) }
+            } catch {
+                // An illegal vector or an unsupported mode: the APIC drops the IPI.
+            }
+        } else {
+            regs[.rax] = shared.apics?.readMMIO(id, offset: offset, size: size) ?? 0
         }
         regs.skipInstruction(length: exit.info.instructionLength)
         return .resume(.l2)

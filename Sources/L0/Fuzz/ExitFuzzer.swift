@@ -242,8 +242,8 @@ public enum ExitFuzzer {
             let run = vcpu.l2Run
             // Half the time, aim at the interrupt and TLB handlers: x2APIC and steal-time MSRs
             // (any value: ICRs with garbage vectors, modes and destinations; steal-time GPAs
-            // anywhere), KVM_HC_SEND_IPI and the flush hypercall with garbage bitmaps, RFLAGS.IF
-            // on, and the kick words scribbled.
+            // anywhere), the xAPIC page, KVM_HC_SEND_IPI and the flush hypercall with garbage
+            // bitmaps, RFLAGS.IF on, and the kick words scribbled.
             guard g.below(2) == 0 else { return }
             run[register: .rflags] = g.below(2) == 0 ? 0x202 : g.edge()
             switch reason {
@@ -257,6 +257,11 @@ public enum ExitFuzzer {
                 run[register: .rax] = value & 0xFFFF_FFFF
             case .vmcall:
                 run[register: .rax] = g.pick([KVMHypercall.sendIPI, L2Hypercall.flushTLB.rawValue])
+            case .eptViolation:
+                // The xAPIC page: any offset, size and value (RAX), and the pages around it.
+                run[RunPage.guestPhysicalAddress] = XAPIC.base &- pageSize &+ g.below(3 * pageSize)
+                run[RunPage.instructionInfo] = g.below(2) == 0 ? 4 : g.edge()
+                run[register: .rax] = g.below(2) == 0 ? g.below(1 << 20) : g.edge()
             default: break
             }
             if g.below(4) == 0 { run[RunPage.kick] = g.edge() }
