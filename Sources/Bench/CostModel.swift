@@ -101,7 +101,9 @@ public enum CostModel {
             line("port accesses L1's in-kernel device emulates", .kernelDeviceEmulation, sw(.kernelDeviceAccesses), .l1),
             // Interrupts between vCPUs, where L0 runs the local APICs.
             line("IPIs accepted by the local APICs L0 runs (one per target)", .apicIPIEmulation, w.apicIPIs),
-            line("xAPIC page accesses L0 completed through its instruction emulator", .apicMMIOEmulation, w.apicMMIOEmulations),
+            line(path.usesVMX ? "xAPIC page accesses L1's APIC completed through its instruction emulator"
+                              : "xAPIC page accesses L0's APIC completed through its instruction emulator",
+                 .apicMMIOEmulation, w.apicMMIOEmulations, path.usesVMX ? .l1 : .l0),
             line("KVM_HC_SEND_IPI hypercalls (the bitmap walk)", .pvIPIHypercall, w.pvIPIHypercalls),
             line("kicks: physical IPIs that make a target in guest mode exit", .vcpuKick, w.apicKicks),
             line("vCPUs blocked at HLT", .haltBlock, w.haltsBlocked),

@@ -257,10 +257,18 @@ int pvm_pin_to_cpu(int cpu) {
     return sched_setaffinity(0, sizeof(set), &set) == 0 ? 0 : -errno;
 }
 
-int pvm_set_allowed_cpus(uint64_t mask) {
+_Static_assert(sizeof(pvm_cpu_set) == sizeof(cpu_set_t), "pvm_cpu_set holds a cpu_set_t");
+
+int pvm_get_affinity(pvm_cpu_set *out) {
     cpu_set_t set;
-    CPU_ZERO(&set);
-    for (int i = 0; i < 64; i++) if (mask & (1ULL << i)) CPU_SET(i, &set);
+    if (sched_getaffinity(0, sizeof(set), &set) != 0) return -errno;
+    memcpy(out, &set, sizeof(set));
+    return 0;
+}
+
+int pvm_set_affinity(const pvm_cpu_set *in) {
+    cpu_set_t set;
+    memcpy(&set, in, sizeof(set));
     return sched_setaffinity(0, sizeof(set), &set) == 0 ? 0 : -errno;
 }
 

@@ -66,8 +66,10 @@ public struct LocalAPICs: Sendable {
         var isr = Vectors(repeating: 0)
         var tpr: UInt8 = 0
         var state = VCPUState.running
-        /// xAPIC: the ICR high half, written before the low half sends.
+        /// xAPIC: the ICR high half, written before the low half sends, and the low half last
+        /// written (its delivery-status bit always clear: a send completes at once here).
         var icrHigh: UInt32 = 0
+        var icrLow: UInt32 = 0
 
         static func bit(_ v: UInt8) -> (Int, UInt64) { (Int(v >> 6), 1 << UInt64(v & 63)) }
         func has(_ words: Vectors, _ v: UInt8) -> Bool { let (w, b) = Self.bit(v); return words[w] & b != 0 }
@@ -209,21 +211,29 @@ public struct LocalAPICs: Sendable {
         return []
     }
 
-    /// An xAPIC register read by `v`: its ID (in bits 31:24), the TPR and the ICR's high half;
-    /// the rest, and any read that is not 32 bits at a 16-byte boundary, read 0.
+    /// An xAPIC register read by `v`: its ID (in bits 31:24), the TPR and both ICR halves; the
+    /// rest read 0. As KVM's kvm_lapic_reg_read, a 1-, 2- or 4-byte read inside one register's
+    /// first 32 bits gets those bytes; any other read gets 0 (KVM fails those).
     public func readMMIO(_ v: Int, offset: UInt64, size: UInt64) -> UInt64 {
-        guard size == 4, offset & 0xF == 0 else { return 0 }
-        switch offset {
-        case XAPIC.id: return UInt64(v) << 24
-        case XAPIC.tpr: return UInt64(apics[v].tpr)
-        case XAPIC.icrHigh: return UInt64(apics[v].icrHigh)
-        default: return 0
+        let within = offset & 0xF
+        guard size == 1 || size == 2 || size == 4, within + size <= 4 else { return 0 }
+        let word: UInt32 = switch offset & ~0xF {
+        case XAPIC.id: UInt32(truncatingIfNeeded: v) << 24
+        case XAPIC.tpr: UInt32(apics[v].tpr)
+        case XAPIC.icrLow: apics[v].icrLow & ~Self.icrDeliveryStatus
+        case XAPIC.icrHigh: apics[v].icrHigh
+        default: 0
         }
+        return UInt64(word >> UInt32(within * 8)) & (size == 4 ? 0xFFFF_FFFF : (1 << (size * 8)) - 1)
     }
+
+    /// ICR bit 12, delivery status: 1 while a send is pending (never, here).
+    public static let icrDeliveryStatus: UInt32 = 1 << 12
 
     /// An xAPIC ICR write by `v`: the high half is kept; the low half sends.
     public mutating func writeICR(_ v: Int, low: UInt32) throws(APICError) -> [Delivery] {
-        try send(from: v, ICR(xapicLow: low, high: apics[v].icrHigh))
+        apics[v].icrLow = low
+        return try send(from: v, ICR(xapicLow: low, high: apics[v].icrHigh))
     }
     public mutating func writeICR(_ v: Int, high: UInt32) { apics[v].icrHigh = high }
 }

@@ -139,9 +139,11 @@ extension GuestCPU {
     public func xapicWrite(_ offset: UInt64, _ value: UInt32) { write32(L2GPA(XAPIC.base + offset), value) }
     /// A 32-bit load of an xAPIC register.
     public func xapicRead(_ offset: UInt64) -> UInt32 { read32(L2GPA(XAPIC.base + offset)) }
-    /// xAPIC self-IPI as kvm-unit-tests' xapic_icr_write sends it: the ICR's high half (no
-    /// destination), then its low half with the self shorthand, which sends.
+    /// xAPIC self-IPI as kvm-unit-tests' xapic_icr_write sends it: wait until the ICR's
+    /// delivery-status bit (12) is clear, write its high half (no destination), then its low
+    /// half with the self shorthand, which sends.
     public func xapicSelfIPI(_ vector: UInt8) {
+        while xapicRead(XAPIC.icrLow) & 1 << 12 != 0 { pause() }
         xapicWrite(XAPIC.icrHigh, 0)
         xapicWrite(XAPIC.icrLow, UInt32(vector) | 1 << 18)     // bits 19:18 = 01: to self
     }

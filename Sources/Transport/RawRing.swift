@@ -43,8 +43,10 @@ public enum RawRing {
     /// thread's CPU affinity is what it was afterwards.
     public static func measureSameCore(executable: String, arguments: [String], cpu: Int,
                                        roundTrips: Int, runs: Int) throws -> [Double] {
-        let allowed = pvm_allowed_cpus()
-        defer { if allowed != 0 { _ = pvm_set_allowed_cpus(allowed) } }
+        var saved = pvm_cpu_set()
+        let read = pvm_get_affinity(&saved)
+        guard read == 0 else { throw TransportError.cannotReadAffinity(errno: -read) }
+        defer { _ = pvm_set_affinity(&saved) }
         let pinned = pvm_pin_to_cpu(Int32(cpu))
         guard pinned == 0 else { throw TransportError.cannotRunOnCPU(cpu, errno: -pinned) }
         return try ring(executable: executable, arguments: arguments,

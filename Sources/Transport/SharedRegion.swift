@@ -19,6 +19,8 @@ public enum TransportError: Error, CustomStringConvertible, Equatable {
     case ringEchoGone(status: String)
     /// sched_setaffinity refused a CPU a measurement must run on.
     case cannotRunOnCPU(Int, errno: Int32)
+    /// sched_getaffinity failed: the thread's CPUs could not be saved to be given back.
+    case cannotReadAffinity(errno: Int32)
 
     public var description: String {
         switch self {
@@ -31,6 +33,7 @@ public enum TransportError: Error, CustomStringConvertible, Equatable {
         case let .unsealed(name, seals): "\(name) came without L0's seals (F_GET_SEALS 0x\(String(seals, radix: 16)))"
         case let .ringEchoGone(status): "the raw ring's echo process stopped answering (\(status))"
         case let .cannotRunOnCPU(cpu, e): "cannot run on CPU \(cpu): \(String(cString: strerror(e)))"
+        case let .cannotReadAffinity(e): "cannot read this thread's CPU affinity: \(String(cString: strerror(e)))"
         }
     }
 }

@@ -48,9 +48,9 @@ final class Fixture {
     var nested: NestedVMXBackend { vcpu.backend as! NestedVMXBackend }
 
     /// On the pv path, `negotiate` (PV ABI v1) with these features first, unless nil.
-    init(_ path: NestingPath, negotiating features: PVFeatures? = .all) throws {
+    init(_ path: NestingPath, negotiating features: PVFeatures? = .all, l2Limit: UInt64 = Plan.l2Limit) throws {
         self.path = path
-        layout = ControlLayout(vcpuCount: 1, l2AddressLimit: Plan.l2Limit)
+        layout = ControlLayout(vcpuCount: 1, l2AddressLimit: l2Limit)
         control = try ControlMemory.anonymous(layout: layout)
         host = try SharedRegion(anonymous: Plan.hostSize)
         var slots = L1Memslots(hostSize: host.size)

@@ -52,11 +52,16 @@ import TestSupport
         #expect(a.acknowledge(1) == 0x70)
         _ = try a.writeMMIO(1, offset: XAPIC.eoi, size: 4, 0)
         #expect(a.acknowledge(1) == nil && a.deliverable(1) == nil)
+        // The ICR's low half reads back as written, its delivery status clear; a load of 1 or 2
+        // bytes inside a register gets those bytes (KVM's kvm_lapic_reg_read).
+        #expect(a.readMMIO(0, offset: XAPIC.icrLow, size: 4) == 0x71 | 1 << 18)
+        #expect(a.readMMIO(1, offset: XAPIC.id + 3, size: 1) == 1 && a.readMMIO(1, offset: XAPIC.id + 2, size: 2) == 1 << 8)
         // Wrong sizes and alignments: nothing sent, nothing changed, loads read 0.
-        for (offset, size): (UInt64, UInt64) in [(XAPIC.icrLow, 8), (XAPIC.icrLow, 1), (XAPIC.icrLow + 4, 4), (XAPIC.tpr + 1, 4), (0xFF0, 2)] {
+        for (offset, size): (UInt64, UInt64) in [(XAPIC.icrLow, 8), (XAPIC.icrLow + 4, 4), (XAPIC.tpr + 1, 4), (XAPIC.id + 3, 2), (0xFF0, 3)] {
             #expect(try a.writeMMIO(0, offset: offset, size: size, 0x72).isEmpty, "offset \(offset) size \(size)")
-            #expect(a.readMMIO(1, offset: offset, size: size) == 0)
+            #expect(a.readMMIO(1, offset: offset, size: size) == 0, "offset \(offset) size \(size)")
         }
+        #expect(try a.writeMMIO(0, offset: XAPIC.icrLow, size: 1, 0x72).isEmpty, "a 1-byte store sends nothing")
         #expect(a.readMMIO(1, offset: XAPIC.tpr, size: 4) == 0 && a.deliverable(0) == 0x71)
         #expect(throws: LocalAPICs.APICError.illegalVector(0x5)) { try a.writeMMIO(0, offset: XAPIC.icrLow, size: 4, 0x5) }
         #expect(XAPIC.offset(of: L2GPA(0xFEE0_0FFF)) == 0xFFF && XAPIC.offset(of: L2GPA(0xFEE0_1000)) == nil

@@ -14,7 +14,7 @@
 import ABI
 import Bench
 import Foundation
-import L0
+@testable import L0
 import L2Guest
 import Testing
 
@@ -73,7 +73,9 @@ extension StackTests {
             ("rare_field_syncs", w.rareFieldSyncs), ("full_entry_checks", w.fullEntryChecks),
             ("vmm_userspace_exits", w.vmmUserspaceExits), ("pv_entries", w.pvEntries), ("ept12_resyncs", w.ept12Resyncs),
             ("pv_deliveries", w.pvDeliveries), ("nested_vmexits", w.nestedVMExits), ("nested_vmentries", w.nestedVMEntries),
-            ("apic_ipis", w.apicIPIs), ("apic_accesses", w.apicAccesses), ("pv_ipi_hypercalls", w.pvIPIHypercalls),
+            ("kernel_device_accesses", w.kernelDeviceAccesses),
+            ("apic_ipis", w.apicIPIs), ("apic_accesses", w.apicAccesses), ("apic_mmio_emulations", w.apicMMIOEmulations),
+            ("pv_ipi_hypercalls", w.pvIPIHypercalls),
             ("apic_kicks", w.apicKicks), ("halts_blocked", w.haltsBlocked), ("apic_wakeups", w.apicWakeups),
             ("interrupts_injected", w.interruptsInjected), ("tlb_flush_hypercalls", w.tlbFlushHypercalls),
             ("tlb_flush_requests", w.tlbFlushRequests), ("tlb_flushes_at_entry", w.tlbFlushesAtEntry),
@@ -81,6 +83,16 @@ extension StackTests {
         for (k, n) in work { kv[k] = n }
         let fields = kv.filter { $0.value != 0 }.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }
         return ([test, label] + fields).joined(separator: " ")
+    }
+
+    /// Every plain counter has its own key in a row: one left out would never be compared.
+    @Test func aRowHasAKeyForEveryCounter() {
+        var w = TransitionCounters()
+        for (i, k) in TransitionCounters.scalarFields.enumerated() { w[keyPath: k] = 1000 + UInt64(i) }
+        let row = Self.row(test: "t", label: "l", iterations: 1, w)
+        for i in TransitionCounters.scalarFields.indices {
+            #expect(row.contains("=\(1000 + i)"), "counter \(TransitionCounters.scalarFields[i]) has no key: \(row)")
+        }
     }
 
     /// Row key: "test label".

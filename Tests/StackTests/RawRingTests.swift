@@ -19,6 +19,20 @@ extension StackTests {
         #expect(CPUPlacement.allowedCPUMask == before)
     }
 
+    /// An echo that never answers (here: a program that is not the ring's) ends the measurement
+    /// with the ring's typed error, after the thread was pinned: its CPUs come back even so.
+    @Test func aRingWhoseEchoDiesFailsTypedAndGivesTheCPUsBack() throws {
+        let placement = CPUPlacement.automatic()
+        guard let cpu = placement.guestCPU, placement.isPinned else { return }
+        let before = CPUPlacement.allowedCPUMask
+        #expect {
+            try RawRing.measureSameCore(executable: "/bin/true", arguments: [], cpu: cpu, roundTrips: 10, runs: 1)
+        } throws: { error in
+            if case TransportError.ringEchoGone = error { true } else { false }
+        }
+        #expect(CPUPlacement.allowedCPUMask == before)
+    }
+
     @Test func aCPUTheRingMayNotUseIsRefusedAndChangesNothing() throws {
         // A CPU this machine does not have (a thread's current mask is no guide: a stack run
         // in this process may have pinned it).

@@ -70,8 +70,11 @@ int pvm_set_process_name(const char *name);
 int pvm_pin_to_cpu(int cpu);
 // The CPUs this process may run on, as a bitmask of the first 64 (0 on error).
 uint64_t pvm_allowed_cpus(void);
-// The calling thread's CPU affinity set back to `mask` (bit i = CPU i); 0 or -errno.
-int pvm_set_allowed_cpus(uint64_t mask);
+// A whole cpu_set_t (1024 CPUs), opaque to Swift: the calling thread's affinity, saved and
+// restored exactly, however many CPUs the machine has. Each returns 0 or -errno.
+typedef struct { uint8_t bytes[128]; } pvm_cpu_set;
+int pvm_get_affinity(pvm_cpu_set *out);
+int pvm_set_affinity(const pvm_cpu_set *in);
 
 // SIGINT/SIGTERM for L0: the first one is recorded (pvm_stop_signal returns it) so the stack can
 // stop in order and report; a second one of either restores the default action and re-raises it.

@@ -76,8 +76,9 @@ public struct TransitionCounters: Equatable, Sendable {
     /// APIC register accesses L0 emulated (x2APIC MSRs: ICR, SELF_IPI, EOI, TPR, ID; and the
     /// same registers in the xAPIC page).
     public var apicAccesses: UInt64 = 0
-    /// Of those, the xAPIC page's: each an MMIO exit KVM completes through its instruction
-    /// emulator (fetch, decode, then the APIC's MMIO handler), where WRMSR needs none.
+    /// Accesses to L2's xAPIC page completed through an instruction emulator (fetch, decode,
+    /// then the APIC's MMIO handler), where WRMSR needs none: L0's, where it runs L2's APICs;
+    /// on nVMX L1's, for the EPT violations L0 reflects there (L0 knows L1's platform).
     public var apicMMIOEmulations: UInt64 = 0
     /// KVM_HC_SEND_IPI hypercalls L0 handled (one per call, whatever the bitmap).
     public var pvIPIHypercalls: UInt64 = 0

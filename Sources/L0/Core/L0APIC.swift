@@ -23,7 +23,7 @@ extension L0VCPU {
     }
 
     /// The exits of a guest whose local APICs (`apic`) and flush hypercall (`flushHypercall`)
-    /// L0 runs, routed to their handlers: x2APIC and steal-time MSRs, the xAPIC page, KVM_HC_SEND_IPI, HLT with
+    /// L0 runs, routed to their handlers: x2APIC and steal-time MSRs, KVM_HC_SEND_IPI, HLT with
     /// interrupts on, L2's flush hypercall, and the exit a kick makes. nil: none of them. One
     /// table for every backend that offers them (single; pv by its features).
     func handleInterruptExit(_ exit: L2Exit, _ regs: inout RegisterFile, apic: Bool, flushHypercall: Bool) -> NextStep? {
@@ -32,8 +32,6 @@ extension L0VCPU {
             return handleAPICMSR(exit, &regs)
         case .msrRead(KVMStealTime.msr) where apic, .msrWrite(KVMStealTime.msr, _) where apic:
             return handleStealTimeMSR(exit, &regs)
-        case .eptViolation(let gpa, let access, let size) where apic && XAPIC.offset(of: gpa) != nil:
-            return handleAPICMMIO(offset: XAPIC.offset(of: gpa)!, write: access & EPT.write != 0, size: size, exit, &regs)
         case .vmcall(KVMHypercall.sendIPI) where apic:
             return handlePVSendIPI(exit, &regs)
         case .vmcall(L2Hypercall.flushTLB.rawValue) where flushHypercall:
@@ -62,10 +60,19 @@ extension L0VCPU {
         return .resume(.l2)
     }
 
+    /// An EPT violation in this vCPU's xAPIC page (`XAPIC`), for a backend whose guest memory
+    /// has nothing there (memory the guest's hypervisor mapped at that address comes first, as
+    /// in KVM, where the APIC is an MMIO device behind the memslots): the APIC's MMIO access;
+    /// nil if the exit is anything else.
+    func handleAPICPageAccess(_ exit: L2Exit, _ regs: inout RegisterFile) -> NextStep? {
+        guard shared.apics != nil, case let .eptViolation(gpa, access, size) = exit.kind, let offset = XAPIC.offset(of: gpa) else { return nil }
+        return handleAPICMMIO(offset: offset, write: access & EPT.write != 0, size: size, exit, &regs)
+    }
+
     /// A MOV to or from this vCPU's xAPIC page (the MMIO exit of memory no RAM backs): the
     /// value is RAX, as the guest's store put it (a load's result goes back there). KVM gets
     /// here through its instruction emulator; a store of another size or alignment is dropped,
-    /// a load of one reads 0 (`LocalAPICs.writeMMIO`).
+    /// a load outside a register's first word reads 0 (`LocalAPICs.writeMMIO`, `readMMIO`).
     func handleAPICMMIO(offset: UInt64, write: Bool, size: UInt64, _ exit: L2Exit, _ regs: inout RegisterFile) -> NextStep {
         counters.apicAccesses += 1
         counters.apicMMIOEmulations += 1

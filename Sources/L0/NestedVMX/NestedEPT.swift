@@ -54,6 +54,9 @@ extension NestedVMXBackend {
         /// The reflected violation reports the walk's rights in bits 3-5.
         func reflectViolation(_ perms: UInt64) -> NextStep {
             vcpu.countVMMUserspaceExit(exit)        // an access L1's device model answers
+            // ...or L1's in-kernel APIC, through its emulator: the xAPIC page L2's APICs live
+            // in (L1 runs them on nVMX; L0 knows L1's platform, as for its devices).
+            if XAPIC.offset(of: gpa) != nil { vcpu.counters.apicMMIOEmulations += 1 }
             var info = exit.info
             info.qualification = (info.qualification & ~(EPT.rwxMask << EPTViolationQualification.readableShift))
                 | perms << EPTViolationQualification.readableShift

@@ -89,6 +89,8 @@ public final class PVBackend: NestingBackend {
             return deliver(exit, regs, vcpu)
         case let .eptViolation(gpa, access, _):
             if refill(gpa, access: access, vcpu) { return .resume(.l2) }     // lazily rebuilt after a fast zap
+            // Nothing L1 mapped there: the xAPIC page, if L0 runs L2's APICs.
+            if enabled.contains(.directAPIC), map.lookup(gpa) == nil, let next = vcpu.handleAPICPageAccess(exit, &regs) { return next }
             // Tell L1 what the current mapping allows (bits 3-5), so a permission fault and a
             // missing mapping look different.
             var e = exit

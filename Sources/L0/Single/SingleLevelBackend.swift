@@ -55,6 +55,10 @@ public final class SingleLevelBackend: NestingBackend {
             devices.l2Hypercall(&regs, isRAM: { Self.ram.contains($0) }) { gpa in vcpu.ept02.remove(page: gpa) }
         case .eptViolation(let gpa, _, _) where Self.ram.contains(gpa) && !devices.isBallooned(gpa):
             return .stop(.fatal(.singleLevelFault(gpa)))
+        case .eptViolation:
+            // Not RAM: the xAPIC page is L0's in-kernel APIC; anything else, its VMM's MMIO.
+            if let next = vcpu.handleAPICPageAccess(exit, &regs) { return next }
+            fallthrough
         default:
             guard devices.emulate(exit.info.reason, qualification: exit.info.qualification, accessSize: exit.info.instructionInfo,
                                   gpa: exit.info.guestPhysicalAddress, &regs) else {
