@@ -47,10 +47,6 @@ public enum RunPage {
     /// tier's CPU to flush its whole TLB before it runs guest code again (KVM's
     /// KVM_REQ_TLB_FLUSH_GUEST); the CPU clears it.
     public static let flushTLB: UInt64 = 0x080
-    /// Written by L0 before an entry: the guest clock's reading (ns, the CPU's `now()`) from
-    /// which the tier's CPU takes a PREEMPTION_TIMER exit at its next instruction boundary, as
-    /// the VMX-preemption timer KVM arms for a guest's TSC-deadline timer makes it exit; 0 = none.
-    public static let timerDeadline: UInt64 = 0x088
 
     /// General-purpose registers, RIP and RFLAGS, 8 bytes each, in `Register` order.
     public static let registers: UInt64 = 0x100

@@ -60,9 +60,6 @@ public final class NestedVMXHypervisor {
     var cachedRFLAGS: UInt64?
     /// Interrupt-window exiting is on in vmcs12 (an interrupt waits for L2's RFLAGS.IF).
     var windowRequested = false
-    /// vmcs12's pin-based controls as this L1 last wrote them (the VMX-preemption timer on or off).
-    let pinBasedControls = PinBased.externalInterruptExiting | PinBased.nmiExiting
-    var preemptionTimerOn = false
     /// The primary processor-based controls this L1 runs L2 with.
     let cpuBasedControls = CPUBased.hltExiting | CPUBased.unconditionalIOExiting | CPUBased.useMSRBitmaps | CPUBased.activateSecondaryControls
 
@@ -167,7 +164,7 @@ public final class NestedVMXHypervisor {
 
         let cr0 = ControlRegisterBits.initialCR0, cr4 = ControlRegisterBits.initialCR4, efer: UInt64 = 0x500
         let fields: [(VMCSField, UInt64)] = [
-            (.pinBasedVMExecControl, pinBasedControls),
+            (.pinBasedVMExecControl, PinBased.externalInterruptExiting | PinBased.nmiExiting),
             (.cpuBasedVMExecControl, cpuBasedControls),
             (.secondaryVMExecControl, SecondaryExec.enableEPT | SecondaryExec.enableVPID | SecondaryExec.rdtscp),
             (.exceptionBitmap, 1 << 1 | 1 << 6 | 1 << 17 | 1 << 18),
@@ -244,9 +241,6 @@ public final class NestedVMXHypervisor {
         }
     }
 
-    /// The reflected RDMSR/WRMSR names IA32_TSC_DEADLINE (ECX).
-    var isTSCDeadlineAccess: Bool { UInt32(truncatingIfNeeded: guestRegisters[.rcx]) == LocalAPICMSR.tscDeadline }
-
     /// The reflected RDMSR/WRMSR names an x2APIC register (ECX).
     var isX2APICAccess: Bool { LocalAPICMSR.range.contains(UInt32(truncatingIfNeeded: guestRegisters[.rcx])) }
 
@@ -270,33 +264,6 @@ public final class NestedVMXHypervisor {
         } else {
             guestRegisters[.rax] = vm.l2APICs.readMMIO(index, offset: offset, size: size)
         }
-    }
-
-    /// RDMSR/WRMSR IA32_TSC_DEADLINE of L2's (KVM's kvm_set_lapic_tscdeadline_msr): the timer
-    /// of L2's APIC armed, or fired at once; then vmcs12's VMX-preemption timer follows it.
-    func emulateL2TSCDeadline(_ reason: ExitReason) throws {
-        if reason == .msrWrite {
-            let value = EDXEAX.combine(edx: guestRegisters[.rdx], eax: guestRegisters[.rax])
-            _ = vm.l2APICs.armTSCDeadline(index, value, now: monotonicNanos())   // its own vCPU: taken at VMRESUME
-            try followL2Timer()
-        } else {
-            (guestRegisters[.rdx], guestRegisters[.rax]) = EDXEAX.split(vm.l2APICs.tscDeadline(index))
-        }
-    }
-
-    /// KVM's hv timer for its guest (vmx_set_hv_timer): an armed deadline becomes vmcs12's
-    /// VMX-preemption timer (on, with what is left, in ns: this L0's timer counts at the guest
-    /// clock's rate); none turns it off. A VMWRITE only for what changes.
-    func followL2Timer() throws {
-        let deadline = vm.l2APICs.tscDeadline(index)
-        if deadline != 0 {
-            let now = monotonicNanos()
-            let left = deadline > now ? min(deadline - now, UInt64(UInt32.max)) : 0
-            try check("VMWRITE", cpu.vmwrite(.vmxPreemptionTimerValue, left))
-        }
-        guard (deadline != 0) != preemptionTimerOn else { return }
-        preemptionTimerOn = deadline != 0
-        try check("VMWRITE", cpu.vmwrite(.pinBasedVMExecControl, pinBasedControls | (preemptionTimerOn ? PinBased.preemptionTimer : 0)))
     }
 
     /// KVM_HC_SEND_IPI from L2 (kvm_pv_send_ipi), as the KVM in L1 answers it.
@@ -360,16 +327,6 @@ public final class NestedVMXHypervisor {
             return false                                 // no instruction to skip
         case .msrRead where isX2APICAccess, .msrWrite where isX2APICAccess:
             try emulateL2APIC(reason)
-            // The LVT timer may have left TSC-deadline mode (which disarms it).
-            if UInt32(truncatingIfNeeded: guestRegisters[.rcx]) == LocalAPICMSR.lvtTimer { try followL2Timer() }
-        case .msrRead where isTSCDeadlineAccess, .msrWrite where isTSCDeadlineAccess:
-            try emulateL2TSCDeadline(reason)
-        case .preemptionTimer:
-            // vmcs12's VMX-preemption timer ran out in L2: L2's APIC timer fires (its interrupt
-            // goes in at the VMRESUME), and the timer goes off.
-            _ = vm.l2APICs.timerTick(index, now: monotonicNanos())
-            try followL2Timer()
-            return false                                 // no instruction to skip
         case .hlt where try readRFLAGS() & (1 << 9) != 0:
             // kvm_emulate_halt with interrupts on: L2 sleeps until one is deliverable.
             try skipInstruction()

@@ -16,18 +16,6 @@ public struct BenchOperation: Sendable {
     public let helper: Helper?
     /// What of the machine model it uses, which a path may not have.
     public private(set) var requires: Requirements = []
-    /// What it counts depends on how long its hypervisors took, not only on what it did: a
-    /// timer armed a few microseconds ahead fires at its own exit, or already at the arming if
-    /// the hypervisor got there late (as on real nested hardware). Checked by property, not
-    /// against the golden table.
-    public private(set) var countsDependOnTime = false
-
-    /// The same operation, its counts depending on time.
-    func racingTheClock() -> BenchOperation {
-        var op = self
-        op.countsDependOnTime = true
-        return op
-    }
 
     public struct Requirements: OptionSet, Sendable {
         public let rawValue: UInt8
@@ -40,9 +28,6 @@ public struct BenchOperation: Sendable {
         public static let stealTime = Requirements(rawValue: 1 << 2)
         /// L2's flush hypercall answered by L0.
         public static let l0TLBFlush = Requirements(rawValue: 1 << 3)
-        /// A timer that fires while L2 runs: its APIC's TSC deadline through a VMX-preemption
-        /// timer (not on nvmx-evmcs: the enlightened VMCS has no preemption-timer field).
-        public static let tscDeadlineTimer = Requirements(rawValue: 1 << 4)
     }
 
     /// The same operation, needing `r` too.
@@ -98,13 +83,11 @@ public struct BenchOperation: Sendable {
     /// Whether `path` (with these PV features) has what this operation needs.
     /// The steal-time area is L0's (single; pv with `directAPIC`): the nested-VMX L1 offers none.
     /// L0 answers L2's flush hypercall on single, on pv with `directTLBFlush`, and on nvmx-evmcs
-    /// (Hyper-V's L2 TLB flush). A timer that fires in L2 runs wherever L2 has an APIC but on
-    /// nvmx-evmcs, whose L1 would need a timer of its own (the eVMCS has no preemption timer).
+    /// (Hyper-V's L2 TLB flush).
     public func runs(on path: NestingPath, pvFeatures: PVFeatures) -> Bool {
         (!requires.contains(.localAPIC) || path.hasLocalAPIC(pvFeatures: pvFeatures))
             && (!requires.contains(.l0TLBFlush) || path == .single || path == .nvmxEVMCS || (path == .pv && pvFeatures.contains(.directTLBFlush)))
             && (!requires.contains(.stealTime) || path == .single || (path == .pv && pvFeatures.contains(.directAPIC)))
-            && (!requires.contains(.tscDeadlineTimer) || (path.hasLocalAPIC(pvFeatures: pvFeatures) && path != .nvmxEVMCS))
     }
 }
 
@@ -173,6 +156,10 @@ public enum BenchOperations {
         },
         BenchOperation(name: "toggle_cr4_pge", summary: "MOV to CR4 flipping PGE: a bit KVM with EPT lets the guest own") { cpu, _ in
             cpu.writeCR(4, cpu.readCR(4) ^ ControlRegisterBits.cr4PGE)
+        },
+        BenchOperation(name: "tscdeadline_immed", summary: "WRMSR IA32_TSC_DEADLINE (0x6e0) = now, then CPUID (no timer interrupt is modelled)") { cpu, _ in
+            cpu.wrmsr(0x6E0, cpu.now())
+            _ = cpu.cpuid(0, 0)
         },
         BenchOperation(name: "inl_from_pmtimer", summary: "32-bit IN from the ACPI PM timer (port 0xb008), a device of a VMM's userspace") { cpu, _ in
             _ = cpu.inPort(0xB008, size: 4)

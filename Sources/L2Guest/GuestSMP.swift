@@ -87,17 +87,12 @@ extension GuestCPU {
     public func nop() { pollInterrupts() }
     public func cli() { interrupts.enabled = false }
 
-    /// An instruction boundary: the preemption timer's deadline reached is a PREEMPTION_TIMER
-    /// exit; a kick from the hypervisor (its own IPI, which exits whatever
+    /// An instruction boundary: a kick from the hypervisor (its own IPI, which exits whatever
     /// RFLAGS.IF says) is an EXTERNAL_INTERRUPT exit; an interrupt-window request exits
     /// (INTERRUPT_WINDOW) once interrupts are on. Either way the hypervisor injects, or
     /// flushes, at the entry after.
     func pollInterrupts() {
         guard switcher == nil else { return }
-        // The VMX-preemption timer its hypervisor armed (the APIC's TSC deadline): an exit once
-        // the guest clock reaches it, whatever RFLAGS.IF says; the hypervisor disarms or moves it.
-        let deadline = run[RunPage.timerDeadline]
-        if deadline != 0, now() >= deadline { _ = vmexit(.preemptionTimer, length: 0) }
         switch run[RunPage.kick] {
         case 0: return
         case RunPage.kickWindow: if interrupts.enabled { _ = vmexit(.interruptWindow, length: 0) }

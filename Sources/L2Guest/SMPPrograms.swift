@@ -104,31 +104,6 @@ public enum SMPPrograms {
         cpu.sync(0x5A, cpu.read64(w))
     }
 
-    /// The TSC-deadline timer armed `args[0]` ns ahead (default 20 ms: far beyond any
-    /// hypervisor's handling of the WRMSR, so it fires at its own exit), five times: each time
-    /// its interrupt must come once, and not before the deadline. Syncs 0x5B, the count, and
-    /// how many came early.
-    public static let timerProbe = GuestProgram(name: "timer-probe", summary: "the TSC-deadline timer armed ahead, five times: its interrupt once each, never early") { cpu, args in
-        let ahead = args.first.flatMap { $0 > 0 ? $0 : nil } ?? 20_000_000
-        let w = received + UInt64(cpu.vcpuIndex) * 8
-        let early = received + 0x100 + UInt64(cpu.vcpuIndex) * 8
-        let deadlineWord = received + 0x200 + UInt64(cpu.vcpuIndex) * 8
-        cpu.setInterruptHandler(InterruptOperations.timerVector) { c, _ in
-            c.write64(w, c.read64(w) &+ 1)
-            if c.now() < c.read64(deadlineWord) { c.write64(early, c.read64(early) &+ 1) }
-            c.eoi()
-        }
-        cpu.wrmsr(LocalAPICMSR.lvtTimer, UInt64(InterruptOperations.timerVector) | UInt64(LVTTimer.tscDeadlineMode))
-        cpu.sti()
-        for round in 1...5 {
-            let deadline = cpu.now() &+ ahead
-            cpu.write64(deadlineWord, deadline)
-            cpu.wrmsr(LocalAPICMSR.tscDeadline, deadline)
-            while cpu.read64(w) < round { cpu.pause() }
-        }
-        cpu.sync(0x5B, cpu.read64(w), cpu.read64(early))
-    }
-
     /// Every vCPU halts with interrupts on and nobody sends anything: L0 must say so and stop.
     public static let haltAll = GuestProgram(name: "halt-all", summary: "every vCPU halts with nobody to wake it (L0 stops the stack)") { cpu, _ in
         cpu.sti()

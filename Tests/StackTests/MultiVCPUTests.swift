@@ -150,46 +150,6 @@ extension StackTests {
         }
     }
 
-    /// vmexit.c's timer tests: `tscdeadline_immed` fires at its WRMSR (three exits: the WRMSR,
-    /// the CPUID, the EOI); `tscdeadline`, 3 us ahead, fires at its PREEMPTION_TIMER exit, or at
-    /// the arming if the hypervisor that runs L2's APIC got there after the deadline (nested
-    /// VMX without shadowing takes longer than that). Either way, its interrupt exactly once.
-    @Test(arguments: [BenchVariant(path: .single), BenchVariant(path: .pv), BenchVariant(path: .nvmx), BenchVariant(path: .nvmxNoShadow)])
-    func theTimerFiresOnceAtItsExitOrAtItsArming(_ variant: BenchVariant) throws {
-        let runner = BenchRunner(tierExecutable: PVMBinary.path, iterations: 100, warmup: 10)
-        let immed = try runner.run("tscdeadline_immed", on: variant)
-        let n = immed.iterations
-        let timerExits = Int(ExitReason.preemptionTimer.rawValue)
-        #expect(immed.window.totalL2Exits == 3 * n && immed.window.l2Exits[timerExits] == 0, "\(variant.label)")
-        let ahead = try runner.run("tscdeadline", on: variant)
-        let w = ahead.window
-        let atExit = w.l2Exits[timerExits]
-        #expect(atExit <= n && w.totalL2Exits == 2 * n + atExit, "\(variant.label): \(atExit) timer exits in \(n)")
-        #expect(w.l2Exits[Int(ExitReason.msrWrite.rawValue)] == 2 * n, "the WRMSR and the EOI")
-        if variant.path.usesVMX {
-            #expect(w.totalDeliveries == w.totalL2Exits && immed.window.totalDeliveries == 3 * n, "L1 runs L2's timer")
-        } else {
-            #expect(w.apicTimerFires == n && w.interruptsInjected == n && immed.window.apicTimerFires == n)
-            #expect(w.totalDeliveries == 0 && immed.window.totalDeliveries == 0)
-        }
-    }
-
-    /// The timer armed far ahead (20 ms) fires at its own exit, never early, once each time: on
-    /// one level and pv by L0's APIC and L2's CPU's preemption timer; on nVMX by L1's APIC
-    /// through vmcs12's VMX-preemption timer, which L0 emulates and turns into L1's exit.
-    @Test(arguments: [NestingPath.single, .pv, .nvmx, .nvmxNoShadow])
-    func aTimerArmedAheadFiresAtItsOwnExitNeverEarly(_ path: NestingPath) throws {
-        let r = try run(path, program: "timer-probe", vcpus: 1)
-        #expect(r.succeeded, "\(r.stop)")
-        #expect(Array(r.harness.syncs) == [[0x5B, 5, 0, 0, 0, 0]], "five interrupts, none early")
-        #expect(r.counters.l2Exits[Int(ExitReason.preemptionTimer.rawValue)] == 5, "one timer exit each")
-        if path.usesVMX {
-            #expect(r.counters.deliveries[Int(ExitReason.preemptionTimer.rawValue)] == 5, "each one L1's")
-        } else {
-            #expect(r.counters.apicTimerFires == 5 && r.counters.totalDeliveries == 0)
-        }
-    }
-
     /// A token passed round a ring of vCPUs that halt until it comes: all are halted nearly
     /// all the time and the stack still ends, every vCPU having seen every pass.
     @Test(arguments: [(NestingPath.single, 4), (.pv, 2), (.nvmx, 3)])

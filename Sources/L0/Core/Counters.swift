@@ -80,8 +80,6 @@ public struct TransitionCounters: Equatable, Sendable {
     /// then the APIC's MMIO handler), where WRMSR needs none: L0's, where it runs L2's APICs;
     /// on nVMX L1's, for the EPT violations L0 reflects there (L0 knows L1's platform).
     public var apicMMIOEmulations: UInt64 = 0
-    /// Timer interrupts a local APIC L0 runs accepted (its TSC deadline reached).
-    public var apicTimerFires: UInt64 = 0
     /// KVM_HC_SEND_IPI hypercalls L0 handled (one per call, whatever the bitmap).
     public var pvIPIHypercalls: UInt64 = 0
     /// Running targets made to exit so they take an interrupt (kvm_vcpu_kick's IPI).
@@ -145,7 +143,7 @@ public struct TransitionCounters: Equatable, Sendable {
         \.unbackedAccesses, \.consistencyChecks, \.memslotZaps, \.ept12ADUpdates, \.hwVMREADs, \.hwVMWRITEs, \.hwVMPTRLDs,
         \.hwVMCLEARs, \.mmuRootSwitches, \.tlbFlushes, \.rareFieldSyncs, \.fullEntryChecks, \.vmmUserspaceExits, \.pvEntries,
         \.kernelDeviceAccesses, \.pvDeliveries, \.nestedVMExits, \.nestedVMEntries, \.ept12Resyncs,
-        \.apicIPIs, \.apicAccesses, \.apicMMIOEmulations, \.apicTimerFires, \.pvIPIHypercalls, \.apicKicks, \.haltsBlocked, \.apicWakeups, \.interruptsInjected,
+        \.apicIPIs, \.apicAccesses, \.apicMMIOEmulations, \.pvIPIHypercalls, \.apicKicks, \.haltsBlocked, \.apicWakeups, \.interruptsInjected,
         \.tlbFlushHypercalls, \.tlbFlushRequests, \.tlbFlushesAtEntry,
     ]
 

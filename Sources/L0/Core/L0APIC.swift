@@ -23,8 +23,7 @@ extension L0VCPU {
     }
 
     /// The exits of a guest whose local APICs (`apic`) and flush hypercall (`flushHypercall`)
-    /// L0 runs, routed to their handlers: x2APIC, TSC-deadline and steal-time MSRs, the timer's
-    /// exit, KVM_HC_SEND_IPI, HLT with
+    /// L0 runs, routed to their handlers: x2APIC and steal-time MSRs, KVM_HC_SEND_IPI, HLT with
     /// interrupts on, L2's flush hypercall, and the exit a kick makes. nil: none of them. One
     /// table for every backend that offers them (single; pv by its features).
     func handleInterruptExit(_ exit: L2Exit, _ regs: inout RegisterFile, apic: Bool, flushHypercall: Bool) -> NextStep? {
@@ -33,10 +32,6 @@ extension L0VCPU {
             return handleAPICMSR(exit, &regs)
         case .msrRead(KVMStealTime.msr) where apic, .msrWrite(KVMStealTime.msr, _) where apic:
             return handleStealTimeMSR(exit, &regs)
-        case .msrRead(LocalAPICMSR.tscDeadline) where apic, .msrWrite(LocalAPICMSR.tscDeadline, _) where apic:
-            return handleTSCDeadlineMSR(exit, &regs)
-        case .other where apic && exit.info.reason == .preemptionTimer:
-            return handleTimerExit()
         case .vmcall(KVMHypercall.sendIPI) where apic:
             return handlePVSendIPI(exit, &regs)
         case .vmcall(L2Hypercall.flushTLB.rawValue) where flushHypercall:
@@ -119,36 +114,6 @@ extension L0VCPU {
         return shared.apics?.readMSR(id, msr) ?? 0
     }
 
-    /// RDMSR/WRMSR IA32_TSC_DEADLINE (KVM's handle_fastpath_set_tscdeadline): the APIC's timer
-    /// armed at the guest's clock, or fired at once if the deadline has passed; L2's CPU is
-    /// told the deadline at the entry (`prepareL2Entry`), as KVM arms the VMX-preemption timer.
-    func handleTSCDeadlineMSR(_ exit: L2Exit, _ regs: inout RegisterFile) -> NextStep {
-        counters.apicAccesses += 1
-        switch exit.kind {
-        case let .msrWrite(_, value):
-            if let fired = shared.apics?.armTSCDeadline(id, value, now: monotonicNanos()) { deliverTimer(fired) }
-        default:
-            regs.edxEax = shared.apics?.tscDeadline(id) ?? 0
-        }
-        regs.skipInstruction(length: exit.info.instructionLength)
-        return .resume(.l2)
-    }
-
-    /// PREEMPTION_TIMER: L2's CPU reached the deadline L0 gave it (KVM's
-    /// handle_fastpath_preemption_timer): the timer fires; its interrupt goes in at the entry.
-    func handleTimerExit() -> NextStep {
-        if let fired = shared.apics?.timerTick(id, now: monotonicNanos()) { deliverTimer(fired) }
-        return .resume(.l2)
-    }
-
-    /// A timer's interrupt accepted (its own vCPU: injected at the entry, woken if halted).
-    func deliverTimer(_ deliveries: [LocalAPICs.Delivery]) {
-        for d in deliveries {
-            counters.apicTimerFires += 1
-            if case .wake(let j) = d { shared.wakeups.append(j); counters.apicWakeups += 1 }
-        }
-    }
-
     /// KVM_HC_SEND_IPI (kvm_pv_send_ipi): a 128-bit bitmap of APIC IDs from `minID`, one fixed
     /// vector. RAX <- how many it reached; a bad vector or mode is -KVM_EINVAL.
     func handlePVSendIPI(_ exit: L2Exit, _ regs: inout RegisterFile) -> NextStep {
@@ -203,13 +168,6 @@ extension L0VCPU {
     /// arrives; otherwise (interrupts off, as the one-vCPU `hlt` test runs, or one pending) it
     /// resumes at once.
     func handleHalt(_ exit: L2Exit, _ regs: inout RegisterFile) -> NextStep {
-        // The timer armed and nothing deliverable yet: L0 has no clock to wake a blocked vCPU
-        // at the deadline, so L2 stays at its HLT and exits again (a poll per exit) until the
-        // deadline fires.
-        if let apics = shared.apics, apics.tscDeadline(id) != 0, apics.deliverable(id) == nil {
-            _ = handleTimerExit()
-            if shared.apics?.deliverable(id) == nil { return .resume(.l2) }
-        }
         regs.skipInstruction(length: exit.info.instructionLength)
         guard regs[.rflags] & Self.interruptFlag != 0, shared.apics?.halt(id) == true else { return .resume(.l2) }
         counters.haltsBlocked += 1
@@ -231,13 +189,8 @@ extension L0VCPU {
     /// flush hypercall's wait).
     func prepareL2Entry() {
         if !shared.stealTime.isEmpty { takeStealTimeFlush() }
-        guard let apics = shared.apics else { return }
-        if shared.apicTier == .l2 {
-            // The deadline L2's CPU exits at (its VMX-preemption timer), kept current.
-            let deadline = apics.tscDeadline(id)
-            if l2Run[RunPage.timerDeadline] != deadline { l2Run[RunPage.timerDeadline] = deadline }
-            injectPendingInterrupt()
-        }
+        guard shared.apics != nil else { return }
+        if shared.apicTier == .l2 { injectPendingInterrupt() }
         else if shared.apics?.deliverable(id) != nil { l2Run[RunPage.kick] = RunPage.kickExternal }
     }
 

@@ -39,15 +39,7 @@ extension NestedVMXBackend {
                 // and an interrupt is "pending" at once, so L2 wakes immediately).
                 regs.skipInstruction(length: exit.info.instructionLength)
                 return .resume(.l2)
-            case .preemptionTimer:
-                // The timer L0 armed for vmcs12's VMX-preemption timer, which it emulates (KVM:
-                // an hrtimer, then vmx_check_nested_events' nested VM exit): L1's exit while
-                // L1 has its timer on; otherwise a stale one, and L2 goes on.
-                vcpu.l2Run[RunPage.timerDeadline] = 0
-                vcpu.counters.vmcs12FieldReads += 1
-                if vmcs12[.pinBasedVMExecControl] & PinBased.preemptionTimer != 0 { return reflect(exit.info, l2: regs, vcpu) }
-                return .resume(.l2)
-            case .exceptionNMI, .externalInterrupt, .pmlFull, .busLock, .notify,
+            case .exceptionNMI, .externalInterrupt, .preemptionTimer, .pmlFull, .busLock, .notify,
                  .mceDuringVMEntry, .monitorTrapFlag, .tprBelowThreshold:
                 // L0's own events (an NMI or interrupt for the host, its timer, its PML buffer...):
                 // handled, and L2 goes on where it was.
@@ -344,14 +336,6 @@ extension NestedVMXBackend {
         // nested_get_vmcs12_pages -> nested_vmx_prepare_msr_bitmap, on every entry (KVM skips
         // it only for an eVMCS whose L1 enabled the enlightened MSR bitmap; this L1 does not).
         mergeL2MSRBitmap(v, vcpu)
-        // vmcs12's VMX-preemption timer (KVM's vmx_start_preemption_timer): L2's CPU exits
-        // when its time is up (this L0's timer counts at the guest clock's rate, in ns).
-        if vmcs02.pinBased & PinBased.preemptionTimer != 0 {
-            vcpu.l2Run[RunPage.timerDeadline] = monotonicNanos() &+ (v[.vmxPreemptionTimerValue] & 0xFFFF_FFFF)
-            vcpu.counters.vmcs12FieldReads += 1
-        } else if vcpu.l2Run[RunPage.timerDeadline] != 0 {
-            vcpu.l2Run[RunPage.timerDeadline] = 0
-        }
         let eptp = v[.eptPointer]
         if shadowedEPTP != eptp {
             dropEPT02Shadows(vcpu)
