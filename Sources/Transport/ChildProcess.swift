@@ -117,7 +117,7 @@ public struct CPUPlacement: Sendable, Equatable {
 
     /// Two distinct allowed CPUs if there are two; otherwise no pinning.
     public static func automatic() -> CPUPlacement {
-        let mask = pvm_allowed_cpus()
+        let mask = allowedCPUMask
         let cpus = (0..<64).filter { mask & (1 << UInt64($0)) != 0 }
         guard cpus.count >= 2 else { return .unpinned }
         return CPUPlacement(l0CPU: cpus[0], guestCPU: cpus[1])

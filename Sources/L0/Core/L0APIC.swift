@@ -28,8 +28,10 @@ extension L0VCPU {
     /// table for every backend that offers them (single; pv by its features).
     func handleInterruptExit(_ exit: L2Exit, _ regs: inout RegisterFile, apic: Bool, flushHypercall: Bool) -> NextStep? {
         switch exit.kind {
-        case .msrRead(let msr) where apic && Self.isX2APICMSR(msr), .msrWrite(let msr, _) where apic && Self.isX2APICMSR(msr):
-            return handleAPICMSR(exit, &regs)
+        case let .msrWrite(msr, value) where apic && Self.isX2APICMSR(msr):
+            return handleAPICMSR(msr, writing: value, length: exit.info.instructionLength, &regs, resuming: .l2)
+        case let .msrRead(msr) where apic && Self.isX2APICMSR(msr):
+            return handleAPICMSR(msr, writing: nil, length: exit.info.instructionLength, &regs, resuming: .l2)
         case .msrRead(KVMStealTime.msr) where apic, .msrWrite(KVMStealTime.msr, _) where apic:
             return handleStealTimeMSR(exit, &regs)
         case .vmcall(KVMHypercall.sendIPI) where apic:
@@ -48,16 +50,14 @@ extension L0VCPU {
     /// The x2APIC MSR range (0x800-0x8FF).
     static func isX2APICMSR(_ msr: UInt32) -> Bool { LocalAPICMSR.range.contains(msr) }
 
-    /// RDMSR/WRMSR of an x2APIC register by this vCPU's guest. Unknown registers read 0 and
-    /// ignore writes (the model has no more of them).
-    func handleAPICMSR(_ exit: L2Exit, _ regs: inout RegisterFile) -> NextStep {
-        switch exit.kind {
-        case let .msrWrite(msr, value): apicWrite(msr, value)
-        case let .msrRead(msr): regs.edxEax = apicRead(msr)
-        default: break
-        }
-        regs.skipInstruction(length: exit.info.instructionLength)
-        return .resume(.l2)
+    /// RDMSR (`writing` nil) or WRMSR of an x2APIC register by the tier whose APIC L0 runs: L2
+    /// on single and pv, L1 on nvmx (which then resumes). Unknown registers read 0 and ignore
+    /// writes (the model has no more of them).
+    func handleAPICMSR(_ msr: UInt32, writing value: UInt64?, length: UInt64, _ regs: inout RegisterFile,
+                       resuming tier: Tier) -> NextStep {
+        if let value { apicWrite(msr, value) } else { regs.edxEax = apicRead(msr) }
+        regs.skipInstruction(length: length)
+        return .resume(tier)
     }
 
     /// An EPT violation in this vCPU's xAPIC page (`XAPIC`), for a backend whose guest memory
@@ -87,17 +87,6 @@ extension L0VCPU {
         }
         regs.skipInstruction(length: exit.info.instructionLength)
         return .resume(.l2)
-    }
-
-    /// The same for L1's own x2APIC (nvmx: L0 runs L1's APICs).
-    func handleL1APICMSR(_ exit: L1Exit, _ regs: inout RegisterFile) -> NextStep {
-        switch exit.kind {
-        case let .msrWrite(msr, value): apicWrite(msr, value)
-        case let .msrRead(msr): regs.edxEax = apicRead(msr)
-        default: break
-        }
-        regs.skipInstruction(length: exit.info.instructionLength)
-        return .resume(.l1)
     }
 
     func apicWrite(_ msr: UInt32, _ value: UInt64) {

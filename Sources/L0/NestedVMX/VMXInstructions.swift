@@ -15,8 +15,11 @@ extension NestedVMXBackend {
             // How L1 names its eVMCS: remembered once L0 accepts the write.
             if vcpu.acceptsL1MSRWrite(msr, v) { vpAssistPage = v & VPAssistPage.enable != 0 ? L1GPA(v).pageBase : nil }
             return vcpu.handleL1MSR(exit, &regs)
-        case .msrRead(let msr) where L0VCPU.isX2APICMSR(msr), .msrWrite(let msr, _) where L0VCPU.isX2APICMSR(msr):
-            return vcpu.handleL1APICMSR(exit, &regs)      // L1's own local APIC: L0 runs it
+        // L1's own local APIC: L0 runs it.
+        case let .msrWrite(msr, value) where L0VCPU.isX2APICMSR(msr):
+            return vcpu.handleAPICMSR(msr, writing: value, length: exit.info.instructionLength, &regs, resuming: .l1)
+        case let .msrRead(msr) where L0VCPU.isX2APICMSR(msr):
+            return vcpu.handleAPICMSR(msr, writing: nil, length: exit.info.instructionLength, &regs, resuming: .l1)
         case .msrRead, .msrWrite:
             return vcpu.handleL1MSR(exit, &regs)
         case .other where exit.info.reason == .hlt:
