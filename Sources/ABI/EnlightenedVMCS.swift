@@ -55,6 +55,11 @@ public enum EnlightenedVMCS {
         }
     }
 
+    /// Fields struct hv_enlightened_vmcs has no slot for: VMREAD/VMWRITE of them fails (KVM's
+    /// evmcs_field_offset finds none). VMX_PREEMPTION_TIMER_VALUE is why KVM hides the
+    /// preemption timer from an eVMCS L1 (EVMCS1_UNSUPPORTED_PINCTRL).
+    public static func lacks(_ f: VMCSField) -> Bool { f == .vmxPreemptionTimerValue }
+
     /// Copied on every entry whatever the clean bits say: TPR_THRESHOLD and GUEST_RIP.
     public static func copiedOnEveryEntry(_ f: VMCSField) -> Bool { f == .tprThreshold || f == .guestRIP }
 

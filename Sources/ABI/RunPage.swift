@@ -47,6 +47,13 @@ public enum RunPage {
     /// tier's CPU to flush its whole TLB before it runs guest code again (KVM's
     /// KVM_REQ_TLB_FLUSH_GUEST); the CPU clears it.
     public static let flushTLB: UInt64 = 0x080
+    /// Written by L0 before an entry: the guest clock's reading (ns, the CPU's `now()`) at which
+    /// the tier's CPU takes a PREEMPTION_TIMER exit, as the VMX-preemption timer KVM arms for a
+    /// guest's TSC-deadline timer makes it exit: checked at every entry (a deadline already
+    /// passed exits before the next instruction, as a zero timer does) and at every instruction
+    /// boundary the CPU models (PAUSE, NOP); 0 = none. On nested VMX the earliest of vmcs12's
+    /// emulated preemption timer and L1's own APIC timer.
+    public static let timerDeadline: UInt64 = 0x088
 
     /// General-purpose registers, RIP and RFLAGS, 8 bytes each, in `Register` order.
     public static let registers: UInt64 = 0x100

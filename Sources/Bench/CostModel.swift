@@ -104,6 +104,8 @@ public enum CostModel {
             line(path.usesVMX ? "xAPIC page accesses L1's APIC completed through its instruction emulator"
                               : "xAPIC page accesses L0's APIC completed through its instruction emulator",
                  .apicMMIOEmulation, w.apicMMIOEmulations, path.usesVMX ? .l1 : .l0),
+            line("timer interrupts the local APICs L0 runs accepted (TSC deadline reached)", .apicTimerExpiry, w.apicTimerFires),
+            line("vmcs12 VMX-preemption timers started at nested entries (an hrtimer each)", .nestedTimerStart, w.nestedTimerStarts),
             line("KVM_HC_SEND_IPI hypercalls (the bitmap walk)", .pvIPIHypercall, w.pvIPIHypercalls),
             line("kicks: physical IPIs that make a target in guest mode exit", .vcpuKick, w.apicKicks),
             line("vCPUs blocked at HLT", .haltBlock, w.haltsBlocked),

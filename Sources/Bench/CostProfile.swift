@@ -148,6 +148,10 @@ public struct CostProfile: Codable, Equatable, Sendable {
         case apicIPIEmulation = "apic_ipi_emulation"
         /// Completing an access to the xAPIC page through the instruction emulator.
         case apicMMIOEmulation = "apic_mmio_emulation"
+        /// The APIC timer's TSC deadline reached: its interrupt accepted (beyond the exit).
+        case apicTimerExpiry = "apic_timer_expiry"
+        /// vmx_start_preemption_timer at a nested entry with vmcs12's timer on: an hrtimer armed.
+        case nestedTimerStart = "nested_preemption_timer_start"
         /// KVM_HC_SEND_IPI's own work beyond the exit: the bitmap walked (targets priced apart).
         case pvIPIHypercall = "pv_ipi_hypercall"
         /// A kick: the physical IPI that makes a target in guest mode exit (its exit priced apart).

@@ -5,8 +5,9 @@ import ABI
 /// form (two 32-bit registers in the APIC page, the high half first), x2APIC SELF_IPI (MSR
 /// 0x83F), the TPR and EOI as MSRs or in the APIC page, IRR and ISR with the processor priority
 /// they give, and HLT until an interrupt. Fixed IPIs by physical destination or shorthand;
-/// logical destinations, lowest priority, NMI/INIT/SIPI and timers are not modelled yet, and
-/// both register interfaces are live at once (no xAPIC/x2APIC mode switch).
+/// the timer in TSC-deadline mode (LVT timer, IA32_TSC_DEADLINE); logical destinations, lowest
+/// priority, NMI/INIT/SIPI and the one-shot and periodic timers are not modelled, and both
+/// register interfaces are live at once (no xAPIC/x2APIC mode switch).
 ///
 /// Pure: a hypervisor (L0, or L1 for its L2) asks it what a write means and acts on the answer:
 /// a target that runs must be notified (a posted interrupt, or an IPI to its CPU), a halted one
@@ -70,6 +71,9 @@ public struct LocalAPICs: Sendable {
         /// written (its delivery-status bit always clear: a send completes at once here).
         var icrHigh: UInt32 = 0
         var icrLow: UInt32 = 0
+        /// The LVT timer (masked at reset) and, in TSC-deadline mode, the armed deadline (0: none).
+        var lvtTimer: UInt32 = LVTTimer.masked
+        var deadline: UInt64 = 0
 
         static func bit(_ v: UInt8) -> (Int, UInt64) { (Int(v >> 6), 1 << UInt64(v & 63)) }
         func has(_ words: Vectors, _ v: UInt8) -> Bool { let (w, b) = Self.bit(v); return words[w] & b != 0 }
@@ -166,6 +170,7 @@ public struct LocalAPICs: Sendable {
         case MSR.tpr: apics[v].tpr = UInt8(truncatingIfNeeded: value); return []
         case MSR.eoi: endOfInterrupt(v); return []
         case MSR.icr: return try send(from: v, ICR(x2apic: value))
+        case MSR.lvtTimer: setLVTTimer(v, UInt32(truncatingIfNeeded: value)); return []
         case MSR.selfIPI: return try send(from: v, ICR(x2apic: value & 0xFF | ICR.Shorthand.selfOnly.rawValue << 18))
         default: return nil
         }
@@ -176,6 +181,7 @@ public struct LocalAPICs: Sendable {
         switch msr {
         case MSR.id: UInt64(v)
         case MSR.tpr: UInt64(apics[v].tpr)
+        case MSR.lvtTimer: UInt64(apics[v].lvtTimer)
         default: 0
         }
     }
@@ -206,6 +212,7 @@ public struct LocalAPICs: Sendable {
         case XAPIC.eoi: endOfInterrupt(v)
         case XAPIC.icrHigh: writeICR(v, high: word)
         case XAPIC.icrLow: return try writeICR(v, low: word)
+        case XAPIC.lvtTimer: setLVTTimer(v, word)
         default: break
         }
         return []
@@ -222,6 +229,7 @@ public struct LocalAPICs: Sendable {
         case XAPIC.tpr: UInt32(apics[v].tpr)
         case XAPIC.icrLow: apics[v].icrLow & ~Self.icrDeliveryStatus
         case XAPIC.icrHigh: apics[v].icrHigh
+        case XAPIC.lvtTimer: apics[v].lvtTimer
         default: 0
         }
         return UInt64(word >> UInt32(within * 8)) & (size == 4 ? 0xFFFF_FFFF : (1 << (size * 8)) - 1)
@@ -229,6 +237,39 @@ public struct LocalAPICs: Sendable {
 
     /// ICR bit 12, delivery status: 1 while a send is pending (never, here).
     public static let icrDeliveryStatus: UInt32 = 1 << 12
+
+    // MARK: the timer, in TSC-deadline mode (SDM 11.5.4.1)
+
+    /// The LVT timer register: vector, mask and mode (the other bits read 0). Leaving
+    /// TSC-deadline mode disarms the deadline.
+    mutating func setLVTTimer(_ v: Int, _ value: UInt32) {
+        apics[v].lvtTimer = value & (LVTTimer.vectorMask | LVTTimer.masked | LVTTimer.modeMask)
+        if apics[v].lvtTimer & LVTTimer.modeMask != LVTTimer.tscDeadlineMode { apics[v].deadline = 0 }
+    }
+
+    /// WRMSR IA32_TSC_DEADLINE by `v` at guest time `now`: ignored unless the timer is in
+    /// TSC-deadline mode; 0 disarms; a deadline already reached fires at once (the interrupt,
+    /// unless the LVT entry is masked, and the deadline reads 0 again); a later one is armed.
+    public mutating func armTSCDeadline(_ v: Int, _ deadline: UInt64, now: UInt64) -> [Delivery] {
+        guard apics[v].lvtTimer & LVTTimer.modeMask == LVTTimer.tscDeadlineMode else { return [] }
+        apics[v].deadline = deadline
+        return timerTick(v, now: now)
+    }
+
+    /// `v`'s armed deadline, 0 if none: what the hypervisor tells `v`'s CPU to exit at.
+    public func tscDeadline(_ v: Int) -> UInt64 { apics[v].deadline }
+
+    /// Time passes on `v` (its CPU's timer exit, or any look at the clock): a deadline reached
+    /// fires, once.
+    public mutating func timerTick(_ v: Int, now: UInt64) -> [Delivery] {
+        let d = apics[v].deadline
+        guard d != 0, now >= d else { return [] }
+        apics[v].deadline = 0
+        let lvt = apics[v].lvtTimer
+        let vector = UInt8(truncatingIfNeeded: lvt & LVTTimer.vectorMask)
+        guard lvt & LVTTimer.masked == 0, vector >= 16 else { return [] }   // masked, or an illegal vector: nothing
+        return [accept(vector, at: v)]
+    }
 
     /// An xAPIC ICR write by `v`: the high half is kept; the low half sends.
     public mutating func writeICR(_ v: Int, low: UInt32) throws(APICError) -> [Delivery] {

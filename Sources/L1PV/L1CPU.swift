@@ -42,10 +42,17 @@ public final class L1CPU: L1StoreTrap {
 
     /// The vector one L1 vCPU kicks another with (Linux's RESCHEDULE_VECTOR).
     public static let kickVector: UInt8 = 0xFD
+    /// The vector of L1's own APIC timer (Linux's LOCAL_TIMER_VECTOR), in TSC-deadline mode.
+    public static let timerVector: UInt8 = 0xEC
+
+    /// Run for each interrupt L0 injects into this CPU, before its EOI: the hypervisor's
+    /// interrupt handler (it notes what to look at before its next VMRESUME).
+    public var interruptHandler: ((UInt8) -> Void)?
 
     /// Exits to L0 and waits to be entered again. Throws if L0 injected #UD. An interrupt L0
-    /// injected (another vCPU's kick) is taken after the instruction: its handler is an EOI,
-    /// and what the kick was about is looked at before the next VMRESUME.
+    /// injected (another vCPU's kick, L1's own timer) is taken after the instruction: its
+    /// handler is `interruptHandler` and an EOI, and what it was about is looked at before the
+    /// next VMRESUME.
     func vmexit(_ reason: ExitReason, length: UInt64, operand: UInt64 = 0, info: UInt64 = 0,
                 qualification: UInt64 = 0, gpa: L1GPA = L1GPA(0)) throws {
         guard let event = port.exit(reason, length: length, qualification: qualification, gpa: gpa, info: info, operand: operand) else { return }
@@ -55,6 +62,7 @@ public final class L1CPU: L1StoreTrap {
             // in the run page (its registers and the exit and entry slots, 0x000-0x077).
             let saved = run.registers
             let slots = stride(from: UInt64(0), to: RunPage.kick, by: 8).map { run[$0] }
+            interruptHandler?(event.vector)
             try wrmsr(LocalAPICMSR.eoi, 0)
             run.registers = saved
             for (i, v) in slots.enumerated() where UInt64(i) * 8 != RunPage.eventInjection { run[UInt64(i) * 8] = v }
@@ -151,7 +159,7 @@ public final class L1CPU: L1StoreTrap {
     /// VMREAD: from the eVMCS, or from the shadow VMCS if the VMREAD bitmap bit is clear, else an exit.
     public func vmread(_ f: VMCSField) throws -> UInt64 {
         if let evmcs {
-            guard let v = evmcs.read(f) else { throw L1Fault.vmxFailure("VMREAD \(f)", .failValid(.unsupportedVMCSComponent)) }
+            guard !EnlightenedVMCS.lacks(f), let v = evmcs.read(f) else { throw L1Fault.vmxFailure("VMREAD \(f)", .failValid(.unsupportedVMCSComponent)) }
             return v
         }
         if bitmapAllows(vmreadBitmap, f), let v = shadow.read(f) { return v }
@@ -165,7 +173,7 @@ public final class L1CPU: L1StoreTrap {
     /// VMWRITE: to the eVMCS, or to the shadow VMCS if the VMWRITE bitmap bit is clear, else an exit.
     public func vmwrite(_ f: VMCSField, _ value: UInt64) throws -> VMXInstructionResult {
         if let evmcs {
-            guard !f.isReadOnly, evmcs.write(f, value) else { return .failValid(.unsupportedVMCSComponent) }
+            guard !f.isReadOnly, !EnlightenedVMCS.lacks(f), evmcs.write(f, value) else { return .failValid(.unsupportedVMCSComponent) }
             if let g = EnlightenedVMCS.group(of: f) { evmcs.evmcsCleanFields &= ~g.bit }
             return .succeed
         }

@@ -60,6 +60,19 @@ public final class NestedVMXHypervisor {
     var cachedRFLAGS: UInt64?
     /// Interrupt-window exiting is on in vmcs12 (an interrupt waits for L2's RFLAGS.IF).
     var windowRequested = false
+    /// vmcs12's pin-based controls, without the VMX-preemption timer.
+    let pinBasedControls = PinBased.externalInterruptExiting | PinBased.nmiExiting
+    /// vmcs12's VMX-preemption timer is on: L2's APIC timer is armed (KVM's hv timer for its
+    /// guest; never with an eVMCS, which has no such field).
+    var preemptionTimerOn = false
+    /// L1's own APIC timer (L0 runs it), which carries L2's timer where the preemption timer
+    /// cannot (KVM's software timer, an hrtimer on L1's clockevent): with an eVMCS always, and
+    /// while this vCPU halts. Its LVT entry is set at first use; the deadline last written.
+    var ownTimerReady = false
+    var ownTimerDeadline: UInt64 = 0
+    /// L1's own timer interrupt came (its handler's note): L2's APIC timer is looked at before
+    /// the next VMRESUME, or when this vCPU wakes.
+    var ownTimerFired = false
     /// The primary processor-based controls this L1 runs L2 with.
     let cpuBasedControls = CPUBased.hltExiting | CPUBased.unconditionalIOExiting | CPUBased.useMSRBitmaps | CPUBased.activateSecondaryControls
 
@@ -91,6 +104,10 @@ public final class NestedVMXHypervisor {
     }
 
     public func run() throws -> Never {
+        // L1's interrupt handler: its own timer's interrupt is noted (the kick's is an EOI).
+        cpu.interruptHandler = { [unowned self] vector in
+            if vector == L1CPU.timerVector { self.ownTimerFired = true }
+        }
         try setUpVMX()
         vm.lock.withLock { vm.l2APICs.setState(index, .running) }      // L2 runs from the VMLAUNCH on
         var launch = true
@@ -164,7 +181,7 @@ public final class NestedVMXHypervisor {
 
         let cr0 = ControlRegisterBits.initialCR0, cr4 = ControlRegisterBits.initialCR4, efer: UInt64 = 0x500
         let fields: [(VMCSField, UInt64)] = [
-            (.pinBasedVMExecControl, PinBased.externalInterruptExiting | PinBased.nmiExiting),
+            (.pinBasedVMExecControl, pinBasedControls),
             (.cpuBasedVMExecControl, cpuBasedControls),
             (.secondaryVMExecControl, SecondaryExec.enableEPT | SecondaryExec.enableVPID | SecondaryExec.rdtscp),
             (.exceptionBitmap, 1 << 1 | 1 << 6 | 1 << 17 | 1 << 18),
@@ -203,6 +220,7 @@ public final class NestedVMXHypervisor {
     /// interrupts, goes into VM_ENTRY_INTR_INFO (kvm_inject_pending_event); dirty registers
     /// are written back; L2 counts as running for the other vCPUs' IPIs.
     func enterPrepared() throws {
+        takeOwnTimer()
         if vm.l2APICs.deliverable(index) != nil {
             if try readRFLAGS() & (1 << 9) != 0, let vector = vm.l2APICs.acknowledge(index) {
                 try check("VMWRITE", cpu.vmwrite(.vmEntryIntrInfoField, 1 << 31 | UInt64(vector)))
@@ -212,16 +230,87 @@ public final class NestedVMXHypervisor {
                 windowRequested = true
             }
         }
+        if !enlightened { try followPreemptionTimer() }
         try writeBackDirtyRegisters()
         vm.l2APICs.setState(index, .running)
     }
 
+    // MARK: L2's APIC timer (KVM's lapic timer in TSC-deadline mode, for its guest)
+
+    /// L1's own timer interrupt came: L2's APIC timer fires if its deadline has come (the
+    /// hrtimer callback, apic_timer_expired).
+    func takeOwnTimer() {
+        guard ownTimerFired else { return }
+        ownTimerFired = false
+        ownTimerDeadline = 0
+        _ = vm.l2APICs.timerTick(index, now: monotonicNanos())
+    }
+
+    /// vmx_update_hv_timer, at every VMRESUME: with L2's timer armed, the time left goes into
+    /// VMX_PREEMPTION_TIMER_VALUE (this L0 counts it in ns of the guest clock), since L0 starts
+    /// vmcs12's timer afresh at each nested entry; a deadline passed is 0, an exit at once. The
+    /// pin-based control goes on while armed and off after, as KVM before 5.4 set and cleared it
+    /// (today's KVM leaves it on and writes -1 to disarm).
+    func followPreemptionTimer() throws {
+        let deadline = vm.l2APICs.tscDeadline(index)
+        if deadline != 0 {
+            let now = monotonicNanos()
+            let left = deadline > now ? min(deadline - now, UInt64(UInt32.max)) : 0
+            try check("VMWRITE", cpu.vmwrite(.vmxPreemptionTimerValue, left))
+        }
+        guard (deadline != 0) != preemptionTimerOn else { return }
+        preemptionTimerOn = deadline != 0
+        try check("VMWRITE", cpu.vmwrite(.pinBasedVMExecControl, pinBasedControls | (preemptionTimerOn ? PinBased.preemptionTimer : 0)))
+    }
+
+    /// L2's timer on L1's own APIC timer (start_sw_tscdeadline): a deadline already passed
+    /// fires now; a later one is written to L1's IA32_TSC_DEADLINE (an exit to L0, which runs
+    /// L1's APIC) unless it is there already. Its interrupt (`takeOwnTimer`) fires L2's.
+    func startSoftwareTimer() throws {
+        let deadline = vm.l2APICs.tscDeadline(index)
+        guard deadline != 0 else { return }
+        guard deadline > monotonicNanos() else {
+            _ = vm.l2APICs.timerTick(index, now: monotonicNanos())
+            return
+        }
+        if !ownTimerReady {
+            try cpu.wrmsr(LocalAPICMSR.lvtTimer, UInt64(L1CPU.timerVector) | UInt64(LVTTimer.tscDeadlineMode))
+            ownTimerReady = true
+        }
+        guard deadline != ownTimerDeadline else { return }
+        try cpu.wrmsr(LocalAPICMSR.tscDeadline, deadline)
+        ownTimerDeadline = deadline
+    }
+
+    /// The reflected RDMSR/WRMSR names IA32_TSC_DEADLINE (ECX).
+    var isTSCDeadlineAccess: Bool { UInt32(truncatingIfNeeded: guestRegisters[.rcx]) == LocalAPICMSR.tscDeadline }
+
+    /// RDMSR/WRMSR IA32_TSC_DEADLINE of L2's (kvm_set_lapic_tscdeadline_msr): L2's APIC timer
+    /// armed, or fired at once (its interrupt goes in at the VMRESUME). With an eVMCS it
+    /// starts on L1's own timer now; otherwise the VMRESUME hands it to the preemption timer.
+    func emulateL2TSCDeadline(_ reason: ExitReason) throws {
+        if reason == .msrWrite {
+            let value = EDXEAX.combine(edx: guestRegisters[.rdx], eax: guestRegisters[.rax])
+            _ = vm.l2APICs.armTSCDeadline(index, value, now: monotonicNanos())   // its own vCPU: taken at VMRESUME
+            if enlightened { try startSoftwareTimer() }
+        } else {
+            (guestRegisters[.rdx], guestRegisters[.rax]) = EDXEAX.split(vm.l2APICs.tscDeadline(index))
+        }
+    }
+
     /// L2 halted with interrupts on and nothing to take: this vCPU of L1 halts too (its own
-    /// HLT, an exit to L0) until an interrupt wakes it, then looks again.
+    /// HLT, an exit to L0) until an interrupt wakes it, then looks again. L2's timer, if armed,
+    /// goes onto L1's own timer first (KVM's kvm_lapic_switch_to_sw_timer for a blocking
+    /// vCPU: the preemption timer runs only in guest mode), so L0 wakes this vCPU at its deadline.
     func waitForL2Interrupt() throws {
         while true {
-            let ready = vm.lock.withLock { vm.l2APICs.deliverable(index) != nil }
-            if ready { break }
+            let ready = try vm.lock.withLock { () -> Bool in
+                takeOwnTimer()
+                guard vm.l2APICs.deliverable(index) == nil else { return true }
+                try startSoftwareTimer()
+                return vm.l2APICs.deliverable(index) != nil || ownTimerFired
+            }
+            if ready { if ownTimerFired { continue }; break }
             try cpu.hlt()
         }
         try vm.lock.withLock { try enterPrepared() }
@@ -321,10 +410,19 @@ public final class NestedVMXHypervisor {
             return false
         case .externalInterrupt:
             // L1's own interrupt, acknowledged on exit (VM_EXIT_INTR_INFO): the kick another
-            // vCPU sent. Its handler is an EOI; L2's interrupt goes in at the VMRESUME.
-            _ = try cpu.vmread(.vmExitIntrInfo)
+            // vCPU sent (its handler is an EOI), or L1's own timer (noted: L2's timer fires
+            // before the VMRESUME). L2's interrupt goes in at the VMRESUME.
+            let info = try cpu.vmread(.vmExitIntrInfo)
+            if UInt8(truncatingIfNeeded: info) == L1CPU.timerVector { ownTimerFired = true }
             try cpu.wrmsr(LocalAPICMSR.eoi, 0)
             return false                                 // no instruction to skip
+        case .preemptionTimer:
+            // vmcs12's VMX-preemption timer ran out in L2 (L0 emulates it): L2's APIC timer
+            // fires (handle_preemption_timer); its interrupt goes in at the VMRESUME.
+            _ = vm.l2APICs.timerTick(index, now: monotonicNanos())
+            return false                                 // no instruction to skip
+        case .msrRead where isTSCDeadlineAccess, .msrWrite where isTSCDeadlineAccess:
+            try emulateL2TSCDeadline(reason)
         case .msrRead where isX2APICAccess, .msrWrite where isX2APICAccess:
             try emulateL2APIC(reason)
         case .hlt where try readRFLAGS() & (1 << 9) != 0:

@@ -112,7 +112,26 @@ public final class GuestCPU {
         let outcome: Resumption = newRIP == rip ? .retry : .completed
         rip = newRIP
         if let event, event.isExternalInterrupt { takeInterrupt(event.vector) }
+        if run[RunPage.timerDeadline] != 0 { takeTimerExits() }
         return outcome
+    }
+
+    /// The VMX-preemption timer its hypervisor armed (`RunPage.timerDeadline`): once the guest
+    /// clock reaches it the CPU exits PREEMPTION_TIMER before its next instruction, whatever
+    /// RFLAGS.IF says (a deadline already passed at the entry exits at once, as a zero timer
+    /// does). The hypervisor fires the timer and moves or clears the deadline; an interrupt it
+    /// injects is taken on the way back.
+    func takeTimerExits() {
+        while true {
+            let deadline = run[RunPage.timerDeadline]
+            guard deadline != 0, now() >= deadline else { return }
+            run[register: .rip] = rip
+            run[register: .rflags] = interrupts.enabled ? 0x202 : 0x2
+            let event = port.exit(.preemptionTimer, length: 0, gpa: L2GPA(0))
+            honourFlushRequest()
+            rip = run[register: .rip]
+            if let event, event.isExternalInterrupt { takeInterrupt(event.vector) }
+        }
     }
 
     // MARK: instructions that always exit

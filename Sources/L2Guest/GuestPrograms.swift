@@ -90,7 +90,7 @@ public let l2AddressLimit: UInt64 = 4 << 30
 public let unmappedProbeGPA = L2GPA(0x8000_0000)
 
 public enum GuestPrograms {
-    public static let all: [GuestProgram] = [cpuidValues, memoryProbe, pagingProbe, instructionTour, permissionProbe, msrPolicyProbe, balloonProbe, vcpuProbe, SMPPrograms.ipiStorm, SMPPrograms.haltRing, SMPPrograms.haltAll, SMPPrograms.interruptWindowProbe, TLBShootdown.probe,
+    public static let all: [GuestProgram] = [cpuidValues, memoryProbe, pagingProbe, instructionTour, permissionProbe, msrPolicyProbe, balloonProbe, vcpuProbe, SMPPrograms.ipiStorm, SMPPrograms.haltRing, SMPPrograms.haltAll, SMPPrograms.interruptWindowProbe, SMPPrograms.timerProbe, TLBShootdown.probe,
                                                  cpuidForever, l1IOForever, l2Escape]
         + BenchOperations.all.map { op in
             GuestProgram(name: op.name, summary: op.summary, arguments: measureLoopArguments, rule: op.iterationLimit.map { limit in

@@ -87,12 +87,14 @@ extension GuestCPU {
     public func nop() { pollInterrupts() }
     public func cli() { interrupts.enabled = false }
 
-    /// An instruction boundary: a kick from the hypervisor (its own IPI, which exits whatever
+    /// An instruction boundary: the preemption timer's deadline reached is a PREEMPTION_TIMER
+    /// exit (`takeTimerExits`); a kick from the hypervisor (its own IPI, which exits whatever
     /// RFLAGS.IF says) is an EXTERNAL_INTERRUPT exit; an interrupt-window request exits
     /// (INTERRUPT_WINDOW) once interrupts are on. Either way the hypervisor injects, or
     /// flushes, at the entry after.
     func pollInterrupts() {
         guard switcher == nil else { return }
+        if run[RunPage.timerDeadline] != 0 { takeTimerExits() }
         switch run[RunPage.kick] {
         case 0: return
         case RunPage.kickWindow: if interrupts.enabled { _ = vmexit(.interruptWindow, length: 0) }

@@ -1,8 +1,9 @@
 import ABI
 
 /// The interrupt tests of kvm-unit-tests' x86/vmexit.c, on the local APIC model: an IPI to a
-/// running vCPU and to a halted one, KVM's PV IPI hypercall, and the ten self-IPI tests (xAPIC
-/// and x2APIC; taken at STI;NOP, at STI;HLT, or when the TPR comes down). The IPI tests run on two vCPUs: vCPU 0 sends and measures; vCPU 1 takes the
+/// running vCPU and to a halted one, KVM's PV IPI hypercall, the TSC-deadline timer (at once,
+/// and 3 us ahead), and the ten self-IPI tests (xAPIC and x2APIC; taken at STI;NOP, at
+/// STI;HLT, or when the TPR comes down). The IPI tests run on two vCPUs: vCPU 0 sends and measures; vCPU 1 takes the
 /// interrupt in its handler, counts it where vCPU 0 sees it, and EOIs.
 public enum InterruptOperations {
     /// The vector the tests send (vmexit.c's IPI_TEST_VECTOR).
@@ -111,6 +112,32 @@ public enum InterruptOperations {
         }
     }
 
+    /// The timer's vector (vmexit.c's TSC_DEADLINE_TIMER_VECTOR).
+    public static let timerVector: UInt8 = 0xEF
+
+    /// vmexit.c's timer set-up: the LVT timer in TSC-deadline mode at `timerVector`, a handler
+    /// that counts and EOIs, interrupts on.
+    static func timerSetUp(_ cpu: GuestCPU) {
+        cpu.setInterruptHandler(timerVector) { c, _ in
+            let w = receivedWord(c.vcpuIndex)
+            c.write64(w, c.read64(w) &+ 1)
+            c.eoi()
+        }
+        cpu.wrmsr(LocalAPICMSR.lvtTimer, UInt64(timerVector) | UInt64(LVTTimer.tscDeadlineMode))
+        cpu.sti()
+    }
+
+    /// The timer tests: arm the deadline `ahead` ns from now, then wait (PAUSE) until its
+    /// interrupt came, once.
+    static func timerTest(_ cpu: GuestCPU, ahead: UInt64, then: (GuestCPU) -> Void = { _ in }) {
+        let w = receivedWord(cpu.vcpuIndex)
+        let before = cpu.read64(w)
+        cpu.wrmsr(LocalAPICMSR.tscDeadline, cpu.now() &+ ahead)
+        then(cpu)
+        while cpu.read64(w) == before { cpu.pause() }
+        cpu.guestAssert(cpu.read64(w) == before &+ 1, "the timer fired more than once")
+    }
+
     public static let all: [BenchOperation] = [
         BenchOperation(name: "ipi", summary: "x2APIC IPI to vCPU 1, which runs (PAUSE); wait for its handler (vmexit.c ipi)",
                        helper: target(halting: false)) { cpu, _ in
@@ -124,6 +151,16 @@ public enum InterruptOperations {
                        helper: target(halting: true)) { cpu, _ in
             ipiRoundTrip(cpu, halting: true) { _ = $0.pvSendIPI(vector, bitmapLow: 1 << 1) }
         },
+        BenchOperation(name: "tscdeadline_immed", summary: "WRMSR IA32_TSC_DEADLINE = now (TSC-deadline mode): the timer fires at once; then CPUID (vmexit.c)",
+                       prepare: { cpu in
+            timerSetUp(cpu)
+            return { _ in timerTest(cpu, ahead: 0) { _ = $0.cpuid(0, 0) } }
+        }),
+        BenchOperation(name: "tscdeadline", summary: "WRMSR IA32_TSC_DEADLINE = now + 3000 ns, then wait (PAUSE) for the timer's interrupt (vmexit.c)",
+                       prepare: { cpu in
+            timerSetUp(cpu)
+            return { _ in timerTest(cpu, ahead: 3000) }
+        }).racingTheClock(),
     ] + selfIPITests(.xapic) + selfIPITests(.x2apic)
 }
 

@@ -104,6 +104,71 @@ public enum SMPPrograms {
         cpu.sync(0x5A, cpu.read64(w))
     }
 
+    /// How `timer-probe` waits for its timer's interrupt.
+    public enum TimerWait: UInt64, Sendable, CaseIterable {
+        /// PAUSE: no exit; the timer's own exit ends the wait.
+        case pause = 0
+        /// CPUID: an exit every time, so the timer must fire between exits (its deadline looked
+        /// at after each entry, and on nested VMX the time left rewritten at each VMRESUME).
+        case exits = 1
+        /// STI;HLT: the vCPU blocks, and the hypervisor that runs its APIC must wake it at the
+        /// deadline (L0 for L2 on single and pv; on nested VMX L1, through its own timer).
+        case halt = 2
+        /// vCPU 1 halts as `halt` while vCPU 0 waits for it with PAUSE, never exiting: L0 must
+        /// wake the halted vCPU while it waits on the running one.
+        case haltBesideSpinner = 3
+    }
+
+    /// The TSC-deadline timer armed `ahead` ns ahead (default 20 ms: far beyond any
+    /// hypervisor's handling of the WRMSR, so it fires at its own exit or wake-up), five times,
+    /// waiting as `wait` says: each time its interrupt must come once, and not before the
+    /// deadline. Each vCPU that arms syncs 0x5B, its count, and how many came early; with
+    /// `haltBesideSpinner`, vCPU 0 syncs 0x5C and the count it saw vCPU 1 reach.
+    public static let timerProbe = GuestProgram(
+        name: "timer-probe", summary: "the TSC-deadline timer armed ahead, five times: its interrupt once each, never early",
+        arguments: [.init("ahead", "ns from the WRMSR to the deadline", default: "20000000", accepts: .range(1...10_000_000_000)),
+                    .init("wait", "0 PAUSE, 1 CPUID (an exit each time), 2 STI;HLT, 3 vCPU 1 halts while vCPU 0 spins on PAUSE",
+                          default: "0", accepts: .range(0...3))]
+    ) { cpu, args in
+        let ahead = args.first.flatMap { $0 > 0 ? $0 : nil } ?? 20_000_000
+        let wait = TimerWait(rawValue: args.count > 1 ? args[1] : 0) ?? .pause
+        let w = received + UInt64(cpu.vcpuIndex) * 8
+        let early = received + 0x100 + UInt64(cpu.vcpuIndex) * 8
+        let deadlineWord = received + 0x200 + UInt64(cpu.vcpuIndex) * 8
+        if wait == .haltBesideSpinner {
+            guard cpu.vcpuIndex == 0 else { return timerRounds(cpu, ahead: ahead, wait: .halt, w, early, deadlineWord) }
+            let other = received + 8
+            while cpu.read64(other) < 5 { cpu.pause() }
+            cpu.sync(0x5C, cpu.read64(other))
+            return
+        }
+        timerRounds(cpu, ahead: ahead, wait: wait, w, early, deadlineWord)
+    }
+
+    /// `timer-probe`'s five rounds on one vCPU.
+    static func timerRounds(_ cpu: GuestCPU, ahead: UInt64, wait: TimerWait, _ w: L2GPA, _ early: L2GPA, _ deadlineWord: L2GPA) {
+        cpu.setInterruptHandler(InterruptOperations.timerVector) { c, _ in
+            c.write64(w, c.read64(w) &+ 1)
+            if c.now() < c.read64(deadlineWord) { c.write64(early, c.read64(early) &+ 1) }
+            c.eoi()
+        }
+        cpu.wrmsr(LocalAPICMSR.lvtTimer, UInt64(InterruptOperations.timerVector) | UInt64(LVTTimer.tscDeadlineMode))
+        cpu.sti()
+        for round in UInt64(1)...5 {
+            let deadline = cpu.now() &+ ahead
+            cpu.write64(deadlineWord, deadline)
+            cpu.wrmsr(LocalAPICMSR.tscDeadline, deadline)
+            while cpu.read64(w) < round {
+                switch wait {
+                case .pause, .haltBesideSpinner: cpu.pause()
+                case .exits: _ = cpu.cpuid(0, 0)
+                case .halt: cpu.hlt()
+                }
+            }
+        }
+        cpu.sync(0x5B, cpu.read64(w), cpu.read64(early))
+    }
+
     /// Every vCPU halts with interrupts on and nobody sends anything: L0 must say so and stop.
     public static let haltAll = GuestProgram(name: "halt-all", summary: "every vCPU halts with nobody to wake it (L0 stops the stack)") { cpu, _ in
         cpu.sti()

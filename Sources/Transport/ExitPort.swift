@@ -73,6 +73,7 @@ public struct ExitPort: @unchecked Sendable {
         case .myTurn: return
         case .stop: Glibc.exit(0)
         case .peerGone: Glibc.exit(1)
+        case .timedOut: preconditionFailure("a child tier waits with no deadline")
         }
     }
 }

@@ -28,12 +28,24 @@ public struct WaitPolicy: Sendable, Equatable {
     }
 }
 
+extension Handoff {
+    /// One futex sleep: the policy's slice, or less if `until` comes first (at least 1 us).
+    static func slice(_ policy: WaitPolicy, until: UInt64) -> Int64 {
+        guard until != .max else { return policy.sleepSliceNanos }
+        let now = monotonicNanos()
+        let left = until > now ? until - now : 0
+        return max(1_000, min(policy.sleepSliceNanos, Int64(clamping: left)))
+    }
+}
+
 /// The outcome of waiting for a turn.
 public enum WaitOutcome: Equatable, Sendable {
     case myTurn
     case stop
     /// `isPeerAlive` said no while this tier slept.
     case peerGone
+    /// The clock reached the `until` the waiter gave (L0's next timer) before its turn came.
+    case timedOut
 }
 
 /// A handoff lane of one vCPU (L0 and one child tier): whose turn it is. Only the tier named there runs; it passes
@@ -83,8 +95,10 @@ public struct Handoff: @unchecked Sendable {
 
     /// Waits until it is `me`'s turn (or stop). `isPeerAlive` is asked once per sleep slice
     /// however the sleep ends (a timeout, a wake-up, a turn word that changed under it), so a
-    /// tier waiting on a dead, stopped or babbling peer notices instead of hanging.
-    public func wait(for me: Tier, policy: WaitPolicy, isPeerAlive: () -> Bool = { true }) -> WaitOutcome {
+    /// tier waiting on a dead, stopped or babbling peer notices instead of hanging. With `until`
+    /// (a `monotonicNanos()` reading) the wait also ends, `.timedOut`, once the clock passes it:
+    /// L0 waits so for the earliest timer of a halted vCPU.
+    public func wait(for me: Tier, policy: WaitPolicy, until: UInt64 = .max, isPeerAlive: () -> Bool = { true }) -> WaitOutcome {
         let mine = me.rawValue
         var v = turn.load(ordering: .acquiring)
         if v == mine { return .myTurn }
@@ -102,7 +116,11 @@ public struct Handoff: @unchecked Sendable {
             if v == mine { return .myTurn }
             if v == HandoffLayout.stopValue { return .stop }
             rounds &+= 1
-            if rounds & 63 == 0, monotonicNanos() &- start > policy.spinBudgetNanos { break }
+            if rounds & 63 == 0 {
+                let now = monotonicNanos()
+                if now >= until { return .timedOut }
+                if now &- start > policy.spinBudgetNanos { break }
+            }
         }
 
         // Sleep phase.
@@ -112,8 +130,15 @@ public struct Handoff: @unchecked Sendable {
             flag.store(1, ordering: .sequentiallyConsistent)
             v = turn.load(ordering: .sequentiallyConsistent)
             if v != mine && v != HandoffLayout.stopValue {
-                let r = pvm_futex_wait(turnAddress, v, policy.sleepSliceNanos)
+                let r = pvm_futex_wait(turnAddress, v, Self.slice(policy, until: until))
                 let now = monotonicNanos()
+                if now >= until {
+                    flag.store(0, ordering: .sequentiallyConsistent)
+                    v = turn.load(ordering: .acquiring)
+                    if v == mine { return .myTurn }
+                    if v == HandoffLayout.stopValue { return .stop }
+                    return .timedOut
+                }
                 if r == -ETIMEDOUT || now &- lastCheck >= UInt64(max(policy.sleepSliceNanos, 0)) {
                     lastCheck = now
                     if !isPeerAlive() {

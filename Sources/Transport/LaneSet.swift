@@ -12,8 +12,9 @@ import Glibc
 public enum LaneSet {
     /// Waits until one of `lanes` is `me`'s turn (or says stop), looking first at `start` and
     /// round from there so no lane is starved. Returns the outcome and the lane it came from.
+    /// `until` as in `Handoff.wait`: `.timedOut` once the clock passes it.
     public static func wait(for me: Tier, on lanes: [Handoff], from start: Int, policy: WaitPolicy,
-                            isPeerAlive: () -> Bool = { true }) -> (WaitOutcome, Int) {
+                            until: UInt64 = .max, isPeerAlive: () -> Bool = { true }) -> (WaitOutcome, Int) {
         precondition(!lanes.isEmpty && lanes.count <= Int(PVM_FUTEX_WAITV_MAX), "\(lanes.count) lanes")
         let mine = me.rawValue
         let n = lanes.count
@@ -37,7 +38,11 @@ public enum LaneSet {
             }
             if let r = scan() { return r }
             rounds &+= 1
-            if rounds & 15 == 0, monotonicNanos() &- began > policy.spinBudgetNanos { break }
+            if rounds & 15 == 0 {
+                let now = monotonicNanos()
+                if now >= until { return (.timedOut, start % n) }
+                if now &- began > policy.spinBudgetNanos { break }
+            }
         }
 
         // Sleep: raise L0's flag on every lane, look once more (a child that passed before it
@@ -57,10 +62,11 @@ public enum LaneSet {
             }
             let r = words.withUnsafeBufferPointer { w in
                 seen.withUnsafeBufferPointer { s in
-                    pvm_futex_waitv(w.baseAddress, s.baseAddress, Int32(n), policy.sleepSliceNanos)
+                    pvm_futex_waitv(w.baseAddress, s.baseAddress, Int32(n), Handoff.slice(policy, until: until))
                 }
             }
             let now = monotonicNanos()
+            if now >= until { return scan() ?? (.timedOut, start % n) }
             if r == -ETIMEDOUT || now &- lastCheck >= UInt64(max(policy.sleepSliceNanos, 0)) {
                 lastCheck = now
                 if !isPeerAlive() { return (.peerGone, start % n) }

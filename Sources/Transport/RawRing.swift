@@ -23,6 +23,7 @@ public enum RawRing {
             case .myTurn: lane.pass(to: .l0)
             case .stop: exit(0)
             case .peerGone: exit(1)
+            case .timedOut: preconditionFailure("the echo waits with no deadline")
             }
         }
     }

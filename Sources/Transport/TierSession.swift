@@ -95,6 +95,7 @@ public struct TierSession: @unchecked Sendable {
         case .myTurn: return
         case .stop: exit(0)
         case .peerGone: exit(1)
+        case .timedOut: preconditionFailure("a child tier waits with no deadline")
         }
     }
 

@@ -76,6 +76,18 @@ import Transport
         #expect(after.fullEntryChecks == before.fullEntryChecks)              // nothing dirty
     }
 
+    /// The eVMCS has no VMX_PREEMPTION_TIMER_VALUE: an entry that asks for the timer fails its
+    /// control checks, as KVM's nested_evmcs_check_controls fails it.
+    @Test func anEntryAskingForThePreemptionTimerFailsWithAnEVMCS() throws {
+        let (f, evmcs) = try makeFixture()
+        evmcs.write(.pinBasedVMExecControl, PinBased.externalInterruptExiting | PinBased.preemptionTimer)
+        _ = f.vmx(.vmlaunch)
+        #expect(f.vmxResult == .failValid(.entryInvalidControlField) && !f.nested.guestMode)
+        evmcs.write(.pinBasedVMExecControl, PinBased.externalInterruptExiting)
+        evmcs.evmcsCleanFields = 0
+        #expect(f.vmx(.vmlaunch) == .enterL2)
+    }
+
     @Test func aFieldInACleanGroupIsNotCopiedUntilL1ClearsTheBit() throws {
         let (f, evmcs) = try makeFixture()
         _ = f.vmx(.vmlaunch)

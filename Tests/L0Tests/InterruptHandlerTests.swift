@@ -93,6 +93,45 @@ import Transport
         #expect(f.vcpu.counters.apicMMIOEmulations == 0 && f.vcpu.shared.apics?.deliverable(0) == nil)
     }
 
+    /// L0's TSC-deadline timer with made-up exits: the deadline reaches L2's CPU at the entry
+    /// (its preemption timer), its PREEMPTION_TIMER exit fires it once, the interrupt is
+    /// injected at the next entry, and any deadline L2 names (0, the far future, the past) is
+    /// an answer, not a trap.
+    @Test(arguments: [NestingPath.single, .pv])
+    func theTSCDeadlineTimerReachesL2sCPUAndFiresAtItsExit(_ path: NestingPath) throws {
+        let f = try Fixture(path)
+        f.vcpu.enableLocalAPICs(count: 1)
+        #expect(wrmsr(f, LocalAPICMSR.lvtTimer, 0xEF | UInt64(LVTTimer.tscDeadlineMode)) == .resume(.l2))
+        let deadline = monotonicNanos() + 60_000_000_000
+        #expect(wrmsr(f, LocalAPICMSR.tscDeadline, deadline) == .resume(.l2))
+        f.l2Run[register: .rflags] = 0x202
+        f.vcpu.prepareL2Entry()
+        #expect(f.l2Run[RunPage.timerDeadline] == deadline && f.l2Run[RunPage.eventInjection] == 0)
+        // An early (or forged) timer exit fires nothing.
+        #expect(f.l2Exit(L2ExitInfo(reason: .preemptionTimer)) == .resume(.l2))
+        #expect(f.vcpu.counters.apicTimerFires == 0)
+        // A deadline already passed fires at the WRMSR; the entry injects it and clears the word.
+        #expect(wrmsr(f, LocalAPICMSR.tscDeadline, 1) == .resume(.l2))
+        f.vcpu.prepareL2Entry()
+        #expect(f.vcpu.counters.apicTimerFires == 1 && f.l2Run[RunPage.eventInjection] == 1 << 31 | 0xEF)
+        #expect(f.l2Run[RunPage.timerDeadline] == 0)
+        for hostile: UInt64 in [0, ~0, 1 << 63] {
+            #expect(wrmsr(f, LocalAPICMSR.tscDeadline, hostile) == .resume(.l2))
+            #expect(f.l2Exit(L2ExitInfo(reason: .preemptionTimer)) == .resume(.l2))
+        }
+        #expect(f.vcpu.counters.apicTimerFires == 1)
+        // HLT with the timer armed and nothing deliverable blocks the vCPU (no poll): the loop
+        // wakes it at the deadline (`fireTimerIfDue`, as the loop calls it then).
+        let soon = monotonicNanos() + 1_000_000
+        #expect(wrmsr(f, LocalAPICMSR.tscDeadline, soon) == .resume(.l2))
+        f.l2Run[register: .rflags] = 0x202
+        #expect(f.l2Exit(L2ExitInfo(reason: .hlt, instructionLength: 1)) == .block(.l2))
+        f.vcpu.fireTimerIfDue(now: soon - 1)
+        #expect(f.vcpu.shared.wakeups.isEmpty)
+        f.vcpu.fireTimerIfDue(now: soon)
+        #expect(f.vcpu.shared.wakeups == [0] && f.vcpu.counters.apicTimerFires == 2)
+    }
+
     /// ICRs with every garbage vector, mode and destination, and PV IPIs with every bitmap:
     /// accepted, dropped or refused, never a trap; a flush hypercall naming vCPUs the VM does
     /// not have is -KVM_EINVAL.

@@ -68,6 +68,34 @@ import TestSupport
                 && XAPIC.offset(of: L2GPA(0xFEDF_FFFF)) == nil)
     }
 
+    /// The timer in TSC-deadline mode: IA32_TSC_DEADLINE means nothing in another mode; a
+    /// deadline passed fires at once, a later one when time reaches it, once; masked, it fires
+    /// nothing; leaving the mode disarms it; 0 disarms.
+    @Test func theTSCDeadlineTimerFiresOnceWhenItsTimeComes() throws {
+        var a = LocalAPICs(count: 2)
+        #expect(a.armTSCDeadline(0, 100, now: 200).isEmpty && a.tscDeadline(0) == 0, "masked one-shot mode at reset: ignored")
+        _ = try a.writeMSR(0, LocalAPICs.MSR.lvtTimer, 0xEF | UInt64(LVTTimer.tscDeadlineMode))
+        #expect(a.readMSR(0, LocalAPICs.MSR.lvtTimer) == 0xEF | UInt64(LVTTimer.tscDeadlineMode))
+        #expect(a.armTSCDeadline(0, 100, now: 200) == [D.notify(vcpu: 0)] && a.tscDeadline(0) == 0, "passed: fires at once")
+        #expect(a.acknowledge(0) == 0xEF)
+        a.endOfInterrupt(0)
+        #expect(a.armTSCDeadline(0, 500, now: 200).isEmpty && a.tscDeadline(0) == 500)
+        #expect(a.timerTick(0, now: 499).isEmpty)
+        #expect(a.timerTick(0, now: 500) == [D.notify(vcpu: 0)] && a.timerTick(0, now: 900).isEmpty, "once")
+        #expect(a.acknowledge(0) == 0xEF && a.tscDeadline(1) == 0, "vCPU 1's timer is its own")
+        a.endOfInterrupt(0)
+        _ = a.armTSCDeadline(0, 1000, now: 0)
+        #expect(a.armTSCDeadline(0, 0, now: 0).isEmpty && a.tscDeadline(0) == 0, "0 disarms")
+        _ = a.armTSCDeadline(0, 1000, now: 0)
+        _ = try a.writeMSR(0, LocalAPICs.MSR.lvtTimer, 0xEF)          // one-shot mode: disarmed
+        #expect(a.tscDeadline(0) == 0 && a.timerTick(0, now: .max).isEmpty)
+        _ = try a.writeMMIO(0, offset: XAPIC.lvtTimer, size: 4, 0xEF | UInt64(LVTTimer.tscDeadlineMode | LVTTimer.masked))
+        #expect(a.readMMIO(0, offset: XAPIC.lvtTimer, size: 4) == 0xEF | UInt64(LVTTimer.tscDeadlineMode | LVTTimer.masked))
+        #expect(a.armTSCDeadline(0, 5, now: 10).isEmpty && a.tscDeadline(0) == 0 && a.deliverable(0) == nil, "masked: fires nothing")
+        _ = try a.writeMSR(0, LocalAPICs.MSR.lvtTimer, 0x3 | UInt64(LVTTimer.tscDeadlineMode))   // an illegal vector
+        #expect(a.armTSCDeadline(0, 5, now: 10).isEmpty && a.deliverable(0) == nil)
+    }
+
     @Test func theTPRAndWhatIsInServiceHoldBackLowerClasses() throws {
         var a = LocalAPICs(count: 1)
         _ = try a.writeMSR(0, LocalAPICs.MSR.tpr, 0x50)

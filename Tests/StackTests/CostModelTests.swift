@@ -80,7 +80,7 @@ import Testing
             "hwVMPTRLDs", "hwVMCLEARs", "mmuRootSwitches", "tlbFlushes", "rareFieldSyncs", "fullEntryChecks",
             "vmmUserspaceExits", "kernelDeviceAccesses", "pvEntries", "pvDeliveries", "nestedVMExits",
             "nestedVMEntries", "ept12Resyncs", "switcher", "l2Events",
-            "apicIPIs", "apicMMIOEmulations", "pvIPIHypercalls", "apicKicks", "haltsBlocked", "apicWakeups", "interruptsInjected",
+            "apicIPIs", "apicMMIOEmulations", "apicTimerFires", "nestedTimerStarts", "pvIPIHypercalls", "apicKicks", "haltsBlocked", "apicWakeups", "interruptsInjected",
             "tlbFlushRequests", "tlbFlushesAtEntry",
         ]
         let pricedThroughAnother: [String: String] = [

@@ -10,9 +10,10 @@ extension StackTests {
 @Suite struct MultiVCPUTests {
     static let paths: [NestingPath] = NestingPath.allCases
 
-    func run(_ path: NestingPath, program: String, vcpus: Int, args: [UInt64] = []) throws -> StackResult {
+    func run(_ path: NestingPath, program: String, vcpus: Int, args: [UInt64] = [], timeoutSeconds: UInt64? = nil) throws -> StackResult {
         var config = StackConfig(path: path, program: program, programArguments: args, tierExecutable: PVMBinary.path)
         config.vcpuCount = vcpus
+        if let timeoutSeconds { config.timeoutNanos = timeoutSeconds * 1_000_000_000 }
         return try L0Stack(config: config).run()
     }
 
@@ -148,6 +149,93 @@ extension StackTests {
                 #expect(w.apicMMIOEmulations == (xapic ? accesses * n : 0), "\(test) on \(variant.label)")
             }
         }
+    }
+
+    /// vmexit.c's timer tests: `tscdeadline_immed` fires at its WRMSR (three exits: the WRMSR,
+    /// the CPUID, the EOI); `tscdeadline`, 3 us ahead, fires at its PREEMPTION_TIMER exit, or at
+    /// the arming if the hypervisor that runs L2's APIC got there after the deadline (nested
+    /// VMX without shadowing takes longer than that). Either way, its interrupt exactly once.
+    @Test(arguments: [BenchVariant(path: .single), BenchVariant(path: .pv), BenchVariant(path: .nvmx),
+                      BenchVariant(path: .nvmxNoShadow), BenchVariant(path: .nvmxEVMCS)])
+    func theTimerFiresOnceAtItsExitOrAtItsArming(_ variant: BenchVariant) throws {
+        let runner = BenchRunner(tierExecutable: PVMBinary.path, iterations: 100, warmup: 10)
+        let immed = try runner.run("tscdeadline_immed", on: variant)
+        let n = immed.iterations
+        let timerExits = Int(ExitReason.preemptionTimer.rawValue)
+        #expect(immed.window.totalL2Exits == 3 * n && immed.window.l2Exits[timerExits] == 0, "\(variant.label)")
+        let ahead = try runner.run("tscdeadline", on: variant)
+        let w = ahead.window
+        let atExit = w.l2Exits[timerExits]
+        #expect(atExit <= n && w.totalL2Exits == 2 * n + atExit, "\(variant.label): \(atExit) timer exits in \(n)")
+        #expect(w.l2Exits[Int(ExitReason.msrWrite.rawValue)] == 2 * n, "the WRMSR and the EOI")
+        switch variant.path {
+        case .nvmx, .nvmxNoShadow:
+            // L1 runs L2's timer on vmcs12's preemption timer: each timer exit is L1's.
+            #expect(w.totalDeliveries == w.totalL2Exits && immed.window.totalDeliveries == 3 * n, "L1 runs L2's timer")
+            #expect(w.deliveries[timerExits] == atExit && w.apicTimerFires == 0)
+        case .nvmxEVMCS:
+            // No preemption timer in the eVMCS: L1's own APIC timer (L0's) carries it, and its
+            // interrupt reaches L1 as an EXTERNAL_INTERRUPT VM exit.
+            let external = Int(ExitReason.externalInterrupt.rawValue)
+            #expect(w.deliveries[timerExits] == 0 && w.deliveries[external] == atExit)
+            #expect(w.apicTimerFires >= atExit && w.apicTimerFires <= n, "L1's own timer, at most once an operation")
+        default:
+            #expect(w.apicTimerFires == n && w.interruptsInjected == n && immed.window.apicTimerFires == n)
+            #expect(w.totalDeliveries == 0 && immed.window.totalDeliveries == 0)
+        }
+    }
+
+    /// The timer armed far ahead (20 ms) fires once each time, never early, however L2 waits:
+    /// - PAUSE: at its own exit (L0's APIC and L2's CPU's preemption timer on single and pv;
+    ///   vmcs12's preemption timer, which L0 emulates, on nvmx; L1's own timer on nvmx-evmcs);
+    /// - CPUID in a loop: between exits (the deadline looked at after every entry, and on
+    ///   nested VMX the time left rewritten at every VMRESUME, or it would never come);
+    /// - STI;HLT: the halted vCPU woken at the deadline, with no polling (L0 blocks it; on
+    ///   nested VMX L1 halts on its own timer, which L0 runs).
+    @Test(arguments: [NestingPath.single, .pv, .nvmx, .nvmxNoShadow, .nvmxEVMCS], SMPPrograms.TimerWait.allCases.filter { $0 != .haltBesideSpinner })
+    func aTimerArmedAheadFiresOnceNeverEarlyHoweverL2Waits(_ path: NestingPath, _ wait: SMPPrograms.TimerWait) throws {
+        let r = try run(path, program: "timer-probe", vcpus: 1, args: [20_000_000, wait.rawValue], timeoutSeconds: 20)
+        #expect(r.succeeded, "\(path) \(wait): \(r.stop)")
+        #expect(Array(r.harness.syncs) == [[0x5B, 5, 0, 0, 0, 0]], "\(path) \(wait): five interrupts, none early")
+        let c = r.counters
+        let timerExits = c.l2Exits[Int(ExitReason.preemptionTimer.rawValue)]
+        let external = Int(ExitReason.externalInterrupt.rawValue)
+        switch wait {
+        case .pause:
+            #expect(timerExits == 5, "\(path): one timer exit each")
+        case .exits:
+            // Between exits the timer may also come due while L1 runs (its own, on nvmx-evmcs).
+            #expect(timerExits <= 5 && (path == .nvmxEVMCS || timerExits == 5), "\(path): \(timerExits) timer exits")
+        case .halt, .haltBesideSpinner:
+            #expect(timerExits == 0 && c.l2Exits[Int(ExitReason.hlt.rawValue)] == 5, "\(path): one HLT each, woken, no poll")
+        }
+        switch path {
+        case .single, .pv:
+            #expect(c.apicTimerFires == 5 && c.totalDeliveries == 0)
+            if wait == .halt { #expect(c.haltsBlocked == 5 && c.apicWakeups == 5) }
+        case .nvmx, .nvmxNoShadow:
+            if wait == .pause { #expect(c.deliveries[Int(ExitReason.preemptionTimer.rawValue)] == 5, "each one L1's") }
+            if wait == .halt {
+                // L1 halts on its own timer each time and L0 wakes it at the deadline.
+                #expect(c.apicTimerFires == 5 && c.haltsBlocked == 5 && c.l1Exits[Int(ExitReason.hlt.rawValue)] == 5)
+            }
+        default:
+            #expect(c.deliveries[Int(ExitReason.preemptionTimer.rawValue)] == 0)
+            if wait == .pause { #expect(c.deliveries[external] == 5 && c.apicTimerFires == 5) }
+            if wait == .halt { #expect(c.apicTimerFires == 5 && c.haltsBlocked == 5) }
+        }
+    }
+
+    /// vCPU 1 halts on its timer while vCPU 0 spins on PAUSE, never exiting: L0, waiting on
+    /// vCPU 0's lane, must still wake vCPU 1 at each deadline (its wait ends at the earliest
+    /// armed timer of a halted vCPU), or the stack would hang.
+    @Test(arguments: [NestingPath.single, .pv, .nvmx, .nvmxEVMCS])
+    func aHaltedVCPUsTimerWakesItWhileAnotherSpins(_ path: NestingPath) throws {
+        let r = try run(path, program: "timer-probe", vcpus: 2, args: [20_000_000, SMPPrograms.TimerWait.haltBesideSpinner.rawValue], timeoutSeconds: 20)
+        #expect(r.succeeded, "\(path): \(r.stop)")
+        #expect(Array(r.perVCPU[0].harness.syncs) == [[0x5C, 5, 0, 0, 0, 0]], "\(path): vCPU 0 saw five")
+        #expect(Array(r.perVCPU[1].harness.syncs) == [[0x5B, 5, 0, 0, 0, 0]], "\(path): five interrupts, none early")
+        #expect(r.perVCPU[1].counters.apicTimerFires == 5 && r.perVCPU[1].counters.haltsBlocked == 5)
     }
 
     /// A token passed round a ring of vCPUs that halt until it comes: all are halted nearly

@@ -49,6 +49,28 @@ import Transport
         #expect(cpu < 60_000_000, "waiter used \(cpu / 1_000_000) ms of CPU in 300 ms")
     }
 
+    /// A wait with `until` (L0's next timer of a halted vCPU) ends `.timedOut` once the clock
+    /// passes it, spinning or asleep, on one lane or several, and not before; a turn already
+    /// given wins over a deadline already passed.
+    @Test(arguments: [0 as UInt64, 200_000_000], [1, 4])
+    func aWaitWithADeadlineEndsAtIt(_ spinBudget: UInt64, _ laneCount: Int) {
+        let ls = Array(lanes.prefix(laneCount))
+        // A 5 s sleep slice: only the deadline can end the sleep in time.
+        let policy = WaitPolicy(spin: .yield, spinBudgetNanos: spinBudget, sleepSliceNanos: 5_000_000_000)
+        let start = monotonicNanos()
+        let until = start + 30_000_000
+        let outcome = laneCount == 1 ? ls[0].wait(for: .l0, policy: policy, until: until)
+            : LaneSet.wait(for: .l0, on: ls, from: 0, policy: policy, until: until).0
+        let end = monotonicNanos()
+        #expect(outcome == .timedOut)
+        #expect(end >= until, "ended \((until - end) / 1000) us early")
+        #expect(end - start < 1_000_000_000, "ended \((end - start) / 1_000_000) ms after it began: the deadline was missed")
+        ls[0].pass(to: .l0)
+        let given = laneCount == 1 ? ls[0].wait(for: .l0, policy: policy, until: 1)
+            : LaneSet.wait(for: .l0, on: ls, from: 0, policy: policy, until: 1).0
+        #expect(given == .myTurn)
+    }
+
     /// Every lane ready at once: a wait from each starting point takes the first at or after
     /// it, so a busy vCPU cannot starve the others.
     @Test func theScanStartsWhereItIsToldSoNoLaneStarves() {

@@ -80,6 +80,12 @@ public struct TransitionCounters: Equatable, Sendable {
     /// then the APIC's MMIO handler), where WRMSR needs none: L0's, where it runs L2's APICs;
     /// on nVMX L1's, for the EPT violations L0 reflects there (L0 knows L1's platform).
     public var apicMMIOEmulations: UInt64 = 0
+    /// Timer interrupts a local APIC L0 runs accepted (its TSC deadline reached): L2's on single
+    /// and pv, L1's own on nested VMX.
+    public var apicTimerFires: UInt64 = 0
+    /// vmcs12's VMX-preemption timer started at a nested entry (KVM's vmx_start_preemption_timer:
+    /// an hrtimer, since L0 cannot hand vmcs12's timer to the hardware as it is).
+    public var nestedTimerStarts: UInt64 = 0
     /// KVM_HC_SEND_IPI hypercalls L0 handled (one per call, whatever the bitmap).
     public var pvIPIHypercalls: UInt64 = 0
     /// Running targets made to exit so they take an interrupt (kvm_vcpu_kick's IPI).
@@ -143,7 +149,7 @@ public struct TransitionCounters: Equatable, Sendable {
         \.unbackedAccesses, \.consistencyChecks, \.memslotZaps, \.ept12ADUpdates, \.hwVMREADs, \.hwVMWRITEs, \.hwVMPTRLDs,
         \.hwVMCLEARs, \.mmuRootSwitches, \.tlbFlushes, \.rareFieldSyncs, \.fullEntryChecks, \.vmmUserspaceExits, \.pvEntries,
         \.kernelDeviceAccesses, \.pvDeliveries, \.nestedVMExits, \.nestedVMEntries, \.ept12Resyncs,
-        \.apicIPIs, \.apicAccesses, \.apicMMIOEmulations, \.pvIPIHypercalls, \.apicKicks, \.haltsBlocked, \.apicWakeups, \.interruptsInjected,
+        \.apicIPIs, \.apicAccesses, \.apicMMIOEmulations, \.apicTimerFires, \.nestedTimerStarts, \.pvIPIHypercalls, \.apicKicks, \.haltsBlocked, \.apicWakeups, \.interruptsInjected,
         \.tlbFlushHypercalls, \.tlbFlushRequests, \.tlbFlushesAtEntry,
     ]
 

@@ -23,8 +23,8 @@ extension L0VCPU {
     }
 
     /// The exits of a guest whose local APICs (`apic`) and flush hypercall (`flushHypercall`)
-    /// L0 runs, routed to their handlers: x2APIC and steal-time MSRs, KVM_HC_SEND_IPI, HLT with
-    /// interrupts on, L2's flush hypercall, and the exit a kick makes. nil: none of them. One
+    /// L0 runs, routed to their handlers: x2APIC, TSC-deadline and steal-time MSRs, the timer's
+    /// exit, KVM_HC_SEND_IPI, HLT with interrupts on, L2's flush hypercall, and the exit a kick makes. nil: none of them. One
     /// table for every backend that offers them (single; pv by its features).
     func handleInterruptExit(_ exit: L2Exit, _ regs: inout RegisterFile, apic: Bool, flushHypercall: Bool) -> NextStep? {
         switch exit.kind {
@@ -34,6 +34,12 @@ extension L0VCPU {
             return handleAPICMSR(msr, writing: nil, length: exit.info.instructionLength, &regs, resuming: .l2)
         case .msrRead(KVMStealTime.msr) where apic, .msrWrite(KVMStealTime.msr, _) where apic:
             return handleStealTimeMSR(exit, &regs)
+        case let .msrWrite(LocalAPICMSR.tscDeadline, value) where apic:
+            return handleTSCDeadlineMSR(writing: value, length: exit.info.instructionLength, &regs, resuming: .l2)
+        case .msrRead(LocalAPICMSR.tscDeadline) where apic:
+            return handleTSCDeadlineMSR(writing: nil, length: exit.info.instructionLength, &regs, resuming: .l2)
+        case .other where apic && exit.info.reason == .preemptionTimer:
+            return handleTimerExit()
         case .vmcall(KVMHypercall.sendIPI) where apic:
             return handlePVSendIPI(exit, &regs)
         case .vmcall(L2Hypercall.flushTLB.rawValue) where flushHypercall:
@@ -103,6 +109,50 @@ extension L0VCPU {
         return shared.apics?.readMSR(id, msr) ?? 0
     }
 
+    /// RDMSR (`writing` nil) or WRMSR IA32_TSC_DEADLINE by the tier whose APIC L0 runs (KVM's
+    /// kvm_set_lapic_tscdeadline_msr, its fastpath): the APIC's timer armed at the guest clock,
+    /// or fired at once if the deadline has passed. Any value is an answer: 0 disarms, one far
+    /// ahead waits; outside TSC-deadline mode the write is ignored. L2's CPU learns the deadline
+    /// at its entry (`prepareL2Entry`), as KVM arms the VMX-preemption timer; L1's is looked at
+    /// at each of its entries and while it halts.
+    func handleTSCDeadlineMSR(writing value: UInt64?, length: UInt64, _ regs: inout RegisterFile, resuming tier: Tier) -> NextStep {
+        counters.apicAccesses += 1
+        if let value {
+            if let fired = shared.apics?.armTSCDeadline(id, value, now: monotonicNanos()) { deliverTimer(fired) }
+        } else {
+            regs.edxEax = shared.apics?.tscDeadline(id) ?? 0
+        }
+        regs.skipInstruction(length: length)
+        return .resume(tier)
+    }
+
+    /// PREEMPTION_TIMER of L2 where L0 runs L2's APIC: L2's CPU reached the deadline L0 gave it
+    /// (KVM's handle_fastpath_preemption_timer): the timer fires, its interrupt goes in at the
+    /// entry. One that comes early (L2 wrote the exit itself) fires nothing.
+    func handleTimerExit() -> NextStep {
+        fireTimerIfDue()
+        return .resume(.l2)
+    }
+
+    /// This vCPU's APIC timer (whichever tier's APIC L0 runs), if its deadline has come: its
+    /// interrupt accepted, the vCPU woken if it halted.
+    func fireTimerIfDue(now: UInt64 = monotonicNanos()) {
+        guard let apics = shared.apics, apics.tscDeadline(id) != 0 else { return }
+        if let fired = shared.apics?.timerTick(id, now: now) { deliverTimer(fired) }
+    }
+
+    /// A timer's interrupt accepted on this vCPU (its own: injected at its entry, or woken if
+    /// it halted).
+    func deliverTimer(_ deliveries: [LocalAPICs.Delivery]) {
+        for d in deliveries {
+            counters.apicTimerFires += 1
+            if case .wake(let j) = d {
+                shared.wakeups.append(j)
+                counters.apicWakeups += 1
+            }
+        }
+    }
+
     /// KVM_HC_SEND_IPI (kvm_pv_send_ipi): a 128-bit bitmap of APIC IDs from `minID`, one fixed
     /// vector. RAX <- how many it reached; a bad vector or mode is -KVM_EINVAL.
     func handlePVSendIPI(_ exit: L2Exit, _ regs: inout RegisterFile) -> NextStep {
@@ -147,7 +197,9 @@ extension L0VCPU {
     /// Before L0 enters L1 (nvmx): L1's highest deliverable interrupt goes in, unless another
     /// event is queued (L1 runs with interrupts on: its kernel's hypervisor loop).
     func prepareL1Entry() {
-        guard shared.apicTier == .l1, shared.apics?.deliverable(id) != nil, l1Run[RunPage.eventInjection] & (1 << 31) == 0,
+        guard shared.apicTier == .l1 else { return }
+        fireTimerIfDue()
+        guard shared.apics?.deliverable(id) != nil, l1Run[RunPage.eventInjection] & (1 << 31) == 0,
               let vector = shared.apics?.acknowledge(id) else { return }
         l1Run[RunPage.eventInjection] = 1 << 31 | UInt64(vector)
         counters.interruptsInjected += 1
@@ -178,8 +230,13 @@ extension L0VCPU {
     /// flush hypercall's wait).
     func prepareL2Entry() {
         if !shared.stealTime.isEmpty { takeStealTimeFlush() }
-        guard shared.apics != nil else { return }
-        if shared.apicTier == .l2 { injectPendingInterrupt() }
+        guard let apics = shared.apics else { return }
+        if shared.apicTier == .l2 {
+            // The deadline L2's CPU exits at (the VMX-preemption timer KVM arms for it).
+            let deadline = apics.tscDeadline(id)
+            if l2Run[RunPage.timerDeadline] != deadline { l2Run[RunPage.timerDeadline] = deadline }
+            injectPendingInterrupt()
+        }
         else if shared.apics?.deliverable(id) != nil { l2Run[RunPage.kick] = RunPage.kickExternal }
     }
 

@@ -166,6 +166,11 @@ extension L0Stack {
         }
 
         var states = [State](repeating: .finished, count: vcpus.count)
+        /// How many of `states` are `.halted` (so the loop looks at timers only when one is).
+        var haltedCount = 0
+        /// A halted vCPU's APIC timer is armed: it will wake (the tier whose APIC L0 runs is
+        /// the one that halts in L0).
+        func timerArmed(_ j: Int) -> Bool { (vcpu.shared.apics?.tscDeadline(j) ?? 0) != 0 }
         vcpu.shared.inGuestMode = [Bool](repeating: false, count: vcpus.count)
         var stopping: StopReason?
         /// The exit L0 handled last (what the watchdog says a hung tier was doing).
@@ -177,13 +182,16 @@ extension L0Stack {
             do { l2 = try launch(.l2) } catch { return .stop(.fatal(.cannotStartL2("\(error)"))) }
             return next
         }
-        /// Nothing runs any more: every vCPU finished (done), or those left are halted for good.
+        /// Nothing runs any more: every vCPU finished (done), or those left are halted for good
+        /// (none with a timer that will wake it).
         func checkAllStopped() {
             var halted = 0
-            for s in states {
+            for (j, s) in states.enumerated() {
                 switch s {
                 case .running: return
-                case .halted: halted += 1
+                case .halted:
+                    if timerArmed(j) { return }
+                    halted += 1
                 case .finished: break
                 }
             }
@@ -206,6 +214,7 @@ extension L0Stack {
                 states[i] = .running(.l2)
             case .block(let tier):
                 states[i] = .halted(tier)
+                haltedCount += 1
                 checkAllStopped()
             case .stop(.guestDone):
                 states[i] = .finished
@@ -217,7 +226,36 @@ extension L0Stack {
         /// Enters the halted vCPUs an interrupt woke while L0 handled an exit.
         func enterWoken() {
             while let j = vcpu.shared.wakeups.popLast() {
-                if case .halted(let t) = states[j] { enter(j, .resume(t)) }
+                if case .halted(let t) = states[j] {
+                    haltedCount -= 1
+                    enter(j, .resume(t))
+                }
+            }
+        }
+        /// The halted vCPUs' APIC timers (of the tier whose APICs L0 runs, which is the tier
+        /// that halted in L0): those due fire and wake their vCPU (KVM's hrtimer for a blocked
+        /// vCPU, kvm_lapic_switch_to_sw_timer); the earliest still armed, or `.max`.
+        func fireHaltedTimers() -> UInt64 {
+            var earliest = UInt64.max
+            var now: UInt64 = 0
+            for (j, s) in states.enumerated() {
+                guard case .halted = s, let d = vcpu.shared.apics?.tscDeadline(j), d != 0 else { continue }
+                if now == 0 { now = monotonicNanos() }
+                if now >= d { vcpus[j].fireTimerIfDue(now: now) } else { earliest = min(earliest, d) }
+            }
+            if !vcpu.shared.wakeups.isEmpty { enterWoken() }
+            return earliest
+        }
+        /// Nothing runs and a halted vCPU's timer is armed: L0 sleeps until it (in slices, still
+        /// answering a stop request, a dead child or the stack's time limit); nil when it came.
+        func idle(until wakeAt: UInt64) -> StopReason? {
+            while true {
+                let now = monotonicNanos()
+                if now >= wakeAt { return nil }
+                if let s = StopSignals.received { return .interrupted(signal: s) }
+                if let (t, s) = deadTier() { return .tierDied(t, s) }
+                if now >= deadline { return .fatal(.timeLimit(seconds: config.timeoutNanos / 1_000_000_000)) }
+                sleepNanos(min(wakeAt - now, Self.idleSliceNanos))
             }
         }
         for i in vcpus.indices {
@@ -236,11 +274,22 @@ extension L0Stack {
         runningLanes.reserveCapacity(vcpus.count)
         var next = 0
         while stopping == nil {
+            // A halted vCPU's timer: fired if due; otherwise the wait below ends at it.
+            let wakeAt = haltedCount > 0 ? fireHaltedTimers() : .max
+            if stopping != nil { break }
             let (i, tier): (Int, Tier)
             if vcpus.count == 1 {
-                guard case .running(let t) = states[0] else { break }
+                guard case .running(let t) = states[0] else {
+                    if wakeAt != .max { stopping = idle(until: wakeAt); continue }
+                    checkAllStopped()
+                    if stopping == nil && haltedCount > 0 { stopping = .fatal(.allVCPUsHalted(haltedCount)) }
+                    break
+                }
                 (i, tier) = (0, t)
-                if let stop = waitForTurn(policy, alive, vcpu: 0, running: t, after: lastExit) {
+                switch waitForTurn(policy, alive, vcpu: 0, running: t, until: wakeAt, after: lastExit) {
+                case .turn: break
+                case .timerDue: continue
+                case .stop(let stop):
                     stopping = stop
                     continue
                 }
@@ -256,11 +305,18 @@ extension L0Stack {
                 // Nothing runs and nothing was woken (`checkAllStopped` should have said so):
                 // stop rather than wait on no lane at all.
                 guard !running.isEmpty else {
-                    stopping = .fatal(.allVCPUsHalted(states.filter { if case .halted = $0 { true } else { false } }.count))
+                    if wakeAt != .max { stopping = idle(until: wakeAt); continue }
+                    stopping = .fatal(.allVCPUsHalted(haltedCount))
                     continue
                 }
-                let (k, stop) = waitForAnyTurn(policy, alive, runningLanes, from: next, after: lastExit) { running[$0].1 }
-                if let stop { stopping = stop; continue }
+                let (k, waited) = waitForAnyTurn(policy, alive, runningLanes, from: next, until: wakeAt, after: lastExit) { running[$0].1 }
+                switch waited {
+                case .turn: break
+                case .timerDue: continue
+                case .stop(let stop):
+                    stopping = stop
+                    continue
+                }
                 (i, tier) = running[k]
                 next = k + 1
             }
@@ -311,19 +367,30 @@ extension L0Stack {
 
     /// nil when it is L0's turn; otherwise why the stack must stop.
     @inline(__always)
-    func waitForTurn(_ policy: WaitPolicy, _ alive: () -> Bool, vcpu i: Int, running tier: Tier,
-                     after lastExit: (Tier, ExitReason)?) -> StopReason? {
-        if let stop = periodicCheck() { return stop }
-        return stopReason(lane(i, tier).wait(for: .l0, policy: policy, isPeerAlive: alive), tier, after: lastExit)
+    func waitForTurn(_ policy: WaitPolicy, _ alive: () -> Bool, vcpu i: Int, running tier: Tier, until: UInt64,
+                     after lastExit: (Tier, ExitReason)?) -> TurnWait {
+        if let stop = periodicCheck() { return .stop(stop) }
+        return turnWait(lane(i, tier).wait(for: .l0, policy: policy, until: until, isPeerAlive: alive), tier, after: lastExit)
+    }
+
+    /// How long L0 sleeps at a time while every vCPU is halted on a timer.
+    static let idleSliceNanos: UInt64 = 10_000_000
+    /// How L0's wait for a turn ended.
+    enum TurnWait {
+        /// A lane handed L0 the turn.
+        case turn
+        /// A halted vCPU's timer came first: the loop fires it and waits again.
+        case timerDue
+        case stop(StopReason)
     }
 
     /// The same over several running vCPUs: the index in `running` of the one whose turn came,
     /// or why the stack must stop.
-    func waitForAnyTurn(_ policy: WaitPolicy, _ alive: () -> Bool, _ lanes: [Handoff], from start: Int,
-                        after lastExit: (Tier, ExitReason)?, tier: (Int) -> Tier) -> (Int, StopReason?) {
-        if let stop = periodicCheck() { return (0, stop) }
-        let (outcome, k) = LaneSet.wait(for: .l0, on: lanes, from: start % lanes.count, policy: policy, isPeerAlive: alive)
-        return (k, stopReason(outcome, tier(k), after: lastExit))
+    func waitForAnyTurn(_ policy: WaitPolicy, _ alive: () -> Bool, _ lanes: [Handoff], from start: Int, until: UInt64,
+                        after lastExit: (Tier, ExitReason)?, tier: (Int) -> Tier) -> (Int, TurnWait) {
+        if let stop = periodicCheck() { return (0, .stop(stop)) }
+        let (outcome, k) = LaneSet.wait(for: .l0, on: lanes, from: start % lanes.count, policy: policy, until: until, isPeerAlive: alive)
+        return (k, turnWait(outcome, tier(k), after: lastExit))
     }
 
     /// Every `livenessCheckInterval` handoffs: a stop request, or a child that died.
@@ -340,9 +407,18 @@ extension L0Stack {
     }
 
     /// What a wait's outcome means for the stack (nil: L0's turn came).
-    func stopReason(_ outcome: WaitOutcome, _ tier: Tier, after lastExit: (Tier, ExitReason)?) -> StopReason? {
+    func turnWait(_ outcome: WaitOutcome, _ tier: Tier, after lastExit: (Tier, ExitReason)?) -> TurnWait {
         switch outcome {
-        case .myTurn: return nil
+        case .myTurn: return .turn
+        case .timedOut: return .timerDue
+        default: return .stop(stopReason(outcome, tier, after: lastExit))
+        }
+    }
+
+    /// Why the stack must stop, for a wait that ended neither with L0's turn nor a timer.
+    func stopReason(_ outcome: WaitOutcome, _ tier: Tier, after lastExit: (Tier, ExitReason)?) -> StopReason {
+        switch outcome {
+        case .myTurn, .timedOut: return .fatal(.stopFromGuest)     // not asked for here
         case .stop: return .fatal(.stopFromGuest)
         case .peerGone:
             // A stop request first: a child that dies of the same ^C is part of it, not the cause.

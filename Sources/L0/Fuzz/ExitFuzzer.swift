@@ -184,7 +184,7 @@ public enum ExitFuzzer {
                                               .cpuid, .eptViolation, .hlt, .ioInstruction, .crAccess]
         static let l2Reasons: [ExitReason] = [.cpuid, .ioInstruction, .msrRead, .msrWrite, .eptViolation, .eptMisconfig,
                                               .vmcall, .hlt, .crAccess, .drAccess, .wbinvd, .rdtsc, .exceptionNMI, .invlpg,
-                                              .xsetbv, .pause, .vmread, .vmlaunch, .externalInterrupt, .interruptWindow]
+                                              .xsetbv, .pause, .vmread, .vmlaunch, .externalInterrupt, .interruptWindow, .preemptionTimer]
 
         /// Garbage in every exit field and register of `page`, with `reason`.
         static func writeExit(_ page: RunPageView, reason: ExitReason, _ g: inout FuzzRandom) {
@@ -242,14 +242,15 @@ public enum ExitFuzzer {
             let run = vcpu.l2Run
             // Half the time, aim at the interrupt and TLB handlers: x2APIC and steal-time MSRs
             // (any value: ICRs with garbage vectors, modes and destinations; steal-time GPAs
-            // anywhere), the xAPIC page, KVM_HC_SEND_IPI and the flush hypercall with garbage
+            // anywhere), the timer (its LVT entry, any deadline, its exit), the xAPIC page, KVM_HC_SEND_IPI and the flush hypercall with garbage
             // bitmaps, RFLAGS.IF on, and the kick words scribbled.
             guard g.below(2) == 0 else { return }
             run[register: .rflags] = g.below(2) == 0 ? 0x202 : g.edge()
             switch reason {
             case .msrRead, .msrWrite:
                 run[register: .rcx] = g.below(2) == 0 ? UInt64(LocalAPICMSR.range.lowerBound) + g.below(0x100)
-                    : UInt64(g.pick([LocalAPICMSR.icr, LocalAPICMSR.selfIPI, LocalAPICMSR.eoi, KVMStealTime.msr]))
+                    : UInt64(g.pick([LocalAPICMSR.icr, LocalAPICMSR.selfIPI, LocalAPICMSR.eoi, LocalAPICMSR.lvtTimer,
+                                     LocalAPICMSR.tscDeadline, KVMStealTime.msr]))
                 // The value in EDX:EAX: a small GPA with the enable bit, or an edge (a GPA that
                 // wraps, reserved bits).
                 let value = g.below(2) == 0 ? (g.below(1 << 20) & ~0x3F) | 1 : g.edge()

@@ -39,7 +39,9 @@ extension NestedVMXBackend {
                 // and an interrupt is "pending" at once, so L2 wakes immediately).
                 regs.skipInstruction(length: exit.info.instructionLength)
                 return .resume(.l2)
-            case .exceptionNMI, .externalInterrupt, .preemptionTimer, .pmlFull, .busLock, .notify,
+            case .preemptionTimer:
+                return handleTimerInL2(exit, regs, vmcs12, vcpu)
+            case .exceptionNMI, .externalInterrupt, .pmlFull, .busLock, .notify,
                  .mceDuringVMEntry, .monitorTrapFlag, .tprBelowThreshold:
                 // L0's own events (an NMI or interrupt for the host, its timer, its PML buffer...):
                 // handled, and L2 goes on where it was.
@@ -90,6 +92,39 @@ extension NestedVMXBackend {
         var info = exit.info
         info.interruptionInfo = 1 << 31 | UInt64(vector)      // type 0: external interrupt
         return reflect(info, l2: regs, vcpu)
+    }
+
+    /// PREEMPTION_TIMER in L2: L2's CPU reached the deadline L0 gave it, the earlier of
+    /// vmcs12's emulated timer and L1's own APIC timer. vmcs12's timer run out is L1's
+    /// PREEMPTION_TIMER exit (KVM's vmx_check_nested_events takes it before interrupts); L1's
+    /// own timer due is L1's interrupt, an EXTERNAL_INTERRUPT exit. Neither due (L2 wrote the
+    /// exit itself, or came early): L2 goes on with the deadline rewritten.
+    func handleTimerInL2(_ exit: L2Exit, _ regs: RegisterFile, _ v: VMCSImage, _ vcpu: L0VCPU) -> NextStep {
+        let now = monotonicNanos()
+        vcpu.fireTimerIfDue(now: now)
+        if vmcs12TimerDeadline != 0, now >= vmcs12TimerDeadline {
+            vmcs12TimerDeadline = 0
+            armL2Timer(vcpu)
+            var info = exit.info
+            info.instructionLength = 0
+            return reflect(info, l2: regs, vcpu)
+        }
+        if vcpu.shared.apics?.deliverable(vcpu.id) != nil {
+            // L1's timer interrupt ends L2's run as an external interrupt does.
+            return handleL1InterruptInL2(L2Exit(info: L2ExitInfo(reason: .externalInterrupt), registers: regs), regs, v, vcpu)
+        }
+        armL2Timer(vcpu)
+        return .resume(.l2)
+    }
+
+    /// The deadline L2's CPU exits at: the earlier of vmcs12's emulated preemption timer and
+    /// L1's own APIC timer (which L0 runs, and keeps running while L1's vCPU is in L2, as KVM
+    /// arms vmcs02's preemption timer for L1's deadline); 0 if neither is armed.
+    func armL2Timer(_ vcpu: L0VCPU) {
+        let l1 = vcpu.shared.apics?.tscDeadline(vcpu.id) ?? 0
+        let nested = vmcs12TimerDeadline
+        let deadline = l1 == 0 ? nested : nested == 0 ? l1 : min(l1, nested)
+        if vcpu.l2Run[RunPage.timerDeadline] != deadline { vcpu.l2Run[RunPage.timerDeadline] = deadline }
     }
 
     /// nested_vmx_vmexit: sync L2's state into vmcs12, write the exit information, refresh the
@@ -277,6 +312,12 @@ extension NestedVMXBackend {
             return .entryInvalidControlField
         }
         if cpu & CPUBased.useMSRBitmaps != 0, !bitmapValid(.msrBitmap) { return .entryInvalidControlField }
+        // nested_evmcs_check_controls: the eVMCS has no VMX_PREEMPTION_TIMER_VALUE, so KVM
+        // takes the timer out of what it offers an eVMCS L1 (EVMCS1_UNSUPPORTED_PINCTRL) and
+        // fails an entry that asks for it.
+        if variant == .enlightened {
+            if v[.pinBasedVMExecControl] & PinBased.preemptionTimer != 0 { return .entryInvalidControlField }
+        }
         return nil
     }
 
@@ -336,6 +377,16 @@ extension NestedVMXBackend {
         // nested_get_vmcs12_pages -> nested_vmx_prepare_msr_bitmap, on every entry (KVM skips
         // it only for an eVMCS whose L1 enabled the enlightened MSR bitmap; this L1 does not).
         mergeL2MSRBitmap(v, vcpu)
+        // vmcs12's VMX-preemption timer (vmx_start_preemption_timer): it counts from this entry
+        // down from VMX_PREEMPTION_TIMER_VALUE, so L1 writes what is left before each entry.
+        if vmcs02.pinBased & PinBased.preemptionTimer != 0 {
+            vmcs12TimerDeadline = monotonicNanos() &+ (v[.vmxPreemptionTimerValue] & 0xFFFF_FFFF)
+            vcpu.counters.vmcs12FieldReads += 1
+            vcpu.counters.nestedTimerStarts += 1
+        } else {
+            vmcs12TimerDeadline = 0
+        }
+        armL2Timer(vcpu)
         let eptp = v[.eptPointer]
         if shadowedEPTP != eptp {
             dropEPT02Shadows(vcpu)

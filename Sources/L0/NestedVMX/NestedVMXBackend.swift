@@ -100,6 +100,11 @@ public final class NestedVMXBackend: NestingBackend {
     var needsRareSync = false
     /// Why L0 refused L1's nested VMX (a TDX L1), if it did.
     public internal(set) var refusal: PVRefusal?
+    /// When vmcs12's VMX-preemption timer, which L0 emulates (KVM: an hrtimer,
+    /// vmx_start_preemption_timer), runs out: set at each nested entry with the timer on, from
+    /// VMX_PREEMPTION_TIMER_VALUE (this L0's timer counts one tick a nanosecond of the guest
+    /// clock); 0 while it is off or after it fired.
+    public internal(set) var vmcs12TimerDeadline: UInt64 = 0
     /// A VMLAUNCH succeeded once: L1 has an L2 vCPU.
     public private(set) var hasL2VCPU = false
 

@@ -20,6 +20,10 @@ extension NestedVMXBackend {
             return vcpu.handleAPICMSR(msr, writing: value, length: exit.info.instructionLength, &regs, resuming: .l1)
         case let .msrRead(msr) where L0VCPU.isX2APICMSR(msr):
             return vcpu.handleAPICMSR(msr, writing: nil, length: exit.info.instructionLength, &regs, resuming: .l1)
+        case let .msrWrite(LocalAPICMSR.tscDeadline, value):
+            return vcpu.handleTSCDeadlineMSR(writing: value, length: exit.info.instructionLength, &regs, resuming: .l1)
+        case .msrRead(LocalAPICMSR.tscDeadline):
+            return vcpu.handleTSCDeadlineMSR(writing: nil, length: exit.info.instructionLength, &regs, resuming: .l1)
         case .msrRead, .msrWrite:
             return vcpu.handleL1MSR(exit, &regs)
         case .other where exit.info.reason == .hlt:
