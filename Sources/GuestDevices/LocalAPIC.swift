@@ -259,6 +259,13 @@ public struct LocalAPICs: Sendable {
     /// `v`'s armed deadline, 0 if none: what the hypervisor tells `v`'s CPU to exit at.
     public func tscDeadline(_ v: Int) -> UInt64 { apics[v].deadline }
 
+    /// `v`'s timer will deliver an interrupt when its deadline comes: armed, its LVT entry
+    /// unmasked and its vector legal (a halted vCPU with only such a timer can still wake).
+    public func timerWillInterrupt(_ v: Int) -> Bool {
+        let lvt = apics[v].lvtTimer
+        return apics[v].deadline != 0 && lvt & LVTTimer.masked == 0 && lvt & LVTTimer.vectorMask >= 16
+    }
+
     /// Time passes on `v` (its CPU's timer exit, or any look at the clock): a deadline reached
     /// fires, once.
     public mutating func timerTick(_ v: Int, now: UInt64) -> [Delivery] {

@@ -124,6 +124,8 @@ public final class L0Stack {
 
     /// Handoffs since the loop last polled its children (VCPULoop.swift).
     var handoffsSinceCheck: UInt64 = 0
+    /// When the stack's time limit (`StackConfig.timeoutNanos`) runs out, set by `run`.
+    var timeLimitAt: UInt64 = .max
     /// How long the tier now running has held the turn (`StackConfig.tierTimeoutNanos`).
     lazy var watchdog = TurnWatchdog(limitNanos: config.tierTimeoutNanos)
 

@@ -126,7 +126,9 @@ public enum SMPPrograms {
     /// `haltBesideSpinner`, vCPU 0 syncs 0x5C and the count it saw vCPU 1 reach.
     public static let timerProbe = GuestProgram(
         name: "timer-probe", summary: "the TSC-deadline timer armed ahead, five times: its interrupt once each, never early",
-        arguments: [.init("ahead", "ns from the WRMSR to the deadline", default: "20000000", accepts: .range(1...10_000_000_000)),
+        // At most 1 s ahead: a vCPU that waits without an exit holds its turn, and past the
+        // watchdog's limit (5 s by default, `--tier-timeout`) L0 calls it hung.
+        arguments: [.init("ahead", "ns from the WRMSR to the deadline", default: "20000000", accepts: .range(1...1_000_000_000)),
                     .init("wait", "0 PAUSE, 1 CPUID (an exit each time), 2 STI;HLT, 3 vCPU 1 halts while vCPU 0 spins on PAUSE",
                           default: "0", accepts: .range(0...3))]
     ) { cpu, args in

@@ -34,7 +34,8 @@ extension Handoff {
         guard until != .max else { return policy.sleepSliceNanos }
         let now = monotonicNanos()
         let left = until > now ? until - now : 0
-        return max(1_000, min(policy.sleepSliceNanos, Int64(clamping: left)))
+        let cap = policy.sleepSliceNanos < 0 ? Int64.max : policy.sleepSliceNanos    // < 0: no timeout of its own
+        return max(1_000, min(cap, Int64(clamping: left)))
     }
 }
 

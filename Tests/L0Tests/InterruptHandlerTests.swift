@@ -122,14 +122,28 @@ import Transport
         #expect(f.vcpu.counters.apicTimerFires == 1)
         // HLT with the timer armed and nothing deliverable blocks the vCPU (no poll): the loop
         // wakes it at the deadline (`fireTimerIfDue`, as the loop calls it then).
-        let soon = monotonicNanos() + 1_000_000
-        #expect(wrmsr(f, LocalAPICMSR.tscDeadline, soon) == .resume(.l2))
+        let later = monotonicNanos() + 60_000_000_000
+        #expect(wrmsr(f, LocalAPICMSR.tscDeadline, later) == .resume(.l2))
         f.l2Run[register: .rflags] = 0x202
         #expect(f.l2Exit(L2ExitInfo(reason: .hlt, instructionLength: 1)) == .block(.l2))
-        f.vcpu.fireTimerIfDue(now: soon - 1)
+        f.vcpu.fireTimerIfDue(now: later - 1)
         #expect(f.vcpu.shared.wakeups.isEmpty)
-        f.vcpu.fireTimerIfDue(now: soon)
+        f.vcpu.fireTimerIfDue(now: later)
         #expect(f.vcpu.shared.wakeups == [0] && f.vcpu.counters.apicTimerFires == 2)
+        // A HLT that comes after the deadline passed does not block (kvm_vcpu_check_block): the
+        // timer fires there and the vCPU goes on.
+        f.vcpu.shared.wakeups.removeAll()
+        f.vcpu.shared.apics?.endOfInterrupt(0)                  // the one injected before
+        _ = f.vcpu.shared.apics?.acknowledge(0)                 // the one the wake-up brought
+        f.vcpu.shared.apics?.endOfInterrupt(0)
+        f.vcpu.shared.apics?.setState(0, .running)
+        let passed = monotonicNanos() + 50_000_000
+        #expect(wrmsr(f, LocalAPICMSR.tscDeadline, passed) == .resume(.l2))
+        #expect(f.vcpu.counters.apicTimerFires == 2 && f.vcpu.shared.apics?.deliverable(0) == nil)
+        while monotonicNanos() < passed { sleepNanos(1_000_000) }
+        f.l2Run[register: .rflags] = 0x202
+        #expect(f.l2Exit(L2ExitInfo(reason: .hlt, instructionLength: 1)) == .resume(.l2))
+        #expect(f.vcpu.counters.apicTimerFires == 3 && f.vcpu.counters.haltsBlocked == 1)
     }
 
     /// ICRs with every garbage vector, mode and destination, and PV IPIs with every bitmap:

@@ -94,6 +94,15 @@ import TestSupport
         #expect(a.armTSCDeadline(0, 5, now: 10).isEmpty && a.tscDeadline(0) == 0 && a.deliverable(0) == nil, "masked: fires nothing")
         _ = try a.writeMSR(0, LocalAPICs.MSR.lvtTimer, 0x3 | UInt64(LVTTimer.tscDeadlineMode))   // an illegal vector
         #expect(a.armTSCDeadline(0, 5, now: 10).isEmpty && a.deliverable(0) == nil)
+        // What L0's loop asks of a halted vCPU: will its timer wake it?
+        _ = a.armTSCDeadline(0, 1000, now: 0)
+        #expect(a.tscDeadline(0) == 1000 && !a.timerWillInterrupt(0), "an illegal vector wakes nobody")
+        _ = try a.writeMSR(0, LocalAPICs.MSR.lvtTimer, 0xEF | UInt64(LVTTimer.tscDeadlineMode | LVTTimer.masked))
+        _ = a.armTSCDeadline(0, 1000, now: 0)
+        #expect(a.tscDeadline(0) == 1000 && !a.timerWillInterrupt(0), "masked: nor does a masked one")
+        _ = try a.writeMSR(0, LocalAPICs.MSR.lvtTimer, 0xEF | UInt64(LVTTimer.tscDeadlineMode))
+        _ = a.armTSCDeadline(0, 1000, now: 0)
+        #expect(a.timerWillInterrupt(0) && !a.timerWillInterrupt(1))
     }
 
     @Test func theTPRAndWhatIsInServiceHoldBackLowerClasses() throws {

@@ -46,26 +46,47 @@ import Transport
         #expect(f.l2Run[RunPage.timerDeadline] == 0 && f.nested.vmcs12TimerDeadline == 0)
     }
 
-    @Test func l1sOwnTimerEndsL2sRunAsAnExternalInterruptForL1() throws {
+    /// L1 with its own timer armed `ahead` ns from now, then in L2 (vmcs12's pin-based
+    /// controls `pin`): the fixture and L0's copy of vmcs12.
+    func inL2WithL1Timer(ahead: UInt64, pin: UInt64) throws -> (Fixture, VMCSImage, UInt64) {
         let f = try Fixture(.nvmxNoShadow)
         f.vcpu.enableLocalAPICs(count: 1, for: .l1)
         #expect(l1WRMSR(f, LocalAPICMSR.lvtTimer, 0xEC | UInt64(LVTTimer.tscDeadlineMode)) == .resume(.l1))
-        let l1Deadline = monotonicNanos() + 2_000_000
+        let l1Deadline = monotonicNanos() + ahead
         #expect(l1WRMSR(f, LocalAPICMSR.tscDeadline, l1Deadline) == .resume(.l1))
         try f.loadValidVMCS12()
         let v = try #require(f.nested.vmcs12)
-        _ = f.vmwrite(.pinBasedVMExecControl, PinBased.externalInterruptExiting)
+        _ = f.vmwrite(.pinBasedVMExecControl, pin)
         #expect(f.vmx(.vmlaunch) == .enterL2)
         #expect(f.l2Run[RunPage.timerDeadline] == l1Deadline, "L1's own deadline, the only one")
-        // Before it: nothing (L2 forged the exit).
-        if monotonicNanos() < l1Deadline {
-            #expect(f.l2Exit(L2ExitInfo(reason: .preemptionTimer)) == .resume(.l2))
-        }
+        return (f, v, l1Deadline)
+    }
+
+    @Test func aTimerExitBeforeL1sOwnDeadlineGoesBackToL2() throws {
+        let (f, _, l1Deadline) = try inL2WithL1Timer(ahead: 60_000_000_000, pin: PinBased.externalInterruptExiting)
+        #expect(f.l2Exit(L2ExitInfo(reason: .preemptionTimer)) == .resume(.l2))
+        #expect(f.nested.guestMode && f.l2Run[RunPage.timerDeadline] == l1Deadline && f.vcpu.counters.apicTimerFires == 0)
+    }
+
+    @Test func l1sOwnTimerEndsL2sRunAsAnExternalInterruptForL1() throws {
+        let (f, v, l1Deadline) = try inL2WithL1Timer(ahead: 2_000_000, pin: PinBased.externalInterruptExiting)
         while monotonicNanos() < l1Deadline { sleepNanos(100_000) }
         #expect(f.l2Exit(L2ExitInfo(reason: .preemptionTimer)) == .resume(.l1))
         #expect(v[.vmExitReason] == UInt64(ExitReason.externalInterrupt.rawValue))
         #expect(v[.vmExitIntrInfo] == 1 << 31 | 0xEC && f.vcpu.counters.apicTimerFires == 1)
         #expect(f.vcpu.shared.apics?.tscDeadline(0) == 0, "fired once")
+    }
+
+    /// An L1 that does not take external interrupts in L2 (no external-interrupt exiting):
+    /// its timer's interrupt waits for L1, and L2 goes on with no deadline already passed, so
+    /// its CPU does not exit PREEMPTION_TIMER again and again (L0 would never run anything else).
+    @Test func l1sTimerWithoutExternalInterruptExitingLeavesNoPassedDeadlineBehind() throws {
+        let (f, _, l1Deadline) = try inL2WithL1Timer(ahead: 2_000_000, pin: PinBased.nmiExiting)
+        while monotonicNanos() < l1Deadline { sleepNanos(100_000) }
+        #expect(f.l2Exit(L2ExitInfo(reason: .preemptionTimer)) == .resume(.l2))
+        let word = f.l2Run[RunPage.timerDeadline]
+        #expect(word == 0 || word > monotonicNanos(), "a deadline already passed: L2's CPU would exit at once, for ever")
+        #expect(f.vcpu.counters.apicTimerFires == 1 && f.vcpu.shared.apics?.deliverable(0) == 0xEC, "L1's interrupt waits for L1")
     }
 
     /// Whatever deadline L1 writes for itself, 0, the far future or one passed, is an answer.

@@ -185,44 +185,50 @@ extension StackTests {
         }
     }
 
-    /// The timer armed far ahead (20 ms) fires once each time, never early, however L2 waits:
+    /// The timer armed ahead (50 ms) fires once each time, never early, however L2 waits:
     /// - PAUSE: at its own exit (L0's APIC and L2's CPU's preemption timer on single and pv;
     ///   vmcs12's preemption timer, which L0 emulates, on nvmx; L1's own timer on nvmx-evmcs);
     /// - CPUID in a loop: between exits (the deadline looked at after every entry, and on
     ///   nested VMX the time left rewritten at every VMRESUME, or it would never come);
     /// - STI;HLT: the halted vCPU woken at the deadline, with no polling (L0 blocks it; on
     ///   nested VMX L1 halts on its own timer, which L0 runs).
+    /// A hypervisor that gets to the WRMSR or the HLT after the deadline (a loaded machine)
+    /// fires the timer there instead, so the path's own counts are bounds: each at most once a
+    /// round, and at least once in the five.
     @Test(arguments: [NestingPath.single, .pv, .nvmx, .nvmxNoShadow, .nvmxEVMCS], SMPPrograms.TimerWait.allCases.filter { $0 != .haltBesideSpinner })
     func aTimerArmedAheadFiresOnceNeverEarlyHoweverL2Waits(_ path: NestingPath, _ wait: SMPPrograms.TimerWait) throws {
-        let r = try run(path, program: "timer-probe", vcpus: 1, args: [20_000_000, wait.rawValue], timeoutSeconds: 20)
+        let r = try run(path, program: "timer-probe", vcpus: 1, args: [50_000_000, wait.rawValue], timeoutSeconds: 30)
         #expect(r.succeeded, "\(path) \(wait): \(r.stop)")
         #expect(Array(r.harness.syncs) == [[0x5B, 5, 0, 0, 0, 0]], "\(path) \(wait): five interrupts, none early")
         let c = r.counters
         let timerExits = c.l2Exits[Int(ExitReason.preemptionTimer.rawValue)]
-        let external = Int(ExitReason.externalInterrupt.rawValue)
+        let hlts = c.l2Exits[Int(ExitReason.hlt.rawValue)]
+        let once = UInt64(1)...5
+        let context = "\(path) \(wait): \(timerExits) timer exits, \(hlts) HLTs, \(c.haltsBlocked) blocked, \(c.apicTimerFires) fired in L0"
         switch wait {
         case .pause:
-            #expect(timerExits == 5, "\(path): one timer exit each")
+            #expect(once.contains(timerExits), "\(context)")
         case .exits:
             // Between exits the timer may also come due while L1 runs (its own, on nvmx-evmcs).
-            #expect(timerExits <= 5 && (path == .nvmxEVMCS || timerExits == 5), "\(path): \(timerExits) timer exits")
+            #expect(timerExits <= 5 && (path == .nvmxEVMCS || once.contains(timerExits)), "\(context)")
         case .halt, .haltBesideSpinner:
-            #expect(timerExits == 0 && c.l2Exits[Int(ExitReason.hlt.rawValue)] == 5, "\(path): one HLT each, woken, no poll")
+            // No polling: a HLT a round at most, and a timer exit only if the deadline passed
+            // between the WRMSR and the HLT.
+            #expect(hlts <= 5 && timerExits + hlts <= 5 && once.contains(c.haltsBlocked), "\(context)")
         }
         switch path {
         case .single, .pv:
-            #expect(c.apicTimerFires == 5 && c.totalDeliveries == 0)
-            if wait == .halt { #expect(c.haltsBlocked == 5 && c.apicWakeups == 5) }
+            #expect(c.apicTimerFires == 5 && c.totalDeliveries == 0, "\(context)")
+            if wait == .halt { #expect(c.apicWakeups == c.haltsBlocked, "\(context)") }
         case .nvmx, .nvmxNoShadow:
-            if wait == .pause { #expect(c.deliveries[Int(ExitReason.preemptionTimer.rawValue)] == 5, "each one L1's") }
+            #expect(c.deliveries[Int(ExitReason.preemptionTimer.rawValue)] == timerExits, "\(context): each one L1's")
             if wait == .halt {
-                // L1 halts on its own timer each time and L0 wakes it at the deadline.
-                #expect(c.apicTimerFires == 5 && c.haltsBlocked == 5 && c.l1Exits[Int(ExitReason.hlt.rawValue)] == 5)
+                // L1 halts on its own timer and L0 wakes it at the deadline.
+                #expect(c.l1Exits[Int(ExitReason.hlt.rawValue)] >= c.haltsBlocked && once.contains(c.apicTimerFires), "\(context)")
             }
         default:
-            #expect(c.deliveries[Int(ExitReason.preemptionTimer.rawValue)] == 0)
-            if wait == .pause { #expect(c.deliveries[external] == 5 && c.apicTimerFires == 5) }
-            if wait == .halt { #expect(c.apicTimerFires == 5 && c.haltsBlocked == 5) }
+            #expect(c.deliveries[Int(ExitReason.preemptionTimer.rawValue)] == 0, "\(context)")
+            if wait != .exits { #expect(once.contains(c.apicTimerFires), "\(context): L1's own timer carries L2's") }
         }
     }
 
@@ -231,11 +237,12 @@ extension StackTests {
     /// armed timer of a halted vCPU), or the stack would hang.
     @Test(arguments: [NestingPath.single, .pv, .nvmx, .nvmxEVMCS])
     func aHaltedVCPUsTimerWakesItWhileAnotherSpins(_ path: NestingPath) throws {
-        let r = try run(path, program: "timer-probe", vcpus: 2, args: [20_000_000, SMPPrograms.TimerWait.haltBesideSpinner.rawValue], timeoutSeconds: 20)
+        let r = try run(path, program: "timer-probe", vcpus: 2, args: [50_000_000, SMPPrograms.TimerWait.haltBesideSpinner.rawValue], timeoutSeconds: 30)
         #expect(r.succeeded, "\(path): \(r.stop)")
         #expect(Array(r.perVCPU[0].harness.syncs) == [[0x5C, 5, 0, 0, 0, 0]], "\(path): vCPU 0 saw five")
         #expect(Array(r.perVCPU[1].harness.syncs) == [[0x5B, 5, 0, 0, 0, 0]], "\(path): five interrupts, none early")
-        #expect(r.perVCPU[1].counters.apicTimerFires == 5 && r.perVCPU[1].counters.haltsBlocked == 5)
+        let c = r.perVCPU[1].counters
+        #expect((1...5).contains(c.haltsBlocked) && (1...5).contains(c.apicTimerFires), "\(path): \(c.haltsBlocked) blocked, \(c.apicTimerFires) fired")
     }
 
     /// A token passed round a ring of vCPUs that halt until it comes: all are halted nearly

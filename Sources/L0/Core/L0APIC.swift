@@ -189,6 +189,7 @@ extension L0VCPU {
     /// it comes, or goes on at once if one is deliverable.
     func handleL1Halt(_ exit: L1Exit, _ regs: inout RegisterFile) -> NextStep {
         regs.skipInstruction(length: exit.info.instructionLength)
+        fireTimerIfDue()     // kvm_vcpu_check_block: a timer already due is an interrupt, no block
         guard shared.apics?.halt(id) == true else { return .resume(.l1) }
         counters.haltsBlocked += 1
         return .block(.l1)
@@ -210,7 +211,9 @@ extension L0VCPU {
     /// resumes at once.
     func handleHalt(_ exit: L2Exit, _ regs: inout RegisterFile) -> NextStep {
         regs.skipInstruction(length: exit.info.instructionLength)
-        guard regs[.rflags] & Self.interruptFlag != 0, shared.apics?.halt(id) == true else { return .resume(.l2) }
+        guard regs[.rflags] & Self.interruptFlag != 0 else { return .resume(.l2) }
+        fireTimerIfDue()     // kvm_vcpu_check_block: a timer already due is an interrupt, no block
+        guard shared.apics?.halt(id) == true else { return .resume(.l2) }
         counters.haltsBlocked += 1
         markPreempted()
         return .block(.l2)

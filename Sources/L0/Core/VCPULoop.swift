@@ -159,7 +159,8 @@ extension L0Stack {
         defer { shutdown() }
 
         l1 = vcpu.backend.runsL1 ? try launch(.l1) : nil
-        let deadline = started + config.timeoutNanos
+        let deadline = started &+ config.timeoutNanos
+        timeLimitAt = deadline
         let alive = { [unowned self] in
             let now = monotonicNanos()
             return self.deadTier() == nil && now < deadline && !self.turnHeldTooLong(now: now) && StopSignals.received == nil
@@ -168,9 +169,9 @@ extension L0Stack {
         var states = [State](repeating: .finished, count: vcpus.count)
         /// How many of `states` are `.halted` (so the loop looks at timers only when one is).
         var haltedCount = 0
-        /// A halted vCPU's APIC timer is armed: it will wake (the tier whose APIC L0 runs is
-        /// the one that halts in L0).
-        func timerArmed(_ j: Int) -> Bool { (vcpu.shared.apics?.tscDeadline(j) ?? 0) != 0 }
+        /// A halted vCPU's APIC timer will wake it (the tier whose APIC L0 runs is the one that
+        /// halts in L0); a masked one, or one with an illegal vector, will not.
+        func timerArmed(_ j: Int) -> Bool { vcpu.shared.apics?.timerWillInterrupt(j) ?? false }
         vcpu.shared.inGuestMode = [Bool](repeating: false, count: vcpus.count)
         var stopping: StopReason?
         /// The exit L0 handled last (what the watchdog says a hung tier was doing).
@@ -402,6 +403,8 @@ extension L0Stack {
             // A stop request first: a child that dies of the same ^C is part of it, not the cause.
             if let s = StopSignals.received { return .interrupted(signal: s) }
             if let (t, s) = deadTier() { return .tierDied(t, s) }
+            // The time limit holds even while L0 never has to wait (tiers exiting non-stop).
+            if monotonicNanos() >= timeLimitAt { return .fatal(.timeLimit(seconds: config.timeoutNanos / 1_000_000_000)) }
         }
         return nil
     }

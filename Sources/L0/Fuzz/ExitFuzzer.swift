@@ -207,9 +207,11 @@ public enum ExitFuzzer {
         func writeL1Exit(_ g: inout FuzzRandom) -> Bool {
             let reason = g.pick(Self.l1Reasons)
             Self.writeExit(vcpu.l1Run, reason: reason, &g)
-            // Half of L1's MSR accesses aim at its own x2APIC (nvmx: L0 runs L1's APICs).
+            // Half of L1's MSR accesses aim at its own x2APIC (nvmx: L0 runs L1's APICs), a
+            // quarter of those at its timer (the LVT entry, a deadline of any value).
             if reason == .msrRead || reason == .msrWrite, g.below(2) == 0 {
-                vcpu.l1Run[register: .rcx] = UInt64(LocalAPICMSR.range.lowerBound) + g.below(0x100)
+                vcpu.l1Run[register: .rcx] = g.below(4) == 0 ? UInt64(g.pick([LocalAPICMSR.lvtTimer, LocalAPICMSR.tscDeadline]))
+                    : UInt64(LocalAPICMSR.range.lowerBound) + g.below(0x100)
             }
             if vcpu.path.usesSwitcher, g.below(2) == 0 { writeForwardedUcall(&g) }
             guard reason == .vmcall, g.below(4) != 0 else { return false }

@@ -103,16 +103,19 @@ extension NestedVMXBackend {
         let now = monotonicNanos()
         vcpu.fireTimerIfDue(now: now)
         if vmcs12TimerDeadline != 0, now >= vmcs12TimerDeadline {
-            vmcs12TimerDeadline = 0
-            armL2Timer(vcpu)
-            var info = exit.info
-            info.instructionLength = 0
-            return reflect(info, l2: regs, vcpu)
+            // nested_vmx_vmexit(vcpu, EXIT_REASON_PREEMPTION_TIMER, 0, 0): nothing else of
+            // what L2's CPU wrote goes to L1.
+            return reflect(L2ExitInfo(reason: .preemptionTimer), l2: regs, vcpu)
         }
         if vcpu.shared.apics?.deliverable(vcpu.id) != nil {
-            // L1's timer interrupt ends L2's run as an external interrupt does.
-            return handleL1InterruptInL2(L2Exit(info: L2ExitInfo(reason: .externalInterrupt), registers: regs), regs, v, vcpu)
+            // L1's timer interrupt ends L2's run as an external interrupt does (if L1 takes
+            // external interrupts there; otherwise it waits, and L2 goes on).
+            let next = handleL1InterruptInL2(L2Exit(info: L2ExitInfo(reason: .externalInterrupt), registers: regs), regs, v, vcpu)
+            if case .resume(.l2) = next { armL2Timer(vcpu) }
+            return next
         }
+        // Neither due: L2 goes on, with a deadline that has not passed (or none), so its CPU
+        // cannot exit at once again.
         armL2Timer(vcpu)
         return .resume(.l2)
     }
@@ -154,6 +157,7 @@ extension NestedVMXBackend {
             exceptionWithErrorCode: info.reason == .exceptionNMI && interruption & (1 << 11) != 0, failedEntry: false))
         countTransitionTLBFlush(entering: false, v, vcpu)
         vcpu.counters.mmuRootSwitches += 1       // nested_ept_uninit_mmu_context: back to L1's root
+        vmcs12TimerDeadline = 0                  // hrtimer_cancel of vmcs12's preemption timer
         if variant == .enlightened {
             // sync_vmcs02_to_vmcs12_rare runs on every exit with an eVMCS.
             vcpu.counters.rareFieldSyncs += 1
