@@ -137,7 +137,7 @@ import Transport
         _ = f.vcpu.shared.apics?.acknowledge(0)                 // the one the wake-up brought
         f.vcpu.shared.apics?.endOfInterrupt(0)
         f.vcpu.shared.apics?.setState(0, .running)
-        let passed = monotonicNanos() + 50_000_000
+        let passed = monotonicNanos() + 300_000_000      // far enough that the WRMSR comes first
         #expect(wrmsr(f, LocalAPICMSR.tscDeadline, passed) == .resume(.l2))
         #expect(f.vcpu.counters.apicTimerFires == 2 && f.vcpu.shared.apics?.deliverable(0) == nil)
         while monotonicNanos() < passed { sleepNanos(1_000_000) }

@@ -46,7 +46,8 @@ import Transport
         #expect(f.l2Run[RunPage.timerDeadline] == 0 && f.nested.vmcs12TimerDeadline == 0)
     }
 
-    /// L1 with its own timer armed `ahead` ns from now, then in L2 (vmcs12's pin-based
+    /// L1 with its own timer armed `ahead` ns from now (far enough that the arming is done long
+    /// before it, even on a loaded machine), then in L2 (vmcs12's pin-based
     /// controls `pin`): the fixture and L0's copy of vmcs12.
     func inL2WithL1Timer(ahead: UInt64, pin: UInt64) throws -> (Fixture, VMCSImage, UInt64) {
         let f = try Fixture(.nvmxNoShadow)
@@ -69,8 +70,8 @@ import Transport
     }
 
     @Test func l1sOwnTimerEndsL2sRunAsAnExternalInterruptForL1() throws {
-        let (f, v, l1Deadline) = try inL2WithL1Timer(ahead: 2_000_000, pin: PinBased.externalInterruptExiting)
-        while monotonicNanos() < l1Deadline { sleepNanos(100_000) }
+        let (f, v, l1Deadline) = try inL2WithL1Timer(ahead: 200_000_000, pin: PinBased.externalInterruptExiting)
+        while monotonicNanos() < l1Deadline { sleepNanos(1_000_000) }
         #expect(f.l2Exit(L2ExitInfo(reason: .preemptionTimer)) == .resume(.l1))
         #expect(v[.vmExitReason] == UInt64(ExitReason.externalInterrupt.rawValue))
         #expect(v[.vmExitIntrInfo] == 1 << 31 | 0xEC && f.vcpu.counters.apicTimerFires == 1)
@@ -81,12 +82,21 @@ import Transport
     /// its timer's interrupt waits for L1, and L2 goes on with no deadline already passed, so
     /// its CPU does not exit PREEMPTION_TIMER again and again (L0 would never run anything else).
     @Test func l1sTimerWithoutExternalInterruptExitingLeavesNoPassedDeadlineBehind() throws {
-        let (f, _, l1Deadline) = try inL2WithL1Timer(ahead: 2_000_000, pin: PinBased.nmiExiting)
-        while monotonicNanos() < l1Deadline { sleepNanos(100_000) }
+        let (f, _, l1Deadline) = try inL2WithL1Timer(ahead: 200_000_000, pin: PinBased.nmiExiting)
+        while monotonicNanos() < l1Deadline { sleepNanos(1_000_000) }
         #expect(f.l2Exit(L2ExitInfo(reason: .preemptionTimer)) == .resume(.l2))
         let word = f.l2Run[RunPage.timerDeadline]
         #expect(word == 0 || word > monotonicNanos(), "a deadline already passed: L2's CPU would exit at once, for ever")
         #expect(f.vcpu.counters.apicTimerFires == 1 && f.vcpu.shared.apics?.deliverable(0) == 0xEC, "L1's interrupt waits for L1")
+        // Nor does L0 kick L2 for it at the entry: L2 would exit at every PAUSE or NOP.
+        f.vcpu.prepareL2Entry()
+        #expect(f.l2Run[RunPage.kick] == 0)
+        // An L1 that takes external interrupts has L2 kicked for the same interrupt.
+        let (g, _, gDeadline) = try inL2WithL1Timer(ahead: 200_000_000, pin: PinBased.externalInterruptExiting)
+        while monotonicNanos() < gDeadline { sleepNanos(1_000_000) }
+        g.vcpu.fireTimerIfDue()
+        g.vcpu.prepareL2Entry()
+        #expect(g.l2Run[RunPage.kick] == RunPage.kickExternal)
     }
 
     /// Whatever deadline L1 writes for itself, 0, the far future or one passed, is an answer.

@@ -46,6 +46,11 @@ public protocol NestingBackend: AnyObject {
     /// Which tier really holds the vCPU L0 gave to `tier` (pvm-rfc: L1 or L2, by its switcher),
     /// for the watchdog to name.
     func holder(of tier: Tier) -> Tier
+
+    /// Whether an interrupt for L1 (whose APIC L0 runs on nested VMX) ends L2's run: L1 asked
+    /// for external-interrupt exiting. If not, it waits until L1 runs again, and L0 does not
+    /// kick L2 for it (a kick would only bring L2 back to L0 at every instruction boundary).
+    var l1InterruptsEndL2: Bool { get }
 }
 
 extension NestingBackend {
@@ -55,6 +60,7 @@ extension NestingBackend {
     public var refusal: PVRefusal? { nil }
     public var progressOutsideL0: UInt64 { 0 }
     public func holder(of tier: Tier) -> Tier { tier }
+    public var l1InterruptsEndL2: Bool { true }
 }
 
 /// The state a path keeps for the whole VM, which every vCPU's backend shares.

@@ -168,12 +168,14 @@ extension L0VCPU {
     /// What accepted interrupts ask of L0: a kick for a target in guest mode (not this vCPU,
     /// which is in L0 now and takes it at its entry), a wake-up for a halted one. On nvmx the
     /// APICs are L1's: a target whose L2 runs is kicked out of L2 (L0 then gives L1 its
-    /// interrupt as an EXTERNAL_INTERRUPT VM exit); one in L1 takes it at its next entry.
+    /// interrupt as an EXTERNAL_INTERRUPT VM exit) if L1 exits on external interrupts there,
+    /// else it waits; one in L1 takes it at its next entry.
     func deliver(_ deliveries: [LocalAPICs.Delivery]) {
         for d in deliveries {
             counters.apicIPIs += 1
             switch d {
-            case .notify(let j) where j != id && j < shared.inGuestMode.count && shared.inGuestMode[j]:
+            case .notify(let j) where j != id && j < shared.inGuestMode.count && shared.inGuestMode[j]
+                                      && (shared.apicTier == .l2 || shared.backends.indices.contains(j) && shared.backends[j].l1InterruptsEndL2):
                 control.runPage(.l2, vcpu: j)[RunPage.kick] = RunPage.kickExternal
                 counters.apicKicks += 1
             case .wake(let j):
@@ -240,7 +242,7 @@ extension L0VCPU {
             if l2Run[RunPage.timerDeadline] != deadline { l2Run[RunPage.timerDeadline] = deadline }
             injectPendingInterrupt()
         }
-        else if shared.apics?.deliverable(id) != nil { l2Run[RunPage.kick] = RunPage.kickExternal }
+        else if shared.apics?.deliverable(id) != nil, backend.l1InterruptsEndL2 { l2Run[RunPage.kick] = RunPage.kickExternal }
     }
 
     /// Before L0 enters its guest tier: the highest deliverable interrupt, if the guest takes

@@ -62,6 +62,13 @@ extension NestedVMXBackend {
         }
     }
 
+    /// L1 exits on external interrupts in L2 (a vmcs12 field in L0's memory, as KVM's
+    /// nested_exit_on_intr reads it).
+    public var l1InterruptsEndL2: Bool {
+        guard let v = vmcs12 else { return true }
+        return v[.pinBasedVMExecControl] & PinBased.externalInterruptExiting != 0
+    }
+
     /// L1 asked for an interrupt-window exit (a vmcs12 field in L0's memory, as KVM's
     /// nested_cpu_has reads it: no VMREAD counted).
     static func wantsInterruptWindow(_ v: VMCSImage) -> Bool {
