@@ -243,8 +243,12 @@ public final class NestedVMXHypervisor {
         guard ownTimerFired else { return }
         ownTimerFired = false
         ownTimerDeadline = 0
-        _ = vm.l2APICs.timerTick(index, now: monotonicNanos())
+        expireL2Timer()
     }
+
+    /// apic_timer_expired: L2's APIC timer fires if its deadline has come (its interrupt, for
+    /// this vCPU, goes in at the VMRESUME).
+    func expireL2Timer() { _ = vm.l2APICs.timerTick(index, now: monotonicNanos()) }
 
     /// vmx_update_hv_timer, at every VMRESUME: with L2's timer armed, the time left goes into
     /// VMX_PREEMPTION_TIMER_VALUE (this L0 counts it in ns of the guest clock), since L0 starts
@@ -269,10 +273,7 @@ public final class NestedVMXHypervisor {
     func startSoftwareTimer() throws {
         let deadline = vm.l2APICs.tscDeadline(index)
         guard deadline != 0 else { return }
-        guard deadline > monotonicNanos() else {
-            _ = vm.l2APICs.timerTick(index, now: monotonicNanos())
-            return
-        }
+        guard deadline > monotonicNanos() else { return expireL2Timer() }
         if !ownTimerReady {
             try cpu.wrmsr(LocalAPICMSR.lvtTimer, UInt64(L1CPU.timerVector) | UInt64(LVTTimer.tscDeadlineMode))
             ownTimerReady = true
@@ -306,11 +307,13 @@ public final class NestedVMXHypervisor {
         while true {
             let ready = try vm.lock.withLock { () -> Bool in
                 takeOwnTimer()
-                guard vm.l2APICs.deliverable(index) == nil else { return true }
-                try startSoftwareTimer()
-                return vm.l2APICs.deliverable(index) != nil || ownTimerFired
+                if vm.l2APICs.deliverable(index) == nil {
+                    try startSoftwareTimer()
+                    takeOwnTimer()               // it fired at its WRMSR: the deadline passed meanwhile
+                }
+                return vm.l2APICs.deliverable(index) != nil
             }
-            if ready { if ownTimerFired { continue }; break }
+            if ready { break }
             try cpu.hlt()
         }
         try vm.lock.withLock { try enterPrepared() }
@@ -419,7 +422,7 @@ public final class NestedVMXHypervisor {
         case .preemptionTimer:
             // vmcs12's VMX-preemption timer ran out in L2 (L0 emulates it): L2's APIC timer
             // fires (handle_preemption_timer); its interrupt goes in at the VMRESUME.
-            _ = vm.l2APICs.timerTick(index, now: monotonicNanos())
+            expireL2Timer()
             return false                                 // no instruction to skip
         case .msrRead where isTSCDeadlineAccess, .msrWrite where isTSCDeadlineAccess:
             try emulateL2TSCDeadline(reason)

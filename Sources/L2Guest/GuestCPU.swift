@@ -100,10 +100,7 @@ public final class GuestCPU {
     @inline(__always)
     func vmexit(_ reason: ExitReason, length: UInt64, qualification: UInt64 = 0, gpa: L2GPA = L2GPA(0), info: UInt64 = 0) -> Resumption {
         if switcher != nil { return switcherExit(reason, length: length, qualification: qualification, gpa: gpa, info: info) }
-        run[register: .rip] = rip
-        run[register: .rflags] = interrupts.enabled ? 0x202 : 0x2
-        let event = port.exit(reason, length: length, qualification: qualification, gpa: gpa, info: info)
-        honourFlushRequest()
+        let event = exitAndEnter(reason, length: length, qualification: qualification, gpa: gpa, info: info)
         let newRIP = run[register: .rip]
         // An injected exception becomes the instruction's fault, which the program sees (as
         // selftests' rdmsr_safe does); an external interrupt is taken after the instruction,
@@ -125,13 +122,22 @@ public final class GuestCPU {
         while true {
             let deadline = run[RunPage.timerDeadline]
             guard deadline != 0, now() >= deadline else { return }
-            run[register: .rip] = rip
-            run[register: .rflags] = interrupts.enabled ? 0x202 : 0x2
-            let event = port.exit(.preemptionTimer, length: 0, gpa: L2GPA(0))
-            honourFlushRequest()
+            let event = exitAndEnter(.preemptionTimer, length: 0)
             rip = run[register: .rip]
             if let event, event.isExternalInterrupt { takeInterrupt(event.vector) }
         }
+    }
+
+    /// The exit itself and the entry after it: RIP and RFLAGS out, the exit, a TLB flush the
+    /// hypervisor asked for at the entry; the event it injected, if any.
+    @inline(__always)
+    func exitAndEnter(_ reason: ExitReason, length: UInt64, qualification: UInt64 = 0, gpa: L2GPA = L2GPA(0),
+                      info: UInt64 = 0) -> ExitPort.Event? {
+        run[register: .rip] = rip
+        run[register: .rflags] = interrupts.enabled ? 0x202 : 0x2
+        let event = port.exit(reason, length: length, qualification: qualification, gpa: gpa, info: info)
+        honourFlushRequest()
+        return event
     }
 
     // MARK: instructions that always exit

@@ -116,11 +116,12 @@ public enum InterruptOperations {
     public static let timerVector: UInt8 = 0xEF
 
     /// vmexit.c's timer set-up: the LVT timer in TSC-deadline mode at `timerVector`, a handler
-    /// that counts and EOIs, interrupts on.
-    static func timerSetUp(_ cpu: GuestCPU) {
+    /// that counts (at `receivedWord`), does `also`, and EOIs; interrupts on.
+    static func timerSetUp(_ cpu: GuestCPU, also: @escaping (GuestCPU) -> Void = { _ in }) {
         cpu.setInterruptHandler(timerVector) { c, _ in
             let w = receivedWord(c.vcpuIndex)
             c.write64(w, c.read64(w) &+ 1)
+            also(c)
             c.eoi()
         }
         cpu.wrmsr(LocalAPICMSR.lvtTimer, UInt64(timerVector) | UInt64(LVTTimer.tscDeadlineMode))

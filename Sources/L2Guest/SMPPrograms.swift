@@ -134,28 +134,25 @@ public enum SMPPrograms {
     ) { cpu, args in
         let ahead = args.first.flatMap { $0 > 0 ? $0 : nil } ?? 20_000_000
         let wait = TimerWait(rawValue: args.count > 1 ? args[1] : 0) ?? .pause
-        let w = received + UInt64(cpu.vcpuIndex) * 8
-        let early = received + 0x100 + UInt64(cpu.vcpuIndex) * 8
-        let deadlineWord = received + 0x200 + UInt64(cpu.vcpuIndex) * 8
         if wait == .haltBesideSpinner {
-            guard cpu.vcpuIndex == 0 else { return timerRounds(cpu, ahead: ahead, wait: .halt, w, early, deadlineWord) }
-            let other = received + 8
+            guard cpu.vcpuIndex == 0 else { return timerRounds(cpu, ahead: ahead, wait: .halt) }
+            let other = InterruptOperations.receivedWord(1)
             while cpu.read64(other) < 5 { cpu.pause() }
             cpu.sync(0x5C, cpu.read64(other))
             return
         }
-        timerRounds(cpu, ahead: ahead, wait: wait, w, early, deadlineWord)
+        timerRounds(cpu, ahead: ahead, wait: wait)
     }
 
-    /// `timer-probe`'s five rounds on one vCPU.
-    static func timerRounds(_ cpu: GuestCPU, ahead: UInt64, wait: TimerWait, _ w: L2GPA, _ early: L2GPA, _ deadlineWord: L2GPA) {
-        cpu.setInterruptHandler(InterruptOperations.timerVector) { c, _ in
-            c.write64(w, c.read64(w) &+ 1)
+    /// `timer-probe`'s five rounds on one vCPU: vmexit.c's timer set-up, its handler also
+    /// counting the interrupts that came before the deadline.
+    static func timerRounds(_ cpu: GuestCPU, ahead: UInt64, wait: TimerWait) {
+        let w = InterruptOperations.receivedWord(cpu.vcpuIndex)
+        let early = received + 0x100 + UInt64(cpu.vcpuIndex) * 8
+        let deadlineWord = received + 0x200 + UInt64(cpu.vcpuIndex) * 8
+        InterruptOperations.timerSetUp(cpu) { c in
             if c.now() < c.read64(deadlineWord) { c.write64(early, c.read64(early) &+ 1) }
-            c.eoi()
         }
-        cpu.wrmsr(LocalAPICMSR.lvtTimer, UInt64(InterruptOperations.timerVector) | UInt64(LVTTimer.tscDeadlineMode))
-        cpu.sti()
         for round in UInt64(1)...5 {
             let deadline = cpu.now() &+ ahead
             cpu.write64(deadlineWord, deadline)

@@ -135,10 +135,13 @@ extension L0VCPU {
     }
 
     /// This vCPU's APIC timer (whichever tier's APIC L0 runs), if its deadline has come: its
-    /// interrupt accepted, the vCPU woken if it halted.
-    func fireTimerIfDue(now: UInt64 = monotonicNanos()) {
-        guard let apics = shared.apics, apics.tscDeadline(id) != 0 else { return }
-        if let fired = shared.apics?.timerTick(id, now: now) { deliverTimer(fired) }
+    /// interrupt accepted, the vCPU woken if it halted. The clock is read (unless given) only
+    /// when a deadline is armed, and the APICs asked in place: this runs at every L1 entry on
+    /// nested VMX.
+    func fireTimerIfDue(now: UInt64? = nil) {
+        guard (shared.apics?.tscDeadline(id) ?? 0) != 0,
+              let fired = shared.apics?.timerTick(id, now: now ?? monotonicNanos()) else { return }
+        deliverTimer(fired)
     }
 
     /// A timer's interrupt accepted on this vCPU (its own: injected at its entry, or woken if
@@ -235,10 +238,10 @@ extension L0VCPU {
     /// flush hypercall's wait).
     func prepareL2Entry() {
         if !shared.stealTime.isEmpty { takeStealTimeFlush() }
-        guard let apics = shared.apics else { return }
+        guard shared.apics != nil else { return }
         if shared.apicTier == .l2 {
             // The deadline L2's CPU exits at (the VMX-preemption timer KVM arms for it).
-            let deadline = apics.tscDeadline(id)
+            let deadline = shared.apics?.tscDeadline(id) ?? 0
             if l2Run[RunPage.timerDeadline] != deadline { l2Run[RunPage.timerDeadline] = deadline }
             injectPendingInterrupt()
         }

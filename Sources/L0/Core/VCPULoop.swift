@@ -159,11 +159,10 @@ extension L0Stack {
         defer { shutdown() }
 
         l1 = vcpu.backend.runsL1 ? try launch(.l1) : nil
-        let deadline = started &+ config.timeoutNanos
-        timeLimitAt = deadline
+        timeLimitAt = started &+ config.timeoutNanos
         let alive = { [unowned self] in
             let now = monotonicNanos()
-            return self.deadTier() == nil && now < deadline && !self.turnHeldTooLong(now: now) && StopSignals.received == nil
+            return self.externalStop(now: now) == nil && !self.turnHeldTooLong(now: now)
         }
 
         var states = [State](repeating: .finished, count: vcpus.count)
@@ -253,9 +252,7 @@ extension L0Stack {
             while true {
                 let now = monotonicNanos()
                 if now >= wakeAt { return nil }
-                if let s = StopSignals.received { return .interrupted(signal: s) }
-                if let (t, s) = deadTier() { return .tierDied(t, s) }
-                if now >= deadline { return .fatal(.timeLimit(seconds: config.timeoutNanos / 1_000_000_000)) }
+                if let stop = externalStop(now: now) { return stop }
                 sleepNanos(min(wakeAt - now, Self.idleSliceNanos))
             }
         }
@@ -400,38 +397,37 @@ extension L0Stack {
         handoffsSinceCheck &+= 1
         if handoffsSinceCheck >= Self.livenessCheckInterval {
             handoffsSinceCheck = 0
-            // A stop request first: a child that dies of the same ^C is part of it, not the cause.
-            if let s = StopSignals.received { return .interrupted(signal: s) }
-            if let (t, s) = deadTier() { return .tierDied(t, s) }
-            // The time limit holds even while L0 never has to wait (tiers exiting non-stop).
-            if monotonicNanos() >= timeLimitAt { return .fatal(.timeLimit(seconds: config.timeoutNanos / 1_000_000_000)) }
+            // The time limit too: it holds even while L0 never has to wait (tiers exiting non-stop).
+            return externalStop(now: monotonicNanos())
         }
         return nil
     }
 
-    /// What a wait's outcome means for the stack (nil: L0's turn came).
+    /// What ends the stack whatever L0 is waiting for: a stop request (first: a child that dies
+    /// of the same ^C is part of it, not the cause), a child that died, the stack's time limit.
+    func externalStop(now: UInt64) -> StopReason? {
+        if let s = StopSignals.received { return .interrupted(signal: s) }
+        if let (t, s) = deadTier() { return .tierDied(t, s) }
+        if now >= timeLimitAt { return .fatal(.timeLimit(seconds: config.timeoutNanos / 1_000_000_000)) }
+        return nil
+    }
+
+    /// What a wait's outcome means for the stack: L0's turn, a halted vCPU's timer, or why the
+    /// stack must stop (a tier that hung is named, with what L0 last handled).
     func turnWait(_ outcome: WaitOutcome, _ tier: Tier, after lastExit: (Tier, ExitReason)?) -> TurnWait {
         switch outcome {
         case .myTurn: return .turn
         case .timedOut: return .timerDue
-        default: return .stop(stopReason(outcome, tier, after: lastExit))
-        }
-    }
-
-    /// Why the stack must stop, for a wait that ended neither with L0's turn nor a timer.
-    func stopReason(_ outcome: WaitOutcome, _ tier: Tier, after lastExit: (Tier, ExitReason)?) -> StopReason {
-        switch outcome {
-        case .myTurn, .timedOut: return .fatal(.stopFromGuest)     // not asked for here
-        case .stop: return .fatal(.stopFromGuest)
+        case .stop: return .stop(.fatal(.stopFromGuest))
         case .peerGone:
             // A stop request first: a child that dies of the same ^C is part of it, not the cause.
-            if let s = StopSignals.received { return .interrupted(signal: s) }
-            if let (t, s) = deadTier() { return .tierDied(t, s) }
+            if let s = StopSignals.received { return .stop(.interrupted(signal: s)) }
+            if let (t, s) = deadTier() { return .stop(.tierDied(t, s)) }
             if turnHeldTooLong(now: monotonicNanos()) {
                 let doing = lastExit.map { "after L0 handled \($0.0)'s \($0.1.name) exit" } ?? "since the stack started"
-                return .fatal(.tierTimeout(vcpu.backend.holder(of: tier), seconds: Double(config.tierTimeoutNanos) / 1e9, doing: doing))
+                return .stop(.fatal(.tierTimeout(vcpu.backend.holder(of: tier), seconds: Double(config.tierTimeoutNanos) / 1e9, doing: doing)))
             }
-            return .fatal(.timeLimit(seconds: config.timeoutNanos / 1_000_000_000))
+            return .stop(.fatal(.timeLimit(seconds: config.timeoutNanos / 1_000_000_000)))
         }
     }
 }

@@ -44,11 +44,8 @@ extension NestedVMXBackend {
         // (an L1 running two L2 VMs, or one that switched) takes it over first, so nothing
         // filled from one EPT12 is ever used under the other (nor escapes its INVEPT).
         let eptp = vmcs12[.eptPointer]
-        if shadowedEPTP != eptp {
-            dropEPT02Shadows(vcpu)
-            shadowedEPTP = eptp
-        }
-        let walk = EPT12Walker(memory: vcpu.l1Memory).walk(eptp: vmcs12[.eptPointer], gpa: gpa, write: access & EPT.write != 0)
+        shadowEPT12(of: eptp, vcpu)
+        let walk = EPT12Walker(memory: vcpu.l1Memory).walk(eptp: eptp, gpa: gpa, write: access & EPT.write != 0)
         vcpu.counters.ept12EntriesWalked += UInt64(walk.entriesRead)
         vcpu.counters.ept12ADUpdates += UInt64(walk.adUpdates)
         /// The reflected violation reports the walk's rights in bits 3-5.
@@ -167,6 +164,14 @@ extension NestedVMXBackend {
                 }
             }
         }
+    }
+
+    /// EPT02 shadows the EPT12 that `eptp` names from now on: if that is another than the
+    /// one it shadows, it starts empty.
+    func shadowEPT12(of eptp: UInt64, _ vcpu: L0VCPU) {
+        guard shadowedEPTP != eptp else { return }
+        dropEPT02Shadows(vcpu)
+        shadowedEPTP = eptp
     }
 
     /// A new EPTP: nothing shadowed from the old tables applies (free every shadow, EPT02 and

@@ -326,9 +326,7 @@ extension NestedVMXBackend {
         // nested_evmcs_check_controls: the eVMCS has no VMX_PREEMPTION_TIMER_VALUE, so KVM
         // takes the timer out of what it offers an eVMCS L1 (EVMCS1_UNSUPPORTED_PINCTRL) and
         // fails an entry that asks for it.
-        if variant == .enlightened {
-            if v[.pinBasedVMExecControl] & PinBased.preemptionTimer != 0 { return .entryInvalidControlField }
-        }
+        if variant == .enlightened, v[.pinBasedVMExecControl] & PinBased.preemptionTimer != 0 { return .entryInvalidControlField }
         return nil
     }
 
@@ -398,11 +396,7 @@ extension NestedVMXBackend {
             vmcs12TimerDeadline = 0
         }
         armL2Timer(vcpu)
-        let eptp = v[.eptPointer]
-        if shadowedEPTP != eptp {
-            dropEPT02Shadows(vcpu)
-            shadowedEPTP = eptp
-        }
+        shadowEPT12(of: v[.eptPointer], vcpu)
         var l2 = vcpu.l2Run.registers
         for r in Register.gprsOutsideVMCS { l2[r] = l1[r] }
         l2[.rip] = v[.guestRIP]
